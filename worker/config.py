@@ -1,0 +1,149 @@
+"""Configuration from ``KMSQ_*`` environment variables and an optional ``$KMSQ_HOME/kmsq.toml``.
+
+Environment variables win over the file. With no ``KMSQ_PKCS11_MODULE`` kmsq uses its *embedded* token: a
+SoftHSM2 token that ``kmsq init`` creates under ``KMSQ_HOME`` (its own ``softhsm2.conf``, token directory and
+a 0600 PIN file). With ``KMSQ_PKCS11_MODULE`` set kmsq uses that token as it is and never initializes it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.errors import ConfigError
+
+SOFTHSM2_LIBRARY_PATHS = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+)
+EMBEDDED_TOKEN_LABEL = "kmsq"
+CONFIG_FILE_NAME = "kmsq.toml"
+# File keys accepted in kmsq.toml, each the lower-case env name without the KMSQ_ prefix.
+_KEYS = (
+    "database_url",
+    "broker_url",
+    "pkcs11_module",
+    "pkcs11_token_label",
+    "pkcs11_pin",
+    "pkcs11_pin_file",
+    "default_pool",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. ``pkcs11_pin`` is never printed: see :meth:`__repr__`."""
+
+    home: Path
+    database_url: str
+    broker_url: str | None
+    pkcs11_module: str | None
+    pkcs11_token_label: str
+    pkcs11_pin: str | None
+    pkcs11_pin_file: Path | None
+    default_pool: str = "default"
+
+    @property
+    def embedded_hsm(self) -> bool:
+        """True when kmsq manages its own SoftHSM2 token under ``home``."""
+        return self.pkcs11_module is None
+
+    @property
+    def softhsm2_conf(self) -> Path:
+        """The SoftHSM2 configuration file of the embedded token."""
+        return self.home / "softhsm2.conf"
+
+    @property
+    def token_dir(self) -> Path:
+        """The directory holding the embedded token."""
+        return self.home / "tokens"
+
+    @property
+    def embedded_pin_file(self) -> Path:
+        """Where ``kmsq init`` keeps the embedded token's user PIN (mode 0600)."""
+        return self.home / "hsm-user.pin"
+
+    def module_path(self) -> str:
+        """Returns the PKCS#11 library path. Raises ConfigError if the embedded library is missing."""
+        if self.pkcs11_module:
+            return self.pkcs11_module
+        for candidate in SOFTHSM2_LIBRARY_PATHS:
+            if Path(candidate).exists():
+                return candidate
+        raise ConfigError(
+            "SoftHSM2 library not found (install the softhsm2 package or set KMSQ_PKCS11_MODULE)"
+        )
+
+    def read_pin(self) -> str:
+        """Returns the user PIN. Raises ConfigError when none is configured or the file is unreadable."""
+        if self.pkcs11_pin:
+            return self.pkcs11_pin
+        pin_file = self.pkcs11_pin_file or (self.embedded_pin_file if self.embedded_hsm else None)
+        if pin_file is None:
+            raise ConfigError("no PKCS#11 PIN configured (set KMSQ_PKCS11_PIN or KMSQ_PKCS11_PIN_FILE)")
+        try:
+            return pin_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read PIN file {pin_file}: {e.strerror}") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(home={str(self.home)!r}, database_url={redact_url(self.database_url)!r}, "
+            f"broker_url={redact_url(self.broker_url or '')!r}, pkcs11_module={self.pkcs11_module!r}, "
+            f"pkcs11_token_label={self.pkcs11_token_label!r}, pkcs11_pin=<redacted>)"
+        )
+
+
+def redact_url(url: str) -> str:
+    """Returns ``url`` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _read_file(home: Path) -> dict[str, str]:
+    path = home / CONFIG_FILE_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
+    return {k: str(v) for k, v in data.items()}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Returns the settings from ``environ`` (default ``os.environ``) and ``$KMSQ_HOME/kmsq.toml``.
+
+    Raises ConfigError for an unreadable or malformed configuration file.
+    """
+    env = os.environ if environ is None else environ
+    home = Path(env.get("KMSQ_HOME") or "./var").expanduser().resolve()
+    values = _read_file(home)
+    for key in _KEYS:
+        if env.get("KMSQ_" + key.upper()):
+            values[key] = env["KMSQ_" + key.upper()]
+    module = values.get("pkcs11_module") or None
+    pin_file = values.get("pkcs11_pin_file")
+    return Settings(
+        home=home,
+        database_url=values.get("database_url") or f"sqlite:///{home / 'kmsq.db'}",
+        broker_url=values.get("broker_url") or None,
+        pkcs11_module=module,
+        pkcs11_token_label=values.get("pkcs11_token_label") or EMBEDDED_TOKEN_LABEL,
+        pkcs11_pin=values.get("pkcs11_pin") or None,
+        pkcs11_pin_file=Path(pin_file).expanduser() if pin_file else None,
+        default_pool=values.get("default_pool") or "default",
+    )

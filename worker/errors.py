@@ -1,0 +1,93 @@
+"""kmsq's error tree: one root, split into transient (retry) and permanent (reply) failures.
+
+Each error carries a stable ``code`` (the wire error codes of the queue protocol) and a message that is safe
+to show to a caller: no secret, no key material, and for integrity failures no hint of which check failed.
+"""
+
+from __future__ import annotations
+
+
+class KmsqError(Exception):
+    """Root of every error kmsq raises on purpose."""
+
+    code = "internal"
+    transient = False
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    default_message = "internal error"
+
+    @property
+    def message(self) -> str:
+        """The caller-safe message."""
+        return str(self.args[0])
+
+
+class TransientError(KmsqError):
+    """A failure that may go away on retry (HSM busy or restarted, database unreachable)."""
+
+    code = "unavailable"
+    transient = True
+    default_message = "service temporarily unavailable"
+
+
+class HsmUnavailable(TransientError):
+    """The PKCS#11 session or device failed; the session is reopened on the next call."""
+
+    default_message = "HSM temporarily unavailable"
+
+
+class DatabaseUnavailable(TransientError):
+    """The database could not be reached or dropped the connection."""
+
+    default_message = "database temporarily unavailable"
+
+
+class PermanentError(KmsqError):
+    """A failure that a retry will not fix."""
+
+
+class ConfigError(PermanentError):
+    """kmsq is misconfigured: missing PKCS#11 library, wrong PIN, bad URL, token absent."""
+
+    code = "internal"
+    default_message = "configuration error"
+
+
+class InvalidRequest(PermanentError):
+    """The input is malformed or out of range."""
+
+    code = "invalid"
+    default_message = "invalid request"
+
+
+class IntegrityError(PermanentError):
+    """A ciphertext failed authentication. Deliberately opaque: never says which check failed."""
+
+    code = "invalid"
+    default_message = "ciphertext failed integrity check"
+
+    def __init__(self) -> None:
+        super().__init__(self.default_message)
+
+
+class NotFound(PermanentError):
+    """The named object does not exist (the old API's 404)."""
+
+    code = "not_found"
+    default_message = "not found"
+
+
+class Conflict(PermanentError):
+    """The object already exists (the old API's 409)."""
+
+    code = "conflict"
+    default_message = "already exists"
+
+
+class HsmError(PermanentError):
+    """The HSM refused an operation for a reason a retry will not change."""
+
+    code = "internal"
+    default_message = "HSM operation failed"

@@ -1,0 +1,461 @@
+"""The PKCS#11 adapter: the only module that imports ``pkcs11``.
+
+One logged-in read/write session per process, opened lazily on first use (so never in a parent that forks)
+and reopened when the process id changes or the token reports a session or device failure. Every call names
+its mechanism and parameters; python-pkcs11's defaults are never relied on. PKCS#11 exceptions are translated
+into kmsq's error tree here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pkcs11
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.mechanisms import GCMParams
+
+from schemas.envelope import GCM_TAG_LEN, WrapAlgorithm
+from worker.errors import ConfigError, HsmError, HsmUnavailable, IntegrityError, KmsqError, NotFound
+from worker.secret import SecretBytes
+
+T = TypeVar("T")
+
+_NO_CAPABILITIES = MechanismFlag(0)  # every usage flag is set explicitly in the templates below
+_OAEP_PARAMS = {
+    WrapAlgorithm.RSA_OAEP_SHA256: (Mechanism.SHA256, MGF.SHA256, None),
+    WrapAlgorithm.RSA_OAEP_SHA1: (Mechanism.SHA_1, MGF.SHA1, None),
+}
+# Errors after which the session (or the whole token connection) is no longer usable.
+_SESSION_ERRORS: tuple[type[Exception], ...] = (
+    p11.SessionHandleInvalid,
+    p11.SessionClosed,
+    p11.DeviceError,
+    p11.DeviceRemoved,
+    p11.DeviceMemory,
+    p11.TokenNotPresent,
+    p11.UserNotLoggedIn,
+    p11.SessionCount,
+    p11.HostMemory,
+)
+_PIN_ERRORS: tuple[type[Exception], ...] = (
+    p11.PinIncorrect,
+    p11.PinInvalid,
+    p11.PinLenRange,
+    p11.PinLocked,
+    p11.PinExpired,
+)
+# Unwrap or decrypt of bad ciphertext. SoftHSM2 reports a failed RFC 5649 integrity check as
+# CKR_GENERAL_ERROR, so within an unwrap/decrypt that code means "bad ciphertext", not "bad device".
+_INTEGRITY_ERRORS: tuple[type[Exception], ...] = (
+    p11.WrappedKeyInvalid,
+    p11.WrappedKeyLenRange,
+    p11.EncryptedDataInvalid,
+    p11.EncryptedDataLenRange,
+    p11.DataInvalid,
+    p11.DataLenRange,
+    p11.GeneralError,
+    p11.FunctionFailed,
+)
+
+_ROOT_AES_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.WRAP: True,
+    Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+_ROOT_RSA_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.WRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+_ROOT_RSA_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.UNWRAP: True,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.DERIVE: False,
+}
+# A data key whose value is read out (generate_data_key with plaintext, decrypt_data_key).
+_READABLE_DATA_KEY: dict[Attribute, Any] = {
+    Attribute.TOKEN: False,
+    Attribute.SENSITIVE: False,
+    Attribute.EXTRACTABLE: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+# A data key that never leaves the HSM in plaintext: only wrappable, usable for the GCM seal.
+_SEALED_DATA_KEY: dict[Attribute, Any] = {**_READABLE_DATA_KEY, Attribute.SENSITIVE: True}
+_SEALING_KEY = {**_SEALED_DATA_KEY, Attribute.ENCRYPT: True}
+_OPENING_KEY = {**_SEALED_DATA_KEY, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: True}
+
+
+@dataclass(frozen=True)
+class RootKeyHandle:
+    """Where a root key version lives in the token: its ``CKA_ID`` and ``CKA_LABEL``, and how it wraps."""
+
+    hsm_id: bytes
+    label: str
+    wrap_algorithm: WrapAlgorithm
+
+    @property
+    def is_rsa(self) -> bool:
+        """True for RSA-OAEP root keys."""
+        return self.wrap_algorithm is not WrapAlgorithm.AES_KWP
+
+
+def root_key_label(key_id: str, version: int) -> str:
+    """Returns the ``CKA_LABEL`` (and, encoded, the ``CKA_ID``) of root key ``key_id`` version ``version``."""
+    return f"kmsq:{key_id}:v{version}"
+
+
+_libraries: dict[str, tuple[Any, int]] = {}
+_libraries_lock = threading.Lock()
+
+
+def _load_library(path: str) -> Any:
+    """Returns the process's ``pkcs11.lib`` for ``path``, re-initialized in a forked child."""
+    with _libraries_lock:
+        cached = _libraries.get(path)
+        if cached is not None:
+            lib, pid = cached
+            if pid != os.getpid():
+                lib.reinitialize()
+                _libraries[path] = (lib, os.getpid())
+            return lib
+        if not Path(path).exists():
+            raise ConfigError(f"PKCS#11 library not found: {path}")
+        try:
+            lib = pkcs11.lib(path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"cannot load PKCS#11 library {path}: {e}") from None
+        _libraries[path] = (lib, os.getpid())
+        return lib
+
+
+class Hsm:
+    """A PKCS#11 token used by kmsq. Thread-safe; one session per process."""
+
+    def __init__(
+        self,
+        module_path: str,
+        token_label: str,
+        pin: Callable[[], str],
+        softhsm2_conf: Path | None = None,
+    ) -> None:
+        self._module_path = module_path
+        self._token_label = token_label
+        self._pin = pin
+        self._softhsm2_conf = softhsm2_conf
+        self._lock = threading.RLock()
+        self._session: Any = None
+        self._session_pid = 0
+        self._keys: dict[tuple[bytes, ObjectClass], Any] = {}
+
+    # -- session lifecycle -------------------------------------------------------------------------
+
+    def _open(self) -> Any:
+        if self._softhsm2_conf is not None:
+            # SoftHSM2 reads its configuration when the library initializes.
+            os.environ["SOFTHSM2_CONF"] = str(self._softhsm2_conf)
+        lib = _load_library(self._module_path)
+        try:
+            token = lib.get_token(token_label=self._token_label)
+        except p11.NoSuchToken:
+            raise ConfigError(f"PKCS#11 token {self._token_label!r} not found") from None
+        except p11.MultipleTokensReturned:
+            raise ConfigError(f"more than one PKCS#11 token labelled {self._token_label!r}") from None
+        try:
+            return token.open(rw=True, user_pin=self._pin())
+        except _PIN_ERRORS:
+            raise ConfigError(f"wrong PIN for PKCS#11 token {self._token_label!r}") from None
+        except p11.UserAlreadyLoggedIn:
+            return token.open(rw=True)
+
+    def _current(self) -> Any:
+        if self._session is None or self._session_pid != os.getpid():
+            self._keys.clear()
+            self._session = self._open()
+            self._session_pid = os.getpid()
+        return self._session
+
+    def reset(self) -> None:
+        """Drops the session so that the next call opens a new one. Never raises."""
+        with self._lock:
+            session, self._session = self._session, None
+            self._keys.clear()
+            if session is not None and self._session_pid == os.getpid():
+                try:
+                    session.close()
+                except p11.PKCS11Error:
+                    pass
+
+    def check(self) -> None:
+        """Opens (or re-checks) the session. Raises ConfigError or HsmUnavailable."""
+        self._run(lambda s: s.token.label)
+
+    def _run(self, op: Callable[[Any], T], *, integrity: bool = False) -> T:
+        """Runs ``op(session)``; after a session failure reopens once and retries, then gives up.
+
+        Raises HsmUnavailable (transient), IntegrityError (``integrity=True`` and bad ciphertext),
+        ConfigError, NotFound or HsmError.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    with self._translate(integrity=integrity):
+                        return op(self._current())
+                except HsmUnavailable:
+                    self.reset()
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    @staticmethod
+    @contextmanager
+    def _translate(*, integrity: bool) -> Iterator[None]:
+        try:
+            yield
+        except KmsqError:
+            raise
+        except _SESSION_ERRORS as e:
+            raise HsmUnavailable() from e
+        except _PIN_ERRORS:
+            raise ConfigError("PKCS#11 login failed (wrong or locked PIN)") from None
+        except _INTEGRITY_ERRORS as e:
+            if integrity:
+                raise IntegrityError() from None
+            raise HsmError(f"HSM operation failed ({type(e).__name__})") from e
+        except p11.NoSuchKey:
+            raise NotFound("root key not present in the HSM") from None
+        except p11.PKCS11Error as e:
+            raise HsmError(f"HSM operation failed ({type(e).__name__})") from e
+
+    def _key(self, session: Any, handle: RootKeyHandle, object_class: ObjectClass) -> Any:
+        cache_key = (handle.hsm_id, object_class)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key_type = KeyType.RSA if handle.is_rsa else KeyType.AES
+            key = session.get_key(object_class=object_class, key_type=key_type, id=handle.hsm_id)
+            self._keys[cache_key] = key
+        return key
+
+    def _wrapping_key(self, session: Any, handle: RootKeyHandle) -> Any:
+        return self._key(session, handle, ObjectClass.PUBLIC_KEY if handle.is_rsa else ObjectClass.SECRET_KEY)
+
+    def _unwrapping_key(self, session: Any, handle: RootKeyHandle) -> Any:
+        return self._key(session, handle, ObjectClass.PRIVATE_KEY if handle.is_rsa else ObjectClass.SECRET_KEY)
+
+    # -- root keys ---------------------------------------------------------------------------------
+
+    def create_aes_root_key(self, key_id: str, version: int) -> RootKeyHandle:
+        """Creates a non-extractable, sensitive AES-256 token key that can only wrap and unwrap.
+
+        Returns its handle (wrap algorithm RFC 5649 KWP).
+        """
+        label = root_key_label(key_id, version)
+        hsm_id = label.encode("ascii")
+
+        def op(session: Any) -> None:
+            session.generate_key(
+                KeyType.AES,
+                256,
+                id=hsm_id,
+                label=label,
+                store=True,
+                capabilities=_NO_CAPABILITIES,
+                mechanism=Mechanism.AES_KEY_GEN,
+                template=_ROOT_AES_TEMPLATE,
+            )
+
+        self._run(op)
+        return RootKeyHandle(hsm_id, label, WrapAlgorithm.AES_KWP)
+
+    def create_rsa_root_key(self, key_id: str, version: int, bits: int) -> RootKeyHandle:
+        """Creates an RSA key pair whose private half is non-extractable and sensitive and can only unwrap.
+
+        Returns its handle. The wrap algorithm is RSA-OAEP with SHA-256 when the token supports it; SoftHSM2
+        2.6 implements OAEP with SHA-1 only, and on such a token the key is recorded as RSA-OAEP-SHA1.
+        """
+        label = root_key_label(key_id, version)
+        hsm_id = label.encode("ascii")
+
+        def op(session: Any) -> None:
+            session.generate_keypair(
+                KeyType.RSA,
+                bits,
+                id=hsm_id,
+                label=label,
+                store=True,
+                capabilities=_NO_CAPABILITIES,
+                mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                public_template={**_ROOT_RSA_PUBLIC_TEMPLATE, Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01"},
+                private_template=_ROOT_RSA_PRIVATE_TEMPLATE,
+            )
+
+        self._run(op)
+        for algorithm in (WrapAlgorithm.RSA_OAEP_SHA256, WrapAlgorithm.RSA_OAEP_SHA1):
+            handle = RootKeyHandle(hsm_id, label, algorithm)
+            if self._round_trips(handle):
+                return handle
+        self.destroy_root_key(handle)
+        raise HsmError("the token supports no RSA-OAEP variant kmsq can use")
+
+    def _round_trips(self, handle: RootKeyHandle) -> bool:
+        try:
+            wrapped, plain = self.generate_data_key(handle, readable=True)
+            assert plain is not None
+            with plain, self.unwrap_data_key(handle, wrapped) as again:
+                return bytes(again.view()) == bytes(plain.view())
+        except (HsmError, IntegrityError):
+            return False
+
+    def destroy_root_key(self, handle: RootKeyHandle) -> None:
+        """Destroys every object of a root key version (used to undo a creation that failed to record)."""
+
+        def op(session: Any) -> None:
+            for obj in list(session.get_objects({Attribute.ID: handle.hsm_id})):
+                obj.destroy()
+
+        self._run(op)
+        with self._lock:
+            self._keys = {k: v for k, v in self._keys.items() if k[0] != handle.hsm_id}
+
+    def root_key_attributes(self, handle: RootKeyHandle) -> dict[str, Any]:
+        """Returns the security attributes of the root key's secret or private object, by name."""
+        names = ("TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
+                 "MODIFIABLE", "WRAP", "UNWRAP", "ENCRYPT", "DECRYPT", "SIGN", "DERIVE", "ID", "LABEL")
+
+        def op(session: Any) -> dict[str, Any]:
+            key = self._unwrapping_key(session, handle)
+            return {name: key[Attribute[name]] for name in names if name != "WRAP" or not handle.is_rsa}
+
+        return self._run(op)
+
+    # -- data keys ---------------------------------------------------------------------------------
+
+    def _wrap(self, session: Any, handle: RootKeyHandle, key: Any) -> bytes:
+        wrapping = self._wrapping_key(session, handle)
+        if handle.is_rsa:
+            return bytes(wrapping.wrap_key(
+                key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_PARAMS[handle.wrap_algorithm]
+            ))
+        return bytes(wrapping.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD, mechanism_param=None))
+
+    def _unwrap(self, session: Any, handle: RootKeyHandle, wrapped: bytes, template: dict[Attribute, Any]) -> Any:
+        unwrapping = self._unwrapping_key(session, handle)
+        if handle.is_rsa:
+            mechanism, param = Mechanism.RSA_PKCS_OAEP, _OAEP_PARAMS[handle.wrap_algorithm]
+        else:
+            mechanism, param = Mechanism.AES_KEY_WRAP_PAD, None
+        return unwrapping.unwrap_key(
+            ObjectClass.SECRET_KEY,
+            KeyType.AES,
+            wrapped,
+            mechanism=mechanism,
+            mechanism_param=param,
+            store=False,
+            capabilities=_NO_CAPABILITIES,
+            template=template,
+        )
+
+    def generate_data_key(self, handle: RootKeyHandle, *, readable: bool) -> tuple[bytes, SecretBytes | None]:
+        """Generates an AES-256 session key in the HSM and wraps it under the root key.
+
+        Returns ``(wrapped, plaintext)``; ``plaintext`` is None unless ``readable``, in which case the key
+        is created non-sensitive and its value read out. The session object is destroyed before returning.
+        """
+
+        def op(session: Any) -> tuple[bytes, SecretBytes | None]:
+            key = session.generate_key(
+                KeyType.AES,
+                256,
+                store=False,
+                capabilities=_NO_CAPABILITIES,
+                mechanism=Mechanism.AES_KEY_GEN,
+                template=_READABLE_DATA_KEY if readable else _SEALED_DATA_KEY,
+            )
+            try:
+                wrapped = self._wrap(session, handle, key)
+                return wrapped, SecretBytes(key[Attribute.VALUE]) if readable else None
+            finally:
+                key.destroy()
+
+        return self._run(op)
+
+    def unwrap_data_key(self, handle: RootKeyHandle, wrapped: bytes) -> SecretBytes:
+        """Unwraps ``wrapped`` under the root key and returns the key's value. Raises IntegrityError."""
+
+        def op(session: Any) -> SecretBytes:
+            key = self._unwrap(session, handle, wrapped, _READABLE_DATA_KEY)
+            try:
+                return SecretBytes(key[Attribute.VALUE])
+            finally:
+                key.destroy()
+
+        return self._run(op, integrity=True)
+
+    def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypts ``plaintext`` with AES-256-GCM (96-bit nonce, 128-bit tag) under a fresh data key that
+        never leaves the HSM unwrapped. Returns ``(wrapped data key, ciphertext with tag)``."""
+
+        def op(session: Any) -> tuple[bytes, bytes]:
+            key = session.generate_key(
+                KeyType.AES,
+                256,
+                store=False,
+                capabilities=_NO_CAPABILITIES,
+                mechanism=Mechanism.AES_KEY_GEN,
+                template=_SEALING_KEY,
+            )
+            try:
+                params = GCMParams(nonce, aad, GCM_TAG_LEN * 8)
+                ciphertext = key.encrypt(bytes(plaintext.view()), mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                return self._wrap(session, handle, key), bytes(ciphertext)
+            finally:
+                key.destroy()
+
+        return self._run(op)
+
+    def open(self, handle: RootKeyHandle, wrapped: bytes, nonce: bytes, aad: bytes, ciphertext: bytes) -> SecretBytes:
+        """Unwraps the data key inside the HSM and decrypts an AES-256-GCM ``ciphertext``.
+
+        Returns the plaintext. Raises IntegrityError for a bad wrapped key, tag or associated data.
+        """
+
+        def op(session: Any) -> SecretBytes:
+            key = self._unwrap(session, handle, wrapped, _OPENING_KEY)
+            try:
+                params = GCMParams(nonce, aad, GCM_TAG_LEN * 8)
+                return SecretBytes(key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+            finally:
+                key.destroy()
+
+        return self._run(op, integrity=True)

@@ -1,0 +1,104 @@
+"""Builds the HSM adapter and database from settings, and a transactional facade over the key service.
+
+The facade gives each operation its own transaction; the queue tasks (a later layer) call the functions of
+``worker.service`` directly inside the transaction that also records the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker import service
+from worker.config import Settings
+from worker.errors import DatabaseUnavailable
+from worker.hsm import Hsm
+from worker.storage.db import create_db_engine, session_factory
+
+T = TypeVar("T")
+
+
+def hsm_from_settings(settings: Settings) -> Hsm:
+    """Returns an (unopened) HSM adapter for the configured token. Raises ConfigError for a missing library."""
+    return Hsm(
+        module_path=settings.module_path(),
+        token_label=settings.pkcs11_token_label,
+        pin=settings.read_pin,
+        softhsm2_conf=settings.softhsm2_conf if settings.embedded_hsm else None,
+    )
+
+
+@contextmanager
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """Yields a session in a transaction that commits on success and rolls back on error.
+
+    Connection-level database failures become DatabaseUnavailable.
+    """
+    try:
+        with sessions.begin() as db:
+            yield db
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"database unavailable ({type(e.orig).__name__})") from None
+
+
+class KeyService:
+    """The operations of :mod:`worker.service`, each in its own transaction."""
+
+    def __init__(self, hsm: Hsm, sessions: sessionmaker[Session], default_pool: str = "default") -> None:
+        self.hsm = hsm
+        self.sessions = sessions
+        self.default_pool = default_pool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyService:
+        """Returns a service on the configured token and database (nothing is opened yet)."""
+        engine = create_db_engine(settings.database_url)
+        return cls(hsm_from_settings(settings), session_factory(engine), settings.default_pool)
+
+    def _run(self, op: Callable[[Session], T]) -> T:
+        with transaction(self.sessions) as db:
+            return op(db)
+
+    def create_root_key(self, key_type: str = "aes-256", pool: str | None = None) -> service.RootKeyInfo:
+        """See :func:`worker.service.create_root_key`."""
+        return self._run(lambda db: service.create_root_key(self.hsm, db, key_type, pool or self.default_pool))
+
+    def rotate_root_key(self, root_key_id: str) -> service.RootKeyInfo:
+        """See :func:`worker.service.rotate_root_key`."""
+        return self._run(lambda db: service.rotate_root_key(self.hsm, db, root_key_id))
+
+    def list_root_keys(self) -> list[service.RootKeyInfo]:
+        """See :func:`worker.service.list_root_keys`."""
+        return self._run(service.list_root_keys)
+
+    def generate_data_key(
+        self, root_key_id: str | None = None, key_spec: str = "AES-256", with_plaintext: bool = True
+    ) -> service.DataKey:
+        """See :func:`worker.service.generate_data_key`."""
+        return self._run(
+            lambda db: service.generate_data_key(
+                self.hsm, db, root_key_id, key_spec, with_plaintext, self.default_pool
+            )
+        )
+
+    def decrypt_data_key(self, encrypted_key: str) -> str:
+        """See :func:`worker.service.decrypt_data_key`."""
+        return self._run(lambda db: service.decrypt_data_key(self.hsm, db, encrypted_key))
+
+    def store_private_key(
+        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None  # noqa: A002
+    ) -> service.StoredPrivateKey:
+        """See :func:`worker.service.store_private_key`."""
+        return self._run(
+            lambda db: service.store_private_key(
+                self.hsm, db, pub, prv, coin, source, type, root_key_id, self.default_pool
+            )
+        )
+
+    def get_private_key(self, pub: str, source: str) -> service.PrivateKeyRecord:
+        """See :func:`worker.service.get_private_key`."""
+        return self._run(lambda db: service.get_private_key(self.hsm, db, pub, source))

@@ -1,0 +1,347 @@
+"""The key operations, as plain functions over an HSM adapter and a caller-owned database session.
+
+Functions here add rows and flush but never commit: the caller (the :class:`KeyService` facade, later the
+Celery task) owns the transaction so that an operation's rows and its request record commit together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from schemas.envelope import (
+    FORMAT_VERSION,
+    GCM_NONCE_LEN,
+    KEY_SPEC_LENGTHS,
+    Aead,
+    EncryptedDataKey,
+    EncryptedPrivateKey,
+    FormatError,
+    KeySpec,
+    PrivateKeyContext,
+    WrapAlgorithm,
+    key_spec_from_name,
+)
+from worker.errors import IntegrityError, InvalidRequest, NotFound
+from worker.hsm import Hsm, RootKeyHandle
+from worker.secret import SecretBytes
+from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
+from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
+
+ROOT_KEY_TYPES: dict[str, int | None] = {"aes-256": None, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
+SOURCES = ("user", "backup")
+KEY_TYPES = ("independent", "tss")
+MAX_PUB_LEN = 1024
+MAX_PRV_BYTES = 16 * 1024
+MAX_ENCRYPTED_KEY_LEN = 4096
+PROVIDER = "kmsq"
+_COIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+_POOL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class RootKeyInfo:
+    """A root key as operators see it."""
+
+    id: str
+    type: str
+    pool: str
+    state: str
+    version: int
+    versions: tuple[int, ...]
+    wrap_algorithm: str
+    hsm_label: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A generated data key: ``encrypted_key`` always, ``plaintext_key`` (base64) only when asked."""
+
+    encrypted_key: str
+    plaintext_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class StoredPrivateKey:
+    """The public fields of a stored private key."""
+
+    pub: str
+    source: str
+    coin: str
+    type: str
+    root_key_id: str
+    root_key_version: int
+
+
+@dataclass(frozen=True)
+class PrivateKeyRecord:
+    """A private key read back: ``prv`` is the plaintext and is never shown in a repr."""
+
+    pub: str
+    source: str
+    coin: str
+    type: str
+    prv: str = field(repr=False)
+
+
+# -- root keys -------------------------------------------------------------------------------------
+
+
+def _handle(version: RootKeyVersion) -> RootKeyHandle:
+    return RootKeyHandle(bytes.fromhex(version.hsm_id), version.hsm_label, WrapAlgorithm(version.wrap_algorithm))
+
+
+def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
+    versions = repo.versions(key.id)
+    current = next(v for v in versions if v.version == key.current_version)
+    return RootKeyInfo(
+        id=key.id,
+        type=key.type,
+        pool=key.pool,
+        state=key.state,
+        version=key.current_version,
+        versions=tuple(v.version for v in versions),
+        wrap_algorithm=WrapAlgorithm(current.wrap_algorithm).name,
+        hsm_label=current.hsm_label,
+        created_at=key.created_at if key.created_at.tzinfo else key.created_at.replace(tzinfo=UTC),
+    )
+
+
+def _create_hsm_version(hsm: Hsm, key_type: str, key_id: str, version: int) -> RootKeyHandle:
+    bits = ROOT_KEY_TYPES[key_type]
+    if bits is None:
+        return hsm.create_aes_root_key(key_id, version)
+    return hsm.create_rsa_root_key(key_id, version, bits)
+
+
+def _version_row(key_id: str, version: int, handle: RootKeyHandle) -> RootKeyVersion:
+    return RootKeyVersion(
+        root_key_id=key_id,
+        version=version,
+        hsm_id=handle.hsm_id.hex(),
+        hsm_label=handle.label,
+        wrap_algorithm=int(handle.wrap_algorithm),
+        state="enabled",
+    )
+
+
+def create_root_key(hsm: Hsm, db: Session, key_type: str = "aes-256", pool: str = "default") -> RootKeyInfo:
+    """Creates a root key (version 1) in the HSM and records it.
+
+    Returns its description. Raises InvalidRequest for an unknown type or bad pool name; HSM errors pass
+    through. If recording fails the HSM object is destroyed again.
+    """
+    if key_type not in ROOT_KEY_TYPES:
+        raise InvalidRequest(f"unknown root key type {key_type!r} (one of {', '.join(ROOT_KEY_TYPES)})")
+    if not _POOL.fullmatch(pool):
+        raise InvalidRequest("pool names are 1-64 characters of a-z, 0-9, '-' and '_'")
+    key_id = "rk-" + secrets.token_hex(6)
+    handle = _create_hsm_version(hsm, key_type, key_id, 1)
+    repo = RootKeyRepository(db)
+    key = RootKey(id=key_id, type=key_type, pool=pool, state="enabled", current_version=1)
+    try:
+        repo.add(key, _version_row(key_id, 1, handle))
+    except BaseException:
+        hsm.destroy_root_key(handle)
+        raise
+    return _info(repo, key)
+
+
+def rotate_root_key(hsm: Hsm, db: Session, root_key_id: str) -> RootKeyInfo:
+    """Adds a new version to a root key; it wraps from now on, older versions keep unwrapping.
+
+    Returns the updated description. Raises NotFound.
+    """
+    repo = RootKeyRepository(db)
+    key = repo.get(root_key_id, for_update=True)
+    if key is None:
+        raise NotFound(f"no root key {root_key_id!r}")
+    version = key.current_version + 1
+    handle = _create_hsm_version(hsm, key.type, key.id, version)
+    try:
+        repo.add_version(key, _version_row(key.id, version, handle))
+    except BaseException:
+        hsm.destroy_root_key(handle)
+        raise
+    return _info(repo, key)
+
+
+def list_root_keys(db: Session) -> list[RootKeyInfo]:
+    """Returns every root key, oldest first."""
+    repo = RootKeyRepository(db)
+    return [_info(repo, key) for key in repo.list()]
+
+
+def _wrapping_version(db: Session, root_key_id: str | None, pool: str) -> RootKeyVersion:
+    repo = RootKeyRepository(db)
+    key = repo.default_for_pool(pool) if root_key_id is None else repo.get(root_key_id)
+    if key is None:
+        raise NotFound("no such root key" if root_key_id else f"no enabled root key in pool {pool!r}")
+    if key.state != "enabled":
+        raise InvalidRequest(f"root key {key.id!r} is disabled")
+    version = repo.get_version(key.id, key.current_version)
+    if version is None or version.state != "enabled":
+        raise InvalidRequest(f"root key {key.id!r} has no enabled current version")
+    return version
+
+
+def _unwrapping_version(db: Session, root_key_id: str, version_no: int, algorithm: WrapAlgorithm) -> RootKeyVersion:
+    """The root key version a ciphertext names; every mismatch is the same opaque IntegrityError."""
+    repo = RootKeyRepository(db)
+    key = repo.get(root_key_id)
+    version = repo.get_version(root_key_id, version_no)
+    if key is None or version is None or key.state != "enabled" or version.state != "enabled":
+        raise IntegrityError()
+    if version.wrap_algorithm != int(algorithm):
+        raise IntegrityError()
+    return version
+
+
+# -- data keys -------------------------------------------------------------------------------------
+
+
+def generate_data_key(
+    hsm: Hsm,
+    db: Session,
+    root_key_id: str | None = None,
+    key_spec: str = "AES-256",
+    with_plaintext: bool = True,
+    pool: str = "default",
+) -> DataKey:
+    """Generates a data key in the HSM and wraps it under the root key's current version.
+
+    Returns the ``encryptedKey`` string and, when ``with_plaintext``, the key as a base64 string. Raises
+    InvalidRequest for an unknown key spec, NotFound for an unknown root key.
+    """
+    try:
+        spec = key_spec_from_name(key_spec)
+    except FormatError:
+        raise InvalidRequest(f"unknown key spec {key_spec!r} (supported: AES-256)") from None
+    version = _wrapping_version(db, root_key_id, pool)
+    handle = _handle(version)
+    wrapped, plaintext = hsm.generate_data_key(handle, readable=with_plaintext)
+    encrypted = EncryptedDataKey(spec, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    if plaintext is None:
+        return DataKey(encrypted.to_text())
+    with plaintext:
+        return DataKey(encrypted.to_text(), plaintext.b64())
+
+
+def _parse_data_key(encrypted_key: str) -> EncryptedDataKey:
+    if not isinstance(encrypted_key, str) or len(encrypted_key) > MAX_ENCRYPTED_KEY_LEN:
+        raise IntegrityError()
+    try:
+        return EncryptedDataKey.from_text(encrypted_key)
+    except FormatError:
+        raise IntegrityError() from None
+
+
+def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str) -> str:
+    """Unwraps an ``encryptedKey`` in the HSM under the root key version it names.
+
+    Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
+    IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
+    """
+    parsed = _parse_data_key(encrypted_key)
+    version = _unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm)
+    with hsm.unwrap_data_key(_handle(version), parsed.wrapped) as plaintext:
+        if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
+            raise IntegrityError()
+        return plaintext.b64()
+
+
+# -- private keys ----------------------------------------------------------------------------------
+
+
+def _validate_private_key_fields(pub: str, coin: str, source: str, key_type: str) -> None:
+    if not isinstance(pub, str) or not 1 <= len(pub) <= MAX_PUB_LEN:
+        raise InvalidRequest(f"pub must be 1-{MAX_PUB_LEN} characters")
+    if source not in SOURCES:
+        raise InvalidRequest("source must be 'user' or 'backup'")
+    if key_type not in KEY_TYPES:
+        raise InvalidRequest("type must be 'independent' or 'tss'")
+    if not isinstance(coin, str) or not _COIN.fullmatch(coin):
+        raise InvalidRequest("coin must be 1-32 characters of a-z, 0-9, '.', '-' and '_'")
+
+
+def store_private_key(
+    hsm: Hsm,
+    db: Session,
+    pub: str,
+    prv: str,
+    coin: str,
+    source: str,
+    type: str,  # noqa: A002 - the old API's field name
+    root_key_id: str | None = None,
+    pool: str = "default",
+) -> StoredPrivateKey:
+    """Seals ``prv`` with AES-256-GCM under a fresh HSM data key, bound to its row, and adds the row.
+
+    Returns the stored key's public fields. Raises InvalidRequest, NotFound (root key), or Conflict when
+    (pub, source) is already stored.
+    """
+    _validate_private_key_fields(pub, coin, source, type)
+    if not isinstance(prv, str) or not 1 <= len(prv.encode("utf-8")) <= MAX_PRV_BYTES:
+        raise InvalidRequest(f"prv must be 1-{MAX_PRV_BYTES} bytes")
+    repo = PrivateKeyRepository(db)
+    if repo.exists(pub, source):
+        raise PrivateKeyRepository.conflict()
+    version = _wrapping_version(db, root_key_id, pool)
+    handle = _handle(version)
+    context = PrivateKeyContext(pub, source, coin, type, version.root_key_id, version.version)
+    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
+    with SecretBytes.from_str(prv) as plaintext:
+        wrapped, ciphertext = hsm.seal(handle, plaintext, shell.nonce, shell.associated_data(context))
+    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    repo.add(
+        PrivateKey(
+            pub=pub,
+            source=source,
+            coin=coin,
+            type=type,
+            provider=PROVIDER,
+            root_key=version.root_key_id,
+            root_key_version=version.version,
+            format_version=FORMAT_VERSION,
+            encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
+            encrypted_data_key=data_key.to_text(),
+        )
+    )
+    return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
+
+
+def get_private_key(hsm: Hsm, db: Session, pub: str, source: str) -> PrivateKeyRecord:
+    """Reads and opens the private key stored for (pub, source).
+
+    Returns it with its public fields. Raises NotFound when absent and IntegrityError when the row's
+    ciphertexts do not authenticate against the row (tampered, swapped between rows, wrong root key).
+    """
+    if source not in SOURCES:
+        raise InvalidRequest("source must be 'user' or 'backup'")
+    row = PrivateKeyRepository(db).get(pub, source)
+    if row is None:
+        raise NotFound("no private key for this pub and source")
+    data_key = _parse_data_key(row.encrypted_data_key)
+    try:
+        sealed = EncryptedPrivateKey.from_text(row.encrypted_prv)
+    except FormatError:
+        raise IntegrityError() from None
+    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
+        raise IntegrityError()
+    if data_key.key_spec is not KeySpec.AES_256 or row.format_version != FORMAT_VERSION:
+        raise IntegrityError()
+    version = _unwrapping_version(db, data_key.root_key_id, data_key.root_key_version, data_key.wrap_algorithm)
+    context = PrivateKeyContext(row.pub, row.source, row.coin, row.type, row.root_key, row.root_key_version)
+    aad = sealed.associated_data(context)
+    with hsm.open(_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as plaintext:
+        try:
+            prv = plaintext.text()
+        except UnicodeDecodeError:
+            raise IntegrityError() from None
+    return PrivateKeyRecord(pub=row.pub, source=row.source, coin=row.coin, type=row.type, prv=prv)

@@ -1,0 +1,100 @@
+"""Engine and session factory, and schema migration through Alembic.
+
+The engine is created per process. After a fork the child must call :func:`after_fork` before using it
+(SQLAlchemy: ``engine.dispose(close=False)``) so that parent and child never share a connection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.config import redact_url
+from worker.errors import ConfigError, DatabaseUnavailable
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling breaks SAVEPOINT; let SQLAlchemy emit BEGIN itself
+    # (the recipe in SQLAlchemy's SQLite dialect documentation).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_db_engine(url: str) -> Engine:
+    """Returns an engine for ``url``. Raises ConfigError for a malformed URL or a missing driver."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"malformed database URL: {redact_url(url)}") from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(parsed, connect_args={"timeout": 10})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+    except (NoSuchModuleError, ImportError) as e:
+        raise ConfigError(f"no driver for database URL {redact_url(url)}: {e}") from None
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Returns a session factory; sessions do not expire objects on commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def after_fork(engine: Engine) -> None:
+    """Makes a forked child open its own connections (the parent's stay with the parent)."""
+    engine.dispose(close=False)
+
+
+def _alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine) -> str | None:
+    """Creates or upgrades the schema to the newest migration.
+
+    Returns the revision the database was at before (None for an empty database). Raises
+    DatabaseUnavailable when the database cannot be reached.
+    """
+    try:
+        with engine.connect() as conn:
+            before = None
+            if inspect(conn).has_table("alembic_version"):
+                before = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        command.upgrade(_alembic_config(engine), "head")
+    except OperationalError as e:
+        where = engine.url.render_as_string(hide_password=True)
+        raise DatabaseUnavailable(f"database unreachable: {where} ({type(e.orig).__name__})") from None
+    return before
+
+
+def head_revision() -> str:
+    """Returns the newest migration revision."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(create_engine("sqlite://"))).get_current_head()
+    assert head is not None
+    return head

@@ -1,0 +1,93 @@
+"""SQLAlchemy 2 typed models. The same models serve Postgres (production, tests) and SQLite (embedded).
+
+``private_keys`` keeps the column names of the table kmsq replaces (``encryptedPrv``, ``encryptedDataKey``,
+``rootKey``) so that its readers can be pointed at kmsq's table; every secret column holds ciphertext only.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Returns the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class RootKey(Base):
+    """A root key: a named, versioned key in one HSM pool. Its versions hold the HSM objects."""
+
+    __tablename__ = "root_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))  # aes-256 | rsa-2048 | rsa-3072 | rsa-4096
+    pool: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
+    current_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RootKeyVersion(Base):
+    """One HSM object (or key pair) of a root key. The newest enabled version wraps; every enabled one unwraps."""
+
+    __tablename__ = "root_key_versions"
+
+    root_key_id: Mapped[str] = mapped_column(ForeignKey("root_keys.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hsm_id: Mapped[str] = mapped_column(String(128))  # CKA_ID, hex
+    hsm_label: Mapped[str] = mapped_column(String(128))  # CKA_LABEL
+    wrap_algorithm: Mapped[int] = mapped_column(Integer)  # schemas.envelope.WrapAlgorithm
+    state: Mapped[str] = mapped_column(String(16), default="enabled")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PrivateKey(Base):
+    """A stored private key: AES-256-GCM ciphertext and the HSM-wrapped data key that opens it."""
+
+    __tablename__ = "private_keys"
+    __table_args__ = (
+        UniqueConstraint("pub", "source", name="uq_private_keys_pub_source"),
+        ForeignKeyConstraint(
+            ["rootKey", "root_key_version"],
+            ["root_key_versions.root_key_id", "root_key_versions.version"],
+            name="fk_private_keys_root_key_version",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    pub: Mapped[str] = mapped_column(String(1024))
+    source: Mapped[str] = mapped_column(String(16))  # user | backup
+    coin: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(16))  # independent | tss
+    provider: Mapped[str] = mapped_column(String(64))
+    root_key: Mapped[str] = mapped_column("rootKey", String(64))
+    root_key_version: Mapped[int] = mapped_column(Integer)
+    format_version: Mapped[int] = mapped_column(Integer)
+    encrypted_prv: Mapped[str] = mapped_column("encryptedPrv", Text)
+    encrypted_data_key: Mapped[str] = mapped_column("encryptedDataKey", Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
