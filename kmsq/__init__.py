@@ -1,0 +1,1 @@
+"""kmsq entry points: the ``kmsq`` command line. The only place that picks concrete adapters."""

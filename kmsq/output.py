@@ -1,0 +1,111 @@
+"""Output helpers: human-readable tables by default, JSON for scripts, one-line errors on stderr."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Not a terminal (a pipe, a log file): do not fold lines at 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+# Exit codes by error class; documented in the README.
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNAVAILABLE = 4
+EXIT_NOT_FOUND = 5
+EXIT_CONFLICT = 6
+EXIT_INVALID = 7
+
+
+def fingerprint(secret: str) -> str:
+    """Returns a short, non-reversible tag of a high-entropy secret, for showing that two secrets match."""
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def print_json(data: Any) -> None:
+    """Prints ``data`` as one JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, default=_default, indent=2) + "\n")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Prints a table with rich."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
+
+
+def _exit_code(error: Exception) -> int:
+    from worker.errors import (
+        ConfigError,
+        Conflict,
+        IntegrityError,
+        InvalidRequest,
+        NotFound,
+        TransientError,
+    )
+
+    for cls, code in (
+        (ConfigError, EXIT_CONFIG),
+        (TransientError, EXIT_UNAVAILABLE),
+        (NotFound, EXIT_NOT_FOUND),
+        (Conflict, EXIT_CONFLICT),
+        (InvalidRequest, EXIT_INVALID),
+        (IntegrityError, EXIT_INVALID),
+    ):
+        if isinstance(error, cls):
+            return code
+    return EXIT_INTERNAL
+
+
+def fail(message: str, code: int) -> None:
+    """Prints ``kmsq: error: message`` on stderr and exits with ``code``."""
+    sys.stderr.write(f"kmsq: error: {' '.join(message.split())}\n")
+    sys.exit(code)
+
+
+def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turns kmsq errors into one line on stderr and an exit code per class; no traceback unless
+    ``KMSQ_DEBUG`` is set."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from worker.errors import KmsqError
+
+        try:
+            return func(*args, **kwargs)
+        except KmsqError as e:
+            if os.environ.get("KMSQ_DEBUG"):
+                raise
+            fail(e.message, _exit_code(e))
+        except Exception as e:
+            if os.environ.get("KMSQ_DEBUG"):
+                raise
+            fail(f"internal error ({type(e).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL)
+        raise AssertionError("unreachable")
+
+    return wrapper
