@@ -1,0 +1,146 @@
+"""Fixtures on real components: a fresh SoftHSM2 token per test run, a fresh Postgres database per run,
+and SQLite files. Locally a missing service skips its tests; with ``CI=true`` it fails them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.config import SOFTHSM2_LIBRARY_PATHS, Settings
+from worker.hsm import Hsm
+from worker.runtime import KeyService
+from worker.softhsm import ensure_embedded_token
+from worker.storage.db import create_db_engine, migrate, session_factory
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "KMSQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def missing_service(what: str) -> None:
+    """Skips the test locally; fails it on CI, where every service must be present."""
+    if IN_CI:
+        pytest.fail(f"{what} is required on CI but is not available")
+    pytest.skip(f"{what} not available")
+
+
+def softhsm_library() -> str:
+    """Returns the SoftHSM2 library path, or skips/fails."""
+    for path in SOFTHSM2_LIBRARY_PATHS:
+        if Path(path).exists() and shutil.which("softhsm2-util"):
+            return path
+    missing_service("SoftHSM2")
+    raise AssertionError("unreachable")
+
+
+def embedded_settings(home: Path, **overrides: str) -> Settings:
+    """Returns settings for an embedded token under ``home``."""
+    from worker.config import load_settings
+
+    env = {"KMSQ_HOME": str(home), **overrides}
+    return load_settings(env)
+
+
+@pytest.fixture(scope="session")
+def hsm_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A SoftHSM2 token created for this test run (the process-wide token of every in-process test)."""
+    softhsm_library()
+    settings = embedded_settings(tmp_path_factory.mktemp("hsm"))
+    ensure_embedded_token(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def hsm(hsm_settings: Settings) -> Hsm:
+    """The HSM adapter on the test run's token."""
+    adapter = Hsm(
+        hsm_settings.module_path(),
+        hsm_settings.pkcs11_token_label,
+        hsm_settings.read_pin,
+        hsm_settings.softhsm2_conf,
+    )
+    adapter.check()
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh Postgres database for this test run, dropped afterwards."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"kmsq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception:
+        admin.dispose()
+        missing_service("Postgres at " + POSTGRES_ADMIN_URL)
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _fresh_postgres_schema(url: str) -> Engine:
+    engine = create_db_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    migrate(engine)
+    return engine
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A migrated, empty database: real Postgres, then SQLite through the same models."""
+    if request.param == "postgres":
+        engine = _fresh_postgres_schema(request.getfixturevalue("postgres_url"))
+    else:
+        engine = create_db_engine(f"sqlite:///{tmp_path / 'kmsq.db'}")
+        migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[Engine]:
+    """A migrated, empty Postgres database."""
+    engine = _fresh_postgres_schema(postgres_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(db_engine: Engine) -> sessionmaker[Session]:
+    """Session factory on :func:`db_engine`."""
+    return session_factory(db_engine)
+
+
+@pytest.fixture
+def service(hsm: Hsm, sessions: sessionmaker[Session]) -> KeyService:
+    """The key service on the test token and a fresh database (Postgres and SQLite)."""
+    return KeyService(hsm, sessions)
+
+
+def random_pub() -> str:
+    """Returns a unique pub-like string."""
+    return "xpub661MyMwAqRbc" + secrets.token_urlsafe(24)
+
+
+def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs the installed ``kmsq`` command with ``KMSQ_HOME=home``."""
+    kmsq = shutil.which("kmsq") or str(Path(sys.executable).with_name("kmsq"))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    full_env.update({"KMSQ_HOME": str(home), **(env or {})})
+    return subprocess.run([kmsq, *args], env=full_env, capture_output=True, text=True, timeout=300, check=False)

@@ -1,0 +1,33 @@
+"""Golden vectors of the v1 formats (docs/FORMAT.md): fixed keys and nonce give these exact bytes."""
+
+from __future__ import annotations
+
+KEK = bytes(range(32))  # the root key (only for vectors: real root keys never leave the HSM)
+DATA_KEY = bytes(range(32, 64))
+ROOT_KEY_ID = "rk-golden"
+ROOT_KEY_VERSION = 1
+WRAPPED = bytes.fromhex(
+    "92f48c52045c08050ec796a5a91c5ddaf7c61cbdc940adc8d3dc8a144f6161a8c5d3299e325f1750"
+)
+ENCRYPTED_KEY = "kmsq:v1:AQEBAQlyay1nb2xkZW4AAAABACiS9IxSBFwIBQ7HlqWpHF3a98YcvclArcjT3IoUT2FhqMXTKZ4yXxdQ"
+ENCRYPTED_KEY_BYTES = bytes.fromhex(
+    "0101010109726b2d676f6c64656e00000001002892f48c52045c08050ec796a5a91c5ddaf7c61cbdc940adc8d3dc8a144f6161a8"
+    "c5d3299e325f1750"
+)
+PLAINTEXT_KEY = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
+
+PUB = "xpub-golden"
+SOURCE = "user"
+COIN = "btc"
+TYPE = "independent"
+PRV = "xprv-golden-secret"
+NONCE = bytes(range(12))
+AAD = bytes.fromhex(
+    "0102016b6d73712f707269766174652d6b65792f763100037075620000000b787075622d676f6c64656e0006736f75726365"
+    "00000004757365720004636f696e000000036274630004747970650000000b696e646570656e64656e74000b726f6f745f6b"
+    "65795f696400000009726b2d676f6c64656e0010726f6f745f6b65795f76657273696f6e0000000131"
+)
+ENCRYPTED_PRV = "kmsq:v1:AQIBAAECAwQFBgcICQoLJCIv0WdShIDYnKfrVRY9TnYEZUhaEi-A7f87Gf1bJLpghw"
+ENCRYPTED_PRV_BYTES = bytes.fromhex(
+    "010201000102030405060708090a0b24222fd167528480d89ca7eb55163d4e760465485a122f80edff3b19fd5b24ba6087"
+)

@@ -1,0 +1,163 @@
+"""The PKCS#11 adapter on a real SoftHSM2 token: root key attributes, session recovery, fork safety."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import pkcs11
+import pytest
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+
+from worker.config import Settings
+from worker.errors import ConfigError, IntegrityError
+from worker.hsm import Hsm, RootKeyHandle, _load_library
+
+
+def raw_session(settings: Settings) -> Any:
+    """A second, independent session on the test token (python-pkcs11 directly, no kmsq code)."""
+    token = _load_library(settings.module_path()).get_token(token_label=settings.pkcs11_token_label)
+    try:
+        return token.open(rw=True, user_pin=settings.read_pin())
+    except p11.UserAlreadyLoggedIn:  # PKCS#11 login state is per process: the adapter already logged in
+        return token.open(rw=True)
+
+
+@pytest.fixture(scope="module")
+def aes_root(hsm: Hsm) -> RootKeyHandle:
+    return hsm.create_aes_root_key("rk-hsmtest-aes", 1)
+
+
+@pytest.fixture(scope="module")
+def rsa_root(hsm: Hsm) -> RootKeyHandle:
+    return hsm.create_rsa_root_key("rk-hsmtest-rsa", 1, 2048)
+
+
+def test_aes_root_key_attributes(hsm: Hsm, aes_root: RootKeyHandle) -> None:
+    attrs = hsm.root_key_attributes(aes_root)
+    assert attrs["TOKEN"] and attrs["PRIVATE"] and attrs["SENSITIVE"] and attrs["ALWAYS_SENSITIVE"]
+    assert not attrs["EXTRACTABLE"] and attrs["NEVER_EXTRACTABLE"]
+    assert attrs["WRAP"] and attrs["UNWRAP"]
+    assert not (attrs["ENCRYPT"] or attrs["DECRYPT"] or attrs["SIGN"] or attrs["DERIVE"])
+    assert attrs["ID"] == b"kmsq:rk-hsmtest-aes:v1" and attrs["LABEL"] == "kmsq:rk-hsmtest-aes:v1"
+
+
+def test_rsa_root_key_attributes(hsm: Hsm, rsa_root: RootKeyHandle) -> None:
+    attrs = hsm.root_key_attributes(rsa_root)
+    assert attrs["SENSITIVE"] and not attrs["EXTRACTABLE"] and attrs["NEVER_EXTRACTABLE"]
+    assert attrs["UNWRAP"] and not (attrs["DECRYPT"] or attrs["SIGN"] or attrs["DERIVE"])
+    assert attrs["ID"] == b"kmsq:rk-hsmtest-rsa:v1"
+
+
+def test_root_key_value_cannot_be_read(hsm_settings: Settings, aes_root: RootKeyHandle, rsa_root: RootKeyHandle) -> None:
+    session = raw_session(hsm_settings)
+    try:
+        secret = session.get_key(ObjectClass.SECRET_KEY, KeyType.AES, id=aes_root.hsm_id)
+        private = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, id=rsa_root.hsm_id)
+        for key, attribute in ((secret, Attribute.VALUE), (private, Attribute.PRIVATE_EXPONENT), (private, Attribute.PRIME_1)):
+            with pytest.raises(p11.AttributeSensitive):
+                key[attribute]
+        # Nor can it be wrapped out under another key.
+        other = session.generate_key(KeyType.AES, 256, mechanism=Mechanism.AES_KEY_GEN,
+                                     template={Attribute.WRAP: True, Attribute.TOKEN: False})
+        with pytest.raises(p11.KeyUnextractable):
+            other.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        assert not hasattr(secret, "encrypt")  # python-pkcs11 offers only what CKA_ENCRYPT etc. allow
+        other.destroy()
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("root", ["aes_root", "rsa_root"])
+def test_data_key_wrap_round_trip(hsm: Hsm, root: str, request: pytest.FixtureRequest) -> None:
+    handle: RootKeyHandle = request.getfixturevalue(root)
+    wrapped, plain = hsm.generate_data_key(handle, readable=True)
+    assert plain is not None and len(plain) == 32
+    with plain, hsm.unwrap_data_key(handle, wrapped) as again:
+        assert bytes(again.view()) == bytes(plain.view())
+    assert len(plain) == 0  # wiped on exit
+
+
+def test_session_objects_are_destroyed(hsm: Hsm, hsm_settings: Settings, aes_root: RootKeyHandle) -> None:
+    session = raw_session(hsm_settings)
+    try:
+        before = len(list(session.get_objects({Attribute.TOKEN: False})))
+        for _ in range(5):
+            wrapped, plain = hsm.generate_data_key(aes_root, readable=True)
+            hsm.unwrap_data_key(aes_root, wrapped).wipe()
+        # Session objects of another session are invisible here; count via the adapter's own session.
+        own = hsm._run(lambda s: len(list(s.get_objects({Attribute.TOKEN: False}))))
+        assert own == 0
+        assert len(list(session.get_objects({Attribute.TOKEN: False}))) == before
+    finally:
+        session.close()
+
+
+def test_tampered_wrapped_key_is_an_integrity_error(hsm: Hsm, aes_root: RootKeyHandle, rsa_root: RootKeyHandle) -> None:
+    for handle in (aes_root, rsa_root):
+        wrapped, _ = hsm.generate_data_key(handle, readable=False)
+        bad = bytes([wrapped[0] ^ 1]) + wrapped[1:]
+        with pytest.raises(IntegrityError) as info:
+            hsm.unwrap_data_key(handle, bad)
+        assert str(info.value) == "ciphertext failed integrity check"
+
+
+def test_reopens_after_session_loss(hsm: Hsm, aes_root: RootKeyHandle) -> None:
+    hsm.check()
+    hsm._session.close()  # the token drops our session (HSM restart, timeout)
+    wrapped, _ = hsm.generate_data_key(aes_root, readable=False)  # reopened transparently
+    assert wrapped
+    hsm.reset()
+    assert hsm._session is None
+    hsm.unwrap_data_key(aes_root, wrapped).wipe()
+    assert hsm._session is not None
+
+
+def _child(hsm: Hsm, handle: RootKeyHandle, queue: Any) -> None:
+    try:
+        wrapped, plain = hsm.generate_data_key(handle, readable=True)
+        assert plain is not None
+        with hsm.unwrap_data_key(handle, wrapped) as again:
+            queue.put(("ok", os.getpid(), bytes(again.view()) == bytes(plain.view())))
+    except Exception as e:  # report, not hang
+        queue.put(("error", repr(e), False))
+
+
+def test_forked_child_opens_its_own_session(hsm: Hsm, aes_root: RootKeyHandle) -> None:
+    hsm.check()  # the parent has a live session before forking, as a careless host would
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(hsm, aes_root, queue))
+    proc.start()
+    status, pid, matched = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert (status, matched) == ("ok", True), pid
+    assert pid != os.getpid() and proc.exitcode == 0
+    hsm.generate_data_key(aes_root, readable=False)  # the parent's session still works
+
+
+def test_unknown_token_is_a_config_error(hsm_settings: Settings) -> None:
+    bad = Hsm(hsm_settings.module_path(), "no-such-token", hsm_settings.read_pin, hsm_settings.softhsm2_conf)
+    with pytest.raises(ConfigError, match="not found"):
+        bad.check()
+
+
+def test_missing_library_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="library not found"):
+        Hsm("/nonexistent/libpkcs11.so", "kmsq", lambda: "1234").check()
+
+
+def test_pkcs11_is_imported_only_by_the_adapter() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    importers = [
+        str(path.relative_to(root))
+        for package in ("schemas", "worker", "tasks", "kmsq")
+        for path in (root / package).rglob("*.py")
+        if "import pkcs11" in path.read_text() or "from pkcs11" in path.read_text()
+    ]
+    assert importers == ["worker/hsm.py"]
+    assert pkcs11  # tests may use it to check the token independently
