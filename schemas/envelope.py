@@ -23,6 +23,7 @@ from enum import IntEnum
 FORMAT_VERSION = 1
 TEXT_PREFIX = "kmsq:v1:"
 MAX_ROOT_KEY_ID_LEN = 64
+MAX_ROOT_KEY_VERSION = 0x7FFFFFFF  # fits a signed 32-bit database integer
 ROOT_KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GCM_NONCE_LEN = 12
 GCM_TAG_LEN = 16
@@ -109,7 +110,7 @@ class EncryptedDataKey:
     def to_bytes(self) -> bytes:
         """Returns the binary record (docs/FORMAT.md, "encryptedKey")."""
         rid = _check_root_key_id(self.root_key_id)
-        if not 1 <= self.root_key_version <= 0xFFFFFFFF:
+        if not 1 <= self.root_key_version <= MAX_ROOT_KEY_VERSION:
             raise FormatError("bad root key version")
         if not 1 <= len(self.wrapped) <= 0xFFFF:
             raise FormatError("bad wrapped key length")
@@ -143,7 +144,7 @@ class EncryptedDataKey:
         _check_root_key_id(root_key_id)
         root_key_version, wrapped_len = struct.unpack_from(">IH", raw, 5 + id_len)
         wrapped = raw[11 + id_len :]
-        if root_key_version < 1 or wrapped_len < 1 or len(wrapped) != wrapped_len:
+        if not 1 <= root_key_version <= MAX_ROOT_KEY_VERSION or wrapped_len < 1 or len(wrapped) != wrapped_len:
             raise FormatError("bad length")
         return cls(key_spec, wrap_algorithm, root_key_id, root_key_version, wrapped)
 

@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -42,6 +43,20 @@ def softhsm_library() -> str:
             return path
     missing_service("SoftHSM2")
     raise AssertionError("unreachable")
+
+
+def raw_session(settings: Settings) -> Any:
+    """A second, independent session on the test token (python-pkcs11 directly, no kmsq code)."""
+    from pkcs11.exceptions import UserAlreadyLoggedIn
+
+    from worker.hsm import _load_library
+
+    os.environ["SOFTHSM2_CONF"] = str(settings.softhsm2_conf)  # read once, when the library loads
+    token = _load_library(settings.module_path()).get_token(token_label=settings.pkcs11_token_label)
+    try:
+        return token.open(rw=True, user_pin=settings.read_pin())
+    except UserAlreadyLoggedIn:  # PKCS#11 login state is per process: the adapter already logged in
+        return token.open(rw=True)
 
 
 def embedded_settings(home: Path, **overrides: str) -> Settings:

@@ -63,6 +63,7 @@ NEGATIVE_ENCRYPTED_KEYS = {
     "id length zero": _text(golden.ENCRYPTED_KEY_BYTES[:4] + b"\x00" + golden.ENCRYPTED_KEY_BYTES[5:]),
     "id length past end": _text(golden.ENCRYPTED_KEY_BYTES[:4] + b"\xff" + golden.ENCRYPTED_KEY_BYTES[5:]),
     "version zero": _text(golden.ENCRYPTED_KEY_BYTES[:14] + b"\x00\x00\x00\x00" + golden.ENCRYPTED_KEY_BYTES[18:]),
+    "version past 2**31-1": _text(golden.ENCRYPTED_KEY_BYTES[:14] + b"\x80\x00\x00\x00" + golden.ENCRYPTED_KEY_BYTES[18:]),
     "truncated": golden.ENCRYPTED_KEY[:-4],
     "trailing byte": _text(golden.ENCRYPTED_KEY_BYTES + b"\x00"),
     "padding chars": golden.ENCRYPTED_KEY + "==",

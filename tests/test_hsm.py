@@ -13,16 +13,8 @@ from pkcs11 import exceptions as p11
 
 from worker.config import Settings
 from worker.errors import ConfigError, IntegrityError
-from worker.hsm import Hsm, RootKeyHandle, _load_library
-
-
-def raw_session(settings: Settings) -> Any:
-    """A second, independent session on the test token (python-pkcs11 directly, no kmsq code)."""
-    token = _load_library(settings.module_path()).get_token(token_label=settings.pkcs11_token_label)
-    try:
-        return token.open(rw=True, user_pin=settings.read_pin())
-    except p11.UserAlreadyLoggedIn:  # PKCS#11 login state is per process: the adapter already logged in
-        return token.open(rw=True)
+from tests.conftest import raw_session
+from worker.hsm import Hsm, RootKeyHandle
 
 
 @pytest.fixture(scope="module")

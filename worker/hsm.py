@@ -355,7 +355,8 @@ class Hsm:
 
         def op(session: Any) -> dict[str, Any]:
             key = self._unwrapping_key(session, handle)
-            return {name: key[Attribute[name]] for name in names if name != "WRAP" or not handle.is_rsa}
+            public_only = ("WRAP", "ENCRYPT") if handle.is_rsa else ()  # not attributes of a private key
+            return {name: key[Attribute[name]] for name in names if name not in public_only}
 
         return self._run(op)
 
