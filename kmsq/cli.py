@@ -59,10 +59,11 @@ def init(as_json: bool) -> None:
         print_json(report)
         return
     console.print(f"KMSQ_HOME      {report['home']}")
-    console.print(f"HSM            {report['hsm']}, token {settings.pkcs11_token_label!r}"
-                  + (" (created)" if token_created else " (exists)"))
-    console.print(f"database       {report['database']}"
-                  + (" (created)" if before is None else " (migrated)"))
+    console.print(
+        f"HSM            {report['hsm']}, token {settings.pkcs11_token_label!r}"
+        + (" (created)" if token_created else " (exists)")
+    )
+    console.print(f"database       {report['database']}" + (" (created)" if before is None else " (migrated)"))
     if created_key:
         console.print(f"root key       {created_key.id} {created_key.type} pool={created_key.pool} (created)")
     else:
@@ -136,11 +137,17 @@ def demo(as_json: bool) -> None:
     service = _service()
     steps: list[dict[str, Any]] = []
     data_key = service.generate_data_key()
-    steps.append({"op": "generateDataKey", "encryptedKey_length": len(data_key.encrypted_key),
-                  "plaintextKey": fingerprint(data_key.plaintext_key or "")})
+    steps.append(
+        {
+            "op": "generateDataKey",
+            "encryptedKey_length": len(data_key.encrypted_key),
+            "plaintextKey": fingerprint(data_key.plaintext_key or ""),
+        }
+    )
     again = service.decrypt_data_key(data_key.encrypted_key)
-    steps.append({"op": "decryptDataKey", "plaintextKey": fingerprint(again),
-                  "matches": again == data_key.plaintext_key})
+    steps.append(
+        {"op": "decryptDataKey", "plaintextKey": fingerprint(again), "matches": again == data_key.plaintext_key}
+    )
     pub = "xpub-demo-" + secrets.token_hex(8)
     prv = "xprv-demo-" + secrets.token_urlsafe(64)
     stored = service.store_private_key(pub, prv, "btc", "user", "independent")

@@ -114,9 +114,7 @@ class EncryptedDataKey:
             raise FormatError("bad root key version")
         if not 1 <= len(self.wrapped) <= 0xFFFF:
             raise FormatError("bad wrapped key length")
-        head = struct.pack(
-            ">BBBBB", FORMAT_VERSION, _KIND_DATA_KEY, self.key_spec, self.wrap_algorithm, len(rid)
-        )
+        head = struct.pack(">BBBBB", FORMAT_VERSION, _KIND_DATA_KEY, self.key_spec, self.wrap_algorithm, len(rid))
         return head + rid + struct.pack(">IH", self.root_key_version, len(self.wrapped)) + self.wrapped
 
     def to_text(self) -> str:

@@ -24,9 +24,7 @@ from worker.softhsm import ensure_embedded_token
 from worker.storage.db import create_db_engine, migrate, session_factory
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-POSTGRES_ADMIN_URL = os.environ.get(
-    "KMSQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+POSTGRES_ADMIN_URL = os.environ.get("KMSQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def missing_service(what: str) -> None:

@@ -6,9 +6,7 @@ KEK = bytes(range(32))  # the root key (only for vectors: real root keys never l
 DATA_KEY = bytes(range(32, 64))
 ROOT_KEY_ID = "rk-golden"
 ROOT_KEY_VERSION = 1
-WRAPPED = bytes.fromhex(
-    "92f48c52045c08050ec796a5a91c5ddaf7c61cbdc940adc8d3dc8a144f6161a8c5d3299e325f1750"
-)
+WRAPPED = bytes.fromhex("92f48c52045c08050ec796a5a91c5ddaf7c61cbdc940adc8d3dc8a144f6161a8c5d3299e325f1750")
 ENCRYPTED_KEY = "kmsq:v1:AQEBAQlyay1nb2xkZW4AAAABACiS9IxSBFwIBQ7HlqWpHF3a98YcvclArcjT3IoUT2FhqMXTKZ4yXxdQ"
 ENCRYPTED_KEY_BYTES = bytes.fromhex(
     "0101010109726b2d676f6c64656e00000001002892f48c52045c08050ec796a5a91c5ddaf7c61cbdc940adc8d3dc8a144f6161a8"

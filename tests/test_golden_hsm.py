@@ -27,11 +27,21 @@ OPAQUE = "ciphertext failed integrity check"
 def golden_kek(hsm_settings: Settings) -> Iterator[None]:
     """Imports the vector's KEK as a token key (possible only in tests: real root keys are generated inside)."""
     session = raw_session(hsm_settings)
-    kek = session.create_object({
-        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE: golden.KEK,
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-        Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.ID: GOLDEN_HSM_ID, Attribute.LABEL: GOLDEN_HSM_ID.decode(),
-    })
+    kek = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: golden.KEK,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.WRAP: True,
+            Attribute.UNWRAP: True,
+            Attribute.ID: GOLDEN_HSM_ID,
+            Attribute.LABEL: GOLDEN_HSM_ID.decode(),
+        }
+    )
     yield
     kek.destroy()
     session.close()
@@ -42,12 +52,31 @@ def golden_service(service: KeyService, golden_kek: None) -> KeyService:
     with service.sessions.begin() as db:
         db.add(RootKey(id=golden.ROOT_KEY_ID, type="aes-256", pool="golden", state="enabled", current_version=1))
         db.flush()
-        db.add(RootKeyVersion(root_key_id=golden.ROOT_KEY_ID, version=1, hsm_id=GOLDEN_HSM_ID.hex(),
-                              hsm_label=GOLDEN_HSM_ID.decode(), wrap_algorithm=int(WrapAlgorithm.AES_KWP), state="enabled"))
+        db.add(
+            RootKeyVersion(
+                root_key_id=golden.ROOT_KEY_ID,
+                version=1,
+                hsm_id=GOLDEN_HSM_ID.hex(),
+                hsm_label=GOLDEN_HSM_ID.decode(),
+                wrap_algorithm=int(WrapAlgorithm.AES_KWP),
+                state="enabled",
+            )
+        )
         db.flush()
-        db.add(PrivateKey(pub=golden.PUB, source=golden.SOURCE, coin=golden.COIN, type=golden.TYPE, provider="kmsq",
-                          root_key=golden.ROOT_KEY_ID, root_key_version=1, format_version=1,
-                          encrypted_prv=golden.ENCRYPTED_PRV, encrypted_data_key=golden.ENCRYPTED_KEY))
+        db.add(
+            PrivateKey(
+                pub=golden.PUB,
+                source=golden.SOURCE,
+                coin=golden.COIN,
+                type=golden.TYPE,
+                provider="kmsq",
+                root_key=golden.ROOT_KEY_ID,
+                root_key_version=1,
+                format_version=1,
+                encrypted_prv=golden.ENCRYPTED_PRV,
+                encrypted_data_key=golden.ENCRYPTED_KEY,
+            )
+        )
     return service
 
 
@@ -55,10 +84,16 @@ def test_token_wraps_exactly_like_rfc5649_vector(hsm_settings: Settings, golden_
     session = raw_session(hsm_settings)
     try:
         kek = session.get_key(ObjectClass.SECRET_KEY, KeyType.AES, id=GOLDEN_HSM_ID)
-        data_key = session.create_object({
-            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE: golden.DATA_KEY,
-            Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
-        })
+        data_key = session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: golden.DATA_KEY,
+                Attribute.TOKEN: False,
+                Attribute.SENSITIVE: False,
+                Attribute.EXTRACTABLE: True,
+            }
+        )
         assert kek.wrap_key(data_key, mechanism=Mechanism.AES_KEY_WRAP_PAD) == golden.WRAPPED
         data_key.destroy()
     finally:
@@ -91,7 +126,9 @@ def test_every_bit_flip_of_the_golden_private_key_fails_opaquely(golden_service:
         flipped = bytearray(raw)
         flipped[bit // 8] ^= 1 << (bit % 8)
         with golden_service.sessions.begin() as db:
-            db.execute(update(PrivateKey).where(PrivateKey.pub == golden.PUB).values(encrypted_prv=_text(bytes(flipped))))
+            db.execute(
+                update(PrivateKey).where(PrivateKey.pub == golden.PUB).values(encrypted_prv=_text(bytes(flipped)))
+            )
         with pytest.raises(IntegrityError) as info:
             golden_service.get_private_key(golden.PUB, golden.SOURCE)
         assert str(info.value) == OPAQUE

@@ -11,9 +11,9 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
+from tests.conftest import raw_session
 from worker.config import Settings
 from worker.errors import ConfigError, IntegrityError
-from tests.conftest import raw_session
 from worker.hsm import Hsm, RootKeyHandle
 
 
@@ -43,17 +43,24 @@ def test_rsa_root_key_attributes(hsm: Hsm, rsa_root: RootKeyHandle) -> None:
     assert attrs["ID"] == b"kmsq:rk-hsmtest-rsa:v1"
 
 
-def test_root_key_value_cannot_be_read(hsm_settings: Settings, aes_root: RootKeyHandle, rsa_root: RootKeyHandle) -> None:
+def test_root_key_value_cannot_be_read(
+    hsm_settings: Settings, aes_root: RootKeyHandle, rsa_root: RootKeyHandle
+) -> None:
     session = raw_session(hsm_settings)
     try:
         secret = session.get_key(ObjectClass.SECRET_KEY, KeyType.AES, id=aes_root.hsm_id)
         private = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, id=rsa_root.hsm_id)
-        for key, attribute in ((secret, Attribute.VALUE), (private, Attribute.PRIVATE_EXPONENT), (private, Attribute.PRIME_1)):
+        for key, attribute in (
+            (secret, Attribute.VALUE),
+            (private, Attribute.PRIVATE_EXPONENT),
+            (private, Attribute.PRIME_1),
+        ):
             with pytest.raises(p11.AttributeSensitive):
                 key[attribute]
         # Nor can it be wrapped out under another key.
-        other = session.generate_key(KeyType.AES, 256, mechanism=Mechanism.AES_KEY_GEN,
-                                     template={Attribute.WRAP: True, Attribute.TOKEN: False})
+        other = session.generate_key(
+            KeyType.AES, 256, mechanism=Mechanism.AES_KEY_GEN, template={Attribute.WRAP: True, Attribute.TOKEN: False}
+        )
         with pytest.raises(p11.KeyUnextractable):
             other.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
         assert not hasattr(secret, "encrypt")  # python-pkcs11 offers only what CKA_ENCRYPT etc. allow
@@ -77,7 +84,7 @@ def test_session_objects_are_destroyed(hsm: Hsm, hsm_settings: Settings, aes_roo
     try:
         before = len(list(session.get_objects({Attribute.TOKEN: False})))
         for _ in range(5):
-            wrapped, plain = hsm.generate_data_key(aes_root, readable=True)
+            wrapped, _ = hsm.generate_data_key(aes_root, readable=True)
             hsm.unwrap_data_key(aes_root, wrapped).wipe()
         # Session objects of another session are invisible here; count via the adapter's own session.
         own = hsm._run(lambda s: len(list(s.get_objects({Attribute.TOKEN: False}))))

@@ -73,7 +73,9 @@ def test_data_key_of_one_root_does_not_open_under_another(service: KeyService) -
     rsa = service.create_root_key("rsa-2048")
     rsa_key = EncryptedDataKey.from_text(service.generate_data_key(rsa.id).encrypted_key)
     with pytest.raises(IntegrityError):  # RSA ciphertext presented as an AES-KWP one of root a
-        service.decrypt_data_key(dataclasses.replace(rsa_key, root_key_id=a.id, wrap_algorithm=key.wrap_algorithm).to_text())
+        service.decrypt_data_key(
+            dataclasses.replace(rsa_key, root_key_id=a.id, wrap_algorithm=key.wrap_algorithm).to_text()
+        )
 
 
 def test_rotation_keeps_old_versions_decrypting(service: KeyService) -> None:
@@ -194,7 +196,9 @@ def test_any_single_byte_change_of_an_encrypted_key_is_rejected(service: KeyServ
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(index=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255), which=st.sampled_from(["prv", "dk"]))
+@given(
+    index=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255), which=st.sampled_from(["prv", "dk"])
+)
 def test_any_single_byte_change_of_a_stored_private_key_is_rejected(
     service: KeyService, index: int, value: int, which: str
 ) -> None:

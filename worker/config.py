@@ -22,7 +22,7 @@ SOFTHSM2_LIBRARY_PATHS = (
     "/usr/local/lib/softhsm/libsofthsm2.so",
     "/usr/lib64/pkcs11/libsofthsm2.so",
 )
-EMBEDDED_TOKEN_LABEL = "kmsq"
+EMBEDDED_TOKEN_LABEL = "kmsq"  # noqa: S105 - a token label, not a secret
 CONFIG_FILE_NAME = "kmsq.toml"
 # File keys accepted in kmsq.toml, each the lower-case env name without the KMSQ_ prefix.
 _KEYS = (
@@ -76,9 +76,7 @@ class Settings:
         for candidate in SOFTHSM2_LIBRARY_PATHS:
             if Path(candidate).exists():
                 return candidate
-        raise ConfigError(
-            "SoftHSM2 library not found (install the softhsm2 package or set KMSQ_PKCS11_MODULE)"
-        )
+        raise ConfigError("SoftHSM2 library not found (install the softhsm2 package or set KMSQ_PKCS11_MODULE)")
 
     def read_pin(self) -> str:
         """Returns the user PIN. Raises ConfigError when none is configured or the file is unreadable."""

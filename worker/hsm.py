@@ -8,6 +8,7 @@ into kmsq's error tree here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -212,10 +213,8 @@ class Hsm:
             session, self._session = self._session, None
             self._keys.clear()
             if session is not None and self._session_pid == os.getpid():
-                try:
+                with contextlib.suppress(p11.PKCS11Error):
                     session.close()
-                except p11.PKCS11Error:
-                    pass
 
     def check(self) -> None:
         """Opens (or re-checks) the session. Raises ConfigError or HsmUnavailable."""
@@ -350,8 +349,23 @@ class Hsm:
 
     def root_key_attributes(self, handle: RootKeyHandle) -> dict[str, Any]:
         """Returns the security attributes of the root key's secret or private object, by name."""
-        names = ("TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
-                 "MODIFIABLE", "WRAP", "UNWRAP", "ENCRYPT", "DECRYPT", "SIGN", "DERIVE", "ID", "LABEL")
+        names = (
+            "TOKEN",
+            "PRIVATE",
+            "SENSITIVE",
+            "EXTRACTABLE",
+            "ALWAYS_SENSITIVE",
+            "NEVER_EXTRACTABLE",
+            "MODIFIABLE",
+            "WRAP",
+            "UNWRAP",
+            "ENCRYPT",
+            "DECRYPT",
+            "SIGN",
+            "DERIVE",
+            "ID",
+            "LABEL",
+        )
 
         def op(session: Any) -> dict[str, Any]:
             key = self._unwrapping_key(session, handle)
@@ -365,9 +379,11 @@ class Hsm:
     def _wrap(self, session: Any, handle: RootKeyHandle, key: Any) -> bytes:
         wrapping = self._wrapping_key(session, handle)
         if handle.is_rsa:
-            return bytes(wrapping.wrap_key(
-                key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_PARAMS[handle.wrap_algorithm]
-            ))
+            return bytes(
+                wrapping.wrap_key(
+                    key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_PARAMS[handle.wrap_algorithm]
+                )
+            )
         return bytes(wrapping.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD, mechanism_param=None))
 
     def _unwrap(self, session: Any, handle: RootKeyHandle, wrapped: bytes, template: dict[Attribute, Any]) -> Any:

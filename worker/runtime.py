@@ -80,9 +80,7 @@ class KeyService:
     ) -> service.DataKey:
         """See :func:`worker.service.generate_data_key`."""
         return self._run(
-            lambda db: service.generate_data_key(
-                self.hsm, db, root_key_id, key_spec, with_plaintext, self.default_pool
-            )
+            lambda db: service.generate_data_key(self.hsm, db, root_key_id, key_spec, with_plaintext, self.default_pool)
         )
 
     def decrypt_data_key(self, encrypted_key: str) -> str:
@@ -90,7 +88,13 @@ class KeyService:
         return self._run(lambda db: service.decrypt_data_key(self.hsm, db, encrypted_key))
 
     def store_private_key(
-        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None  # noqa: A002
+        self,
+        pub: str,
+        prv: str,
+        coin: str,
+        source: str,
+        type: str,
+        root_key_id: str | None = None,
     ) -> service.StoredPrivateKey:
         """See :func:`worker.service.store_private_key`."""
         return self._run(

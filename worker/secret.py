@@ -9,6 +9,7 @@ accident.
 from __future__ import annotations
 
 import base64
+import contextlib
 from types import TracebackType
 from typing import NoReturn
 
@@ -39,10 +40,11 @@ class SecretBytes:
         return self._buf.decode("utf-8")
 
     def wipe(self) -> None:
-        """Overwrites the buffer with zeros and empties it."""
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
-        self._buf.clear()
+        """Overwrites the buffer with zeros in place, then empties it."""
+        self._buf[:] = bytes(len(self._buf))
+        # While someone holds a memoryview the buffer cannot shrink; it stays zeroed at its size.
+        with contextlib.suppress(BufferError):
+            self._buf.clear()
 
     def __len__(self) -> int:
         return len(self._buf)

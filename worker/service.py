@@ -277,7 +277,7 @@ def store_private_key(
     prv: str,
     coin: str,
     source: str,
-    type: str,  # noqa: A002 - the old API's field name
+    type: str,
     root_key_id: str | None = None,
     pool: str = "default",
 ) -> StoredPrivateKey:

@@ -41,11 +41,7 @@ class RootKeyRepository:
 
     def versions(self, root_key_id: str) -> list[RootKeyVersion]:
         """Returns every version of the root key, oldest first."""
-        stmt = (
-            select(RootKeyVersion)
-            .where(RootKeyVersion.root_key_id == root_key_id)
-            .order_by(RootKeyVersion.version)
-        )
+        stmt = select(RootKeyVersion).where(RootKeyVersion.root_key_id == root_key_id).order_by(RootKeyVersion.version)
         return list(self._db.scalars(stmt))
 
     def list(self) -> list[RootKey]:

@@ -38,9 +38,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("root_key_id", "version", name="pk_root_key_versions"),
-        sa.ForeignKeyConstraint(
-            ["root_key_id"], ["root_keys.id"], name="fk_root_key_versions_root_key_id_root_keys"
-        ),
+        sa.ForeignKeyConstraint(["root_key_id"], ["root_keys.id"], name="fk_root_key_versions_root_key_id_root_keys"),
     )
     op.create_table(
         "private_keys",
