@@ -403,6 +403,18 @@ class Hsm:
             template=template,
         )
 
+    @staticmethod
+    def _session_aes_key(session: Any, template: dict[Attribute, Any]) -> Any:
+        """Generates an AES-256 session object (CKM_AES_KEY_GEN) with exactly ``template``'s flags."""
+        return session.generate_key(
+            KeyType.AES,
+            256,
+            store=False,
+            capabilities=_NO_CAPABILITIES,
+            mechanism=Mechanism.AES_KEY_GEN,
+            template=template,
+        )
+
     def generate_data_key(self, handle: RootKeyHandle, *, readable: bool) -> tuple[bytes, SecretBytes | None]:
         """Generates an AES-256 session key in the HSM and wraps it under the root key.
 
@@ -411,14 +423,7 @@ class Hsm:
         """
 
         def op(session: Any) -> tuple[bytes, SecretBytes | None]:
-            key = session.generate_key(
-                KeyType.AES,
-                256,
-                store=False,
-                capabilities=_NO_CAPABILITIES,
-                mechanism=Mechanism.AES_KEY_GEN,
-                template=_READABLE_DATA_KEY if readable else _SEALED_DATA_KEY,
-            )
+            key = self._session_aes_key(session, _READABLE_DATA_KEY if readable else _SEALED_DATA_KEY)
             try:
                 wrapped = self._wrap(session, handle, key)
                 return wrapped, SecretBytes(key[Attribute.VALUE]) if readable else None
@@ -444,14 +449,7 @@ class Hsm:
         never leaves the HSM unwrapped. Returns ``(wrapped data key, ciphertext with tag)``."""
 
         def op(session: Any) -> tuple[bytes, bytes]:
-            key = session.generate_key(
-                KeyType.AES,
-                256,
-                store=False,
-                capabilities=_NO_CAPABILITIES,
-                mechanism=Mechanism.AES_KEY_GEN,
-                template=_SEALING_KEY,
-            )
+            key = self._session_aes_key(session, _SEALING_KEY)
             try:
                 params = GCMParams(nonce, aad, GCM_TAG_LEN * 8)
                 ciphertext = key.encrypt(bytes(plaintext.view()), mechanism=Mechanism.AES_GCM, mechanism_param=params)
