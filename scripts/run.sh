@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job: sets up the machine, then runs `kmsq init` and `kmsq demo` on the embedded SoftHSM2 token
+# and SQLite database under KMSQ_HOME (default: var/ in the repository root).
+#
+#   scripts/run.sh [--json]     --json: both commands print JSON on stdout (setup output goes to stderr)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${KMSQ_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+
+JSON=""
+for arg in "$@"; do
+    case "$arg" in
+        --json) JSON="--json" ;;
+        -h|--help) sed -n '2,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) printf 'run: unknown argument: %s (usage: scripts/run.sh [--json])\n' "$arg" >&2; exit 2 ;;
+    esac
+done
+
+# A relative KMSQ_HOME is taken relative to the caller's directory; the default is <repo>/var.
+case "${KMSQ_HOME:-}" in
+    "") KMSQ_HOME="$ROOT/var" ;;
+    /*|"~"*) ;;
+    *) KMSQ_HOME="$PWD/$KMSQ_HOME" ;;
+esac
+export KMSQ_HOME
+
+if [ -n "$JSON" ]; then
+    bash "$ROOT/scripts/setup.sh" >&2
+else
+    bash "$ROOT/scripts/setup.sh"
+fi
+
+cd "$ROOT"
+printf 'run: KMSQ_HOME=%s\n' "$KMSQ_HOME" >&2
+"$VENV/bin/kmsq" init $JSON
+"$VENV/bin/kmsq" demo $JSON
