@@ -41,7 +41,7 @@ def init(as_json: bool) -> None:
     token_created = ensure_embedded_token(settings) if settings.embedded_hsm else False
     service = KeyService.from_settings(settings)
     service.hsm.check()
-    before = migrate(service.sessions.kw["bind"])
+    before = migrate(service.engine)
     keys = service.list_root_keys()
     created_key = None
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
@@ -51,7 +51,7 @@ def init(as_json: bool) -> None:
         "hsm": "embedded SoftHSM2" if settings.embedded_hsm else settings.pkcs11_module,
         "token_label": settings.pkcs11_token_label,
         "token_created": token_created,
-        "database": service.sessions.kw["bind"].url.render_as_string(hide_password=True),
+        "database": service.engine.url.render_as_string(hide_password=True),
         "database_migrated_from": before,
         "root_key_created": asdict(created_key) if created_key else None,
     }

@@ -452,6 +452,7 @@ class Hsm:
             key = self._session_aes_key(session, _SEALING_KEY)
             try:
                 params = GCMParams(nonce, aad, GCM_TAG_LEN * 8)
+                # python-pkcs11 takes immutable bytes: this one transient copy cannot be wiped.
                 ciphertext = key.encrypt(bytes(plaintext.view()), mechanism=Mechanism.AES_GCM, mechanism_param=params)
                 return self._wrap(session, handle, key), bytes(ciphertext)
             finally:

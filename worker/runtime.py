@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,8 +57,16 @@ class KeyService:
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyService:
         """Returns a service on the configured token and database (nothing is opened yet)."""
-        engine = create_db_engine(settings.database_url)
-        return cls(hsm_from_settings(settings), session_factory(engine), settings.default_pool)
+        return cls(
+            hsm_from_settings(settings), session_factory(create_db_engine(settings.database_url)), settings.default_pool
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine behind the session factory."""
+        bind = self.sessions.kw["bind"]
+        assert isinstance(bind, Engine)
+        return bind
 
     def _run(self, op: Callable[[Session], T]) -> T:
         with transaction(self.sessions) as db:
