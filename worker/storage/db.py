@@ -89,12 +89,3 @@ def migrate(engine: Engine) -> str | None:
         where = engine.url.render_as_string(hide_password=True)
         raise DatabaseUnavailable(f"database unreachable: {where} ({type(e.orig).__name__})") from None
     return before
-
-
-def head_revision() -> str:
-    """Returns the newest migration revision."""
-    from alembic.script import ScriptDirectory
-
-    head = ScriptDirectory.from_config(_alembic_config(create_engine("sqlite://"))).get_current_head()
-    assert head is not None
-    return head
