@@ -7,7 +7,10 @@ from typing import Any
 
 import click
 
-from kmsq.output import console, fingerprint, one_line_errors, print_json, print_table
+from kmsq import caller_cli, operator_cli
+from kmsq.demo import demo
+from kmsq.operator_cli import ensure_fleet_key
+from kmsq.output import console, one_line_errors, print_json, print_table
 
 ROOT_KEY_TYPE_NAMES = ("aes-256", "rsa-2048", "rsa-3072", "rsa-4096")
 
@@ -46,6 +49,7 @@ def init(as_json: bool) -> None:
     created_key = None
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
         created_key = service.create_root_key("aes-256", settings.default_pool)
+    fleet, fleet_created = ensure_fleet_key(service, settings.default_pool)
     report = {
         "home": str(settings.home),
         "hsm": "embedded SoftHSM2" if settings.embedded_hsm else settings.pkcs11_module,
@@ -54,6 +58,7 @@ def init(as_json: bool) -> None:
         "database": service.engine.url.render_as_string(hide_password=True),
         "database_migrated_from": before,
         "root_key_created": asdict(created_key) if created_key else None,
+        "fleet_key": {"pool": fleet.pool, "signing_key_id": fleet.signing_key_id, "created": fleet_created},
     }
     if as_json:
         print_json(report)
@@ -68,6 +73,7 @@ def init(as_json: bool) -> None:
         console.print(f"root key       {created_key.id} {created_key.type} pool={created_key.pool} (created)")
     else:
         console.print("root key       a root key already exists in the default pool")
+    console.print(f"fleet key      {fleet.signing_key_id} pool={fleet.pool}" + (" (created)" if fleet_created else ""))
 
 
 @main.group("root-key")
@@ -96,7 +102,9 @@ def _print_root_keys(keys: list[Any], as_json: bool) -> None:
 @one_line_errors
 def root_key_create(key_type: str, pool: str | None, as_json: bool) -> None:
     """Create a root key in the HSM."""
-    key = _service().create_root_key(key_type, pool)
+    service = _service()
+    key = service.create_root_key(key_type, pool)
+    ensure_fleet_key(service, key.pool)  # every pool with a root key can serve requests
     if as_json:
         print_json(asdict(key))
     else:
@@ -124,52 +132,21 @@ def root_key_list(as_json: bool) -> None:
     _print_root_keys(_service().list_root_keys(), as_json)
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
-def demo(as_json: bool) -> None:
-    """Run the four key-provider operations once through the service; secrets are shown only as
-    lengths and fingerprints."""
-    import secrets
+@main.group("caller")
+def caller() -> None:
+    """Caller identities (keygen) and the caller registry (add, list, disable, enable)."""
 
-    from worker.errors import Conflict, NotFound
 
-    service = _service()
-    steps: list[dict[str, Any]] = []
-    data_key = service.generate_data_key()
-    steps.append(
-        {
-            "op": "generateDataKey",
-            "encryptedKey_length": len(data_key.encrypted_key),
-            "plaintextKey": fingerprint(data_key.plaintext_key or ""),
-        }
-    )
-    again = service.decrypt_data_key(data_key.encrypted_key)
-    steps.append(
-        {"op": "decryptDataKey", "plaintextKey": fingerprint(again), "matches": again == data_key.plaintext_key}
-    )
-    pub = "xpub-demo-" + secrets.token_hex(8)
-    prv = "xprv-demo-" + secrets.token_urlsafe(64)
-    stored = service.store_private_key(pub, prv, "btc", "user", "independent")
-    steps.append({"op": "POST /key", "pub": pub, "root_key": stored.root_key_id, "prv": fingerprint(prv)})
-    record = service.get_private_key(pub, "user")
-    steps.append({"op": "GET /key", "pub": record.pub, "prv": fingerprint(record.prv), "matches": record.prv == prv})
-    try:
-        service.store_private_key(pub, prv, "btc", "user", "independent")
-        steps.append({"op": "POST /key again", "result": "stored twice (BUG)"})
-    except Conflict as e:
-        steps.append({"op": "POST /key again", "result": f"conflict: {e.message}"})
-    try:
-        service.get_private_key(pub, "backup")
-        steps.append({"op": "GET /key?source=backup", "result": "found (BUG)"})
-    except NotFound as e:
-        steps.append({"op": "GET /key?source=backup", "result": f"not_found: {e.message}"})
-    if as_json:
-        print_json(steps)
-        return
-    for step in steps:
-        details = ", ".join(f"{k}={v}" for k, v in step.items() if k != "op")
-        console.print(f"[bold]{step['op']:<24}[/bold] {details}", highlight=False)
-    ok = steps[1]["matches"] and steps[3]["matches"] and "conflict" in steps[4]["result"]
-    if not ok:
-        raise SystemExit(1)
+caller.add_command(caller_cli.caller_keygen)
+caller.add_command(operator_cli.caller_add)
+caller.add_command(operator_cli.caller_list)
+caller.add_command(operator_cli.caller_disable)
+caller.add_command(operator_cli.caller_enable)
+main.add_command(operator_cli.worker)
+main.add_command(operator_cli.broker_group)
+main.add_command(operator_cli.fleet_key)
+main.add_command(caller_cli.generate_data_key)
+main.add_command(caller_cli.decrypt_data_key)
+main.add_command(caller_cli.put_key)
+main.add_command(caller_cli.get_key)
+main.add_command(demo)

@@ -29,6 +29,22 @@ EXIT_UNAVAILABLE = 4
 EXIT_NOT_FOUND = 5
 EXIT_CONFLICT = 6
 EXIT_INVALID = 7
+EXIT_UNAUTHENTICATED = 8
+EXIT_FORBIDDEN = 9
+EXIT_EXPIRED = 10
+EXIT_REPLAYED = 11
+# A queue reply's error code -> exit code (the caller commands).
+CODE_EXIT = {
+    "unavailable": EXIT_UNAVAILABLE,
+    "not_found": EXIT_NOT_FOUND,
+    "conflict": EXIT_CONFLICT,
+    "invalid": EXIT_INVALID,
+    "unauthenticated": EXIT_UNAUTHENTICATED,
+    "forbidden": EXIT_FORBIDDEN,
+    "expired": EXIT_EXPIRED,
+    "replayed": EXIT_REPLAYED,
+    "internal": EXIT_INTERNAL,
+}
 
 
 def fingerprint(secret: str) -> str:
@@ -82,6 +98,20 @@ def _exit_code(error: Exception) -> int:
     return EXIT_INTERNAL
 
 
+def _describe(error: Exception) -> tuple[str, int]:
+    """The one-line message and exit code for an error escaping a command."""
+    from worker.errors import KmsqError
+
+    if isinstance(error, KmsqError):
+        return error.message, _exit_code(error)
+    reply_code = getattr(error, "code", None)
+    if type(error).__name__ in ("KmsError", "KmsTimeout") and isinstance(reply_code, str):
+        return f"{reply_code}: {getattr(error, 'message', error)}", CODE_EXIT.get(reply_code, EXIT_INTERNAL)
+    if type(error).__name__ == "IdentityError" or isinstance(error, FileNotFoundError):
+        return str(error), EXIT_CONFIG
+    return f"internal error ({type(error).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL
+
+
 def fail(message: str, code: int) -> None:
     """Prints ``kmsq: error: message`` on stderr and exits with ``code``."""
     sys.stderr.write(f"kmsq: error: {' '.join(message.split())}\n")
@@ -94,18 +124,13 @@ def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from worker.errors import KmsqError
-
         try:
             return func(*args, **kwargs)
-        except KmsqError as e:
-            if os.environ.get("KMSQ_DEBUG"):
-                raise
-            fail(e.message, _exit_code(e))
         except Exception as e:
             if os.environ.get("KMSQ_DEBUG"):
                 raise
-            fail(f"internal error ({type(e).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL)
+            message, code = _describe(e)
+            fail(message, code)
         raise AssertionError("unreachable")
 
     return wrapper

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.wire import DEFAULT_CLOCK_SKEW_SECONDS, embedded_broker_url
 from worker.errors import ConfigError
 
 SOFTHSM2_LIBRARY_PATHS = (
@@ -33,6 +34,7 @@ _KEYS = (
     "pkcs11_pin",
     "pkcs11_pin_file",
     "default_pool",
+    "clock_skew_seconds",
 )
 
 
@@ -48,6 +50,17 @@ class Settings:
     pkcs11_pin: str | None
     pkcs11_pin_file: Path | None
     default_pool: str = "default"
+    clock_skew_seconds: int = DEFAULT_CLOCK_SKEW_SECONDS
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when kmsq runs its own redis-server on a Unix socket under ``home``."""
+        return self.broker_url is None
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The configured broker, or the embedded one."""
+        return self.broker_url or embedded_broker_url(str(self.home))
 
     @property
     def embedded_hsm(self) -> bool:
@@ -144,4 +157,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         pkcs11_pin=values.get("pkcs11_pin") or None,
         pkcs11_pin_file=Path(pin_file).expanduser() if pin_file else None,
         default_pool=values.get("default_pool") or "default",
+        clock_skew_seconds=_int(values, "clock_skew_seconds", DEFAULT_CLOCK_SKEW_SECONDS),
     )
+
+
+def _int(values: Mapping[str, str], key: str, default: int) -> int:
+    raw = values.get(key)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{key} must not be negative")
+    return value

@@ -91,3 +91,31 @@ class HsmError(PermanentError):
 
     code = "internal"
     default_message = "HSM operation failed"
+
+
+class Unauthenticated(PermanentError):
+    """The request's caller, key or signature is not valid. Deliberately without detail to the caller."""
+
+    code = "unauthenticated"
+    default_message = "request could not be authenticated"
+
+
+class Forbidden(PermanentError):
+    """An authenticated caller asked for something it is not allowed."""
+
+    code = "forbidden"
+    default_message = "not allowed"
+
+
+class Expired(PermanentError):
+    """The request is outside its validity window (allowing for the configured clock skew)."""
+
+    code = "expired"
+    default_message = "request expired or not yet valid"
+
+
+class Replayed(PermanentError):
+    """The caller already used this request_id for a different request."""
+
+    code = "replayed"
+    default_message = "request_id already used for a different request"

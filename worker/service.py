@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,6 +43,10 @@ MAX_ENCRYPTED_KEY_LEN = 4096
 PROVIDER = "kmsq"
 _COIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 _POOL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+# Called with the root key an operation is about to use, before the HSM is touched; raises to refuse
+# (the queue path checks the caller's root key permissions and the worker's pool here).
+RootKeyCheck = Callable[[RootKey], None]
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class PrivateKeyRecord:
 # -- root keys -------------------------------------------------------------------------------------
 
 
-def _handle(version: RootKeyVersion) -> RootKeyHandle:
+def hsm_handle(version: RootKeyVersion) -> RootKeyHandle:
     return RootKeyHandle(bytes.fromhex(version.hsm_id), version.hsm_label, WrapAlgorithm(version.wrap_algorithm))
 
 
@@ -178,11 +183,19 @@ def list_root_keys(db: Session) -> list[RootKeyInfo]:
     return [_info(repo, key) for key in repo.list()]
 
 
-def _wrapping_version(db: Session, root_key_id: str | None, pool: str) -> RootKeyVersion:
+def wrapping_version(
+    db: Session, root_key_id: str | None, pool: str, check: RootKeyCheck | None = None
+) -> RootKeyVersion:
+    """The current version of the named root key (or of the pool's default one), ready to wrap.
+
+    Raises NotFound, InvalidRequest (disabled), or whatever ``check`` raises.
+    """
     repo = RootKeyRepository(db)
     key = repo.default_for_pool(pool) if root_key_id is None else repo.get(root_key_id)
     if key is None:
         raise NotFound("no such root key" if root_key_id else f"no enabled root key in pool {pool!r}")
+    if check is not None:
+        check(key)
     if key.state != "enabled":
         raise InvalidRequest(f"root key {key.id!r} is disabled")
     version = repo.get_version(key.id, key.current_version)
@@ -191,8 +204,13 @@ def _wrapping_version(db: Session, root_key_id: str | None, pool: str) -> RootKe
     return version
 
 
-def _unwrapping_version(db: Session, root_key_id: str, version_no: int, algorithm: WrapAlgorithm) -> RootKeyVersion:
-    """The root key version a ciphertext names; every mismatch is the same opaque IntegrityError."""
+def unwrapping_version(
+    db: Session, root_key_id: str, version_no: int, algorithm: WrapAlgorithm, check: RootKeyCheck | None = None
+) -> RootKeyVersion:
+    """The root key version a ciphertext names; every mismatch is the same opaque IntegrityError.
+
+    ``check`` runs only for a valid reference, so a refusal never tells which part of a ciphertext is wrong.
+    """
     repo = RootKeyRepository(db)
     key = repo.get(root_key_id)
     version = repo.get_version(root_key_id, version_no)
@@ -200,6 +218,8 @@ def _unwrapping_version(db: Session, root_key_id: str, version_no: int, algorith
         raise IntegrityError()
     if version.wrap_algorithm != int(algorithm):
         raise IntegrityError()
+    if check is not None:
+        check(key)
     return version
 
 
@@ -213,6 +233,7 @@ def generate_data_key(
     key_spec: str = "AES-256",
     with_plaintext: bool = True,
     pool: str = "default",
+    check: RootKeyCheck | None = None,
 ) -> DataKey:
     """Generates a data key in the HSM and wraps it under the root key's current version.
 
@@ -223,8 +244,8 @@ def generate_data_key(
         spec = key_spec_from_name(key_spec)
     except FormatError:
         raise InvalidRequest(f"unknown key spec {key_spec!r} (supported: AES-256)") from None
-    version = _wrapping_version(db, root_key_id, pool)
-    handle = _handle(version)
+    version = wrapping_version(db, root_key_id, pool, check)
+    handle = hsm_handle(version)
     wrapped, plaintext = hsm.generate_data_key(handle, readable=with_plaintext)
     encrypted = EncryptedDataKey(spec, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
     if plaintext is None:
@@ -242,15 +263,15 @@ def _parse_data_key(encrypted_key: str) -> EncryptedDataKey:
         raise IntegrityError() from None
 
 
-def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str) -> str:
+def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCheck | None = None) -> str:
     """Unwraps an ``encryptedKey`` in the HSM under the root key version it names.
 
     Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
     IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
     """
     parsed = _parse_data_key(encrypted_key)
-    version = _unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm)
-    with hsm.unwrap_data_key(_handle(version), parsed.wrapped) as plaintext:
+    version = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, check)
+    with hsm.unwrap_data_key(hsm_handle(version), parsed.wrapped) as plaintext:
         if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
             raise IntegrityError()
         return plaintext.b64()
@@ -280,6 +301,7 @@ def store_private_key(
     type: str,
     root_key_id: str | None = None,
     pool: str = "default",
+    check: RootKeyCheck | None = None,
 ) -> StoredPrivateKey:
     """Seals ``prv`` with AES-256-GCM under a fresh HSM data key, bound to its row, and adds the row.
 
@@ -292,8 +314,8 @@ def store_private_key(
     repo = PrivateKeyRepository(db)
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
-    version = _wrapping_version(db, root_key_id, pool)
-    handle = _handle(version)
+    version = wrapping_version(db, root_key_id, pool, check)
+    handle = hsm_handle(version)
     context = PrivateKeyContext(pub, source, coin, type, version.root_key_id, version.version)
     shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
     with SecretBytes.from_str(prv) as plaintext:
@@ -316,7 +338,9 @@ def store_private_key(
     return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
 
 
-def get_private_key(hsm: Hsm, db: Session, pub: str, source: str) -> PrivateKeyRecord:
+def get_private_key(
+    hsm: Hsm, db: Session, pub: str, source: str, check: RootKeyCheck | None = None
+) -> PrivateKeyRecord:
     """Reads and opens the private key stored for (pub, source).
 
     Returns it with its public fields. Raises NotFound when absent and IntegrityError when the row's
@@ -336,10 +360,10 @@ def get_private_key(hsm: Hsm, db: Session, pub: str, source: str) -> PrivateKeyR
         raise IntegrityError()
     if data_key.key_spec is not KeySpec.AES_256 or row.format_version != FORMAT_VERSION:
         raise IntegrityError()
-    version = _unwrapping_version(db, data_key.root_key_id, data_key.root_key_version, data_key.wrap_algorithm)
+    version = unwrapping_version(db, data_key.root_key_id, data_key.root_key_version, data_key.wrap_algorithm, check)
     context = PrivateKeyContext(row.pub, row.source, row.coin, row.type, row.root_key, row.root_key_version)
     aad = sealed.associated_data(context)
-    with hsm.open(_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as plaintext:
+    with hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as plaintext:
         try:
             prv = plaintext.text()
         except UnicodeDecodeError:

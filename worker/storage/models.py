@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -90,4 +91,69 @@ class PrivateKey(Base):
     format_version: Mapped[int] = mapped_column(Integer)
     encrypted_prv: Mapped[str] = mapped_column("encryptedPrv", Text)
     encrypted_data_key: Mapped[str] = mapped_column("encryptedDataKey", Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Caller(Base):
+    """A registered caller: its public keys and what it may do."""
+
+    __tablename__ = "callers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    signing_key: Mapped[str] = mapped_column(String(64))  # Ed25519 public key, base64url
+    signing_key_id: Mapped[str] = mapped_column(String(32))
+    reply_key: Mapped[str] = mapped_column(String(64))  # X25519 (HPKE) public key, base64url
+    allowed_ops: Mapped[str] = mapped_column(Text)  # comma-separated operation names
+    root_keys: Mapped[str] = mapped_column(Text)  # comma-separated root key ids, or "*" for all
+    plaintext: Mapped[bool] = mapped_column(Boolean)
+    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RequestRecord(Base):
+    """One authenticated request and its reply, committed in the same transaction as its effect."""
+
+    __tablename__ = "requests"
+
+    caller: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the signed body bytes, hex
+    op: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # ok | error
+    error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reply: Mapped[str] = mapped_column(Text)  # the signed reply envelope (secrets only HPKE-sealed)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """A rejected or failed request. Holds codes and public identifiers only, never a secret."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    caller: Mapped[str] = mapped_column(String(64))  # as claimed; unauthenticated callers included
+    request_id: Mapped[str] = mapped_column(String(64))
+    op: Mapped[str] = mapped_column(String(64))
+    pool: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class FleetKey(Base):
+    """A pool's fleet keys: Ed25519 (signs replies) and X25519 (opens inbound secrets).
+
+    The private halves are sealed together with AES-256-GCM under an HSM-wrapped data key of the pool's
+    root key, like a stored private key; only a worker process of the pool ever holds them in plaintext.
+    """
+
+    __tablename__ = "fleet_keys"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    signing_key: Mapped[str] = mapped_column(String(64))
+    transport_key: Mapped[str] = mapped_column(String(64))
+    root_key: Mapped[str] = mapped_column(String(64))
+    root_key_version: Mapped[int] = mapped_column(Integer)
+    encrypted_private: Mapped[str] = mapped_column(Text)
+    encrypted_data_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,129 @@
+"""Caller commands: make an identity, and run the four key-provider operations through the queue.
+
+They print JSON with the key-provider API's field names and need only the caller install (no HSM or
+database code). Settings: ``KMSQ_BROKER_URL`` (default: the embedded broker under ``KMSQ_HOME``),
+``KMSQ_IDENTITY`` or ``--identity`` (the caller's ``NAME.key.json``), ``KMSQ_FLEET`` or ``--fleet``
+(default ``$KMSQ_HOME/fleet.json``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsq.output import console, one_line_errors, print_json
+
+
+def home() -> Path:
+    """``KMSQ_HOME`` (default ``./var``), resolved."""
+    return Path(os.environ.get("KMSQ_HOME") or "./var").expanduser().resolve()
+
+
+def broker_url() -> str:
+    """The broker callers publish to."""
+    from schemas.wire import embedded_broker_url
+
+    return os.environ.get("KMSQ_BROKER_URL") or embedded_broker_url(str(home()))
+
+
+def caller_options(func: Any) -> Any:
+    """Adds ``--identity``, ``--fleet`` and ``--timeout``."""
+    func = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")(func)
+    func = click.option("--fleet", type=click.Path(dir_okay=False, path_type=Path), help="Fleet file.")(func)
+    return click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="NAME.key.json.")(func)
+
+
+def open_client(identity: Path | None, fleet: Path | None, timeout: float) -> Any:
+    """Returns a connected KmsClient. Raises IdentityError when a file is missing."""
+    from tasks.client import KmsClient
+    from tasks.identity import IdentityError
+
+    identity = identity or (Path(os.environ["KMSQ_IDENTITY"]) if os.environ.get("KMSQ_IDENTITY") else None)
+    if identity is None:
+        raise IdentityError("no caller identity: pass --identity NAME.key.json or set KMSQ_IDENTITY")
+    fleet = fleet or Path(os.environ.get("KMSQ_FLEET") or home() / "fleet.json")
+    return KmsClient.from_files(broker_url(), identity, fleet, timeout=timeout)
+
+
+@click.command("keygen")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def caller_keygen(name: str, directory: Path, as_json: bool) -> None:
+    """Write a new caller identity: NAME.key.json (0600, private) and NAME.pub.json (for the operator)."""
+    from tasks.identity import CallerIdentity
+
+    identity = CallerIdentity.generate(name)
+    private_path, public_path = identity.write(directory)
+    if as_json:
+        print_json(
+            {"caller": name, "key_id": identity.key_id, "identity": str(private_path), "public": str(public_path)}
+        )
+    else:
+        console.print(f"wrote {private_path} (private, 0600) and {public_path} (give this one to the operator)")
+        console.print(f"key id {identity.key_id}")
+
+
+@click.command("generate-data-key")
+@click.option("--root-key", default=None, help="Root key id (default: the pool's default root key).")
+@click.option("--without-plaintext", is_flag=True, help="Return only the encryptedKey.")
+@caller_options
+@one_line_errors
+def generate_data_key(
+    root_key: str | None, without_plaintext: bool, identity: Path | None, fleet: Path | None, timeout: float
+) -> None:
+    """Generate a data key: prints {plaintextKey, encryptedKey}."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.generate_data_key(root_key, with_plaintext=not without_plaintext))
+
+
+@click.command("decrypt-data-key")
+@click.argument("encrypted_key")
+@caller_options
+@one_line_errors
+def decrypt_data_key(encrypted_key: str, identity: Path | None, fleet: Path | None, timeout: float) -> None:
+    """Decrypt an encryptedKey: prints {plaintextKey}."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.decrypt_data_key(encrypted_key))
+
+
+@click.command("put-key")
+@click.option("--pub", required=True)
+@click.option("--prv-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--coin", required=True)
+@click.option("--source", required=True, type=click.Choice(["user", "backup"]))
+@click.option("--type", "key_type", required=True, type=click.Choice(["independent", "tss"]))
+@click.option("--root-key", default=None, help="Root key id (default: the pool's default root key).")
+@caller_options
+@one_line_errors
+def put_key(
+    pub: str,
+    prv_file: Path,
+    coin: str,
+    source: str,
+    key_type: str,
+    root_key: str | None,
+    identity: Path | None,
+    fleet: Path | None,
+    timeout: float,
+) -> None:
+    """Store a private key (read from a file, sealed before it leaves): prints {pub, coin, source, type}."""
+    prv = prv_file.read_text(encoding="utf-8").strip()
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.put_key(pub, prv, coin, source, key_type, root_key))
+
+
+@click.command("get-key")
+@click.argument("pub")
+@click.option("--source", required=True, type=click.Choice(["user", "backup"]))
+@click.option("--pool", default=None, help="Pool holding the key (default: the fleet file's default pool).")
+@caller_options
+@one_line_errors
+def get_key(pub: str, source: str, pool: str | None, identity: Path | None, fleet: Path | None, timeout: float) -> None:
+    """Read a stored private key: prints {prv, pub, coin, source, type}."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.get_key(pub, source, pool))

@@ -1,0 +1,149 @@
+"""``kmsq demo``: the whole queue path once, end to end, on whatever ``kmsq init`` set up.
+
+It starts the embedded broker when no ``KMSQ_BROKER_URL`` is set, starts a worker process for the default
+pool, registers a demo caller (identity under ``$KMSQ_HOME/callers``), runs each operation through the queue
+with a signed request and a sealed reply, shows a rejected (tampered) request, and stops the worker (and
+the broker it started) cleanly. Secrets are shown only as lengths and fingerprints.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsq.output import console, fingerprint, one_line_errors, print_json
+
+DEMO_CALLER = "demo"
+
+
+def _ensure_demo_caller(service: Any, directory: Path) -> Path:
+    """Creates and registers the demo caller once; returns its identity file."""
+    from schemas.messages import ALLOWABLE_OPS
+    from tasks.identity import CallerIdentity
+    from worker import callers
+    from worker.errors import ConfigError
+    from worker.runtime import transaction
+
+    private_path = directory / f"{DEMO_CALLER}.key.json"
+    if not private_path.exists():
+        CallerIdentity.generate(DEMO_CALLER).write(directory)
+    identity = CallerIdentity.load(private_path)
+    public = callers.read_public_identity(directory / f"{DEMO_CALLER}.pub.json")
+    with transaction(service.sessions) as db:
+        registered = {c.name: c for c in callers.list_callers(db)}.get(DEMO_CALLER)
+        if registered is None:
+            callers.add_caller(db, DEMO_CALLER, public, list(ALLOWABLE_OPS), None, plaintext=True)  # fmt: skip
+        elif registered.key_id != identity.key_id:
+            raise ConfigError(f"caller {DEMO_CALLER!r} is registered with another key than {private_path}")
+    return private_path
+
+
+def _start_worker(home: Path) -> subprocess.Popen[bytes]:
+    log = (home / "worker.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "kmsq", "worker", "--concurrency", "2"], stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def _stop_worker(process: subprocess.Popen[bytes]) -> int:
+    """Warm shutdown (SIGTERM: finish the task in hand, then exit); returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+def _steps(client: Any) -> list[dict[str, Any]]:
+    from tasks.client import KmsError
+
+    steps: list[dict[str, Any]] = []
+    key = client.generate_data_key()
+    steps.append({"op": "generate_data_key", "encryptedKey_length": len(key["encryptedKey"]),
+                  "plaintextKey": fingerprint(key["plaintextKey"])})  # fmt: skip
+    again = client.decrypt_data_key(key["encryptedKey"])
+    steps.append({"op": "decrypt_data_key", "plaintextKey": fingerprint(again["plaintextKey"]),
+                  "matches": again["plaintextKey"] == key["plaintextKey"]})  # fmt: skip
+    bare = client.generate_data_key(with_plaintext=False)
+    steps.append({"op": "generate_data_key_without_plaintext", "fields": sorted(bare)})
+    pub = "xpub-demo-" + secrets.token_hex(8)
+    prv = "xprv-demo-" + secrets.token_urlsafe(64)
+    stored = client.put_key(pub, prv, "btc", "user", "independent")
+    steps.append({"op": "put_key", "pub": stored["pub"], "prv": fingerprint(prv), "sealed_to": "fleet transport key"})
+    record = client.get_key(pub, "user")
+    steps.append(
+        {"op": "get_key", "pub": record["pub"], "prv": fingerprint(record["prv"]), "matches": record["prv"] == prv}
+    )
+    for label, call, expected in (
+        ("put_key again", lambda: client.put_key(pub, prv, "btc", "user", "independent"), "conflict"),
+        ("get_key source=backup", lambda: client.get_key(pub, "backup"), "not_found"),
+        ("tampered signature", lambda: _tampered(client), "unauthenticated"),
+    ):
+        try:
+            call()
+            steps.append({"op": label, "result": "accepted (BUG)", "ok": False})
+        except KmsError as e:
+            steps.append({"op": label, "result": f"{e.code}: {e.message}", "ok": e.code == expected})
+    return steps
+
+
+def _tampered(client: Any) -> None:
+    """Sends a generate_data_key request whose signature has one flipped character."""
+    request, args = client.build_request({"op": "generate_data_key"}, client.fleet.default_pool)
+    args[3] = ("B" if args[3][0] == "A" else "A") + args[3][1:]
+    future = client.submit_raw(request, args)
+    client.wait(future)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def demo(as_json: bool) -> None:
+    """Run every operation once through the queue and a real worker; secrets appear only as fingerprints."""
+    from kmsq import broker
+    from kmsq.operator_cli import fleet_document
+    from tasks.client import KmsClient
+    from tasks.identity import CallerIdentity, Fleet
+    from worker.config import load_settings
+    from worker.runtime import KeyService
+
+    settings = load_settings()
+    service = KeyService.from_settings(settings)
+    started_broker = broker.start(settings.home) if settings.embedded_broker else False
+    identity_file = _ensure_demo_caller(service, settings.home / "callers")
+    fleet = Fleet.from_document(fleet_document(service))
+    service.engine.dispose()
+    worker = _start_worker(settings.home)
+    try:
+        with KmsClient(settings.effective_broker_url, CallerIdentity.load(identity_file), fleet, timeout=60) as client:
+            steps = _steps(client)
+    finally:
+        worker_exit = _stop_worker(worker)
+        if started_broker:
+            broker.stop(settings.home)
+    report = {
+        "broker": "embedded redis-server (unix socket)" if settings.embedded_broker else "KMSQ_BROKER_URL",
+        "worker": {"pool": fleet.default_pool, "exit_code": worker_exit, "log": str(settings.home / "worker.log")},
+        "steps": steps,
+    }
+    ok = worker_exit == 0 and all(s.get("matches", True) and s.get("ok", True) for s in steps)
+    if as_json:
+        print_json(report)
+    else:
+        console.print(f"broker   {report['broker']}; worker pool {fleet.default_pool} (pid {worker.pid})")
+        for step in steps:
+            details = ", ".join(f"{k}={v}" for k, v in step.items() if k != "op")
+            console.print(f"[bold]{step['op']:<36}[/bold] {details}", highlight=False)
+        console.print(
+            f"worker stopped cleanly (exit {worker_exit})" if worker_exit == 0 else f"worker exit {worker_exit}"
+        )
+    if not ok:
+        raise SystemExit(1)

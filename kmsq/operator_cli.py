@@ -1,0 +1,266 @@
+"""Operator commands for the queue: workers, the embedded broker, fleet keys and the caller registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsq.output import console, one_line_errors, print_json, print_table
+
+
+def _settings() -> Any:
+    from worker.config import load_settings
+
+    return load_settings()
+
+
+def _service() -> Any:
+    from worker.runtime import KeyService
+
+    return KeyService.from_settings(_settings())
+
+
+def fleet_document(service: Any, pools: list[str] | None = None) -> dict[str, Any]:
+    """Returns the fleet file callers need: per pool, the public fleet keys and the pool's root keys."""
+    from worker.fleet import fleet_public_keys
+    from worker.runtime import transaction
+
+    with transaction(service.sessions) as db:
+        keys = fleet_public_keys(db)
+    roots = service.list_root_keys()
+    document: dict[str, Any] = {"kind": "kmsq-fleet", "v": 1, "default_pool": service.default_pool, "pools": {}}
+    for key in keys:
+        if pools and key.pool not in pools:
+            continue
+        document["pools"][key.pool] = {
+            "signing_key": key.signing_key,
+            "signing_key_id": key.signing_key_id,
+            "transport_key": key.transport_key,
+            "root_keys": [r.id for r in roots if r.pool == key.pool and r.state == "enabled"],
+        }
+    if document["default_pool"] not in document["pools"] and document["pools"]:
+        document["default_pool"] = next(iter(document["pools"]))
+    return document
+
+
+def ensure_fleet_key(service: Any, pool: str) -> tuple[Any, bool]:
+    """Creates the pool's fleet keys if missing; returns ``(public keys, created)``."""
+    from worker.fleet import ensure_fleet_key as ensure
+    from worker.runtime import transaction
+
+    with transaction(service.sessions) as db:
+        return ensure(service.hsm, db, pool)
+
+
+# -- worker ----------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--pool", default=None, help="HSM pool to serve (default: the configured default pool).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--loglevel", default="info", show_default=True)
+@one_line_errors
+def worker(pool: str | None, concurrency: int, loglevel: str) -> None:
+    """Run a worker that consumes only the pool's queue kms.<pool>."""
+    from sqlalchemy import select
+
+    from worker.errors import ConfigError
+    from worker.runtime import transaction
+    from worker.storage.db import create_db_engine, session_factory
+    from worker.storage.models import FleetKey
+
+    settings = _settings()
+    pool = pool or settings.default_pool
+    # Checked in this (parent) process without touching the HSM: children open their own sessions.
+    engine = create_db_engine(settings.database_url)
+    try:
+        with transaction(session_factory(engine)) as db:
+            has_fleet_key = db.scalars(select(FleetKey.pool).where(FleetKey.pool == pool)).first() is not None
+    finally:
+        engine.dispose()
+    if not has_fleet_key:
+        raise ConfigError(f"pool {pool!r} has no fleet key (run: kmsq fleet-key create --pool {pool})")
+    if settings.embedded_broker:
+        from kmsq import broker
+
+        broker.start(settings.home)
+    os.environ["KMSQ_WORKER_POOL"] = pool
+    from tasks.worker import app
+
+    argv = [
+        "worker",
+        "--queues", f"kms.{pool}",
+        "--concurrency", str(concurrency),
+        "--pool", "prefork",
+        "--hostname", f"{pool}.{os.getpid()}@%h",
+        "--loglevel", loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]  # fmt: skip
+    app.worker_main(argv)
+
+
+# -- embedded broker -------------------------------------------------------------------------------
+
+
+@click.group("broker")
+def broker_group() -> None:
+    """The embedded broker (a private redis-server on a Unix socket under KMSQ_HOME)."""
+
+
+@broker_group.command("start")
+@one_line_errors
+def broker_start() -> None:
+    """Start the embedded broker unless it is running."""
+    from kmsq import broker
+
+    home = _settings().home
+    started = broker.start(home)
+    console.print(f"broker {'started' if started else 'already running'} on {broker.socket_path(home)}")
+
+
+@broker_group.command("stop")
+@one_line_errors
+def broker_stop() -> None:
+    """Stop the embedded broker."""
+    from kmsq import broker
+
+    console.print("broker stopped" if broker.stop(_settings().home) else "broker was not running")
+
+
+# -- fleet keys ------------------------------------------------------------------------------------
+
+
+@click.group("fleet-key")
+def fleet_key() -> None:
+    """The pools' fleet keys (reply signing and inbound transport)."""
+
+
+@fleet_key.command("create")
+@click.option("--pool", default=None, help="Pool (default: the configured default pool).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def fleet_key_create(pool: str | None, as_json: bool) -> None:
+    """Create the pool's fleet keys (sealed under its root key) unless they exist."""
+    service = _service()
+    public, created = ensure_fleet_key(service, pool or service.default_pool)
+    if as_json:
+        print_json({**asdict(public), "signing_key_id": public.signing_key_id, "created": created})
+    else:
+        console.print(
+            f"fleet key of pool {public.pool}: {public.signing_key_id} ({'created' if created else 'exists'})"
+        )
+
+
+@fleet_key.command("export")
+@click.option("--pool", "pools", multiple=True, help="Only these pools (default: all).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file instead of stdout.")
+@one_line_errors
+def fleet_key_export(pools: tuple[str, ...], out: Path | None) -> None:
+    """Print the fleet file callers use: public keys and root keys per pool (JSON)."""
+    document = fleet_document(_service(), list(pools) or None)
+    if not document["pools"]:
+        from worker.errors import NotFound
+
+        raise NotFound("no fleet keys yet (run: kmsq init, or kmsq fleet-key create --pool NAME)")
+    text = json.dumps(document, indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out} ({', '.join(document['pools'])})")
+
+
+# -- caller registry -------------------------------------------------------------------------------
+
+
+def _split(values: str | None) -> list[str]:
+    return [v.strip() for v in (values or "").split(",") if v.strip()]
+
+
+@click.command("add")
+@click.argument("name")
+@click.option("--public-key", "public_key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--allow", required=True, help="Operations, comma-separated (e.g. generate_data_key,put_key).")
+@click.option("--root-keys", default=None, help="Root key ids the caller may use, comma-separated.")
+@click.option("--all-root-keys", is_flag=True, help="Allow every root key, including future ones.")
+@click.option("--plaintext", is_flag=True, help="Allow operations that return plaintext secrets.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def caller_add(
+    name: str, public_key: Path, allow: str, root_keys: str | None, all_root_keys: bool, plaintext: bool, as_json: bool
+) -> None:
+    """Register a caller from its NAME.pub.json."""
+    from worker import callers
+    from worker.errors import InvalidRequest
+    from worker.runtime import transaction
+
+    if all_root_keys == (root_keys is not None):
+        raise InvalidRequest("give exactly one of --root-keys and --all-root-keys")
+    identity = callers.read_public_identity(public_key)
+    if identity.caller != name:
+        raise InvalidRequest(f"{public_key} is the identity of {identity.caller!r}, not {name!r}")
+    service = _service()
+    with transaction(service.sessions) as db:
+        info = callers.add_caller(
+            db, name, identity, _split(allow), None if all_root_keys else _split(root_keys), plaintext
+        )
+    if as_json:
+        print_json(asdict(info))
+    else:
+        console.print(f"registered caller {info.name} ({info.key_id}): {', '.join(info.allowed_ops)}")
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def caller_list(as_json: bool) -> None:
+    """List registered callers."""
+    from worker import callers
+    from worker.runtime import transaction
+
+    with transaction(_service().sessions) as db:
+        infos = callers.list_callers(db)
+    if as_json:
+        print_json([asdict(i) for i in infos])
+        return
+    print_table(
+        "callers",
+        ["name", "key id", "operations", "root keys", "plaintext", "state"],
+        [
+            [i.name, i.key_id, ",".join(i.allowed_ops), "all" if i.root_keys is None else ",".join(i.root_keys),
+             "yes" if i.plaintext else "no", i.state]
+            for i in infos
+        ],
+    )  # fmt: skip
+
+
+def _set_state(name: str, state: str) -> None:
+    from worker import callers
+    from worker.runtime import transaction
+
+    with transaction(_service().sessions) as db:
+        info = callers.set_caller_state(db, name, state)
+    console.print(f"caller {info.name} is {info.state}")
+
+
+@click.command("disable")
+@click.argument("name")
+@one_line_errors
+def caller_disable(name: str) -> None:
+    """Disable a caller: its requests are rejected as unauthenticated from now on."""
+    _set_state(name, "disabled")
+
+
+@click.command("enable")
+@click.argument("name")
+@one_line_errors
+def caller_enable(name: str) -> None:
+    """Enable a disabled caller again."""
+    _set_state(name, "enabled")

@@ -1,0 +1,173 @@
+"""Request and reply messages of the queue protocol, version 1 (pydantic v2, frozen, closed, strict).
+
+A request travels as the Celery task ``kmsq.<op>`` with four string arguments::
+
+    [caller, key_id, body (base64url of the JSON bytes of a Request), signature (base64url)]
+
+The worker looks up ``caller``/``key_id``, verifies the signature over the raw body bytes (see
+:mod:`schemas.wire`) and only then parses them into :class:`Request`. A reply is published to the request's
+``reply_queue`` as the JSON object :class:`ReplyEnvelope`; its ``body`` parses into :class:`Reply`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from schemas.wire import MAX_REQUEST_BYTES, REPLY_QUEUE_PREFIX
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+CallerName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+PoolName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+RootKeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+KeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
+Pub = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+Source = Literal["user", "backup"]
+KeyType = Literal["independent", "tss"]
+Coin = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")]
+REPLY_QUEUE_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Operations that return a plaintext secret to the caller: they need the caller's ``plaintext`` permission.
+PLAINTEXT_OPS = frozenset({"generate_data_key", "decrypt_data_key", "get_key"})
+# Operations a caller may be allowed (``kmsq caller add --allow``). ``get_result`` needs no permission:
+# it only returns the caller's own, already sealed replies.
+ALLOWABLE_OPS = (
+    "generate_data_key",
+    "generate_data_key_without_plaintext",
+    "decrypt_data_key",
+    "put_key",
+    "get_key",
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class GenerateDataKey(_Frozen):
+    """A new AES-256 data key, returned wrapped (``encryptedKey``) and sealed in plaintext."""
+
+    op: Literal["generate_data_key"]
+    root_key_id: RootKeyId | None = None
+    key_spec: Literal["AES-256"] = "AES-256"
+
+
+class GenerateDataKeyWithoutPlaintext(_Frozen):
+    """A new AES-256 data key, returned wrapped only."""
+
+    op: Literal["generate_data_key_without_plaintext"]
+    root_key_id: RootKeyId | None = None
+    key_spec: Literal["AES-256"] = "AES-256"
+
+
+class DecryptDataKey(_Frozen):
+    """Unwraps an ``encryptedKey``; the plaintext comes back sealed."""
+
+    op: Literal["decrypt_data_key"]
+    encrypted_key: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class PutKey(_Frozen):
+    """Stores a private key. ``prv`` is sealed to the pool's transport key (see ``schemas.wire``)."""
+
+    op: Literal["put_key"]
+    pub: Pub
+    prv: Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
+    coin: Coin
+    source: Source
+    type: KeyType
+    root_key_id: RootKeyId | None = None
+
+
+class GetKey(_Frozen):
+    """Reads a stored private key; ``prv`` comes back sealed."""
+
+    op: Literal["get_key"]
+    pub: Pub
+    source: Source
+
+
+class GetResult(_Frozen):
+    """Fetches the stored reply of one of the caller's earlier requests."""
+
+    op: Literal["get_result"]
+    request_id: uuid.UUID
+
+
+Operation = Annotated[
+    GenerateDataKey | GenerateDataKeyWithoutPlaintext | DecryptDataKey | PutKey | GetKey | GetResult,
+    Field(discriminator="op"),
+]
+OPS = (*ALLOWABLE_OPS, "get_result")
+
+
+def _reply_queue_check(value: str) -> str:
+    if not value.startswith(REPLY_QUEUE_PREFIX):
+        raise ValueError(f"reply_queue must start with {REPLY_QUEUE_PREFIX!r}")
+    return value
+
+
+class Request(_Frozen):
+    """A signed request. ``reply_queue`` must be ``kmsq.reply.<caller>.<suffix>`` (checked by the worker)."""
+
+    v: Literal[1]
+    caller: CallerName
+    key_id: Annotated[str, StringConstraints(pattern=r"^ed25519:[0-9a-f]{16}$")]
+    request_id: uuid.UUID
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+    pool: PoolName
+    reply_queue: Annotated[str, StringConstraints(max_length=200), AfterValidator(_reply_queue_check)]
+    reply_key: KeyB64
+    params: Operation
+
+
+def reply_queue_for(caller: str, suffix: str) -> str:
+    """Returns the reply queue name ``kmsq.reply.<caller>.<suffix>``. Raises ValueError for a bad suffix."""
+    if not REPLY_QUEUE_SUFFIX.fullmatch(suffix):
+        raise ValueError("reply queue suffix must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
+    return f"{REPLY_QUEUE_PREFIX}{caller}.{suffix}"
+
+
+def reply_queue_belongs_to(queue: str, caller: str) -> bool:
+    """Returns True when ``queue`` is one of ``caller``'s reply queues."""
+    prefix = f"{REPLY_QUEUE_PREFIX}{caller}."
+    return queue.startswith(prefix) and bool(REPLY_QUEUE_SUFFIX.fullmatch(queue[len(prefix) :]))
+
+
+class ErrorBody(_Frozen):
+    """A failure: a stable ``code`` (see ``schemas.wire.ERROR_CODES``) and a caller-safe message."""
+
+    code: str
+    message: str
+
+
+ResultValue = str | int | bool | None
+
+
+class Reply(_Frozen):
+    """A worker's signed answer. Secret fields are in ``sealed`` (field name → HPKE ciphertext, base64url)."""
+
+    v: Literal[1]
+    request_id: uuid.UUID
+    caller: str
+    op: str
+    status: Literal["ok", "error"]
+    result: dict[str, ResultValue] = Field(default_factory=dict)
+    sealed: dict[str, str] = Field(default_factory=dict)
+    error: ErrorBody | None = None
+    pool: str
+    worker_key_id: str
+    issued_at: datetime
+
+
+class ReplyEnvelope(_Frozen):
+    """What a reply queue carries: the reply's JSON bytes (base64url) and the worker's signature."""
+
+    body: Annotated[str, StringConstraints(max_length=4 * MAX_REQUEST_BYTES)]
+    signature: str
+    key_id: str

@@ -1,0 +1,402 @@
+"""The caller SDK: sign requests, send them to the pool's queue, receive and unseal signed replies.
+
+``KmsClient`` keeps one reply-queue consumer thread and any number of requests in flight (each ``submit_*``
+returns a future; the plain methods wait for it). ``AsyncKmsClient`` offers the same operations as
+coroutines. Field names follow the key-provider API: ``plaintextKey``, ``encryptedKey``, ``pub``, ``prv``,
+``coin``, ``source``, ``type``.
+
+Imports no HSM or database code: a caller needs only the base ``kmsq`` install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pydantic
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.message import Message
+from kombu.messaging import Consumer
+
+from schemas.envelope import EncryptedDataKey, FormatError
+from schemas.messages import Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.wire import (
+    DEFAULT_REQUEST_TTL_SECONDS,
+    WireError,
+    b64u,
+    canonical_json,
+    from_b64u,
+    open_reply_secret,
+    pool_queue,
+    reply_signing_input,
+    request_signing_input,
+    seal_private_key,
+    sign,
+    task_name,
+    verify,
+)
+from tasks.app import make_app
+from tasks.identity import CallerIdentity, Fleet
+
+log = logging.getLogger("kmsq.client")
+Fields = dict[str, Any]
+
+
+class KmsError(Exception):
+    """A request failed. ``code`` is one of ``schemas.wire.ERROR_CODES``; ``message`` is the worker's text."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class KmsTimeout(KmsError):
+    """No reply arrived in time. The request may still complete: fetch it later with ``get_result``."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__("unavailable", "no reply from a worker in time", request_id)
+
+
+class RequestFuture(Future[Fields]):
+    """The future of one request; ``request_id`` identifies it (for ``get_result`` after a timeout)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__()
+        self.request_id = request_id
+
+
+class KmsClient:
+    """A caller's connection to kmsq. Thread-safe; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        identity: CallerIdentity,
+        fleet: Fleet,
+        *,
+        reply_queue: str | None = None,
+        ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
+        timeout: float = 60.0,
+    ) -> None:
+        """``reply_queue`` is the suffix of this client's durable reply queue ``kmsq.reply.<caller>.<suffix>``
+        (default: a random one). A client restarted with the same suffix receives replies sent meanwhile."""
+        self.identity = identity
+        self.fleet = fleet
+        self.reply_queue = reply_queue_for(identity.caller, reply_queue or secrets.token_hex(8))
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.timeout = timeout
+        self._app = make_app(broker_url, name="kmsq-client")
+        self._broker_url = broker_url
+        self._pending: dict[str, Future[Reply]] = {}
+        self._unclaimed: dict[str, Reply] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._consumer = threading.Thread(target=self._consume, name="kmsq-replies", daemon=True)
+        self._consumer.start()
+        if not self._ready.wait(timeout=30):
+            self.close()
+            raise KmsError("unavailable", "cannot connect to the broker")
+
+    @classmethod
+    def from_files(cls, broker_url: str, identity_file: Path, fleet_file: Path, **kwargs: Any) -> KmsClient:
+        """Builds a client from the caller's ``NAME.key.json`` and the fleet file."""
+        return cls(broker_url, CallerIdentity.load(identity_file), Fleet.load(fleet_file), **kwargs)
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def submit_generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> RequestFuture:
+        """Starts ``generate_data_key``; the future gives ``encryptedKey`` and, with plaintext, ``plaintextKey``."""
+        op = "generate_data_key" if with_plaintext else "generate_data_key_without_plaintext"
+        params = {"op": op, "root_key_id": root_key_id, "key_spec": "AES-256"}
+        return self.submit(params, self._pool_for(root_key_id))
+
+    def submit_decrypt_data_key(self, encrypted_key: str) -> RequestFuture:
+        """Starts ``decrypt_data_key``; the future gives ``plaintextKey``."""
+        pool = self.fleet.default_pool
+        with contextlib.suppress(FormatError):  # a malformed key goes anyway: the worker answers `invalid`
+            pool = self._pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
+        return self.submit({"op": "decrypt_data_key", "encrypted_key": encrypted_key}, pool)
+
+    def submit_put_key(
+        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
+    ) -> RequestFuture:
+        """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process."""
+        pool = self._pool_for(root_key_id)
+        request_id = uuid.uuid4()
+        sealed = seal_private_key(
+            self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prv.encode("utf-8")
+        )
+        params = {
+            "op": "put_key",
+            "pub": pub,
+            "prv": sealed,
+            "coin": coin,
+            "source": source,
+            "type": type,
+            "root_key_id": root_key_id,
+        }
+        return self.submit(params, pool, request_id=request_id)
+
+    def submit_get_key(self, pub: str, source: str, pool: str | None = None) -> RequestFuture:
+        """Starts ``get_key``; the future gives ``prv``, ``pub``, ``coin``, ``source`` and ``type``."""
+        return self.submit({"op": "get_key", "pub": pub, "source": source}, pool or self.fleet.default_pool)
+
+    def submit_get_result(self, request_id: str, pool: str | None = None) -> RequestFuture:
+        """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
+        return self.submit({"op": "get_result", "request_id": request_id}, pool or self.fleet.default_pool)
+
+    def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
+        """Returns ``{"encryptedKey", "plaintextKey"?}``. Raises KmsError."""
+        return self.wait(self.submit_generate_data_key(root_key_id, with_plaintext))
+
+    def decrypt_data_key(self, encrypted_key: str) -> Fields:
+        """Returns ``{"plaintextKey"}``, the string ``generate_data_key`` returned. Raises KmsError."""
+        return self.wait(self.submit_decrypt_data_key(encrypted_key))
+
+    def put_key(self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None) -> Fields:
+        """Stores a private key; returns ``{"pub", "coin", "source", "type"}``. Raises KmsError."""
+        return self.wait(self.submit_put_key(pub, prv, coin, source, type, root_key_id))
+
+    def get_key(self, pub: str, source: str, pool: str | None = None) -> Fields:
+        """Returns ``{"prv", "pub", "coin", "source", "type"}``. Raises KmsError (``not_found``...)."""
+        return self.wait(self.submit_get_key(pub, source, pool))
+
+    def get_result(self, request_id: str, pool: str | None = None) -> Fields:
+        """Returns the stored result of an earlier request (or raises its stored error)."""
+        return self.wait(self.submit_get_result(request_id, pool))
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _pool_for(self, root_key_id: str | None) -> str:
+        if root_key_id is None:
+            return self.fleet.default_pool
+        return self.fleet.pool_of_root_key(root_key_id) or self.fleet.default_pool
+
+    def build_request(
+        self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None
+    ) -> tuple[Request, list[str]]:
+        """Returns the request and the signed task arguments ``[caller, key_id, body, signature]``."""
+        now = datetime.now(UTC)
+        request = Request.model_validate(
+            {
+                "v": 1,
+                "caller": self.identity.caller,
+                "key_id": self.identity.key_id,
+                "request_id": request_id or uuid.uuid4(),
+                "issued_at": now,
+                "expires_at": now + self.ttl,
+                "pool": pool,
+                "reply_queue": self.reply_queue,
+                "reply_key": self.identity.reply_public,
+                "params": params,
+            },
+            strict=False,
+        )
+        body = canonical_json(request.model_dump(mode="json"))
+        signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
+        return request, [self.identity.caller, self.identity.key_id, b64u(body), signature]
+
+    def submit(self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None) -> RequestFuture:
+        """Signs and sends one request; returns a future of its unsealed result fields."""
+        if pool not in self.fleet.pools:
+            raise KmsError("invalid", f"pool {pool!r} is not in the fleet file")
+        request, args = self.build_request(params, pool, request_id)
+        return self.submit_raw(request, args)
+
+    def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
+        """Sends already signed task arguments for ``request`` and returns the future of its reply."""
+        rid = str(request.request_id)
+        reply_future: Future[Reply] = Future()
+        with self._lock:
+            early = self._unclaimed.pop(rid, None)
+            if early is None:
+                self._pending[rid] = reply_future
+        if early is not None:
+            reply_future.set_result(early)
+        else:
+            self.send(request, args)
+        return self._chain(reply_future, request.request_id)
+
+    def send(self, request: Request, args: list[str]) -> None:
+        """Publishes the signed request to its pool's queue."""
+        with self._send_lock:
+            self._app.send_task(
+                task_name(request.params.op),
+                args=args,
+                task_id=str(request.request_id),
+                queue=pool_queue(request.pool),
+                reply_to=request.reply_queue,
+                ignore_result=True,
+            )
+
+    def _chain(self, reply_future: Future[Reply], request_id: uuid.UUID) -> RequestFuture:
+        result = RequestFuture(str(request_id))
+
+        def done(f: Future[Reply]) -> None:
+            try:
+                result.set_result(self.unseal(f.result(), request_id))
+            except BaseException as e:  # handed to the waiting caller
+                result.set_exception(e)
+
+        reply_future.add_done_callback(done)
+        return result
+
+    def wait(self, future: RequestFuture) -> Fields:
+        """Waits for a submitted request. Returns its fields; raises KmsError, or KmsTimeout."""
+        try:
+            return future.result(timeout=self.timeout)
+        except TimeoutError:
+            raise KmsTimeout(future.request_id) from None
+
+    def unseal(self, reply: Reply, request_id: uuid.UUID) -> Fields:
+        """Returns a reply's fields with its sealed secrets opened; raises KmsError for an error reply."""
+        if reply.status == "error" or reply.error is not None:
+            code, message = (reply.error.code, reply.error.message) if reply.error else ("internal", "error")
+            raise KmsError(code, message, str(reply.request_id))
+        fields: Fields = dict(reply.result)
+        if reply.op == "get_result" and isinstance(fields.get("reply"), str):
+            inner = self.verify_envelope(ReplyEnvelope.model_validate_json(fields["reply"]))
+            return self.unseal(inner, inner.request_id)
+        for name, sealed in reply.sealed.items():
+            try:
+                fields[name] = open_reply_secret(self.identity.reply, request_id, name, sealed).decode("utf-8")
+            except (WireError, UnicodeDecodeError):
+                raise KmsError("internal", f"reply field {name} does not open with this caller's key") from None
+        return fields
+
+    # -- replies -----------------------------------------------------------------------------------
+
+    def verify_envelope(self, envelope: ReplyEnvelope) -> Reply:
+        """Checks the worker's signature and parses the reply. Raises WireError."""
+        key = self.fleet.signing_key(envelope.key_id)
+        if key is None:
+            raise WireError("reply signed by an unknown key")
+        body = from_b64u(envelope.body)
+        verify(key, envelope.signature, reply_signing_input(body))
+        try:
+            reply = Reply.model_validate_json(body)
+        except pydantic.ValidationError:
+            raise WireError("malformed reply") from None
+        if reply.caller != self.identity.caller:
+            raise WireError("reply for another caller")
+        return reply
+
+    def _on_message(self, body: Any, message: Message) -> None:
+        try:
+            reply = self.verify_envelope(ReplyEnvelope.model_validate(body))
+        except (WireError, pydantic.ValidationError, TypeError) as e:
+            log.warning("dropped a reply that does not verify: %s", e)
+            message.ack()
+            return
+        rid = str(reply.request_id)
+        with self._lock:
+            future = self._pending.pop(rid, None)
+            if future is None:
+                self._unclaimed[rid] = reply  # a reply to an earlier run, or a duplicate
+        if future is not None and not future.done():
+            future.set_result(reply)
+        message.ack()
+
+    def take_unclaimed(self) -> dict[str, Reply]:
+        """Returns (and forgets) replies that arrived for requests this client did not send or already got."""
+        with self._lock:
+            taken, self._unclaimed = self._unclaimed, {}
+        return taken
+
+    def _consume(self) -> None:
+        queue = Queue(self.reply_queue, durable=True, auto_delete=False, routing_key=self.reply_queue)
+        while not self._stop.is_set():
+            try:
+                with (
+                    Connection(self._broker_url) as conn,
+                    Consumer(conn, [queue], callbacks=[self._on_message], accept=["json"], prefetch_count=64),
+                ):
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            conn.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            continue
+            except Exception as e:  # reconnect: the broker restarted or dropped us
+                if self._stop.is_set():
+                    return
+                log.warning("reply consumer lost the broker (%s); reconnecting", type(e).__name__)
+                self._stop.wait(1.0)
+
+    def close(self) -> None:
+        """Stops the reply consumer and fails requests still waiting."""
+        self._stop.set()
+        if self._consumer.is_alive() and threading.current_thread() is not self._consumer:
+            self._consumer.join(timeout=5)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for rid, future in pending.items():
+            if not future.done():
+                future.set_exception(KmsTimeout(rid))
+
+    def __enter__(self) -> KmsClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncKmsClient:
+    """The same operations as coroutines, for asyncio callers. Many may be awaited at once."""
+
+    def __init__(self, client: KmsClient) -> None:
+        self.client = client
+
+    async def _await(self, start: Callable[[], RequestFuture]) -> Fields:
+        return await asyncio.wait_for(asyncio.wrap_future(start()), timeout=self.client.timeout)
+
+    async def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
+        """See :meth:`KmsClient.generate_data_key`."""
+        return await self._await(lambda: self.client.submit_generate_data_key(root_key_id, with_plaintext))
+
+    async def decrypt_data_key(self, encrypted_key: str) -> Fields:
+        """See :meth:`KmsClient.decrypt_data_key`."""
+        return await self._await(lambda: self.client.submit_decrypt_data_key(encrypted_key))
+
+    async def put_key(
+        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
+    ) -> Fields:
+        """See :meth:`KmsClient.put_key`."""
+        return await self._await(lambda: self.client.submit_put_key(pub, prv, coin, source, type, root_key_id))
+
+    async def get_key(self, pub: str, source: str, pool: str | None = None) -> Fields:
+        """See :meth:`KmsClient.get_key`."""
+        return await self._await(lambda: self.client.submit_get_key(pub, source, pool))
+
+    async def get_result(self, request_id: str, pool: str | None = None) -> Fields:
+        """See :meth:`KmsClient.get_result`."""
+        return await self._await(lambda: self.client.submit_get_result(request_id, pool))
+
+    def close(self) -> None:
+        """Closes the underlying client."""
+        self.client.close()
+
+    async def __aenter__(self) -> AsyncKmsClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

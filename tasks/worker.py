@@ -1,0 +1,117 @@
+"""The worker side of the queue: one thin Celery task per operation, and per-process setup.
+
+Each task hands the message to :func:`worker.pipeline.handle` and publishes the signed reply it returns to
+the request's reply queue; it retries (with backoff) only when the HSM or the database is unavailable.
+The PKCS#11 session, the database engine and the fleet keys are opened in each worker *child* process
+(``worker_process_init``), never in the parent that forks.
+
+``KMSQ_WORKER_POOL`` (set by ``kmsq worker --pool``) names the pool this process serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import timedelta
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_process_shutdown
+from kombu.entity import Queue
+
+from schemas.messages import OPS
+from schemas.wire import task_name
+from tasks.app import make_app
+from worker.config import load_settings
+from worker.errors import KmsqError
+from worker.fleet import load_fleet_key
+from worker.pipeline import Delivery, Inbound, WorkerContext, handle
+from worker.runtime import KeyService, transaction
+
+log = logging.getLogger("kmsq.worker")
+MAX_RETRIES = 6  # backoff 1, 2, 4, 8, 16, 30 s: about a minute before the caller gets `unavailable`
+
+_settings = load_settings()
+app = make_app(_settings.effective_broker_url)
+_lock = threading.Lock()
+_context: WorkerContext | None = None
+_context_pid: int | None = None
+
+
+def context() -> WorkerContext:
+    """Returns this process's worker context, opening the HSM session, database and fleet keys on first use.
+
+    Raises ConfigError (no fleet key, bad configuration) or TransientError (HSM or database down).
+    """
+    global _context, _context_pid
+    with _lock:
+        if _context is None or _context_pid != os.getpid():
+            settings = load_settings()
+            pool = os.environ.get("KMSQ_WORKER_POOL") or settings.default_pool
+            service = KeyService.from_settings(settings)
+            service.hsm.check()
+            with transaction(service.sessions) as db:
+                fleet = load_fleet_key(service.hsm, db, pool)
+            _context = WorkerContext(
+                service.hsm, service.sessions, pool, fleet, timedelta(seconds=settings.clock_skew_seconds)
+            )
+            _context_pid = os.getpid()
+        return _context
+
+
+@worker_process_init.connect
+def _open_in_child(**_: Any) -> None:
+    try:
+        ctx = context()
+        log.info("worker process %d serves pool %s", os.getpid(), ctx.pool)
+    except Exception as e:  # the first task retries; the log says why
+        log.error("worker process %d could not open its HSM session or database: %s", os.getpid(), e)
+
+
+@worker_process_shutdown.connect
+def _close_in_child(**_: Any) -> None:
+    if _context is not None:
+        _context.sessions.kw["bind"].dispose()
+
+
+def publish(delivery: Delivery) -> None:
+    """Publishes a reply to its durable reply queue (persistent message, JSON)."""
+    if delivery.queue is None:
+        return
+    queue = Queue(delivery.queue, durable=True, auto_delete=False, routing_key=delivery.queue)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            delivery.envelope,
+            exchange="",
+            routing_key=delivery.queue,
+            serializer="json",
+            delivery_mode=2,
+            declare=[queue],
+            retry=True,
+            retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
+        )
+
+
+def _run(task: Task, args: tuple[Any, ...]) -> None:
+    request = task.request
+    msg = Inbound(task.name, request.reply_to, request.id, args)
+    final = request.retries >= MAX_RETRIES
+    try:
+        delivery = handle(context(), msg, final_attempt=final)
+    except KmsqError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
+        countdown = min(2**request.retries, 30)
+        log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1, countdown)
+        raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
+    publish(delivery)
+    log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")
+
+
+def _register(op: str) -> None:
+    @app.task(name=task_name(op), bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run(self: Task, *args: Any, **kwargs: Any) -> None:
+        _run(self, () if kwargs else args)  # keyword arguments are not part of the protocol: malformed
+
+
+for _op in OPS:
+    _register(_op)

@@ -1,0 +1,150 @@
+"""The caller registry and authorization: who may ask for what, on which root keys.
+
+Callers are registered by an operator with their public identity (an Ed25519 signing key and an X25519
+reply key). Functions take a caller-owned session and never commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
+from schemas.wire import WireError, key_id, sealing_public, signing_public
+from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from worker.storage.models import Caller, RootKey
+
+ALL_ROOT_KEYS = "*"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+PUBLIC_IDENTITY_KIND = "kmsq-caller-public"
+
+
+@dataclass(frozen=True)
+class CallerInfo:
+    """A registered caller as operators see it."""
+
+    name: str
+    key_id: str
+    allowed_ops: tuple[str, ...]
+    root_keys: tuple[str, ...] | None  # None: every root key
+    plaintext: bool
+    state: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    """A caller's public keys, as written by ``kmsq caller keygen`` to ``NAME.pub.json``."""
+
+    caller: str
+    signing_key: str
+    reply_key: str
+
+
+def read_public_identity(path: Path) -> PublicIdentity:
+    """Reads a caller's public identity file. Raises InvalidRequest when it is unreadable or malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("kind") != PUBLIC_IDENTITY_KIND:
+            raise ValueError("not a kmsq caller public identity")
+        identity = PublicIdentity(str(data["caller"]), str(data["signing_key"]), str(data["reply_key"]))
+        signing_public(identity.signing_key)
+        sealing_public(identity.reply_key)
+    except (OSError, ValueError, KeyError, AttributeError, WireError) as e:
+        raise InvalidRequest(f"cannot read caller public identity {path}: {e}") from None
+    return identity
+
+
+def _info(row: Caller) -> CallerInfo:
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    return CallerInfo(
+        name=row.name,
+        key_id=row.signing_key_id,
+        allowed_ops=tuple(op for op in row.allowed_ops.split(",") if op),
+        root_keys=None if row.root_keys == ALL_ROOT_KEYS else tuple(k for k in row.root_keys.split(",") if k),
+        plaintext=row.plaintext,
+        state=row.state,
+        created_at=created,
+    )
+
+
+def add_caller(
+    db: Session,
+    name: str,
+    identity: PublicIdentity,
+    allowed_ops: list[str],
+    root_keys: list[str] | None,
+    plaintext: bool,
+) -> CallerInfo:
+    """Registers a caller. ``root_keys`` None allows every root key.
+
+    Returns its description. Raises InvalidRequest (bad name, unknown op or root key) or Conflict (exists).
+    """
+    if not _NAME.fullmatch(name):
+        raise InvalidRequest("caller names are 1-64 characters of a-z, 0-9, '-' and '_'")
+    unknown = sorted(set(allowed_ops) - set(ALLOWABLE_OPS))
+    if unknown or not allowed_ops:
+        got = ", ".join(unknown) or "none"
+        raise InvalidRequest(f"operations must be among {', '.join(ALLOWABLE_OPS)} (got {got})")
+    if root_keys is not None:
+        missing = [k for k in root_keys if db.get(RootKey, k) is None]
+        if missing or not root_keys:
+            raise InvalidRequest(f"unknown root keys: {', '.join(missing) or 'none given'}")
+    if db.get(Caller, name) is not None:
+        raise Conflict(f"caller {name!r} already exists")
+    row = Caller(
+        name=name,
+        signing_key=identity.signing_key,
+        signing_key_id=key_id(signing_public(identity.signing_key).public_bytes_raw()),
+        reply_key=identity.reply_key,
+        allowed_ops=",".join(sorted(set(allowed_ops))),
+        root_keys=ALL_ROOT_KEYS if root_keys is None else ",".join(sorted(set(root_keys))),
+        plaintext=plaintext,
+        state="enabled",
+    )
+    db.add(row)
+    db.flush()
+    return _info(row)
+
+
+def list_callers(db: Session) -> list[CallerInfo]:
+    """Returns every caller, by name."""
+    return [_info(row) for row in db.scalars(select(Caller).order_by(Caller.name))]
+
+
+def set_caller_state(db: Session, name: str, state: str) -> CallerInfo:
+    """Enables or disables a caller. Raises NotFound."""
+    row = db.get(Caller, name)
+    if row is None:
+        raise NotFound(f"no caller {name!r}")
+    row.state = state
+    db.flush()
+    return _info(row)
+
+
+def get_enabled_caller(db: Session, name: str) -> Caller | None:
+    """Returns the caller if it exists and is enabled, else None."""
+    row = db.get(Caller, name)
+    return row if row is not None and row.state == "enabled" else None
+
+
+def authorize_op(caller: Caller, op: str) -> None:
+    """Raises Forbidden unless ``caller`` may run ``op`` (including the plaintext permission)."""
+    if op == "get_result":
+        return
+    if op not in caller.allowed_ops.split(","):
+        raise Forbidden(f"operation {op} is not allowed for this caller")
+    if op in PLAINTEXT_OPS and not caller.plaintext:
+        raise Forbidden(f"operation {op} returns plaintext, which this caller may not receive")
+
+
+def authorize_root_key(caller: Caller, root_key: RootKey) -> None:
+    """Raises Forbidden unless ``caller`` may use ``root_key``."""
+    if caller.root_keys != ALL_ROOT_KEYS and root_key.id not in caller.root_keys.split(","):
+        raise Forbidden(f"root key {root_key.id} is not allowed for this caller")

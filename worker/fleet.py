@@ -1,0 +1,144 @@
+"""A pool's fleet keys: the Ed25519 key that signs replies and the X25519 key that opens inbound secrets.
+
+Callers know the public halves from ``kmsq fleet-key export``. The private halves (64 bytes: the Ed25519
+seed, then the X25519 scalar) are sealed with AES-256-GCM inside the HSM under a fresh data key wrapped by
+the pool's root key, with associated data naming the pool, the root key version and both public keys. They
+exist in plaintext only in a worker process of the pool, from :func:`load_fleet_key`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from sqlalchemy import exc, select
+from sqlalchemy.orm import Session
+
+from schemas.envelope import (
+    GCM_NONCE_LEN,
+    Aead,
+    EncryptedDataKey,
+    EncryptedPrivateKey,
+    FormatError,
+    KeySpec,
+)
+from schemas.wire import b64u, from_b64u, key_id
+from worker.errors import ConfigError, IntegrityError
+from worker.hsm import Hsm
+from worker.secret import SecretBytes
+from worker.service import hsm_handle, unwrapping_version, wrapping_version
+from worker.storage.models import FleetKey
+
+_AAD_LABEL = b"kmsq/fleet-key/v1\x00"
+_KEY_LEN = 32
+
+
+@dataclass(frozen=True)
+class FleetPublic:
+    """A pool's public fleet keys (base64url raw keys)."""
+
+    pool: str
+    signing_key: str
+    transport_key: str
+
+    @property
+    def signing_key_id(self) -> str:
+        """The id that replies carry."""
+        return key_id(from_b64u(self.signing_key))
+
+
+@dataclass(frozen=True)
+class FleetSecrets:
+    """A pool's fleet private keys, in worker memory only."""
+
+    pool: str
+    signing_key_id: str
+    signing: Ed25519PrivateKey = field(repr=False)
+    transport: X25519PrivateKey = field(repr=False)
+
+
+def _aad(header: bytes, pool: str, root_key: str, version: int, signing: str, transport: str) -> bytes:
+    parts = [pool, root_key, signing, transport]
+    encoded = b"".join(struct.pack(">H", len(p)) + p.encode("ascii") for p in parts)
+    return header + _AAD_LABEL + encoded + struct.pack(">I", version)
+
+
+def _public(row: FleetKey) -> FleetPublic:
+    return FleetPublic(row.pool, row.signing_key, row.transport_key)
+
+
+def ensure_fleet_key(hsm: Hsm, db: Session, pool: str) -> tuple[FleetPublic, bool]:
+    """Returns the pool's fleet keys, creating them (sealed under the pool's default root key) if absent.
+
+    The flag is True when they were created now. Raises NotFound when the pool has no enabled root key.
+    """
+    row = db.get(FleetKey, pool)
+    if row is not None:
+        return _public(row), False
+    version = wrapping_version(db, None, pool)
+    handle = hsm_handle(version)
+    signing, transport = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+    signing_pub = b64u(signing.public_key().public_bytes_raw())
+    transport_pub = b64u(transport.public_key().public_bytes_raw())
+    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
+    aad = _aad(shell.header(), pool, version.root_key_id, version.version, signing_pub, transport_pub)
+    # The raw private bytes are immutable copies owned by cryptography; the joined buffer is wiped.
+    with SecretBytes(signing.private_bytes_raw() + transport.private_bytes_raw()) as secret:
+        wrapped, ciphertext = hsm.seal(handle, secret, shell.nonce, aad)
+    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    row = FleetKey(
+        pool=pool,
+        signing_key=signing_pub,
+        transport_key=transport_pub,
+        root_key=version.root_key_id,
+        root_key_version=version.version,
+        encrypted_private=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
+        encrypted_data_key=data_key.to_text(),
+    )
+    try:
+        with db.begin_nested():
+            db.add(row)
+    except exc.IntegrityError:  # another process created them first: use theirs
+        existing = db.get(FleetKey, pool)
+        assert existing is not None
+        return _public(existing), False
+    return _public(row), True
+
+
+def fleet_public_keys(db: Session) -> list[FleetPublic]:
+    """Returns every pool's public fleet keys, by pool."""
+    return [_public(row) for row in db.scalars(select(FleetKey).order_by(FleetKey.pool))]
+
+
+def load_fleet_key(hsm: Hsm, db: Session, pool: str) -> FleetSecrets:
+    """Opens the pool's fleet private keys in the HSM.
+
+    Returns them. Raises ConfigError when the pool has none, IntegrityError when the row does not open.
+    """
+    row = db.get(FleetKey, pool)
+    if row is None:
+        raise ConfigError(f"no fleet key for pool {pool!r} (run: kmsq fleet-key create --pool {pool})")
+    try:
+        data_key = EncryptedDataKey.from_text(row.encrypted_data_key)
+        sealed = EncryptedPrivateKey.from_text(row.encrypted_private)
+    except FormatError:
+        raise IntegrityError() from None
+    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
+        raise IntegrityError()
+    version = unwrapping_version(db, row.root_key, row.root_key_version, data_key.wrap_algorithm)
+    aad = _aad(sealed.header(), pool, row.root_key, row.root_key_version, row.signing_key, row.transport_key)
+    with hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as secret:
+        raw = secret.view()
+        if len(raw) != 2 * _KEY_LEN:
+            raise IntegrityError()
+        signing = Ed25519PrivateKey.from_private_bytes(bytes(raw[:_KEY_LEN]))
+        transport = X25519PrivateKey.from_private_bytes(bytes(raw[_KEY_LEN:]))
+    if (
+        b64u(signing.public_key().public_bytes_raw()) != row.signing_key
+        or b64u(transport.public_key().public_bytes_raw()) != row.transport_key
+    ):
+        raise IntegrityError()
+    return FleetSecrets(pool, _public(row).signing_key_id, signing, transport)

@@ -1,0 +1,453 @@
+"""The path of one request through a worker, without Celery: verify → parse → bind → idempotency →
+freshness → authorize → service → persist → signed reply.
+
+:func:`handle` returns the reply to publish (:class:`Delivery`) for every outcome, success or error, and
+raises only a :class:`~worker.errors.TransientError` that the task should retry. Effects are exactly once:
+the request record (caller, request_id, hash of the signed body, sealed reply) is inserted first, in the same
+transaction as the operation's rows, so a redelivered or duplicated message finds it and gets the stored
+reply again; a concurrent duplicate blocks on the record's primary key and then finds it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pydantic
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from schemas.messages import (
+    DecryptDataKey,
+    ErrorBody,
+    GenerateDataKey,
+    GenerateDataKeyWithoutPlaintext,
+    GetKey,
+    GetResult,
+    PutKey,
+    Reply,
+    ReplyEnvelope,
+    Request,
+    reply_queue_belongs_to,
+)
+from schemas.wire import (
+    DEFAULT_CLOCK_SKEW_SECONDS,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_TTL_SECONDS,
+    WireError,
+    b64u,
+    canonical_json,
+    from_b64u,
+    open_private_key,
+    reply_signing_input,
+    request_signing_input,
+    seal_reply_secret,
+    sealing_public,
+    sign,
+    signing_public,
+    task_name,
+    verify,
+)
+from worker import callers, service
+from worker.errors import (
+    Expired,
+    Forbidden,
+    InvalidRequest,
+    KmsqError,
+    NotFound,
+    PermanentError,
+    Replayed,
+    TransientError,
+    Unauthenticated,
+)
+from worker.fleet import FleetSecrets
+from worker.hsm import Hsm
+from worker.runtime import transaction
+from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
+
+log = logging.getLogger("kmsq.worker")
+_NIL = uuid.UUID(int=0)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process holds: its HSM session, database, pool and fleet keys."""
+
+    hsm: Hsm
+    sessions: sessionmaker[Session]
+    pool: str
+    fleet: FleetSecrets = field(repr=False)
+    clock_skew: timedelta = timedelta(seconds=DEFAULT_CLOCK_SKEW_SECONDS)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A request message as the broker delivered it: the task name, headers and the four arguments."""
+
+    task: str
+    reply_to: str | None
+    message_id: str | None
+    args: Sequence[Any]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A signed reply to publish. ``queue`` is None when there is nowhere trustworthy to send it."""
+
+    queue: str | None
+    envelope: dict[str, str]
+    request_id: str
+    code: str | None  # None for success
+
+
+@dataclass(frozen=True)
+class _Claim:
+    caller: str
+    key_id: str
+    body: str
+    signature: str
+
+
+class _Rejection(Exception):
+    """A failure before the request is authenticated and parsed: reply to the header queue, store nothing."""
+
+    def __init__(self, error: KmsqError, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+
+
+class _Duplicate(Exception):
+    """Another delivery of the same request committed its record first."""
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> Delivery:
+    """Processes one request message and returns the reply to publish.
+
+    Raises TransientError (HSM or database unavailable) unless ``final_attempt``, in which case the caller
+    gets an ``unavailable`` reply instead. Never raises for bad input.
+    """
+    claim = _claim(msg.args)
+    try:
+        request, body_hash, caller = _authenticate(ctx, msg, claim)
+    except _Rejection as r:
+        return _reject(ctx, msg, claim, r)
+    except TransientError as e:
+        if not final_attempt:
+            raise
+        return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"))
+    try:
+        return _serve(ctx, request, body_hash, caller)
+    except TransientError as e:
+        if not final_attempt:
+            raise
+        return _error_delivery(ctx, request, e, store=False, body_hash=body_hash)
+    except Exception:
+        log.exception("internal error in %s %s", request.params.op, request.request_id)
+        return _error_delivery(ctx, request, KmsqError(), store=False, body_hash=body_hash)
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+def _claim(args: Sequence[Any]) -> _Claim | None:
+    if not isinstance(args, list | tuple) or len(args) != 4 or not all(isinstance(a, str) for a in args):
+        return None
+    caller, key_id, body, signature = args
+    if len(caller) > 64 or len(key_id) > 32 or len(signature) > 128:
+        return None
+    return _Claim(caller, key_id, body, signature)
+
+
+def _authenticate(ctx: WorkerContext, msg: Inbound, claim: _Claim | None) -> tuple[Request, str, Caller]:
+    if claim is None:
+        raise _Rejection(InvalidRequest("malformed request message"), "malformed task arguments")
+    if len(claim.body) > (MAX_REQUEST_BYTES * 4 + 2) // 3:
+        raise _Rejection(InvalidRequest(f"request body exceeds {MAX_REQUEST_BYTES} bytes"), "oversized body")
+    try:
+        body = from_b64u(claim.body, max_len=MAX_REQUEST_BYTES)
+    except WireError:
+        raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
+    with transaction(ctx.sessions) as db:
+        caller = callers.get_enabled_caller(db, claim.caller)
+    if caller is None:
+        raise _Rejection(Unauthenticated(), "unknown or disabled caller")
+    if caller.signing_key_id != claim.key_id:
+        raise _Rejection(Unauthenticated(), "unknown signing key")
+    try:
+        verify(signing_public(caller.signing_key), claim.signature, request_signing_input(msg.task, body))
+    except WireError:
+        raise _Rejection(Unauthenticated(), "bad signature") from None
+    try:
+        request = Request.model_validate_json(body)
+    except pydantic.ValidationError as e:
+        raise _Rejection(InvalidRequest(_validation_message(e)), "malformed body") from None
+    _bind(ctx, msg, claim, request, caller)
+    return request, hashlib.sha256(body).hexdigest(), caller
+
+
+def _validation_message(error: pydantic.ValidationError) -> str:
+    # Only locations and messages: pydantic's full text quotes the input, which may be secret.
+    first = error.errors(include_input=False, include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"malformed request: {where}: {first['msg']}"
+
+
+def _bind(ctx: WorkerContext, msg: Inbound, claim: _Claim, request: Request, caller: Caller) -> None:
+    """Checks that the signed body agrees with the message it arrived in and with the caller's registration."""
+    mismatch = (
+        request.caller != claim.caller
+        or request.key_id != claim.key_id
+        or msg.task != task_name(request.params.op)
+        or msg.reply_to != request.reply_queue
+        or msg.message_id != str(request.request_id)
+        or not reply_queue_belongs_to(request.reply_queue, caller.name)
+    )
+    if mismatch:
+        raise _Rejection(Unauthenticated(), "signed body does not match the message headers")
+    if request.pool != ctx.pool:
+        raise _Rejection(InvalidRequest(f"request for pool {request.pool} reached pool {ctx.pool}"), "wrong pool")
+    if request.reply_key != caller.reply_key:
+        raise _Rejection(Forbidden("reply key is not the caller's registered reply key"), "foreign reply key")
+
+
+def _reject(ctx: WorkerContext, msg: Inbound, claim: _Claim | None, rejection: _Rejection) -> Delivery:
+    caller = claim.caller if claim else "?"
+    queue = msg.reply_to if msg.reply_to and claim and reply_queue_belongs_to(msg.reply_to, claim.caller) else None
+    request_id = _uuid_or_nil(msg.message_id)
+    op = msg.task.removeprefix("kmsq.")[:64]
+    _audit(ctx, caller, str(request_id), op, rejection.error.code, rejection.detail)
+    log.warning("rejected %s %s from %r: %s", op, request_id, caller, rejection.detail)
+    envelope = _envelope(ctx, request_id, caller, op, error=rejection.error)
+    return Delivery(queue, envelope, str(request_id), rejection.error.code)
+
+
+def _uuid_or_nil(text: str | None) -> uuid.UUID:
+    try:
+        return uuid.UUID(text or "")
+    except ValueError:
+        return _NIL
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def _serve(ctx: WorkerContext, request: Request, body_hash: str, caller: Caller) -> Delivery:
+    stored = _stored_reply(ctx, request, body_hash)
+    if stored is not None:
+        return stored
+    now = ctx.now()
+    lifetime = (request.expires_at - request.issued_at).total_seconds()
+    if not 0 < lifetime <= MAX_REQUEST_TTL_SECONDS:
+        return _error_delivery(
+            ctx,
+            request,
+            InvalidRequest(f"expires_at must be 0-{MAX_REQUEST_TTL_SECONDS} s after issued_at"),
+            store=True,
+            body_hash=body_hash,
+        )
+    if now < request.issued_at - ctx.clock_skew or now > request.expires_at + ctx.clock_skew:
+        return _error_delivery(ctx, request, Expired(), store=True, body_hash=body_hash)
+    try:
+        callers.authorize_op(caller, request.params.op)
+    except Forbidden as e:
+        return _error_delivery(ctx, request, e, store=True, body_hash=body_hash)
+    if isinstance(request.params, GetResult):
+        return _get_result(ctx, request, request.params, body_hash)
+    for _ in range(2):
+        try:
+            return _execute_and_record(ctx, request, body_hash, caller)
+        except _Duplicate:
+            stored = _stored_reply(ctx, request, body_hash)
+            if stored is not None:
+                return stored
+        except PermanentError as e:
+            return _error_delivery(ctx, request, e, store=True, body_hash=body_hash)
+    raise AssertionError("request record vanished")  # pragma: no cover - records are never deleted
+
+
+def _stored_reply(ctx: WorkerContext, request: Request, body_hash: str) -> Delivery | None:
+    """The stored reply when this request was already answered; Replayed for a reused request_id."""
+    with transaction(ctx.sessions) as db:
+        record = db.get(RequestRecord, (request.caller, str(request.request_id)))
+    if record is None:
+        return None
+    if record.request_hash != body_hash:
+        return _error_delivery(ctx, request, Replayed(), store=False, body_hash=body_hash)
+    return Delivery(request.reply_queue, json.loads(record.reply), str(request.request_id), record.error_code)
+
+
+def _root_key_check(ctx: WorkerContext, caller: Caller) -> service.RootKeyCheck:
+    def check(root_key: RootKey) -> None:
+        if root_key.pool != ctx.pool:
+            raise InvalidRequest(f"root key {root_key.id} is in pool {root_key.pool}, not {ctx.pool}")
+        callers.authorize_root_key(caller, root_key)
+
+    return check
+
+
+def _execute_and_record(ctx: WorkerContext, request: Request, body_hash: str, caller: Caller) -> Delivery:
+    with transaction(ctx.sessions) as db:
+        record = RequestRecord(
+            caller=request.caller,
+            request_id=str(request.request_id),
+            request_hash=body_hash,
+            op=request.params.op,
+            status="pending",
+            reply="",
+        )
+        try:
+            with db.begin_nested():
+                db.add(record)
+        except sa_exc.IntegrityError:
+            raise _Duplicate() from None
+        result, secrets = _execute(ctx, db, request, caller)
+        reply_key = sealing_public(caller.reply_key)
+        sealed = {
+            name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()
+        }
+        envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, result=result, sealed=sealed)
+        record.status = "ok"
+        record.reply = canonical_json(envelope).decode()
+    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+
+
+ResultFields = dict[str, str | int | bool | None]
+
+
+def _execute(
+    ctx: WorkerContext, db: Session, request: Request, caller: Caller
+) -> tuple[ResultFields, dict[str, bytes]]:
+    """Runs the operation. Returns its public result fields and its secret fields (to be sealed)."""
+    params = request.params
+    check = _root_key_check(ctx, caller)
+    if isinstance(params, GenerateDataKey | GenerateDataKeyWithoutPlaintext):
+        with_plaintext = isinstance(params, GenerateDataKey)
+        key = service.generate_data_key(
+            ctx.hsm, db, params.root_key_id, params.key_spec, with_plaintext, ctx.pool, check
+        )
+        secrets = {"plaintextKey": key.plaintext_key.encode()} if key.plaintext_key is not None else {}
+        result: ResultFields = {"encryptedKey": key.encrypted_key}
+        return result, secrets
+    if isinstance(params, DecryptDataKey):
+        plaintext = service.decrypt_data_key(ctx.hsm, db, params.encrypted_key, check)
+        return {}, {"plaintextKey": plaintext.encode()}
+    if isinstance(params, PutKey):
+        prv = _open_prv(ctx, request, params)
+        stored = service.store_private_key(
+            ctx.hsm, db, params.pub, prv, params.coin, params.source, params.type, params.root_key_id, ctx.pool, check
+        )
+        return {"pub": stored.pub, "coin": stored.coin, "source": stored.source, "type": stored.type}, {}
+    if isinstance(params, GetKey):
+        record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
+        public: ResultFields = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
+        return public, {"prv": record.prv.encode()}
+    raise InvalidRequest(f"unsupported operation {params.op}")
+
+
+def _open_prv(ctx: WorkerContext, request: Request, params: PutKey) -> str:
+    try:
+        raw = open_private_key(ctx.fleet.transport, request.caller, request.request_id, params.prv)
+        return raw.decode("utf-8")
+    except WireError:
+        raise InvalidRequest("prv is not sealed to this pool's transport key for this request") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("prv must be UTF-8 text") from None
+
+
+def _get_result(ctx: WorkerContext, request: Request, params: GetResult, body_hash: str) -> Delivery:
+    with transaction(ctx.sessions) as db:
+        record = db.get(RequestRecord, (request.caller, str(params.request_id)))
+    if record is None or record.status == "pending":
+        error = NotFound("no stored result for this request_id")
+        return _error_delivery(ctx, request, error, store=False, body_hash=body_hash)
+    envelope = _envelope(ctx, request.request_id, request.caller, "get_result", result={"reply": record.reply})
+    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+
+
+# -- replies and records ---------------------------------------------------------------------------
+
+
+def _envelope(
+    ctx: WorkerContext,
+    request_id: uuid.UUID,
+    caller: str,
+    op: str,
+    *,
+    result: dict[str, str | int | bool | None] | None = None,
+    sealed: dict[str, str] | None = None,
+    error: KmsqError | None = None,
+) -> dict[str, str]:
+    reply = Reply(
+        v=1,
+        request_id=request_id,
+        caller=caller,
+        op=op,
+        status="error" if error else "ok",
+        result=result or {},
+        sealed=sealed or {},
+        error=ErrorBody(code=error.code, message=error.message) if error else None,
+        pool=ctx.pool,
+        worker_key_id=ctx.fleet.signing_key_id,
+        issued_at=ctx.now(),
+    )
+    body = canonical_json(reply.model_dump(mode="json"))
+    signature = sign(ctx.fleet.signing, reply_signing_input(body))
+    return ReplyEnvelope(body=b64u(body), signature=signature, key_id=ctx.fleet.signing_key_id).model_dump()
+
+
+def _error_delivery(ctx: WorkerContext, request: Request, error: KmsqError, *, store: bool, body_hash: str) -> Delivery:
+    """Builds an error reply; with ``store`` it becomes the request's recorded outcome (or, if another
+    delivery recorded one first, that one is returned). Every error is audited."""
+    envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, error=error)
+    delivery = Delivery(request.reply_queue, envelope, str(request.request_id), error.code)
+    if not store:
+        _audit(ctx, request.caller, str(request.request_id), request.params.op, error.code, error.message)
+        return delivery
+    try:
+        with transaction(ctx.sessions) as db:
+            with db.begin_nested():
+                db.add(
+                    RequestRecord(
+                        caller=request.caller,
+                        request_id=str(request.request_id),
+                        request_hash=body_hash,
+                        op=request.params.op,
+                        status="error",
+                        error_code=error.code,
+                        reply=canonical_json(envelope).decode(),
+                    )
+                )
+            db.add(
+                _audit_row(
+                    request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message
+                )
+            )
+    except sa_exc.IntegrityError:
+        stored = _stored_reply(ctx, request, body_hash)
+        if stored is not None:
+            return stored
+    return delivery
+
+
+def _audit_row(caller: str, request_id: str, op: str, pool: str, code: str, detail: str) -> AuditEvent:
+    return AuditEvent(caller=caller[:64], request_id=request_id[:64], op=op[:64], pool=pool, code=code, detail=detail)
+
+
+def _audit(ctx: WorkerContext, caller: str, request_id: str, op: str, code: str, detail: str) -> None:
+    """Records a rejection; a database failure here is logged, never raised (the reply matters more)."""
+    try:
+        with transaction(ctx.sessions) as db:
+            db.add(_audit_row(caller, request_id, op, ctx.pool, code, detail))
+    except (TransientError, sa_exc.SQLAlchemyError):
+        log.warning("could not record the rejection of %s from %r", request_id, caller)
