@@ -4,7 +4,7 @@
 #
 #   KMSQ_VENV=DIR            virtualenv location (default: .venv in the repository root)
 #   KMSQ_PYTHON=EXE          interpreter for a new virtualenv (default: the first python3 >= 3.11 on PATH)
-#   KMSQ_SETUP_SERVICES=1    also install redis-server and postgresql (needed by the tests)
+#   KMSQ_SETUP_SERVICES=1    also install postgresql (needed by the tests; redis-server is always installed)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,8 +60,9 @@ if ! venv_ok; then
         esac
     fi
 fi
+# redis-server is the embedded broker of the main job (a private instance on a Unix socket).
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if [ "${KMSQ_SETUP_SERVICES:-}" = 1 ]; then
-    command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
     command -v pg_ctlcluster >/dev/null 2>&1 || packages+=(postgresql)
 fi
 

@@ -76,6 +76,7 @@ class RequestFuture(Future[Fields]):
     def __init__(self, request_id: str) -> None:
         super().__init__()
         self.request_id = request_id
+        self.reply: Reply | None = None  # the verified reply, once it arrived (pool, worker key id...)
 
 
 class KmsClient:
@@ -220,7 +221,18 @@ class KmsClient:
 
     def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
         """Sends already signed task arguments for ``request`` and returns the future of its reply."""
-        rid = str(request.request_id)
+        future, arrived = self._expect(request.request_id)
+        if not arrived:
+            self.send(request, args)
+        return future
+
+    def expect(self, request_id: uuid.UUID) -> RequestFuture:
+        """Returns the future of the reply to ``request_id`` without sending anything (a request sent by an
+        earlier run, or published by other means, whose reply comes to this client's reply queue)."""
+        return self._expect(request_id)[0]
+
+    def _expect(self, request_id: uuid.UUID) -> tuple[RequestFuture, bool]:
+        rid = str(request_id)
         reply_future: Future[Reply] = Future()
         with self._lock:
             early = self._unclaimed.pop(rid, None)
@@ -228,20 +240,17 @@ class KmsClient:
                 self._pending[rid] = reply_future
         if early is not None:
             reply_future.set_result(early)
-        else:
-            self.send(request, args)
-        return self._chain(reply_future, request.request_id)
+        return self._chain(reply_future, request_id), early is not None
 
     def send(self, request: Request, args: list[str]) -> None:
         """Publishes the signed request to its pool's queue."""
+        self.publish(task_name(request.params.op), args, str(request.request_id), request.pool, request.reply_queue)
+
+    def publish(self, task: str, args: list[Any], message_id: str, pool: str, reply_to: str) -> None:
+        """Publishes one task message as given (no signing, no checks): for tests and tools."""
         with self._send_lock:
             self._app.send_task(
-                task_name(request.params.op),
-                args=args,
-                task_id=str(request.request_id),
-                queue=pool_queue(request.pool),
-                reply_to=request.reply_queue,
-                ignore_result=True,
+                task, args=args, task_id=message_id, queue=pool_queue(pool), reply_to=reply_to, ignore_result=True
             )
 
     def _chain(self, reply_future: Future[Reply], request_id: uuid.UUID) -> RequestFuture:
@@ -249,7 +258,8 @@ class KmsClient:
 
         def done(f: Future[Reply]) -> None:
             try:
-                result.set_result(self.unseal(f.result(), request_id))
+                result.reply = f.result()
+                result.set_result(self.unseal(result.reply, request_id))
             except BaseException as e:  # handed to the waiting caller
                 result.set_exception(e)
 

@@ -157,3 +157,7 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     full_env.update({"KMSQ_HOME": str(home), **(env or {})})
     return subprocess.run([kmsq, *args], env=full_env, capture_output=True, text=True, timeout=300, check=False)
+
+
+# The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
+from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401

@@ -1,0 +1,242 @@
+"""Fixtures for the queue path on real components: Redis (a test database number, flushed per run), a fresh
+Postgres database, the test run's SoftHSM2 token, and real ``kmsq worker`` processes started here.
+
+Two pools share the token and the database (as two HSM pools would share Postgres): ``alpha`` (two worker
+processes) and ``beta`` (one), each with an aes-256 and an rsa-2048 root key and its own fleet keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from kmsq.operator_cli import fleet_document
+from schemas.messages import ALLOWABLE_OPS
+from tasks.client import KmsClient
+from tasks.identity import CallerIdentity, Fleet
+from tests.conftest import POSTGRES_ADMIN_URL, missing_service
+from worker import callers
+from worker.config import Settings
+from worker.fleet import ensure_fleet_key
+from worker.hsm import Hsm
+from worker.runtime import KeyService, transaction
+from worker.storage.db import create_db_engine, migrate, session_factory
+
+REDIS_URL = os.environ.get("KMSQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+POOLS = {"alpha": 2, "beta": 1}
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis database, emptied for this run."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError:
+        missing_service("Redis at " + REDIS_URL)
+    client.flushdb()
+    client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def queue_db_url() -> Iterator[str]:
+    """A fresh Postgres database for the queue tests, dropped afterwards."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"kmsq_queue_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception:
+        admin.dispose()
+        missing_service("Postgres at " + POSTGRES_ADMIN_URL)
+    yield admin.url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def subprocess_env(settings: Settings, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``kmsq`` subprocess on the test token, database and broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    env.update(
+        KMSQ_HOME=str(settings.home),
+        KMSQ_DATABASE_URL=database_url,
+        KMSQ_BROKER_URL=broker_url,
+        KMSQ_DEFAULT_POOL="alpha",
+        **extra,
+    )
+    return env
+
+
+def kmsq_command() -> list[str]:
+    """argv prefix running this checkout's ``kmsq`` with the test interpreter."""
+    return [sys.executable, "-m", "kmsq"]
+
+
+@dataclass
+class WorkerProcess:
+    """A ``kmsq worker`` started by a test."""
+
+    pool: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def children(self) -> list[int]:
+        """The pids of the worker's pool processes (prefork children)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                pids.append(int(entry.name))
+        return pids
+
+    def stop(self) -> int:
+        """Warm shutdown; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_worker(pool: str, concurrency: int, env: dict[str, str], log: Path, timeout: float = 60) -> WorkerProcess:
+    """Starts ``kmsq worker --pool`` and waits until Celery reports it ready."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(  # noqa: S603 - fixed argv
+            [*kmsq_command(), "worker", "--pool", pool, "--concurrency", str(concurrency)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    worker = WorkerProcess(pool, process, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"worker {pool} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        content = log.read_text(errors="replace")
+        if " ready." in content and content.count("serves pool") >= concurrency:
+            return worker
+        time.sleep(0.1)
+    worker.stop()
+    raise AssertionError(f"worker {pool} not ready in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Deployment:
+    """Everything the queue tests share."""
+
+    settings: Settings
+    service: KeyService
+    database_url: str
+    broker_url: str
+    roots: dict[tuple[str, str], str]  # (pool, type) -> root key id
+    fleet: Fleet
+    workers: dict[str, WorkerProcess]
+    directory: Path
+    caller_log: Path
+    secrets: list[bytes] = field(default_factory=list)  # every plaintext secret the tests handled
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """Sessions on the queue database."""
+        return self.service.sessions
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment for ``kmsq`` subprocesses."""
+        return subprocess_env(self.settings, self.database_url, self.broker_url, **extra)
+
+    def register(
+        self,
+        name: str,
+        ops: tuple[str, ...] = ALLOWABLE_OPS,
+        root_keys: list[str] | None = None,
+        plaintext: bool = True,
+    ) -> CallerIdentity:
+        """Creates a caller identity and registers it (as an operator would)."""
+        identity = CallerIdentity.generate(name)
+        identity.write(self.directory / "callers")
+        public = callers.read_public_identity(self.directory / "callers" / f"{name}.pub.json")
+        with transaction(self.sessions) as db:
+            callers.add_caller(db, name, public, list(ops), root_keys, plaintext)
+        return identity
+
+    def client(self, identity: CallerIdentity, **kwargs: object) -> KmsClient:
+        """A client for ``identity`` on the test broker."""
+        return KmsClient(self.broker_url, identity, self.fleet, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def count(self, table: str) -> int:
+        """Rows in a table of the queue database."""
+        from sqlalchemy import table as sa_table
+
+        with self.sessions() as db:
+            return int(db.scalar(select(func.count()).select_from(sa_table(table))) or 0)
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    hsm_settings: Settings, hsm: Hsm, redis_url: str, queue_db_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """Root keys and fleet keys in two pools, and running workers for both."""
+    directory = tmp_path_factory.mktemp("queue")
+    engine: Engine = create_db_engine(queue_db_url)
+    migrate(engine)
+    service = KeyService(hsm, session_factory(engine), default_pool="alpha")
+    roots = {}
+    for pool in POOLS:
+        for key_type in ("aes-256", "rsa-2048"):
+            roots[(pool, key_type)] = service.create_root_key(key_type, pool).id
+        with transaction(service.sessions) as db:
+            ensure_fleet_key(hsm, db, pool)
+    fleet = Fleet.from_document(fleet_document(service))
+    env = subprocess_env(hsm_settings, queue_db_url, redis_url)
+    caller_log = directory / "caller.log"
+    handler = logging.FileHandler(caller_log)
+    logger = logging.getLogger("kmsq")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    workers: dict[str, WorkerProcess] = {}
+    try:
+        for pool, concurrency in POOLS.items():
+            workers[pool] = start_worker(pool, concurrency, env, directory / f"worker-{pool}.log")
+        yield Deployment(hsm_settings, service, queue_db_url, redis_url, roots, fleet, workers, directory, caller_log)
+    finally:
+        for worker in workers.values():
+            worker.stop()
+        logger.removeHandler(handler)
+        handler.close()
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def full_caller(deployment: Deployment) -> CallerIdentity:
+    """A caller allowed every operation on every root key, with plaintext."""
+    return deployment.register("full")
+
+
+@pytest.fixture(scope="session")
+def client(deployment: Deployment, full_caller: CallerIdentity) -> Iterator[KmsClient]:
+    """A client of :func:`full_caller`."""
+    with deployment.client(full_caller) as kms:
+        yield kms
