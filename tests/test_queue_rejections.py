@@ -43,7 +43,12 @@ def put_body(client: KmsClient, pub: str, **overrides: Any) -> dict[str, Any]:
 
 
 def rejection(
-    client: KmsClient, task: str, args: list[Any], request_id: str, reply_to: str | None = None, listener: KmsClient | None = None
+    client: KmsClient,
+    task: str,
+    args: list[Any],
+    request_id: str,
+    reply_to: str | None = None,
+    listener: KmsClient | None = None,
 ) -> KmsError:
     """Publishes a raw message and returns the error the worker answered with."""
     listener = listener or client
@@ -119,9 +124,9 @@ def test_a_key_not_registered_to_the_caller_is_unauthenticated(deployment: Deplo
     impostor = CallerIdentity.generate("full")  # same name, other keys
     with deployment.client(impostor) as fake:
         body = put_body(fake, random_pub())
-        assert rejection(fake, "kmsq.put_key", signed_args(impostor, body, "kmsq.put_key"), body["request_id"]).code == (
-            "unauthenticated"
-        )
+        assert rejection(
+            fake, "kmsq.put_key", signed_args(impostor, body, "kmsq.put_key"), body["request_id"]
+        ).code == ("unauthenticated")
         # Claiming the registered key id does not help without its private key.
         args = signed_args(impostor, body | {"key_id": client.identity.key_id}, "kmsq.put_key")
         args[1] = client.identity.key_id
@@ -271,7 +276,9 @@ def test_a_message_with_another_reply_queue_is_unauthenticated(deployment: Deplo
 def test_a_prv_sealed_for_another_request_is_invalid(deployment: Deployment, client: KmsClient) -> None:
     first, second = put_body(client, random_pub()), put_body(client, random_pub())
     second["params"]["prv"] = first["params"]["prv"]
-    error = rejection(client, "kmsq.put_key", signed_args(client.identity, second, "kmsq.put_key"), second["request_id"])
+    error = rejection(
+        client, "kmsq.put_key", signed_args(client.identity, second, "kmsq.put_key"), second["request_id"]
+    )
     assert error.code == "invalid"
 
 

@@ -1,0 +1,88 @@
+"""After the queue tests stored and fetched private keys and data keys: no plaintext secret in Redis (every key:
+queues, kombu's unacked hash, anything else), in the worker and caller logs, or in a dump of the database.
+
+The file name sorts it after the other queue tests so that it also scans what they left behind; it makes its
+own secrets too, so it proves something when run alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+
+import redis
+from sqlalchemy import MetaData, select
+
+from schemas.wire import seal_private_key
+from tasks.client import KmsClient
+from tests.conftest import random_pub
+from tests.queue_fixtures import Deployment
+from tests.test_no_plaintext_at_rest import encodings
+
+
+def dump_redis(url: str) -> bytes:
+    """Every key and value of the test Redis database, whatever its type."""
+    client = redis.Redis.from_url(url)
+    out = bytearray()
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        out += key + b"\n"
+        if kind == b"string":
+            out += (client.get(key) or b"") + b"\n"
+        elif kind == b"list":
+            out += b"\n".join(client.lrange(key, 0, -1)) + b"\n"
+        elif kind == b"hash":
+            for field, value in client.hgetall(key).items():
+                out += field + b"=" + value + b"\n"
+        elif kind == b"set":
+            out += b"\n".join(client.smembers(key)) + b"\n"
+        elif kind == b"zset":
+            out += b"\n".join(member for member, _ in client.zrange(key, 0, -1, withscores=True)) + b"\n"
+    client.close()
+    return bytes(out)
+
+
+def dump_database(deployment: Deployment) -> bytes:
+    metadata = MetaData()
+    out = bytearray()
+    with deployment.sessions() as db:
+        metadata.reflect(bind=db.connection())
+        for table in metadata.sorted_tables:
+            for row in db.execute(select(table)):
+                out += "|".join(str(v) for v in row).encode() + b"\n"
+    return bytes(out)
+
+
+def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, client: KmsClient) -> None:
+    own: list[bytes] = []
+    for _ in range(5):
+        pub, prv = random_pub(), "xprv9s21ZrQH143K" + secrets.token_urlsafe(48)
+        client.put_key(pub, prv, "btc", "user", "independent")
+        assert client.get_key(pub, "user")["prv"] == prv
+        key = client.generate_data_key()
+        assert client.decrypt_data_key(key["encryptedKey"]) == {"plaintextKey": key["plaintextKey"]}
+        own += [prv.encode(), key["plaintextKey"].encode(), base64.b64decode(key["plaintextKey"])]
+    # Leave messages sitting in Redis as well: requests for a pool nobody serves, one with a sealed prv.
+    prv = "xprv-parked-" + secrets.token_hex(24)
+    own.append(prv.encode())
+    request_id = uuid.uuid4()
+    sealed = seal_private_key(
+        client.fleet.pools["alpha"].transport_key, client.identity.caller, request_id, prv.encode()
+    )
+    params = {"op": "put_key", "pub": random_pub(), "prv": sealed, "coin": "btc", "source": "user", "type": "tss"}
+    request, args = client.build_request(params, "alpha", request_id)
+    client.publish("kmsq.put_key", args, str(request_id), "parked", request.reply_queue)
+
+    redis_dump = dump_redis(deployment.broker_url)
+    database = dump_database(deployment)
+    logs = b"".join(w.log.read_bytes() for w in deployment.workers.values())
+    logs += b"".join(p.read_bytes() for p in deployment.directory.glob("worker-*.log"))
+    logs += deployment.caller_log.read_bytes()
+    assert b"kms.parked" in redis_dump and b"kmsq:v1:" in database and b"ready." in logs  # the dumps are real
+    assert len(own + deployment.secrets) > 20
+    for secret in own + deployment.secrets:
+        for form in encodings(secret):
+            assert form not in redis_dump, "a plaintext secret is in Redis"
+            assert form not in database, "a plaintext secret is in the database"
+            assert form not in logs, "a plaintext secret is in a log"
