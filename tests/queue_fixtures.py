@@ -124,7 +124,7 @@ class WorkerProcess:
 def start_worker(pool: str, concurrency: int, env: dict[str, str], log: Path, timeout: float = 60) -> WorkerProcess:
     """Starts ``kmsq worker --pool`` and waits until Celery reports it ready."""
     with log.open("ab") as out:
-        process = subprocess.Popen(  # noqa: S603 - fixed argv
+        process = subprocess.Popen(
             [*kmsq_command(), "worker", "--pool", pool, "--concurrency", str(concurrency)],
             env=env,
             stdout=out,

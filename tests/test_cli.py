@@ -53,15 +53,23 @@ def test_root_key_create_list_rotate(home: Path) -> None:
     assert by_id[key["id"]]["version"] == 2
 
 
-def test_demo_runs_the_four_operations(home: Path) -> None:
+def test_demo_runs_every_operation_through_the_queue(home: Path) -> None:
+    """The main job on the embedded default: SoftHSM2, SQLite and a private redis-server on a Unix socket."""
     result = run_kmsq(home, "demo", "--json")
     assert result.returncode == 0, result.stderr
-    steps = {step["op"]: step for step in json.loads(result.stdout)}
-    assert steps["decryptDataKey"]["matches"] and steps["GET /key"]["matches"]
-    assert steps["POST /key again"]["result"].startswith("conflict")
-    assert steps["GET /key?source=backup"]["result"].startswith("not_found")
-    human = run_kmsq(home, "demo")
-    assert human.returncode == 0 and "generateDataKey" in human.stdout
+    report = json.loads(result.stdout)
+    assert report["broker"].startswith("embedded") and report["worker"]["exit_code"] == 0
+    steps = {step["op"]: step for step in report["steps"]}
+    assert steps["decrypt_data_key"]["matches"] and steps["get_key"]["matches"]
+    assert steps["generate_data_key_without_plaintext"]["fields"] == ["encryptedKey"]
+    assert steps["put_key again"]["result"].startswith("conflict")
+    assert steps["get_key source=backup"]["result"].startswith("not_found")
+    assert steps["tampered signature"]["result"].startswith("unauthenticated")
+    assert "ready." in (home / "worker.log").read_text()
+    assert not (home / "broker.sock").exists()  # the demo stopped the broker it started
+    again = run_kmsq(home, "demo")  # the registered demo caller and its identity are reused
+    assert again.returncode == 0, again.stderr
+    assert "worker stopped cleanly" in again.stdout
 
 
 def _one_line_error(result: object, code: int, needle: str) -> None:

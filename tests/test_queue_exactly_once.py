@@ -27,9 +27,8 @@ POOL = "gamma"
 @pytest.fixture(scope="module")
 def gamma(deployment: Deployment) -> Iterator[tuple[WorkerProcess, KmsClient]]:
     """A pool of its own with one worker process, so that killing its child disturbs no other test."""
-    from tasks.identity import Fleet
-
     from kmsq.operator_cli import fleet_document
+    from tasks.identity import Fleet
 
     deployment.service.create_root_key("aes-256", POOL)
     with transaction(deployment.sessions) as db:
@@ -54,7 +53,8 @@ def wait_for_lock_waiter(database_url: str, timeout: float = 30) -> None:
             while time.monotonic() < deadline:
                 waiting = conn.execute(
                     text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
                     )
                 ).scalar()
                 if waiting:

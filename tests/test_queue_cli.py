@@ -1,0 +1,137 @@
+"""The caller and operator commands as subprocesses against the running workers (Redis, Postgres, SoftHSM2),
+and the main job (`kmsq init` + `kmsq demo`) against Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import POSTGRES_ADMIN_URL, random_pub
+from tests.queue_fixtures import Deployment, kmsq_command
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*kmsq_command(), *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def one_line(result: subprocess.CompletedProcess[str], exit_code: int, fragment: str) -> None:
+    assert result.returncode == exit_code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kmsq: error: ") and fragment in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def caller_env(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A caller made and registered with the commands, with its identity and fleet file in the environment."""
+    directory = tmp_path_factory.mktemp("cli-caller")
+    env = deployment.env()
+    made = run(env, "caller", "keygen", "cli", "--dir", str(directory), "--json")
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE((directory / "cli.key.json").stat().st_mode) == 0o600
+    added = run(env, "caller", "add", "cli", "--public-key", str(directory / "cli.pub.json"), "--allow",
+                "generate_data_key,generate_data_key_without_plaintext,decrypt_data_key,put_key,get_key",
+                "--all-root-keys", "--plaintext", "--json")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["key_id"] == json.loads(made.stdout)["key_id"]
+    exported = run(env, "fleet-key", "export", "--out", str(directory / "fleet.json"))
+    assert exported.returncode == 0, exported.stderr
+    return {**env, "KMSQ_IDENTITY": str(directory / "cli.key.json"), "KMSQ_FLEET": str(directory / "fleet.json")}
+
+
+def test_fleet_file_lists_pools_and_root_keys(deployment: Deployment, caller_env: dict[str, str]) -> None:
+    fleet = json.loads(Path(caller_env["KMSQ_FLEET"]).read_text())
+    assert {"alpha", "beta"} <= set(fleet["pools"])
+    assert deployment.roots[("beta", "rsa-2048")] in fleet["pools"]["beta"]["root_keys"]
+    assert "private" not in json.dumps(fleet)
+
+
+def test_data_key_commands(deployment: Deployment, caller_env: dict[str, str]) -> None:
+    generated = run(caller_env, "generate-data-key", "--root-key", deployment.roots[("beta", "rsa-2048")])
+    assert generated.returncode == 0, generated.stderr
+    key = json.loads(generated.stdout)
+    assert set(key) == {"plaintextKey", "encryptedKey"}
+    deployment.secrets.append(key["plaintextKey"].encode())
+    decrypted = run(caller_env, "decrypt-data-key", key["encryptedKey"])
+    assert json.loads(decrypted.stdout) == {"plaintextKey": key["plaintextKey"]}
+    bare = run(caller_env, "generate-data-key", "--without-plaintext")
+    assert set(json.loads(bare.stdout)) == {"encryptedKey"}
+    one_line(run(caller_env, "decrypt-data-key", "kmsq:v1:AAAA"), 7, "integrity")
+
+
+def test_private_key_commands(deployment: Deployment, caller_env: dict[str, str], tmp_path: Path) -> None:
+    pub, prv = random_pub() + "/+=", "xprv" + uuid.uuid4().hex
+    deployment.secrets.append(prv.encode())
+    prv_file = tmp_path / "prv.txt"
+    prv_file.write_text(prv + "\n")
+    args = ["--pub", pub, "--prv-file", str(prv_file), "--coin", "btc", "--source", "user", "--type", "tss"]
+    stored = run(caller_env, "put-key", *args)
+    assert stored.returncode == 0, stored.stderr
+    assert json.loads(stored.stdout) == {"pub": pub, "coin": "btc", "source": "user", "type": "tss"}
+    assert prv not in stored.stdout + stored.stderr
+    fetched = run(caller_env, "get-key", pub, "--source", "user")
+    assert json.loads(fetched.stdout) == {"pub": pub, "prv": prv, "coin": "btc", "source": "user", "type": "tss"}
+    one_line(run(caller_env, "put-key", *args), 6, "conflict")
+    one_line(run(caller_env, "get-key", pub, "--source", "backup"), 5, "not_found")
+
+
+def test_caller_registry_commands(deployment: Deployment, caller_env: dict[str, str], tmp_path: Path) -> None:
+    env = deployment.env()
+    assert run(env, "caller", "keygen", "cli-ro", "--dir", str(tmp_path)).returncode == 0
+    public = str(tmp_path / "cli-ro.pub.json")
+    one_line(run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "get_key"), 7, "exactly one")
+    one_line(
+        run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "sign", "--all-root-keys"), 7, "sign"
+    )
+    one_line(
+        run(env, "caller", "add", "other", "--public-key", public, "--allow", "get_key", "--all-root-keys"), 7, "cli-ro"
+    )
+    root = deployment.roots[("alpha", "aes-256")]
+    added = run(
+        env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "generate_data_key", "--root-keys", root
+    )
+    assert added.returncode == 0, added.stderr
+    one_line(
+        run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "get_key", "--all-root-keys"),
+        6,
+        "exists",
+    )
+    listed = {c["name"]: c for c in json.loads(run(env, "caller", "list", "--json").stdout)}
+    assert listed["cli-ro"]["root_keys"] == [root] and listed["cli-ro"]["plaintext"] is False
+    assert "cli-ro" in run(env, "caller", "list").stdout
+    ro_env = {**caller_env, "KMSQ_IDENTITY": str(tmp_path / "cli-ro.key.json")}
+    one_line(run(ro_env, "generate-data-key"), 9, "forbidden")  # no plaintext permission
+    assert run(env, "caller", "disable", "cli-ro").returncode == 0
+    one_line(run(ro_env, "generate-data-key"), 8, "unauthenticated")
+    one_line(run({**caller_env, "KMSQ_IDENTITY": str(tmp_path / "absent.key.json")}, "generate-data-key"), 3, "absent")
+
+
+def test_main_job_on_redis_and_postgres(deployment: Deployment, tmp_path: Path) -> None:
+    """`kmsq init` and `kmsq demo` with KMSQ_BROKER_URL and KMSQ_DATABASE_URL set."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"kmsq_demo_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        env = {
+            **deployment.env(),
+            "KMSQ_HOME": str(tmp_path / "home"),
+            "KMSQ_DATABASE_URL": admin.url.set(database=name).render_as_string(hide_password=False),
+            "KMSQ_DEFAULT_POOL": "default",
+        }
+        assert run(env, "init").returncode == 0
+        result = run(env, "demo", "--json")
+        assert result.returncode == 0, result.stderr + (tmp_path / "home" / "worker.log").read_text()[-2000:]
+        report = json.loads(result.stdout)
+        assert report["broker"] == "KMSQ_BROKER_URL" and report["worker"]["exit_code"] == 0
+        assert all(step.get("matches", True) and step.get("ok", True) for step in report["steps"])
+        assert not (tmp_path / "home" / "broker.sock").exists()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
