@@ -74,11 +74,13 @@ def subprocess_env(settings: Settings, database_url: str, broker_url: str, **ext
     """The environment of a ``kmsq`` subprocess on the test token, database and broker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     env.update(
-        KMSQ_HOME=str(settings.home),
-        KMSQ_DATABASE_URL=database_url,
-        KMSQ_BROKER_URL=broker_url,
-        KMSQ_DEFAULT_POOL="alpha",
-        **extra,
+        {
+            "KMSQ_HOME": str(settings.home),
+            "KMSQ_DATABASE_URL": database_url,
+            "KMSQ_BROKER_URL": broker_url,
+            "KMSQ_DEFAULT_POOL": "alpha",
+            **extra,
+        }
     )
     return env
 
