@@ -1,0 +1,58 @@
+"""The dependency direction of ARCHITECTURE.md: schemas ← worker ← tasks ← entry points, and a caller that
+runs without the worker extra (no python-pkcs11, SQLAlchemy, psycopg or Alembic)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('pkcs11', 'sqlalchemy', 'psycopg', 'alembic'):
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def imported_modules(package: str) -> set[str]:
+    """Top-level names of every module imported anywhere in ``package`` (including inside functions)."""
+    names: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_schemas_import_nothing_of_kmsq_above_them() -> None:
+    assert not imported_modules("schemas") & {"worker", "tasks", "kmsq", "celery", "kombu", "sqlalchemy", "pkcs11"}
+
+
+def test_worker_does_not_import_celery_or_tasks() -> None:
+    assert not imported_modules("worker") & {"tasks", "kmsq", "celery", "kombu"}
+
+
+def test_the_caller_side_runs_without_the_worker_extra(tmp_path: Path) -> None:
+    code = (
+        BLOCKER
+        + f"""
+import tasks.client, tasks.identity
+from kmsq.cli import main
+sys.argv = ['kmsq', 'caller', 'keygen', 'lean', '--dir', {str(tmp_path)!r}, '--json']
+main()
+"""
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "lean.key.json").exists() and '"key_id"' in result.stdout
+    blocked = subprocess.run(
+        [sys.executable, "-c", BLOCKER + "import worker.hsm"], capture_output=True, text=True, check=False
+    )
+    assert "blocked for this test" in blocked.stderr  # the blocker really blocks
