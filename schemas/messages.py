@@ -163,6 +163,10 @@ class Reply(_Frozen):
     pool: str
     worker_key_id: str
     issued_at: datetime
+    # SHA-256 of the task arguments as the worker received them (signature included, see
+    # schemas.wire.args_digest): a caller accepts a reply only for the message it sent, so nobody can
+    # answer its request with an error provoked by a forged copy.
+    request_digest: str
 
 
 class ReplyEnvelope(_Frozen):

@@ -89,6 +89,16 @@ def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+def args_digest(args: Any) -> str:
+    """Returns the hex SHA-256 of a request message's task arguments in canonical JSON (or of their repr
+    when they are not JSON at all)."""
+    try:
+        encoded = canonical_json(list(args) if isinstance(args, list | tuple) else args)
+    except (TypeError, ValueError):
+        encoded = repr(args).encode("utf-8", "replace")
+    return hashlib.sha256(encoded).hexdigest()
+
+
 def key_id(public_key: bytes) -> str:
     """Returns the id of an Ed25519 public key: ``ed25519:`` and 16 hex digits of its SHA-256."""
     return "ed25519:" + hashlib.sha256(public_key).hexdigest()[:16]

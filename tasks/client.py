@@ -34,6 +34,7 @@ from schemas.messages import Reply, ReplyEnvelope, Request, reply_queue_for
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
+    args_digest,
     b64u,
     canonical_json,
     from_b64u,
@@ -101,7 +102,8 @@ class KmsClient:
         self.timeout = timeout
         self._app = make_app(broker_url, name="kmsq-client")
         self._broker_url = broker_url
-        self._pending: dict[str, Future[Reply]] = {}
+        # request_id -> (future, digest of the arguments sent, or None when unknown: see expect())
+        self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
         self._unclaimed: dict[str, Reply] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -221,7 +223,7 @@ class KmsClient:
 
     def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
         """Sends already signed task arguments for ``request`` and returns the future of its reply."""
-        future, arrived = self._expect(request.request_id)
+        future, arrived = self._expect(request.request_id, args_digest(args))
         if not arrived:
             self.send(request, args)
         return future
@@ -229,15 +231,17 @@ class KmsClient:
     def expect(self, request_id: uuid.UUID) -> RequestFuture:
         """Returns the future of the reply to ``request_id`` without sending anything (a request sent by an
         earlier run, or published by other means, whose reply comes to this client's reply queue)."""
-        return self._expect(request_id)[0]
+        return self._expect(request_id, None)[0]
 
-    def _expect(self, request_id: uuid.UUID) -> tuple[RequestFuture, bool]:
+    def _expect(self, request_id: uuid.UUID, digest: str | None) -> tuple[RequestFuture, bool]:
         rid = str(request_id)
         reply_future: Future[Reply] = Future()
         with self._lock:
             early = self._unclaimed.pop(rid, None)
+            if early is not None and digest is not None and early.request_digest != digest:
+                early = None
             if early is None:
-                self._pending[rid] = reply_future
+                self._pending[rid] = (reply_future, digest)
         if early is not None:
             reply_future.set_result(early)
         return self._chain(reply_future, request_id), early is not None
@@ -314,10 +318,17 @@ class KmsClient:
             message.ack()
             return
         rid = str(reply.request_id)
+        future: Future[Reply] | None = None
         with self._lock:
-            future = self._pending.pop(rid, None)
-            if future is None:
+            pending = self._pending.get(rid)
+            if pending is None:
                 self._unclaimed[rid] = reply  # a reply to an earlier run, or a duplicate
+            elif pending[1] is None or pending[1] == reply.request_digest:
+                future = self._pending.pop(rid)[0]
+            else:
+                # Signed by a worker, but for another message carrying this request_id (a forged or
+                # tampered copy of ours): not the answer to what we sent.
+                log.warning("ignored a reply to a different message with request_id %s", rid)
         if future is not None and not future.done():
             future.set_result(reply)
         message.ack()
@@ -355,7 +366,7 @@ class KmsClient:
             self._consumer.join(timeout=5)
         with self._lock:
             pending, self._pending = self._pending, {}
-        for rid, future in pending.items():
+        for rid, (future, _) in pending.items():
             if not future.done():
                 future.set_exception(KmsTimeout(rid))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -301,3 +302,17 @@ def test_rejections_change_no_private_key(deployment: Deployment) -> None:
     with deployment.sessions() as db:
         pubs = db.scalars(select(PrivateKey.pub)).all()
     assert len(pubs) == len(set(pubs))
+
+
+def test_a_forged_copy_cannot_answer_the_callers_request(deployment: Deployment, client: KmsClient) -> None:
+    """Someone on the broker republishes our pending request with a broken signature: the worker's signed
+    `unauthenticated` reply is for that copy (another request_digest), so the client waits for its own."""
+    request, args = client.build_request({"op": "generate_data_key"}, "alpha")
+    forged = [*args[:3], flip(args[3], 5)]
+    client.publish("kmsq.generate_data_key", forged, str(request.request_id), "alpha", request.reply_queue)
+    time.sleep(0.3)  # let the forged copy's reply arrive first
+    future = client.submit_raw(request, args)
+    key = client.wait(future)
+    assert len(base64.b64decode(key["plaintextKey"])) == 32
+    deployment.secrets.append(key["plaintextKey"].encode())
+    assert audited(deployment, str(request.request_id), "unauthenticated")

@@ -41,6 +41,7 @@ from schemas.wire import (
     MAX_REQUEST_BYTES,
     MAX_REQUEST_TTL_SECONDS,
     WireError,
+    args_digest,
     b64u,
     canonical_json,
     from_b64u,
@@ -115,6 +116,15 @@ class _Claim:
     signature: str
 
 
+@dataclass(frozen=True)
+class _Call:
+    """An authenticated, parsed request: the body's hash (idempotency) and the arguments' digest (replies)."""
+
+    request: Request
+    body_hash: str
+    digest: str
+
+
 class _Rejection(Exception):
     """A failure before the request is authenticated and parsed: reply to the header queue, store nothing."""
 
@@ -138,23 +148,25 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
     gets an ``unavailable`` reply instead. Never raises for bad input.
     """
     claim = _claim(msg.args)
+    ctx_digest = args_digest(msg.args)
     try:
         request, body_hash, caller = _authenticate(ctx, msg, claim)
     except _Rejection as r:
-        return _reject(ctx, msg, claim, r)
+        return _reject(ctx, msg, claim, r, ctx_digest)
     except TransientError as e:
         if not final_attempt:
             raise
-        return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"))
+        return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"), ctx_digest)
+    call = _Call(request, body_hash, ctx_digest)
     try:
-        return _serve(ctx, request, body_hash, caller)
+        return _serve(ctx, call, caller)
     except TransientError as e:
         if not final_attempt:
             raise
-        return _error_delivery(ctx, request, e, store=False, body_hash=body_hash)
+        return _error_delivery(ctx, call, e, store=False)
     except Exception:
         log.exception("internal error in %s %s", request.params.op, request.request_id)
-        return _error_delivery(ctx, request, KmsqError(), store=False, body_hash=body_hash)
+        return _error_delivery(ctx, call, KmsqError(), store=False)
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -221,14 +233,14 @@ def _bind(ctx: WorkerContext, msg: Inbound, claim: _Claim, request: Request, cal
         raise _Rejection(Forbidden("reply key is not the caller's registered reply key"), "foreign reply key")
 
 
-def _reject(ctx: WorkerContext, msg: Inbound, claim: _Claim | None, rejection: _Rejection) -> Delivery:
+def _reject(ctx: WorkerContext, msg: Inbound, claim: _Claim | None, rejection: _Rejection, digest: str) -> Delivery:
     caller = claim.caller if claim else "?"
     queue = msg.reply_to if msg.reply_to and claim and reply_queue_belongs_to(msg.reply_to, claim.caller) else None
     request_id = _uuid_or_nil(msg.message_id)
     op = msg.task.removeprefix("kmsq.")[:64]
     _audit(ctx, caller, str(request_id), op, rejection.error.code, rejection.detail)
     log.warning("rejected %s %s from %r: %s", op, request_id, caller, rejection.detail)
-    envelope = _envelope(ctx, request_id, caller, op, error=rejection.error)
+    envelope = _envelope(ctx, request_id, caller, op, digest, error=rejection.error)
     return Delivery(queue, envelope, str(request_id), rejection.error.code)
 
 
@@ -242,48 +254,45 @@ def _uuid_or_nil(text: str | None) -> uuid.UUID:
 # -- serving ---------------------------------------------------------------------------------------
 
 
-def _serve(ctx: WorkerContext, request: Request, body_hash: str, caller: Caller) -> Delivery:
-    stored = _stored_reply(ctx, request, body_hash)
+def _serve(ctx: WorkerContext, call: _Call, caller: Caller) -> Delivery:
+    request = call.request
+    stored = _stored_reply(ctx, call)
     if stored is not None:
         return stored
     now = ctx.now()
     lifetime = (request.expires_at - request.issued_at).total_seconds()
     if not 0 < lifetime <= MAX_REQUEST_TTL_SECONDS:
-        return _error_delivery(
-            ctx,
-            request,
-            InvalidRequest(f"expires_at must be 0-{MAX_REQUEST_TTL_SECONDS} s after issued_at"),
-            store=True,
-            body_hash=body_hash,
-        )
+        error = InvalidRequest(f"expires_at must be 0-{MAX_REQUEST_TTL_SECONDS} s after issued_at")
+        return _error_delivery(ctx, call, error, store=True)
     if now < request.issued_at - ctx.clock_skew or now > request.expires_at + ctx.clock_skew:
-        return _error_delivery(ctx, request, Expired(), store=True, body_hash=body_hash)
+        return _error_delivery(ctx, call, Expired(), store=True)
     try:
         callers.authorize_op(caller, request.params.op)
     except Forbidden as e:
-        return _error_delivery(ctx, request, e, store=True, body_hash=body_hash)
+        return _error_delivery(ctx, call, e, store=True)
     if isinstance(request.params, GetResult):
-        return _get_result(ctx, request, request.params, body_hash)
+        return _get_result(ctx, call, request.params)
     for _ in range(2):
         try:
-            return _execute_and_record(ctx, request, body_hash, caller)
+            return _execute_and_record(ctx, call, caller)
         except _Duplicate:
-            stored = _stored_reply(ctx, request, body_hash)
+            stored = _stored_reply(ctx, call)
             if stored is not None:
                 return stored
         except PermanentError as e:
-            return _error_delivery(ctx, request, e, store=True, body_hash=body_hash)
+            return _error_delivery(ctx, call, e, store=True)
     raise AssertionError("request record vanished")  # pragma: no cover - records are never deleted
 
 
-def _stored_reply(ctx: WorkerContext, request: Request, body_hash: str) -> Delivery | None:
+def _stored_reply(ctx: WorkerContext, call: _Call) -> Delivery | None:
     """The stored reply when this request was already answered; Replayed for a reused request_id."""
+    request = call.request
     with transaction(ctx.sessions) as db:
         record = db.get(RequestRecord, (request.caller, str(request.request_id)))
     if record is None:
         return None
-    if record.request_hash != body_hash:
-        return _error_delivery(ctx, request, Replayed(), store=False, body_hash=body_hash)
+    if record.request_hash != call.body_hash:
+        return _error_delivery(ctx, call, Replayed(), store=False)
     return Delivery(request.reply_queue, json.loads(record.reply), str(request.request_id), record.error_code)
 
 
@@ -296,12 +305,13 @@ def _root_key_check(ctx: WorkerContext, caller: Caller) -> service.RootKeyCheck:
     return check
 
 
-def _execute_and_record(ctx: WorkerContext, request: Request, body_hash: str, caller: Caller) -> Delivery:
+def _execute_and_record(ctx: WorkerContext, call: _Call, caller: Caller) -> Delivery:
+    request = call.request
     with transaction(ctx.sessions) as db:
         record = RequestRecord(
             caller=request.caller,
             request_id=str(request.request_id),
-            request_hash=body_hash,
+            request_hash=call.body_hash,
             op=request.params.op,
             status="pending",
             reply="",
@@ -316,7 +326,9 @@ def _execute_and_record(ctx: WorkerContext, request: Request, body_hash: str, ca
         sealed = {
             name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()
         }
-        envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, result=result, sealed=sealed)
+        envelope = _envelope(
+            ctx, request.request_id, request.caller, request.params.op, call.digest, result=result, sealed=sealed
+        )
         record.status = "ok"
         record.reply = canonical_json(envelope).decode()
     return Delivery(request.reply_queue, envelope, str(request.request_id), None)
@@ -365,13 +377,16 @@ def _open_prv(ctx: WorkerContext, request: Request, params: PutKey) -> str:
         raise InvalidRequest("prv must be UTF-8 text") from None
 
 
-def _get_result(ctx: WorkerContext, request: Request, params: GetResult, body_hash: str) -> Delivery:
+def _get_result(ctx: WorkerContext, call: _Call, params: GetResult) -> Delivery:
+    request = call.request
     with transaction(ctx.sessions) as db:
         record = db.get(RequestRecord, (request.caller, str(params.request_id)))
     if record is None or record.status == "pending":
         error = NotFound("no stored result for this request_id")
-        return _error_delivery(ctx, request, error, store=False, body_hash=body_hash)
-    envelope = _envelope(ctx, request.request_id, request.caller, "get_result", result={"reply": record.reply})
+        return _error_delivery(ctx, call, error, store=False)
+    envelope = _envelope(
+        ctx, request.request_id, request.caller, "get_result", call.digest, result={"reply": record.reply}
+    )
     return Delivery(request.reply_queue, envelope, str(request.request_id), None)
 
 
@@ -383,6 +398,7 @@ def _envelope(
     request_id: uuid.UUID,
     caller: str,
     op: str,
+    digest: str,
     *,
     result: dict[str, str | int | bool | None] | None = None,
     sealed: dict[str, str] | None = None,
@@ -400,16 +416,18 @@ def _envelope(
         pool=ctx.pool,
         worker_key_id=ctx.fleet.signing_key_id,
         issued_at=ctx.now(),
+        request_digest=digest,
     )
     body = canonical_json(reply.model_dump(mode="json"))
     signature = sign(ctx.fleet.signing, reply_signing_input(body))
     return ReplyEnvelope(body=b64u(body), signature=signature, key_id=ctx.fleet.signing_key_id).model_dump()
 
 
-def _error_delivery(ctx: WorkerContext, request: Request, error: KmsqError, *, store: bool, body_hash: str) -> Delivery:
+def _error_delivery(ctx: WorkerContext, call: _Call, error: KmsqError, *, store: bool) -> Delivery:
     """Builds an error reply; with ``store`` it becomes the request's recorded outcome (or, if another
     delivery recorded one first, that one is returned). Every error is audited."""
-    envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, error=error)
+    request = call.request
+    envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, call.digest, error=error)
     delivery = Delivery(request.reply_queue, envelope, str(request.request_id), error.code)
     if not store:
         _audit(ctx, request.caller, str(request.request_id), request.params.op, error.code, error.message)
@@ -421,7 +439,7 @@ def _error_delivery(ctx: WorkerContext, request: Request, error: KmsqError, *, s
                     RequestRecord(
                         caller=request.caller,
                         request_id=str(request.request_id),
-                        request_hash=body_hash,
+                        request_hash=call.body_hash,
                         op=request.params.op,
                         status="error",
                         error_code=error.code,
@@ -434,7 +452,7 @@ def _error_delivery(ctx: WorkerContext, request: Request, error: KmsqError, *, s
                 )
             )
     except sa_exc.IntegrityError:
-        stored = _stored_reply(ctx, request, body_hash)
+        stored = _stored_reply(ctx, call)
         if stored is not None:
             return stored
     return delivery
