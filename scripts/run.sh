@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job: sets up the machine, then runs `kmsq init` and `kmsq demo` on the embedded SoftHSM2 token
-# and SQLite database under KMSQ_HOME (default: var/ in the repository root).
+# The main job: sets up the machine, then runs `kmsq init` and `kmsq demo` on the embedded default under
+# KMSQ_HOME (default: var/ in the repository root): a SoftHSM2 token, a SQLite database and a private
+# redis-server on a Unix socket as the broker. The demo starts a worker, registers a demo caller, sends each
+# operation through the queue as a signed request, unseals the replies, and stops the worker and broker.
+# With KMSQ_BROKER_URL and KMSQ_DATABASE_URL set, the same runs against that Redis and Postgres.
 #
 #   scripts/run.sh [--json]     --json: both commands print JSON on stdout (setup output goes to stderr)
 set -euo pipefail
@@ -13,7 +16,7 @@ JSON=""
 for arg in "$@"; do
     case "$arg" in
         --json) JSON="--json" ;;
-        -h|--help) sed -n '2,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) printf 'run: unknown argument: %s (usage: scripts/run.sh [--json])\n' "$arg" >&2; exit 2 ;;
     esac
 done
