@@ -19,14 +19,16 @@ from kmsq.output import console, one_line_errors, print_json
 
 def home() -> Path:
     """``KMSQ_HOME`` (default ``./var``), resolved."""
-    return Path(os.environ.get("KMSQ_HOME") or "./var").expanduser().resolve()
+    from worker.config import load_settings  # stdlib-only: works without the worker extra
+
+    return Path(load_settings().home)
 
 
 def broker_url() -> str:
-    """The broker callers publish to."""
-    from schemas.wire import embedded_broker_url
+    """The broker callers publish to: ``KMSQ_BROKER_URL`` or ``kmsq.toml``, else the embedded one."""
+    from worker.config import load_settings
 
-    return os.environ.get("KMSQ_BROKER_URL") or embedded_broker_url(str(home()))
+    return str(load_settings().effective_broker_url)
 
 
 def caller_options(func: Any) -> Any:

@@ -31,7 +31,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
 def init(as_json: bool) -> None:
-    """Create the embedded token (if no HSM is configured), migrate the database, create a default root key.
+    """Create the embedded token (if no HSM is configured), migrate the database, create a default root key
+    and the default pool's fleet keys.
 
     Safe to run again: it creates only what is missing.
     """

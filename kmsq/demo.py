@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,28 @@ def _ensure_demo_caller(service: Any, directory: Path) -> Path:
     return private_path
 
 
-def _start_worker(home: Path) -> subprocess.Popen[bytes]:
-    log = (home / "worker.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "kmsq", "worker", "--concurrency", "2"], stdout=log, stderr=subprocess.STDOUT
-    )
+def _start_worker(home: Path, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    """Starts ``kmsq worker`` and waits until Celery reports it ready (so that stopping it later is a clean,
+    warm shutdown even when another worker of the pool answered every request)."""
+    from worker.errors import ConfigError
+
+    path = home / "worker.log"
+    offset = path.stat().st_size if path.exists() else 0
+    with path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kmsq", "worker", "--concurrency", "2"], stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with path.open("rb") as log:
+            log.seek(offset)
+            if b" ready." in log.read():
+                return process
+        if process.poll() is not None:
+            raise ConfigError(f"the worker exited with {process.returncode}; see {path}")
+        time.sleep(0.1)
+    _stop_worker(process)
+    raise ConfigError(f"the worker did not start within {timeout:.0f} s; see {path}")
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> int:

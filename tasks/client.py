@@ -51,6 +51,7 @@ from tasks.app import make_app
 from tasks.identity import CallerIdentity, Fleet
 
 log = logging.getLogger("kmsq.client")
+MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
 Fields = dict[str, Any]
 
 
@@ -323,6 +324,8 @@ class KmsClient:
             pending = self._pending.get(rid)
             if pending is None:
                 self._unclaimed[rid] = reply  # a reply to an earlier run, or a duplicate
+                if len(self._unclaimed) > MAX_UNCLAIMED:  # nobody collects them: forget the oldest
+                    del self._unclaimed[next(iter(self._unclaimed))]
             elif pending[1] is None or pending[1] == reply.request_digest:
                 future = self._pending.pop(rid)[0]
             else:

@@ -30,7 +30,7 @@ from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.runtime import KeyService, transaction
 
 log = logging.getLogger("kmsq.worker")
-MAX_RETRIES = 6  # backoff 1, 2, 4, 8, 16, 30 s: about a minute before the caller gets `unavailable`
+MAX_RETRIES = 5  # backoff 1, 2, 4, 8, 16 s: about 30 s, within the client's default 60 s timeout
 
 _settings = load_settings()
 app = make_app(_settings.effective_broker_url)
@@ -100,7 +100,7 @@ def _run(task: Task, args: tuple[Any, ...]) -> None:
     try:
         delivery = handle(context(), msg, final_attempt=final)
     except KmsqError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
-        countdown = min(2**request.retries, 30)
+        countdown = 2**request.retries
         log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1, countdown)
         raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
     publish(delivery)

@@ -311,10 +311,12 @@ def store_private_key(
     _validate_private_key_fields(pub, coin, source, type)
     if not isinstance(prv, str) or not 1 <= len(prv.encode("utf-8")) <= MAX_PRV_BYTES:
         raise InvalidRequest(f"prv must be 1-{MAX_PRV_BYTES} bytes")
+    # The root key (and the caller's permission on it) first: a refused caller learns nothing about
+    # which (pub, source) pairs exist.
+    version = wrapping_version(db, root_key_id, pool, check)
     repo = PrivateKeyRepository(db)
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
-    version = wrapping_version(db, root_key_id, pool, check)
     handle = hsm_handle(version)
     context = PrivateKeyContext(pub, source, coin, type, version.root_key_id, version.version)
     shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")

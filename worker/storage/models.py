@@ -119,7 +119,7 @@ class RequestRecord(Base):
     request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the signed body bytes, hex
     op: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # ok | error
+    status: Mapped[str] = mapped_column(String(16))  # ok | error (pending only inside the open transaction)
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     reply: Mapped[str] = mapped_column(Text)  # the signed reply envelope (secrets only HPKE-sealed)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
