@@ -77,3 +77,18 @@ def test_secret_holder_redacts_and_wipes() -> None:
     with other:
         pass
     assert len(other) == 0
+
+
+def test_broker_and_clock_skew(tmp_path: Path) -> None:
+    settings = load_settings({"KMSQ_HOME": str(tmp_path)})
+    assert settings.embedded_broker
+    assert settings.effective_broker_url == f"redis+socket://{tmp_path.resolve()}/broker.sock"
+    assert settings.clock_skew_seconds == 300
+    (tmp_path / "kmsq.toml").write_text('broker_url = "redis://broker:6379/2"\nclock_skew_seconds = 30\n')
+    settings = load_settings({"KMSQ_HOME": str(tmp_path)})
+    assert not settings.embedded_broker and settings.effective_broker_url == "redis://broker:6379/2"
+    assert settings.clock_skew_seconds == 30
+    assert load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_CLOCK_SKEW_SECONDS": "0"}).clock_skew_seconds == 0
+    for bad in ("soon", "-5"):
+        with pytest.raises(ConfigError, match="clock_skew_seconds"):
+            load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_CLOCK_SKEW_SECONDS": bad})

@@ -316,3 +316,21 @@ def test_a_forged_copy_cannot_answer_the_callers_request(deployment: Deployment,
     assert len(base64.b64decode(key["plaintextKey"])) == 32
     deployment.secrets.append(key["plaintextKey"].encode())
     assert audited(deployment, str(request.request_id), "unauthenticated")
+
+
+def test_a_refused_root_key_is_checked_before_existence(deployment: Deployment, client: KmsClient) -> None:
+    """A caller may store only under alpha's aes-256 root key: asking for the rsa one is `forbidden`, even
+    for a (pub, source) that exists, so the refusal does not reveal which keys are stored."""
+    pub, prv = random_pub(), "xprv" + secrets.token_hex(16)
+    deployment.secrets.append(prv.encode())
+    rsa = deployment.roots[("alpha", "rsa-2048")]
+    client.put_key(pub, prv, "btc", "user", "independent", rsa)
+    identity = deployment.register("putter", ("put_key",), [deployment.roots[("alpha", "aes-256")]], plaintext=False)
+    with deployment.client(identity) as putter:
+        for candidate in (pub, random_pub()):
+            with pytest.raises(KmsError) as error:
+                putter.put_key(candidate, "xprv-other", "btc", "user", "independent", rsa)
+            assert error.value.code == "forbidden"
+        with pytest.raises(KmsError) as conflict:
+            putter.put_key(pub, "xprv-other", "btc", "user", "independent")
+        assert conflict.value.code == "conflict"  # under its own root key, a duplicate is a conflict as usual
