@@ -98,11 +98,75 @@ class GetResult(_Frozen):
     request_id: uuid.UUID
 
 
+# -- batches: one signature, one transaction and one sealed reply for many items ------------------------
+
+MAX_BATCH_ITEMS = 1000
+
+
+class GenerateDataKeys(_Frozen):
+    """``count`` new data keys. With ``with_plaintext`` it needs the ``generate_data_key`` permission (and
+    plaintext), without it ``generate_data_key_without_plaintext``."""
+
+    op: Literal["generate_data_keys"]
+    count: Annotated[int, Field(ge=1, le=MAX_BATCH_ITEMS)]
+    with_plaintext: bool = True
+    root_key_id: RootKeyId | None = None
+    key_spec: Literal["AES-256"] = "AES-256"
+
+
+class DecryptDataKeys(_Frozen):
+    """Unwraps many ``encryptedKey`` strings; needs the ``decrypt_data_key`` permission."""
+
+    op: Literal["decrypt_data_keys"]
+    encrypted_keys: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]],
+        Field(min_length=1, max_length=MAX_BATCH_ITEMS),
+    ]
+
+
+class PutKeyItem(_Frozen):
+    """The public fields of one private key of a ``put_keys`` batch. Only bounded here: each item is
+    validated on its own by the worker, so that a malformed item fails alone (``invalid``)."""
+
+    pub: Annotated[str, StringConstraints(max_length=4096)]
+    coin: Annotated[str, StringConstraints(max_length=64)]
+    source: Annotated[str, StringConstraints(max_length=32)]
+    type: Annotated[str, StringConstraints(max_length=32)]
+
+
+class PutKeys(_Frozen):
+    """Stores many private keys; needs the ``put_key`` permission. ``prvs`` is one HPKE seal, to the pool's
+    transport key, of the canonical JSON list of the private keys (strings), in the order of ``items``."""
+
+    op: Literal["put_keys"]
+    items: Annotated[list[PutKeyItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+    prvs: Annotated[str, StringConstraints(min_length=1, max_length=3 * 1024 * 1024)]
+    root_key_id: RootKeyId | None = None
+
+
+BATCH_OPS = frozenset({"generate_data_keys", "decrypt_data_keys", "put_keys"})
+
+
+def permission_of(op: str, params: object) -> str:
+    """Returns the permission an operation needs (batch operations need their single operation's)."""
+    if op == "generate_data_keys":
+        return "generate_data_key" if getattr(params, "with_plaintext", True) else "generate_data_key_without_plaintext"
+    return {"decrypt_data_keys": "decrypt_data_key", "put_keys": "put_key"}.get(op, op)
+
+
 Operation = Annotated[
-    GenerateDataKey | GenerateDataKeyWithoutPlaintext | DecryptDataKey | PutKey | GetKey | GetResult,
+    GenerateDataKey
+    | GenerateDataKeyWithoutPlaintext
+    | DecryptDataKey
+    | PutKey
+    | GetKey
+    | GetResult
+    | GenerateDataKeys
+    | DecryptDataKeys
+    | PutKeys,
     Field(discriminator="op"),
 ]
-OPS = (*ALLOWABLE_OPS, "get_result")
+OPS = (*ALLOWABLE_OPS, "get_result", *sorted(BATCH_OPS))
 
 
 def _reply_queue_check(value: str) -> str:
@@ -146,7 +210,8 @@ class ErrorBody(_Frozen):
     message: str
 
 
-ResultValue = str | int | bool | None
+# Batch replies carry ``items``: one object per item, its fields or ``{"error": code, "message": ...}``.
+ResultValue = str | int | bool | None | list[dict[str, str | None]]
 
 
 class Reply(_Frozen):

@@ -31,7 +31,7 @@ TASK_PREFIX = "kmsq."
 QUEUE_PREFIX = "kms."
 REPLY_QUEUE_PREFIX = "kmsq.reply."
 # The largest request body a worker accepts (bytes of JSON, before base64); larger messages get `invalid`.
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
 MAX_REQUEST_TTL_SECONDS = 3600
 DEFAULT_REQUEST_TTL_SECONDS = 600  # longer than the broker's visibility timeout, so a redelivery is fresh
 DEFAULT_CLOCK_SKEW_SECONDS = 300

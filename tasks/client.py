@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import threading
@@ -164,6 +165,51 @@ class KmsClient:
         """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
         return self.submit({"op": "get_result", "request_id": request_id}, pool or self.fleet.default_pool)
 
+    # -- batches (one message, one transaction, one sealed reply; per-item errors) -------------------
+
+    def submit_generate_data_keys(
+        self, count: int, root_key_id: str | None = None, with_plaintext: bool = True
+    ) -> RequestFuture:
+        """Starts ``generate_data_keys``; the future gives ``{"items": [{"encryptedKey", "plaintextKey"?}]}``."""
+        params = {
+            "op": "generate_data_keys",
+            "count": count,
+            "with_plaintext": with_plaintext,
+            "root_key_id": root_key_id,
+        }
+        return self.submit(params, self._pool_for(root_key_id))
+
+    def submit_decrypt_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
+        """Starts ``decrypt_data_keys``; items are ``{"plaintextKey"}`` or ``{"error", "message"}``. The batch
+        goes to the pool of its first key's root key."""
+        pool = self.fleet.default_pool
+        with contextlib.suppress(FormatError, IndexError):
+            pool = self._pool_for(EncryptedDataKey.from_text(encrypted_keys[0]).root_key_id)
+        return self.submit({"op": "decrypt_data_keys", "encrypted_keys": encrypted_keys}, pool)
+
+    def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture:
+        """Starts ``put_keys`` for items ``{pub, prv, coin, source, type}``; the private keys are sealed
+        together to the pool's transport key. Items come back as public fields or ``{"error", "message"}``."""
+        pool = self._pool_for(root_key_id)
+        request_id = uuid.uuid4()
+        prvs = canonical_json([item["prv"] for item in items])
+        sealed = seal_private_key(self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prvs)
+        public = [{k: item[k] for k in ("pub", "coin", "source", "type")} for item in items]
+        params = {"op": "put_keys", "items": public, "prvs": sealed, "root_key_id": root_key_id}
+        return self.submit(params, pool, request_id=request_id)
+
+    def generate_data_keys(self, count: int, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
+        """See :meth:`submit_generate_data_keys`. Raises KmsError."""
+        return self.wait(self.submit_generate_data_keys(count, root_key_id, with_plaintext))
+
+    def decrypt_data_keys(self, encrypted_keys: list[str]) -> Fields:
+        """See :meth:`submit_decrypt_data_keys`. Raises KmsError for the batch as a whole."""
+        return self.wait(self.submit_decrypt_data_keys(encrypted_keys))
+
+    def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
+        """See :meth:`submit_put_keys`. Raises KmsError for the batch as a whole."""
+        return self.wait(self.submit_put_keys(items, root_key_id))
+
     def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
         """Returns ``{"encryptedKey", "plaintextKey"?}``. Raises KmsError."""
         return self.wait(self.submit_generate_data_key(root_key_id, with_plaintext))
@@ -196,7 +242,20 @@ class KmsClient:
     ) -> tuple[Request, list[str]]:
         """Returns the request and the signed task arguments ``[caller, key_id, body, signature]``."""
         now = datetime.now(UTC)
-        request = Request.model_validate(
+        try:
+            request = self._validated_request(params, pool, request_id, now)
+        except pydantic.ValidationError as e:
+            first = e.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise KmsError("invalid", f"malformed request: {where}: {first['msg']}") from None
+        body = canonical_json(request.model_dump(mode="json"))
+        signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
+        return request, [self.identity.caller, self.identity.key_id, b64u(body), signature]
+
+    def _validated_request(
+        self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None, now: datetime
+    ) -> Request:
+        return Request.model_validate(
             {
                 "v": 1,
                 "caller": self.identity.caller,
@@ -211,9 +270,6 @@ class KmsClient:
             },
             strict=False,
         )
-        body = canonical_json(request.model_dump(mode="json"))
-        signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
-        return request, [self.identity.caller, self.identity.key_id, b64u(body), signature]
 
     def submit(self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None) -> RequestFuture:
         """Signs and sends one request; returns a future of its unsealed result fields."""
@@ -292,6 +348,13 @@ class KmsClient:
                 fields[name] = open_reply_secret(self.identity.reply, request_id, name, sealed).decode("utf-8")
             except (WireError, UnicodeDecodeError):
                 raise KmsError("internal", f"reply field {name} does not open with this caller's key") from None
+        if isinstance(fields.get("items"), str):  # a batch: the items' secrets, sealed together
+            items = reply.result["items"]
+            assert isinstance(items, list)
+            secrets, fields["items"] = json.loads(fields["items"]), [dict(item) for item in items]
+            for item, secret in zip(fields["items"], secrets, strict=True):
+                if secret is not None:
+                    item["plaintextKey"] = secret
         return fields
 
     # -- replies -----------------------------------------------------------------------------------

@@ -144,3 +144,33 @@ def test_concurrent_duplicates_have_one_effect(deployment: Deployment, client: K
     assert str(request_id) in second
     with deployment.sessions() as db:
         assert len(db.scalars(select(PrivateKey).where(PrivateKey.pub == pub)).all()) == 1
+
+
+def test_a_batch_redelivered_after_kill_is_executed_once(
+    deployment: Deployment, gamma: tuple[WorkerProcess, KmsClient]
+) -> None:
+    worker, client = gamma
+    entries = [{"pub": random_pub(), "prv": "xprv" + secrets.token_hex(20), "coin": "btc", "source": "backup",
+                "type": "tss"} for _ in range(25)]  # fmt: skip
+    deployment.secrets += [e["prv"].encode() for e in entries]
+    blocker = create_engine(deployment.database_url)
+    with blocker.connect() as conn:
+        conn.execute(text("LOCK TABLE private_keys IN ACCESS EXCLUSIVE MODE"))
+        future = client.submit_put_keys(entries)
+        wait_for_lock_waiter(deployment.database_url)
+        children = worker.children()
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not worker.children() or worker.children() == children):
+            time.sleep(0.1)
+        wait_for_lock_waiter(deployment.database_url)
+        conn.rollback()
+    blocker.dispose()
+    items = client.wait(future)["items"]
+    assert [i.get("error") for i in items] == [None] * 25
+    pubs = [e["pub"] for e in entries]
+    with deployment.sessions() as db:
+        assert len(db.scalars(select(PrivateKey.id).where(PrivateKey.pub.in_(pubs))).all()) == 25
+        assert len(db.scalars(select(RequestRecord).where(RequestRecord.request_id == future.request_id)).all()) == 1
+    fetched = client.wait(client.submit_get_key(entries[7]["pub"], "backup"))
+    assert fetched["prv"] == entries[7]["prv"]

@@ -247,7 +247,7 @@ def test_an_unknown_field_is_invalid(deployment: Deployment, client: KmsClient) 
 @pytest.mark.usefixtures("unchanged")
 def test_a_message_over_the_size_limit_is_invalid(deployment: Deployment, client: KmsClient) -> None:
     body = put_body(client, random_pub())
-    body["params"]["pub"] = "x" * (70 * 1024)
+    body["params"]["pub"] = "x" * (2 * 1024 * 1024 + 1)
     error = rejection(client, "kmsq.put_key", signed_args(client.identity, body, "kmsq.put_key"), body["request_id"])
     assert error.code == "invalid"
     assert "exceeds" in error.message

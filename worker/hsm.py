@@ -432,6 +432,35 @@ class Hsm:
 
         return self._run(op)
 
+    def generate_data_keys(
+        self, handle: RootKeyHandle, count: int, *, readable: bool
+    ) -> list[tuple[bytes, SecretBytes | None]]:
+        """:meth:`generate_data_key` ``count`` times under one lock and session (a batch).
+
+        Returns the ``(wrapped, plaintext)`` pairs. On a session failure the whole batch is redone once.
+        """
+
+        def op(session: Any) -> list[tuple[bytes, SecretBytes | None]]:
+            template = _READABLE_DATA_KEY if readable else _SEALED_DATA_KEY
+            out: list[tuple[bytes, SecretBytes | None]] = []
+            try:
+                for _ in range(count):
+                    key = self._session_aes_key(session, template)
+                    try:
+                        out.append(
+                            (self._wrap(session, handle, key), SecretBytes(key[Attribute.VALUE]) if readable else None)
+                        )
+                    finally:
+                        key.destroy()
+            except BaseException:
+                for _, plaintext in out:
+                    if plaintext is not None:
+                        plaintext.wipe()
+                raise
+            return out
+
+        return self._run(op)
+
     def unwrap_data_key(self, handle: RootKeyHandle, wrapped: bytes) -> SecretBytes:
         """Unwraps ``wrapped`` under the root key and returns the key's value. Raises IntegrityError."""
 

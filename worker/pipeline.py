@@ -25,15 +25,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.messages import (
     DecryptDataKey,
+    DecryptDataKeys,
     ErrorBody,
     GenerateDataKey,
+    GenerateDataKeys,
     GenerateDataKeyWithoutPlaintext,
     GetKey,
     GetResult,
     PutKey,
+    PutKeys,
     Reply,
     ReplyEnvelope,
     Request,
+    ResultValue,
+    permission_of,
     reply_queue_belongs_to,
 )
 from schemas.wire import (
@@ -55,7 +60,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import callers, service
+from worker import batch, callers, service
 from worker.errors import (
     Expired,
     Forbidden,
@@ -267,7 +272,7 @@ def _serve(ctx: WorkerContext, call: _Call, caller: Caller) -> Delivery:
     if now < request.issued_at - ctx.clock_skew or now > request.expires_at + ctx.clock_skew:
         return _error_delivery(ctx, call, Expired(), store=True)
     try:
-        callers.authorize_op(caller, request.params.op)
+        callers.authorize_op(caller, permission_of(request.params.op, request.params))
     except Forbidden as e:
         return _error_delivery(ctx, call, e, store=True)
     if isinstance(request.params, GetResult):
@@ -334,7 +339,7 @@ def _execute_and_record(ctx: WorkerContext, call: _Call, caller: Caller) -> Deli
     return Delivery(request.reply_queue, envelope, str(request.request_id), None)
 
 
-ResultFields = dict[str, str | int | bool | None]
+ResultFields = dict[str, ResultValue]
 
 
 def _execute(
@@ -364,7 +369,61 @@ def _execute(
         record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
         public: ResultFields = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
         return public, {"prv": record.prv.encode()}
+    if isinstance(params, GenerateDataKeys | DecryptDataKeys | PutKeys):
+        return _execute_batch(ctx, db, request, params, check)
     raise InvalidRequest(f"unsupported operation {params.op}")
+
+
+def _item_error(error: KmsqError) -> dict[str, str | None]:
+    return {"error": error.code, "message": error.message}
+
+
+def _execute_batch(
+    ctx: WorkerContext,
+    db: Session,
+    request: Request,
+    params: GenerateDataKeys | DecryptDataKeys | PutKeys,
+    check: service.RootKeyCheck,
+) -> tuple[ResultFields, dict[str, bytes]]:
+    """A batch: ``items`` in the result, and the items' secrets sealed together as one JSON list."""
+    items: list[dict[str, str | None]]
+    if isinstance(params, GenerateDataKeys):
+        keys = batch.generate_data_keys(
+            ctx.hsm, db, params.count, params.with_plaintext, params.root_key_id, ctx.pool, check
+        )
+        items = [{"encryptedKey": k.encrypted_key} for k in keys]
+        if not params.with_plaintext:
+            return {"items": items}, {}
+        return {"items": items}, {"items": canonical_json([k.plaintext_key for k in keys])}
+    if isinstance(params, DecryptDataKeys):
+        outcomes = batch.decrypt_data_keys(ctx.hsm, db, params.encrypted_keys, check)
+        items = [_item_error(o) if isinstance(o, KmsqError) else {} for o in outcomes]
+        secrets = [None if isinstance(o, KmsqError) else o for o in outcomes]
+        return {"items": items}, {"items": canonical_json(secrets)}
+    prvs = _open_prvs(ctx, request, params)
+    entries = [
+        batch.PrivateKeyItem(i.pub, i.coin, i.source, i.type, prv) for i, prv in zip(params.items, prvs, strict=True)
+    ]
+    stored = batch.store_private_keys(ctx.hsm, db, entries, params.root_key_id, ctx.pool, check)
+    items = [
+        _item_error(o)
+        if isinstance(o, KmsqError)
+        else {"pub": o.pub, "coin": o.coin, "source": o.source, "type": o.type}
+        for o in stored
+    ]
+    return {"items": items}, {}
+
+
+def _open_prvs(ctx: WorkerContext, request: Request, params: PutKeys) -> list[str]:
+    try:
+        prvs = json.loads(open_private_key(ctx.fleet.transport, request.caller, request.request_id, params.prvs))
+    except WireError:
+        raise InvalidRequest("prvs is not sealed to this pool's transport key for this request") from None
+    except ValueError:
+        raise InvalidRequest("prvs must be a sealed JSON list of strings") from None
+    if not isinstance(prvs, list) or len(prvs) != len(params.items) or not all(isinstance(p, str) for p in prvs):
+        raise InvalidRequest("prvs must be a sealed JSON list of strings, one per item")
+    return prvs
 
 
 def _open_prv(ctx: WorkerContext, request: Request, params: PutKey) -> str:
@@ -400,7 +459,7 @@ def _envelope(
     op: str,
     digest: str,
     *,
-    result: dict[str, str | int | bool | None] | None = None,
+    result: ResultFields | None = None,
     sealed: dict[str, str] | None = None,
     error: KmsqError | None = None,
 ) -> dict[str, str]:

@@ -254,7 +254,8 @@ def generate_data_key(
         return DataKey(encrypted.to_text(), plaintext.b64())
 
 
-def _parse_data_key(encrypted_key: str) -> EncryptedDataKey:
+def parse_data_key(encrypted_key: str) -> EncryptedDataKey:
+    """Parses an ``encryptedKey``. Raises IntegrityError (opaque) for anything malformed."""
     if not isinstance(encrypted_key, str) or len(encrypted_key) > MAX_ENCRYPTED_KEY_LEN:
         raise IntegrityError()
     try:
@@ -269,7 +270,7 @@ def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCh
     Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
     IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
     """
-    parsed = _parse_data_key(encrypted_key)
+    parsed = parse_data_key(encrypted_key)
     version = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, check)
     with hsm.unwrap_data_key(hsm_handle(version), parsed.wrapped) as plaintext:
         if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
@@ -291,6 +292,13 @@ def _validate_private_key_fields(pub: str, coin: str, source: str, key_type: str
         raise InvalidRequest("coin must be 1-32 characters of a-z, 0-9, '.', '-' and '_'")
 
 
+def validate_private_key(pub: str, prv: str, coin: str, source: str, key_type: str) -> None:
+    """Raises InvalidRequest when a field of a private key to store is malformed or out of range."""
+    _validate_private_key_fields(pub, coin, source, key_type)
+    if not isinstance(prv, str) or not 1 <= len(prv.encode("utf-8")) <= MAX_PRV_BYTES:
+        raise InvalidRequest(f"prv must be 1-{MAX_PRV_BYTES} bytes")
+
+
 def store_private_key(
     hsm: Hsm,
     db: Session,
@@ -308,9 +316,7 @@ def store_private_key(
     Returns the stored key's public fields. Raises InvalidRequest, NotFound (root key), or Conflict when
     (pub, source) is already stored.
     """
-    _validate_private_key_fields(pub, coin, source, type)
-    if not isinstance(prv, str) or not 1 <= len(prv.encode("utf-8")) <= MAX_PRV_BYTES:
-        raise InvalidRequest(f"prv must be 1-{MAX_PRV_BYTES} bytes")
+    validate_private_key(pub, prv, coin, source, type)
     # The root key (and the caller's permission on it) first: a refused caller learns nothing about
     # which (pub, source) pairs exist.
     version = wrapping_version(db, root_key_id, pool, check)
@@ -353,7 +359,7 @@ def get_private_key(
     row = PrivateKeyRepository(db).get(pub, source)
     if row is None:
         raise NotFound("no private key for this pub and source")
-    data_key = _parse_data_key(row.encrypted_data_key)
+    data_key = parse_data_key(row.encrypted_data_key)
     try:
         sealed = EncryptedPrivateKey.from_text(row.encrypted_prv)
     except FormatError:

@@ -80,6 +80,23 @@ class PrivateKeyRepository:
         """Returns the error for an existing (pub, source)."""
         return Conflict("a private key for this pub and source already exists")
 
+    def add_many(self, rows: list[tuple[int, PrivateKey]]) -> list[tuple[int, Conflict]]:
+        """Inserts ``(index, row)`` pairs in one flush inside a savepoint. If a (pub, source) was taken
+        meanwhile, falls back to one savepoint per row. Returns the indexes that conflicted."""
+        try:
+            with self._db.begin_nested():
+                self._db.add_all([row for _, row in rows])
+            return []
+        except exc.IntegrityError:
+            conflicts = []
+            for index, row in rows:
+                try:
+                    with self._db.begin_nested():
+                        self._db.add(row)
+                except exc.IntegrityError:
+                    conflicts.append((index, self.conflict()))
+            return conflicts
+
     def add(self, row: PrivateKey) -> None:
         """Inserts ``row`` inside a savepoint. Raises Conflict if (pub, source) exists; the enclosing
         transaction stays usable."""

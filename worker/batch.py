@@ -1,0 +1,169 @@
+"""Batch operations: many items under one root key lookup, one HSM lock and one database transaction.
+
+Each function returns one outcome per item, in order: the item's result or the :class:`KmsqError` that
+refused it. An item's error never fails the rest of the batch; an error of the batch as a whole (unknown
+root key, permission, HSM or database down) is raised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from schemas.envelope import FORMAT_VERSION as ENVELOPE_FORMAT_VERSION
+from schemas.envelope import (
+    GCM_NONCE_LEN,
+    KEY_SPEC_LENGTHS,
+    Aead,
+    EncryptedDataKey,
+    EncryptedPrivateKey,
+    KeySpec,
+    PrivateKeyContext,
+)
+from worker import service
+from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
+from worker.hsm import Hsm, RootKeyHandle
+from worker.secret import SecretBytes
+from worker.storage.models import PrivateKey, RootKeyVersion
+from worker.storage.repo import PrivateKeyRepository
+
+
+@dataclass(frozen=True)
+class PrivateKeyItem:
+    """One private key of a ``put_keys`` batch (``prv`` is plaintext, in worker memory only)."""
+
+    pub: str
+    coin: str
+    source: str
+    type: str
+    prv: str
+
+
+def generate_data_keys(
+    hsm: Hsm,
+    db: Session,
+    count: int,
+    with_plaintext: bool,
+    root_key_id: str | None = None,
+    pool: str = "default",
+    check: service.RootKeyCheck | None = None,
+) -> list[service.DataKey]:
+    """Generates ``count`` data keys under the root key's current version (all or nothing).
+
+    Returns them in order. Raises NotFound/InvalidRequest for the root key, or what ``check`` raises.
+    """
+    version = service.wrapping_version(db, root_key_id, pool, check)
+    handle = service.hsm_handle(version)
+    keys: list[service.DataKey] = []
+    for wrapped, plaintext in hsm.generate_data_keys(handle, count, readable=with_plaintext):
+        text = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+        if plaintext is None:
+            keys.append(service.DataKey(text.to_text()))
+        else:
+            with plaintext:
+                keys.append(service.DataKey(text.to_text(), plaintext.b64()))
+    return keys
+
+
+def decrypt_data_keys(
+    hsm: Hsm, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck | None = None
+) -> list[str | KmsqError]:
+    """Unwraps each ``encryptedKey``; returns its ``plaintextKey`` or its error (integrity, forbidden...)."""
+    versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError] = {}
+    out: list[str | KmsqError] = []
+    for encrypted_key in encrypted_keys:
+        try:
+            parsed = service.parse_data_key(encrypted_key)
+            ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
+            if ref not in versions:
+                try:
+                    versions[ref] = service.unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
+                except PermanentError as e:
+                    versions[ref] = e
+            version = versions[ref]
+            if isinstance(version, KmsqError):
+                raise version
+            with hsm.unwrap_data_key(service.hsm_handle(version), parsed.wrapped) as plaintext:
+                if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
+                    raise IntegrityError()
+                out.append(plaintext.b64())
+        except PermanentError as e:
+            out.append(e)
+    return out
+
+
+def store_private_keys(
+    hsm: Hsm,
+    db: Session,
+    items: Sequence[PrivateKeyItem],
+    root_key_id: str | None = None,
+    pool: str = "default",
+    check: service.RootKeyCheck | None = None,
+) -> list[service.StoredPrivateKey | KmsqError]:
+    """Seals and stores each private key like :func:`worker.service.store_private_key`, with one bulk insert.
+
+    Returns each item's public fields or its error: ``invalid`` for a bad field, ``conflict`` when (pub,
+    source) is stored already or repeats within the batch.
+    """
+    version = service.wrapping_version(db, root_key_id, pool, check)
+    handle = service.hsm_handle(version)
+    outcomes: list[service.StoredPrivateKey | KmsqError | None] = [None] * len(items)
+    for i, item in enumerate(items):
+        try:
+            service.validate_private_key(item.pub, item.prv, item.coin, item.source, item.type)
+        except InvalidRequest as e:
+            outcomes[i] = e
+    wanted = [(item.pub, item.source) for i, item in enumerate(items) if outcomes[i] is None]
+    existing = _existing(db, wanted)
+    seen: set[tuple[str, str]] = set()
+    rows: list[tuple[int, PrivateKey]] = []
+    for i, item in enumerate(items):
+        if outcomes[i] is not None:
+            continue
+        ident = (item.pub, item.source)
+        if ident in existing or ident in seen:
+            outcomes[i] = PrivateKeyRepository.conflict()
+            continue
+        seen.add(ident)
+        rows.append((i, _sealed_row(hsm, handle, version, item)))
+    for i, error in PrivateKeyRepository(db).add_many(rows):
+        outcomes[i] = error
+    for i, row in rows:
+        if outcomes[i] is None:
+            outcomes[i] = service.StoredPrivateKey(
+                row.pub, row.source, row.coin, row.type, row.root_key, row.root_key_version
+            )
+    return [o if o is not None else Conflict() for o in outcomes]
+
+
+def _existing(db: Session, idents: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for start in range(0, len(idents), 500):
+        chunk = idents[start : start + 500]
+        stmt = select(PrivateKey.pub, PrivateKey.source).where(tuple_(PrivateKey.pub, PrivateKey.source).in_(chunk))
+        found.update((pub, source) for pub, source in db.execute(stmt))
+    return found
+
+
+def _sealed_row(hsm: Hsm, handle: RootKeyHandle, version: RootKeyVersion, item: PrivateKeyItem) -> PrivateKey:
+    context = PrivateKeyContext(item.pub, item.source, item.coin, item.type, version.root_key_id, version.version)
+    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
+    with SecretBytes.from_str(item.prv) as plaintext:
+        wrapped, ciphertext = hsm.seal(handle, plaintext, shell.nonce, shell.associated_data(context))
+    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    return PrivateKey(
+        pub=item.pub,
+        source=item.source,
+        coin=item.coin,
+        type=item.type,
+        provider=service.PROVIDER,
+        root_key=version.root_key_id,
+        root_key_version=version.version,
+        format_version=ENVELOPE_FORMAT_VERSION,
+        encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
+        encrypted_data_key=data_key.to_text(),
+    )
