@@ -128,20 +128,20 @@ class KmsClient:
         """Starts ``generate_data_key``; the future gives ``encryptedKey`` and, with plaintext, ``plaintextKey``."""
         op = "generate_data_key" if with_plaintext else "generate_data_key_without_plaintext"
         params = {"op": op, "root_key_id": root_key_id, "key_spec": "AES-256"}
-        return self.submit(params, self._pool_for(root_key_id))
+        return self.submit(params, self.pool_for(root_key_id))
 
     def submit_decrypt_data_key(self, encrypted_key: str) -> RequestFuture:
         """Starts ``decrypt_data_key``; the future gives ``plaintextKey``."""
         pool = self.fleet.default_pool
         with contextlib.suppress(FormatError):  # a malformed key goes anyway: the worker answers `invalid`
-            pool = self._pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
+            pool = self.pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
         return self.submit({"op": "decrypt_data_key", "encrypted_key": encrypted_key}, pool)
 
     def submit_put_key(
         self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
     ) -> RequestFuture:
         """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process."""
-        pool = self._pool_for(root_key_id)
+        pool = self.pool_for(root_key_id)
         request_id = uuid.uuid4()
         sealed = seal_private_key(
             self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prv.encode("utf-8")
@@ -177,26 +177,32 @@ class KmsClient:
             "with_plaintext": with_plaintext,
             "root_key_id": root_key_id,
         }
-        return self.submit(params, self._pool_for(root_key_id))
+        return self.submit(params, self.pool_for(root_key_id))
 
     def submit_decrypt_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
         """Starts ``decrypt_data_keys``; items are ``{"plaintextKey"}`` or ``{"error", "message"}``. The batch
         goes to the pool of its first key's root key."""
         pool = self.fleet.default_pool
         with contextlib.suppress(FormatError, IndexError):
-            pool = self._pool_for(EncryptedDataKey.from_text(encrypted_keys[0]).root_key_id)
+            pool = self.pool_for(EncryptedDataKey.from_text(encrypted_keys[0]).root_key_id)
         return self.submit({"op": "decrypt_data_keys", "encrypted_keys": encrypted_keys}, pool)
 
     def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture:
         """Starts ``put_keys`` for items ``{pub, prv, coin, source, type}``; the private keys are sealed
         together to the pool's transport key. Items come back as public fields or ``{"error", "message"}``."""
-        pool = self._pool_for(root_key_id)
         request_id = uuid.uuid4()
+        params, pool = self.put_keys_params(items, root_key_id, request_id)
+        return self.submit(params, pool, request_id=request_id)
+
+    def put_keys_params(
+        self, items: list[dict[str, str]], root_key_id: str | None, request_id: uuid.UUID
+    ) -> tuple[dict[str, Any], str]:
+        """Returns the ``put_keys`` parameters for ``request_id`` (private keys sealed) and the pool."""
+        pool = self.pool_for(root_key_id)
         prvs = canonical_json([item["prv"] for item in items])
         sealed = seal_private_key(self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prvs)
         public = [{k: item[k] for k in ("pub", "coin", "source", "type")} for item in items]
-        params = {"op": "put_keys", "items": public, "prvs": sealed, "root_key_id": root_key_id}
-        return self.submit(params, pool, request_id=request_id)
+        return {"op": "put_keys", "items": public, "prvs": sealed, "root_key_id": root_key_id}, pool
 
     def generate_data_keys(self, count: int, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
         """See :meth:`submit_generate_data_keys`. Raises KmsError."""
@@ -232,7 +238,8 @@ class KmsClient:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def _pool_for(self, root_key_id: str | None) -> str:
+    def pool_for(self, root_key_id: str | None) -> str:
+        """The pool of a root key (from the fleet file), or the default pool."""
         if root_key_id is None:
             return self.fleet.default_pool
         return self.fleet.pool_of_root_key(root_key_id) or self.fleet.default_pool
@@ -285,10 +292,11 @@ class KmsClient:
             self.send(request, args)
         return future
 
-    def expect(self, request_id: uuid.UUID) -> RequestFuture:
+    def expect(self, request_id: uuid.UUID, args: list[Any] | None = None) -> RequestFuture:
         """Returns the future of the reply to ``request_id`` without sending anything (a request sent by an
-        earlier run, or published by other means, whose reply comes to this client's reply queue)."""
-        return self._expect(request_id, None)[0]
+        earlier run, or published by other means, whose reply comes to this client's reply queue). With the
+        message's ``args``, only a reply to exactly that message is accepted."""
+        return self._expect(request_id, None if args is None else args_digest(args))[0]
 
     def _expect(self, request_id: uuid.UUID, digest: str | None) -> tuple[RequestFuture, bool]:
         rid = str(request_id)

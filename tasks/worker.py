@@ -28,6 +28,7 @@ from worker.errors import KmsqError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.runtime import KeyService, transaction
+from worker.storage.cache import ROWS
 
 log = logging.getLogger("kmsq.worker")
 MAX_RETRIES = 5  # backoff 1, 2, 4, 8, 16 s: about 30 s, within the client's default 60 s timeout
@@ -48,6 +49,7 @@ def context() -> WorkerContext:
     with _lock:
         if _context is None or _context_pid != os.getpid():
             settings = load_settings()
+            ROWS.ttl = settings.cache_seconds
             pool = os.environ.get("KMSQ_WORKER_POOL") or settings.default_pool
             service = KeyService.from_settings(settings)
             service.hsm.check()
@@ -115,3 +117,12 @@ def _register(op: str) -> None:
 
 for _op in OPS:
     _register(_op)
+
+
+if os.environ.get("KMSQ_WORKER_NOOP") == "1":
+    # Benchmark baseline (`kmsq bench`, B): the same queue, settings and reply path with no work at all.
+    @app.task(name="kmsq.noop", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def noop(self: Task, *args: Any) -> None:
+        reply_to = self.request.reply_to
+        if isinstance(reply_to, str) and reply_to.startswith("kmsq.reply."):
+            publish(Delivery(reply_to, {"noop": str(self.request.id)}, str(self.request.id), None))

@@ -79,6 +79,7 @@ def subprocess_env(settings: Settings, database_url: str, broker_url: str, **ext
             "KMSQ_DATABASE_URL": database_url,
             "KMSQ_BROKER_URL": broker_url,
             "KMSQ_DEFAULT_POOL": "alpha",
+            "KMSQ_CACHE_SECONDS": "1",
             **extra,
         }
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def test_caller_registry_commands(deployment: Deployment, caller_env: dict[str, 
     ro_env = {**caller_env, "KMSQ_IDENTITY": str(tmp_path / "cli-ro.key.json")}
     one_line(run(ro_env, "generate-data-key"), 9, "forbidden")  # no plaintext permission
     assert run(env, "caller", "disable", "cli-ro").returncode == 0
+    time.sleep(1.1)  # workers cache callers for KMSQ_CACHE_SECONDS (1 in these tests)
     one_line(run(ro_env, "generate-data-key"), 8, "unauthenticated")
     one_line(run({**caller_env, "KMSQ_IDENTITY": str(tmp_path / "absent.key.json")}, "generate-data-key"), 3, "absent")
 

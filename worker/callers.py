@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import Caller, RootKey
 
 ALL_ROOT_KEYS = "*"
@@ -129,8 +130,13 @@ def set_caller_state(db: Session, name: str, state: str) -> CallerInfo:
 
 
 def get_enabled_caller(db: Session, name: str) -> Caller | None:
-    """Returns the caller if it exists and is enabled, else None."""
-    row = db.get(Caller, name)
+    """Returns the caller if it exists and is enabled, else None (a cached copy in workers)."""
+
+    def load() -> Caller | None:
+        row = db.get(Caller, name)
+        return detached_copy(row) if row is not None and ROWS.ttl > 0 else row
+
+    row = ROWS.get(("caller", name), load)
     return row if row is not None and row.state == "enabled" else None
 
 

@@ -35,6 +35,7 @@ _KEYS = (
     "pkcs11_pin_file",
     "default_pool",
     "clock_skew_seconds",
+    "cache_seconds",
 )
 
 
@@ -51,6 +52,7 @@ class Settings:
     pkcs11_pin_file: Path | None
     default_pool: str = "default"
     clock_skew_seconds: int = DEFAULT_CLOCK_SKEW_SECONDS
+    cache_seconds: int = 2  # workers: how long callers and root keys are cached per process
 
     @property
     def embedded_broker(self) -> bool:
@@ -158,6 +160,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         pkcs11_pin_file=Path(pin_file).expanduser() if pin_file else None,
         default_pool=values.get("default_pool") or "default",
         clock_skew_seconds=_int(values, "clock_skew_seconds", DEFAULT_CLOCK_SKEW_SECONDS),
+        cache_seconds=_int(values, "cache_seconds", 2),
     )
 
 

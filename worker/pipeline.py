@@ -76,6 +76,7 @@ from worker.fleet import FleetSecrets
 from worker.hsm import Hsm
 from worker.runtime import transaction
 from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
+from worker.storage.repo import RequestRepository
 
 log = logging.getLogger("kmsq.worker")
 _NIL = uuid.UUID(int=0)
@@ -143,6 +144,15 @@ class _Duplicate(Exception):
     """Another delivery of the same request committed its record first."""
 
 
+class _Refusal(Exception):
+    """An authenticated request is refused before it runs; ``store`` makes the refusal its recorded outcome."""
+
+    def __init__(self, error: KmsqError, *, store: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.store = store
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
 
@@ -153,25 +163,43 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
     gets an ``unavailable`` reply instead. Never raises for bad input.
     """
     claim = _claim(msg.args)
-    ctx_digest = args_digest(msg.args)
+    digest = args_digest(msg.args)
+    calls: list[_Call] = []  # the parsed request, once there is one
     try:
-        request, body_hash, caller = _authenticate(ctx, msg, claim)
+        try:
+            # The success path is one transaction: the caller lookup (cached), the operation's rows and the
+            # request record with its reply.
+            with transaction(ctx.sessions) as db:
+                request, body_hash, caller = _authenticate(ctx, db, msg, claim)
+                calls.append(_Call(request, body_hash, digest))
+                return _serve(ctx, db, calls[-1], caller)
+        except _Duplicate:
+            stored = _stored_reply(ctx, calls[-1])  # another delivery recorded it: its answer stands
+            if stored is None:  # pragma: no cover - records are never deleted
+                raise AssertionError("request record vanished") from None
+            return stored
     except _Rejection as r:
-        return _reject(ctx, msg, claim, r, ctx_digest)
-    except TransientError as e:
-        if not final_attempt:
+        return _reject(ctx, msg, claim, r, digest)
+    except Exception as e:
+        if not calls:
+            if isinstance(e, TransientError) and final_attempt:
+                return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"), digest)
             raise
-        return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"), ctx_digest)
-    call = _Call(request, body_hash, ctx_digest)
-    try:
-        return _serve(ctx, call, caller)
-    except TransientError as e:
+        return _failure(ctx, calls[-1], e, final_attempt)
+
+
+def _failure(ctx: WorkerContext, call: _Call, error: Exception, final_attempt: bool) -> Delivery:
+    """The reply for an authenticated request that did not succeed. Re-raises a TransientError to retry."""
+    if isinstance(error, _Refusal):
+        return _error_delivery(ctx, call, error.error, store=error.store)
+    if isinstance(error, TransientError):
         if not final_attempt:
-            raise
-        return _error_delivery(ctx, call, e, store=False)
-    except Exception:
-        log.exception("internal error in %s %s", request.params.op, request.request_id)
-        return _error_delivery(ctx, call, KmsqError(), store=False)
+            raise error
+        return _error_delivery(ctx, call, error, store=False)
+    if isinstance(error, PermanentError):
+        return _error_delivery(ctx, call, error, store=True)
+    log.exception("internal error in %s %s", call.request.params.op, call.request.request_id, exc_info=error)
+    return _error_delivery(ctx, call, KmsqError(), store=False)
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -186,7 +214,7 @@ def _claim(args: Sequence[Any]) -> _Claim | None:
     return _Claim(caller, key_id, body, signature)
 
 
-def _authenticate(ctx: WorkerContext, msg: Inbound, claim: _Claim | None) -> tuple[Request, str, Caller]:
+def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim | None) -> tuple[Request, str, Caller]:
     if claim is None:
         raise _Rejection(InvalidRequest("malformed request message"), "malformed task arguments")
     if len(claim.body) > (MAX_REQUEST_BYTES * 4 + 2) // 3:
@@ -195,8 +223,7 @@ def _authenticate(ctx: WorkerContext, msg: Inbound, claim: _Claim | None) -> tup
         body = from_b64u(claim.body, max_len=MAX_REQUEST_BYTES)
     except WireError:
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
-    with transaction(ctx.sessions) as db:
-        caller = callers.get_enabled_caller(db, claim.caller)
+    caller = callers.get_enabled_caller(db, claim.caller)
     if caller is None:
         raise _Rejection(Unauthenticated(), "unknown or disabled caller")
     if caller.signing_key_id != claim.key_id:
@@ -259,34 +286,42 @@ def _uuid_or_nil(text: str | None) -> uuid.UUID:
 # -- serving ---------------------------------------------------------------------------------------
 
 
-def _serve(ctx: WorkerContext, call: _Call, caller: Caller) -> Delivery:
+def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Delivery:
+    """Runs an authenticated request in the open transaction ``db``: the effect first, then its record.
+
+    The record's insert is the commit point of exactly-once: if another delivery recorded the request
+    first, it raises _Duplicate and the caller rolls everything back and re-sends the stored reply. Raises
+    _Refusal or the operation's PermanentError (rolled back, then recorded by the caller).
+    """
     request = call.request
-    stored = _stored_reply(ctx, call)
-    if stored is not None:
-        return stored
-    now = ctx.now()
     lifetime = (request.expires_at - request.issued_at).total_seconds()
     if not 0 < lifetime <= MAX_REQUEST_TTL_SECONDS:
         error = InvalidRequest(f"expires_at must be 0-{MAX_REQUEST_TTL_SECONDS} s after issued_at")
-        return _error_delivery(ctx, call, error, store=True)
+        raise _Refusal(error, store=True)
+    now = ctx.now()
     if now < request.issued_at - ctx.clock_skew or now > request.expires_at + ctx.clock_skew:
-        return _error_delivery(ctx, call, Expired(), store=True)
+        record = RequestRepository(db).get(request.caller, str(request.request_id))
+        if record is not None:  # answered while it was fresh: a late redelivery gets that answer
+            raise _Duplicate()
+        raise _Refusal(Expired(), store=True)
     try:
         callers.authorize_op(caller, permission_of(request.params.op, request.params))
     except Forbidden as e:
-        return _error_delivery(ctx, call, e, store=True)
+        raise _Refusal(e, store=True) from None
     if isinstance(request.params, GetResult):
-        return _get_result(ctx, call, request.params)
-    for _ in range(2):
-        try:
-            return _execute_and_record(ctx, call, caller)
-        except _Duplicate:
-            stored = _stored_reply(ctx, call)
-            if stored is not None:
-                return stored
-        except PermanentError as e:
-            return _error_delivery(ctx, call, e, store=True)
-    raise AssertionError("request record vanished")  # pragma: no cover - records are never deleted
+        return _get_result(ctx, db, call, request.params)
+    result, secrets = _execute(ctx, db, request, caller)
+    reply_key = sealing_public(caller.reply_key)
+    sealed = {name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()}
+    envelope = _envelope(
+        ctx, request.request_id, request.caller, request.params.op, call.digest, result=result, sealed=sealed
+    )
+    reply = canonical_json(envelope).decode()
+    if not RequestRepository(db).record(
+        request.caller, str(request.request_id), call.body_hash, request.params.op, reply
+    ):
+        raise _Duplicate()
+    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
 
 
 def _stored_reply(ctx: WorkerContext, call: _Call) -> Delivery | None:
@@ -308,35 +343,6 @@ def _root_key_check(ctx: WorkerContext, caller: Caller) -> service.RootKeyCheck:
         callers.authorize_root_key(caller, root_key)
 
     return check
-
-
-def _execute_and_record(ctx: WorkerContext, call: _Call, caller: Caller) -> Delivery:
-    request = call.request
-    with transaction(ctx.sessions) as db:
-        record = RequestRecord(
-            caller=request.caller,
-            request_id=str(request.request_id),
-            request_hash=call.body_hash,
-            op=request.params.op,
-            status="pending",
-            reply="",
-        )
-        try:
-            with db.begin_nested():
-                db.add(record)
-        except sa_exc.IntegrityError:
-            raise _Duplicate() from None
-        result, secrets = _execute(ctx, db, request, caller)
-        reply_key = sealing_public(caller.reply_key)
-        sealed = {
-            name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()
-        }
-        envelope = _envelope(
-            ctx, request.request_id, request.caller, request.params.op, call.digest, result=result, sealed=sealed
-        )
-        record.status = "ok"
-        record.reply = canonical_json(envelope).decode()
-    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
 
 
 ResultFields = dict[str, ResultValue]
@@ -436,13 +442,11 @@ def _open_prv(ctx: WorkerContext, request: Request, params: PutKey) -> str:
         raise InvalidRequest("prv must be UTF-8 text") from None
 
 
-def _get_result(ctx: WorkerContext, call: _Call, params: GetResult) -> Delivery:
+def _get_result(ctx: WorkerContext, db: Session, call: _Call, params: GetResult) -> Delivery:
     request = call.request
-    with transaction(ctx.sessions) as db:
-        record = db.get(RequestRecord, (request.caller, str(params.request_id)))
+    record = db.get(RequestRecord, (request.caller, str(params.request_id)))
     if record is None or record.status == "pending":
-        error = NotFound("no stored result for this request_id")
-        return _error_delivery(ctx, call, error, store=False)
+        raise _Refusal(NotFound("no stored result for this request_id"), store=False)
     envelope = _envelope(
         ctx, request.request_id, request.caller, "get_result", call.digest, result={"reply": record.reply}
     )
@@ -491,27 +495,16 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: KmsqError, *, store:
     if not store:
         _audit(ctx, request.caller, str(request.request_id), request.params.op, error.code, error.message)
         return delivery
-    try:
-        with transaction(ctx.sessions) as db:
-            with db.begin_nested():
-                db.add(
-                    RequestRecord(
-                        caller=request.caller,
-                        request_id=str(request.request_id),
-                        request_hash=call.body_hash,
-                        op=request.params.op,
-                        status="error",
-                        error_code=error.code,
-                        reply=canonical_json(envelope).decode(),
-                    )
-                )
-            db.add(
-                _audit_row(
-                    request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message
-                )
-            )
-    except sa_exc.IntegrityError:
-        stored = _stored_reply(ctx, call)
+    with transaction(ctx.sessions) as db:
+        recorded = RequestRepository(db).record(
+            request.caller, str(request.request_id), call.body_hash, request.params.op,
+            canonical_json(envelope).decode(), error.code,
+        )  # fmt: skip
+        db.add(
+            _audit_row(request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message)
+        )
+    if not recorded:
+        stored = _stored_reply(ctx, call)  # another delivery recorded an outcome first: that one stands
         if stored is not None:
             return stored
     return delivery

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exc, select
+from typing import TypeVar, cast
+
+from sqlalchemy import Table, exc, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.errors import Conflict
-from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
+from worker.storage.cache import ROWS, detached_copy
+from worker.storage.models import PrivateKey, RequestRecord, RootKey, RootKeyVersion, utcnow
+
+R = TypeVar("R")
+
+
+def _copy(row: R | None) -> R | None:
+    """Caching on: a detached copy (safe to keep across sessions). Off: the session's own object."""
+    if row is None or ROWS.ttl <= 0:
+        return row
+    return detached_copy(row)
 
 
 class RootKeyRepository:
@@ -29,15 +42,16 @@ class RootKeyRepository:
         self._db.flush()
 
     def get(self, root_key_id: str, *, for_update: bool = False) -> RootKey | None:
-        """Returns the root key or None."""
+        """Returns the root key or None (a cached copy in workers, unless ``for_update``)."""
         stmt = select(RootKey).where(RootKey.id == root_key_id)
         if for_update:
-            stmt = stmt.with_for_update()
-        return self._db.scalars(stmt).one_or_none()
+            return self._db.scalars(stmt.with_for_update()).one_or_none()
+        return ROWS.get(("root_key", root_key_id), lambda: _copy(self._db.scalars(stmt).one_or_none()))
 
     def get_version(self, root_key_id: str, version: int) -> RootKeyVersion | None:
-        """Returns the version or None."""
-        return self._db.get(RootKeyVersion, (root_key_id, version))
+        """Returns the version or None (a cached copy in workers)."""
+        key = ("root_key_version", root_key_id, version)
+        return ROWS.get(key, lambda: _copy(self._db.get(RootKeyVersion, (root_key_id, version))))
 
     def versions(self, root_key_id: str) -> list[RootKeyVersion]:
         """Returns every version of the root key, oldest first."""
@@ -49,14 +63,14 @@ class RootKeyRepository:
         return list(self._db.scalars(select(RootKey).order_by(RootKey.created_at, RootKey.id)))
 
     def default_for_pool(self, pool: str) -> RootKey | None:
-        """Returns the oldest enabled root key of ``pool``, or None."""
+        """Returns the oldest enabled root key of ``pool``, or None (a cached copy in workers)."""
         stmt = (
             select(RootKey)
             .where(RootKey.pool == pool, RootKey.state == "enabled")
             .order_by(RootKey.created_at, RootKey.id)
             .limit(1)
         )
-        return self._db.scalars(stmt).first()
+        return ROWS.get(("default_root_key", pool), lambda: _copy(self._db.scalars(stmt).first()))
 
 
 class PrivateKeyRepository:
@@ -105,3 +119,42 @@ class PrivateKeyRepository:
                 self._db.add(row)
         except exc.IntegrityError:
             raise self.conflict() from None
+
+
+class RequestRepository:
+    """The request records that make each request's effect happen once."""
+
+    def __init__(self, session: Session) -> None:
+        self._db = session
+
+    def record(
+        self, caller: str, request_id: str, request_hash: str, op: str, reply: str, error_code: str | None = None
+    ) -> bool:
+        """Inserts the request's outcome unless a record exists (``ON CONFLICT DO NOTHING``).
+
+        Returns False when another delivery recorded it first; the caller must then roll back its effects.
+        On Postgres a concurrent, uncommitted insert of the same key makes this wait for that transaction.
+        """
+        values = {
+            "caller": caller,
+            "request_id": request_id,
+            "request_hash": request_hash,
+            "op": op,
+            "status": "error" if error_code else "ok",
+            "error_code": error_code,
+            "reply": reply,
+            "created_at": utcnow(),
+        }
+        insert = postgresql.insert if self._db.get_bind().dialect.name == "postgresql" else sqlite.insert
+        table = cast(Table, RequestRecord.__table__)
+        stmt = (
+            insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["caller", "request_id"])
+            .returning(table.c.request_id)
+        )
+        return self._db.connection().execute(stmt).first() is not None
+
+    def get(self, caller: str, request_id: str) -> RequestRecord | None:
+        """Returns the record of a request, or None."""
+        return self._db.get(RequestRecord, (caller, request_id))

@@ -1,0 +1,447 @@
+"""``kmsq bench``: one run, one machine, real Redis, Postgres and SoftHSM2, every figure side by side.
+
+A  raw HSM loop: generate an AES-256 key, wrap it, read it, destroy it; one process, no queue, no database
+B  a no-op Celery task round trip through the same broker, worker settings and reply path
+C  single-request generate_data_key end to end (sign, queue, verify, HSM, Postgres, seal, reply, unseal)
+D  generate_data_keys batches end to end, batch sizes 1, 10, 100, 1000
+E  put_key end to end, single and batched
+F  the replaced system's method: PBKDF2-HMAC-SHA256 (10,000 iterations) + AES-CCM per encryption
+
+B-E run with 1 and with 2 worker processes. Ratios: C/B, D(1000)/A, E(batched)/F. Peak RSS of the workers
+(VmHWM of each worker process) is reported per configuration, and an optional long provisioning job samples
+worker RSS over time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
+BATCH_SIZES = (1, 10, 100, 1000)
+POOL = "bench"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does."""
+
+    raw: int
+    round_trips: int
+    batch_keys: int  # keys per batch size (at least two batches)
+    put_single: int
+    put_batched: int
+    pbkdf2: int
+    in_flight: int
+
+    @classmethod
+    def for_scale(cls, quick: bool) -> Sizes:
+        """The CI size (``quick``) or the full size."""
+        if quick:
+            return cls(raw=200, round_trips=60, batch_keys=200, put_single=30, put_batched=200, pbkdf2=10, in_flight=4)
+        return cls(raw=5000, round_trips=2000, batch_keys=20000, put_single=1000, put_batched=10000, pbkdf2=200,
+                   in_flight=8)  # fmt: skip
+
+
+def summarize(count: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
+    """Throughput (items/s) and latency percentiles (ms) of one measurement."""
+    ordered = sorted(latencies)
+
+    def pct(p: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 3)
+
+    return {
+        "items": count,
+        "elapsed_s": round(elapsed, 3),
+        "per_s": round(count / elapsed, 1) if elapsed > 0 else None,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "median_ms": round(statistics.median(ordered) * 1000, 3) if ordered else None,
+    }
+
+
+# -- in-process baselines --------------------------------------------------------------------------
+
+
+def measure_raw_hsm(hsm: Any, handle: Any, count: int) -> dict[str, Any]:
+    """A: one key at a time, exactly the HSM calls of a data key (no batching helpers, no queue, no DB)."""
+    for _ in range(20):
+        hsm.generate_data_key(handle, readable=True)[1].wipe()
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(count):
+        t = time.perf_counter()
+        _, plaintext = hsm.generate_data_key(handle, readable=True)
+        plaintext.wipe()
+        latencies.append(time.perf_counter() - t)
+    return summarize(count, time.perf_counter() - start, latencies)
+
+
+def measure_pbkdf2_ccm(count: int) -> dict[str, Any]:
+    """F: the replaced system's encryption, per item (OpenSSL through Python, one process)."""
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(count):
+        t = time.perf_counter()
+        password, salt, iv = secrets.token_bytes(32), secrets.token_bytes(8), secrets.token_bytes(13)
+        key = hashlib.pbkdf2_hmac("sha256", password, salt, 10_000, 32)
+        AESCCM(key, tag_length=8).encrypt(iv, b"xprv" + secrets.token_bytes(100), None)
+        latencies.append(time.perf_counter() - t)
+    return summarize(count, time.perf_counter() - start, latencies)
+
+
+# -- through the queue -----------------------------------------------------------------------------
+
+
+def run_window(
+    total: int, in_flight: int, start: Callable[[int], Future[Any]], items_per_call: int = 1
+) -> dict[str, Any]:
+    """Keeps ``in_flight`` calls outstanding until ``total`` calls completed; each call counts as
+    ``items_per_call`` items. Raises whatever a call raised."""
+    latencies: list[float] = []
+    started_at: dict[Future[Any], float] = {}
+    sent = 0
+    begin = time.perf_counter()
+    while sent < min(in_flight, total):
+        future = start(sent)
+        started_at[future] = time.perf_counter()
+        sent += 1
+    while started_at:
+        done, _ = wait(list(started_at), timeout=120, return_when=FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError("no reply within 120 s")
+        for future in done:
+            future.result()
+            latencies.append(time.perf_counter() - started_at.pop(future))
+            if sent < total:
+                nxt = start(sent)
+                started_at[nxt] = time.perf_counter()
+                sent += 1
+    return summarize(total * items_per_call, time.perf_counter() - begin, latencies)
+
+
+class NoopChannel:
+    """B's client: sends ``kmsq.noop`` tasks and consumes their bare replies on its own reply queue."""
+
+    def __init__(self, broker_url: str, caller: str) -> None:
+        from kombu.connection import Connection
+        from kombu.entity import Queue
+        from kombu.messaging import Consumer
+
+        from tasks.app import make_app
+
+        self.app = make_app(broker_url, "kmsq-bench")
+        self.queue = f"kmsq.reply.{caller}.noop-{secrets.token_hex(4)}"
+        self.pending: dict[str, Future[None]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.conn = Connection(broker_url)
+        queue = Queue(self.queue, durable=True, auto_delete=False, routing_key=self.queue)
+        self.consumer = Consumer(self.conn, [queue], callbacks=[self._on_message], accept=["json"], prefetch_count=64)
+        self.consumer.consume()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        with self.lock:
+            future = self.pending.pop(str(body.get("noop")), None)
+        if future is not None:
+            future.set_result(None)
+        message.ack()
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                continue
+
+    def call(self, _: int) -> Future[None]:
+        """Sends one no-op task; the future completes when its reply arrived."""
+        task_id = str(uuid.uuid4())
+        future: Future[None] = Future()
+        with self.lock:
+            self.pending[task_id] = future
+        self.app.send_task("kmsq.noop", args=[], task_id=task_id, queue=f"kms.{POOL}", reply_to=self.queue,
+                           ignore_result=True)  # fmt: skip
+        return future
+
+    def close(self) -> None:
+        """Stops consuming."""
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.consumer.cancel()
+        self.conn.release()
+
+
+def worker_rss(process: subprocess.Popen[bytes]) -> dict[str, int]:
+    """VmHWM (peak RSS) and VmRSS in KiB of the worker's pool processes (its children)."""
+    out: dict[str, int] = {"peak_kib": 0, "rss_kib": 0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != process.pid:
+                continue
+            fields = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+        except (OSError, ValueError):
+            continue
+        out["peak_kib"] = max(out["peak_kib"], int(fields["VmHWM"].split()[0]))
+        out["rss_kib"] = max(out["rss_kib"], int(fields["VmRSS"].split()[0]))
+    return out
+
+
+def start_worker(concurrency: int, log: Path, env: dict[str, str], broker_url: str) -> subprocess.Popen[bytes]:
+    """Starts ``kmsq worker --pool bench`` and waits until it answers a no-op task. Raises RuntimeError."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kmsq", "worker", "--pool", POOL, "--concurrency", str(concurrency),
+             "--loglevel", "warning", "--benchmark-noop"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    ping = NoopChannel(broker_url, "bench")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the bench worker exited with {process.returncode}; see {log}")
+            try:
+                ping.call(0).result(timeout=1)
+                return process
+            except TimeoutError:
+                continue
+    finally:
+        ping.close()
+    stop_worker(process)
+    raise RuntimeError(f"the bench worker did not start; see {log}")
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def queue_measurements(client: Any, broker_url: str, sizes: Sizes, root_key: str) -> dict[str, Any]:
+    """B-E with whatever workers are running."""
+    noop = NoopChannel(broker_url, client.identity.caller)
+    try:
+        run_window(20, sizes.in_flight, noop.call)
+        b = run_window(sizes.round_trips, sizes.in_flight, noop.call)
+    finally:
+        noop.close()
+    run_window(20, sizes.in_flight, lambda _: client.submit_generate_data_key(root_key))
+    c = run_window(sizes.round_trips, sizes.in_flight, lambda _: client.submit_generate_data_key(root_key))
+    d = {}
+    for size in BATCH_SIZES:
+        calls = max(2, sizes.batch_keys // size)
+
+        def batch(_: int, n: int = size) -> Future[Any]:
+            future: Future[Any] = client.submit_generate_data_keys(n, root_key)
+            return future
+
+        d[str(size)] = run_window(calls, sizes.in_flight, batch, size)
+    pubs = f"bench-{secrets.token_hex(4)}"
+
+    def put_one(i: int) -> Future[Any]:
+        future: Future[Any] = client.submit_put_key(
+            f"{pubs}-s{i}", "xprv" + secrets.token_hex(50), "btc", "user", "independent", root_key
+        )
+        return future
+
+    def put_batch(i: int, n: int = 100) -> Future[Any]:
+        items = [{"pub": f"{pubs}-b{i}-{j}", "prv": "xprv" + secrets.token_hex(50), "coin": "btc", "source": "user",
+                  "type": "independent"} for j in range(n)]  # fmt: skip
+        future: Future[Any] = client.submit_put_keys(items, root_key)
+        return future
+
+    e_single = run_window(sizes.put_single, sizes.in_flight, put_one)
+    e_batch = run_window(max(2, sizes.put_batched // 100), sizes.in_flight, put_batch, 100)
+    return {"B_noop_round_trip": b, "C_generate_data_key": c, "D_generate_data_keys": d,
+            "E_put_key_single": e_single, "E_put_keys_batch_100": e_batch}  # fmt: skip
+
+
+def rss_job(client: Any, root_key: str, total: int, process: subprocess.Popen[bytes], in_flight: int) -> dict[str, Any]:
+    """A provisioning-style job of ``total`` keys (batches of 1000), sampling worker RSS once a second."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    begin = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((round(time.perf_counter() - begin, 1), worker_rss(process)["rss_kib"]))
+            stop.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    calls = max(1, total // 1000)
+    result = run_window(calls, in_flight, lambda _: client.submit_generate_data_keys(1000, root_key, False), 1000)
+    stop.set()
+    sampler.join()
+    rss = [kib for _, kib in samples]
+    warm = rss[len(rss) // 10 :] or rss
+    return {
+        **result,
+        "rss_kib_samples": samples,
+        "rss_mib_peak": round(worker_rss(process)["peak_kib"] / 1024, 1),
+        "rss_mib_after_warmup_min": round(min(warm) / 1024, 1) if warm else None,
+        "rss_mib_after_warmup_max": round(max(warm) / 1024, 1) if warm else None,
+    }
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """C/B, D(1000)/A and E(batched)/F for each worker count, with the targets."""
+    out: dict[str, Any] = {}
+    a = report["A_raw_hsm"]["per_s"]
+    f = report["F_pbkdf2_aes_ccm"]["per_s"]
+    for workers, m in report["workers"].items():
+        out[workers] = {
+            "C_over_B": round(m["C_generate_data_key"]["per_s"] / m["B_noop_round_trip"]["per_s"], 3),
+            "D1000_over_A": round(m["D_generate_data_keys"]["1000"]["per_s"] / a, 3),
+            "E_batched_over_F": round(m["E_put_keys_batch_100"]["per_s"] / f, 3),
+        }
+    out["targets"] = {"C_over_B": ">= 0.7", "D1000_over_A": ">= 1.0", "E_batched_over_F": ">= 5"}
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput against batch size, one line per worker count, with A and F as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for workers, m in report["workers"].items():
+        ys = [m["D_generate_data_keys"][str(s)]["per_s"] for s in BATCH_SIZES]
+        left.plot(BATCH_SIZES, ys, marker="o", label=f"D generate_data_keys, {workers} worker process(es)")
+    left.axhline(report["A_raw_hsm"]["per_s"], color="grey", linestyle="--", label="A raw HSM loop (1 process)")
+    left.set_xscale("log")
+    left.set_xlabel("batch size (keys per message)")
+    left.set_ylabel("data keys per second")
+    left.set_title("Batched generate_data_keys vs the raw HSM")
+    left.legend(fontsize=8)
+    labels = ["B noop", "C single", "D batch 1000", "E put single", "E put batch 100"]
+    keys = ["B_noop_round_trip", "C_generate_data_key", None, "E_put_key_single", "E_put_keys_batch_100"]
+    width = 0.38
+    for k, (workers, m) in enumerate(report["workers"].items()):
+        values = [m[key]["per_s"] if key else m["D_generate_data_keys"]["1000"]["per_s"] for key in keys]
+        right.bar([i + k * width for i in range(len(labels))], values, width, label=f"{workers} worker process(es)")
+    right.axhline(report["F_pbkdf2_aes_ccm"]["per_s"], color="red", linestyle=":", label="F PBKDF2+AES-CCM (1 process)")
+    right.set_xticks([i + width / 2 for i in range(len(labels))], labels, fontsize=8)
+    right.set_yscale("log")
+    right.set_ylabel("items per second (log)")
+    right.set_title("End to end, by worker processes")
+    right.legend(fontsize=8)
+    fig.suptitle(report["machine"]["summary"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import platform
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+    info["summary"] = f"{cpu}, {info['cores']} cores, Python {info['python']}"
+    return info
+
+
+def run_bench(
+    quick: bool, worker_counts: list[int], rss_keys: int, out_dir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Sets up the bench pool, caller and root key, measures A-F, writes bench.json and bench.png."""
+    import json
+
+    from kmsq.operator_cli import ensure_fleet_key, fleet_document
+    from schemas.messages import ALLOWABLE_OPS
+    from tasks.client import KmsClient
+    from tasks.identity import CallerIdentity, Fleet
+    from worker import callers, service
+    from worker.config import load_settings
+    from worker.errors import ConfigError
+    from worker.runtime import KeyService, transaction
+    from worker.softhsm import ensure_embedded_token
+    from worker.storage.db import migrate
+
+    settings = load_settings()
+    if settings.embedded_broker or settings.database_url.startswith("sqlite"):
+        raise ConfigError("kmsq bench measures against Redis and Postgres: set KMSQ_BROKER_URL and KMSQ_DATABASE_URL")
+    if settings.embedded_hsm:
+        ensure_embedded_token(settings)
+    sizes = Sizes.for_scale(quick)
+    svc = KeyService.from_settings(settings)
+    migrate(svc.engine)
+    roots = [k for k in svc.list_root_keys() if k.pool == POOL and k.state == "enabled" and k.type == "aes-256"]
+    root = roots[0] if roots else svc.create_root_key("aes-256", POOL)
+    ensure_fleet_key(svc, POOL)
+    directory = settings.home / "callers"
+    identity_file = directory / "bench.key.json"
+    if not identity_file.exists():
+        CallerIdentity.generate("bench").write(directory)
+    identity = CallerIdentity.load(identity_file)
+    with transaction(svc.sessions) as db:
+        known = {c.name: c for c in callers.list_callers(db)}
+        if "bench" not in known:
+            public = callers.read_public_identity(directory / "bench.pub.json")
+            callers.add_caller(db, "bench", public, list(ALLOWABLE_OPS), None, plaintext=True)
+        elif known["bench"].key_id != identity.key_id:
+            raise ConfigError(f"caller 'bench' is registered with another key than {identity_file}")
+        version = service.wrapping_version(db, root.id, POOL)
+    fleet = Fleet.from_document(fleet_document(svc) | {"default_pool": POOL})
+    report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "root_key": root.id, "workers": {}}
+    log(f"A raw HSM loop ({sizes.raw} keys)")
+    report["A_raw_hsm"] = measure_raw_hsm(svc.hsm, service.hsm_handle(version), sizes.raw)
+    log(f"F PBKDF2-HMAC-SHA256 x10000 + AES-CCM ({sizes.pbkdf2} encryptions)")
+    report["F_pbkdf2_aes_ccm"] = measure_pbkdf2_ccm(sizes.pbkdf2)
+    svc.engine.dispose()
+    env = {**os.environ, "KMSQ_DEFAULT_POOL": POOL}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for count in worker_counts:
+        log(f"B-E with {count} worker process(es)")
+        process = start_worker(count, out_dir / "bench-worker.log", env, settings.effective_broker_url)
+        try:
+            with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120) as client:
+                measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id)
+                measured["worker_rss"] = {k: round(v / 1024, 1) for k, v in worker_rss(process).items()}
+                if rss_keys and count == max(worker_counts):
+                    log(f"provisioning job of {rss_keys} keys, sampling worker RSS")
+                    measured["rss_job"] = rss_job(client, root.id, rss_keys, process, sizes.in_flight)
+                report["workers"][str(count)] = measured
+        finally:
+            stop_worker(process)
+    report["ratios"] = ratios(report)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(report, out_dir / "bench.png")
+    return report

@@ -1,0 +1,56 @@
+"""A per-process, time-limited cache of rarely changing rows (callers, root keys) for worker processes.
+
+Off by default (``ttl`` 0): operator commands and tests read the database every time. Workers turn it on
+(``KMSQ_CACHE_SECONDS``, default 2) so that a request does not spend three queries on rows that change a few
+times a year. The price: disabling a caller or a root key, or rotating one, reaches running workers within
+that many seconds. Cached values are detached copies, never objects of a session.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from sqlalchemy import inspect
+
+T = TypeVar("T")
+
+
+def detached_copy(row: T) -> T:
+    """Returns a transient copy of a mapped row with its column values (no session, no relationships)."""
+    mapper = inspect(type(row))
+    values = {attr.key: getattr(row, attr.key) for attr in mapper.column_attrs}
+    return type(row)(**values)
+
+
+class TtlCache:
+    """Maps keys to values loaded at most once per ``ttl`` seconds. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.ttl = 0.0
+        self._lock = threading.Lock()
+        self._data: dict[Hashable, tuple[float, Any]] = {}
+
+    def get(self, key: Hashable, load: Callable[[], T]) -> T:
+        """Returns the cached value of ``key``, or ``load()`` (cached when caching is on)."""
+        if self.ttl <= 0:
+            return load()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._data.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]  # type: ignore[no-any-return]
+        value = load()
+        with self._lock:
+            self._data[key] = (now + self.ttl, value)
+        return value
+
+    def clear(self) -> None:
+        """Forgets everything."""
+        with self._lock:
+            self._data.clear()
+
+
+ROWS = TtlCache()
