@@ -256,7 +256,7 @@ def queue_measurements(client: Any, broker_url: str, sizes: Sizes, root_key: str
     c = run_window(sizes.round_trips, sizes.in_flight, lambda _: client.submit_generate_data_key(root_key))
     d = {}
     for size in BATCH_SIZES:
-        calls = max(2, sizes.batch_keys // size)
+        calls = max(2, min(sizes.round_trips, sizes.batch_keys // size))
 
         def batch(_: int, n: int = size) -> Future[Any]:
             future: Future[Any] = client.submit_generate_data_keys(n, root_key)
