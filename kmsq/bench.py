@@ -434,7 +434,11 @@ def run_bench(
         try:
             with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120) as client:
                 measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id)
-                measured["worker_rss"] = {k: round(v / 1024, 1) for k, v in worker_rss(process).items()}
+                rss = worker_rss(process)
+                measured["worker_rss"] = {
+                    "peak_mib": round(rss["peak_kib"] / 1024, 1),
+                    "rss_mib": round(rss["rss_kib"] / 1024, 1),
+                }
                 if rss_keys and count == max(worker_counts):
                     log(f"provisioning job of {rss_keys} keys, sampling worker RSS")
                     measured["rss_job"] = rss_job(client, root.id, rss_keys, process, sizes.in_flight)

@@ -160,3 +160,29 @@ def test_pkcs11_is_imported_only_by_the_adapter() -> None:
     ]
     assert importers == ["worker/hsm.py"]
     assert pkcs11  # tests may use it to check the token independently
+
+
+def test_the_library_is_recycled_after_many_session_objects(
+    hsm_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SoftHSM2 keeps memory for every session object until C_Finalize: the adapter re-initializes the
+    library every RECYCLE_AFTER_OBJECTS objects, between operations, and keeps working."""
+    import worker.hsm as hsm_module
+
+    monkeypatch.setattr(hsm_module, "RECYCLE_AFTER_OBJECTS", 500)
+    adapter = Hsm(hsm_settings.module_path(), hsm_settings.pkcs11_token_label, hsm_settings.read_pin,
+                  hsm_settings.softhsm2_conf)  # fmt: skip
+    handle = adapter.create_aes_root_key("rk-recycle", 1)
+    try:
+        pairs = adapter.generate_data_keys(handle, 400, readable=True)
+        pairs += adapter.generate_data_keys(handle, 400, readable=True)
+        assert adapter.recycled >= 1
+        for wrapped, plaintext in pairs[::50]:
+            assert plaintext is not None
+            with adapter.unwrap_data_key(handle, wrapped) as again:
+                assert bytes(again.view()) == bytes(plaintext.view())
+        for _ in range(600):
+            adapter.generate_data_key(handle, readable=False)
+        assert adapter.recycled >= 2
+    finally:
+        adapter.destroy_root_key(handle)

@@ -1,0 +1,38 @@
+"""`kmsq bench --quick` runs on real Redis, Postgres, SoftHSM2 and worker processes, and its JSON has every
+figure the performance report needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.queue_fixtures import Deployment, kmsq_command
+
+FIGURE = {"items", "elapsed_s", "per_s", "p50_ms", "p99_ms"}
+
+
+def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path) -> None:
+    out_dir = tmp_path / "bench"
+    result = subprocess.run(
+        [*kmsq_command(), "bench", "--quick", "--rss-job", "2000", "--out-dir", str(out_dir), "--json"],
+        env=deployment.env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads((out_dir / "bench.json").read_text()) == report
+    assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("A_raw_hsm", "F_pbkdf2_aes_ccm"):
+        assert set(report[name]) >= FIGURE and report[name]["per_s"] > 0
+    assert set(report["workers"]) == {"1", "2"}
+    for measured in report["workers"].values():
+        for name in ("B_noop_round_trip", "C_generate_data_key", "E_put_key_single", "E_put_keys_batch_100"):
+            assert set(measured[name]) >= FIGURE and measured[name]["per_s"] > 0
+        assert set(measured["D_generate_data_keys"]) == {"1", "10", "100", "1000"}
+        assert all(d["per_s"] > 0 for d in measured["D_generate_data_keys"].values())
+        assert measured["worker_rss"]["peak_mib"] > 10
+    job = report["workers"]["2"]["rss_job"]
+    assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
+    for workers in ("1", "2"):
+        assert set(report["ratios"][workers]) == {"C_over_B", "D1000_over_A", "E_batched_over_F"}
+    assert report["machine"]["cores"] >= 1

@@ -1,0 +1,119 @@
+"""`kmsq provision` as a subprocess against the running workers: interrupted (SIGINT, SIGKILL) and resumed, it
+writes exactly N distinct keys, each decryptable; `--put-from` stores keys with per-item errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.client import KmsClient
+from tests.conftest import random_pub
+from tests.queue_fixtures import Deployment, kmsq_command
+
+
+@pytest.fixture(scope="module")
+def caller_env(deployment: Deployment) -> dict[str, str]:
+    """The environment of a caller command for a caller allowed everything."""
+    from kmsq.operator_cli import fleet_document
+
+    deployment.register("provisioner")
+    fleet = deployment.directory / "provision-fleet.json"
+    fleet.write_text(json.dumps(fleet_document(deployment.service)))
+    identity = deployment.directory / "callers" / "provisioner.key.json"
+    return deployment.env(KMSQ_IDENTITY=str(identity), KMSQ_FLEET=str(fleet))
+
+
+def provision(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*kmsq_command(), "provision", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def interrupt_midway(env: dict[str, str], args: list[str], out: Path, sig: signal.Signals, after_lines: int) -> None:
+    process = subprocess.Popen(
+        [*kmsq_command(), "provision", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= after_lines:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the job finished before it could be interrupted; make it longer"
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])
+def test_interrupted_and_resumed_job_has_exactly_n_keys(
+    deployment: Deployment,
+    client: KmsClient,
+    caller_env: dict[str, str],
+    tmp_path: Path,
+    sig: signal.Signals,
+) -> None:
+    out = tmp_path / "keys.jsonl"
+    args = ["--count", "4000", "--batch", "100", "--in-flight", "2", "--with-plaintext", "--out", str(out),
+            "--job", f"t-{sig.name.lower()}", "--json"]  # fmt: skip
+    interrupt_midway(caller_env, args, out, sig, after_lines=600)
+    partial = out.read_text().count("\n")
+    assert 0 < partial < 4000
+    resumed = provision(caller_env, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["already_done"] + summary["keys"] == 4000 and summary["errors"] == 0
+    rows = lines(out)
+    assert len(rows) == 4000
+    assert len({r["id"] for r in rows}) == 4000 and len({r["plaintextKey"] for r in rows}) == 4000
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    deployment.secrets += [r["plaintextKey"].encode() for r in rows[:3]]
+    for start in range(0, 4000, 1000):
+        chunk = rows[start : start + 1000]
+        decrypted = client.decrypt_data_keys([r["encryptedKey"] for r in chunk])["items"]
+        assert [d["plaintextKey"] for d in decrypted] == [r["plaintextKey"] for r in chunk]
+    again = provision(caller_env, *args)  # a finished job re-run sends nothing
+    assert again.returncode == 0 and json.loads(again.stdout)["keys"] == 0 and len(lines(out)) == 4000
+
+
+def test_resume_with_other_parameters_is_refused(caller_env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "keys.jsonl"
+    assert provision(caller_env, "--count", "10", "--out", str(out), "--job", "p1", "--json").returncode == 0
+    other = provision(caller_env, "--count", "20", "--out", str(out), "--job", "p1")
+    assert other.returncode == 2 and "other parameters" in other.stderr
+    wrong_job = provision(caller_env, "--count", "10", "--out", str(out), "--job", "p2")
+    assert wrong_job.returncode == 2 and "--job p1" in wrong_job.stderr
+
+
+def test_put_from_file_with_per_item_errors(
+    deployment: Deployment,
+    client: KmsClient,
+    caller_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "keys.jsonl"
+    items = [{"pub": random_pub(), "prv": f"xprv-{i}-" + "z" * 40, "coin": "btc", "source": "user", "type": "tss"}
+             for i in range(250)]  # fmt: skip
+    items[17]["coin"] = "NOT A COIN"
+    items[120]["pub"] = items[119]["pub"]  # a duplicate within the file
+    deployment.secrets += [i["prv"].encode() for i in items[:3]]
+    source.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = tmp_path / "stored.jsonl"
+    result = provision(caller_env, "--put-from", str(source), "--batch", "100", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["keys"], summary["errors"]) == (248, 2)
+    rows = {r["line"]: r for r in lines(out)}
+    assert len(rows) == 250 and rows[18]["error"] == "invalid" and rows[121]["error"] == "conflict"
+    assert "prv" not in json.dumps(list(rows.values()))
+    assert client.get_key(items[200]["pub"], "user")["prv"] == items[200]["prv"]
