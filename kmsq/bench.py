@@ -153,7 +153,7 @@ class NoopChannel:
         self.stop = threading.Event()
         self.conn = Connection(broker_url)
         queue = Queue(self.queue, durable=True, auto_delete=False, routing_key=self.queue)
-        self.consumer = Consumer(self.conn, [queue], callbacks=[self._on_message], accept=["json"], prefetch_count=64)
+        self.consumer = Consumer(self.conn, [queue], callbacks=[self._on_message], accept=["json"], no_ack=True)
         self.consumer.consume()
         self.thread = threading.Thread(target=self._drain, daemon=True)
         self.thread.start()
@@ -163,7 +163,6 @@ class NoopChannel:
             future = self.pending.pop(str(body.get("noop")), None)
         if future is not None:
             future.set_result(None)
-        message.ack()
 
     def _drain(self) -> None:
         while not self.stop.is_set():

@@ -387,7 +387,6 @@ class KmsClient:
             reply = self.verify_envelope(ReplyEnvelope.model_validate(body))
         except (WireError, pydantic.ValidationError, TypeError) as e:
             log.warning("dropped a reply that does not verify: %s", e)
-            message.ack()
             return
         rid = str(reply.request_id)
         future: Future[Reply] | None = None
@@ -405,7 +404,6 @@ class KmsClient:
                 log.warning("ignored a reply to a different message with request_id %s", rid)
         if future is not None and not future.done():
             future.set_result(reply)
-        message.ack()
 
     def take_unclaimed(self) -> dict[str, Reply]:
         """Returns (and forgets) replies that arrived for requests this client did not send or already got."""
@@ -419,7 +417,10 @@ class KmsClient:
             try:
                 with (
                     Connection(self._broker_url) as conn,
-                    Consumer(conn, [queue], callbacks=[self._on_message], accept=["json"], prefetch_count=64),
+                    # no_ack: a reply taken off the queue by a client that dies before reading it is not lost,
+                    # the worker stored it (get_result, or send the same request again). It saves the broker
+                    # round trips of kombu's unacked bookkeeping on every reply.
+                    Consumer(conn, [queue], callbacks=[self._on_message], accept=["json"], no_ack=True),
                 ):
                     self._ready.set()
                     while not self._stop.is_set():
