@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +91,30 @@ def hsm(hsm_settings: Settings) -> Hsm:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh Postgres database for this test run, dropped afterwards."""
+    with fresh_database("kmsq_test") as url:
+        yield url
+
+
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """Creates a Postgres database named ``prefix_<random>``, yields its URL and drops it afterwards.
+
+    Skips the test locally, fails it on CI, when Postgres is unreachable.
+    """
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"kmsq_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception:
         admin.dispose()
         missing_service("Postgres at " + POSTGRES_ADMIN_URL)
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _fresh_postgres_schema(url: str) -> Engine:

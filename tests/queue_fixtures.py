@@ -13,20 +13,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kmsq.operator_cli import fleet_document
 from schemas.messages import ALLOWABLE_OPS
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet
-from tests.conftest import POSTGRES_ADMIN_URL, missing_service
+from tests.conftest import fresh_database, missing_service
 from worker import callers
 from worker.config import Settings
 from worker.fleet import ensure_fleet_key
@@ -56,18 +55,8 @@ def redis_url() -> str:
 @pytest.fixture(scope="session")
 def queue_db_url() -> Iterator[str]:
     """A fresh Postgres database for the queue tests, dropped afterwards."""
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"kmsq_queue_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception:
-        admin.dispose()
-        missing_service("Postgres at " + POSTGRES_ADMIN_URL)
-    yield admin.url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("kmsq_queue") as url:
+        yield url
 
 
 def subprocess_env(settings: Settings, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:

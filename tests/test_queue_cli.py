@@ -11,9 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import POSTGRES_ADMIN_URL, random_pub
+from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 
 
@@ -115,15 +114,11 @@ def test_caller_registry_commands(deployment: Deployment, caller_env: dict[str, 
 
 def test_main_job_on_redis_and_postgres(deployment: Deployment, tmp_path: Path) -> None:
     """`kmsq init` and `kmsq demo` with KMSQ_BROKER_URL and KMSQ_DATABASE_URL set."""
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"kmsq_demo_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
+    with fresh_database("kmsq_demo") as database_url:
         env = {
             **deployment.env(),
             "KMSQ_HOME": str(tmp_path / "home"),
-            "KMSQ_DATABASE_URL": admin.url.set(database=name).render_as_string(hide_password=False),
+            "KMSQ_DATABASE_URL": database_url,
             "KMSQ_DEFAULT_POOL": "default",
         }
         assert run(env, "init").returncode == 0
@@ -133,7 +128,3 @@ def test_main_job_on_redis_and_postgres(deployment: Deployment, tmp_path: Path) 
         assert report["broker"] == "KMSQ_BROKER_URL" and report["worker"]["exit_code"] == 0
         assert all(step.get("matches", True) and step.get("ok", True) for step in report["steps"])
         assert not (tmp_path / "home" / "broker.sock").exists()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

@@ -13,13 +13,12 @@ import uuid
 from typing import Any
 
 import redis
-from sqlalchemy import MetaData, select
 
 from schemas.wire import seal_private_key
 from tasks.client import KmsClient
 from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment
-from tests.test_no_plaintext_at_rest import encodings
+from tests.test_no_plaintext_at_rest import dump_database, encodings
 
 
 def dump_redis(url: str) -> bytes:
@@ -44,17 +43,6 @@ def dump_redis(url: str) -> bytes:
     return bytes(out)
 
 
-def dump_database(deployment: Deployment) -> bytes:
-    metadata = MetaData()
-    out = bytearray()
-    with deployment.sessions() as db:
-        metadata.reflect(bind=db.connection())
-        for table in metadata.sorted_tables:
-            for row in db.execute(select(table)):
-                out += "|".join(str(v) for v in row).encode() + b"\n"
-    return bytes(out)
-
-
 def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, client: KmsClient) -> None:
     own: list[bytes] = []
     for _ in range(5):
@@ -76,7 +64,7 @@ def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, c
     client.publish("kmsq.put_key", args, str(request_id), "parked", request.reply_queue)
 
     redis_dump = dump_redis(deployment.broker_url)
-    database = dump_database(deployment)
+    database = dump_database(deployment.service)
     logs = b"".join(w.log.read_bytes() for w in deployment.workers.values())
     logs += b"".join(p.read_bytes() for p in deployment.directory.glob("worker-*.log"))
     logs += deployment.caller_log.read_bytes()

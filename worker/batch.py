@@ -7,27 +7,20 @@ root key, permission, HSM or database down) is raised.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from schemas.envelope import FORMAT_VERSION as ENVELOPE_FORMAT_VERSION
 from schemas.envelope import (
-    GCM_NONCE_LEN,
     KEY_SPEC_LENGTHS,
-    Aead,
     EncryptedDataKey,
-    EncryptedPrivateKey,
     KeySpec,
-    PrivateKeyContext,
 )
 from worker import service
 from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
-from worker.hsm import Hsm, RootKeyHandle
-from worker.secret import SecretBytes
+from worker.hsm import Hsm
 from worker.storage.models import PrivateKey, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository
 
@@ -110,7 +103,6 @@ def store_private_keys(
     source) is stored already or repeats within the batch.
     """
     version = service.wrapping_version(db, root_key_id, pool, check)
-    handle = service.hsm_handle(version)
     outcomes: list[service.StoredPrivateKey | KmsqError | None] = [None] * len(items)
     for i, item in enumerate(items):
         try:
@@ -129,7 +121,9 @@ def store_private_keys(
             outcomes[i] = PrivateKeyRepository.conflict()
             continue
         seen.add(ident)
-        rows.append((i, _sealed_row(hsm, handle, version, item)))
+        rows.append(
+            (i, service.sealed_private_key_row(hsm, version, item.pub, item.prv, item.coin, item.source, item.type))
+        )
     for i, error in PrivateKeyRepository(db).add_many(rows):
         outcomes[i] = error
     for i, row in rows:
@@ -147,23 +141,3 @@ def _existing(db: Session, idents: list[tuple[str, str]]) -> set[tuple[str, str]
         stmt = select(PrivateKey.pub, PrivateKey.source).where(tuple_(PrivateKey.pub, PrivateKey.source).in_(chunk))
         found.update((pub, source) for pub, source in db.execute(stmt))
     return found
-
-
-def _sealed_row(hsm: Hsm, handle: RootKeyHandle, version: RootKeyVersion, item: PrivateKeyItem) -> PrivateKey:
-    context = PrivateKeyContext(item.pub, item.source, item.coin, item.type, version.root_key_id, version.version)
-    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
-    with SecretBytes.from_str(item.prv) as plaintext:
-        wrapped, ciphertext = hsm.seal(handle, plaintext, shell.nonce, shell.associated_data(context))
-    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
-    return PrivateKey(
-        pub=item.pub,
-        source=item.source,
-        coin=item.coin,
-        type=item.type,
-        provider=service.PROVIDER,
-        root_key=version.root_key_id,
-        root_key_version=version.version,
-        format_version=ENVELOPE_FORMAT_VERSION,
-        encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
-        encrypted_data_key=data_key.to_text(),
-    )

@@ -323,27 +323,33 @@ def store_private_key(
     repo = PrivateKeyRepository(db)
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
+    repo.add(sealed_private_key_row(hsm, version, pub, prv, coin, source, type))
+    return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
+
+
+def sealed_private_key_row(
+    hsm: Hsm, version: RootKeyVersion, pub: str, prv: str, coin: str, source: str, key_type: str
+) -> PrivateKey:
+    """Returns a new ``private_keys`` row: ``prv`` sealed with AES-256-GCM inside the HSM under a fresh data
+    key wrapped by ``version``, with the row's fields as associated data. Adds nothing to a session."""
     handle = hsm_handle(version)
-    context = PrivateKeyContext(pub, source, coin, type, version.root_key_id, version.version)
+    context = PrivateKeyContext(pub, source, coin, key_type, version.root_key_id, version.version)
     shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
     with SecretBytes.from_str(prv) as plaintext:
         wrapped, ciphertext = hsm.seal(handle, plaintext, shell.nonce, shell.associated_data(context))
     data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
-    repo.add(
-        PrivateKey(
-            pub=pub,
-            source=source,
-            coin=coin,
-            type=type,
-            provider=PROVIDER,
-            root_key=version.root_key_id,
-            root_key_version=version.version,
-            format_version=FORMAT_VERSION,
-            encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
-            encrypted_data_key=data_key.to_text(),
-        )
+    return PrivateKey(
+        pub=pub,
+        source=source,
+        coin=coin,
+        type=key_type,
+        provider=PROVIDER,
+        root_key=version.root_key_id,
+        root_key_version=version.version,
+        format_version=FORMAT_VERSION,
+        encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
+        encrypted_data_key=data_key.to_text(),
     )
-    return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
 
 
 def get_private_key(
