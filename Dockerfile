@@ -7,7 +7,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY . .
-RUN pip install --no-cache-dir ".[worker]"
+RUN pip install --no-cache-dir ".[worker,gateway]"
 
 # An unprivileged user owning KMSQ_HOME; a new named volume mounted there inherits this ownership.
 RUN useradd --system --home-dir /var/lib/kmsq --shell /usr/sbin/nologin kmsq \

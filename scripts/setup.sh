@@ -93,8 +93,8 @@ fi
 if [ -f "$STAMP" ] && [ "$STAMP" -nt "$ROOT/pyproject.toml" ] && [ -x "$VENV/bin/kmsq" ]; then
     say "kmsq already installed in $VENV"
 else
-    say "pip install -e .[worker,dev,bench]"
-    "$VENV/bin/python" -m pip install -q -e ".[worker,dev,bench]"
+    say "pip install -e .[worker,gateway,dev,bench]"
+    "$VENV/bin/python" -m pip install -q -e ".[worker,gateway,dev,bench]"
     touch "$STAMP"
 fi
 say "done"

@@ -67,6 +67,7 @@ def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, c
     database = dump_database(deployment.service)
     logs = b"".join(w.log.read_bytes() for w in deployment.workers.values())
     logs += b"".join(p.read_bytes() for p in deployment.directory.glob("worker-*.log"))
+    logs += b"".join(p.read_bytes() for p in deployment.directory.glob("gateway-*.log"))
     logs += deployment.caller_log.read_bytes()
     assert b"kms.parked" in redis_dump and b"kmsq:v1:" in database and b"ready." in logs  # the dumps are real
     assert len(own + deployment.secrets) > 20

@@ -1,0 +1,292 @@
+"""The HTTP gateway: the replaced key-provider API, served by an ordinary kmsq caller.
+
+Four endpoints with the old paths, bodies and status codes (``POST /key``, ``GET /key/{pub}?source=``,
+``POST /generateDataKey``, ``POST /decryptDataKey``), errors as ``{"message": ...}``, and ``/openapi.json``.
+Each HTTP request becomes one signed kmsq request; secrets travel sealed between the gateway and the workers
+and exist in plaintext only inside this process and on the HTTP connection (serve it with TLS).
+
+Imports no HSM or database code: the gateway needs the caller install plus the ``gateway`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from schemas.messages import Coin, KeyType, Pub, Source
+from tasks.client import KmsClient, KmsError, KmsTimeout
+
+log = logging.getLogger("kmsq.gateway")
+
+MAX_BODY_BYTES = 64 * 1024  # the largest old-API body is a private key of at most 32 KiB
+STATUS_OF_CODE = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
+Prv = Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
+
+
+class Message_(BaseModel):
+    """An error: the only shape of a non-200 answer."""
+
+    message: str
+
+
+class _Body(BaseModel):
+    # Old clients may send fields the old API ignored; they are ignored here too, never echoed.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class PutKeyBody(_Body):
+    """``POST /key``: a private key to store."""
+
+    prv: Prv
+    pub: Pub
+    coin: Coin
+    source: Source
+    type: KeyType
+
+
+class PutKeyAnswer(BaseModel):
+    """The stored key's public fields."""
+
+    pub: str
+    coin: str
+    source: str
+    type: str
+
+
+class GetKeyAnswer(BaseModel):
+    """A stored private key."""
+
+    prv: str
+    pub: str
+    source: str
+    type: str
+
+
+class GenerateDataKeyBody(_Body):
+    """``POST /generateDataKey``; AES-256 is the only key type, and the default."""
+
+    keyType: Literal["AES-256"] = "AES-256"  # the old API's field names
+
+
+class GenerateDataKeyAnswer(BaseModel):
+    """A new data key: ``plaintextKey`` (base64 of 32 bytes) and the ``encryptedKey`` that gives it back."""
+
+    plaintextKey: str
+    encryptedKey: str
+
+
+class DecryptDataKeyBody(_Body):
+    """``POST /decryptDataKey``."""
+
+    encryptedKey: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+
+
+class DecryptDataKeyAnswer(BaseModel):
+    """The data key, exactly the string ``/generateDataKey`` returned."""
+
+    plaintextKey: str
+
+
+class GatewayError(Exception):
+    """An HTTP error answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Message_, "description": text}
+    for status, text in {
+        400: "bad request body or parameters",
+        404: "no such key",
+        409: "(pub, source) already stored",
+        500: "internal error",
+        503: "no worker answered in time",
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway asks kmsq for: the root key for new keys (None: the pool's default)."""
+
+    root_key_id: str | None = None
+    timeout: float = 30.0
+
+
+class BodyLimit:
+    """ASGI middleware: answers 400 to bodies over ``limit`` bytes before the application reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise GatewayError(400, "request body too large")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse({"message": "request body too large"}, status_code=400)
+    await response(scope, receive, send)
+
+
+def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> FastAPI:
+    """Returns the ASGI application serving the old API through ``client``. The caller closes the client."""
+    settings = settings or GatewaySettings()
+    app = FastAPI(
+        title="kmsq key-provider gateway",
+        version="1",
+        description="The replaced key-provider API, served through signed kmsq requests.",
+        docs_url=None,
+        redoc_url=None,
+        responses=ERRORS,
+    )
+    app.add_middleware(BodyLimit)
+    _install_error_handlers(app)
+
+    async def call(start: Callable[[], Future[dict[str, Any]]]) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(start()), timeout=settings.timeout)
+        except (TimeoutError, KmsTimeout):
+            raise GatewayError(503, "no worker answered in time") from None
+        except KmsError as error:
+            raise _http_error(error) from None
+
+    @app.post("/key", response_model=PutKeyAnswer)
+    async def put_key(body: PutKeyBody) -> PutKeyAnswer:
+        """Stores a private key under the gateway's root key."""
+        await call(
+            lambda: client.submit_put_key(body.pub, body.prv, body.coin, body.source, body.type, settings.root_key_id)
+        )
+        return PutKeyAnswer(pub=body.pub, coin=body.coin, source=body.source, type=body.type)
+
+    @app.get("/key/{pub:path}", response_model=GetKeyAnswer)
+    async def get_key(
+        pub: Annotated[str, PathParam(min_length=1, max_length=1024)], source: Annotated[Source, Query()]
+    ) -> GetKeyAnswer:
+        """Reads a stored private key. ``pub`` is percent-decoded; it may contain ``/`` and ``+``."""
+        fields = await call(lambda: client.submit_get_key(pub, source))
+        return GetKeyAnswer(prv=fields["prv"], pub=fields["pub"], source=fields["source"], type=fields["type"])
+
+    @app.post("/generateDataKey", response_model=GenerateDataKeyAnswer)
+    async def generate_data_key(body: GenerateDataKeyBody) -> GenerateDataKeyAnswer:
+        """Generates an AES-256 data key under the gateway's root key."""
+        fields = await call(lambda: client.submit_generate_data_key(settings.root_key_id, with_plaintext=True))
+        return GenerateDataKeyAnswer(plaintextKey=fields["plaintextKey"], encryptedKey=fields["encryptedKey"])
+
+    @app.post("/decryptDataKey", response_model=DecryptDataKeyAnswer)
+    async def decrypt_data_key(body: DecryptDataKeyBody) -> DecryptDataKeyAnswer:
+        """Gives back the plaintext data key of an ``encryptedKey``."""
+        fields = await call(lambda: client.submit_decrypt_data_key(body.encryptedKey))
+        return DecryptDataKeyAnswer(plaintextKey=fields["plaintextKey"])
+
+    return app
+
+
+def _http_error(error: KmsError) -> GatewayError:
+    status = STATUS_OF_CODE.get(error.code)
+    if status is not None:
+        return GatewayError(status, error.message)
+    # forbidden, unauthenticated, expired, replayed, internal: the gateway's own setup is wrong, not the
+    # HTTP client's request. Operators see the code in the log; clients get a stable message.
+    log.error("kmsq refused the gateway's request %s: %s (%s)", error.request_id, error.code, error.message)
+    return GatewayError(500, "internal error")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def gateway_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return JSONResponse({"message": exc.message}, status_code=exc.status)
+
+    async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"message": describe_validation_error(exc)}, status_code=400)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code if exc.status_code in (404, 405) else 400
+        text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "bad request")
+        return JSONResponse({"message": text}, status_code=status)
+
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("gateway error: %s", type(exc).__name__)  # the text could hold request data: not logged
+        return JSONResponse({"message": "internal error"}, status_code=500)
+
+    handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+        GatewayError: gateway_error,
+        RequestValidationError: validation_error,
+        StarletteHTTPException: http_error,
+        Exception: unexpected,
+    }
+    for kind, handler in handlers.items():
+        app.add_exception_handler(kind, handler)
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """Returns a one-line description of the first problem: where and what, never the value sent."""
+    errors = exc.errors()
+    if not errors:
+        return "bad request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    if first.get("type") == "model_attributes_type" or not location:
+        return "request body must be a JSON object"
+    return f"{location}: {first.get('msg', 'invalid')}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server certificate and key, and optionally the CA that client certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+def serve(app: FastAPI, host: str, port: int, tls: TlsFiles | None = None) -> None:
+    """Runs the gateway until SIGINT/SIGTERM. With ``tls`` it serves HTTPS; with a client CA, mTLS only."""
+    import uvicorn
+
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        if tls.client_ca is not None:
+            options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", server_header=False, **options)
+    uvicorn.Server(config).run()
