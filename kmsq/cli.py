@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from kmsq import caller_cli, operator_cli
+from kmsq import caller_cli, legacy_cli, operator_cli
 from kmsq.demo import demo
 from kmsq.operator_cli import ensure_fleet_key
 from kmsq.output import console, one_line_errors, print_json, print_table
@@ -153,4 +153,5 @@ main.add_command(caller_cli.put_key)
 main.add_command(caller_cli.get_key)
 main.add_command(caller_cli.provision)
 main.add_command(caller_cli.gateway)
+main.add_command(legacy_cli.import_legacy)
 main.add_command(demo)

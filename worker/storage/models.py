@@ -157,3 +157,23 @@ class FleetKey(Base):
     encrypted_private: Mapped[str] = mapped_column(Text)
     encrypted_data_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LegacyImport(Base):
+    """A row of the replaced system's ``private_keys`` table that ``kmsq import-legacy`` brought in.
+
+    ``origin`` names the old table (``<database>/<table>``, no host or credentials). The row's secrets are
+    not kept: only which kmsq row now holds its key.
+    """
+
+    __tablename__ = "legacy_imports"
+
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+    legacy_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    private_key_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("private_keys.id")
+    )
+    outcome: Mapped[str] = mapped_column(String(16))  # imported | matched (already stored, same key)
+    legacy_provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    legacy_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
