@@ -56,3 +56,9 @@ main()
         [sys.executable, "-c", BLOCKER + "import worker.hsm"], capture_output=True, text=True, check=False
     )
     assert "blocked for this test" in blocked.stderr  # the blocker really blocks
+
+
+def test_the_gateway_and_the_sjcl_codec_run_without_the_worker_extra() -> None:
+    code = BLOCKER + "import kmsq.gateway, schemas.sjcl\nprint(kmsq.gateway.create_app.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "create_app" in result.stdout, result.stderr
