@@ -210,7 +210,11 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
     @app.post("/decryptDataKey", response_model=DecryptDataKeyAnswer)
     async def decrypt_data_key(body: DecryptDataKeyBody) -> DecryptDataKeyAnswer:
         """Gives back the plaintext data key of an ``encryptedKey``."""
-        fields = await call(lambda: client.submit_decrypt_data_key(body.encryptedKey))
+        if body.encryptedKey.lstrip().startswith("{"):  # the old system's SJCL envelope: no pool named inside
+            params = {"op": "decrypt_data_key", "encrypted_key": body.encryptedKey}
+            fields = await call(lambda: client.submit(params, client.pool_for(settings.root_key_id)))
+        else:
+            fields = await call(lambda: client.submit_decrypt_data_key(body.encryptedKey))
         return DecryptDataKeyAnswer(plaintextKey=fields["plaintextKey"])
 
     return app

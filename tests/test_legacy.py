@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, select, text
 
 from kmsq.output import EXIT_CONFIG, EXIT_INVALID
 from schemas import sjcl
-from tasks.client import KmsClient
+from tasks.client import KmsClient, KmsError
 from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 from worker.storage.models import LegacyImport, PrivateKey
@@ -86,6 +87,7 @@ def legacy(deployment: Deployment, client: KmsClient, vector_rows: list[dict[str
     }
     for r in vector_rows:
         deployment.secrets += [r["expected"]["prv"].encode(), r["expected"]["dataKey"].encode()]
+        deployment.secrets.append(r["rootKey"].encode())  # the old root key name: kept only sealed
     first = rows[0]
     corrupted = {
         101: ("encryptedPrv: authentication failed", {**first, "id": 101, "pub": random_pub(),
@@ -149,6 +151,7 @@ def test_dry_run_checks_every_row_and_writes_nothing(deployment: Deployment, leg
     summary = summary_of(import_legacy(deployment, "--from", legacy.url, "--dry-run", "--json"), EXIT_INVALID)
     assert summary["dry_run"] is True and summary["rows"] == 25 + 2 + 5
     assert (summary["imported"], summary["matched"], summary["skipped"]) == (25, 1, 0)
+    assert summary["root_key_names_registered"] == 2  # the vectors' rootKey and "legacy-root"
     assert_failures(summary, legacy)
     assert deployment.count("private_keys") == before and not imported_rows(deployment)
 
@@ -160,6 +163,7 @@ def test_import_recovers_every_row_once(deployment: Deployment, legacy: Legacy, 
     summary = summary_of(result, EXIT_INVALID)
     assert (summary["imported"], summary["matched"], summary["skipped"], summary["failed"]) == (25, 1, 0, 6)
     assert summary["root_key_id"] == root and summary["origin"].endswith("/private_keys")
+    assert summary["root_key_names_registered"] == 2
     assert_failures(summary, legacy)
     assert deployment.count("private_keys") == before + 25
     for secret in deployment.secrets:  # nothing recovered is printed
@@ -181,6 +185,7 @@ def test_import_recovers_every_row_once(deployment: Deployment, legacy: Legacy, 
 
     again = summary_of(import_legacy(deployment, "--from", legacy.url, "--root-key", root, "--json"), EXIT_INVALID)
     assert (again["imported"], again["matched"], again["skipped"]) == (0, 0, 26)
+    assert again["root_key_names_registered"] == 0
     assert_failures(again, legacy)
     assert deployment.count("private_keys") == before + 25 and len(imported_rows(deployment)) == 26
 
@@ -200,3 +205,75 @@ def test_bad_tables_are_refused(deployment: Deployment, legacy: Legacy, table: s
     result = import_legacy(deployment, "--from", legacy.url, "--table", table)
     assert result.returncode == EXIT_CONFIG, (result.stdout, result.stderr)
     assert result.stderr.startswith("kmsq: error: ") and fragment in result.stderr
+
+
+def test_old_encrypted_keys_still_decrypt(
+    deployment: Deployment, legacy: Legacy, client: KmsClient, vector_rows: list[dict[str, Any]]
+) -> None:
+    """The old generateDataKey's encryptedKey (an SJCL envelope under the root key's name) decrypts through
+    kmsq once the import kept that name; the old client flow then opens its data with the string."""
+    row = vector_rows[3]
+    data_key = client.decrypt_data_key(row["encryptedDataKey"])["plaintextKey"]
+    assert data_key == row["expected"]["dataKey"]
+    assert sjcl.decrypt(data_key, row["encryptedPrv"]) == row["expected"]["prv"]
+
+    fresh = base64.b64encode(os.urandom(32)).decode()
+    deployment.secrets.append(fresh.encode())
+    old_style = sjcl.encrypt(row["rootKey"], fresh, ks=256, ts=128, iter=10_000)
+    batch = client.decrypt_data_keys([old_style, "kmsq:v1:AAAA", sjcl.encrypt("never-kept", fresh)])["items"]
+    assert batch[0] == {"plaintextKey": fresh}
+    assert batch[1]["error"] == batch[2]["error"] == "invalid"
+    for refused in (
+        sjcl.encrypt("never-kept", fresh, ks=256, ts=128),  # a name kmsq does not keep
+        sjcl.encrypt(row["rootKey"], fresh, iter=200_000),  # more PBKDF2 work than a request may ask
+        tamper(old_style),
+        "{not an envelope",
+    ):
+        with pytest.raises(KmsError) as refusal:
+            client.decrypt_data_key(refused)
+        assert (refusal.value.code, refusal.value.message) == ("invalid", "ciphertext failed integrity check")
+
+
+def test_old_encrypted_keys_need_the_root_key_permission(
+    deployment: Deployment, legacy: Legacy, vector_rows: list[dict[str, Any]]
+) -> None:
+    beta_only = deployment.register("legacy-beta", ("decrypt_data_key",), [deployment.roots[("beta", "aes-256")]])
+    with deployment.client(beta_only) as kms, pytest.raises(KmsError) as refusal:
+        kms.decrypt_data_key(vector_rows[0]["encryptedDataKey"])
+    assert refusal.value.code == "invalid"
+
+
+def test_old_encrypted_keys_through_the_gateway(
+    deployment: Deployment, legacy: Legacy, vector_rows: list[dict[str, Any]]
+) -> None:
+    from kmsq.operator_cli import fleet_document
+    from tests.test_gateway import GATEWAY_OPS, start_gateway
+
+    deployment.register("gateway-legacy", GATEWAY_OPS)
+    gateway = start_gateway(deployment, "gateway-legacy", fleet_document(deployment.service))
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            for row in vector_rows[:3]:
+                answer = http.post("/decryptDataKey", json={"encryptedKey": row["encryptedDataKey"]})
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == {"plaintextKey": row["expected"]["dataKey"]}
+    finally:
+        gateway.stop()
+
+
+def test_root_key_name_commands(deployment: Deployment, legacy: Legacy) -> None:
+    def add(name: str) -> subprocess.CompletedProcess[str]:
+        command = [*kmsq_command(), "legacy-root-key", "add", "--json"]
+        return subprocess.run(command, env=deployment.env(), input=name + "\n", capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+
+    again = add("legacy-root")
+    assert again.returncode == 0 and json.loads(again.stdout)["created"] is False, again.stderr
+    deployment.secrets.append(b"operator-added-name")
+    created = add("operator-added-name")
+    assert created.returncode == 0 and json.loads(created.stdout)["created"] is True, created.stderr
+    assert add("").returncode == EXIT_INVALID
+    listed = subprocess.run([*kmsq_command(), "legacy-root-key", "list", "--json"], env=deployment.env(),
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert len(json.loads(listed.stdout)) == 3
+    assert "legacy-root" not in listed.stdout and "operator-added-name" not in created.stdout + listed.stdout

@@ -18,7 +18,7 @@ from schemas.envelope import (
     EncryptedDataKey,
     KeySpec,
 )
-from worker import service
+from worker import legacy_keys, service
 from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
 from worker.hsm import Hsm
 from worker.storage.models import PrivateKey, RootKeyVersion
@@ -70,6 +70,9 @@ def decrypt_data_keys(
     out: list[str | KmsqError] = []
     for encrypted_key in encrypted_keys:
         try:
+            if legacy_keys.looks_like_sjcl(encrypted_key):
+                out.append(service.decrypt_data_key(hsm, db, encrypted_key, check))
+                continue
             parsed = service.parse_data_key(encrypted_key)
             ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
             if ref not in versions:

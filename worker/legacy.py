@@ -27,6 +27,7 @@ from sqlalchemy.sql.expression import TableClause
 from schemas import sjcl
 from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, KmsqError
 from worker.hsm import Hsm
+from worker.legacy_keys import add_legacy_root_key
 from worker.service import get_private_key, sealed_private_key_row, validate_private_key, wrapping_version
 from worker.storage.models import LegacyImport, PrivateKey, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository
@@ -83,6 +84,7 @@ class ImportSummary:
     imported: int = 0
     matched: int = 0  # already stored in kmsq with the same key: recorded, not stored twice
     skipped: int = 0  # imported by an earlier run
+    root_key_names_registered: int = 0  # old root key names newly kept sealed (see worker.legacy_keys)
     failures: list[RowFailure] = field(default_factory=list)
     elapsed_seconds: float = 0.0
 
@@ -197,6 +199,7 @@ class LegacyImporter:
         *,
         dry_run: bool = False,
         threads: int = 2,
+        register_names: bool = True,
     ) -> None:
         self.hsm = hsm
         self.sessions = sessions
@@ -204,6 +207,9 @@ class LegacyImporter:
         self.old = old
         self.dry_run = dry_run
         self.threads = threads
+        self.register_names = register_names
+        self.pool = pool
+        self._names_seen: set[str] = set()  # old root key names registered (or found registered) this run
         self.origin = f"{source.url.database or ''}/{old.fullname}"[-255:]
         with sessions() as db:
             self.version: RootKeyVersion = wrapping_version(db, root_key_id, pool)
@@ -247,14 +253,24 @@ class LegacyImporter:
                 status = self._store(db, result)
                 if isinstance(status, RowFailure):
                     self.summary.failures.append(status)
-                elif status == "imported":
+                    continue
+                if status == "imported":
                     self.summary.imported += 1
                 else:
                     self.summary.matched += 1
+                self._register_name(db, result.row.root_key_name)
             if self.dry_run:
                 db.rollback()
             else:
                 db.commit()
+
+    def _register_name(self, db: Session, name: str) -> None:
+        """Keeps the row's old root key name sealed, so the old system's encryptedKey values still decrypt."""
+        if not self.register_names or name in self._names_seen:
+            return
+        _, created = add_legacy_root_key(self.hsm, db, name, self.version.root_key_id, self.pool)
+        self._names_seen.add(name)
+        self.summary.root_key_names_registered += int(created)
 
     def _store(self, db: Session, item: Recovered) -> Status | RowFailure:
         row = item.row

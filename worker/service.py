@@ -267,9 +267,15 @@ def parse_data_key(encrypted_key: str) -> EncryptedDataKey:
 def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCheck | None = None) -> str:
     """Unwraps an ``encryptedKey`` in the HSM under the root key version it names.
 
-    Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
+    Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. An SJCL
+    envelope of the replaced system is decrypted by :mod:`worker.legacy_keys` instead. Raises
     IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
     """
+    if isinstance(encrypted_key, str) and len(encrypted_key) <= MAX_ENCRYPTED_KEY_LEN:
+        from worker import legacy_keys  # imports this module
+
+        if legacy_keys.looks_like_sjcl(encrypted_key):
+            return legacy_keys.decrypt_legacy_data_key(hsm, db, encrypted_key, check)
     parsed = parse_data_key(encrypted_key)
     version = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, check)
     with hsm.unwrap_data_key(hsm_handle(version), parsed.wrapped) as plaintext:

@@ -177,3 +177,24 @@ class LegacyImport(Base):
     legacy_provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
     legacy_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LegacyRootKey(Base):
+    """A root key *name* of the replaced system (its SJCL password for data keys), sealed with AES-256-GCM
+    under an HSM-wrapped data key of one of kmsq's root keys. See :mod:`worker.legacy_keys`."""
+
+    __tablename__ = "legacy_root_keys"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["root_key", "root_key_version"],
+            ["root_key_versions.root_key_id", "root_key_versions.version"],
+            name="fk_legacy_root_keys_root_key_version",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    root_key: Mapped[str] = mapped_column(String(64))
+    root_key_version: Mapped[int] = mapped_column(Integer)
+    encrypted_name: Mapped[str] = mapped_column(Text)
+    encrypted_data_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

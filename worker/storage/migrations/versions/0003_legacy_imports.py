@@ -1,4 +1,4 @@
-"""legacy_imports: rows of the replaced system's table brought in by ``kmsq import-legacy``
+"""legacy_imports and legacy_root_keys: what ``kmsq import-legacy`` brought in from the replaced system
 
 Revision ID: 0003
 Revises: 0002
@@ -31,7 +31,23 @@ def upgrade() -> None:
             ["private_key_id"], ["private_keys.id"], name="fk_legacy_imports_private_key_id_private_keys"
         ),
     )
+    op.create_table(
+        "legacy_root_keys",
+        sa.Column("id", sa.String(32), nullable=False),
+        sa.Column("root_key", sa.String(64), nullable=False),
+        sa.Column("root_key_version", sa.Integer, nullable=False),
+        sa.Column("encrypted_name", sa.Text, nullable=False),
+        sa.Column("encrypted_data_key", sa.Text, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_legacy_root_keys"),
+        sa.ForeignKeyConstraint(
+            ["root_key", "root_key_version"],
+            ["root_key_versions.root_key_id", "root_key_versions.version"],
+            name="fk_legacy_root_keys_root_key_version",
+        ),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("legacy_root_keys")
     op.drop_table("legacy_imports")

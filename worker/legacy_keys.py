@@ -1,0 +1,146 @@
+"""The replaced system's root key *names*, kept sealed so that the data keys it handed out still decrypt.
+
+That system's ``generateDataKey`` returned, as ``encryptedKey``, an SJCL envelope of the data-key string with
+the root key's name as the password. Its clients keep those envelopes (next to data they encrypted with the
+data-key string) and call ``decryptDataKey`` with them later. kmsq keeps each such name sealed with
+AES-256-GCM inside the HSM under one of its root keys (like a fleet key); ``decrypt_data_key`` given an SJCL
+envelope opens the names under the root keys the caller may use, in the worker's pool, and tries them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from schemas import sjcl
+from schemas.envelope import GCM_NONCE_LEN, Aead, EncryptedDataKey, EncryptedPrivateKey, FormatError, KeySpec
+from worker.errors import IntegrityError, InvalidRequest, PermanentError
+from worker.hsm import Hsm
+from worker.secret import SecretBytes
+from worker.service import RootKeyCheck, hsm_handle, unwrapping_version, wrapping_version
+from worker.storage.models import LegacyRootKey, RootKeyVersion
+from worker.storage.repo import RootKeyRepository
+
+_AAD_LABEL = b"kmsq/legacy-root-key/v1\x00"
+MAX_NAMES_TRIED = 16  # names tried for one envelope: each try costs a PBKDF2
+MAX_ITERATIONS = 100_000  # the PBKDF2 work one request may ask for, per name (the old system used 10,000)
+MAX_NAME_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class LegacyRootKeyInfo:
+    """A registered name (never the name itself)."""
+
+    id: str
+    root_key_id: str
+    root_key_version: int
+    created_at: datetime
+
+
+def looks_like_sjcl(encrypted_key: str) -> bool:
+    """True when ``encrypted_key`` is a JSON object, i.e. an SJCL envelope rather than a ``kmsq:`` string."""
+    return encrypted_key.lstrip().startswith("{")
+
+
+def _aad(header: bytes, key_id: str, root_key: str, version: int) -> bytes:
+    encoded = b"".join(struct.pack(">H", len(p)) + p.encode("ascii") for p in (key_id, root_key))
+    return header + _AAD_LABEL + encoded + struct.pack(">I", version)
+
+
+def _info(row: LegacyRootKey) -> LegacyRootKeyInfo:
+    return LegacyRootKeyInfo(row.id, row.root_key, row.root_key_version, row.created_at)
+
+
+def _open(hsm: Hsm, db: Session, row: LegacyRootKey) -> SecretBytes:
+    """Returns a registered name. Raises IntegrityError when its row does not open."""
+    try:
+        data_key = EncryptedDataKey.from_text(row.encrypted_data_key)
+        sealed = EncryptedPrivateKey.from_text(row.encrypted_name)
+    except FormatError:
+        raise IntegrityError() from None
+    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
+        raise IntegrityError()
+    version = unwrapping_version(db, row.root_key, row.root_key_version, data_key.wrap_algorithm)
+    aad = _aad(sealed.header(), row.id, row.root_key, row.root_key_version)
+    return hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext)
+
+
+def _seal(hsm: Hsm, version: RootKeyVersion, key_id: str, name: str) -> LegacyRootKey:
+    handle = hsm_handle(version)
+    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
+    aad = _aad(shell.header(), key_id, version.root_key_id, version.version)
+    with SecretBytes.from_str(name) as secret:
+        wrapped, ciphertext = hsm.seal(handle, secret, shell.nonce, aad)
+    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    return LegacyRootKey(
+        id=key_id,
+        root_key=version.root_key_id,
+        root_key_version=version.version,
+        encrypted_name=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
+        encrypted_data_key=data_key.to_text(),
+    )
+
+
+def add_legacy_root_key(
+    hsm: Hsm, db: Session, name: str, root_key_id: str | None, pool: str
+) -> tuple[LegacyRootKeyInfo, bool]:
+    """Registers an old root key name, sealed under ``root_key_id`` (or the pool's default root key).
+
+    Returns its info and True, or the existing registration and False when the name is already registered.
+    Raises InvalidRequest for an empty or oversized name, NotFound for an unknown root key.
+    """
+    if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidRequest(f"a legacy root key name must be 1-{MAX_NAME_BYTES} bytes")
+    version = wrapping_version(db, root_key_id, pool)
+    for row in db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at)):
+        with _open(hsm, db, row) as existing:
+            if secrets.compare_digest(bytes(existing.view()), name.encode("utf-8")):
+                return _info(row), False
+    row = _seal(hsm, version, "lrk-" + secrets.token_hex(6), name)
+    db.add(row)
+    db.flush()
+    return _info(row), True
+
+
+def list_legacy_root_keys(db: Session) -> list[LegacyRootKeyInfo]:
+    """Returns the registered names' ids and root keys, oldest first."""
+    return [_info(row) for row in db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at))]
+
+
+def decrypt_legacy_data_key(hsm: Hsm, db: Session, envelope: str, check: RootKeyCheck | None = None) -> str:
+    """Decrypts an old ``encryptedKey`` (SJCL envelope) with the registered names the caller may use.
+
+    Returns the data-key string exactly as the old system generated it. Raises IntegrityError, without
+    detail, when the envelope is malformed, asks for more than MAX_ITERATIONS, or no usable name opens it.
+    """
+    try:
+        fields = json.loads(envelope)
+        iterations = fields["iter"] if isinstance(fields, dict) else None
+    except (ValueError, KeyError):
+        raise IntegrityError() from None
+    if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
+        raise IntegrityError()
+    roots = RootKeyRepository(db)
+    rows = db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at).limit(MAX_NAMES_TRIED))
+    for row in rows:
+        root = roots.get(row.root_key)
+        if root is None:
+            continue
+        if check is not None:
+            try:
+                check(root)  # the caller's root keys, in this worker's pool
+            except PermanentError:
+                continue
+        with _open(hsm, db, row) as name:
+            try:
+                return sjcl.decrypt(name.text(), envelope)
+            except sjcl.SjclError:
+                continue
+    raise IntegrityError()
