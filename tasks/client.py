@@ -326,20 +326,33 @@ class KmsClient:
         result = RequestFuture(str(request_id))
 
         def done(f: Future[Reply]) -> None:
+            if result.done():  # cancelled: nobody waits for this reply any more
+                return
             try:
                 result.reply = f.result()
                 result.set_result(self.unseal(result.reply, request_id))
             except BaseException as e:  # handed to the waiting caller
                 result.set_exception(e)
 
+        def forget_if_cancelled(f: Future[Fields]) -> None:
+            if f.cancelled():  # a reply arriving later is kept with the unclaimed ones (bounded)
+                with self._lock:
+                    self._pending.pop(str(request_id), None)
+
         reply_future.add_done_callback(done)
+        result.add_done_callback(forget_if_cancelled)
         return result
 
     def wait(self, future: RequestFuture) -> Fields:
-        """Waits for a submitted request. Returns its fields; raises KmsError, or KmsTimeout."""
+        """Waits for a submitted request. Returns its fields; raises KmsError, or KmsTimeout.
+
+        After a timeout the future is cancelled and forgotten; the request may still run: its reply can be
+        fetched with ``get_result`` or ``expect``.
+        """
         try:
             return future.result(timeout=self.timeout)
         except TimeoutError:
+            future.cancel()
             raise KmsTimeout(future.request_id) from None
 
     def unseal(self, reply: Reply, request_id: uuid.UUID) -> Fields:

@@ -10,7 +10,9 @@ import secrets
 import pytest
 from sqlalchemy import select
 
-from tasks.client import AsyncKmsClient, KmsClient, KmsError
+from kmsq.operator_cli import fleet_document
+from tasks.client import AsyncKmsClient, KmsClient, KmsError, KmsTimeout
+from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment
 from worker.storage.models import PrivateKey, RequestRecord
@@ -139,3 +141,23 @@ def test_a_restarted_client_receives_replies_from_its_durable_queue(deployment: 
         key = second.wait(second.expect(request.request_id))
     assert len(base64.b64decode(key["plaintextKey"])) == 32
     deployment.secrets.append(key["plaintextKey"].encode())
+
+
+def test_a_timed_out_request_is_forgotten(deployment: Deployment, full_caller: CallerIdentity) -> None:
+    """No worker serves the pool: the caller times out, and neither the sync nor the async client keeps the
+    request pending (a long-running caller such as the gateway would otherwise grow without bound)."""
+    document = fleet_document(deployment.service)
+    document["pools"]["ghost"] = dict(document["pools"]["beta"], root_keys=[])
+    ghost = Fleet.from_document(document)
+    with KmsClient(deployment.broker_url, full_caller, ghost, timeout=0.5) as kms:
+        future = kms.submit({"op": "get_key", "pub": random_pub(), "source": "user"}, "ghost")
+        with pytest.raises(KmsTimeout):
+            kms.wait(future)
+        assert future.cancelled() and not kms._pending
+
+        async def wait_async() -> None:
+            with pytest.raises(TimeoutError):
+                await AsyncKmsClient(kms).get_key(random_pub(), "user", pool="ghost")
+
+        asyncio.run(wait_async())
+        assert not kms._pending
