@@ -44,10 +44,14 @@ class RootKeyRepository:
 
     def get(self, root_key_id: str, *, for_update: bool = False) -> RootKey | None:
         """Returns the root key or None (a cached copy in workers, unless ``for_update``)."""
-        stmt = select(RootKey).where(RootKey.id == root_key_id)
+        # The statement is built only on a cache miss: building it costs more than the cache lookup.
+        def load() -> RootKey | None:
+            stmt = select(RootKey).where(RootKey.id == root_key_id)
+            return self._db.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
+
         if for_update:
-            return self._db.scalars(stmt.with_for_update()).one_or_none()
-        return ROWS.get(("root_key", root_key_id), lambda: _copy(self._db.scalars(stmt).one_or_none()))
+            return load()
+        return ROWS.get(("root_key", root_key_id), lambda: _copy(load()))
 
     def get_version(self, root_key_id: str, version: int) -> RootKeyVersion | None:
         """Returns the version or None (a cached copy in workers)."""
@@ -65,13 +69,17 @@ class RootKeyRepository:
 
     def default_for_pool(self, pool: str) -> RootKey | None:
         """Returns the oldest enabled root key of ``pool``, or None (a cached copy in workers)."""
-        stmt = (
-            select(RootKey)
-            .where(RootKey.pool == pool, RootKey.state == "enabled")
-            .order_by(RootKey.created_at, RootKey.id)
-            .limit(1)
-        )
-        return ROWS.get(("default_root_key", pool), lambda: _copy(self._db.scalars(stmt).first()))
+
+        def load() -> RootKey | None:
+            stmt = (
+                select(RootKey)
+                .where(RootKey.pool == pool, RootKey.state == "enabled")
+                .order_by(RootKey.created_at, RootKey.id)
+                .limit(1)
+            )
+            return self._db.scalars(stmt).first()
+
+        return ROWS.get(("default_root_key", pool), lambda: _copy(load()))
 
 
 class PrivateKeyRepository:
