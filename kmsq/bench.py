@@ -207,6 +207,85 @@ def worker_rss(process: subprocess.Popen[bytes]) -> dict[str, int]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU time (user + system) of the client (this process), the worker's main process and its pool
+    processes, for telling where a measurement's CPU goes. Redis and Postgres are not counted."""
+
+    def __init__(self, worker: subprocess.Popen[bytes] | None) -> None:
+        self.groups = {"client": [os.getpid()]}
+        if worker is not None:
+            self.groups |= {"worker_main": [worker.pid], "worker_children": _children(worker.pid)}
+
+    def snapshot(self) -> dict[str, float]:
+        """Seconds of CPU per group so far."""
+        return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
+
+    def measure(self, items: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Runs ``run`` and adds ``cpu_ms_per_item`` (per group and in total) to its result."""
+        before = self.snapshot()
+        result = run()
+        after = self.snapshot()
+        per = {name: round((after[name] - before[name]) * 1000 / items, 3) for name in after}
+        return {**result, "cpu_ms_per_item": {**per, "total": round(sum(per.values()), 3)}}
+
+
+def measure_request_work(svc: Any, client: Any, root_key: str, count: int, cache_seconds: float) -> dict[str, Any]:
+    """W: the CPU of C's own work with no messaging, in this process: build and sign the request, the
+    worker's handling (verify, authorize, HSM, Postgres commit, seal, sign) and the client's verify and
+    unseal. With B's CPU per round trip, it bounds C/B when the machine is CPU-bound: B / (B + W)."""
+    from datetime import timedelta
+
+    from schemas.messages import ReplyEnvelope
+    from schemas.wire import task_name
+    from worker.fleet import load_fleet_key
+    from worker.pipeline import Inbound, WorkerContext, handle
+    from worker.runtime import transaction
+    from worker.storage.cache import ROWS
+
+    with transaction(svc.sessions) as db:
+        fleet = load_fleet_key(svc.hsm, db, POOL)
+    ctx = WorkerContext(svc.hsm, svc.sessions, POOL, fleet, timedelta(seconds=300))
+    ROWS.ttl, saved_ttl = cache_seconds, ROWS.ttl  # as in a worker process
+    params = {"op": "generate_data_key", "root_key_id": root_key, "key_spec": "AES-256"}
+
+    def one() -> None:
+        request, args = client.build_request(params, POOL)
+        delivery = handle(
+            ctx, Inbound(task_name("generate_data_key"), request.reply_queue, str(request.request_id), args)
+        )
+        client.unseal(client.verify_envelope(ReplyEnvelope.model_validate(delivery.envelope)), request.request_id)
+
+    try:
+        for _ in range(min(100, count)):
+            one()
+        started = time.process_time()
+        for _ in range(count):
+            one()
+        return {"count": count, "cpu_ms_per_item": round((time.process_time() - started) * 1000 / count, 3)}
+    finally:
+        ROWS.ttl = saved_ttl
+
+
 def start_worker(concurrency: int, log: Path, env: dict[str, str], broker_url: str) -> subprocess.Popen[bytes]:
     """Starts ``kmsq worker --pool bench`` and waits until it answers a no-op task. Raises RuntimeError."""
     with log.open("ab") as out:
@@ -243,16 +322,24 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def queue_measurements(client: Any, broker_url: str, sizes: Sizes, root_key: str) -> dict[str, Any]:
-    """B-E with whatever workers are running."""
+def queue_measurements(
+    client: Any, broker_url: str, sizes: Sizes, root_key: str, worker: subprocess.Popen[bytes] | None = None
+) -> dict[str, Any]:
+    """B-E with whatever workers are running (B and C with their CPU per round trip when ``worker`` is given)."""
+    meter = CpuMeter(worker)
     noop = NoopChannel(broker_url, client.identity.caller)
     try:
         run_window(20, sizes.in_flight, noop.call)
-        b = run_window(sizes.round_trips, sizes.in_flight, noop.call)
+        b = meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, noop.call))
     finally:
         noop.close()
-    run_window(20, sizes.in_flight, lambda _: client.submit_generate_data_key(root_key))
-    c = run_window(sizes.round_trips, sizes.in_flight, lambda _: client.submit_generate_data_key(root_key))
+
+    def generate(_: int) -> Future[Any]:
+        future: Future[Any] = client.submit_generate_data_key(root_key)
+        return future
+
+    run_window(20, sizes.in_flight, generate)
+    c = meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, generate))
     d = {}
     for size in BATCH_SIZES:
         calls = max(2, min(sizes.round_trips, sizes.batch_keys // size))
@@ -321,6 +408,12 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
             "D1000_over_A": round(m["D_generate_data_keys"]["1000"]["per_s"] / a, 3),
             "E_batched_over_F": round(m["E_put_keys_batch_100"]["per_s"] / f, 3),
         }
+    work = report.get("W_request_work", {}).get("cpu_ms_per_item")
+    for workers, m in report["workers"].items():
+        b_cpu = m["B_noop_round_trip"].get("cpu_ms_per_item", {}).get("total")
+        if work and b_cpu:
+            # If every round trip costs B's CPU plus C's own work, and the cores are the limit.
+            out[workers]["C_over_B_cpu_bound"] = round(b_cpu / (b_cpu + work), 3)
     out["targets"] = {"C_over_B": ">= 0.7", "D1000_over_A": ">= 1.0", "E_batched_over_F": ">= 5"}
     return out
 
@@ -432,7 +525,12 @@ def run_bench(
         process = start_worker(count, out_dir / "bench-worker.log", env, settings.effective_broker_url)
         try:
             with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120) as client:
-                measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id)
+                measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id, process)
+                if count == max(worker_counts):
+                    log("W: C's own work without messaging, in this process")
+                    report["W_request_work"] = measure_request_work(
+                        svc, client, root.id, sizes.round_trips // 2, settings.cache_seconds
+                    )
                 rss = worker_rss(process)
                 measured["worker_rss"] = {
                     "peak_mib": round(rss["peak_kib"] / 1024, 1),

@@ -272,6 +272,18 @@ def caller_enable(name: str) -> None:
 # -- benchmark -------------------------------------------------------------------------------------
 
 
+def _print_cpu(report: dict[str, Any]) -> None:
+    """B's and C's CPU per round trip by process group, and W (C's work without messaging)."""
+    for workers, measured in report["workers"].items():
+        for name in ("B_noop_round_trip", "C_generate_data_key"):
+            cpu = measured[name].get("cpu_ms_per_item")
+            if cpu:
+                parts = ", ".join(f"{k} {v}" for k, v in cpu.items())
+                console.print(f"{workers} worker(s), {name}: CPU ms per round trip: {parts}")
+    if "W_request_work" in report:
+        console.print(f"W, C's own work without messaging: {report['W_request_work']['cpu_ms_per_item']} CPU ms")
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="Tiny sizes (CI): checks that every figure is produced.")
 @click.option("--workers", "worker_counts", default="1,2", show_default=True, help="Worker process counts.")
@@ -306,6 +318,7 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
     print_table(
         "kmsq bench (items/s; latency per message)", ["measurement", "workers", "items/s", "p50 ms", "p99 ms"], rows
     )
+    _print_cpu(report)
     for workers, r in report["ratios"].items():
         if workers != "targets":
             console.print(f"{workers} worker(s): " + ", ".join(f"{k} = {v}" for k, v in r.items()))

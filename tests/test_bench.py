@@ -34,5 +34,10 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     job = report["workers"]["2"]["rss_job"]
     assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
     for workers in ("1", "2"):
-        assert set(report["ratios"][workers]) == {"C_over_B", "D1000_over_A", "E_batched_over_F"}
+        assert set(report["ratios"][workers]) == {"C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound"}
+        assert 0 < report["ratios"][workers]["C_over_B_cpu_bound"] < 1
+        for name in ("B_noop_round_trip", "C_generate_data_key"):
+            cpu = report["workers"][workers][name]["cpu_ms_per_item"]
+            assert set(cpu) == {"client", "worker_main", "worker_children", "total"} and cpu["total"] > 0
+    assert report["W_request_work"]["cpu_ms_per_item"] > 0
     assert report["machine"]["cores"] >= 1
