@@ -23,6 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -178,12 +179,18 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
     _install_error_handlers(app)
 
     async def call(start: Callable[[], Future[dict[str, Any]]]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(start()), timeout=settings.timeout)
+            # Publishing blocks while the broker is slow or reconnecting: not on the event loop.
+            future = await loop.run_in_executor(None, start)
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout)
         except (TimeoutError, KmsTimeout):
             raise GatewayError(503, "no worker answered in time") from None
         except KmsError as error:
             raise _http_error(error) from None
+        except (OperationalError, ConnectionError, OSError) as error:
+            log.error("cannot publish to the broker: %s", type(error).__name__)
+            raise GatewayError(503, "broker unavailable") from None
 
     @app.post("/key", response_model=PutKeyAnswer)
     async def put_key(body: PutKeyBody) -> PutKeyAnswer:

@@ -20,7 +20,9 @@ MAX_FAILURES_SHOWN = 50
 
 
 @click.command("import-legacy")
-@click.option("--from", "source_url", required=True, help="The old database's URL (postgresql://…).")
+@click.option("--from", "source_url", required=True, envvar="KMSQ_LEGACY_DATABASE_URL",
+              help="The old database's URL (postgresql://…); or KMSQ_LEGACY_DATABASE_URL, to keep a password "
+                   "out of the process list.")  # fmt: skip
 @click.option("--table", "table_name", default="private_keys", show_default=True, help="[schema.]table to read.")
 @click.option("--root-key", default=None, help="Root key to store under (default: the default pool's).")
 @click.option("--dry-run", is_flag=True, help="Recover, store and verify every row, then roll back.")
