@@ -44,6 +44,7 @@ class RootKeyRepository:
 
     def get(self, root_key_id: str, *, for_update: bool = False) -> RootKey | None:
         """Returns the root key or None (a cached copy in workers, unless ``for_update``)."""
+
         # The statement is built only on a cache miss: building it costs more than the cache lookup.
         def load() -> RootKey | None:
             stmt = select(RootKey).where(RootKey.id == root_key_id)
