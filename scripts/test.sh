@@ -28,6 +28,7 @@ step() {
 }
 
 step ruff "$VENV/bin/ruff" check .
+step ruff-format "$VENV/bin/ruff" format --check .
 step mypy "$VENV/bin/mypy"
 step pytest "$VENV/bin/pytest" -q "$@"
 
