@@ -23,7 +23,7 @@ from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 from worker.storage.models import LegacyImport, PrivateKey
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "legacy_rows.json"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "legacy_rows.json"
 OLD_TABLE = """
 CREATE TABLE private_keys (
     id SERIAL PRIMARY KEY,

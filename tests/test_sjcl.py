@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from schemas import sjcl
 from schemas.sjcl import SjclError
 
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "sjcl_vectors.json"
-VECTOR_COUNT = 60  # /work/shared/vectors/README.md
+VECTORS_PATH = Path(__file__).resolve().parent / "vectors" / "sjcl_vectors.json"
+VECTOR_COUNT = 60  # tests/vectors/README.md
 KEY_ORDER = ["iv", "v", "iter", "ks", "ts", "mode", "adata", "cipher", "salt", "ct"]
 PASSWORD = "correct horse ☃"
 PLAINTEXT = "a secret ∑ with unicode 😀"
@@ -26,7 +26,7 @@ PLAINTEXT = "a secret ∑ with unicode 😀"
 
 @cache
 def vectors() -> list[dict[str, str]]:
-    """The vectors made by sjcl 1.0.8; fails (never skips) when the shared file is missing."""
+    """The vectors made by sjcl 1.0.8; fails (never skips) when the file is missing."""
     assert VECTORS_PATH.is_file(), f"sjcl test vectors missing: expected {VECTORS_PATH}"
     loaded: list[dict[str, str]] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))["vectors"]
     return loaded
