@@ -29,7 +29,7 @@ from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, Inva
 from worker.hsm import Hsm
 from worker.legacy_keys import add_legacy_root_key
 from worker.service import get_private_key, sealed_private_key_row, validate_private_key, wrapping_version
-from worker.storage.models import LegacyImport, PrivateKey, RootKeyVersion
+from worker.storage.models import LegacyImport, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository
 
 LEGACY_COLUMNS = (
@@ -316,6 +316,3 @@ class LegacyImporter:
 
 class _Refused(Exception):
     """A row that must not be imported; rolls back its savepoint."""
-
-
-__all__ = ["ImportSummary", "LegacyImporter", "PrivateKey", "RowFailure", "legacy_table", "source_engine_url"]
