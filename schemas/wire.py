@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import uuid
@@ -122,16 +123,20 @@ def pool_queue(pool: str) -> str:
 # -- keys ------------------------------------------------------------------------------------------
 
 
+# Workers parse the same few callers' keys for every request; key objects are immutable, so they are kept
+# (bounded) instead of being parsed again. Errors are not cached.
+@functools.lru_cache(maxsize=1024)
 def signing_public(encoded: str) -> Ed25519PublicKey:
-    """Parses an Ed25519 public key. Raises WireError."""
+    """Parses an Ed25519 public key (cached). Raises WireError."""
     raw = from_b64u(encoded, max_len=_KEY_LEN)
     if len(raw) != _KEY_LEN:
         raise WireError("bad Ed25519 public key")
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+@functools.lru_cache(maxsize=1024)
 def sealing_public(encoded: str) -> X25519PublicKey:
-    """Parses an X25519 (HPKE) public key. Raises WireError."""
+    """Parses an X25519 (HPKE) public key (cached). Raises WireError."""
     raw = from_b64u(encoded, max_len=_KEY_LEN)
     if len(raw) != _KEY_LEN:
         raise WireError("bad X25519 public key")
