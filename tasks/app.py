@@ -1,6 +1,9 @@
-"""The Celery application factory (settings from ``celeryconfig``)."""
+"""The Celery application factory (settings from ``celeryconfig``), and a kombu publishing shortcut."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 from celery import Celery
 
@@ -13,3 +16,22 @@ def make_app(broker_url: str, name: str = "kmsq") -> Celery:
     app.config_from_object(celeryconfig)
     app.conf.broker_url = broker_url
     return app
+
+
+def reuse_redis_client(channel: Any) -> None:
+    """Makes a kombu Redis channel run its commands through one redis-py client instead of a new one each.
+
+    kombu's Redis transport (5.x) builds a ``redis.Redis`` object for every publish and acknowledgement
+    (``Channel.conn_or_acquire``), and redis-py builds a table of ~170 response callbacks for each: 0.2 ms of
+    CPU per message (measured: 0.21 ms per ``redis.Redis(connection_pool=...)``). A redis-py client is
+    thread-safe and takes a connection from the channel's pool per command, as before. Calling this again
+    on the same channel does nothing; other transports, and kombu versions without these methods, are left
+    alone (they then work as before, only slower).
+    """
+    # Private kombu methods: a working design beats the habit of public APIs only here (see the docstring).
+    create = getattr(channel, "_create_client", None)
+    if create is None or not hasattr(channel, "conn_or_acquire") or hasattr(channel, "_kmsq_client"):
+        return
+    client = create()
+    channel._kmsq_client = client
+    channel.conn_or_acquire = lambda given=None: contextlib.nullcontext(given if given is not None else client)

@@ -28,7 +28,7 @@ import pydantic
 from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.message import Message
-from kombu.messaging import Consumer
+from kombu.messaging import Consumer, Producer
 
 from schemas.envelope import EncryptedDataKey, FormatError
 from schemas.messages import Reply, ReplyEnvelope, Request, reply_queue_for
@@ -48,8 +48,8 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from tasks.app import make_app
-from tasks.identity import CallerIdentity, Fleet
+from tasks.app import make_app, reuse_redis_client
+from tasks.identity import CallerIdentity, Fleet, FleetPool
 
 log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
@@ -104,6 +104,11 @@ class KmsClient:
         self.timeout = timeout
         self._app = make_app(broker_url, name="kmsq-client")
         self._broker_url = broker_url
+        # Computed once: deriving them from the keys cost a few hundredths of a millisecond per request.
+        self._key_id = identity.key_id
+        self._reply_public = identity.reply_public
+        self._fleet_keys: tuple[Fleet, dict[str, FleetPool]] | None = None
+        self._publisher: tuple[Connection, Producer] | None = None  # opened on first publish, under _send_lock
         # request_id -> (future, digest of the arguments sent, or None when unknown: see expect())
         self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
         self._unclaimed: dict[str, Reply] = {}
@@ -257,7 +262,7 @@ class KmsClient:
             raise KmsError("invalid", f"malformed request: {where}: {first['msg']}") from None
         body = canonical_json(request.model_dump(mode="json"))
         signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
-        return request, [self.identity.caller, self.identity.key_id, b64u(body), signature]
+        return request, [self.identity.caller, self._key_id, b64u(body), signature]
 
     def _validated_request(
         self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None, now: datetime
@@ -266,13 +271,13 @@ class KmsClient:
             {
                 "v": 1,
                 "caller": self.identity.caller,
-                "key_id": self.identity.key_id,
+                "key_id": self._key_id,
                 "request_id": request_id or uuid.uuid4(),
                 "issued_at": now,
                 "expires_at": now + self.ttl,
                 "pool": pool,
                 "reply_queue": self.reply_queue,
-                "reply_key": self.identity.reply_public,
+                "reply_key": self._reply_public,
                 "params": params,
             },
             strict=False,
@@ -316,11 +321,26 @@ class KmsClient:
         self.publish(task_name(request.params.op), args, str(request.request_id), request.pool, request.reply_queue)
 
     def publish(self, task: str, args: list[Any], message_id: str, pool: str, reply_to: str) -> None:
-        """Publishes one task message as given (no signing, no checks): for tests and tools."""
+        """Publishes one task message as given (no signing, no checks); also for tests and tools.
+
+        The message is the one ``Celery.send_task`` would publish (Celery builds and sends it: protocol 2,
+        the same headers, properties, routing and publish retry policy), except for a short ``argsrepr``
+        header. It goes through a producer this client keeps, on a connection of its own, instead of
+        ``send_task``'s producer pool, router and result object. Raises kombu's errors when the broker stays
+        unreachable.
+        """
+        amqp = self._app.amqp
+        message = amqp.create_task_message(
+            message_id, task, args, {}, reply_to=reply_to, ignore_result=True, argsrepr=_argsrepr(args)
+        )
         with self._send_lock:
-            self._app.send_task(
-                task, args=args, task_id=message_id, queue=pool_queue(pool), reply_to=reply_to, ignore_result=True
-            )
+            if self._publisher is None:
+                connection = Connection(self._broker_url)  # connects on first use, inside kombu's retries
+                self._publisher = (connection, amqp.Producer(connection, auto_declare=False))
+            producer = self._publisher[1]
+            amqp.send_task_message(producer, task, message, queue=pool_queue(pool))
+            # After a publish the channel exists; kombu replaces it after a connection error.
+            reuse_redis_client(producer.channel)
 
     def _chain(self, reply_future: Future[Reply], request_id: uuid.UUID) -> RequestFuture:
         result = RequestFuture(str(request_id))
@@ -382,7 +402,10 @@ class KmsClient:
 
     def verify_envelope(self, envelope: ReplyEnvelope) -> Reply:
         """Checks the worker's signature and parses the reply. Raises WireError."""
-        key = self.fleet.signing_key(envelope.key_id)
+        if self._fleet_keys is None or self._fleet_keys[0] is not self.fleet:
+            self._fleet_keys = (self.fleet, {p.signing_key_id: p for p in self.fleet.pools.values()})
+        pool = self._fleet_keys[1].get(envelope.key_id)
+        key = pool.signing_key if pool is not None else None
         if key is None:
             raise WireError("reply signed by an unknown key")
         body = from_b64u(envelope.body)
@@ -448,10 +471,14 @@ class KmsClient:
                 self._stop.wait(1.0)
 
     def close(self) -> None:
-        """Stops the reply consumer and fails requests still waiting."""
+        """Stops the reply consumer, closes the publishing connection and fails requests still waiting."""
         self._stop.set()
         if self._consumer.is_alive() and threading.current_thread() is not self._consumer:
             self._consumer.join(timeout=5)
+        with self._send_lock:
+            if self._publisher is not None:
+                self._publisher[0].release()
+                self._publisher = None
         with self._lock:
             pending, self._pending = self._pending, {}
         for rid, (future, _) in pending.items():
@@ -465,6 +492,15 @@ class KmsClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _argsrepr(args: list[Any]) -> str | None:
+    """The ``argsrepr`` header of a request message: the caller and key id, not the body (Celery's default,
+    a repr of up to 1 KiB, made a third of every message and cost the client a repr per request). None (Celery's
+    default) for arguments that are not the protocol's four strings."""
+    if len(args) == 4 and all(isinstance(a, str) for a in args):
+        return f"({args[0][:64]!r}, {args[1][:32]!r}, <body: {len(args[2])} characters>, <signature>)"
+    return None
 
 
 class AsyncKmsClient:
