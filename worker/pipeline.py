@@ -317,7 +317,8 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
         ctx, request.request_id, request.caller, request.params.op, call.digest, result=result, sealed=sealed
     )
     reply = canonical_json(envelope).decode()
-    if not RequestRepository(db).record(
+    # The last statement of the transaction: when the operation wrote nothing, it is committed on its own.
+    if not RequestRepository(db).record_alone(
         request.caller, str(request.request_id), call.body_hash, request.params.op, reply
     ):
         raise _Duplicate()
