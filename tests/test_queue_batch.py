@@ -89,5 +89,5 @@ def test_a_full_size_batch(deployment: Deployment, client: KmsClient) -> None:
     assert len({i["plaintextKey"] for i in items}) == MAX_BATCH_ITEMS
     with deployment.sessions() as db:
         records = db.scalars(select(RequestRecord).where(RequestRecord.request_id == future.request_id)).all()
+        assert not db.scalars(select(PrivateKey.id).where(PrivateKey.pub == "")).all()
     assert len(records) == 1 and records[0].status == "ok"
-    assert not db.scalars(select(PrivateKey.id).where(PrivateKey.pub == "")).all()
