@@ -8,7 +8,6 @@ exist in plaintext only in a worker process of the pool, from :func:`load_fleet_
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 
@@ -17,19 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 
-from schemas.envelope import (
-    GCM_NONCE_LEN,
-    Aead,
-    EncryptedDataKey,
-    EncryptedPrivateKey,
-    FormatError,
-    KeySpec,
-)
 from schemas.wire import b64u, from_b64u, key_id
 from worker.errors import ConfigError, IntegrityError
 from worker.hsm import Hsm
 from worker.secret import SecretBytes
-from worker.service import hsm_handle, unwrapping_version, wrapping_version
+from worker.service import open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import FleetKey
 
 _AAD_LABEL = b"kmsq/fleet-key/v1\x00"
@@ -79,24 +70,24 @@ def ensure_fleet_key(hsm: Hsm, db: Session, pool: str) -> tuple[FleetPublic, boo
     if row is not None:
         return _public(row), False
     version = wrapping_version(db, None, pool)
-    handle = hsm_handle(version)
     signing, transport = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     signing_pub = b64u(signing.public_key().public_bytes_raw())
     transport_pub = b64u(transport.public_key().public_bytes_raw())
-    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
-    aad = _aad(shell.header(), pool, version.root_key_id, version.version, signing_pub, transport_pub)
+
+    def aad(header: bytes) -> bytes:
+        return _aad(header, pool, version.root_key_id, version.version, signing_pub, transport_pub)
+
     # The raw private bytes are immutable copies owned by cryptography; the joined buffer is wiped.
     with SecretBytes(signing.private_bytes_raw() + transport.private_bytes_raw()) as secret:
-        wrapped, ciphertext = hsm.seal(handle, secret, shell.nonce, aad)
-    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+        encrypted_private, encrypted_data_key = seal_under_root_key(hsm, version, secret, aad)
     row = FleetKey(
         pool=pool,
         signing_key=signing_pub,
         transport_key=transport_pub,
         root_key=version.root_key_id,
         root_key_version=version.version,
-        encrypted_private=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
-        encrypted_data_key=data_key.to_text(),
+        encrypted_private=encrypted_private,
+        encrypted_data_key=encrypted_data_key,
     )
     try:
         with db.begin_nested():
@@ -121,16 +112,13 @@ def load_fleet_key(hsm: Hsm, db: Session, pool: str) -> FleetSecrets:
     row = db.get(FleetKey, pool)
     if row is None:
         raise ConfigError(f"no fleet key for pool {pool!r} (run: kmsq fleet-key create --pool {pool})")
-    try:
-        data_key = EncryptedDataKey.from_text(row.encrypted_data_key)
-        sealed = EncryptedPrivateKey.from_text(row.encrypted_private)
-    except FormatError:
-        raise IntegrityError() from None
-    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
-        raise IntegrityError()
-    version = unwrapping_version(db, row.root_key, row.root_key_version, data_key.wrap_algorithm)
-    aad = _aad(sealed.header(), pool, row.root_key, row.root_key_version, row.signing_key, row.transport_key)
-    with hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as secret:
+
+    def aad(header: bytes) -> bytes:
+        return _aad(header, pool, row.root_key, row.root_key_version, row.signing_key, row.transport_key)
+
+    with open_under_root_key(
+        hsm, db, row.root_key, row.root_key_version, row.encrypted_private, row.encrypted_data_key, aad
+    ) as secret:
         raw = secret.view()
         if len(raw) != 2 * _KEY_LEN:
             raise IntegrityError()

@@ -10,7 +10,6 @@ envelope opens the names under the root keys the caller may use, in the worker's
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import struct
 from dataclasses import dataclass
@@ -20,11 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas import sjcl
-from schemas.envelope import GCM_NONCE_LEN, Aead, EncryptedDataKey, EncryptedPrivateKey, FormatError, KeySpec
 from worker.errors import IntegrityError, InvalidRequest, PermanentError
 from worker.hsm import Hsm
 from worker.secret import SecretBytes
-from worker.service import RootKeyCheck, hsm_handle, unwrapping_version, wrapping_version
+from worker.service import RootKeyCheck, open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import LegacyRootKey, RootKeyVersion
 from worker.storage.repo import RootKeyRepository
 
@@ -60,31 +58,27 @@ def _info(row: LegacyRootKey) -> LegacyRootKeyInfo:
 
 def _open(hsm: Hsm, db: Session, row: LegacyRootKey) -> SecretBytes:
     """Returns a registered name. Raises IntegrityError when its row does not open."""
-    try:
-        data_key = EncryptedDataKey.from_text(row.encrypted_data_key)
-        sealed = EncryptedPrivateKey.from_text(row.encrypted_name)
-    except FormatError:
-        raise IntegrityError() from None
-    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
-        raise IntegrityError()
-    version = unwrapping_version(db, row.root_key, row.root_key_version, data_key.wrap_algorithm)
-    aad = _aad(sealed.header(), row.id, row.root_key, row.root_key_version)
-    return hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext)
+
+    def aad(header: bytes) -> bytes:
+        return _aad(header, row.id, row.root_key, row.root_key_version)
+
+    return open_under_root_key(
+        hsm, db, row.root_key, row.root_key_version, row.encrypted_name, row.encrypted_data_key, aad
+    )
 
 
 def _seal(hsm: Hsm, version: RootKeyVersion, key_id: str, name: str) -> LegacyRootKey:
-    handle = hsm_handle(version)
-    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
-    aad = _aad(shell.header(), key_id, version.root_key_id, version.version)
+    def aad(header: bytes) -> bytes:
+        return _aad(header, key_id, version.root_key_id, version.version)
+
     with SecretBytes.from_str(name) as secret:
-        wrapped, ciphertext = hsm.seal(handle, secret, shell.nonce, aad)
-    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+        encrypted_name, encrypted_data_key = seal_under_root_key(hsm, version, secret, aad)
     return LegacyRootKey(
         id=key_id,
         root_key=version.root_key_id,
         root_key_version=version.version,
-        encrypted_name=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
-        encrypted_data_key=data_key.to_text(),
+        encrypted_name=encrypted_name,
+        encrypted_data_key=encrypted_data_key,
     )
 
 

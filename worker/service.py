@@ -333,17 +333,55 @@ def store_private_key(
     return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
 
 
+def seal_under_root_key(
+    hsm: Hsm, version: RootKeyVersion, secret: SecretBytes, aad: Callable[[bytes], bytes]
+) -> tuple[str, str]:
+    """Seals ``secret`` with AES-256-GCM inside the HSM under a fresh data key wrapped by ``version``.
+
+    ``aad`` maps the ciphertext's header to the associated data. Returns the ciphertext and the
+    ``encryptedDataKey``, both as ``kmsq:v1:`` text.
+    """
+    handle = hsm_handle(version)
+    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
+    wrapped, ciphertext = hsm.seal(handle, secret, shell.nonce, aad(shell.header()))
+    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+    return EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(), data_key.to_text()
+
+
+def open_under_root_key(
+    hsm: Hsm,
+    db: Session,
+    root_key_id: str,
+    root_key_version: int,
+    encrypted: str,
+    encrypted_data_key: str,
+    aad: Callable[[bytes], bytes],
+) -> SecretBytes:
+    """Opens what :func:`seal_under_root_key` sealed under ``root_key_id`` version ``root_key_version``.
+
+    Returns the secret. Raises IntegrityError (opaque) for a malformed, swapped or tampered ciphertext.
+    """
+    try:
+        data_key = EncryptedDataKey.from_text(encrypted_data_key)
+        sealed = EncryptedPrivateKey.from_text(encrypted)
+    except FormatError:
+        raise IntegrityError() from None
+    if (data_key.root_key_id, data_key.root_key_version) != (root_key_id, root_key_version):
+        raise IntegrityError()
+    version = unwrapping_version(db, root_key_id, root_key_version, data_key.wrap_algorithm)
+    return hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad(sealed.header()), sealed.ciphertext)
+
+
 def sealed_private_key_row(
     hsm: Hsm, version: RootKeyVersion, pub: str, prv: str, coin: str, source: str, key_type: str
 ) -> PrivateKey:
     """Returns a new ``private_keys`` row: ``prv`` sealed with AES-256-GCM inside the HSM under a fresh data
     key wrapped by ``version``, with the row's fields as associated data. Adds nothing to a session."""
-    handle = hsm_handle(version)
     context = PrivateKeyContext(pub, source, coin, key_type, version.root_key_id, version.version)
-    shell = EncryptedPrivateKey(Aead.AES_256_GCM, os.urandom(GCM_NONCE_LEN), b"")
     with SecretBytes.from_str(prv) as plaintext:
-        wrapped, ciphertext = hsm.seal(handle, plaintext, shell.nonce, shell.associated_data(context))
-    data_key = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
+        encrypted_prv, encrypted_data_key = seal_under_root_key(
+            hsm, version, plaintext, lambda header: header + context.encode()
+        )
     return PrivateKey(
         pub=pub,
         source=source,
@@ -353,8 +391,8 @@ def sealed_private_key_row(
         root_key=version.root_key_id,
         root_key_version=version.version,
         format_version=FORMAT_VERSION,
-        encrypted_prv=EncryptedPrivateKey(shell.aead, shell.nonce, ciphertext).to_text(),
-        encrypted_data_key=data_key.to_text(),
+        encrypted_prv=encrypted_prv,
+        encrypted_data_key=encrypted_data_key,
     )
 
 
