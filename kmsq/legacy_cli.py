@@ -49,7 +49,7 @@ def import_legacy(
     from sqlalchemy import create_engine
 
     from worker.config import load_settings
-    from worker.legacy import LegacyImporter, check_columns, count_rows, legacy_table, source_engine_url
+    from worker.legacy import LegacyImporter, count_rows, resolve_table, source_engine_url
     from worker.runtime import KeyService
     from worker.storage.db import migrate
 
@@ -58,8 +58,7 @@ def import_legacy(
     migrate(service.engine)
     source = create_engine(source_engine_url(source_url), pool_pre_ping=True)
     try:
-        old = legacy_table(table_name)
-        check_columns(source, old)
+        old = resolve_table(source, table_name)
         importer = LegacyImporter(
             service.hsm, service.sessions, source, old, root_key, settings.default_pool, dry_run=dry_run,
             threads=threads, register_names=keep_root_key_names,

@@ -102,37 +102,82 @@ def source_engine_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def legacy_table(name: str) -> TableClause:
-    """Returns the old table ``[schema.]name`` with its columns. Raises ConfigError for a bad name."""
+@dataclass(frozen=True)
+class LegacyTable:
+    """The old table as the database spells it: ``clause`` has its real column names, ``columns`` maps each
+    name the import reads (LEGACY_COLUMNS) to the real one."""
+
+    clause: TableClause
+    columns: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """``[schema.]table``."""
+        return str(self.clause.fullname)
+
+    def column(self, name: str) -> Any:
+        """The real column behind one of LEGACY_COLUMNS."""
+        return self.clause.c[self.columns[name]]
+
+    def select_rows(self) -> Any:
+        """SELECT of LEGACY_COLUMNS, each labelled with its LEGACY_COLUMNS name."""
+        return select(*(self.column(name).label(name) for name in LEGACY_COLUMNS))
+
+
+def resolve_table(engine: Engine, name: str) -> LegacyTable:
+    """Finds the old table ``[schema.]name`` and its columns, case-insensitively.
+
+    The replaced system's DDL is unquoted (``rootKey TEXT``): SQLite keeps ``rootKey``, Postgres folds it to
+    ``rootkey``. Returns the table under its real names. Raises ConfigError for a bad or missing table, a
+    missing column, or a name that matches several tables or columns in different case;
+    DatabaseUnavailable when the database cannot be reached.
+    """
     schema, _, bare = name.rpartition(".")
     if not _IDENTIFIER.fullmatch(bare) or (schema and not _IDENTIFIER.fullmatch(schema)):
         raise ConfigError(f"bad table name {name!r}: expected [schema.]table of letters, digits and '_'")
-    return table(bare, *(column(c) for c in LEGACY_COLUMNS), schema=schema or None)
-
-
-def check_columns(engine: Engine, old: TableClause) -> None:
-    """Raises ConfigError when the old table is missing or lacks a column the import reads."""
     try:
-        inspector = inspect(engine)
-        if not inspector.has_table(old.name, schema=old.schema):
-            raise ConfigError(f"no table {old.name!r} in the legacy database")
+        real_table = _one_match("table", bare, inspect(engine).get_table_names(schema=schema or None), name)
         with engine.connect() as conn:  # names only: reflecting types warns on types SQLAlchemy lacks
-            bare = table(old.name, schema=old.schema)
-            present = set(conn.execute(select(literal_column("*")).select_from(bare).limit(0)).keys())
+            empty: Any = select(literal_column("*")).select_from(table(real_table, schema=schema or None)).limit(0)
+            present = list(conn.execute(empty).keys())
     except sa_exc.OperationalError as e:
         raise DatabaseUnavailable(f"legacy database unreachable ({type(e.orig).__name__})") from None
-    missing = [c for c in LEGACY_COLUMNS if c not in present]
+    columns: dict[str, str] = {}
+    missing = []
+    for wanted in LEGACY_COLUMNS:
+        try:
+            columns[wanted] = _one_match("column", wanted, present, real_table)
+        except _Missing:
+            missing.append(wanted)
     if missing:
-        raise ConfigError(f"table {old.name!r} lacks column(s): {', '.join(missing)}")
+        raise ConfigError(f"table {real_table!r} lacks column(s): {', '.join(missing)}")
+    clause = table(real_table, *(column(c) for c in columns.values()), schema=schema or None)
+    return LegacyTable(clause, columns)
 
 
-def read_pages(engine: Engine, old: TableClause, page_rows: int = PAGE_ROWS) -> Iterator[list[LegacyRow]]:
+class _Missing(ConfigError):
+    """No table or column of that name, in any case."""
+
+
+def _one_match(kind: str, wanted: str, present: list[str], where: str) -> str:
+    matches = [name for name in present if name.lower() == wanted.lower()]
+    if not matches:
+        raise _Missing(f"no {kind} {wanted!r} in the legacy database" if kind == "table" else wanted)
+    if len(matches) > 1:
+        raise ConfigError(
+            f"{kind} name {wanted!r} is ambiguous in {where!r}: {', '.join(sorted(matches))} differ only in case"
+        )
+    return matches[0]
+
+
+def read_pages(engine: Engine, old: LegacyTable, page_rows: int = PAGE_ROWS) -> Iterator[list[LegacyRow]]:
     """Yields the old rows in id order, a page at a time (keyset pagination: no long-held cursor)."""
     last: Any = None
+    key = old.column("id")
     while True:
-        query = select(*old.c).order_by(old.c.id).limit(page_rows)
+        query = old.select_rows().order_by(key).limit(page_rows)
         if last is not None:
-            query = query.where(old.c.id > last)
+            query = query.where(key > last)
         with engine.connect() as conn:
             page = [_legacy_row(r._mapping) for r in conn.execute(query)]
         if not page:
@@ -156,10 +201,10 @@ def _legacy_row(values: Any) -> LegacyRow:
     )
 
 
-def count_rows(engine: Engine, old: TableClause) -> int:
+def count_rows(engine: Engine, old: LegacyTable) -> int:
     """Returns the number of rows in the old table."""
     with engine.connect() as conn:
-        return int(conn.scalar(select(func.count()).select_from(old)) or 0)
+        return int(conn.scalar(select(func.count()).select_from(old.clause)) or 0)
 
 
 def recover(row: LegacyRow) -> Recovered | RowFailure:
@@ -193,7 +238,7 @@ class LegacyImporter:
         hsm: Hsm,
         sessions: sessionmaker[Session],
         source: Engine,
-        old: TableClause,
+        old: LegacyTable,
         root_key_id: str | None,
         pool: str,
         *,
@@ -210,7 +255,7 @@ class LegacyImporter:
         self.register_names = register_names
         self.pool = pool
         self._names_seen: set[str] = set()  # old root key names registered (or found registered) this run
-        self.origin = f"{source.url.database or ''}/{old.fullname}"[-255:]
+        self.origin = f"{source.url.database or ''}/{old.name}"[-255:]
         with sessions() as db:
             self.version: RootKeyVersion = wrapping_version(db, root_key_id, pool)
             db.expunge(self.version)
