@@ -176,7 +176,13 @@ def fleet_key_export(pools: tuple[str, ...], out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text, encoding="utf-8")
+        from worker.errors import ConfigError
+
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)  # a new deployment's directory, e.g. /etc/kmsq
+            out.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write {out}: {e.strerror or type(e).__name__}") from None
         console.print(f"wrote {out} ({', '.join(document['pools'])})")
 
 

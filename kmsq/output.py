@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -112,7 +112,7 @@ def _describe(error: Exception) -> tuple[str, int]:
     return f"internal error ({type(error).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     """Prints ``kmsq: error: message`` on stderr and exits with ``code``."""
     sys.stderr.write(f"kmsq: error: {' '.join(message.split())}\n")
     sys.exit(code)
