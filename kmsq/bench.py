@@ -139,19 +139,18 @@ def run_window(
 class NoopChannel:
     """B's client: sends ``kmsq.noop`` tasks and consumes their bare replies on its own reply queue."""
 
-    def __init__(self, broker_url: str, caller: str) -> None:
-        from kombu.connection import Connection
+    def __init__(self, broker_url: str, caller: str, namespace: str | None) -> None:
         from kombu.entity import Queue
         from kombu.messaging import Consumer
 
-        from tasks.app import make_app
+        from tasks.app import broker_connection, make_app
 
-        self.app = make_app(broker_url, "kmsq-bench")
+        self.app = make_app(broker_url, "kmsq-bench", namespace)
         self.queue = f"kmsq.reply.{caller}.noop-{secrets.token_hex(4)}"
         self.pending: dict[str, Future[None]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.conn = Connection(broker_url)
+        self.conn = broker_connection(broker_url, namespace)
         queue = Queue(self.queue, durable=True, auto_delete=False, routing_key=self.queue)
         self.consumer = Consumer(self.conn, [queue], callbacks=[self._on_message], accept=["json"], no_ack=True)
         self.consumer.consume()
@@ -286,7 +285,9 @@ def measure_request_work(svc: Any, client: Any, root_key: str, count: int, cache
         ROWS.ttl = saved_ttl
 
 
-def start_worker(concurrency: int, log: Path, env: dict[str, str], broker_url: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    concurrency: int, log: Path, env: dict[str, str], broker_url: str, namespace: str | None
+) -> subprocess.Popen[bytes]:
     """Starts ``kmsq worker --pool bench`` and waits until it answers a no-op task. Raises RuntimeError."""
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -294,7 +295,7 @@ def start_worker(concurrency: int, log: Path, env: dict[str, str], broker_url: s
              "--loglevel", "warning", "--benchmark-noop"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-    ping = NoopChannel(broker_url, "bench")
+    ping = NoopChannel(broker_url, "bench", namespace)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -327,7 +328,7 @@ def queue_measurements(
 ) -> dict[str, Any]:
     """B-E with whatever workers are running (B and C with their CPU per round trip when ``worker`` is given)."""
     meter = CpuMeter(worker)
-    noop = NoopChannel(broker_url, client.identity.caller)
+    noop = NoopChannel(broker_url, client.identity.caller, client.namespace)
     try:
         run_window(20, sizes.in_flight, noop.call)
         b = meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, noop.call))
@@ -522,9 +523,12 @@ def run_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     for count in worker_counts:
         log(f"B-E with {count} worker process(es)")
-        process = start_worker(count, out_dir / "bench-worker.log", env, settings.effective_broker_url)
+        log_file = out_dir / "bench-worker.log"
+        process = start_worker(count, log_file, env, settings.effective_broker_url, settings.namespace)
         try:
-            with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120) as client:
+            with KmsClient(
+                settings.effective_broker_url, identity, fleet, timeout=120, namespace=settings.namespace
+            ) as client:
                 measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id, process)
                 if count == max(worker_counts):
                     log("W: C's own work without messaging, in this process")

@@ -25,13 +25,6 @@ def home() -> Path:
     return Path(load_settings().home)
 
 
-def broker_url() -> str:
-    """The broker callers publish to: ``KMSQ_BROKER_URL`` or ``kmsq.toml``, else the embedded one."""
-    from worker.config import load_settings
-
-    return str(load_settings().effective_broker_url)
-
-
 def caller_options(func: Any) -> Any:
     """Adds ``--identity``, ``--fleet`` and ``--timeout``."""
     func = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")(func)
@@ -40,15 +33,20 @@ def caller_options(func: Any) -> Any:
 
 
 def open_client(identity: Path | None, fleet: Path | None, timeout: float, **options: Any) -> Any:
-    """Returns a connected KmsClient. Raises IdentityError when a file is missing."""
+    """Returns a connected KmsClient (broker and namespace from the settings). Raises IdentityError when a file
+    is missing."""
     from tasks.client import KmsClient
     from tasks.identity import IdentityError
+    from worker.config import load_settings
 
     identity = identity or (Path(os.environ["KMSQ_IDENTITY"]) if os.environ.get("KMSQ_IDENTITY") else None)
     if identity is None:
         raise IdentityError("no caller identity: pass --identity NAME.key.json or set KMSQ_IDENTITY")
     fleet = fleet or Path(os.environ.get("KMSQ_FLEET") or home() / "fleet.json")
-    return KmsClient.from_files(broker_url(), identity, fleet, timeout=timeout, **options)
+    settings = load_settings()
+    return KmsClient.from_files(
+        settings.effective_broker_url, identity, fleet, timeout=timeout, namespace=settings.namespace, **options
+    )
 
 
 @click.command("keygen")
@@ -168,6 +166,8 @@ def provision(
 
     if (count is None) == (put_from is None):
         fail("give exactly one of --count and --put-from", EXIT_USAGE)
+    from tasks.client import put_keys_batches
+
     items = prov.read_put_items(put_from) if put_from else None
     fresh = prov.Job(
         job=job_id or prov.new_job_id(),
@@ -177,6 +177,7 @@ def provision(
         root_key_id=root_key,
         with_plaintext=with_plaintext,
         source=str(put_from.resolve()) if put_from else None,
+        ranges=put_keys_batches(items, batch) if items else [],
     )
     try:
         job = prov.open_job(out, job_id, fresh)
@@ -210,6 +211,9 @@ def provision(
         )
 
 
+GATEWAY_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn")  # what `pip install 'kmsq[gateway]'` adds
+
+
 def _host_port(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -240,7 +244,16 @@ def gateway(
 ) -> None:
     """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /generateDataKey, POST /decryptDataKey)
     as this caller. --timeout is how long a request waits for a worker before answering 503."""
-    from kmsq.gateway import GatewaySettings, TlsFiles, create_app, serve
+    from kmsq.output import EXIT_CONFIG, fail
+
+    try:
+        import uvicorn  # noqa: F401 - imported by serve(); checked here, before anything starts
+
+        from kmsq.gateway import GatewaySettings, TlsFiles, create_app, serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in GATEWAY_EXTRA_MODULES:
+            raise
+        fail(f"kmsq gateway needs the gateway extra (no module {e.name}): pip install 'kmsq[gateway]'", EXIT_CONFIG)
 
     host, port = _host_port(listen)
     if (tls_cert is None) != (tls_key is None):

@@ -141,7 +141,10 @@ def demo(as_json: bool) -> None:
     service.engine.dispose()
     worker = _start_worker(settings.home)
     try:
-        with KmsClient(settings.effective_broker_url, CallerIdentity.load(identity_file), fleet, timeout=60) as client:
+        identity = CallerIdentity.load(identity_file)
+        with KmsClient(
+            settings.effective_broker_url, identity, fleet, timeout=60, namespace=settings.namespace
+        ) as client:
             steps = _steps(client)
     finally:
         worker_exit = _stop_worker(worker)

@@ -24,18 +24,17 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.messages import Coin, KeyType, Pub, Source
+from schemas.limits import MAX_HTTP_BODY_BYTES, Coin, EncryptedKey, Prv, Pub, public_message
+from schemas.messages import KeyType, Source
 from tasks.client import KmsClient, KmsError, KmsTimeout
 
 log = logging.getLogger("kmsq.gateway")
 
-MAX_BODY_BYTES = 64 * 1024  # the largest old-API body is a private key of at most 32 KiB
 STATUS_OF_CODE = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
-Prv = Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
 
 
 class Message_(BaseModel):
@@ -93,7 +92,7 @@ class GenerateDataKeyAnswer(BaseModel):
 class DecryptDataKeyBody(_Body):
     """``POST /decryptDataKey``."""
 
-    encryptedKey: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    encryptedKey: EncryptedKey
 
 
 class DecryptDataKeyAnswer(BaseModel):
@@ -134,7 +133,7 @@ class GatewaySettings:
 class BodyLimit:
     """ASGI middleware: answers 400 to bodies over ``limit`` bytes before the application reads them."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_HTTP_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
 
@@ -153,14 +152,19 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise GatewayError(400, "request body too large")
+                raise GatewayError(400, body_too_large(self.limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
 
+def body_too_large(limit: int) -> str:
+    """The answer to a body over ``limit`` bytes."""
+    return f"request body exceeds {limit} bytes"
+
+
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse({"message": "request body too large"}, status_code=400)
+    response = JSONResponse({"message": body_too_large(MAX_HTTP_BODY_BYTES)}, status_code=400)
     await response(scope, receive, send)
 
 
@@ -177,6 +181,7 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
     )
     app.add_middleware(BodyLimit)
     _install_error_handlers(app)
+    _document_400_instead_of_422(app)
 
     async def call(start: Callable[[], Future[dict[str, Any]]]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -202,7 +207,8 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
 
     @app.get("/key/{pub:path}", response_model=GetKeyAnswer)
     async def get_key(
-        pub: Annotated[str, PathParam(min_length=1, max_length=1024)], source: Annotated[Source, Query()]
+        pub: Annotated[Pub, PathParam()],
+        source: Annotated[Source, Query()],
     ) -> GetKeyAnswer:
         """Reads a stored private key. ``pub`` is percent-decoded; it may contain ``/`` and ``+``."""
         fields = await call(lambda: client.submit_get_key(pub, source))
@@ -248,9 +254,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, GatewayError):  # raised while FastAPI read the body (BodyLimit)
+            return await gateway_error(_request, exc.__cause__)
         status = exc.status_code if exc.status_code in (404, 405) else 400
         text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "bad request")
-        return JSONResponse({"message": text}, status_code=status)
+        # Starlette puts the 405's Allow header (RFC 9110 requires it) on the exception.
+        return JSONResponse({"message": text}, status_code=status, headers=exc.headers)
 
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.error("gateway error: %s", type(exc).__name__)  # the text could hold request data: not logged
@@ -267,17 +276,36 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
-    """Returns a one-line description of the first problem: where and what, never the value sent."""
+    """Returns a one-line description of the first problem: the field as the client named it and what is
+    wrong (schemas.limits), never the value sent."""
     errors = exc.errors()
     if not errors:
         return "bad request"
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON"
-    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    if first.get("type") == "model_attributes_type" or not location:
+    if first.get("type") == "model_attributes_type" or tuple(first.get("loc", ())) == ("body",):
         return "request body must be a JSON object"
-    return f"{location}: {first.get('msg', 'invalid')}"
+    return public_message(errors, hidden=("body", "query", "path"))
+
+
+def _document_400_instead_of_422(app: FastAPI) -> None:
+    """Drops FastAPI's 422 answers from ``/openapi.json``: the gateway answers a bad request with 400 and
+    ``{"message"}``, like the replaced API, and documents only what it answers."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)

@@ -49,15 +49,27 @@ class Job:
     source: str | None = None  # put mode: the input file
     done: set[int] = field(default_factory=set)
     journaled: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # (start, stop) of each batch: ``batch`` items each, or in put mode also at most a message's size
+    # (tasks.client.put_keys_batches); derived from the input, so a resumed job splits it the same way.
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.ranges:
+            self.ranges = [(start, min(start + self.batch, self.total)) for start in range(0, self.total, self.batch)]
 
     @property
     def batches(self) -> int:
         """The number of batches."""
-        return (self.total + self.batch - 1) // self.batch
+        return len(self.ranges)
+
+    def start(self, index: int) -> int:
+        """The index of batch ``index``'s first item."""
+        return self.ranges[index][0]
 
     def size(self, index: int) -> int:
         """Items in batch ``index``."""
-        return min(self.batch, self.total - index * self.batch)
+        start, stop = self.ranges[index]
+        return stop - start
 
     def header(self) -> dict[str, Any]:
         """The journal's first line."""
@@ -166,9 +178,8 @@ class Provisioner:
                 "root_key_id": self.job.root_key_id,
             }
         assert self.put_items is not None
-        start = index * self.job.batch
-        chunk = self.put_items[start : start + self.job.size(index)]
-        return {"items": chunk}
+        start, stop = self.job.ranges[index]
+        return {"items": self.put_items[start:stop]}
 
     def _send_new(self, index: int, attempt: int) -> RequestFuture:
         request_id = uuid.uuid5(uuid.NAMESPACE_URL, f"kmsq-provision:{self.job.job}:{index}:{attempt}")
@@ -197,7 +208,7 @@ class Provisioner:
         return self._resend(entry) if entry is not None else self._send_new(index, 0)
 
     def _lines(self, index: int, items: list[dict[str, Any]]) -> str:
-        start = index * self.job.batch
+        start = self.job.start(index)
         lines = []
         for offset, item in enumerate(items):
             n = start + offset

@@ -18,17 +18,25 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.wire import MAX_REQUEST_BYTES, REPLY_QUEUE_PREFIX
+from schemas.limits import (
+    MAX_BATCH_ITEMS,
+    MAX_PRV_BYTES,
+    MAX_REQUEST_BYTES,
+    Coin,
+    EncryptedKey,
+    FieldError,
+    Pub,
+    check_prv_size,
+)
+from schemas.wire import REPLY_QUEUE_PREFIX, sealed_length
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 CallerName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 PoolName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 RootKeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 KeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
-Pub = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 Source = Literal["user", "backup"]
 KeyType = Literal["independent", "tss"]
-Coin = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")]
 REPLY_QUEUE_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Operations that return a plaintext secret to the caller: they need the caller's ``plaintext`` permission.
@@ -42,6 +50,19 @@ ALLOWABLE_OPS = (
     "put_key",
     "get_key",
 )
+
+
+def _check_sealed_prv(value: str) -> str:
+    # The seal's length gives away the plaintext's: refuse an oversized prv before anything opens it.
+    if not value:
+        raise FieldError("prv must not be empty")
+    if len(value) > sealed_length(MAX_PRV_BYTES):
+        check_prv_size(MAX_PRV_BYTES + 1)
+    return value
+
+
+# put_key's prv, HPKE-sealed to the pool's transport key (schemas.wire.seal_private_key).
+SealedPrv = Annotated[str, AfterValidator(_check_sealed_prv)]
 
 
 class _Frozen(BaseModel):
@@ -68,7 +89,7 @@ class DecryptDataKey(_Frozen):
     """Unwraps an ``encryptedKey``; the plaintext comes back sealed."""
 
     op: Literal["decrypt_data_key"]
-    encrypted_key: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    encrypted_key: EncryptedKey
 
 
 class PutKey(_Frozen):
@@ -76,7 +97,7 @@ class PutKey(_Frozen):
 
     op: Literal["put_key"]
     pub: Pub
-    prv: Annotated[str, StringConstraints(min_length=1, max_length=32 * 1024)]
+    prv: SealedPrv
     coin: Coin
     source: Source
     type: KeyType
@@ -100,8 +121,6 @@ class GetResult(_Frozen):
 
 # -- batches: one signature, one transaction and one sealed reply for many items ------------------------
 
-MAX_BATCH_ITEMS = 1000
-
 
 class GenerateDataKeys(_Frozen):
     """``count`` new data keys. With ``with_plaintext`` it needs the ``generate_data_key`` permission (and
@@ -118,20 +137,19 @@ class DecryptDataKeys(_Frozen):
     """Unwraps many ``encryptedKey`` strings; needs the ``decrypt_data_key`` permission."""
 
     op: Literal["decrypt_data_keys"]
-    encrypted_keys: Annotated[
-        list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]],
-        Field(min_length=1, max_length=MAX_BATCH_ITEMS),
-    ]
+    # Each key is checked on its own (an oversized one fails alone); the message size bounds them all.
+    encrypted_keys: Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
 class PutKeyItem(_Frozen):
-    """The public fields of one private key of a ``put_keys`` batch. Only bounded here: each item is
-    validated on its own by the worker, so that a malformed item fails alone (``invalid``)."""
+    """The public fields of one private key of a ``put_keys`` batch. Not checked here: the worker checks
+    each item on its own (schemas.limits), so that a malformed item fails alone (``invalid``); the message
+    size bounds them all."""
 
-    pub: Annotated[str, StringConstraints(max_length=4096)]
-    coin: Annotated[str, StringConstraints(max_length=64)]
-    source: Annotated[str, StringConstraints(max_length=32)]
-    type: Annotated[str, StringConstraints(max_length=32)]
+    pub: str
+    coin: str
+    source: str
+    type: str
 
 
 class PutKeys(_Frozen):
@@ -140,7 +158,7 @@ class PutKeys(_Frozen):
 
     op: Literal["put_keys"]
     items: Annotated[list[PutKeyItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
-    prvs: Annotated[str, StringConstraints(min_length=1, max_length=3 * 1024 * 1024)]
+    prvs: Annotated[str, StringConstraints(min_length=1)]
     root_key_id: RootKeyId | None = None
 
 

@@ -19,6 +19,7 @@ import binascii
 import functools
 import hashlib
 import json
+import re
 import uuid
 from typing import Any
 
@@ -27,18 +28,21 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from schemas.limits import MAX_REQUEST_BYTES
+
 PROTOCOL_VERSION = 1
 TASK_PREFIX = "kmsq."
 QUEUE_PREFIX = "kms."
 REPLY_QUEUE_PREFIX = "kmsq.reply."
-# The largest request body a worker accepts (bytes of JSON, before base64); larger messages get `invalid`.
-MAX_REQUEST_BYTES = 2 * 1024 * 1024
 MAX_REQUEST_TTL_SECONDS = 3600
 DEFAULT_REQUEST_TTL_SECONDS = 600  # longer than the broker's visibility timeout, so a redelivery is fresh
 DEFAULT_CLOCK_SKEW_SECONDS = 300
 # With no KMSQ_BROKER_URL, workers and callers meet on a private redis-server listening on this Unix socket
 # under KMSQ_HOME (`kmsq broker start`).
 EMBEDDED_BROKER_SOCKET = "broker.sock"
+# Deployments (or test runs) sharing one Redis database each take a namespace: every Redis key they use,
+# queues included, starts with "<namespace>:".
+NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 ERROR_CODES = (
     "unauthenticated",
@@ -58,6 +62,7 @@ _REPLY_SECRET_INFO = b"kmsq/reply-secret/v1\x00"
 _PRV_INFO = b"kmsq/put-key-prv/v1\x00"
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _KEY_LEN = 32
+_SEAL_OVERHEAD = 32 + 16  # HPKE enc (X25519 public key) and the AES-256-GCM tag
 
 
 class WireError(ValueError):
@@ -108,6 +113,17 @@ def key_id(public_key: bytes) -> str:
 def embedded_broker_url(home: str) -> str:
     """Returns the URL of the embedded broker socket under ``home``."""
     return f"redis+socket://{home.rstrip('/')}/{EMBEDDED_BROKER_SOCKET}"
+
+
+def namespace_key_prefix(namespace: str | None) -> str:
+    """Returns the prefix of every Redis key of ``namespace`` (``""`` without one).
+
+    Raises ValueError for a name that is not 1-32 characters of a-z, 0-9, '-' and '_'."""
+    if not namespace:
+        return ""
+    if not NAMESPACE_PATTERN.fullmatch(namespace):
+        raise ValueError("a namespace is 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")
+    return namespace + ":"
 
 
 def task_name(op: str) -> str:
@@ -176,6 +192,11 @@ def verify(key: Ed25519PublicKey, signature: str, data: bytes) -> None:
 
 
 # -- sealing ---------------------------------------------------------------------------------------
+
+
+def sealed_length(plaintext_bytes: int) -> int:
+    """Returns the length in characters of the base64url seal of ``plaintext_bytes`` bytes."""
+    return (4 * (plaintext_bytes + _SEAL_OVERHEAD) + 2) // 3
 
 
 def _reply_info(request_id: uuid.UUID, field: str) -> bytes:

@@ -1,4 +1,5 @@
-"""The Celery application factory (settings from ``celeryconfig``), and a kombu publishing shortcut."""
+"""The Celery application factory (settings from ``celeryconfig``), broker connections in a namespace, and a
+kombu publishing shortcut."""
 
 from __future__ import annotations
 
@@ -6,16 +7,38 @@ import contextlib
 from typing import Any
 
 from celery import Celery
+from kombu.connection import Connection
 
 import celeryconfig
+from schemas.wire import namespace_key_prefix
 
 
-def make_app(broker_url: str, name: str = "kmsq") -> Celery:
-    """Returns a Celery app on ``broker_url`` with kmsq's settings; it is not made the current app."""
+def transport_options(namespace: str | None) -> dict[str, Any]:
+    """Returns the kombu transport options for a deployment in ``namespace``: kmsq's Redis settings and, with a
+    namespace, kombu's ``global_keyprefix``, which puts it in front of every Redis key (queues, the unacked
+    index, exchange bindings), so deployments on one Redis database never see each other's messages.
+
+    Raises ValueError for a bad namespace."""
+    options: dict[str, Any] = dict(celeryconfig.broker_transport_options)
+    prefix = namespace_key_prefix(namespace)
+    if prefix:
+        options["global_keyprefix"] = prefix
+    return options
+
+
+def make_app(broker_url: str, name: str = "kmsq", namespace: str | None = None) -> Celery:
+    """Returns a Celery app on ``broker_url`` (in ``namespace``) with kmsq's settings; it is not made the
+    current app."""
     app = Celery(name, set_as_current=False)
     app.config_from_object(celeryconfig)
     app.conf.broker_url = broker_url
+    app.conf.broker_transport_options = transport_options(namespace)
     return app
+
+
+def broker_connection(broker_url: str, namespace: str | None = None) -> Connection:
+    """Returns a kombu connection (not yet connected) to ``broker_url`` in ``namespace``."""
+    return Connection(broker_url, transport_options=transport_options(namespace))  # type: ignore[no-untyped-call]
 
 
 def reuse_redis_client(channel: Any) -> None:

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +32,8 @@ from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
 from schemas.envelope import EncryptedDataKey, FormatError
-from schemas.messages import Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.limits import MAX_BATCH_ITEMS, MAX_REQUEST_BYTES, FieldError, check_prv, public_message
+from schemas.messages import OPS, Reply, ReplyEnvelope, Request, reply_queue_for
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
@@ -48,7 +50,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from tasks.app import make_app, reuse_redis_client
+from tasks.app import broker_connection, make_app, reuse_redis_client
 from tasks.identity import CallerIdentity, Fleet, FleetPool
 
 log = logging.getLogger("kmsq.client")
@@ -94,15 +96,25 @@ class KmsClient:
         reply_queue: str | None = None,
         ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         timeout: float = 60.0,
+        namespace: str | None = None,
     ) -> None:
         """``reply_queue`` is the suffix of this client's durable reply queue ``kmsq.reply.<caller>.<suffix>``
-        (default: a random one). A client restarted with the same suffix receives replies sent meanwhile."""
+        (default: a random one). A client restarted with the same suffix receives replies sent meanwhile.
+        ``namespace`` is the deployment's (default: ``$KMSQ_NAMESPACE``, else none): every Redis key the
+        client uses starts with it, as the workers' do. Raises KmsError (``invalid``) for a bad namespace,
+        (``unavailable``) when the broker cannot be reached."""
+        if namespace is None:
+            namespace = os.environ.get("KMSQ_NAMESPACE") or None
+        try:
+            self._app = make_app(broker_url, name="kmsq-client", namespace=namespace)
+        except ValueError as e:
+            raise KmsError("invalid", f"namespace: {e}") from None
+        self.namespace = namespace
         self.identity = identity
         self.fleet = fleet
         self.reply_queue = reply_queue_for(identity.caller, reply_queue or secrets.token_hex(8))
         self.ttl = timedelta(seconds=ttl_seconds)
         self.timeout = timeout
-        self._app = make_app(broker_url, name="kmsq-client")
         self._broker_url = broker_url
         # Computed once: deriving them from the keys cost a few hundredths of a millisecond per request.
         self._key_id = identity.key_id
@@ -145,7 +157,12 @@ class KmsClient:
     def submit_put_key(
         self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
     ) -> RequestFuture:
-        """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process."""
+        """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process.
+        Raises KmsError (``invalid``) for a ``prv`` out of its limits (schemas.limits)."""
+        try:
+            check_prv(prv)
+        except FieldError as e:
+            raise KmsError("invalid", str(e)) from None
         pool = self.pool_for(root_key_id)
         request_id = uuid.uuid4()
         sealed = seal_private_key(
@@ -257,10 +274,15 @@ class KmsClient:
         try:
             request = self._validated_request(params, pool, request_id, now)
         except pydantic.ValidationError as e:
-            first = e.errors(include_input=False, include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise KmsError("invalid", f"malformed request: {where}: {first['msg']}") from None
+            errors = e.errors(include_input=False, include_url=False, include_context=False)
+            raise KmsError("invalid", public_message(errors, ("params", *OPS), "malformed request: ")) from None
         body = canonical_json(request.model_dump(mode="json"))
+        if len(body) > MAX_REQUEST_BYTES:
+            raise KmsError(
+                "invalid",
+                f"{request.params.op} request is {len(body)} bytes; a message carries at most {MAX_REQUEST_BYTES} "
+                "bytes (MAX_REQUEST_BYTES): send fewer or smaller items",
+            )
         signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
         return request, [self.identity.caller, self._key_id, b64u(body), signature]
 
@@ -335,7 +357,8 @@ class KmsClient:
         )
         with self._send_lock:
             if self._publisher is None:
-                connection = Connection(self._broker_url)  # connects on first use, inside kombu's retries
+                # connects on first use, inside kombu's retries
+                connection = broker_connection(self._broker_url, self.namespace)
                 self._publisher = (connection, amqp.Producer(connection, auto_declare=False))
             producer = self._publisher[1]
             amqp.send_task_message(producer, task, message, queue=pool_queue(pool))
@@ -452,7 +475,7 @@ class KmsClient:
         while not self._stop.is_set():
             try:
                 with (
-                    Connection(self._broker_url) as conn,
+                    broker_connection(self._broker_url, self.namespace) as conn,
                     # no_ack: a reply taken off the queue by a client that dies before reading it is not lost,
                     # the worker stored it (get_result, or send the same request again). It saves the broker
                     # round trips of kombu's unacked bookkeeping on every reply.
@@ -492,6 +515,32 @@ class KmsClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# Room left in a put_keys message for everything but the items: the request's own fields and the seal.
+_BATCH_OVERHEAD_BYTES = 16 * 1024
+
+
+def put_keys_batches(items: Sequence[Mapping[str, str]], max_items: int = MAX_BATCH_ITEMS) -> list[tuple[int, int]]:
+    """Splits ``put_keys`` items ``{pub, prv, coin, source, type}`` into consecutive batches that each fit one
+    message: at most ``max_items`` items and MAX_REQUEST_BYTES of request body. Returns ``(start, stop)``
+    index ranges covering every item in order. An item too large for any batch gets a batch of its own,
+    which ``submit_put_keys`` then refuses with the message limit (send it with ``put_key``)."""
+    budget = MAX_REQUEST_BYTES - _BATCH_OVERHEAD_BYTES
+    ranges: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for index, item in enumerate(items):
+        # The prvs travel as one sealed canonical-JSON list (base64url, 4/3), the public fields as JSON.
+        sealed = (len(json.dumps(item["prv"], ensure_ascii=True)) + 1) * 4 // 3 + 1
+        public = len(canonical_json({k: item[k] for k in ("pub", "coin", "source", "type")})) + 1
+        cost = sealed + public
+        if index > start and (index - start >= max_items or used + cost > budget):
+            ranges.append((start, index))
+            start, used = index, 0
+        used += cost
+    if start < len(items):
+        ranges.append((start, len(items)))
+    return ranges
 
 
 def _argsrepr(args: list[Any]) -> str | None:

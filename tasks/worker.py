@@ -34,7 +34,7 @@ log = logging.getLogger("kmsq.worker")
 MAX_RETRIES = 5  # backoff 1, 2, 4, 8, 16 s: about 30 s, within the client's default 60 s timeout
 
 _settings = load_settings()
-app = make_app(_settings.effective_broker_url)
+app = make_app(_settings.effective_broker_url, namespace=_settings.namespace)
 _lock = threading.Lock()
 _context: WorkerContext | None = None
 _context_pid: int | None = None

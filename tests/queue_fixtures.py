@@ -1,5 +1,6 @@
-"""Fixtures for the queue path on real components: Redis (a test database number, flushed per run), a fresh
-Postgres database, the test run's SoftHSM2 token, and real ``kmsq worker`` processes started here.
+"""Fixtures for the queue path on real components: Redis (a test database number, shared with whatever else
+uses it: this run works in a namespace of its own and deletes only its own keys), a fresh Postgres database,
+the test run's SoftHSM2 token, and real ``kmsq worker`` processes started here.
 
 Two pools share the token and the database (as two HSM pools would share Postgres): ``alpha`` (two worker
 processes) and ``beta`` (one), each with an aes-256 and an rsa-2048 root key and its own fleet keys.
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kmsq.operator_cli import fleet_document
 from schemas.messages import ALLOWABLE_OPS
+from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import fresh_database, missing_service
@@ -34,12 +37,29 @@ from worker.runtime import KeyService, transaction
 from worker.storage.db import create_db_engine, migrate, session_factory
 
 REDIS_URL = os.environ.get("KMSQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# This run's namespace: every Redis key of its workers and clients starts with "<NAMESPACE>:", so test runs
+# (and anything else) sharing the Redis database never take each other's messages.
+NAMESPACE = f"test-{uuid.uuid4().hex[:12]}"
 POOLS = {"alpha": 2, "beta": 1}
 
 
+def delete_namespace(url: str, namespace: str) -> int:
+    """Deletes the Redis keys of ``namespace`` (and nothing else); returns how many there were."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        keys = list(client.scan_iter(match=namespace_key_prefix(namespace) + "*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return len(keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The test Redis database, emptied for this run."""
+def redis_url() -> Iterator[str]:
+    """The test Redis database; this run's keys (its namespace) are deleted afterwards."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
@@ -47,9 +67,10 @@ def redis_url() -> str:
         client.ping()
     except redis.RedisError:
         missing_service("Redis at " + REDIS_URL)
-    client.flushdb()
-    client.close()
-    return REDIS_URL
+    finally:
+        client.close()
+    yield REDIS_URL
+    delete_namespace(REDIS_URL, NAMESPACE)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +90,7 @@ def subprocess_env(settings: Settings, database_url: str, broker_url: str, **ext
             "KMSQ_BROKER_URL": broker_url,
             "KMSQ_DEFAULT_POOL": "alpha",
             "KMSQ_CACHE_SECONDS": "1",
+            "KMSQ_NAMESPACE": NAMESPACE,
             **extra,
         }
     )
@@ -176,7 +198,8 @@ class Deployment:
 
     def client(self, identity: CallerIdentity, **kwargs: object) -> KmsClient:
         """A client for ``identity`` on the test broker."""
-        return KmsClient(self.broker_url, identity, self.fleet, timeout=60, **kwargs)  # type: ignore[arg-type]
+        options: dict[str, object] = {"timeout": 60, "namespace": NAMESPACE, **kwargs}
+        return KmsClient(self.broker_url, identity, self.fleet, **options)  # type: ignore[arg-type]
 
     def count(self, table: str) -> int:
         """Rows in a table of the queue database."""

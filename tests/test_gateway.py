@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmsq.operator_cli import fleet_document
 from schemas import sjcl
 from schemas.envelope import EncryptedDataKey, KeySpec, WrapAlgorithm
+from schemas.limits import MAX_HTTP_BODY_BYTES
 from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 
@@ -173,7 +174,9 @@ def test_private_keys(deployment: Deployment, http: httpx.Client) -> None:
     [
         ({"prv": None}, "prv"),
         ({"prv": ""}, "prv"),
-        ({"coin": "BTC!"}, "coin"),
+        ({"coin": "btc\n"}, "coin must not contain control characters"),
+        ({"coin": "c" * 129}, "coin must be at most 128 characters"),
+        ({"pub": "xpub\x00"}, "pub must not contain control characters"),
         ({"source": "cold"}, "source"),
         ({"type": "multisig"}, "type"),
         ({"pub": 12}, "pub"),
@@ -193,8 +196,8 @@ def test_put_key_bad_bodies_change_nothing(
 
 def test_oversized_body_is_refused(deployment: Deployment, http: httpx.Client) -> None:
     before = deployment.count("private_keys")
-    huge = {"prv": "x" * 70_000, "pub": random_pub(), "coin": "btc", "source": "user", "type": "tss"}
-    assert message_of(http.post("/key", json=huge), 400) == "request body too large"
+    huge = {"prv": "x" * MAX_HTTP_BODY_BYTES, "pub": random_pub(), "coin": "btc", "source": "user", "type": "tss"}
+    assert message_of(http.post("/key", json=huge), 400) == f"request body exceeds {MAX_HTTP_BODY_BYTES} bytes"
     assert deployment.count("private_keys") == before
 
 

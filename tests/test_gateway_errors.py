@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from kombu.exceptions import OperationalError
 
-from kmsq.gateway import MAX_BODY_BYTES, GatewaySettings, create_app
+from kmsq.gateway import GatewaySettings, create_app
+from schemas.limits import MAX_HTTP_BODY_BYTES
 from tasks.client import KmsError
 
 BODY = {"prv": "xprv-unit", "pub": "xpub-unit", "coin": "btc", "source": "user", "type": "tss"}
@@ -86,12 +87,12 @@ def test_broker_down_is_503(kms: StandIn, http: TestClient) -> None:
 
 
 def test_bodies_over_the_limit_never_reach_kmsq(kms: StandIn, http: TestClient) -> None:
-    big = b'{"prv": "' + b"x" * MAX_BODY_BYTES + b'"}'
-    assert answer(http.post("/key", content=big), 400) == "request body too large"
+    big = b'{"prv": "' + b"x" * MAX_HTTP_BODY_BYTES + b'"}'
+    assert answer(http.post("/key", content=big), 400) == "request body exceeds 8388608 bytes"
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: counted while read
         yield big
 
-    answer(http.post("/key", content=chunked()), 400)
+    assert answer(http.post("/key", content=chunked()), 400) == "request body exceeds 8388608 bytes"
     assert answer(http.post("/key", content=b"{}", headers={"content-length": "x"}), 400)
     assert kms.calls == 0

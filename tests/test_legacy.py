@@ -96,7 +96,7 @@ def legacy(deployment: Deployment, client: KmsClient, vector_rows: list[dict[str
                                                          "encryptedDataKey": "{not json"}),
         103: ("encryptedDataKey: authentication failed", {**first, "id": 103, "pub": random_pub(),
                                                           "rootKey": "another-root"}),
-        104: ("coin must be", {**first, "id": 104, "pub": random_pub(), "coin": "BTC!"}),
+        104: ("coin must not contain control characters", {**first, "id": 104, "pub": random_pub(), "coin": "btc\t"}),
         105: ("NULL", {**first, "id": 105, "pub": random_pub(), "encryptedPrv": None}),
     }  # fmt: skip
     # Stored in kmsq before the import: once with the same key (matched), once with another (refused).

@@ -104,7 +104,7 @@ def test_put_from_file_with_per_item_errors(
     source = tmp_path / "keys.jsonl"
     items = [{"pub": random_pub(), "prv": f"xprv-{i}-" + "z" * 40, "coin": "btc", "source": "user", "type": "tss"}
              for i in range(250)]  # fmt: skip
-    items[17]["coin"] = "NOT A COIN"
+    items[17]["coin"] = "NOT\tA COIN"
     items[120]["pub"] = items[119]["pub"]  # a duplicate within the file
     deployment.secrets += [i["prv"].encode() for i in items[:3]]
     source.write_text("".join(json.dumps(i) + "\n" for i in items))

@@ -9,7 +9,7 @@ import secrets
 import pytest
 from sqlalchemy import select
 
-from schemas.messages import MAX_BATCH_ITEMS
+from schemas.limits import MAX_BATCH_ITEMS
 from tasks.client import KmsClient, KmsError
 from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment
@@ -57,7 +57,7 @@ def test_put_keys_batch_with_partial_failure(deployment: Deployment, client: Kms
     entries[2] = entries[2] | {"pub": existing}  # stored before: conflict
     entries[4] = entries[4] | {"pub": repeated}
     entries[5] = entries[5] | {"pub": repeated}  # repeated within the batch: the second is a conflict
-    entries[6] = entries[6] | {"coin": "Not A Coin"}  # malformed: invalid
+    entries[6] = entries[6] | {"coin": "not\na coin"}  # malformed: invalid
     before = deployment.count("private_keys")
     items = client.put_keys(entries, deployment.roots[("alpha", "rsa-2048")])["items"]
     codes = [item.get("error") for item in items]

@@ -14,7 +14,7 @@ from kmsq.operator_cli import fleet_document
 from tasks.client import AsyncKmsClient, KmsClient, KmsError, KmsTimeout
 from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import random_pub
-from tests.queue_fixtures import Deployment
+from tests.queue_fixtures import NAMESPACE, Deployment
 from worker.storage.models import PrivateKey, RequestRecord
 
 ROOT_TYPES = ("aes-256", "rsa-2048")
@@ -149,7 +149,7 @@ def test_a_timed_out_request_is_forgotten(deployment: Deployment, full_caller: C
     document = fleet_document(deployment.service)
     document["pools"]["ghost"] = dict(document["pools"]["beta"], root_keys=[])
     ghost = Fleet.from_document(document)
-    with KmsClient(deployment.broker_url, full_caller, ghost, timeout=0.5) as kms:
+    with KmsClient(deployment.broker_url, full_caller, ghost, timeout=0.5, namespace=NAMESPACE) as kms:
         future = kms.submit({"op": "get_key", "pub": random_pub(), "source": "user"}, "ghost")
         with pytest.raises(KmsTimeout):
             kms.wait(future)

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, select, text
 from schemas.wire import seal_private_key
 from tasks.client import KmsClient
 from tests.conftest import random_pub
-from tests.queue_fixtures import Deployment, WorkerProcess, start_worker
+from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, start_worker
 from worker.fleet import ensure_fleet_key
 from worker.runtime import transaction
 from worker.storage.models import PrivateKey, RequestRecord
@@ -36,7 +36,7 @@ def gamma(deployment: Deployment) -> Iterator[tuple[WorkerProcess, KmsClient]]:
     fleet = Fleet.from_document(fleet_document(deployment.service) | {"default_pool": POOL})
     worker = start_worker(POOL, 1, deployment.env(), deployment.directory / "worker-gamma.log")
     identity = deployment.register("killer")
-    client = KmsClient(deployment.broker_url, identity, fleet, timeout=90)
+    client = KmsClient(deployment.broker_url, identity, fleet, timeout=90, namespace=NAMESPACE)
     try:
         yield worker, client
     finally:

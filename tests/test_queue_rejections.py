@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from schemas.limits import MAX_REQUEST_BYTES
 from schemas.wire import b64u, canonical_json, request_signing_input, sign
 from tasks.client import KmsClient, KmsError
 from tasks.identity import CallerIdentity
 from tests.conftest import random_pub
-from tests.queue_fixtures import Deployment
+from tests.queue_fixtures import NAMESPACE, Deployment
 from worker import callers
 from worker.runtime import transaction
 from worker.storage.models import AuditEvent, PrivateKey, RequestRecord
@@ -248,10 +249,10 @@ def test_an_unknown_field_is_invalid(deployment: Deployment, client: KmsClient) 
 @pytest.mark.usefixtures("unchanged")
 def test_a_message_over_the_size_limit_is_invalid(deployment: Deployment, client: KmsClient) -> None:
     body = put_body(client, random_pub())
-    body["params"]["pub"] = "x" * (2 * 1024 * 1024 + 1)
+    body["params"]["pub"] = "x" * (MAX_REQUEST_BYTES + 1)
     error = rejection(client, "kmsq.put_key", signed_args(client.identity, body, "kmsq.put_key"), body["request_id"])
     assert error.code == "invalid"
-    assert "exceeds" in error.message
+    assert error.message == f"request body exceeds {MAX_REQUEST_BYTES} bytes"
 
 
 @pytest.mark.usefixtures("unchanged")
@@ -285,9 +286,9 @@ def test_a_prv_sealed_for_another_request_is_invalid(deployment: Deployment, cli
 
 
 def test_garbage_on_the_queue_does_not_stop_the_worker(deployment: Deployment, client: KmsClient) -> None:
-    from kombu.connection import Connection
+    from tasks.app import broker_connection
 
-    with Connection(deployment.broker_url) as conn:
+    with broker_connection(deployment.broker_url, NAMESPACE) as conn:
         producer = conn.Producer()
         producer.publish(b"\x00garbage", routing_key="kms.alpha", exchange="", content_type="application/json",
                          content_encoding="binary", headers={"task": "kmsq.put_key", "id": "x"})  # fmt: skip

@@ -22,7 +22,7 @@ from schemas.wire import seal_private_key
 from tasks.client import KmsClient
 from tasks.identity import Fleet
 from tests.conftest import random_pub
-from tests.queue_fixtures import Deployment, start_worker
+from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
 from worker.errors import DatabaseUnavailable
 from worker.fleet import ensure_fleet_key, load_fleet_key
 from worker.pipeline import Inbound, WorkerContext, handle
@@ -96,7 +96,7 @@ def test_a_worker_retries_while_the_database_is_down(deployment: Deployment, gat
         for conn in gate.connections:
             with suppress(OSError):
                 conn.close()
-        with KmsClient(deployment.broker_url, client.identity, fleet, timeout=60) as kms:
+        with KmsClient(deployment.broker_url, client.identity, fleet, timeout=60, namespace=NAMESPACE) as kms:
             pub, prv = random_pub(), "xprv" + secrets.token_hex(20)
             deployment.secrets.append(prv.encode())
             future = kms.submit_put_key(pub, prv, "btc", "user", "independent")

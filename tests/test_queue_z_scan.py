@@ -14,18 +14,18 @@ from typing import Any
 
 import redis
 
-from schemas.wire import seal_private_key
+from schemas.wire import namespace_key_prefix, seal_private_key
 from tasks.client import KmsClient
 from tests.conftest import random_pub
-from tests.queue_fixtures import Deployment
+from tests.queue_fixtures import NAMESPACE, Deployment
 from tests.test_no_plaintext_at_rest import dump_database, encodings
 
 
-def dump_redis(url: str) -> bytes:
-    """Every key and value of the test Redis database, whatever its type."""
+def dump_redis(url: str, namespace: str) -> bytes:
+    """Every key of ``namespace`` in the test Redis database and its value, whatever its type."""
     client: Any = redis.Redis.from_url(url)  # untyped use: redis-py's stubs mix sync and async results
     out = bytearray()
-    for key in client.scan_iter(count=1000):
+    for key in client.scan_iter(match=namespace_key_prefix(namespace) + "*", count=1000):
         kind = client.type(key)
         out += key + b"\n"
         if kind == b"string":
@@ -63,7 +63,7 @@ def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, c
     request, args = client.build_request(params, "alpha", request_id)
     client.publish("kmsq.put_key", args, str(request_id), "parked", request.reply_queue)
 
-    redis_dump = dump_redis(deployment.broker_url)
+    redis_dump = dump_redis(deployment.broker_url, NAMESPACE)
     database = dump_database(deployment.service)
     logs = b"".join(w.log.read_bytes() for w in deployment.workers.values())
     logs += b"".join(p.read_bytes() for p in deployment.directory.glob("worker-*.log"))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 
 from schemas.envelope import EncryptedDataKey, EncryptedPrivateKey
+from schemas.limits import MAX_COIN_CHARS, MAX_PRV_BYTES
 from tests.conftest import random_pub
 from worker.errors import Conflict, IntegrityError, InvalidRequest, NotFound
 from worker.runtime import KeyService
@@ -118,10 +119,12 @@ def test_conflict_and_not_found(service: KeyService) -> None:
         {"type": "mpc"},
         {"pub": ""},
         {"pub": "x" * 1025},
-        {"coin": "BTC"},
+        {"coin": "btc\x07"},
+        {"coin": "c" * (MAX_COIN_CHARS + 1)},
         {"coin": ""},
         {"prv": ""},
-        {"prv": "x" * (16 * 1024 + 1)},
+        {"prv": "x" * (MAX_PRV_BYTES + 1)},
+        {"prv": "\u00e9" * (MAX_PRV_BYTES // 2 + 1)},  # fewer characters than the limit, more UTF-8 bytes
     ],
 )
 def test_invalid_store_requests_change_nothing(service: KeyService, fields: dict[str, str]) -> None:

@@ -65,7 +65,7 @@ def test_request_parses_strictly() -> None:
         {"issued_at": "2026-01-01T00:00:00"},  # naive time
         {"params": {"op": "get_key", "pub": "xpub", "source": "cold"}},
         {"params": {"op": "sign", "data": "x"}},
-        {"params": {"op": "put_key", "pub": "p", "prv": "x", "coin": "BTC!", "source": "user", "type": "tss"}},
+        {"params": {"op": "put_key", "pub": "p", "prv": "x", "coin": "bt\x00c", "source": "user", "type": "tss"}},
         {"caller": "Not A Name"},
     ):
         with pytest.raises(pydantic.ValidationError):

@@ -18,6 +18,7 @@ from schemas.envelope import (
     EncryptedDataKey,
     KeySpec,
 )
+from schemas.limits import FieldError, check_encrypted_key
 from worker import legacy_keys, service
 from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
 from worker.hsm import Hsm
@@ -70,6 +71,10 @@ def decrypt_data_keys(
     out: list[str | KmsqError] = []
     for encrypted_key in encrypted_keys:
         try:
+            try:
+                check_encrypted_key(encrypted_key)
+            except FieldError as e:
+                raise InvalidRequest(str(e)) from None
             if legacy_keys.looks_like_sjcl(encrypted_key):
                 out.append(service.decrypt_data_key(hsm, db, encrypted_key, check))
                 continue

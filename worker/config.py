@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.wire import DEFAULT_CLOCK_SKEW_SECONDS, embedded_broker_url
+from schemas.wire import DEFAULT_CLOCK_SKEW_SECONDS, embedded_broker_url, namespace_key_prefix
 from worker.errors import ConfigError
 
 SOFTHSM2_LIBRARY_PATHS = (
@@ -36,6 +36,7 @@ _KEYS = (
     "default_pool",
     "clock_skew_seconds",
     "cache_seconds",
+    "namespace",
 )
 
 
@@ -53,6 +54,7 @@ class Settings:
     default_pool: str = "default"
     clock_skew_seconds: int = DEFAULT_CLOCK_SKEW_SECONDS
     cache_seconds: int = 2  # workers: how long callers and root keys are cached per process
+    namespace: str | None = None  # prefix of every Redis key (schemas.wire.namespace_key_prefix)
 
     @property
     def embedded_broker(self) -> bool:
@@ -161,7 +163,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         default_pool=values.get("default_pool") or "default",
         clock_skew_seconds=_int(values, "clock_skew_seconds", DEFAULT_CLOCK_SKEW_SECONDS),
         cache_seconds=_int(values, "cache_seconds", 2),
+        namespace=_namespace(values.get("namespace") or None),
     )
+
+
+def _namespace(value: str | None) -> str | None:
+    try:
+        namespace_key_prefix(value)
+    except ValueError as e:
+        raise ConfigError(f"KMSQ_NAMESPACE: {e}") from None
+    return value
 
 
 def _int(values: Mapping[str, str], key: str, default: int) -> int:

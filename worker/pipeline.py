@@ -23,7 +23,9 @@ import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.limits import MAX_REQUEST_BYTES, public_message
 from schemas.messages import (
+    OPS,
     DecryptDataKey,
     DecryptDataKeys,
     ErrorBody,
@@ -43,7 +45,6 @@ from schemas.messages import (
 )
 from schemas.wire import (
     DEFAULT_CLOCK_SKEW_SECONDS,
-    MAX_REQUEST_BYTES,
     MAX_REQUEST_TTL_SECONDS,
     WireError,
     args_digest,
@@ -241,10 +242,9 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
 
 
 def _validation_message(error: pydantic.ValidationError) -> str:
-    # Only locations and messages: pydantic's full text quotes the input, which may be secret.
-    first = error.errors(include_input=False, include_url=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "body"
-    return f"malformed request: {where}: {first['msg']}"
+    # Only the public field and what is wrong: pydantic's full text quotes the input, which may be secret.
+    errors = error.errors(include_input=False, include_url=False, include_context=False)
+    return public_message(errors, hidden=("params", *OPS), prefix="malformed request: ")
 
 
 def _bind(ctx: WorkerContext, msg: Inbound, claim: _Claim, request: Request, caller: Caller) -> None:

@@ -28,6 +28,7 @@ from schemas.envelope import (
     WrapAlgorithm,
     key_spec_from_name,
 )
+from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_coin, check_prv, check_pub
 from worker.errors import IntegrityError, InvalidRequest, NotFound
 from worker.hsm import Hsm, RootKeyHandle
 from worker.secret import SecretBytes
@@ -37,11 +38,7 @@ from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 ROOT_KEY_TYPES: dict[str, int | None] = {"aes-256": None, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
 SOURCES = ("user", "backup")
 KEY_TYPES = ("independent", "tss")
-MAX_PUB_LEN = 1024
-MAX_PRV_BYTES = 16 * 1024
-MAX_ENCRYPTED_KEY_LEN = 4096
 PROVIDER = "kmsq"
-_COIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 _POOL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 # Called with the root key an operation is about to use, before the HSM is touched; raises to refuse
@@ -256,7 +253,7 @@ def generate_data_key(
 
 def parse_data_key(encrypted_key: str) -> EncryptedDataKey:
     """Parses an ``encryptedKey``. Raises IntegrityError (opaque) for anything malformed."""
-    if not isinstance(encrypted_key, str) or len(encrypted_key) > MAX_ENCRYPTED_KEY_LEN:
+    if not isinstance(encrypted_key, str) or len(encrypted_key) > MAX_ENCRYPTED_KEY_CHARS:
         raise IntegrityError()
     try:
         return EncryptedDataKey.from_text(encrypted_key)
@@ -271,7 +268,7 @@ def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCh
     envelope of the replaced system is decrypted by :mod:`worker.legacy_keys` instead. Raises
     IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
     """
-    if isinstance(encrypted_key, str) and len(encrypted_key) <= MAX_ENCRYPTED_KEY_LEN:
+    if isinstance(encrypted_key, str) and len(encrypted_key) <= MAX_ENCRYPTED_KEY_CHARS:
         from worker import legacy_keys  # imports this module
 
         if legacy_keys.looks_like_sjcl(encrypted_key):
@@ -287,22 +284,19 @@ def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCh
 # -- private keys ----------------------------------------------------------------------------------
 
 
-def _validate_private_key_fields(pub: str, coin: str, source: str, key_type: str) -> None:
-    if not isinstance(pub, str) or not 1 <= len(pub) <= MAX_PUB_LEN:
-        raise InvalidRequest(f"pub must be 1-{MAX_PUB_LEN} characters")
-    if source not in SOURCES:
-        raise InvalidRequest("source must be 'user' or 'backup'")
-    if key_type not in KEY_TYPES:
-        raise InvalidRequest("type must be 'independent' or 'tss'")
-    if not isinstance(coin, str) or not _COIN.fullmatch(coin):
-        raise InvalidRequest("coin must be 1-32 characters of a-z, 0-9, '.', '-' and '_'")
-
-
 def validate_private_key(pub: str, prv: str, coin: str, source: str, key_type: str) -> None:
-    """Raises InvalidRequest when a field of a private key to store is malformed or out of range."""
-    _validate_private_key_fields(pub, coin, source, key_type)
-    if not isinstance(prv, str) or not 1 <= len(prv.encode("utf-8")) <= MAX_PRV_BYTES:
-        raise InvalidRequest(f"prv must be 1-{MAX_PRV_BYTES} bytes")
+    """Raises InvalidRequest, naming the field and its limit (schemas.limits), when a field of a private key
+    to store is malformed or out of range."""
+    try:
+        check_pub(pub)
+        if source not in SOURCES:
+            raise FieldError("source must be 'user' or 'backup'")
+        if key_type not in KEY_TYPES:
+            raise FieldError("type must be 'independent' or 'tss'")
+        check_coin(coin)
+        check_prv(prv)
+    except FieldError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def store_private_key(

@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from schemas.limits import MAX_COIN_CHARS, MAX_PUB_CHARS
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -81,9 +83,9 @@ class PrivateKey(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    pub: Mapped[str] = mapped_column(String(1024))
+    pub: Mapped[str] = mapped_column(String(MAX_PUB_CHARS))
     source: Mapped[str] = mapped_column(String(16))  # user | backup
-    coin: Mapped[str] = mapped_column(String(32))
+    coin: Mapped[str] = mapped_column(String(MAX_COIN_CHARS))
     type: Mapped[str] = mapped_column(String(16))  # independent | tss
     provider: Mapped[str] = mapped_column(String(64))
     root_key: Mapped[str] = mapped_column("rootKey", String(64))

@@ -1,0 +1,150 @@
+"""Every limit on what a caller sends, defined once.
+
+The gateway's models and its ``/openapi.json``, the queue messages, the worker's checks, the SDK and the
+caller commands all use these definitions. A refusal names the field as the caller sent it (``prv must be at
+most 1048576 bytes``), never an internal message path.
+
+The field types (:data:`Prv`, :data:`Pub`, :data:`Coin`, :data:`EncryptedKey`) validate with the ``check_*``
+functions, whose :class:`FieldError` texts pydantic reports as ``Value error, <text>``; their JSON schema
+states the same limits for OpenAPI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, WithJsonSchema
+
+# A private key's UTF-8 bytes. An ECDSA MPCv2 (DKLS) key share, which the Advanced Wallet Manager stores as
+# base64(keyShare.toBytes()), is about 330,000 characters.
+MAX_PRV_BYTES = 1024 * 1024
+MAX_PUB_CHARS = 1024
+MAX_COIN_CHARS = 128  # token names such as "hteth:bgerchv2" or an ERC-20 contract address
+MAX_ENCRYPTED_KEY_CHARS = 8192  # a kmsq encryptedKey (RSA-4096: ~700) or an SJCL envelope of the old API
+MAX_BATCH_ITEMS = 1000
+# A request message's body (JSON bytes, before base64url): a put_key of a full-size prv fits with room to
+# spare, and a batch is bounded by this as well as by MAX_BATCH_ITEMS.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# The gateway's largest HTTP body: a full-size prv even if every byte arrives JSON-escaped (\\u0000, 6x).
+MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024
+
+# Unicode category Cc: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # a lone surrogate (JSON "\ud800") has no UTF-8 encoding
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+class FieldError(ValueError):
+    """A field is out of its limits. The text names the field and the limit, never the value."""
+
+
+def _text(name: str, value: str, max_chars: int, *, controls: bool) -> str:
+    if not isinstance(value, str):
+        raise FieldError(f"{name} must be a string")
+    if not value:
+        raise FieldError(f"{name} must not be empty")
+    if len(value) > max_chars:
+        raise FieldError(f"{name} must be at most {max_chars} characters")
+    if _SURROGATE.search(value):
+        raise FieldError(f"{name} must be valid Unicode text")
+    if not controls and _CONTROL.search(value):
+        raise FieldError(f"{name} must not contain control characters")
+    return value
+
+
+def check_pub(value: str) -> str:
+    """Returns ``value`` if it is a valid ``pub``: 1-1024 characters, no control characters. Raises FieldError."""
+    return _text("pub", value, MAX_PUB_CHARS, controls=False)
+
+
+def check_coin(value: str) -> str:
+    """Returns ``value`` if it is a valid ``coin``: 1-128 characters, no control characters. Raises FieldError.
+
+    Any such name is kept exactly (``tBTC``, ``sol:usdc``, ``hteth:bgerchv2``): the replaced API took any
+    non-empty string."""
+    return _text("coin", value, MAX_COIN_CHARS, controls=False)
+
+
+def check_encrypted_key(value: str) -> str:
+    """Returns ``value`` if it is an ``encryptedKey`` within 1-8192 characters. Raises FieldError."""
+    return _text("encryptedKey", value, MAX_ENCRYPTED_KEY_CHARS, controls=True)
+
+
+def prv_bytes(value: str) -> int:
+    """Returns the UTF-8 size of a ``prv``. Raises FieldError when it has no UTF-8 encoding."""
+    if not isinstance(value, str):
+        raise FieldError("prv must be a string")
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise FieldError("prv must be valid Unicode text") from None
+
+
+def check_prv_size(size: int) -> None:
+    """Raises FieldError unless a ``prv`` of ``size`` UTF-8 bytes is within 1 byte to 1 MiB."""
+    if size == 0:
+        raise FieldError("prv must not be empty")
+    if size > MAX_PRV_BYTES:
+        raise FieldError(f"prv must be at most {MAX_PRV_BYTES} bytes")
+
+
+def check_prv(value: str) -> str:
+    """Returns ``value`` if it is a valid plaintext ``prv``: 1 byte to 1 MiB of UTF-8. Raises FieldError."""
+    check_prv_size(prv_bytes(value))
+    return value
+
+
+def _schema(max_length: int, description: str, pattern: str | None = None) -> WithJsonSchema:
+    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": max_length, "description": description}
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return WithJsonSchema(schema)
+
+
+Prv = Annotated[
+    str,
+    AfterValidator(check_prv),
+    _schema(MAX_PRV_BYTES, f"the private key: 1 to {MAX_PRV_BYTES} bytes of UTF-8"),
+]
+Pub = Annotated[
+    str,
+    AfterValidator(check_pub),
+    _schema(MAX_PUB_CHARS, f"1-{MAX_PUB_CHARS} characters, no control characters", NO_CONTROL_PATTERN),
+]
+Coin = Annotated[
+    str,
+    AfterValidator(check_coin),
+    _schema(MAX_COIN_CHARS, f"1-{MAX_COIN_CHARS} characters, no control characters; kept exactly", NO_CONTROL_PATTERN),
+]
+EncryptedKey = Annotated[
+    str,
+    AfterValidator(check_encrypted_key),
+    _schema(MAX_ENCRYPTED_KEY_CHARS, f"1-{MAX_ENCRYPTED_KEY_CHARS} characters"),
+]
+
+
+def public_message(errors: Iterable[Mapping[str, Any]], hidden: Iterable[str] = (), prefix: str = "") -> str:
+    """Returns one line describing the first validation error: the field as the caller named it and what is
+    wrong, never the value sent (which may be secret).
+
+    ``errors`` are pydantic error dicts. A failed ``check_*`` gives its own text (``prv must be at most
+    1048576 bytes``); any other error gives ``prefix`` + ``field: what is wrong``, where parts of the
+    location in ``hidden`` (message internals such as ``params`` and an operation's tag, or FastAPI's
+    ``body``) are left out and list indexes show as ``[i]``.
+    """
+    first = next(iter(errors), None)
+    if first is None:
+        return "bad request"
+    if first.get("type") == "value_error":  # our checks: the text names the field already
+        return str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    skip = set(hidden)
+    where = ""
+    for part in first.get("loc", ()):
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part not in skip:
+            where += ("." if where else "") + str(part)
+    message = str(first.get("msg", "invalid"))
+    return prefix + (f"{where}: {message}" if where else message)
