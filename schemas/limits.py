@@ -27,6 +27,8 @@ MAX_BATCH_ITEMS = 1000
 # A request message's body (JSON bytes, before base64url): a put_key of a full-size prv fits with room to
 # spare, and a batch is bounded by this as well as by MAX_BATCH_ITEMS.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# A reply's body (JSON bytes, before base64url): a get_key of a full-size prv, even wrapped by get_result.
+MAX_REPLY_BYTES = 4 * MAX_REQUEST_BYTES
 # The gateway's largest HTTP body: a full-size prv even if every byte arrives JSON-escaped (\\u0000, 6x).
 MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024
 

@@ -21,14 +21,14 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from schemas.limits import (
     MAX_BATCH_ITEMS,
     MAX_PRV_BYTES,
-    MAX_REQUEST_BYTES,
+    MAX_REPLY_BYTES,
     Coin,
     EncryptedKey,
     FieldError,
     Pub,
     check_prv_size,
 )
-from schemas.wire import REPLY_QUEUE_PREFIX, sealed_length
+from schemas.wire import REPLY_QUEUE_PREFIX, b64u_length, sealed_length
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 CallerName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -255,6 +255,6 @@ class Reply(_Frozen):
 class ReplyEnvelope(_Frozen):
     """What a reply queue carries: the reply's JSON bytes (base64url) and the worker's signature."""
 
-    body: Annotated[str, StringConstraints(max_length=4 * MAX_REQUEST_BYTES)]
+    body: Annotated[str, StringConstraints(max_length=b64u_length(MAX_REPLY_BYTES))]
     signature: str
     key_id: str

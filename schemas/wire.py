@@ -77,9 +77,10 @@ def b64u(data: bytes | bytearray) -> str:
     return base64.urlsafe_b64encode(bytes(data)).rstrip(b"=").decode("ascii")
 
 
-def from_b64u(text: str, *, max_len: int = 1 << 20) -> bytes:
-    """Decodes unpadded URL-safe base64. Raises WireError for bad characters, padding or size."""
-    if not isinstance(text, str) or len(text) > max_len * 4 // 3 + 4 or "=" in text:
+def from_b64u(text: str, *, max_len: int) -> bytes:
+    """Decodes unpadded URL-safe base64 of at most ``max_len`` bytes. Raises WireError for bad characters,
+    padding or size."""
+    if not isinstance(text, str) or len(text) > b64u_length(max_len) or "=" in text:
         raise WireError("malformed base64")
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -194,9 +195,14 @@ def verify(key: Ed25519PublicKey, signature: str, data: bytes) -> None:
 # -- sealing ---------------------------------------------------------------------------------------
 
 
+def b64u_length(size: int) -> int:
+    """Returns the length in characters of the unpadded base64url of ``size`` bytes."""
+    return (4 * size + 2) // 3
+
+
 def sealed_length(plaintext_bytes: int) -> int:
     """Returns the length in characters of the base64url seal of ``plaintext_bytes`` bytes."""
-    return (4 * (plaintext_bytes + _SEAL_OVERHEAD) + 2) // 3
+    return b64u_length(plaintext_bytes + _SEAL_OVERHEAD)
 
 
 def _reply_info(request_id: uuid.UUID, field: str) -> bytes:

@@ -32,7 +32,14 @@ from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
 from schemas.envelope import EncryptedDataKey, FormatError
-from schemas.limits import MAX_BATCH_ITEMS, MAX_REQUEST_BYTES, FieldError, check_prv, public_message
+from schemas.limits import (
+    MAX_BATCH_ITEMS,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    FieldError,
+    check_prv,
+    public_message,
+)
 from schemas.messages import OPS, Reply, ReplyEnvelope, Request, reply_queue_for
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
@@ -431,7 +438,7 @@ class KmsClient:
         key = pool.signing_key if pool is not None else None
         if key is None:
             raise WireError("reply signed by an unknown key")
-        body = from_b64u(envelope.body)
+        body = from_b64u(envelope.body, max_len=MAX_REPLY_BYTES)
         verify(key, envelope.signature, reply_signing_input(body))
         try:
             reply = Reply.model_validate_json(body)

@@ -172,4 +172,5 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 
 
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
+from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401

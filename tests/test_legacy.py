@@ -247,7 +247,7 @@ def test_old_encrypted_keys_through_the_gateway(
     deployment: Deployment, legacy: Legacy, vector_rows: list[dict[str, Any]]
 ) -> None:
     from kmsq.operator_cli import fleet_document
-    from tests.test_gateway import GATEWAY_OPS, start_gateway
+    from tests.gateway_fixtures import GATEWAY_OPS, start_gateway
 
     deployment.register("gateway-legacy", GATEWAY_OPS)
     gateway = start_gateway(deployment, "gateway-legacy", fleet_document(deployment.service))

@@ -38,7 +38,7 @@ class FleetPublic:
     @property
     def signing_key_id(self) -> str:
         """The id that replies carry."""
-        return key_id(from_b64u(self.signing_key))
+        return key_id(from_b64u(self.signing_key, max_len=32))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from schemas.wire import (
     WireError,
     args_digest,
     b64u,
+    b64u_length,
     canonical_json,
     from_b64u,
     open_private_key,
@@ -218,7 +219,7 @@ def _claim(args: Sequence[Any]) -> _Claim | None:
 def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim | None) -> tuple[Request, str, Caller]:
     if claim is None:
         raise _Rejection(InvalidRequest("malformed request message"), "malformed task arguments")
-    if len(claim.body) > (MAX_REQUEST_BYTES * 4 + 2) // 3:
+    if len(claim.body) > b64u_length(MAX_REQUEST_BYTES):
         raise _Rejection(InvalidRequest(f"request body exceeds {MAX_REQUEST_BYTES} bytes"), "oversized body")
     try:
         body = from_b64u(claim.body, max_len=MAX_REQUEST_BYTES)
