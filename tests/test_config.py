@@ -92,3 +92,25 @@ def test_broker_and_clock_skew(tmp_path: Path) -> None:
     for bad in ("soon", "-5"):
         with pytest.raises(ConfigError, match="clock_skew_seconds"):
             load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_CLOCK_SKEW_SECONDS": bad})
+
+
+def test_namespace_from_file_or_environment(tmp_path: Path) -> None:
+    assert load_settings({"KMSQ_HOME": str(tmp_path)}).namespace is None
+    (tmp_path / "kmsq.toml").write_text('namespace = "prod-eu"\n')
+    assert load_settings({"KMSQ_HOME": str(tmp_path)}).namespace == "prod-eu"
+    assert load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_NAMESPACE": "staging"}).namespace == "staging"
+    for bad in ("Prod", "a:b", "x" * 33, "-lead", "sp ace"):
+        with pytest.raises(ConfigError, match="KMSQ_NAMESPACE"):
+            load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_NAMESPACE": bad})
+
+
+def test_a_namespace_prefixes_every_redis_key_kombu_uses() -> None:
+    from tasks.app import broker_connection, transport_options
+
+    assert "global_keyprefix" not in transport_options(None)
+    assert transport_options("prod-eu")["global_keyprefix"] == "prod-eu:"
+    assert transport_options("prod-eu")["visibility_timeout"] == 300  # kmsq's own options stay
+    connection = broker_connection("redis://127.0.0.1:6379/0", "prod-eu")
+    assert dict(connection.transport_options or {})["global_keyprefix"] == "prod-eu:"
+    with pytest.raises(ValueError, match="namespace"):
+        transport_options("Bad:Name")

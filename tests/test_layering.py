@@ -4,6 +4,7 @@ runs without the worker extra (no python-pkcs11, SQLAlchemy, psycopg or Alembic)
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,19 @@ def test_the_gateway_and_the_sjcl_codec_run_without_the_worker_extra() -> None:
     code = BLOCKER + "import kmsq.gateway, schemas.sjcl\nprint(kmsq.gateway.create_app.__name__)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "create_app" in result.stdout, result.stderr
+
+
+def test_the_gateway_command_names_its_missing_extra(tmp_path: Path) -> None:
+    blocker = BLOCKER.replace("('pkcs11', 'sqlalchemy', 'psycopg', 'alembic')", "('fastapi', 'uvicorn', 'starlette')")
+    # As Python reports a package that is not installed.
+    blocker = blocker.replace(
+        "raise ImportError('blocked for this test: ' + name)", "raise ModuleNotFoundError(name, name=name)"
+    )
+    code = blocker + "from kmsq.cli import main\nsys.argv = ['kmsq', 'gateway']\nmain()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSQ_")} | {"KMSQ_HOME": str(tmp_path)}
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == (
+        "kmsq: error: kmsq gateway needs the gateway extra (no module uvicorn): pip install 'kmsq[gateway]'"
+    )

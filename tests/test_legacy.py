@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, make_url, select, text
 
 from kmsq.output import EXIT_CONFIG, EXIT_INVALID
 from schemas import sjcl
@@ -134,9 +134,11 @@ def summary_of(result: subprocess.CompletedProcess[str], exit_code: int) -> dict
     return summary
 
 
-def imported_rows(deployment: Deployment) -> dict[int, LegacyImport]:
+def imported_rows(deployment: Deployment, legacy: Legacy) -> dict[int, LegacyImport]:
+    """The legacy_imports rows of ``legacy``'s table (other tests import other tables)."""
+    origin = f"{make_url(legacy.url).database}/private_keys"
     with deployment.sessions() as db:
-        return {row.legacy_id: row for row in db.scalars(select(LegacyImport))}
+        return {row.legacy_id: row for row in db.scalars(select(LegacyImport).where(LegacyImport.origin == origin))}
 
 
 def assert_failures(summary: dict[str, Any], legacy: Legacy) -> None:
@@ -153,7 +155,7 @@ def test_dry_run_checks_every_row_and_writes_nothing(deployment: Deployment, leg
     assert (summary["imported"], summary["matched"], summary["skipped"]) == (25, 1, 0)
     assert summary["root_key_names_registered"] == 2  # the vectors' rootKey and "legacy-root"
     assert_failures(summary, legacy)
-    assert deployment.count("private_keys") == before and not imported_rows(deployment)
+    assert deployment.count("private_keys") == before and not imported_rows(deployment, legacy)
 
 
 def test_import_recovers_every_row_once(deployment: Deployment, legacy: Legacy, client: KmsClient) -> None:
@@ -169,7 +171,7 @@ def test_import_recovers_every_row_once(deployment: Deployment, legacy: Legacy, 
     for secret in deployment.secrets:  # nothing recovered is printed
         assert secret.decode() not in result.stdout + result.stderr
 
-    imported = imported_rows(deployment)
+    imported = imported_rows(deployment, legacy)
     assert set(imported) == set(legacy.expected)
     assert imported[legacy.matched].outcome == "matched" and imported[1].outcome == "imported"
     with deployment.sessions() as db:
@@ -187,7 +189,7 @@ def test_import_recovers_every_row_once(deployment: Deployment, legacy: Legacy, 
     assert (again["imported"], again["matched"], again["skipped"]) == (0, 0, 26)
     assert again["root_key_names_registered"] == 0
     assert_failures(again, legacy)
-    assert deployment.count("private_keys") == before + 25 and len(imported_rows(deployment)) == 26
+    assert deployment.count("private_keys") == before + 25 and len(imported_rows(deployment, legacy)) == 26
 
 
 def test_human_output_names_failed_rows(deployment: Deployment, legacy: Legacy) -> None:

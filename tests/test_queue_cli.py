@@ -3,7 +3,9 @@ and the main job (`kmsq init` + `kmsq demo`) against Redis and Postgres."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import stat
 import subprocess
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.limits import MAX_PRV_BYTES
 from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 
@@ -78,6 +81,41 @@ def test_private_key_commands(deployment: Deployment, caller_env: dict[str, str]
     assert json.loads(fetched.stdout) == {"pub": pub, "prv": prv, "coin": "btc", "source": "user", "type": "tss"}
     one_line(run(caller_env, "put-key", *args), 6, "conflict")
     one_line(run(caller_env, "get-key", pub, "--source", "backup"), 5, "not_found")
+
+
+def test_put_key_of_an_mpcv2_key_share_and_the_prv_limit(
+    deployment: Deployment, caller_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The wallet manager's MPCv2 share (330,000 base64 characters), a key of exactly 1 MiB, and one byte more."""
+    share = base64.b64encode(os.urandom(247_500)).decode()
+    deployment.secrets.append(share[999:1095].encode())
+    limit = "k" * (MAX_PRV_BYTES - 8) + uuid.uuid4().hex[:8]
+    for prv in (share, limit):
+        pub = random_pub()
+        (tmp_path / "prv").write_text(prv)
+        args = ["--pub", pub, "--prv-file", str(tmp_path / "prv"), "--coin", "hteth", "--source", "user"]
+        stored = run(caller_env, "put-key", *args, "--type", "tss")
+        assert stored.returncode == 0, stored.stderr
+        fetched = run(caller_env, "get-key", pub, "--source", "user")
+        assert fetched.returncode == 0 and json.loads(fetched.stdout)["prv"].encode() == prv.encode()
+
+    pub = random_pub()
+    (tmp_path / "prv").write_text(limit + "k")
+    before = deployment.count("private_keys")
+    args = ["--pub", pub, "--prv-file", str(tmp_path / "prv"), "--coin", "hteth", "--source", "user", "--type", "tss"]
+    one_line(run(caller_env, "put-key", *args), 7, "invalid: prv must be at most 1048576 bytes")
+    assert deployment.count("private_keys") == before
+    one_line(run(caller_env, "get-key", pub, "--source", "user"), 5, "not_found")
+
+
+def test_fleet_key_export_creates_a_missing_directory(deployment: Deployment, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "dir" / "fleet.json"
+    result = run(deployment.env(), "fleet-key", "export", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert {"alpha", "beta"} <= set(json.loads(out.read_text())["pools"])
+    (tmp_path / "file").write_text("")
+    one_line(run(deployment.env(), "fleet-key", "export", "--out", str(tmp_path / "file" / "fleet.json")), 3,
+             "cannot write")  # fmt: skip
 
 
 def test_caller_registry_commands(deployment: Deployment, caller_env: dict[str, str], tmp_path: Path) -> None:

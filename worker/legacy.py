@@ -197,8 +197,20 @@ def _legacy_row(values: Any) -> LegacyRow:
         root_key_name=values["rootKey"],
         encrypted_data_key=values["encryptedDataKey"],
         encrypted_prv=values["encryptedPrv"],
-        created_at=values["created_at"],
+        created_at=_timestamp(values["created_at"]),
     )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    # A TIMESTAMP column reads as a datetime; SQLite (no date type) gives the text it stored.
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
 
 
 def count_rows(engine: Engine, old: LegacyTable) -> int:
