@@ -118,3 +118,25 @@ def test_put_from_file_with_per_item_errors(
     written = out.read_text()
     assert all(item["prv"] not in written for item in items)  # the output holds public fields only
     assert client.get_key(items[200]["pub"], "user")["prv"] == items[200]["prv"]
+
+
+def test_put_from_large_keys_splits_batches_by_size(
+    deployment: Deployment, client: KmsClient, caller_env: dict[str, str], tmp_path: Path
+) -> None:
+    """30 MPCv2-sized shares (10 MB) under --batch 1000: the batches also stay within one message's size."""
+    import base64
+    import os
+
+    items = [{"pub": random_pub(), "prv": base64.b64encode(os.urandom(247_500)).decode(), "coin": "hteth",
+              "source": "backup", "type": "tss"} for _ in range(30)]  # fmt: skip
+    deployment.secrets += [i["prv"][999:1095].encode() for i in items[:2]]
+    source = tmp_path / "shares.jsonl"
+    source.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = tmp_path / "stored.jsonl"
+    result = provision(caller_env, "--put-from", str(source), "--batch", "1000", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    assert (json.loads(result.stdout)["keys"], json.loads(result.stdout)["errors"]) == (30, 0)
+    written = lines(out)
+    assert sorted(r["line"] for r in written) == list(range(1, 31)) and len({r["batch"] for r in written}) >= 2
+    for item in items[::7]:
+        assert client.get_key(item["pub"], "backup")["prv"] == item["prv"]
