@@ -24,6 +24,12 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 # Requests expire after 10 minutes by default (schemas.wire.DEFAULT_REQUEST_TTL_SECONDS), longer than this,
 # so a redelivered request is still fresh.
 broker_transport_options = {"visibility_timeout": 300}
+# The worker's own hard limit per task (messages' own time limits are ignored: tasks.worker.SignedOnlyRequest),
+# below the visibility timeout so that a stuck task is ended before Redis hands its message out again. No
+# request comes near it: messages are bounded in size (schemas.limits) and in PBKDF2 work.
+task_time_limit = 240
+# Messages a worker cannot use are dropped with a line that quotes none of their content.
+worker_consumer = "tasks.worker:QuietConsumer"
 broker_connection_retry_on_startup = True
 task_default_queue = "kms.default"
 worker_send_task_events = False

@@ -11,6 +11,9 @@ from kombu.connection import Connection
 
 import celeryconfig
 from schemas.wire import namespace_key_prefix
+from tasks import transport
+
+transport.install()  # hostile queue entries are dropped, not fatal (tasks/transport.py)
 
 
 def transport_options(namespace: str | None) -> dict[str, Any]:

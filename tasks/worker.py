@@ -13,16 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request as CeleryRequest
 from kombu.entity import Queue
 
 from schemas.messages import OPS
 from schemas.wire import task_name
 from tasks.app import make_app
+from tasks.transport import DROPPED
 from worker.config import load_settings
 from worker.errors import KmsqError
 from worker.fleet import load_fleet_key
@@ -32,6 +35,8 @@ from worker.storage.cache import ROWS
 
 log = logging.getLogger("kmsq.worker")
 MAX_RETRIES = 5  # backoff 1, 2, 4, 8, 16 s: about 30 s, within the client's default 60 s timeout
+# The longest delay a message's eta may impose: twice the backoff's longest step (our retries set eta).
+MAX_ETA_SECONDS = 2 * 2 ** (MAX_RETRIES - 1)
 
 _settings = load_settings()
 app = make_app(_settings.effective_broker_url, namespace=_settings.namespace)
@@ -109,8 +114,61 @@ def _run(task: Task, args: tuple[Any, ...]) -> None:
     log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")
 
 
+class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]
+    """Celery's request, minus what an unsigned message header could change about how it runs.
+
+    Per-message time limits (``timelimit``) and ``expires`` are ignored: the worker's own limits apply
+    (celeryconfig), and a request's validity is its signed ``expires_at``. An ``eta`` is honored only on a
+    retry (our own retries set one, as their backoff) and only up to MAX_ETA_SECONDS from now, so no message
+    can wait in a worker's memory.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.time_limits = (None, None)
+        self._expires = None
+        eta: datetime | None = getattr(self, "_eta", None)  # set by Celery's __init__
+        latest = datetime.now(UTC) + timedelta(seconds=MAX_ETA_SECONDS)
+        retries = self._request_dict.get("retries")
+        if eta is not None and (not isinstance(retries, int) or retries < 1):
+            self._eta = None
+        elif eta is not None and eta > latest:
+            self._eta = latest
+
+
+class QuietConsumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, except that a message it cannot use is dropped with one line that quotes nothing of
+    it (Celery logs the body, which anyone with broker access chooses: a 10,000-level nesting is 20 KB of
+    log) and counted with the transport's drops (tasks/transport.py)."""
+
+    def _drop(self, message: Any, reason: str) -> None:
+        DROPPED.record(str((message.delivery_info or {}).get("routing_key", "?")), reason)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._drop(message, f"has a body that does not decode ({type(exc).__name__})")
+        message.ack()
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._drop(message, "is not a task message")
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._drop(message, "names no kmsq task")
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._drop(message, f"is not a valid task message ({type(exc).__name__})")
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
 def _register(op: str) -> None:
-    @app.task(name=task_name(op), bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(
+        name=task_name(op), bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+        Request=SignedOnlyRequest,
+    )  # fmt: skip
     def run(self: Task, *args: Any, **kwargs: Any) -> None:
         _run(self, () if kwargs else args)  # keyword arguments are not part of the protocol: malformed
 

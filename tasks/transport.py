@@ -1,0 +1,142 @@
+"""kombu's Redis transport, hardened against what anyone with broker access can push onto a queue.
+
+kombu's Redis channel parses each entry it pops (``BRPOP``) and builds a message from it without catching
+errors: an entry that is not JSON (``LPUSH kms.default 'not json'``), JSON that is not an object, a
+10,000-level nesting, or an object without kombu's fields stops the worker's consumer, and with it the pool.
+Here an entry that does not decode into a well-formed kombu message is dropped, counted and logged (never its
+content), and the worker goes on with the next one. What a well-formed message then carries is checked by
+Celery and by the request pipeline (signatures first).
+
+:func:`install` makes ``redis://``, ``rediss://`` and ``redis+socket://`` URLs use this transport in the
+current process (workers and callers: ``tasks.app`` installs it on import).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from queue import Empty
+from typing import Any
+
+import kombu.transport
+from kombu.transport import TRANSPORT_ALIASES, redis
+from kombu.utils.json import loads
+
+log = logging.getLogger("kmsq.transport")
+_ENCODINGS = (None, "utf-8", "base64")  # kombu's codecs for a body: none, or base64
+
+
+class DropCounter:
+    """Counts the entries dropped in this process; logs at most one line a second, without their content."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+        self._logged_at = 0.0
+        self._unlogged = 0
+
+    def record(self, queue: str, reason: str) -> None:
+        """Counts one dropped entry of ``queue`` and logs it unless a line went out less than a second ago."""
+        with self._lock:
+            self.total += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._logged_at < 1.0:
+                return
+            count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning(
+            "dropped %d entr%s of queue %s that %s (%d dropped by this process)",
+            count, "y" if count == 1 else "ies", queue[:200], reason, self.total,
+        )  # fmt: skip
+
+
+DROPPED = DropCounter()
+
+
+def decode_entry(raw: bytes | str) -> tuple[dict[str, Any] | None, str]:
+    """Parses one entry of a Redis queue. Returns the kombu message payload and ``""``, or None and why the
+    entry is not a well-formed kombu message (a fixed text that quotes nothing of the entry)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        payload = loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError):
+        return None, "is not JSON"
+    if not isinstance(payload, dict):
+        return None, "is not a JSON object"
+    reason = _envelope_problem(payload) or _body_problem(payload)
+    return (None, reason) if reason else (payload, "")
+
+
+def _envelope_problem(payload: dict[str, Any]) -> str:
+    properties = payload.get("properties")
+    if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
+        return "has no kombu properties"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("exchange", "routing_key")):
+        return "has no kombu delivery info"
+    if not isinstance(payload.get("headers"), dict | None):
+        return "has malformed headers"
+    if not all(isinstance(payload.get(k), str | None) for k in ("content-type", "content-encoding")):
+        return "has a malformed content type"
+    return ""
+
+
+def _body_problem(payload: dict[str, Any]) -> str:
+    body, encoding = payload.get("body"), payload["properties"].get("body_encoding")
+    if not isinstance(body, str | None) or not isinstance(encoding, str | None):
+        return "has a malformed body"
+    if (encoding.lower() if encoding else None) not in _ENCODINGS:
+        return "has an unknown body encoding"
+    if body and encoding and encoding.lower() == "base64":
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "has a body that is not base64"
+    return ""
+
+
+class Channel(redis.Channel):
+    """kombu's Redis channel, except that an entry which is not a well-formed message is dropped."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.x's Channel._brpop_read, with decode_entry in place of its unguarded loads + deliver
+        # (tests/test_hostile_broker.py runs it against the installed kombu).
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnect on the next poll, as kombu does
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            queue = (dest.decode("utf-8", "replace") if isinstance(dest, bytes) else str(dest)).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            payload, reason = decode_entry(item)
+            if payload is None:
+                DROPPED.record(queue, reason)
+            else:
+                self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu annotates it bool, sets None
+            flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
+            if flush is not None:
+                flush()
+
+
+class Transport(redis.Transport):
+    """kombu's Redis transport with :class:`Channel`."""
+
+    Channel = Channel
+
+
+def install() -> None:
+    """Makes this process's ``redis``/``rediss`` URLs (``redis+socket`` included) use :class:`Transport`."""
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        # kombu caches resolved aliases: forget one resolved before this ran.
+        getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)

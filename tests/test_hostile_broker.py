@@ -1,0 +1,114 @@
+"""What anyone with broker access can push onto a pool's queue, against the real workers: entries that are
+not kombu messages are dropped (counted, logged without their content) and the pool keeps serving; unsigned
+Celery headers (time limits, expiry, eta) do not change how a signed request runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from schemas.wire import namespace_key_prefix
+from tasks.app import broker_connection, make_app
+from tasks.client import KmsClient
+from tasks.transport import decode_entry
+from tests.conftest import random_pub
+from tests.queue_fixtures import NAMESPACE, Deployment
+
+ALPHA = namespace_key_prefix(NAMESPACE) + "kms.alpha"
+
+
+def kombu_entry(body: str, **properties: Any) -> str:
+    """A kombu message as kombu's Redis channel stores it, with ``body`` and some properties replaced."""
+    props = {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()), "delivery_mode": 2, "priority": 0,
+             "delivery_info": {"exchange": "kms.alpha", "routing_key": "kms.alpha"}} | properties  # fmt: skip
+    headers = {"task": "kmsq.put_key", "id": str(uuid.uuid4()), "lang": "py", "argsrepr": "", "kwargsrepr": ""}
+    return json.dumps({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+                       "headers": headers, "properties": props})  # fmt: skip
+
+
+NESTED = "[" * 10_000 + "]" * 10_000
+HOSTILE: list[bytes | str] = [
+    "not json",
+    "[1,2,3]",
+    '"kmsq"',
+    NESTED,
+    '{"x": 1}',
+    b'{"x": "\xff\xfe"}',
+    b"\xff\xfe\xfd",
+    kombu_entry("!!!"),
+    kombu_entry(base64.b64encode(NESTED.encode()).decode()),  # a well-formed envelope around a nested body
+    kombu_entry("e30=", body_encoding="rot13"),
+    kombu_entry("e30=", delivery_info="nowhere"),
+    json.dumps({"body": "e30=", "properties": {"delivery_tag": 7}}),
+]
+
+
+@pytest.fixture
+def raw_redis(deployment: Deployment) -> Iterator[Any]:
+    client = redis.Redis.from_url(deployment.broker_url)
+    yield client
+    client.close()
+
+
+def alive(deployment: Deployment) -> tuple[int | None, set[int]]:
+    worker = deployment.workers["alpha"]
+    return worker.process.poll(), set(worker.children())
+
+
+def test_decode_entry_accepts_only_kombu_messages() -> None:
+    for entry in HOSTILE[:8] + HOSTILE[9:]:
+        payload, reason = decode_entry(entry)
+        assert payload is None and reason and "kmsq" not in reason and "!!!" not in reason
+    payload, reason = decode_entry(kombu_entry("e30="))
+    assert payload is not None and reason == ""
+
+
+def test_entries_that_are_not_messages_do_not_stop_the_pool(
+    deployment: Deployment, client: KmsClient, raw_redis: Any
+) -> None:
+    before = alive(deployment)
+    log = deployment.workers["alpha"].log
+    offset = log.stat().st_size
+    for entry in HOSTILE:
+        raw_redis.lpush(ALPHA, entry)
+    raw_redis.lpush(ALPHA, *(['{"x": 1}'] * 200))  # these used to make the consumer reconnect, one by one
+    key = client.generate_data_key()
+    deployment.secrets.append(key["plaintextKey"].encode())
+    assert client.decrypt_data_key(key["encryptedKey"]) == {"plaintextKey": key["plaintextKey"]}
+    assert raw_redis.llen(ALPHA) == 0  # every entry was taken off the queue
+    assert alive(deployment) == before  # the same main process and pool processes
+    written = log.read_text(errors="replace")[offset:]
+    assert "dropped" in written and "Unrecoverable error" not in written
+    assert "Trying to re-establish" not in written and "Traceback" not in written
+    assert "not json" not in written and 'kmsq"' not in written and "!!!" not in written
+
+
+def test_unsigned_headers_do_not_change_how_a_request_runs(deployment: Deployment, client: KmsClient) -> None:
+    """A signed put_key republished with a 1 ms time limit, an expiry in the past and an eta a day away."""
+    before = alive(deployment)
+    pub, prv = random_pub(), "xprv-" + uuid.uuid4().hex
+    request_id = uuid.uuid4()
+    params, pool = client.put_keys_params([{"pub": pub, "prv": prv, "coin": "btc", "source": "user",
+                                            "type": "tss"}], None, request_id)  # fmt: skip
+    _, args = client.build_request(params, pool, request_id)
+    future = client.expect(request_id, args)
+    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
+    now = datetime.now(UTC)
+    message = app.amqp.create_task_message(
+        str(request_id), "kmsq.put_keys", args, {}, reply_to=client.reply_queue, ignore_result=True,
+        time_limit=0.001, soft_time_limit=0.001, expires=now - timedelta(hours=1), eta=now + timedelta(days=1),
+    )  # fmt: skip
+    with broker_connection(deployment.broker_url, NAMESPACE) as conn:
+        app.amqp.send_task_message(app.amqp.Producer(conn), "kmsq.put_keys", message, queue="kms.alpha")
+    deployment.secrets.append(prv.encode())
+    items = client.wait(future)["items"]  # within the client's 60 s, not a day
+    assert items == [{"pub": pub, "coin": "btc", "source": "user", "type": "tss"}]
+    assert client.get_key(pub, "user")["prv"] == prv
+    assert alive(deployment) == before  # no pool process was killed by a time limit
