@@ -236,6 +236,31 @@ def test_old_encrypted_keys_still_decrypt(
         assert (refusal.value.code, refusal.value.message) == ("invalid", "ciphertext failed integrity check")
 
 
+def test_the_pbkdf2_work_of_a_message_is_bounded_up_front(
+    deployment: Deployment, legacy: Legacy, client: KmsClient, vector_rows: list[dict[str, Any]]
+) -> None:
+    """A signed batch of old envelopes asking for the most PBKDF2 each: 600 of them ran 410 s, past the
+    visibility timeout, and then a second time. Now the message is refused before any PBKDF2 runs."""
+    from worker.legacy_keys import MAX_ITERATIONS, MAX_PBKDF2_ITERATIONS_PER_MESSAGE, add_legacy_root_key
+    from worker.runtime import transaction
+
+    with transaction(deployment.sessions) as db:  # at least one name the caller may try in pool alpha
+        add_legacy_root_key(deployment.service.hsm, db, vector_rows[1]["rootKey"], None, "alpha")
+    heavy = [json.dumps({"iter": MAX_ITERATIONS, "v": 1, "ct": f"c{i}"}) for i in range(600)]
+    before = deployment.count("requests")
+    with pytest.raises(KmsError) as refusal:
+        client.decrypt_data_keys(heavy)
+    assert refusal.value.code == "invalid"
+    assert "PBKDF2 iterations; a message may need at most 16000000" in refusal.value.message
+    assert deployment.count("requests") == before + 1  # refused once, recorded like any outcome
+
+    # Within the budget the same envelopes are simply tried (and fail: they are no ciphertexts).
+    few = heavy[: MAX_PBKDF2_ITERATIONS_PER_MESSAGE // (MAX_ITERATIONS * 16)]
+    items = client.decrypt_data_keys([*few, vector_rows[1]["encryptedDataKey"]])["items"]
+    assert all(item["error"] == "invalid" for item in items[:-1])
+    assert items[-1] == {"plaintextKey": vector_rows[1]["expected"]["dataKey"]}
+
+
 def test_old_encrypted_keys_need_the_root_key_permission(
     deployment: Deployment, legacy: Legacy, vector_rows: list[dict[str, Any]]
 ) -> None:

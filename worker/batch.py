@@ -7,6 +7,7 @@ root key, permission, HSM or database down) is raised.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from schemas.envelope import (
     EncryptedDataKey,
     KeySpec,
 )
-from schemas.limits import FieldError, check_encrypted_key
+from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_encrypted_key
 from worker import legacy_keys, service
 from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
 from worker.hsm import Hsm
@@ -66,35 +67,54 @@ def generate_data_keys(
 def decrypt_data_keys(
     hsm: Hsm, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck | None = None
 ) -> list[str | KmsqError]:
-    """Unwraps each ``encryptedKey``; returns its ``plaintextKey`` or its error (integrity, forbidden...)."""
-    versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError] = {}
-    out: list[str | KmsqError] = []
-    for encrypted_key in encrypted_keys:
-        try:
+    """Unwraps each ``encryptedKey``; returns its ``plaintextKey`` or its error (integrity, forbidden...).
+
+    Raises InvalidRequest, before any work, when the old SJCL envelopes among them could cost more PBKDF2 than
+    one message may (worker.legacy_keys.MAX_PBKDF2_ITERATIONS_PER_MESSAGE)."""
+    old = [
+        k for k in encrypted_keys if len(k) <= MAX_ENCRYPTED_KEY_CHARS and legacy_keys.looks_like_sjcl(k)
+    ]  # each costs PBKDF2 work; an oversized one is refused without any
+    with legacy_keys.LegacyNames(hsm, db, check) if old else contextlib.nullcontext() as names:
+        if names is not None:
+            names.check_budget(old)
+        versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError] = {}
+        out: list[str | KmsqError] = []
+        for encrypted_key in encrypted_keys:
             try:
-                check_encrypted_key(encrypted_key)
-            except FieldError as e:
-                raise InvalidRequest(str(e)) from None
-            if legacy_keys.looks_like_sjcl(encrypted_key):
-                out.append(service.decrypt_data_key(hsm, db, encrypted_key, check))
-                continue
-            parsed = service.parse_data_key(encrypted_key)
-            ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
-            if ref not in versions:
-                try:
-                    versions[ref] = service.unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
-                except PermanentError as e:
-                    versions[ref] = e
-            version = versions[ref]
-            if isinstance(version, KmsqError):
-                raise version
-            with hsm.unwrap_data_key(service.hsm_handle(version), parsed.wrapped) as plaintext:
-                if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
-                    raise IntegrityError()
-                out.append(plaintext.b64())
+                out.append(_decrypt_one(hsm, db, encrypted_key, check, names, versions))
+            except PermanentError as e:
+                out.append(e)
+        return out
+
+
+def _decrypt_one(
+    hsm: Hsm,
+    db: Session,
+    encrypted_key: str,
+    check: service.RootKeyCheck | None,
+    names: legacy_keys.LegacyNames | None,
+    versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError],
+) -> str:
+    try:
+        check_encrypted_key(encrypted_key)
+    except FieldError as e:
+        raise InvalidRequest(str(e)) from None
+    if names is not None and legacy_keys.looks_like_sjcl(encrypted_key):
+        return names.decrypt(encrypted_key)
+    parsed = service.parse_data_key(encrypted_key)
+    ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
+    if ref not in versions:  # one lookup (and one refusal) per root key version
+        try:
+            versions[ref] = service.unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
         except PermanentError as e:
-            out.append(e)
-    return out
+            versions[ref] = e
+    version = versions[ref]
+    if isinstance(version, KmsqError):
+        raise version
+    with hsm.unwrap_data_key(service.hsm_handle(version), parsed.wrapped) as plaintext:
+        if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
+            raise IntegrityError()
+        return plaintext.b64()
 
 
 def store_private_keys(

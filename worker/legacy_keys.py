@@ -28,8 +28,14 @@ from worker.storage.repo import RootKeyRepository
 
 _AAD_LABEL = b"kmsq/legacy-root-key/v1\x00"
 MAX_NAMES_TRIED = 16  # names tried for one envelope: each try costs a PBKDF2
-MAX_ITERATIONS = 100_000  # the PBKDF2 work one request may ask for, per name (the old system used 10,000)
+MAX_ITERATIONS = 100_000  # the PBKDF2 work one envelope may ask for, per name (the old system used 10,000)
 MAX_NAME_BYTES = 1024
+# The PBKDF2 work one message may cost, counted up front as iterations x names to try for each envelope, so
+# that no message can outlive the broker's visibility timeout (300 s) and run twice: PBKDF2-HMAC-SHA256 does
+# 2.3-4.7 million iterations a second on the 2-core test machine (a worst-case envelope, 16 names x 100,000
+# iterations, took 0.69 s under load), so 16 million is 3.5-7 s there, under a tenth of the timeout even on a
+# host five times slower. One envelope (at most 1.6 million) always fits; a batch of old envelopes may not.
+MAX_PBKDF2_ITERATIONS_PER_MESSAGE = 16_000_000
 
 
 @dataclass(frozen=True)
@@ -108,33 +114,86 @@ def list_legacy_root_keys(db: Session) -> list[LegacyRootKeyInfo]:
     return [_info(row) for row in db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at))]
 
 
-def decrypt_legacy_data_key(hsm: Hsm, db: Session, envelope: str, check: RootKeyCheck | None = None) -> str:
-    """Decrypts an old ``encryptedKey`` (SJCL envelope) with the registered names the caller may use.
-
-    Returns the data-key string exactly as the old system generated it. Raises IntegrityError, without
-    detail, when the envelope is malformed, asks for more than MAX_ITERATIONS, or no usable name opens it.
-    """
+def envelope_iterations(envelope: str) -> int:
+    """Returns the PBKDF2 iterations an SJCL envelope asks for, or 0 when it is malformed or asks for more than
+    MAX_ITERATIONS (such an envelope is refused without any PBKDF2)."""
     try:
         fields = json.loads(envelope)
-        iterations = fields["iter"] if isinstance(fields, dict) else None
-    except (ValueError, KeyError):
-        raise IntegrityError() from None
-    if not isinstance(iterations, int) or not 0 < iterations <= MAX_ITERATIONS:
-        raise IntegrityError()
-    roots = RootKeyRepository(db)
-    rows = db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at).limit(MAX_NAMES_TRIED))
-    for row in rows:
-        root = roots.get(row.root_key)
-        if root is None:
-            continue
-        if check is not None:
-            try:
-                check(root)  # the caller's root keys, in this worker's pool
-            except PermanentError:
+    except (ValueError, RecursionError):
+        return 0
+    iterations = fields.get("iter") if isinstance(fields, dict) else None
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or not 0 < iterations <= MAX_ITERATIONS:
+        return 0
+    return iterations
+
+
+class LegacyNames:
+    """The registered names one request may try: those under root keys the caller may use in the worker's
+    pool (at most MAX_NAMES_TRIED), each opened in the HSM once per request and wiped when it ends.
+
+    Use as a context manager.
+    """
+
+    def __init__(self, hsm: Hsm, db: Session, check: RootKeyCheck | None = None) -> None:
+        self.hsm = hsm
+        self.db = db
+        roots = RootKeyRepository(db)
+        self.rows: list[LegacyRootKey] = []
+        for row in db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at).limit(MAX_NAMES_TRIED)):
+            root = roots.get(row.root_key)
+            if root is None:
                 continue
-        with _open(hsm, db, row) as name:
+            if check is not None:
+                try:
+                    check(root)  # the caller's root keys, in this worker's pool
+                except PermanentError:
+                    continue
+            self.rows.append(row)
+        self._opened: dict[str, SecretBytes] = {}
+
+    def cost(self, envelope: str) -> int:
+        """The most PBKDF2 iterations decrypting ``envelope`` can take: its iterations x the names to try."""
+        return envelope_iterations(envelope) * len(self.rows)
+
+    def check_budget(self, envelopes: list[str]) -> None:
+        """Raises InvalidRequest, before any PBKDF2 runs, when ``envelopes`` together could cost more than
+        MAX_PBKDF2_ITERATIONS_PER_MESSAGE."""
+        total = sum(self.cost(e) for e in envelopes)
+        if total > MAX_PBKDF2_ITERATIONS_PER_MESSAGE:
+            raise InvalidRequest(
+                f"the old SJCL envelopes of this message may need {total} PBKDF2 iterations; a message may need "
+                f"at most {MAX_PBKDF2_ITERATIONS_PER_MESSAGE}: send fewer of them per message"
+            )
+
+    def decrypt(self, envelope: str) -> str:
+        """Returns the data-key string exactly as the old system generated it. Raises IntegrityError, without
+        detail, when the envelope is malformed, asks for more than MAX_ITERATIONS, or no name opens it."""
+        if not envelope_iterations(envelope):
+            raise IntegrityError()
+        for row in self.rows:
+            name = self._opened.get(row.id)
+            if name is None:
+                name = self._opened[row.id] = _open(self.hsm, self.db, row)
             try:
                 return sjcl.decrypt(name.text(), envelope)
             except sjcl.SjclError:
                 continue
-    raise IntegrityError()
+        raise IntegrityError()
+
+    def __enter__(self) -> LegacyNames:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for name in self._opened.values():
+            name.wipe()
+        self._opened.clear()
+
+
+def decrypt_legacy_data_key(hsm: Hsm, db: Session, envelope: str, check: RootKeyCheck | None = None) -> str:
+    """Decrypts one old ``encryptedKey`` (SJCL envelope) with the registered names the caller may use.
+
+    Returns the data-key string exactly as the old system generated it. Raises IntegrityError, without
+    detail, when the envelope is malformed, asks for more than MAX_ITERATIONS, or no usable name opens it.
+    """
+    with LegacyNames(hsm, db, check) as names:
+        return names.decrypt(envelope)
