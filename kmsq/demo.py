@@ -2,8 +2,8 @@
 
 It starts the embedded broker when no ``KMSQ_BROKER_URL`` is set, starts a worker process for the default
 pool, registers a demo caller (identity under ``$KMSQ_HOME/callers``), runs each operation through the queue
-with a signed request and a sealed reply, shows a rejected (tampered) request, and stops the worker (and
-the broker it started) cleanly. Secrets are shown only as lengths and fingerprints.
+with a signed request and a sealed reply, shows a tampered request refused (no reply, counted), and stops
+the worker (and the broker it started) cleanly. Secrets are shown only as lengths and fingerprints.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _stop_worker(process: subprocess.Popen[bytes]) -> int:
     return process.wait()
 
 
-def _steps(client: Any) -> list[dict[str, Any]]:
+def _steps(client: Any, sessions: Any) -> list[dict[str, Any]]:
     from tasks.client import KmsError
 
     steps: list[dict[str, Any]] = []
@@ -103,22 +103,40 @@ def _steps(client: Any) -> list[dict[str, Any]]:
     for label, call, expected in (
         ("put_key again", lambda: client.put_key(pub, prv, "btc", "user", "independent"), "conflict"),
         ("get_key source=backup", lambda: client.get_key(pub, "backup"), "not_found"),
-        ("tampered signature", lambda: _tampered(client), "unauthenticated"),
     ):
         try:
             call()
             steps.append({"op": label, "result": "accepted (BUG)", "ok": False})
         except KmsError as e:
             steps.append({"op": label, "result": f"{e.code}: {e.message}", "ok": e.code == expected})
+    steps.append(_tampered(client, sessions))
     return steps
 
 
-def _tampered(client: Any) -> None:
-    """Sends a generate_data_key request whose signature has one flipped character."""
+def _tampered(client: Any, sessions: Any) -> dict[str, Any]:
+    """Sends a generate_data_key request whose signature has one flipped character: the worker answers
+    nothing (an unauthenticated message gets no reply) and counts it in rejection_counts."""
+    from sqlalchemy import select
+
+    from worker.storage.models import RejectionCount
+
     request, args = client.build_request({"op": "generate_data_key"}, client.fleet.default_pool)
     args[3] = ("B" if args[3][0] == "A" else "A") + args[3][1:]
     future = client.submit_raw(request, args)
-    client.wait(future)
+    deadline = time.monotonic() + 10
+    row = None
+    while row is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        with sessions() as db:
+            query = select(RejectionCount).where(RejectionCount.last_request_id == str(request.request_id))
+            row = db.scalars(query).first()
+    time.sleep(0.3)  # a reply would have followed the count
+    replied = future.done()
+    future.cancel()
+    if row is None:
+        return {"op": "tampered signature", "result": "not counted (BUG)", "ok": False}
+    result = f"{row.code}: {row.reason}, no reply" + (" (BUG: it got one)" if replied else "")
+    return {"op": "tampered signature", "result": result, "ok": row.code == "unauthenticated" and not replied}
 
 
 @click.command()
@@ -138,15 +156,15 @@ def demo(as_json: bool) -> None:
     started_broker = broker.start(settings.home) if settings.embedded_broker else False
     identity_file = _ensure_demo_caller(service, settings.home / "callers")
     fleet = Fleet.from_document(fleet_document(service))
-    service.engine.dispose()
     worker = _start_worker(settings.home)
     try:
         identity = CallerIdentity.load(identity_file)
         with KmsClient(
             settings.effective_broker_url, identity, fleet, timeout=60, namespace=settings.namespace
         ) as client:
-            steps = _steps(client)
+            steps = _steps(client, service.sessions)
     finally:
+        service.engine.dispose()
         worker_exit = _stop_worker(worker)
         if started_broker:
             broker.stop(settings.home)

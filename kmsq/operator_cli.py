@@ -27,17 +27,16 @@ def _service() -> Any:
 
 
 def fleet_document(service: Any, pools: list[str] | None = None) -> dict[str, Any]:
-    """Returns the fleet file callers need: per pool, the public fleet keys and the pool's root keys."""
-    from worker.fleet import fleet_public_keys
+    """Returns the fleet file callers need: per pool, the public fleet keys (checked in the HSM against the
+    sealed private keys) and the pool's root keys. Raises ConfigError for fleet keys that do not verify."""
+    from worker.fleet import verified_public_keys
     from worker.runtime import transaction
 
     with transaction(service.sessions) as db:
-        keys = fleet_public_keys(db)
+        keys = verified_public_keys(service.hsm, db, pools)
     roots = service.list_root_keys()
     document: dict[str, Any] = {"kind": "kmsq-fleet", "v": 1, "default_pool": service.default_pool, "pools": {}}
     for key in keys:
-        if pools and key.pool not in pools:
-            continue
         document["pools"][key.pool] = {
             "signing_key": key.signing_key,
             "signing_key_id": key.signing_key_id,

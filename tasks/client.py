@@ -413,6 +413,9 @@ class KmsClient:
         fields: Fields = dict(reply.result)
         if reply.op == "get_result" and isinstance(fields.get("reply"), str):
             inner = self.verify_envelope(ReplyEnvelope.model_validate_json(fields["reply"]))
+            # Signed by a worker, but maybe for another request (a row's reply copied into this one's).
+            if str(inner.request_id) != fields.get("request_id"):
+                raise KmsError("internal", "stored reply is for another request", str(reply.request_id))
             return self.unseal(inner, inner.request_id)
         for name, sealed in reply.sealed.items():
             try:

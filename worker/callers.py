@@ -129,14 +129,19 @@ def set_caller_state(db: Session, name: str, state: str) -> CallerInfo:
     return _info(row)
 
 
-def get_enabled_caller(db: Session, name: str) -> Caller | None:
-    """Returns the caller if it exists and is enabled, else None (a cached copy in workers)."""
+def get_caller(db: Session, name: str) -> Caller | None:
+    """Returns the caller, enabled or not, or None (a cached copy in workers)."""
 
     def load() -> Caller | None:
         row = db.get(Caller, name)
         return detached_copy(row) if row is not None and ROWS.ttl > 0 else row
 
-    row = ROWS.get(("caller", name), load)
+    return ROWS.get(("caller", name), load)
+
+
+def get_enabled_caller(db: Session, name: str) -> Caller | None:
+    """Returns the caller if it exists and is enabled, else None (a cached copy in workers)."""
+    row = get_caller(db, name)
     return row if row is not None and row.state == "enabled" else None
 
 

@@ -100,8 +100,35 @@ def ensure_fleet_key(hsm: Hsm, db: Session, pool: str) -> tuple[FleetPublic, boo
 
 
 def fleet_public_keys(db: Session) -> list[FleetPublic]:
-    """Returns every pool's public fleet keys, by pool."""
+    """Returns every pool's public fleet keys, by pool, as the database holds them (unverified)."""
     return [_public(row) for row in db.scalars(select(FleetKey).order_by(FleetKey.pool))]
+
+
+def verified_public_keys(hsm: Hsm, db: Session, pools: list[str] | None = None) -> list[FleetPublic]:
+    """Returns the public fleet keys of ``pools`` (default: all), each checked by opening the pool's sealed
+    private keys in the HSM: a row whose public keys were changed in the database does not open (they are
+    part of its associated data), so they never reach a fleet file that callers trust.
+
+    Raises ConfigError naming the pool when a row does not verify.
+    """
+    verified = []
+    for public in fleet_public_keys(db):
+        if pools and public.pool not in pools:
+            continue
+        try:
+            secrets = load_fleet_key(hsm, db, public.pool)
+        except IntegrityError:
+            raise ConfigError(
+                f"the fleet keys of pool {public.pool!r} do not verify in the HSM (their row was changed)"
+            ) from None
+        verified.append(
+            FleetPublic(
+                public.pool,
+                b64u(secrets.signing.public_key().public_bytes_raw()),
+                b64u(secrets.transport.public_key().public_bytes_raw()),
+            )
+        )
+    return verified
 
 
 def load_fleet_key(hsm: Hsm, db: Session, pool: str) -> FleetSecrets:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.limits import MAX_REQUEST_BYTES, public_message
+from schemas.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, public_message
 from schemas.messages import (
+    NAME_PATTERN,
     OPS,
     DecryptDataKey,
     DecryptDataKeys,
@@ -62,7 +64,8 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import batch, callers, service
+from worker import audit, batch, callers, service
+from worker.audit import UNKNOWN_CALLER
 from worker.errors import (
     Expired,
     Forbidden,
@@ -82,6 +85,7 @@ from worker.storage.repo import RequestRepository
 
 log = logging.getLogger("kmsq.worker")
 _NIL = uuid.UUID(int=0)
+CALLER_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass
@@ -134,12 +138,22 @@ class _Call:
 
 
 class _Rejection(Exception):
-    """A failure before the request is authenticated and parsed: reply to the header queue, store nothing."""
+    """A failure before the request is authenticated and parsed: store nothing, count it.
 
-    def __init__(self, error: KmsqError, detail: str) -> None:
+    ``reply_queue`` is where the refusal goes: a reply queue named in the *signed* body, so only for a message
+    whose signature verified (None otherwise: an unauthenticated message gets no reply, so nobody can make a
+    worker fill Redis with replies to queues nobody reads). ``caller`` is the registered caller it claims, or
+    None for an unknown one (counted together).
+    """
+
+    def __init__(
+        self, error: KmsqError, detail: str, *, caller: str | None = None, reply_queue: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.error = error
         self.detail = detail
+        self.caller = caller
+        self.reply_queue = reply_queue
 
 
 class _Duplicate(Exception):
@@ -181,13 +195,21 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
                 raise AssertionError("request record vanished") from None
             return stored
     except _Rejection as r:
-        return _reject(ctx, msg, claim, r, digest)
+        return _reject(ctx, msg, r, digest)
     except Exception as e:
         if not calls:
             if isinstance(e, TransientError) and final_attempt:
-                return _reject(ctx, msg, claim, _Rejection(e, "unavailable before authentication"), digest)
+                return _reject(ctx, msg, _unavailable_before_authentication(e, msg, claim), digest)
             raise
         return _failure(ctx, calls[-1], e, final_attempt)
+
+
+def _unavailable_before_authentication(error: TransientError, msg: Inbound, claim: _Claim | None) -> _Rejection:
+    """The last attempt found the database or HSM down before it could authenticate: answer ``unavailable`` to
+    the claimed caller's reply queue (nobody can cause this, so it cannot be used to fill Redis)."""
+    caller = claim.caller if claim is not None and CALLER_NAME.fullmatch(claim.caller) else None
+    queue = msg.reply_to if caller and msg.reply_to and reply_queue_belongs_to(msg.reply_to, caller) else None
+    return _Rejection(error, "unavailable before authentication", caller=caller, reply_queue=queue)
 
 
 def _failure(ctx: WorkerContext, call: _Call, error: Exception, final_attempt: bool) -> Delivery:
@@ -225,21 +247,38 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
         body = from_b64u(claim.body, max_len=MAX_REQUEST_BYTES)
     except WireError:
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
-    caller = callers.get_enabled_caller(db, claim.caller)
+    # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
+    caller = callers.get_caller(db, claim.caller) if CALLER_NAME.fullmatch(claim.caller) else None
     if caller is None:
-        raise _Rejection(Unauthenticated(), "unknown or disabled caller")
+        raise _Rejection(Unauthenticated(), "unknown caller")
+    known = caller.name
     if caller.signing_key_id != claim.key_id:
-        raise _Rejection(Unauthenticated(), "unknown signing key")
+        raise _Rejection(Unauthenticated(), "unknown signing key", caller=known)
     try:
         verify(signing_public(caller.signing_key), claim.signature, request_signing_input(msg.task, body))
     except WireError:
-        raise _Rejection(Unauthenticated(), "bad signature") from None
+        raise _Rejection(Unauthenticated(), "bad signature", caller=known) from None
+    # From here on the caller really sent these bytes: a refusal goes to the reply queue they name.
+    if caller.state != "enabled":
+        queue = _signed_reply_queue(body, known)
+        raise _Rejection(Unauthenticated(), "disabled caller", caller=known, reply_queue=queue)
     try:
         request = Request.model_validate_json(body)
     except pydantic.ValidationError as e:
-        raise _Rejection(InvalidRequest(_validation_message(e)), "malformed body") from None
+        queue = _signed_reply_queue(body, known)
+        error = InvalidRequest(_validation_message(e))
+        raise _Rejection(error, "malformed body", caller=known, reply_queue=queue) from None
     _bind(ctx, msg, claim, request, caller)
     return request, hashlib.sha256(body).hexdigest(), caller
+
+
+def _signed_reply_queue(body: bytes, caller: str) -> str | None:
+    """The reply queue a signed body names, if it is one of ``caller``'s (read without the full model)."""
+    try:
+        queue = json.loads(body).get("reply_queue")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return queue if isinstance(queue, str) and reply_queue_belongs_to(queue, caller) else None
 
 
 def _validation_message(error: pydantic.ValidationError) -> str:
@@ -250,31 +289,36 @@ def _validation_message(error: pydantic.ValidationError) -> str:
 
 def _bind(ctx: WorkerContext, msg: Inbound, claim: _Claim, request: Request, caller: Caller) -> None:
     """Checks that the signed body agrees with the message it arrived in and with the caller's registration."""
+    queue = request.reply_queue if reply_queue_belongs_to(request.reply_queue, caller.name) else None
     mismatch = (
         request.caller != claim.caller
         or request.key_id != claim.key_id
         or msg.task != task_name(request.params.op)
         or msg.reply_to != request.reply_queue
         or msg.message_id != str(request.request_id)
-        or not reply_queue_belongs_to(request.reply_queue, caller.name)
+        or queue is None
     )
     if mismatch:
-        raise _Rejection(Unauthenticated(), "signed body does not match the message headers")
+        # No reply: this is not the message the caller sent (a copy with other headers, whose answer would
+        # carry the genuine request's id and arguments' digest and end the caller's wait with an error).
+        raise _Rejection(Unauthenticated(), "signed body does not match the message headers", caller=caller.name)
     if request.pool != ctx.pool:
-        raise _Rejection(InvalidRequest(f"request for pool {request.pool} reached pool {ctx.pool}"), "wrong pool")
+        wrong_pool = InvalidRequest(f"request for pool {request.pool} reached pool {ctx.pool}")
+        raise _Rejection(wrong_pool, "wrong pool", caller=caller.name, reply_queue=queue)
     if request.reply_key != caller.reply_key:
-        raise _Rejection(Forbidden("reply key is not the caller's registered reply key"), "foreign reply key")
+        foreign = Forbidden("reply key is not the caller's registered reply key")
+        raise _Rejection(foreign, "foreign reply key", caller=caller.name, reply_queue=queue)
 
 
-def _reject(ctx: WorkerContext, msg: Inbound, claim: _Claim | None, rejection: _Rejection, digest: str) -> Delivery:
-    caller = claim.caller if claim else "?"
-    queue = msg.reply_to if msg.reply_to and claim and reply_queue_belongs_to(msg.reply_to, claim.caller) else None
+def _reject(ctx: WorkerContext, msg: Inbound, rejection: _Rejection, digest: str) -> Delivery:
+    """Counts a rejection and returns its reply (to publish only when ``rejection.reply_queue`` is set)."""
     request_id = _uuid_or_nil(msg.message_id)
     op = msg.task.removeprefix("kmsq.")[:64]
-    _audit(ctx, caller, str(request_id), op, rejection.error.code, rejection.detail)
-    log.warning("rejected %s %s from %r: %s", op, request_id, caller, rejection.detail)
+    caller = rejection.caller or UNKNOWN_CALLER
+    audit.count_rejection(ctx.sessions, ctx.pool, caller, op, rejection.error.code, rejection.detail, request_id)
+    log.warning("rejected %s %s from %s: %s", op, request_id, caller, rejection.detail)
     envelope = _envelope(ctx, request_id, caller, op, digest, error=rejection.error)
-    return Delivery(queue, envelope, str(request_id), rejection.error.code)
+    return Delivery(rejection.reply_queue, envelope, str(request_id), rejection.error.code)
 
 
 def _uuid_or_nil(text: str | None) -> uuid.UUID:
@@ -427,7 +471,7 @@ def _open_prvs(ctx: WorkerContext, request: Request, params: PutKeys) -> list[st
         prvs = json.loads(open_private_key(ctx.fleet.transport, request.caller, request.request_id, params.prvs))
     except WireError:
         raise InvalidRequest("prvs is not sealed to this pool's transport key for this request") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a 10,000-level nesting
         raise InvalidRequest("prvs must be a sealed JSON list of strings") from None
     if not isinstance(prvs, list) or len(prvs) != len(params.items) or not all(isinstance(p, str) for p in prvs):
         raise InvalidRequest("prvs must be a sealed JSON list of strings, one per item")
@@ -449,10 +493,22 @@ def _get_result(ctx: WorkerContext, db: Session, call: _Call, params: GetResult)
     record = db.get(RequestRecord, (request.caller, str(params.request_id)))
     if record is None or record.status == "pending":
         raise _Refusal(NotFound("no stored result for this request_id"), store=False)
-    envelope = _envelope(
-        ctx, request.request_id, request.caller, "get_result", call.digest, result={"reply": record.reply}
-    )
+    if not _reply_of(record.reply, request.caller, params.request_id):  # e.g. another row's reply copied in
+        log.error("stored reply of %s %s names another request", request.caller, params.request_id)
+        raise _Refusal(KmsqError("stored result failed integrity check"), store=False)
+    result: ResultFields = {"reply": record.reply, "request_id": str(params.request_id)}
+    envelope = _envelope(ctx, request.request_id, request.caller, "get_result", call.digest, result=result)
     return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+
+
+def _reply_of(stored: str, caller: str, request_id: uuid.UUID) -> bool:
+    """True when a stored reply envelope answers ``caller``'s request ``request_id``."""
+    try:
+        body = from_b64u(ReplyEnvelope.model_validate_json(stored).body, max_len=MAX_REPLY_BYTES)
+        reply = Reply.model_validate_json(body)
+    except (pydantic.ValidationError, WireError):
+        return False
+    return reply.request_id == request_id and reply.caller == caller
 
 
 # -- replies and records ---------------------------------------------------------------------------
@@ -490,7 +546,8 @@ def _envelope(
 
 def _error_delivery(ctx: WorkerContext, call: _Call, error: KmsqError, *, store: bool) -> Delivery:
     """Builds an error reply; with ``store`` it becomes the request's recorded outcome (or, if another
-    delivery recorded one first, that one is returned). Every error is audited."""
+    delivery recorded one first, that one is returned). Every error that is the request's outcome is audited;
+    a redelivery that finds another delivery's outcome is not a second attempt and leaves no audit row."""
     request = call.request
     envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, call.digest, error=error)
     delivery = Delivery(request.reply_queue, envelope, str(request.request_id), error.code)
@@ -502,9 +559,10 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: KmsqError, *, store:
             request.caller, str(request.request_id), call.body_hash, request.params.op,
             canonical_json(envelope).decode(), error.code,
         )  # fmt: skip
-        db.add(
-            _audit_row(request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message)
-        )
+        if recorded:
+            db.add(_audit_row(
+                request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message
+            ))  # fmt: skip
     if not recorded:
         stored = _stored_reply(ctx, call)  # another delivery recorded an outcome first: that one stands
         if stored is not None:

@@ -26,10 +26,12 @@ def detached_copy(row: T) -> T:
 
 
 class TtlCache:
-    """Maps keys to values loaded at most once per ``ttl`` seconds. Thread-safe."""
+    """Maps keys to values loaded at most once per ``ttl`` seconds, at most ``max_entries`` of them (misses
+    are cached too, and anyone can name an unknown caller). Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 10_000) -> None:
         self.ttl = 0.0
+        self.max_entries = max_entries
         self._lock = threading.Lock()
         self._data: dict[Hashable, tuple[float, Any]] = {}
 
@@ -44,8 +46,16 @@ class TtlCache:
             return hit[1]  # type: ignore[no-any-return]
         value = load()
         with self._lock:
+            if len(self._data) >= self.max_entries and key not in self._data:
+                self._evict(now)
             self._data[key] = (now + self.ttl, value)
         return value
+
+    def _evict(self, now: float) -> None:
+        """Drops the expired entries, and if none were, the oldest tenth (insertion order)."""
+        expired = [k for k, (until, _) in self._data.items() if until <= now]
+        for k in expired or list(self._data)[: max(1, self.max_entries // 10)]:
+            del self._data[k]
 
     def clear(self) -> None:
         """Forgets everything."""

@@ -47,7 +47,7 @@ def create_db_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(parsed, connect_args={"timeout": 10})
+            engine = create_engine(parsed, connect_args={"timeout": 10}, hide_parameters=True)
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
             return engine
@@ -55,7 +55,8 @@ def create_db_engine(url: str) -> Engine:
         # request, measured with py-spy). A connection that died since its last use fails its first
         # statement instead; that is DatabaseUnavailable, the task is retried, and SQLAlchemy has by then
         # dropped the pool's dead connections.
-        return create_engine(parsed, pool_recycle=1800, connect_args={"connect_timeout": 5})
+        # hide_parameters: a database error's text (logged) never carries a request's values.
+        return create_engine(parsed, pool_recycle=1800, connect_args={"connect_timeout": 5}, hide_parameters=True)
     except (NoSuchModuleError, ImportError) as e:
         raise ConfigError(f"no driver for database URL {redact_url(url)}: {e}") from None
 

@@ -142,6 +142,23 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text)
 
 
+class RejectionCount(Base):
+    """Messages refused before they were authenticated (or bound to their headers), counted per minute, pool,
+    caller, operation, code and reason, so that a flood of them adds counts, not rows. ``caller`` is a
+    registered caller's name, or ``?`` for every unknown one; ``last_request_id`` is a sample (the latest)."""
+
+    __tablename__ = "rejection_counts"
+
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    caller: Mapped[str] = mapped_column(String(64), primary_key=True)
+    op: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    last_request_id: Mapped[str] = mapped_column(String(36))
+
+
 class FleetKey(Base):
     """A pool's fleet keys: Ed25519 (signs replies) and X25519 (opens inbound secrets).
 
