@@ -508,7 +508,7 @@ def run_bench(
         known = {c.name: c for c in callers.list_callers(db)}
         if "bench" not in known:
             public = callers.read_public_identity(directory / "bench.pub.json")
-            callers.add_caller(db, "bench", public, list(ALLOWABLE_OPS), None, plaintext=True)
+            callers.add_caller(svc.hsm, db, "bench", public, list(ALLOWABLE_OPS), None, plaintext=True)
         elif known["bench"].key_id != identity.key_id:
             raise ConfigError(f"caller 'bench' is registered with another key than {identity_file}")
         version = service.wrapping_version(db, root.id, POOL)

@@ -45,12 +45,14 @@ def init(as_json: bool) -> None:
     token_created = ensure_embedded_token(settings) if settings.embedded_hsm else False
     service = KeyService.from_settings(settings)
     service.hsm.check()
+    policy_key_created = service.hsm.ensure_policy_key()
     before = migrate(service.engine)
     keys = service.list_root_keys()
     created_key = None
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
         created_key = service.create_root_key("aes-256", settings.default_pool)
     fleet, fleet_created = ensure_fleet_key(service, settings.default_pool)
+    failing = _unsealed(service)
     report = {
         "home": str(settings.home),
         "hsm": "embedded SoftHSM2" if settings.embedded_hsm else settings.pkcs11_module,
@@ -60,6 +62,8 @@ def init(as_json: bool) -> None:
         "database_migrated_from": before,
         "root_key_created": asdict(created_key) if created_key else None,
         "fleet_key": {"pool": fleet.pool, "signing_key_id": fleet.signing_key_id, "created": fleet_created},
+        "policy_key_created": policy_key_created,
+        "policy_rows_failing": failing,
     }
     if as_json:
         print_json(report)
@@ -75,6 +79,19 @@ def init(as_json: bool) -> None:
     else:
         console.print("root key       a root key already exists in the default pool")
     console.print(f"fleet key      {fleet.signing_key_id} pool={fleet.pool}" + (" (created)" if fleet_created else ""))
+    console.print(
+        "policy key     " + ("created" if policy_key_created else "exists")
+        + (f"; {len(failing)} rows are not sealed: review them, then run `kmsq policy seal`" if failing else "")
+    )  # fmt: skip
+
+
+def _unsealed(service: Any) -> list[str]:
+    """Rows that workers would refuse (e.g. from before policy MACs): listed, never sealed automatically."""
+    from worker import policy
+    from worker.runtime import transaction
+
+    with transaction(service.sessions) as db:
+        return [s.row for s in policy.review(service.hsm, db) if not s.verifies]
 
 
 @main.group("root-key")
@@ -146,6 +163,7 @@ caller.add_command(operator_cli.caller_enable)
 main.add_command(operator_cli.worker)
 main.add_command(operator_cli.broker_group)
 main.add_command(operator_cli.fleet_key)
+main.add_command(operator_cli.policy_group)
 main.add_command(operator_cli.bench)
 main.add_command(caller_cli.generate_data_key)
 main.add_command(caller_cli.decrypt_data_key)

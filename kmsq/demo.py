@@ -39,7 +39,7 @@ def _ensure_demo_caller(service: Any, directory: Path) -> Path:
     with transaction(service.sessions) as db:
         registered = {c.name: c for c in callers.list_callers(db)}.get(DEMO_CALLER)
         if registered is None:
-            callers.add_caller(db, DEMO_CALLER, public, list(ALLOWABLE_OPS), None, plaintext=True)  # fmt: skip
+            callers.add_caller(service.hsm, db, DEMO_CALLER, public, list(ALLOWABLE_OPS), None, plaintext=True)
         elif registered.key_id != identity.key_id:
             raise ConfigError(f"caller {DEMO_CALLER!r} is registered with another key than {private_path}")
     return private_path

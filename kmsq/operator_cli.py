@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from kmsq.output import console, one_line_errors, print_json, print_table
+from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
 
 
 def _settings() -> Any:
@@ -217,7 +217,7 @@ def caller_add(
     service = _service()
     with transaction(service.sessions) as db:
         info = callers.add_caller(
-            db, name, identity, _split(allow), None if all_root_keys else _split(root_keys), plaintext
+            service.hsm, db, name, identity, _split(allow), None if all_root_keys else _split(root_keys), plaintext
         )
     if as_json:
         print_json(asdict(info))
@@ -253,8 +253,9 @@ def _set_state(name: str, state: str) -> None:
     from worker import callers
     from worker.runtime import transaction
 
-    with transaction(_service().sessions) as db:
-        info = callers.set_caller_state(db, name, state)
+    service = _service()
+    with transaction(service.sessions) as db:
+        info = callers.set_caller_state(service.hsm, db, name, state)
     console.print(f"caller {info.name} is {info.state}")
 
 
@@ -328,3 +329,48 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
         if workers != "targets":
             console.print(f"{workers} worker(s): " + ", ".join(f"{k} = {v}" for k, v in r.items()))
     console.print(f"targets: {report['ratios']['targets']}; wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+
+
+# -- policy -------------------------------------------------------------------------------------------------
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """The HSM-held MACs over callers and root keys, which workers check on every load."""
+
+
+def _review(seal: bool, as_json: bool) -> None:
+    from worker import policy
+    from worker.runtime import transaction
+
+    service = _service()
+    with transaction(service.sessions) as db:
+        statuses = policy.review(service.hsm, db, seal_failing=seal)
+    failing = [s.row for s in statuses if not s.verifies]
+    if as_json:
+        print_json({"rows": len(statuses), "failing": failing, "sealed": failing if seal else []})
+    else:
+        for row in failing:
+            console.print(f"{'sealed' if seal else 'FAILS '} {row}")
+        console.print(f"{len(statuses)} rows, {len(failing)} " + ("sealed" if seal else "failing the check"))
+    if failing and not seal:
+        sys.exit(EXIT_INVALID)
+
+
+@policy_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def policy_check(as_json: bool) -> None:
+    """List the caller and root key rows whose MAC is missing or wrong (workers refuse them); exit 7 if any."""
+    _review(seal=False, as_json=as_json)
+
+
+@policy_group.command("seal")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def policy_seal(as_json: bool) -> None:
+    """Approve every caller and root key row as it stands now: seal the ones that fail the check.
+
+    Run it once after upgrading to a kmsq with policy MACs, after reviewing `kmsq caller list` and
+    `kmsq root-key list`: whatever the database holds then becomes trusted."""
+    _review(seal=True, as_json=as_json)

@@ -26,6 +26,7 @@ from schemas.messages import OPS
 from schemas.wire import task_name
 from tasks.app import make_app
 from tasks.transport import DROPPED
+from worker import policy
 from worker.config import load_settings
 from worker.errors import KmsqError
 from worker.fleet import load_fleet_key
@@ -58,6 +59,7 @@ def context() -> WorkerContext:
             pool = os.environ.get("KMSQ_WORKER_POOL") or settings.default_pool
             service = KeyService.from_settings(settings)
             service.hsm.check()
+            policy.enforce(service.hsm)  # every caller and root key row this process loads must verify
             with transaction(service.sessions) as db:
                 fleet = load_fleet_key(service.hsm, db, pool)
             _context = WorkerContext(

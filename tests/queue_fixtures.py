@@ -193,7 +193,7 @@ class Deployment:
         identity.write(self.directory / "callers")
         public = callers.read_public_identity(self.directory / "callers" / f"{name}.pub.json")
         with transaction(self.sessions) as db:
-            callers.add_caller(db, name, public, list(ops), root_keys, plaintext)
+            callers.add_caller(self.service.hsm, db, name, public, list(ops), root_keys, plaintext)
         return identity
 
     def client(self, identity: CallerIdentity, **kwargs: object) -> KmsClient:

@@ -41,7 +41,7 @@ class Other:
         self.identity.write(directory)
         with transaction(self.service.sessions) as db:
             public = callers.read_public_identity(directory / "full.pub.json")
-            callers.add_caller(db, "full", public, list(ALLOWABLE_OPS), None, True)
+            callers.add_caller(deployment.service.hsm, db, "full", public, list(ALLOWABLE_OPS), None, True)
         env = subprocess_env(deployment.settings, url, deployment.broker_url, KMSQ_NAMESPACE=OTHER)
         self.worker = start_worker("alpha", 1, env, directory / "worker-b.log")
 

@@ -140,7 +140,7 @@ def test_a_disabled_caller_is_unauthenticated(deployment: Deployment) -> None:
     with deployment.client(identity) as client:
         assert client.generate_data_key(with_plaintext=False)["encryptedKey"]
         with transaction(deployment.sessions) as db:
-            callers.set_caller_state(db, "retired", "disabled")
+            callers.set_caller_state(deployment.service.hsm, db, "retired", "disabled")
         time.sleep(1.1)  # workers cache callers for KMSQ_CACHE_SECONDS (1 in these tests)
         with pytest.raises(KmsError) as error:
             client.put_key(random_pub(), "xprv", "btc", "user", "independent")

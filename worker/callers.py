@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session
 
 from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
+from worker import policy
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from worker.hsm import Hsm
 from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import Caller, RootKey
 
@@ -76,6 +78,7 @@ def _info(row: Caller) -> CallerInfo:
 
 
 def add_caller(
+    hsm: Hsm,
     db: Session,
     name: str,
     identity: PublicIdentity,
@@ -83,7 +86,8 @@ def add_caller(
     root_keys: list[str] | None,
     plaintext: bool,
 ) -> CallerInfo:
-    """Registers a caller. ``root_keys`` None allows every root key.
+    """Registers a caller (its row sealed with the HSM's policy key, see worker.policy). ``root_keys`` None
+    allows every root key.
 
     Returns its description. Raises InvalidRequest (bad name, unknown op or root key) or Conflict (exists).
     """
@@ -109,6 +113,7 @@ def add_caller(
         plaintext=plaintext,
         state="enabled",
     )
+    policy.seal(hsm, row)
     db.add(row)
     db.flush()
     return _info(row)
@@ -119,30 +124,29 @@ def list_callers(db: Session) -> list[CallerInfo]:
     return [_info(row) for row in db.scalars(select(Caller).order_by(Caller.name))]
 
 
-def set_caller_state(db: Session, name: str, state: str) -> CallerInfo:
-    """Enables or disables a caller. Raises NotFound."""
+def set_caller_state(hsm: Hsm, db: Session, name: str, state: str) -> CallerInfo:
+    """Enables or disables a caller and seals its row again. Raises NotFound, or PolicyViolation when the row
+    was changed outside the operator commands."""
     row = db.get(Caller, name)
     if row is None:
         raise NotFound(f"no caller {name!r}")
+    policy.require(hsm, row)
     row.state = state
+    policy.seal(hsm, row)
     db.flush()
     return _info(row)
 
 
 def get_caller(db: Session, name: str) -> Caller | None:
-    """Returns the caller, enabled or not, or None (a cached copy in workers)."""
+    """Returns the caller, enabled or not, or None (a cached copy in workers).
+
+    Raises PolicyViolation when this process enforces the policy and the row fails its check."""
 
     def load() -> Caller | None:
-        row = db.get(Caller, name)
+        row = policy.check_caller(db.get(Caller, name))
         return detached_copy(row) if row is not None and ROWS.ttl > 0 else row
 
     return ROWS.get(("caller", name), load)
-
-
-def get_enabled_caller(db: Session, name: str) -> Caller | None:
-    """Returns the caller if it exists and is enabled, else None (a cached copy in workers)."""
-    row = get_caller(db, name)
-    return row if row is not None and row.state == "enabled" else None
 
 
 def authorize_op(caller: Caller, op: str) -> None:

@@ -79,6 +79,22 @@ _ROOT_AES_TEMPLATE: dict[Attribute, Any] = {
     Attribute.VERIFY: False,
     Attribute.DERIVE: False,
 }
+# The policy key: HMAC-SHA256 over the rows that say who may do what (worker.policy); it never leaves the token.
+POLICY_KEY_ID = b"kmsq-policy-v1"
+_POLICY_KEY_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.SIGN: True,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
 _ROOT_RSA_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: False,
@@ -524,3 +540,49 @@ class Hsm:
                 key.destroy()
 
         return self._run(op, integrity=True)
+
+    # -- the policy key --------------------------------------------------------------------------------
+
+    def _policy_key(self, session: Any) -> Any:
+        cache_key = (POLICY_KEY_ID, ObjectClass.SECRET_KEY)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = session.get_key(
+                object_class=ObjectClass.SECRET_KEY, key_type=KeyType.GENERIC_SECRET, id=POLICY_KEY_ID
+            )
+            self._keys[cache_key] = key
+        return key
+
+    def ensure_policy_key(self) -> bool:
+        """Creates the token's policy key unless it exists: a non-extractable, sensitive 256-bit generic secret
+        that can only sign and verify (HMAC-SHA256). Returns True when it was created."""
+
+        def op(session: Any) -> bool:
+            try:
+                self._policy_key(session)
+                return False
+            except p11.NoSuchKey:
+                session.generate_key(
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    id=POLICY_KEY_ID,
+                    label=POLICY_KEY_ID.decode("ascii"),
+                    store=True,
+                    capabilities=_NO_CAPABILITIES,
+                    mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                    template=_POLICY_KEY_TEMPLATE,
+                )
+                return True
+
+        return self._run(op)
+
+    def policy_mac(self, data: bytes) -> bytes:
+        """Returns HMAC-SHA256 of ``data`` under the policy key (CKM_SHA256_HMAC, inside the token).
+
+        Raises ConfigError when the token has no policy key (``kmsq init`` creates it)."""
+        try:
+            return self._run(
+                lambda session: bytes(self._policy_key(session).sign(data, mechanism=Mechanism.SHA256_HMAC))
+            )
+        except NotFound:
+            raise ConfigError("the token has no policy key (run: kmsq init)") from None

@@ -79,6 +79,7 @@ from worker.errors import (
 )
 from worker.fleet import FleetSecrets
 from worker.hsm import Hsm
+from worker.policy import PolicyViolation
 from worker.runtime import transaction
 from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
 from worker.storage.repo import RequestRepository
@@ -248,7 +249,10 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
     except WireError:
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
     # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
-    caller = callers.get_caller(db, claim.caller) if CALLER_NAME.fullmatch(claim.caller) else None
+    try:
+        caller = callers.get_caller(db, claim.caller) if CALLER_NAME.fullmatch(claim.caller) else None
+    except PolicyViolation:  # refused as if absent; counted under its name so that operators see it
+        raise _Rejection(Unauthenticated(), "caller failed its policy check", caller=claim.caller) from None
     if caller is None:
         raise _Rejection(Unauthenticated(), "unknown caller")
     known = caller.name

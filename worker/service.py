@@ -29,6 +29,7 @@ from schemas.envelope import (
     key_spec_from_name,
 )
 from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_coin, check_prv, check_pub
+from worker import policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound
 from worker.hsm import Hsm, RootKeyHandle
 from worker.secret import SecretBytes
@@ -147,8 +148,11 @@ def create_root_key(hsm: Hsm, db: Session, key_type: str = "aes-256", pool: str 
     handle = _create_hsm_version(hsm, key_type, key_id, 1)
     repo = RootKeyRepository(db)
     key = RootKey(id=key_id, type=key_type, pool=pool, state="enabled", current_version=1)
+    version = _version_row(key_id, 1, handle)
     try:
-        repo.add(key, _version_row(key_id, 1, handle))
+        policy.seal(hsm, key)
+        policy.seal(hsm, version)
+        repo.add(key, version)
     except BaseException:
         hsm.destroy_root_key(handle)
         raise
@@ -164,10 +168,15 @@ def rotate_root_key(hsm: Hsm, db: Session, root_key_id: str) -> RootKeyInfo:
     key = repo.get(root_key_id, for_update=True)
     if key is None:
         raise NotFound(f"no root key {root_key_id!r}")
+    policy.require(hsm, key)
     version = key.current_version + 1
     handle = _create_hsm_version(hsm, key.type, key.id, version)
+    row = _version_row(key.id, version, handle)
     try:
-        repo.add_version(key, _version_row(key.id, version, handle))
+        policy.seal(hsm, row)
+        repo.add_version(key, row)
+        policy.seal(hsm, key)  # its current version changed
+        db.flush()
     except BaseException:
         hsm.destroy_root_key(handle)
         raise

@@ -53,6 +53,7 @@ class RootKey(Base):
     state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
     current_version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 
 
 class RootKeyVersion(Base):
@@ -67,6 +68,7 @@ class RootKeyVersion(Base):
     wrap_algorithm: Mapped[int] = mapped_column(Integer)  # schemas.envelope.WrapAlgorithm
     state: Mapped[str] = mapped_column(String(16), default="enabled")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 
 
 class PrivateKey(Base):
@@ -110,6 +112,7 @@ class Caller(Base):
     plaintext: Mapped[bool] = mapped_column(Boolean)
     state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 
 
 class RequestRecord(Base):

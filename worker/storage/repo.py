@@ -9,6 +9,7 @@ from sqlalchemy import Dialect, Engine, Insert, Table, bindparam, event, exc, se
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
+from worker import policy
 from worker.errors import Conflict, DatabaseUnavailable
 from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import PrivateKey, RequestRecord, RootKey, RootKeyVersion, utcnow
@@ -52,12 +53,12 @@ class RootKeyRepository:
 
         if for_update:
             return load()
-        return ROWS.get(("root_key", root_key_id), lambda: _copy(load()))
+        return ROWS.get(("root_key", root_key_id), lambda: _copy(policy.checked(load())))
 
     def get_version(self, root_key_id: str, version: int) -> RootKeyVersion | None:
         """Returns the version or None (a cached copy in workers)."""
         key = ("root_key_version", root_key_id, version)
-        return ROWS.get(key, lambda: _copy(self._db.get(RootKeyVersion, (root_key_id, version))))
+        return ROWS.get(key, lambda: _copy(policy.checked(self._db.get(RootKeyVersion, (root_key_id, version)))))
 
     def versions(self, root_key_id: str) -> list[RootKeyVersion]:
         """Returns every version of the root key, oldest first."""
@@ -69,16 +70,16 @@ class RootKeyRepository:
         return list(self._db.scalars(select(RootKey).order_by(RootKey.created_at, RootKey.id)))
 
     def default_for_pool(self, pool: str) -> RootKey | None:
-        """Returns the oldest enabled root key of ``pool``, or None (a cached copy in workers)."""
+        """Returns the oldest enabled root key of ``pool`` that passes the policy check, or None (a cached copy
+        in workers): a row slipped in by someone else cannot make itself, or nothing, the pool's default."""
 
         def load() -> RootKey | None:
             stmt = (
                 select(RootKey)
                 .where(RootKey.pool == pool, RootKey.state == "enabled")
                 .order_by(RootKey.created_at, RootKey.id)
-                .limit(1)
             )
-            return self._db.scalars(stmt).first()
+            return next((row for row in self._db.scalars(stmt) if policy.checked(row) is not None), None)
 
         return ROWS.get(("default_root_key", pool), lambda: _copy(load()))
 

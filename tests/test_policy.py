@@ -1,0 +1,168 @@
+"""Policy rows under an HSM-held MAC, against the real workers: what a database writer changes in the callers
+table or in a root key's security columns is refused as if absent (and counted or logged), instead of taking
+effect within the cache's seconds as it used to. Operator commands still work, and approve nothing blindly."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, select, update
+
+from tasks.client import KmsClient, KmsError, KmsTimeout
+from tasks.identity import CallerIdentity
+from tests.conftest import run_kmsq
+from tests.queue_fixtures import Deployment, kmsq_command
+from worker import policy
+from worker.runtime import transaction
+from worker.storage.models import Caller, RejectionCount, RootKey
+
+CACHE = 1.2  # the workers' KMSQ_CACHE_SECONDS (1) and a margin
+
+
+def refusal_counted(deployment: Deployment, caller: str) -> int:
+    with deployment.sessions() as db:
+        rows = db.scalars(
+            select(RejectionCount).where(
+                RejectionCount.caller == caller, RejectionCount.reason == "caller failed its policy check"
+            )
+        ).all()
+    return sum(r.count for r in rows)
+
+
+@pytest.fixture
+def tampered_caller(deployment: Deployment) -> Iterator[tuple[CallerIdentity, dict[str, Any]]]:
+    """A caller registered without plaintext, whose row the test changes and the fixture restores."""
+    name = "pol-" + uuid.uuid4().hex[:8]
+    identity = deployment.register(name, ("generate_data_key", "generate_data_key_without_plaintext"), plaintext=False)
+    with deployment.sessions() as db:
+        row = db.get(Caller, name)
+        assert row is not None
+        original = {c: getattr(row, c) for c in ("plaintext", "allowed_ops", "signing_key", "policy_mac")}
+    yield identity, original
+    with transaction(deployment.sessions) as db:
+        db.execute(update(Caller).where(Caller.name == name).values(**original))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"plaintext": True}, {"allowed_ops": "decrypt_data_key,generate_data_key,get_key,put_key"}, {"policy_mac": None}],
+    ids=["plaintext", "operations", "mac-removed"],
+)
+def test_a_caller_widened_in_the_database_is_refused(
+    deployment: Deployment, tampered_caller: tuple[CallerIdentity, dict[str, Any]], change: dict[str, Any]
+) -> None:
+    identity, _ = tampered_caller
+    with deployment.client(identity, timeout=4) as kms:
+        assert kms.generate_data_key(with_plaintext=False)["encryptedKey"]  # sealed by `caller add`: served
+        with transaction(deployment.sessions) as db:
+            db.execute(update(Caller).where(Caller.name == identity.caller).values(**change))
+        time.sleep(CACHE)
+        before = refusal_counted(deployment, identity.caller)
+        with pytest.raises(KmsTimeout):  # refused as if the caller did not exist: no reply
+            kms.generate_data_key()
+        assert refusal_counted(deployment, identity.caller) == before + 1
+
+
+def test_a_caller_whose_keys_were_swapped_or_that_was_inserted_is_refused(deployment: Deployment) -> None:
+    """The attacker's own keys in a registered caller's row, and a row inserted for a new caller."""
+    victim = deployment.register("pol-victim-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+    attacker = CallerIdentity.generate(victim.caller)
+    with deployment.sessions() as db:
+        row = db.get(Caller, victim.caller)
+        assert row is not None
+        genuine = {c: getattr(row, c) for c in ("signing_key", "signing_key_id", "reply_key")}
+    public = attacker.public_document()
+    swapped = {"signing_key": public["signing_key"], "signing_key_id": attacker.key_id,
+               "reply_key": public["reply_key"]}  # fmt: skip
+    inserted = CallerIdentity.generate("pol-new-" + uuid.uuid4().hex[:6])
+    try:
+        with transaction(deployment.sessions) as db:
+            db.execute(update(Caller).where(Caller.name == victim.caller).values(**swapped))
+            new = inserted.public_document()
+            db.add(Caller(name=inserted.caller, signing_key=new["signing_key"], signing_key_id=inserted.key_id,
+                          reply_key=new["reply_key"], allowed_ops="generate_data_key", root_keys="*",
+                          plaintext=True, state="enabled"))  # fmt: skip
+        time.sleep(CACHE)
+        for identity in (attacker, inserted):
+            with deployment.client(identity, timeout=4) as kms, pytest.raises(KmsTimeout):
+                kms.generate_data_key()
+            assert refusal_counted(deployment, identity.caller) >= 1
+    finally:
+        with transaction(deployment.sessions) as db:
+            db.execute(update(Caller).where(Caller.name == victim.caller).values(**genuine))
+            db.execute(delete(Caller).where(Caller.name == inserted.caller))
+    time.sleep(CACHE)
+    with deployment.client(victim) as kms:
+        assert kms.generate_data_key()["plaintextKey"]
+
+
+def test_a_root_key_moved_to_another_pool_is_refused(deployment: Deployment, client: KmsClient) -> None:
+    """beta's root key relabelled as alpha's: alpha's workers treat it as absent instead of using it."""
+    beta = deployment.roots[("beta", "aes-256")]
+    params = {"op": "generate_data_key_without_plaintext", "root_key_id": beta}
+
+    def ask_alpha() -> KmsError:
+        with pytest.raises(KmsError) as refused:
+            client.wait(client.submit(params, "alpha"))
+        return refused.value
+
+    assert ask_alpha().message == f"root key {beta} is in pool beta, not alpha"
+    try:
+        with transaction(deployment.sessions) as db:
+            db.execute(update(RootKey).where(RootKey.id == beta).values(pool="alpha"))
+        time.sleep(CACHE)
+        assert (ask_alpha().code, ask_alpha().message) == ("not_found", "no such root key")
+    finally:
+        with transaction(deployment.sessions) as db:
+            db.execute(update(RootKey).where(RootKey.id == beta).values(pool="beta"))
+    time.sleep(CACHE)
+    assert client.generate_data_key(beta, with_plaintext=False)["encryptedKey"]
+
+
+def test_operator_commands_refuse_to_approve_a_changed_row(
+    deployment: Deployment, tampered_caller: tuple[CallerIdentity, dict[str, Any]]
+) -> None:
+    identity, _ = tampered_caller
+    with transaction(deployment.sessions) as db:
+        db.execute(update(Caller).where(Caller.name == identity.caller).values(plaintext=True))
+    run = lambda *args: subprocess.run([*kmsq_command(), *args], env=deployment.env(),  # noqa: E731
+                                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    disabled = run("caller", "disable", identity.caller)
+    assert disabled.returncode == 7 and "failed its policy check" in disabled.stderr
+    checked = run("policy", "check", "--json")
+    assert checked.returncode == 7 and f"caller {identity.caller}" in checked.stdout
+    with deployment.sessions() as db:
+        row = db.get(Caller, identity.caller)
+        assert row is not None and not policy.verifies(deployment.service.hsm, row)
+
+
+def test_rows_from_before_policy_macs_are_listed_then_sealed_by_the_operator(tmp_path: Path) -> None:
+    """An upgraded deployment: rows without a MAC are listed by `kmsq init` and `kmsq policy check`, and
+    trusted only once the operator runs `kmsq policy seal`."""
+    home = tmp_path / "home"
+    assert run_kmsq(home, "init").returncode == 0
+    assert run_kmsq(home, "caller", "keygen", "old", "--dir", str(tmp_path)).returncode == 0
+    added = run_kmsq(home, "caller", "add", "old", "--public-key", str(tmp_path / "old.pub.json"),
+                     "--allow", "generate_data_key", "--all-root-keys")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert run_kmsq(home, "policy", "check").returncode == 0
+    with sqlite3.connect(home / "kmsq.db") as db:  # as the migration leaves rows from before
+        db.execute("UPDATE callers SET policy_mac = NULL")
+        db.execute("UPDATE root_keys SET policy_mac = NULL")
+    checked = run_kmsq(home, "policy", "check", "--json")
+    assert checked.returncode == 7
+    report = json.loads(checked.stdout)
+    assert {"caller old"} <= set(report["failing"]) and any(r.startswith("root key rk-") for r in report["failing"])
+    again = run_kmsq(home, "init", "--json")
+    assert again.returncode == 0 and set(json.loads(again.stdout)["policy_rows_failing"]) == set(report["failing"])
+    sealed = run_kmsq(home, "policy", "seal", "--json")
+    assert sealed.returncode == 0 and json.loads(sealed.stdout)["sealed"] == report["failing"]
+    assert run_kmsq(home, "policy", "check").returncode == 0
