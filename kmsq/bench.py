@@ -341,6 +341,7 @@ def queue_measurements(
 
     run_window(20, sizes.in_flight, generate)
     c = meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, generate))
+    g = meter.measure(sizes.round_trips, lambda: shed_bad_signatures(client, sizes.round_trips, root_key))
     d = {}
     for size in BATCH_SIZES:
         calls = max(2, min(sizes.round_trips, sizes.batch_keys // size))
@@ -367,7 +368,25 @@ def queue_measurements(
     e_single = run_window(sizes.put_single, sizes.in_flight, put_one)
     e_batch = run_window(max(2, sizes.put_batched // 100), sizes.in_flight, put_batch, 100)
     return {"B_noop_round_trip": b, "C_generate_data_key": c, "D_generate_data_keys": d,
-            "E_put_key_single": e_single, "E_put_keys_batch_100": e_batch}  # fmt: skip
+            "E_put_key_single": e_single, "E_put_keys_batch_100": e_batch, "G_shed_bad_signature": g}  # fmt: skip
+
+
+def shed_bad_signatures(client: Any, count: int, root_key: str) -> dict[str, Any]:
+    """G: how fast the pool sheds messages whose signature does not verify (no reply, counted). Publishes
+    ``count`` of them, then one valid request behind them; done when its reply arrives."""
+    pool = client.pool_for(root_key)
+    forged = []
+    for _ in range(count):
+        request, args = client.build_request(
+            {"op": "generate_data_key_without_plaintext", "root_key_id": root_key}, pool
+        )
+        args[3] = ("B" if args[3][0] == "A" else "A") + args[3][1:]
+        forged.append((request, args))
+    begin = time.perf_counter()
+    for request, args in forged:
+        client.send(request, args)
+    client.generate_data_key(root_key, with_plaintext=False)
+    return summarize(count, time.perf_counter() - begin, [])
 
 
 def rss_job(client: Any, root_key: str, total: int, process: subprocess.Popen[bytes], in_flight: int) -> dict[str, Any]:
@@ -406,6 +425,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     for workers, m in report["workers"].items():
         out[workers] = {
             "C_over_B": round(m["C_generate_data_key"]["per_s"] / m["B_noop_round_trip"]["per_s"], 3),
+            "G_over_C": round(m["G_shed_bad_signature"]["per_s"] / m["C_generate_data_key"]["per_s"], 3),
             "D1000_over_A": round(m["D_generate_data_keys"]["1000"]["per_s"] / a, 3),
             "E_batched_over_F": round(m["E_put_keys_batch_100"]["per_s"] / f, 3),
         }

@@ -81,6 +81,7 @@ def _open_in_child(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _close_in_child(**_: Any) -> None:
     if _context is not None:
+        _context.rejections.flush()
         _context.sessions.kw["bind"].dispose()
 
 

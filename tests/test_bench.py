@@ -26,7 +26,8 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
         assert set(report[name]) >= FIGURE and report[name]["per_s"] > 0
     assert set(report["workers"]) == {"1", "2"}
     for measured in report["workers"].values():
-        for name in ("B_noop_round_trip", "C_generate_data_key", "E_put_key_single", "E_put_keys_batch_100"):
+        for name in ("B_noop_round_trip", "C_generate_data_key", "E_put_key_single", "E_put_keys_batch_100",
+                     "G_shed_bad_signature"):  # fmt: skip
             assert set(measured[name]) >= FIGURE and measured[name]["per_s"] > 0
         assert set(measured["D_generate_data_keys"]) == {"1", "10", "100", "1000"}
         assert all(d["per_s"] > 0 for d in measured["D_generate_data_keys"].values())
@@ -34,7 +35,10 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     job = report["workers"]["2"]["rss_job"]
     assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
     for workers in ("1", "2"):
-        assert set(report["ratios"][workers]) == {"C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound"}
+        assert set(report["ratios"][workers]) == {
+            "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "G_over_C"
+        }  # fmt: skip
+        assert report["ratios"][workers]["G_over_C"] > 0
         assert 0 < report["ratios"][workers]["C_over_B_cpu_bound"] < 1
         for name in ("B_noop_round_trip", "C_generate_data_key"):
             cpu = report["workers"][workers][name]["cpu_ms_per_item"]

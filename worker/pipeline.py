@@ -91,7 +91,8 @@ CALLER_NAME = re.compile(NAME_PATTERN)
 
 @dataclass
 class WorkerContext:
-    """What a worker process holds: its HSM session, database, pool and fleet keys."""
+    """What a worker process holds: its HSM session, database, pool and fleet keys, and its count of refused
+    messages (call ``rejections.flush()`` before the process ends)."""
 
     hsm: Hsm
     sessions: sessionmaker[Session]
@@ -99,6 +100,10 @@ class WorkerContext:
     fleet: FleetSecrets = field(repr=False)
     clock_skew: timedelta = timedelta(seconds=DEFAULT_CLOCK_SKEW_SECONDS)
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    rejections: audit.RejectionCounter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rejections = audit.RejectionCounter(self.sessions)
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,7 @@ def _reject(ctx: WorkerContext, msg: Inbound, rejection: _Rejection, digest: str
     request_id = _uuid_or_nil(msg.message_id)
     op = msg.task.removeprefix("kmsq.")[:64]
     caller = rejection.caller or UNKNOWN_CALLER
-    audit.count_rejection(ctx.sessions, ctx.pool, caller, op, rejection.error.code, rejection.detail, request_id)
+    ctx.rejections.add(ctx.pool, caller, op, rejection.error.code, rejection.detail, request_id)
     log.warning("rejected %s %s from %s: %s", op, request_id, caller, rejection.detail)
     envelope = _envelope(ctx, request_id, caller, op, digest, error=rejection.error)
     return Delivery(rejection.reply_queue, envelope, str(request_id), rejection.error.code)

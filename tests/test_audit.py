@@ -1,0 +1,49 @@
+"""Refusals are added up per minute and row in memory and written at most once a second (Postgres and
+SQLite): a flood adds counts, not rows, and a database outage loses nothing the process still holds."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.audit import RejectionCounter
+from worker.storage.db import session_factory
+from worker.storage.models import RejectionCount
+
+
+def rows(sessions: sessionmaker[Session]) -> list[RejectionCount]:
+    with sessions() as db:
+        return list(db.scalars(select(RejectionCount).order_by(RejectionCount.reason)))
+
+
+def test_a_flood_becomes_a_count_per_row(sessions: sessionmaker[Session]) -> None:
+    counter = RejectionCounter(sessions, interval=0.2)
+    last = uuid.uuid4()
+    for i in range(1000):
+        counter.add("alpha", "?", "put_key", "unauthenticated", "unknown caller", last if i == 999 else uuid.uuid4())
+    counter.add("alpha", "full\x00", "put_key", "unauthenticated", "bad signature", last)
+    deadline = time.monotonic() + 10
+    while len(rows(sessions)) < 2 and time.monotonic() < deadline:  # the timer writes them
+        time.sleep(0.05)
+    written = rows(sessions)
+    assert [(r.caller, r.reason, r.count) for r in written] == [
+        ("full?", "bad signature", 1), ("?", "unknown caller", 1000)
+    ]  # fmt: skip
+    assert written[1].last_request_id == str(last)
+    counter.add("alpha", "?", "put_key", "unauthenticated", "unknown caller", uuid.uuid4())
+    counter.flush()
+    assert [r.count for r in rows(sessions)] == [1, 1001]
+
+
+def test_counts_wait_out_a_database_outage(sessions: sessionmaker[Session]) -> None:
+    down = session_factory(create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none"))
+    counter = RejectionCounter(down, interval=60)
+    for _ in range(3):
+        counter.add("alpha", "?", "get_key", "invalid", "oversized body", uuid.uuid4())
+    counter.flush()  # fails: kept
+    counter.sessions = sessions  # the database is back
+    counter.flush()
+    assert [(r.reason, r.count) for r in rows(sessions)] == [("oversized body", 3)]
