@@ -139,3 +139,16 @@ def test_the_final_attempt_answers_unavailable(deployment: Deployment, client: K
     reply = client.verify_envelope(ReplyEnvelope(**delivery.envelope))
     assert reply.error is not None and reply.error.code == "unavailable"
     engine.dispose()
+
+
+def test_a_refused_connection_for_the_request_record_is_transient() -> None:
+    """Found by `kmsq chaos`: while Postgres restarted, the autocommitted record insert could not even get a
+    connection, and the request was answered `internal` instead of being retried."""
+    from sqlalchemy.orm import Session
+
+    from worker.storage.repo import RequestRepository
+
+    engine = create_db_engine("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    with Session(engine) as db, pytest.raises(DatabaseUnavailable):
+        RequestRepository(db).record_alone("c", str(uuid.uuid4()), "0" * 64, "generate_data_key", "{}")
+    engine.dispose()

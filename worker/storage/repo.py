@@ -233,7 +233,12 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> bool:
     """
     import psycopg  # only this path needs the driver itself
 
-    pooled = engine.raw_connection()
+    try:
+        pooled = engine.raw_connection()
+    except (exc.OperationalError, exc.InterfaceError, psycopg.OperationalError, psycopg.InterfaceError) as e:
+        # Found by kmsq chaos: Postgres restarting refused the new connection, which used to reach the
+        # caller as `internal` instead of being retried.
+        raise DatabaseUnavailable(f"database unavailable ({type(e).__name__})") from None
     connection = cast(psycopg.Connection[Any], pooled.driver_connection)
     try:
         connection.autocommit = True
