@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from kmsq import caller_cli, legacy_cli, operator_cli
+from kmsq.chaos.run import chaos
 from kmsq.demo import demo
 from kmsq.operator_cli import ensure_fleet_key
 from kmsq.output import console, one_line_errors, print_json, print_table
@@ -174,3 +175,4 @@ main.add_command(caller_cli.gateway)
 main.add_command(legacy_cli.import_legacy)
 main.add_command(legacy_cli.legacy_root_key)
 main.add_command(demo)
+main.add_command(chaos)

@@ -166,25 +166,26 @@ class KmsClient:
     ) -> RequestFuture:
         """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process.
         Raises KmsError (``invalid``) for a ``prv`` out of its limits (schemas.limits)."""
+        request_id = uuid.uuid4()
+        params, pool = self.put_key_params(pub, prv, coin, source, type, root_key_id, request_id)
+        return self.submit(params, pool, request_id=request_id)
+
+    def put_key_params(
+        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None, request_id: uuid.UUID
+    ) -> tuple[dict[str, Any], str]:
+        """Returns the ``put_key`` parameters for ``request_id`` (``prv`` sealed) and the pool. Raises KmsError
+        (``invalid``) for a ``prv`` out of its limits."""
         try:
             check_prv(prv)
         except FieldError as e:
             raise KmsError("invalid", str(e)) from None
         pool = self.pool_for(root_key_id)
-        request_id = uuid.uuid4()
         sealed = seal_private_key(
             self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prv.encode("utf-8")
         )
-        params = {
-            "op": "put_key",
-            "pub": pub,
-            "prv": sealed,
-            "coin": coin,
-            "source": source,
-            "type": type,
-            "root_key_id": root_key_id,
-        }
-        return self.submit(params, pool, request_id=request_id)
+        params = {"op": "put_key", "pub": pub, "prv": sealed, "coin": coin, "source": source, "type": type,
+                  "root_key_id": root_key_id}  # fmt: skip
+        return params, pool
 
     def submit_get_key(self, pub: str, source: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_key``; the future gives ``prv``, ``pub``, ``coin``, ``source`` and ``type``."""

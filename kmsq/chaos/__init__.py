@@ -1,0 +1,1 @@
+"""kmsq chaos: fault injection with a recorded history and a checker."""

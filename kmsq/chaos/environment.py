@@ -1,0 +1,285 @@
+"""A private deployment for a chaos run, in one work directory: its own redis-server (append-only file,
+fsync every second), its own PostgreSQL cluster, a SoftHSM2 token behind the fault-injecting PKCS#11 module,
+and worker processes under a small supervisor. Faults are done to these, never to shared services.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmsq.chaos.hsm_faults import ChaosError, FaultSwitch, build_fault_module, fault_environment
+
+POOL = "chaos"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Polls ``check`` until it is true. Raises ChaosError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise ChaosError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _tool(name: str) -> str:
+    installed = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    found = shutil.which(name) or next(iter(installed), None)
+    if found is None:
+        raise ChaosError(f"kmsq chaos needs {name} (install redis-server and the postgresql server package)")
+    return found
+
+
+class Redis:
+    """A private redis-server on 127.0.0.1 with an append-only file fsynced every second."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        """The broker URL workers and callers use."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Starts it (replaying its append-only file) and waits until it answers."""
+        command = [_tool("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port),
+                   "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "everysec",
+                   "--save", "", "--logfile", "redis.log"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 30, "redis-server start")
+
+    def _answers(self) -> bool:
+        result = subprocess.run([_tool("redis-cli"), "-p", str(self.port), "ping"], capture_output=True, text=True,
+                                check=False)  # fmt: skip
+        return result.stdout.strip() == "PONG"
+
+    def shutdown(self) -> None:
+        """A clean stop (SHUTDOWN: the append-only file is fsynced)."""
+        subprocess.run([_tool("redis-cli"), "-p", str(self.port), "shutdown"], capture_output=True, check=False)
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL (up to a second of writes is lost)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+class Postgres:
+    """A private PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` user when this is root)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        """The database URL of the cluster's ``kmsq`` database."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/kmsq"
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run([*self.as_user, *command], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ChaosError(f"{Path(command[0]).name} failed: {(result.stderr or result.stdout)[-500:]}")
+
+    def create(self) -> None:
+        """initdb (trust authentication on 127.0.0.1 only), start, and create the ``kmsq`` database."""
+        self.directory.mkdir(parents=True)
+        if self.as_user:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self._run(_tool("initdb"), "-D", str(self.directory), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.start()
+        self._run(_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "kmsq")
+
+    def start(self) -> None:
+        """Starts the cluster and waits until it accepts connections."""
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory}"
+        self._run(_tool("pg_ctl"), "-D", str(self.directory), "-o", options, "-l", str(self.directory / "log"),
+                  "-w", "start")  # fmt: skip
+
+    def stop(self, mode: str) -> None:
+        """Stops it: ``fast`` (clean) or ``immediate`` (a crash: recovery at the next start)."""
+        self._run(_tool("pg_ctl"), "-D", str(self.directory), "-m", mode, "-w", "stop")
+
+    def dump(self) -> bytes:
+        """The whole ``kmsq`` database as pg_dump writes it (for the secrets scan)."""
+        result = subprocess.run([_tool("pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "kmsq"],
+                                capture_output=True, check=True)  # fmt: skip
+        return result.stdout
+
+
+@dataclass
+class Worker:
+    """One ``kmsq worker`` (a main process and its pool processes)."""
+
+    number: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    wanted: bool = True  # False while a fault keeps it down on purpose
+
+    def children(self) -> list[int]:
+        """The pool processes' pids."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+
+@dataclass
+class Deployment:
+    """The run's services, its ``KMSQ_*`` environment and its supervised workers."""
+
+    work: Path
+    redis: Redis
+    postgres: Postgres
+    switch: FaultSwitch
+    env: dict[str, str]
+    workers: list[Worker] = field(default_factory=list)
+    restarts: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def home(self) -> Path:
+        """KMSQ_HOME of the run (token, callers, fleet file)."""
+        return Path(self.env["KMSQ_HOME"])
+
+    def kmsq(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Runs a ``kmsq`` command in the run's environment. Raises ChaosError when it fails."""
+        result = subprocess.run([sys.executable, "-m", "kmsq", *args], env=self.env, capture_output=True, text=True,
+                                timeout=timeout, check=False)  # fmt: skip
+        if result.returncode != 0:
+            raise ChaosError(f"kmsq {' '.join(args[:2])} failed: {result.stderr.strip()[-500:]}")
+        return result
+
+    def start_worker(self, number: int) -> Worker:
+        """Starts worker ``number`` (2 pool processes) and waits until it is ready."""
+        log = self.work / f"worker-{number}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "kmsq", "worker", "--pool", POOL, "--concurrency", "2"],
+                                       env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        worker = Worker(number, process, log)
+        wait_until(lambda: len(worker.children()) >= 2 or process.poll() is not None, 60, f"worker {number} start")
+        return worker
+
+    def supervise(self) -> None:
+        """Restarts (after 1 s) every worker that exits while it is wanted, as systemd or compose would."""
+
+        def loop() -> None:
+            while not self._stop.wait(0.5):
+                with self._lock:
+                    for i, worker in enumerate(self.workers):
+                        if worker.wanted and worker.process.poll() is not None:
+                            time.sleep(1)
+                            try:
+                                self.workers[i] = self.start_worker(worker.number)
+                            except ChaosError:
+                                continue  # not ready yet (its database may be down): tried again
+                            self.restarts += 1
+
+        threading.Thread(target=loop, name="chaos-supervisor", daemon=True).start()
+
+    def signal_worker(self, index: int, sig: signal.Signals, whole_group: bool) -> None:
+        """Sends ``sig`` to a worker's main process, or to its whole process group (main and pool)."""
+        worker = self.workers[index]
+        if whole_group:
+            os.killpg(worker.process.pid, sig)
+        else:
+            worker.process.send_signal(sig)
+
+    def kill_pool_process(self, index: int) -> None:
+        """SIGKILL to one pool process of a worker (Celery replaces it)."""
+        children = self.workers[index].children()
+        if children:
+            os.kill(children[0], signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stops the workers, Redis and Postgres."""
+        self._stop.set()
+        with self._lock:
+            for worker in self.workers:
+                worker.wanted = False
+                if worker.process.poll() is None:
+                    worker.process.send_signal(signal.SIGTERM)
+            for worker in self.workers:
+                try:
+                    worker.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.process.pid, signal.SIGKILL)
+        self.switch.clear()
+        self.redis.shutdown()
+        with contextlib.suppress(ChaosError):
+            self.postgres.stop("fast")
+
+
+def create(work: Path, workers: int) -> Deployment:
+    """Builds the run's deployment under ``work`` and starts it: services, token, ``kmsq init``, workers.
+
+    Raises ChaosError when a tool is missing or something does not start.
+    """
+    from worker.config import SOFTHSM2_LIBRARY_PATHS, load_settings
+    from worker.softhsm import ensure_embedded_token
+
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)  # noqa: S103 - the postgres user reaches its cluster directory through it
+    home = work / "home"
+    real_module = next((p for p in SOFTHSM2_LIBRARY_PATHS if Path(p).exists()), None)
+    if real_module is None:
+        raise ChaosError("kmsq chaos needs SoftHSM2 (the softhsm2 package)")
+    settings = load_settings({"KMSQ_HOME": str(home)})
+    ensure_embedded_token(settings)  # an embedded token, then used through the fault module
+    switch = FaultSwitch(work / "hsm-fault")
+    switch.clear()
+    module = build_fault_module(work)
+    redis = Redis(work / "redis")
+    redis.start()
+    postgres = Postgres(work / "postgres")
+    postgres.create()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    env |= {
+        "KMSQ_HOME": str(home),
+        "KMSQ_DATABASE_URL": postgres.url,
+        "KMSQ_BROKER_URL": redis.url,
+        "KMSQ_DEFAULT_POOL": POOL,
+        "KMSQ_PKCS11_MODULE": str(module),
+        "KMSQ_PKCS11_TOKEN_LABEL": settings.pkcs11_token_label,
+        "KMSQ_PKCS11_PIN_FILE": str(settings.embedded_pin_file),
+        "SOFTHSM2_CONF": str(settings.softhsm2_conf),
+        **fault_environment(real_module, switch),
+    }
+    deployment = Deployment(work, redis, postgres, switch, env)
+    deployment.kmsq("init")
+    deployment.workers = [deployment.start_worker(n) for n in range(workers)]
+    deployment.supervise()
+    return deployment

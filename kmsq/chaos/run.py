@@ -1,0 +1,165 @@
+"""``kmsq chaos``: what is lost under faults? A workload runs against a private deployment while faults are
+injected on a schedule; every request is recorded; a checker then says what was lost or done twice.
+
+The schedule ``short`` injects every fault once (for CI), ``long`` twice. The run ends when the schedule and
+the provisioning job are done; the report (a table, or ``--json``; also ``report.json`` and the history in
+the work directory) lists requests sent, answered, retried, lost and duplicated effects, each fault's
+recovery time and the throughput during and after it, and every check. Exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsq.output import console, one_line_errors, print_json
+
+CALLERS = ("alice", "bob", "carol")
+SCHEDULES = {"short": (1, 4.0), "long": (2, 15.0)}  # rounds of every fault, seconds between faults
+
+
+def _register(deployment: Any, names: tuple[str, ...]) -> None:
+    callers = deployment.home / "callers"
+    ops = "generate_data_key,generate_data_key_without_plaintext,decrypt_data_key,put_key,get_key"
+    for name in names:
+        deployment.kmsq("caller", "keygen", name, "--dir", str(callers))
+        deployment.kmsq("caller", "add", name, "--public-key", str(callers / f"{name}.pub.json"), "--allow", ops,
+                        "--all-root-keys", "--plaintext")  # fmt: skip
+    deployment.kmsq("fleet-key", "export", "--out", str(deployment.home / "fleet.json"))
+
+
+def run(keys: int, schedule: str, work: Path, log: Any) -> dict[str, Any]:
+    """Runs the whole thing and returns the report. Raises ChaosError when the deployment cannot start."""
+    from kmsq.chaos import checker, environment, faults
+    from kmsq.chaos.workload import History, ProvisionJob, Stream
+    from tasks.client import KmsClient
+
+    rounds, gap = SCHEDULES[schedule]
+    started = time.time()
+    log(f"building the deployment in {work}")
+    deployment = environment.create(work, workers=2)
+    try:
+        _register(deployment, (*CALLERS, "provisioner"))
+        history = History()
+        stop = threading.Event()
+        fleet = deployment.home / "fleet.json"
+        clients = [KmsClient.from_files(deployment.redis.url, deployment.home / "callers" / f"{name}.key.json",
+                                        fleet, timeout=60, namespace=None) for name in CALLERS]  # fmt: skip
+        streams = [Stream(client, history, stop) for client in clients]
+        job_env = deployment.env | {"KMSQ_IDENTITY": str(deployment.home / "callers" / "provisioner.key.json"),
+                                    "KMSQ_FLEET": str(fleet)}  # fmt: skip
+        job = ProvisionJob(job_env, work, keys)
+        log(f"workload: {len(streams)} callers sending every operation, and a job storing {keys} keys")
+        for thread in (*streams, job):
+            thread.start()
+        log(f"faults: every fault {rounds}x, {gap:.0f} s apart")
+        injected = faults.run_schedule(deployment, rounds, gap, stop=lambda: False)
+        log(f"faults done ({len(injected)}); waiting for the job")
+        job.finished.wait(timeout=3600)
+        time.sleep(gap)  # a last stretch without faults
+        stop.set()
+        for stream in streams:
+            stream.join(timeout=300)
+        for client in clients:
+            client.close()
+        log("checking")
+        job_checks, job_duplicates = checker.job_checks(deployment, job)
+        figures = checker.request_figures(history)
+        duplicates = figures["outcomes"].get("conflict", 0) + job_duplicates
+        checks = [
+            checker.Check("no request lost", figures["lost"] == 0, f"{figures['lost']} of {figures['sent']}"),
+            checker.Check("no duplicated effect", duplicates == 0, f"{duplicates}"),
+            checker.Check(
+                "every outcome as expected",
+                figures["unexpected"] == 0 and figures["wrong_answers"] == 0,
+                f"{figures['unexpected']} unexpected, {figures['wrong_answers']} wrong answers; "
+                f"outcomes {figures['outcomes']}",
+            ),
+            *job_checks,
+            *checker.stream_checks(deployment, history, streams),
+            checker.scan_check(deployment, history, job),
+        ]
+        history.dump(work / "history.jsonl")
+        job_seconds = (job.runs[-1].started + job.runs[-1].seconds - job.runs[0].started) if job.runs else 0
+        return {
+            "schedule": schedule,
+            "keys": keys,
+            "seconds": round(time.time() - started, 1),
+            "requests": {k: v for k, v in figures.items() if k != "by_op"} | {"duplicated_effects": duplicates},
+            "job": {"keys": keys, "runs": len(job.runs), "exit_codes": [r.exit_code for r in job.runs],
+                    "seconds": round(job_seconds, 1),
+                    "keys_per_s": round(keys / job_seconds, 1) if job_seconds else None},
+            "workers_restarted": deployment.restarts,
+            "faults": checker.fault_figures(history, injected),
+            "checks": [{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+            "ok": all(c.ok for c in checks),
+            "work": str(work),
+        }  # fmt: skip
+    finally:
+        deployment.close()
+
+
+def _print(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    requests = report["requests"]
+    summary = Table(title=f"kmsq chaos ({report['schedule']}): {report['seconds']} s")
+    for column in ("sent", "answered", "retried", "lost", "duplicated effects", "job keys", "job runs",
+                   "workers restarted"):  # fmt: skip
+        summary.add_column(column)
+    summary.add_row(*(str(v) for v in (requests["sent"], requests["answered"], requests["retried"], requests["lost"],
+                                       requests["duplicated_effects"], report["job"]["keys"], report["job"]["runs"],
+                                       report["workers_restarted"])))  # fmt: skip
+    console.print(summary)
+    table = Table(title="faults")
+    for column in ("fault", "lasted s", "recovery s", "ok/s during", "ok/s after"):
+        table.add_column(column)
+    for f in report["faults"]:
+        table.add_row(f["fault"], str(f["lasted_s"]), str(f["recovery_s"]), str(f["ok_per_s_during"]),
+                      str(f["ok_per_s_after"]))  # fmt: skip
+    console.print(table)
+    checks = Table(title="checks")
+    for column in ("check", "result", "detail"):
+        checks.add_column(column)
+    for c in report["checks"]:
+        checks.add_row(c["check"], "ok" if c["ok"] else "[red]FAILED[/red]", c["detail"])
+    console.print(checks)
+
+
+@click.command("chaos")
+@click.option("--keys", type=click.IntRange(1), default=5000, show_default=True, help="Keys the job stores.")
+@click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="short", show_default=True,
+              help="short: every fault once; long: twice.")  # fmt: skip
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the run's services and records go (default: a new temporary directory).")  # fmt: skip
+@click.option("--keep", is_flag=True, help="Keep the work directory (it is kept anyway when a check fails).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@one_line_errors
+def chaos(keys: int, schedule: str, work_dir: Path | None, keep: bool, as_json: bool) -> None:
+    """Run a workload against a private deployment (its own Redis, Postgres, SoftHSM2 token behind a
+    fault-injecting PKCS#11 module, and workers) while injecting faults; report what was lost."""
+    from kmsq.chaos.checker import write_report
+
+    work = work_dir or Path(tempfile.mkdtemp(prefix="kmsq-chaos-"))
+
+    def log(text: str) -> None:
+        if not as_json:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
+
+    report = run(keys, schedule, work, log)
+    write_report(work / "report.json", report)
+    if as_json:
+        print_json(report)
+    else:
+        _print(report)
+        console.print(f"report: {work / 'report.json'}; history: {work / 'history.jsonl'}")
+    if report["ok"] and not keep and work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if not report["ok"]:
+        raise SystemExit(1)
