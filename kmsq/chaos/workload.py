@@ -60,9 +60,9 @@ class History:
             self.records.append(record)
 
     def keep_secret(self, secret: str) -> None:
-        """Keeps a plaintext for the secrets scan (the first 500)."""
+        """Keeps a plaintext for the secrets scan (the first 200)."""
         with self.lock:
-            if len(self.secrets) < 500:
+            if len(self.secrets) < 200:
                 self.secrets.append(secret)
 
     def dump(self, path: Path) -> None:
