@@ -179,6 +179,12 @@ def _register(op: str) -> None:
 for _op in OPS:
     _register(_op)
 
+# Celery registers its built-in tasks (celery.group, celery.chain, celery.chord_unlock...) in every app; a
+# message naming one needs no signature. kmsq uses none of them: a worker serves only kmsq.* tasks.
+app.finalize()
+for _name in [name for name in app.tasks if name.startswith("celery.")]:
+    app.tasks.unregister(_name)
+
 
 if os.environ.get("KMSQ_WORKER_NOOP") == "1":
     # Benchmark baseline (`kmsq bench`, B): the same queue, settings and reply path with no work at all.

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import pickle
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,6 +83,8 @@ def test_entries_that_are_not_messages_do_not_stop_the_pool(
     for entry in HOSTILE:
         raw_redis.lpush(ALPHA, entry)
     raw_redis.lpush(ALPHA, *(['{"x": 1}'] * 200))  # these used to make the consumer reconnect, one by one
+    time.sleep(1.1)
+    raw_redis.lpush(ALPHA, "not json")  # drops are logged at most once a second: this one makes a line
     key = client.generate_data_key()
     deployment.secrets.append(key["plaintextKey"].encode())
     assert client.decrypt_data_key(key["encryptedKey"]) == {"plaintextKey": key["plaintextKey"]}
@@ -112,3 +118,40 @@ def test_unsigned_headers_do_not_change_how_a_request_runs(deployment: Deploymen
     assert items == [{"pub": pub, "coin": "btc", "source": "user", "type": "tss"}]
     assert client.get_key(pub, "user")["prv"] == prv
     assert alive(deployment) == before  # no pool process was killed by a time limit
+
+
+def test_a_pickled_message_is_never_unpickled(deployment: Deployment, client: KmsClient, tmp_path: Path) -> None:
+    """Only JSON is accepted: a task message in pickle form that would run a command is dropped, unread."""
+    marker = tmp_path / "unpickled"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    body = base64.b64encode(pickle.dumps(((Exploit(),), {}, {}))).decode()
+    entry = json.loads(kombu_entry(body))
+    entry["content-type"], entry["content-encoding"] = "application/x-python-serialize", "binary"
+    raw = redis.Redis.from_url(deployment.broker_url)
+    raw.lpush(ALPHA, json.dumps(entry))
+    raw.close()
+    before = alive(deployment)
+    key = client.generate_data_key(with_plaintext=False)  # served after it
+    assert key["encryptedKey"] and alive(deployment) == before
+    assert not marker.exists()
+
+
+def test_celery_built_in_tasks_are_not_served(deployment: Deployment, client: KmsClient) -> None:
+    """celery.group, celery.chain and the rest need no signature: a worker serves only kmsq.* tasks."""
+    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
+    log = deployment.workers["alpha"].log
+    offset = log.stat().st_size
+    names = ["celery.accumulate", "celery.backend_cleanup", "celery.chain", "celery.chord", "celery.chord_unlock",
+             "celery.chunks", "celery.group", "celery.map", "celery.starmap"]  # fmt: skip
+    with broker_connection(deployment.broker_url, NAMESPACE) as conn:
+        producer = app.amqp.Producer(conn)
+        for name in names:
+            message = app.amqp.create_task_message(str(uuid.uuid4()), name, [1, 2], {}, ignore_result=True)
+            app.amqp.send_task_message(producer, name, message, queue="kms.alpha")
+    assert client.generate_data_key(with_plaintext=False)["encryptedKey"]
+    written = log.read_text(errors="replace")[offset:]
+    assert not any(f"Task {name}[" in written for name in names)  # none was received as a task, none ran
