@@ -30,27 +30,41 @@ _ENCODINGS = (None, "utf-8", "base64")  # kombu's codecs for a body: none, or ba
 
 
 class DropCounter:
-    """Counts the entries dropped in this process; logs at most one line a second, without their content."""
+    """Counts the entries dropped in this process; logs at most one line a second, without their content
+    (what a second's flood adds up to is logged by a timer when the flood stops)."""
 
     def __init__(self) -> None:
         self.total = 0
         self._lock = threading.Lock()
         self._logged_at = 0.0
         self._unlogged = 0
+        self._last = ("", "")
+        self._timer: threading.Timer | None = None
 
     def record(self, queue: str, reason: str) -> None:
         """Counts one dropped entry of ``queue`` and logs it unless a line went out less than a second ago."""
         with self._lock:
             self.total += 1
             self._unlogged += 1
-            now = time.monotonic()
-            if now - self._logged_at < 1.0:
+            self._last = (queue[:200], reason)
+            if time.monotonic() - self._logged_at < 1.0:
+                if self._timer is None:
+                    self._timer = threading.Timer(1.0, self._log)
+                    self._timer.daemon = True
+                    self._timer.start()
                 return
-            count, self._unlogged, self._logged_at = self._unlogged, 0, now
-        log.warning(
-            "dropped %d entr%s of queue %s that %s (%d dropped by this process)",
-            count, "y" if count == 1 else "ies", queue[:200], reason, self.total,
-        )  # fmt: skip
+        self._log()
+
+    def _log(self) -> None:
+        with self._lock:
+            self._timer = None
+            count, self._unlogged, self._logged_at = self._unlogged, 0, time.monotonic()
+            (queue, reason), total = self._last, self.total
+        if count:
+            log.warning(
+                "dropped %d entr%s of queue %s (the last one %s; %d dropped by this process)",
+                count, "y" if count == 1 else "ies", queue, reason, total,
+            )  # fmt: skip
 
 
 DROPPED = DropCounter()
