@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -89,12 +90,17 @@ class Redis:
 
 
 class Postgres:
-    """A private PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` user when this is root)."""
+    """A private PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` user when this is root, in a directory
+    of its own under the system's temporary directory: the work directory's parents may be closed to it)."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            directory = Path(tempfile.mkdtemp(prefix="kmsq-chaos-pg-"))
+            os.chmod(directory, 0o711)  # noqa: S103 - traversable only: the cluster directory below is 0700
+        self.home = directory
+        self.directory = directory / "cluster"
+        self.port = free_port()
 
     @property
     def url(self) -> str:
@@ -111,6 +117,7 @@ class Postgres:
         self.directory.mkdir(parents=True)
         if self.as_user:
             shutil.chown(self.directory, "postgres", "postgres")
+            os.chmod(self.directory, 0o700)
         self._run(_tool("initdb"), "-D", str(self.directory), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.start()
         self._run(_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "kmsq")
@@ -241,6 +248,8 @@ class Deployment:
         self.redis.shutdown()
         with contextlib.suppress(ChaosError):
             self.postgres.stop("fast")
+        if self.postgres.home != self.work / "postgres":
+            shutil.rmtree(self.postgres.home, ignore_errors=True)
 
 
 def create(work: Path, workers: int) -> Deployment:
@@ -252,7 +261,6 @@ def create(work: Path, workers: int) -> Deployment:
     from worker.softhsm import ensure_embedded_token
 
     work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)  # noqa: S103 - the postgres user reaches its cluster directory through it
     home = work / "home"
     real_module = next((p for p in SOFTHSM2_LIBRARY_PATHS if Path(p).exists()), None)
     if real_module is None:

@@ -152,7 +152,13 @@ def chaos(keys: int, schedule: str, work_dir: Path | None, keep: bool, as_json: 
         if not as_json:
             console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
 
-    report = run(keys, schedule, work, log)
+    from kmsq.chaos.hsm_faults import ChaosError
+    from kmsq.output import EXIT_CONFIG, fail
+
+    try:
+        report = run(keys, schedule, work, log)
+    except ChaosError as e:
+        fail(f"kmsq chaos cannot run here: {e}", EXIT_CONFIG)
     write_report(work / "report.json", report)
     if as_json:
         print_json(report)
