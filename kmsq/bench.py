@@ -497,7 +497,6 @@ def run_bench(
     """Sets up the bench pool, caller and root key, measures A-F, writes bench.json and bench.png."""
     import json
 
-    from kmsq.operator_cli import ensure_fleet_key, fleet_document
     from schemas.messages import ALLOWABLE_OPS
     from tasks.client import KmsClient
     from tasks.identity import CallerIdentity, Fleet
@@ -518,7 +517,7 @@ def run_bench(
     migrate(svc.engine)
     roots = [k for k in svc.list_root_keys() if k.pool == POOL and k.state == "enabled" and k.type == "aes-256"]
     root = roots[0] if roots else svc.create_root_key("aes-256", POOL)
-    ensure_fleet_key(svc, POOL)
+    svc.ensure_fleet_key(POOL)
     directory = settings.home / "callers"
     identity_file = directory / "bench.key.json"
     if not identity_file.exists():
@@ -532,7 +531,7 @@ def run_bench(
         elif known["bench"].key_id != identity.key_id:
             raise ConfigError(f"caller 'bench' is registered with another key than {identity_file}")
         version = service.wrapping_version(db, root.id, POOL)
-    fleet = Fleet.from_document(fleet_document(svc) | {"default_pool": POOL})
+    fleet = Fleet.from_document(svc.fleet_document() | {"default_pool": POOL})
     report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "root_key": root.id, "workers": {}}
     log(f"A raw HSM loop ({sizes.raw} keys)")
     report["A_raw_hsm"] = measure_raw_hsm(svc.hsm, service.hsm_handle(version), sizes.raw)

@@ -10,7 +10,6 @@ import click
 from kmsq import caller_cli, legacy_cli, operator_cli
 from kmsq.chaos.run import chaos
 from kmsq.demo import demo
-from kmsq.operator_cli import ensure_fleet_key
 from kmsq.output import console, one_line_errors, print_json, print_table
 
 ROOT_KEY_TYPE_NAMES = ("aes-256", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -52,7 +51,7 @@ def init(as_json: bool) -> None:
     created_key = None
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
         created_key = service.create_root_key("aes-256", settings.default_pool)
-    fleet, fleet_created = ensure_fleet_key(service, settings.default_pool)
+    fleet, fleet_created = service.ensure_fleet_key(settings.default_pool)
     failing = _unsealed(service)
     report = {
         "home": str(settings.home),
@@ -123,7 +122,7 @@ def root_key_create(key_type: str, pool: str | None, as_json: bool) -> None:
     """Create a root key in the HSM."""
     service = _service()
     key = service.create_root_key(key_type, pool)
-    ensure_fleet_key(service, key.pool)  # every pool with a root key can serve requests
+    service.ensure_fleet_key(key.pool)  # every pool with a root key can serve requests
     if as_json:
         print_json(asdict(key))
     else:

@@ -145,7 +145,6 @@ def _tampered(client: Any, sessions: Any) -> dict[str, Any]:
 def demo(as_json: bool) -> None:
     """Run every operation once through the queue and a real worker; secrets appear only as fingerprints."""
     from kmsq import broker
-    from kmsq.operator_cli import fleet_document
     from tasks.client import KmsClient
     from tasks.identity import CallerIdentity, Fleet
     from worker.config import load_settings
@@ -155,7 +154,7 @@ def demo(as_json: bool) -> None:
     service = KeyService.from_settings(settings)
     started_broker = broker.start(settings.home) if settings.embedded_broker else False
     identity_file = _ensure_demo_caller(service, settings.home / "callers")
-    fleet = Fleet.from_document(fleet_document(service))
+    fleet = Fleet.from_document(service.fleet_document())
     worker = _start_worker(settings.home)
     try:
         identity = CallerIdentity.load(identity_file)

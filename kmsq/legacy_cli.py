@@ -49,7 +49,7 @@ def import_legacy(
     from sqlalchemy import create_engine
 
     from worker.config import load_settings
-    from worker.legacy import LegacyImporter, count_rows, resolve_table, source_engine_url
+    from worker.legacy.table_import import LegacyImporter, count_rows, resolve_table, source_engine_url
     from worker.runtime import KeyService
     from worker.storage.db import migrate
 
@@ -114,7 +114,7 @@ def legacy_root_key() -> None:
 def legacy_root_key_add(name_file: Any, root_key: str | None, as_json: bool) -> None:
     """Keep an old root key name (read from --name-file or stdin) sealed under a root key."""
     from worker.config import load_settings
-    from worker.legacy_keys import add_legacy_root_key
+    from worker.legacy.root_key_names import add_legacy_root_key
     from worker.runtime import KeyService, transaction
 
     name = name_file.read().rstrip("\r\n")
@@ -136,7 +136,7 @@ def legacy_root_key_add(name_file: Any, root_key: str | None, as_json: bool) -> 
 def legacy_root_key_list(as_json: bool) -> None:
     """List the kept names (ids and root keys; never the names)."""
     from worker.config import load_settings
-    from worker.legacy_keys import list_legacy_root_keys
+    from worker.legacy.root_key_names import list_legacy_root_keys
     from worker.runtime import KeyService, transaction
 
     with transaction(KeyService.from_settings(load_settings()).sessions) as db:

@@ -26,37 +26,6 @@ def _service() -> Any:
     return KeyService.from_settings(_settings())
 
 
-def fleet_document(service: Any, pools: list[str] | None = None) -> dict[str, Any]:
-    """Returns the fleet file callers need: per pool, the public fleet keys (checked in the HSM against the
-    sealed private keys) and the pool's root keys. Raises ConfigError for fleet keys that do not verify."""
-    from worker.fleet import verified_public_keys
-    from worker.runtime import transaction
-
-    with transaction(service.sessions) as db:
-        keys = verified_public_keys(service.hsm, db, pools)
-    roots = service.list_root_keys()
-    document: dict[str, Any] = {"kind": "kmsq-fleet", "v": 1, "default_pool": service.default_pool, "pools": {}}
-    for key in keys:
-        document["pools"][key.pool] = {
-            "signing_key": key.signing_key,
-            "signing_key_id": key.signing_key_id,
-            "transport_key": key.transport_key,
-            "root_keys": [r.id for r in roots if r.pool == key.pool and r.state == "enabled"],
-        }
-    if document["default_pool"] not in document["pools"] and document["pools"]:
-        document["default_pool"] = next(iter(document["pools"]))
-    return document
-
-
-def ensure_fleet_key(service: Any, pool: str) -> tuple[Any, bool]:
-    """Creates the pool's fleet keys if missing; returns ``(public keys, created)``."""
-    from worker.fleet import ensure_fleet_key as ensure
-    from worker.runtime import transaction
-
-    with transaction(service.sessions) as db:
-        return ensure(service.hsm, db, pool)
-
-
 # -- worker ----------------------------------------------------------------------------------------
 
 
@@ -151,7 +120,7 @@ def fleet_key() -> None:
 def fleet_key_create(pool: str | None, as_json: bool) -> None:
     """Create the pool's fleet keys (sealed under its root key) unless they exist."""
     service = _service()
-    public, created = ensure_fleet_key(service, pool or service.default_pool)
+    public, created = service.ensure_fleet_key(pool)
     if as_json:
         print_json({**asdict(public), "signing_key_id": public.signing_key_id, "created": created})
     else:
@@ -166,7 +135,7 @@ def fleet_key_create(pool: str | None, as_json: bool) -> None:
 @one_line_errors
 def fleet_key_export(pools: tuple[str, ...], out: Path | None) -> None:
     """Print the fleet file callers use: public keys and root keys per pool (JSON)."""
-    document = fleet_document(_service(), list(pools) or None)
+    document = _service().fleet_document(list(pools) or None)
     if not document["pools"]:
         from worker.errors import NotFound
 

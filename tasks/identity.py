@@ -20,12 +20,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from schemas.files import FLEET_KIND, IDENTITY_KIND, PUBLIC_IDENTITY_KIND
 from schemas.messages import NAME_PATTERN
 from schemas.wire import WireError, b64u, from_b64u, key_id, sealing_public, signing_public
-
-IDENTITY_KIND = "kmsq-caller-identity"
-PUBLIC_IDENTITY_KIND = "kmsq-caller-public"
-FLEET_KIND = "kmsq-fleet"
 
 
 class IdentityError(ValueError):

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kmsq.operator_cli import fleet_document
 from tests.queue_fixtures import Deployment, kmsq_command
 
 GATEWAY_OPS = ("generate_data_key", "decrypt_data_key", "put_key", "get_key")
@@ -72,7 +71,7 @@ def start_gateway(
 def gateway(deployment: Deployment) -> Iterator[Gateway]:
     """A gateway whose caller may use the four operations, with plaintext, on every root key."""
     deployment.register("gateway", GATEWAY_OPS)
-    running = start_gateway(deployment, "gateway", fleet_document(deployment.service), "--timeout", "30")
+    running = start_gateway(deployment, "gateway", deployment.service.fleet_document(), "--timeout", "30")
     yield running
     running.stop()
 

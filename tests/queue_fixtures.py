@@ -23,7 +23,6 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kmsq.operator_cli import fleet_document
 from schemas.messages import ALLOWABLE_OPS
 from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
@@ -224,7 +223,7 @@ def deployment(
             roots[(pool, key_type)] = service.create_root_key(key_type, pool).id
         with transaction(service.sessions) as db:
             ensure_fleet_key(hsm, db, pool)
-    fleet = Fleet.from_document(fleet_document(service))
+    fleet = Fleet.from_document(service.fleet_document())
     env = subprocess_env(hsm_settings, queue_db_url, redis_url)
     caller_log = directory / "caller.log"
     handler = logging.FileHandler(caller_log)

@@ -17,13 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kmsq.operator_cli import fleet_document
-from schemas import sjcl
 from schemas.envelope import EncryptedDataKey, KeySpec, WrapAlgorithm
 from schemas.limits import MAX_HTTP_BODY_BYTES
 from tests.conftest import random_pub
 from tests.gateway_fixtures import Gateway, message_of, start_gateway
 from tests.queue_fixtures import Deployment
+from worker.legacy import sjcl
 
 
 def test_openapi_lists_the_old_api(http: httpx.Client) -> None:
@@ -126,7 +125,7 @@ def test_oversized_body_is_refused(deployment: Deployment, http: httpx.Client) -
 
 def test_no_worker_is_503_and_a_refused_gateway_is_500(deployment: Deployment) -> None:
     deployment.register("gateway-lean", ("generate_data_key",))
-    fleet = fleet_document(deployment.service)
+    fleet = deployment.service.fleet_document()
     fleet["pools"]["ghost"] = dict(fleet["pools"]["beta"], root_keys=["ghost-root"])  # no worker serves it
     lean = start_gateway(deployment, "gateway-lean", fleet, "--timeout", "2")
     try:
@@ -184,7 +183,7 @@ def test_https_with_client_certificates(deployment: Deployment, gateway: Gateway
     _write_pair(tmp_path, "server", _certificate("gateway", server_key, ("kmsq test CA", ca_key), True), server_key)
     _write_pair(tmp_path, "client", _certificate("wallet", client_key, ("kmsq test CA", ca_key), False), client_key)
     secure = start_gateway(
-        deployment, "gateway", fleet_document(deployment.service),
+        deployment, "gateway", deployment.service.fleet_document(),
         "--tls-cert", str(tmp_path / "server.crt"), "--tls-key", str(tmp_path / "server.key"),
         "--client-ca", str(tmp_path / "ca.crt"), label="-tls",
     )  # fmt: skip

@@ -60,7 +60,7 @@ main()
 
 
 def test_the_gateway_and_the_sjcl_codec_run_without_the_worker_extra() -> None:
-    code = BLOCKER + "import kmsq.gateway, schemas.sjcl\nprint(kmsq.gateway.create_app.__name__)"
+    code = BLOCKER + "import kmsq.gateway, worker.legacy.sjcl\nprint(kmsq.gateway.create_app.__name__)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "create_app" in result.stdout, result.stderr
 
@@ -79,3 +79,68 @@ def test_the_gateway_command_names_its_missing_extra(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "kmsq: error: kmsq gateway needs the gateway extra (no module uvicorn): pip install 'kmsq[gateway]'"
     )
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the kmsq modules it imports anywhere (inside functions too), over all four packages."""
+    modules: dict[str, Path] = {}
+    for package in ("schemas", "worker", "tasks", "kmsq"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while (top := stack.pop()) != node:
+                component.append(top)
+            if component:
+                found.append(sorted([node, *component]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph()) == []
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]  # the check itself finds one
+
+
+def test_legacy_code_lives_in_one_place() -> None:
+    """Only the pipeline's dispatch and the legacy commands reach into worker.legacy."""
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if any(d.startswith("worker.legacy") for d in deps)}
+    outside = {m for m in users if not m.startswith("worker.legacy")}
+    assert outside <= {"worker.pipeline", "kmsq.legacy_cli", "kmsq.commands.legacy"}, outside

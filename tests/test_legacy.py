@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import create_engine, make_url, select, text
 
 from kmsq.output import EXIT_CONFIG, EXIT_INVALID
-from schemas import sjcl
 from tasks.client import KmsClient, KmsError
 from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
+from worker.legacy import sjcl
 from worker.storage.models import LegacyImport, PrivateKey
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "legacy_rows.json"
@@ -241,7 +241,7 @@ def test_the_pbkdf2_work_of_a_message_is_bounded_up_front(
 ) -> None:
     """A signed batch of old envelopes asking for the most PBKDF2 each: 600 of them ran 410 s, past the
     visibility timeout, and then a second time. Now the message is refused before any PBKDF2 runs."""
-    from worker.legacy_keys import MAX_ITERATIONS, MAX_PBKDF2_ITERATIONS_PER_MESSAGE, add_legacy_root_key
+    from worker.legacy.root_key_names import MAX_ITERATIONS, MAX_PBKDF2_ITERATIONS_PER_MESSAGE, add_legacy_root_key
     from worker.runtime import transaction
 
     with transaction(deployment.sessions) as db:  # at least one name the caller may try in pool alpha
@@ -273,11 +273,10 @@ def test_old_encrypted_keys_need_the_root_key_permission(
 def test_old_encrypted_keys_through_the_gateway(
     deployment: Deployment, legacy: Legacy, vector_rows: list[dict[str, Any]]
 ) -> None:
-    from kmsq.operator_cli import fleet_document
     from tests.gateway_fixtures import GATEWAY_OPS, start_gateway
 
     deployment.register("gateway-legacy", GATEWAY_OPS)
-    gateway = start_gateway(deployment, "gateway-legacy", fleet_document(deployment.service))
+    gateway = start_gateway(deployment, "gateway-legacy", deployment.service.fleet_document())
     try:
         with httpx.Client(base_url=gateway.url, timeout=60) as http:
             for row in vector_rows[:3]:

@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from kmsq.output import EXIT_CONFIG
-from schemas import sjcl
 from tasks.client import KmsClient
 from tests.conftest import fresh_database
 from tests.queue_fixtures import Deployment
 from tests.test_legacy import VECTORS, import_legacy, summary_of
+from worker.legacy import sjcl
 
 # The old system's DDL, unquoted, valid as it stands on SQLite and on Postgres.
 OLD_DDL = """

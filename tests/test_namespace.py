@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from kmsq.operator_cli import fleet_document
 from schemas.messages import ALLOWABLE_OPS
 from tasks.client import KmsClient, KmsError
 from tasks.identity import CallerIdentity, Fleet
@@ -36,7 +35,7 @@ class Other:
         self.service.create_root_key("aes-256", "alpha")
         with transaction(self.service.sessions) as db:
             ensure_fleet_key(deployment.service.hsm, db, "alpha")
-        self.fleet = Fleet.from_document(fleet_document(self.service))
+        self.fleet = Fleet.from_document(self.service.fleet_document())
         self.identity = CallerIdentity.generate("full")
         self.identity.write(directory)
         with transaction(self.service.sessions) as db:

@@ -21,11 +21,9 @@ from tests.queue_fixtures import Deployment, kmsq_command
 @pytest.fixture(scope="module")
 def caller_env(deployment: Deployment) -> dict[str, str]:
     """The environment of a caller command for a caller allowed everything."""
-    from kmsq.operator_cli import fleet_document
-
     deployment.register("provisioner")
     fleet = deployment.directory / "provision-fleet.json"
-    fleet.write_text(json.dumps(fleet_document(deployment.service)))
+    fleet.write_text(json.dumps(deployment.service.fleet_document()))
     identity = deployment.directory / "callers" / "provisioner.key.json"
     return deployment.env(KMSQ_IDENTITY=str(identity), KMSQ_FLEET=str(fleet))
 

@@ -10,7 +10,6 @@ import secrets
 import pytest
 from sqlalchemy import select
 
-from kmsq.operator_cli import fleet_document
 from tasks.client import AsyncKmsClient, KmsClient, KmsError, KmsTimeout
 from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import random_pub
@@ -146,7 +145,7 @@ def test_a_restarted_client_receives_replies_from_its_durable_queue(deployment: 
 def test_a_timed_out_request_is_forgotten(deployment: Deployment, full_caller: CallerIdentity) -> None:
     """No worker serves the pool: the caller times out, and neither the sync nor the async client keeps the
     request pending (a long-running caller such as the gateway would otherwise grow without bound)."""
-    document = fleet_document(deployment.service)
+    document = deployment.service.fleet_document()
     document["pools"]["ghost"] = dict(document["pools"]["beta"], root_keys=[])
     ghost = Fleet.from_document(document)
     with KmsClient(deployment.broker_url, full_caller, ghost, timeout=0.5, namespace=NAMESPACE) as kms:

@@ -27,13 +27,12 @@ POOL = "gamma"
 @pytest.fixture(scope="module")
 def gamma(deployment: Deployment) -> Iterator[tuple[WorkerProcess, KmsClient]]:
     """A pool of its own with one worker process, so that killing its child disturbs no other test."""
-    from kmsq.operator_cli import fleet_document
     from tasks.identity import Fleet
 
     deployment.service.create_root_key("aes-256", POOL)
     with transaction(deployment.sessions) as db:
         ensure_fleet_key(deployment.service.hsm, db, POOL)
-    fleet = Fleet.from_document(fleet_document(deployment.service) | {"default_pool": POOL})
+    fleet = Fleet.from_document(deployment.service.fleet_document() | {"default_pool": POOL})
     worker = start_worker(POOL, 1, deployment.env(), deployment.directory / "worker-gamma.log")
     identity = deployment.register("killer")
     client = KmsClient(deployment.broker_url, identity, fleet, timeout=90, namespace=NAMESPACE)

@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from kmsq.operator_cli import fleet_document
 from schemas.messages import ReplyEnvelope
 from schemas.wire import seal_private_key
 from tasks.client import KmsClient
@@ -89,7 +88,7 @@ def test_a_worker_retries_while_the_database_is_down(deployment: Deployment, gat
     deployment.service.create_root_key("aes-256", "delta")
     with transaction(deployment.sessions) as db:
         ensure_fleet_key(deployment.service.hsm, db, "delta")
-    fleet = Fleet.from_document(fleet_document(deployment.service) | {"default_pool": "delta"})
+    fleet = Fleet.from_document(deployment.service.fleet_document() | {"default_pool": "delta"})
     worker = start_worker("delta", 1, env, log)
     try:
         gate.open = False

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import sjcl
-from schemas.sjcl import SjclError
+from worker.legacy import sjcl
+from worker.legacy.sjcl import SjclError
 
 VECTORS_PATH = Path(__file__).resolve().parent / "vectors" / "sjcl_vectors.json"
 VECTOR_COUNT = 60  # tests/vectors/README.md

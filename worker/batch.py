@@ -7,23 +7,21 @@ root key, permission, HSM or database down) is raised.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from schemas.envelope import (
-    KEY_SPEC_LENGTHS,
     EncryptedDataKey,
     KeySpec,
 )
-from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_encrypted_key
-from worker import legacy_keys, service
-from worker.errors import Conflict, IntegrityError, InvalidRequest, KmsqError, PermanentError
+from schemas.limits import FieldError, check_encrypted_key
+from worker import service
+from worker.errors import Conflict, InvalidRequest, KmsqError, PermanentError
 from worker.hsm import Hsm
-from worker.storage.models import PrivateKey, RootKeyVersion
+from worker.storage.models import PrivateKey
 from worker.storage.repo import PrivateKeyRepository
 
 
@@ -64,57 +62,20 @@ def generate_data_keys(
     return keys
 
 
-def decrypt_data_keys(
-    hsm: Hsm, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck | None = None
-) -> list[str | KmsqError]:
-    """Unwraps each ``encryptedKey``; returns its ``plaintextKey`` or its error (integrity, forbidden...).
-
-    Raises InvalidRequest, before any work, when the old SJCL envelopes among them could cost more PBKDF2 than
-    one message may (worker.legacy_keys.MAX_PBKDF2_ITERATIONS_PER_MESSAGE)."""
-    old = [
-        k for k in encrypted_keys if len(k) <= MAX_ENCRYPTED_KEY_CHARS and legacy_keys.looks_like_sjcl(k)
-    ]  # each costs PBKDF2 work; an oversized one is refused without any
-    with legacy_keys.LegacyNames(hsm, db, check) if old else contextlib.nullcontext() as names:
-        if names is not None:
-            names.check_budget(old)
-        versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError] = {}
-        out: list[str | KmsqError] = []
-        for encrypted_key in encrypted_keys:
-            try:
-                out.append(_decrypt_one(hsm, db, encrypted_key, check, names, versions))
-            except PermanentError as e:
-                out.append(e)
-        return out
-
-
-def _decrypt_one(
-    hsm: Hsm,
-    db: Session,
-    encrypted_key: str,
-    check: service.RootKeyCheck | None,
-    names: legacy_keys.LegacyNames | None,
-    versions: dict[tuple[str, int, int], RootKeyVersion | KmsqError],
-) -> str:
-    try:
-        check_encrypted_key(encrypted_key)
-    except FieldError as e:
-        raise InvalidRequest(str(e)) from None
-    if names is not None and legacy_keys.looks_like_sjcl(encrypted_key):
-        return names.decrypt(encrypted_key)
-    parsed = service.parse_data_key(encrypted_key)
-    ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
-    if ref not in versions:  # one lookup (and one refusal) per root key version
+def decrypt_data_keys(encrypted_keys: Sequence[str], decrypt: Callable[[str], str]) -> list[str | KmsqError]:
+    """Runs ``decrypt`` on each ``encryptedKey`` (checked against its limit first). Returns each one's
+    ``plaintextKey`` or its error (integrity, forbidden...): an item's error never fails the others."""
+    out: list[str | KmsqError] = []
+    for encrypted_key in encrypted_keys:
         try:
-            versions[ref] = service.unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
+            try:
+                check_encrypted_key(encrypted_key)
+            except FieldError as e:
+                raise InvalidRequest(str(e)) from None
+            out.append(decrypt(encrypted_key))
         except PermanentError as e:
-            versions[ref] = e
-    version = versions[ref]
-    if isinstance(version, KmsqError):
-        raise version
-    with hsm.unwrap_data_key(service.hsm_handle(version), parsed.wrapped) as plaintext:
-        if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
-            raise IntegrityError()
-        return plaintext.b64()
+            out.append(e)
+    return out
 
 
 def store_private_keys(

@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from schemas.files import PUBLIC_IDENTITY_KIND
 from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker import policy
@@ -25,7 +26,6 @@ from worker.storage.models import Caller, RootKey
 
 ALL_ROOT_KEYS = "*"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-PUBLIC_IDENTITY_KIND = "kmsq-caller-public"
 
 
 @dataclass(frozen=True)

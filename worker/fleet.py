@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 
+from schemas.files import FILE_VERSION, FLEET_KIND
 from schemas.wire import b64u, from_b64u, key_id
 from worker.errors import ConfigError, IntegrityError
 from worker.hsm import Hsm
 from worker.secret import SecretBytes
 from worker.service import open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import FleetKey
+from worker.storage.repo import RootKeyRepository
 
 _AAD_LABEL = b"kmsq/fleet-key/v1\x00"
 _KEY_LEN = 32
@@ -59,6 +62,26 @@ def _aad(header: bytes, pool: str, root_key: str, version: int, signing: str, tr
 
 def _public(row: FleetKey) -> FleetPublic:
     return FleetPublic(row.pool, row.signing_key, row.transport_key)
+
+
+def fleet_document(hsm: Hsm, db: Session, default_pool: str, pools: list[str] | None = None) -> dict[str, Any]:
+    """Returns the fleet file callers need (``kmsq fleet-key export``): per pool (``pools``, default all), the
+    public fleet keys, checked in the HSM (:func:`verified_public_keys`), and the pool's enabled root keys.
+
+    Raises ConfigError for fleet keys that do not verify."""
+    keys = verified_public_keys(hsm, db, pools)
+    roots = RootKeyRepository(db).list()
+    document: dict[str, Any] = {"kind": FLEET_KIND, "v": FILE_VERSION, "default_pool": default_pool, "pools": {}}
+    for key in keys:
+        document["pools"][key.pool] = {
+            "signing_key": key.signing_key,
+            "signing_key_id": key.signing_key_id,
+            "transport_key": key.transport_key,
+            "root_keys": [r.id for r in roots if r.pool == key.pool and r.state == "enabled"],
+        }
+    if document["default_pool"] not in document["pools"] and document["pools"]:
+        document["default_pool"] = next(iter(document["pools"]))
+    return document
 
 
 def ensure_fleet_key(hsm: Hsm, db: Session, pool: str) -> tuple[FleetPublic, bool]:

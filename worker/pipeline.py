@@ -10,6 +10,7 @@ reply again; a concurrent duplicate blocks on the record's primary key and then 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, public_message
+from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, public_message
 from schemas.messages import (
     NAME_PATTERN,
     OPS,
@@ -79,6 +80,8 @@ from worker.errors import (
 )
 from worker.fleet import FleetSecrets
 from worker.hsm import Hsm
+from worker.legacy import root_key_names
+from worker.legacy.root_key_names import looks_like_sjcl
 from worker.policy import PolicyViolation
 from worker.runtime import transaction
 from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
@@ -418,8 +421,10 @@ def _execute(
         result: ResultFields = {"encryptedKey": key.encrypted_key}
         return result, secrets
     if isinstance(params, DecryptDataKey):
-        plaintext = service.decrypt_data_key(ctx.hsm, db, params.encrypted_key, check)
-        return {}, {"plaintextKey": plaintext.encode()}
+        (outcome,) = _decrypt_data_keys(ctx, db, [params.encrypted_key], check)
+        if isinstance(outcome, KmsqError):
+            raise outcome
+        return {}, {"plaintextKey": outcome.encode()}
     if isinstance(params, PutKey):
         prv = _open_prv(ctx, request, params)
         stored = service.store_private_key(
@@ -437,6 +442,28 @@ def _execute(
 
 def _item_error(error: KmsqError) -> dict[str, str | None]:
     return {"error": error.code, "message": error.message}
+
+
+def _decrypt_data_keys(
+    ctx: WorkerContext, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck
+) -> list[str | KmsqError]:
+    """Every ``encryptedKey`` of a request: kmsq's by the service, the replaced system's SJCL envelopes by
+    :mod:`worker.legacy` (the one place that tells them apart). Returns each one's ``plaintextKey`` or error.
+
+    Raises InvalidRequest, before any work, when the SJCL envelopes could cost more PBKDF2 than one message
+    may (worker.legacy.root_key_names.MAX_PBKDF2_ITERATIONS_PER_MESSAGE)."""
+    old = [k for k in encrypted_keys if len(k) <= MAX_ENCRYPTED_KEY_CHARS and looks_like_sjcl(k)]
+    versions: service.VersionCache = {}
+    with root_key_names.LegacyNames(ctx.hsm, db, check) if old else contextlib.nullcontext() as names:
+        if names is not None:
+            names.check_budget(old)  # each costs PBKDF2 work; an oversized one is refused without any
+
+        def decrypt(encrypted_key: str) -> str:
+            if names is not None and looks_like_sjcl(encrypted_key):
+                return names.decrypt(encrypted_key)
+            return service.decrypt_data_key(ctx.hsm, db, encrypted_key, check, versions)
+
+        return batch.decrypt_data_keys(encrypted_keys, decrypt)
 
 
 def _execute_batch(
@@ -457,7 +484,7 @@ def _execute_batch(
             return {"items": items}, {}
         return {"items": items}, {"items": canonical_json([k.plaintext_key for k in keys])}
     if isinstance(params, DecryptDataKeys):
-        outcomes = batch.decrypt_data_keys(ctx.hsm, db, params.encrypted_keys, check)
+        outcomes = _decrypt_data_keys(ctx, db, params.encrypted_keys, check)
         items = [_item_error(o) if isinstance(o, KmsqError) else {} for o in outcomes]
         secrets = [None if isinstance(o, KmsqError) else o for o in outcomes]
         return {"items": items}, {"items": canonical_json(secrets)}

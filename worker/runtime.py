@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import service
+from worker import fleet, service
 from worker.config import Settings
 from worker.errors import DatabaseUnavailable
 from worker.hsm import Hsm
@@ -83,6 +83,14 @@ class KeyService:
     def list_root_keys(self) -> list[service.RootKeyInfo]:
         """See :func:`worker.service.list_root_keys`."""
         return self._run(service.list_root_keys)
+
+    def ensure_fleet_key(self, pool: str | None = None) -> tuple[fleet.FleetPublic, bool]:
+        """See :func:`worker.fleet.ensure_fleet_key` (default: the default pool)."""
+        return self._run(lambda db: fleet.ensure_fleet_key(self.hsm, db, pool or self.default_pool))
+
+    def fleet_document(self, pools: list[str] | None = None) -> dict[str, Any]:
+        """See :func:`worker.fleet.fleet_document`."""
+        return self._run(lambda db: fleet.fleet_document(self.hsm, db, self.default_pool, pools))
 
     def generate_data_key(
         self, root_key_id: str | None = None, key_spec: str = "AES-256", with_plaintext: bool = True

@@ -30,7 +30,7 @@ from schemas.envelope import (
 )
 from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_coin, check_prv, check_pub
 from worker import policy
-from worker.errors import IntegrityError, InvalidRequest, NotFound
+from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
 from worker.hsm import Hsm, RootKeyHandle
 from worker.secret import SecretBytes
 from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
@@ -270,20 +270,38 @@ def parse_data_key(encrypted_key: str) -> EncryptedDataKey:
         raise IntegrityError() from None
 
 
-def decrypt_data_key(hsm: Hsm, db: Session, encrypted_key: str, check: RootKeyCheck | None = None) -> str:
-    """Unwraps an ``encryptedKey`` in the HSM under the root key version it names.
+# Root key versions already looked up within one request, by (root key id, version, wrap algorithm): a
+# batch looks each up (and is refused for each) once.
+VersionCache = dict[tuple[str, int, int], RootKeyVersion | PermanentError]
 
-    Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. An SJCL
-    envelope of the replaced system is decrypted by :mod:`worker.legacy_keys` instead. Raises
-    IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names.
+
+def decrypt_data_key(
+    hsm: Hsm,
+    db: Session,
+    encrypted_key: str,
+    check: RootKeyCheck | None = None,
+    versions: VersionCache | None = None,
+) -> str:
+    """Unwraps a kmsq ``encryptedKey`` in the HSM under the root key version it names (the replaced system's
+    SJCL envelopes are :mod:`worker.legacy`'s, dispatched by the pipeline).
+
+    Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
+    IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names, or what
+    ``check`` raises for a valid reference.
     """
-    if isinstance(encrypted_key, str) and len(encrypted_key) <= MAX_ENCRYPTED_KEY_CHARS:
-        from worker import legacy_keys  # imports this module
-
-        if legacy_keys.looks_like_sjcl(encrypted_key):
-            return legacy_keys.decrypt_legacy_data_key(hsm, db, encrypted_key, check)
     parsed = parse_data_key(encrypted_key)
-    version = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, check)
+    ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
+    found = None if versions is None else versions.get(ref)
+    if found is None:
+        try:
+            found = unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
+        except PermanentError as e:
+            found = e
+        if versions is not None:
+            versions[ref] = found
+    if isinstance(found, PermanentError):
+        raise found
+    version = found
     with hsm.unwrap_data_key(hsm_handle(version), parsed.wrapped) as plaintext:
         if len(plaintext) != KEY_SPEC_LENGTHS[parsed.key_spec]:
             raise IntegrityError()

@@ -203,7 +203,7 @@ class LegacyImport(Base):
 
 class LegacyRootKey(Base):
     """A root key *name* of the replaced system (its SJCL password for data keys), sealed with AES-256-GCM
-    under an HSM-wrapped data key of one of kmsq's root keys. See :mod:`worker.legacy_keys`."""
+    under an HSM-wrapped data key of one of kmsq's root keys. See :mod:`worker.legacy.root_key_names`."""
 
     __tablename__ = "legacy_root_keys"
     __table_args__ = (

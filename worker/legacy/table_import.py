@@ -24,10 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import TableClause
 
-from schemas import sjcl
 from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, KmsqError
 from worker.hsm import Hsm
-from worker.legacy_keys import add_legacy_root_key
+from worker.legacy import sjcl
+from worker.legacy.root_key_names import add_legacy_root_key
 from worker.service import get_private_key, sealed_private_key_row, validate_private_key, wrapping_version
 from worker.storage.models import LegacyImport, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository
@@ -84,7 +84,7 @@ class ImportSummary:
     imported: int = 0
     matched: int = 0  # already stored in kmsq with the same key: recorded, not stored twice
     skipped: int = 0  # imported by an earlier run
-    root_key_names_registered: int = 0  # old root key names newly kept sealed (see worker.legacy_keys)
+    root_key_names_registered: int = 0  # old root key names newly kept sealed (see worker.legacy.root_key_names)
     failures: list[RowFailure] = field(default_factory=list)
     elapsed_seconds: float = 0.0
 

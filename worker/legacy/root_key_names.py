@@ -18,9 +18,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from schemas import sjcl
 from worker.errors import IntegrityError, InvalidRequest, PermanentError
 from worker.hsm import Hsm
+from worker.legacy import sjcl
 from worker.secret import SecretBytes
 from worker.service import RootKeyCheck, open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import LegacyRootKey, RootKeyVersion
@@ -187,13 +187,3 @@ class LegacyNames:
         for name in self._opened.values():
             name.wipe()
         self._opened.clear()
-
-
-def decrypt_legacy_data_key(hsm: Hsm, db: Session, envelope: str, check: RootKeyCheck | None = None) -> str:
-    """Decrypts one old ``encryptedKey`` (SJCL envelope) with the registered names the caller may use.
-
-    Returns the data-key string exactly as the old system generated it. Raises IntegrityError, without
-    detail, when the envelope is malformed, asks for more than MAX_ITERATIONS, or no usable name opens it.
-    """
-    with LegacyNames(hsm, db, check) as names:
-        return names.decrypt(envelope)
