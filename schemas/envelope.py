@@ -152,7 +152,7 @@ class EncryptedDataKey:
         return cls.from_bytes(_unwrap_text(text))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivateKeyContext:
     """The row a private key ciphertext belongs to; its canonical encoding is the GCM associated data."""
 
@@ -180,6 +180,11 @@ class PrivateKeyContext:
             out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
         return bytes(out)
 
+    def associated_data(self, header: bytes) -> bytes:
+        """Returns the GCM associated data of a sealed private key: its ``encryptedPrv`` header bytes
+        followed by :meth:`encode`."""
+        return header + self.encode()
+
 
 @dataclass(frozen=True)
 class EncryptedPrivateKey:
@@ -192,10 +197,6 @@ class EncryptedPrivateKey:
     def header(self) -> bytes:
         """Returns the three header bytes, which are part of the associated data."""
         return struct.pack(">BBB", FORMAT_VERSION, _KIND_PRIVATE_KEY, self.aead)
-
-    def associated_data(self, context: PrivateKeyContext) -> bytes:
-        """Returns the GCM associated data: header bytes followed by the canonical row context."""
-        return self.header() + context.encode()
 
     def to_bytes(self) -> bytes:
         """Returns the binary record (docs/FORMAT.md, "encryptedPrv")."""

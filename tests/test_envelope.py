@@ -36,10 +36,11 @@ def test_encrypted_key_golden_bytes() -> None:
 
 def test_private_key_golden_bytes() -> None:
     context = PrivateKeyContext(
-        golden.PUB, golden.SOURCE, golden.COIN, golden.TYPE, golden.ROOT_KEY_ID, golden.ROOT_KEY_VERSION
-    )
+        pub=golden.PUB, source=golden.SOURCE, coin=golden.COIN, type=golden.TYPE,
+        root_key_id=golden.ROOT_KEY_ID, root_key_version=golden.ROOT_KEY_VERSION,
+    )  # fmt: skip
     shell = EncryptedPrivateKey(Aead.AES_256_GCM, golden.NONCE, b"")
-    assert shell.associated_data(context) == golden.AAD
+    assert context.associated_data(shell.header()) == golden.AAD
     ciphertext = AESGCM(golden.DATA_KEY).encrypt(golden.NONCE, golden.PRV.encode(), golden.AAD)
     record = EncryptedPrivateKey(Aead.AES_256_GCM, golden.NONCE, ciphertext)
     assert record.to_bytes() == golden.ENCRYPTED_PRV_BYTES
@@ -100,9 +101,9 @@ def test_private_key_negative_vectors(name: str) -> None:
 
 
 def test_context_encoding_is_unambiguous() -> None:
-    a = PrivateKeyContext("ab", "user", "c", "tss", "rk-1", 1).encode()
-    b = PrivateKeyContext("a", "buser", "c", "tss", "rk-1", 1).encode()
-    assert a != b
+    a = PrivateKeyContext(pub="ab", source="user", coin="c", type="tss", root_key_id="rk-1", root_key_version=1)
+    b = PrivateKeyContext(pub="a", source="buser", coin="c", type="tss", root_key_id="rk-1", root_key_version=1)
+    assert a.encode() != b.encode()
 
 
 @given(st.binary(max_size=200))

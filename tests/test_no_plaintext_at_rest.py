@@ -46,8 +46,9 @@ def test_database_dump_contains_no_secret(service: KeyService) -> None:
     for i in range(10):
         prv = "xprv9s21ZrQH143K" + secrets.token_urlsafe(64)
         service.store_private_key(
-            random_pub(), prv, "btc", "user" if i % 2 else "backup", "independent", rsa.id if i % 3 == 0 else None
-        )
+            pub=random_pub(), prv=prv, coin="btc", source="user" if i % 2 else "backup", type="independent",
+            root_key_id=rsa.id if i % 3 == 0 else None,
+        )  # fmt: skip
         stored.append(prv.encode())
     for i in range(10):
         key = service.generate_data_key(rsa.id if i % 2 else None)

@@ -48,7 +48,7 @@ def test_data_key_without_plaintext(service: KeyService, root_type: str) -> None
 def test_private_key_round_trip(service: KeyService, root_type: str) -> None:
     root = service.create_root_key(root_type)
     pub, prv = random_pub(), '{"share":"8905623b1de2","index":1} ünïcode'
-    stored = service.store_private_key(pub, prv, "eth", "backup", "tss", root.id)
+    stored = service.store_private_key(pub=pub, prv=prv, coin="eth", source="backup", type="tss", root_key_id=root.id)
     assert (stored.root_key_id, stored.root_key_version) == (root.id, 1)
     record = service.get_private_key(pub, "backup")
     assert (record.prv, record.pub, record.source, record.type, record.coin) == (prv, pub, "backup", "tss", "eth")
@@ -62,7 +62,10 @@ def test_default_root_key_is_the_pools_oldest(service: KeyService) -> None:
     service.create_root_key("aes-256")
     assert EncryptedDataKey.from_text(service.generate_data_key().encrypted_key).root_key_id == first.id
     pub = random_pub()
-    assert service.store_private_key(pub, "p", "btc", "user", "independent").root_key_id == first.id
+    assert (
+        service.store_private_key(pub=pub, prv="p", coin="btc", source="user", type="independent").root_key_id
+        == first.id
+    )
 
 
 def test_data_key_of_one_root_does_not_open_under_another(service: KeyService) -> None:
@@ -100,11 +103,13 @@ def test_rotation_keeps_old_versions_decrypting(service: KeyService) -> None:
 def test_conflict_and_not_found(service: KeyService) -> None:
     service.create_root_key("aes-256")
     pub = random_pub()
-    service.store_private_key(pub, "first", "btc", "user", "independent")
+    service.store_private_key(pub=pub, prv="first", coin="btc", source="user", type="independent")
     with pytest.raises(Conflict):
-        service.store_private_key(pub, "second", "btc", "user", "independent")
+        service.store_private_key(pub=pub, prv="second", coin="btc", source="user", type="independent")
     assert service.get_private_key(pub, "user").prv == "first"
-    service.store_private_key(pub, "backup-share", "btc", "backup", "independent")  # other source is fine
+    service.store_private_key(
+        pub=pub, prv="backup-share", coin="btc", source="backup", type="independent"
+    )  # other source is fine
     assert _count_private_keys(service) == 2
     with pytest.raises(NotFound):
         service.get_private_key(random_pub(), "user")
@@ -151,8 +156,8 @@ def test_invalid_root_key_requests(service: KeyService) -> None:
 def test_swapping_ciphertexts_between_rows_fails(service: KeyService, column: str) -> None:
     service.create_root_key("aes-256")
     pub_a, pub_b = random_pub(), random_pub()
-    service.store_private_key(pub_a, "prv-a", "btc", "user", "independent")
-    service.store_private_key(pub_b, "prv-b", "btc", "user", "independent")
+    service.store_private_key(pub=pub_a, prv="prv-a", coin="btc", source="user", type="independent")
+    service.store_private_key(pub=pub_b, prv="prv-b", coin="btc", source="user", type="independent")
     with service.sessions.begin() as db:
         row_a, row_b = (db.scalars(select(PrivateKey).where(PrivateKey.pub == p)).one() for p in (pub_a, pub_b))
         names = ["encrypted_prv", "encrypted_data_key"] if column == "both" else [column]
@@ -170,7 +175,7 @@ def test_row_fields_are_bound_to_the_ciphertext(service: KeyService) -> None:
     service.create_root_key("aes-256")
     for change in ({"coin": "eth"}, {"type": "tss"}, {"source": "backup"}):
         pub = random_pub()
-        service.store_private_key(pub, "prv", "btc", "user", "independent")
+        service.store_private_key(pub=pub, prv="prv", coin="btc", source="user", type="independent")
         with service.sessions.begin() as db:
             db.execute(update(PrivateKey).where(PrivateKey.pub == pub).values(**change))
         with pytest.raises(IntegrityError):
@@ -210,7 +215,7 @@ def test_any_single_byte_change_of_a_stored_private_key_is_rejected(
     if not has_root:
         service.create_root_key("aes-256")
     pub = random_pub()
-    service.store_private_key(pub, "xprv-secret", "btc", "user", "independent")
+    service.store_private_key(pub=pub, prv="xprv-secret", coin="btc", source="user", type="independent")
     with service.sessions.begin() as db:
         row = db.scalars(select(PrivateKey).where(PrivateKey.pub == pub)).one()
         if which == "prv":

@@ -25,7 +25,7 @@ from worker.storage.models import PrivateKey
 from worker.storage.repo import PrivateKeyRepository
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivateKeyItem:
     """One private key of a ``put_keys`` batch (``prv`` is plaintext, in worker memory only)."""
 
@@ -95,7 +95,7 @@ def store_private_keys(
     outcomes: list[service.StoredPrivateKey | KmsqError | None] = [None] * len(items)
     for i, item in enumerate(items):
         try:
-            service.validate_private_key(item.pub, item.prv, item.coin, item.source, item.type)
+            service.validate_private_key(pub=item.pub, prv=item.prv, coin=item.coin, source=item.source, type=item.type)
         except InvalidRequest as e:
             outcomes[i] = e
     wanted = [(item.pub, item.source) for i, item in enumerate(items) if outcomes[i] is None]
@@ -110,16 +110,16 @@ def store_private_keys(
             outcomes[i] = PrivateKeyRepository.conflict()
             continue
         seen.add(ident)
-        rows.append(
-            (i, service.sealed_private_key_row(hsm, version, item.pub, item.prv, item.coin, item.source, item.type))
-        )
+        fields = {"pub": item.pub, "prv": item.prv, "coin": item.coin, "source": item.source, "type": item.type}
+        rows.append((i, service.sealed_private_key_row(hsm, version, **fields)))
     for i, error in PrivateKeyRepository(db).add_many(rows):
         outcomes[i] = error
     for i, row in rows:
         if outcomes[i] is None:
             outcomes[i] = service.StoredPrivateKey(
-                row.pub, row.source, row.coin, row.type, row.root_key, row.root_key_version
-            )
+                pub=row.pub, source=row.source, coin=row.coin, type=row.type,
+                root_key_id=row.root_key, root_key_version=row.root_key_version,
+            )  # fmt: skip
     return [o if o is not None else Conflict() for o in outcomes]
 
 

@@ -428,8 +428,9 @@ def _execute(
     if isinstance(params, PutKey):
         prv = _open_prv(ctx, request, params)
         stored = service.store_private_key(
-            ctx.hsm, db, params.pub, prv, params.coin, params.source, params.type, params.root_key_id, ctx.pool, check
-        )
+            ctx.hsm, db, pub=params.pub, prv=prv, coin=params.coin, source=params.source, type=params.type,
+            root_key_id=params.root_key_id, pool=ctx.pool, check=check,
+        )  # fmt: skip
         return {"pub": stored.pub, "coin": stored.coin, "source": stored.source, "type": stored.type}, {}
     if isinstance(params, GetKey):
         record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
@@ -490,7 +491,8 @@ def _execute_batch(
         return {"items": items}, {"items": canonical_json(secrets)}
     prvs = _open_prvs(ctx, request, params)
     entries = [
-        batch.PrivateKeyItem(i.pub, i.coin, i.source, i.type, prv) for i, prv in zip(params.items, prvs, strict=True)
+        batch.PrivateKeyItem(pub=i.pub, coin=i.coin, source=i.source, type=i.type, prv=prv)
+        for i, prv in zip(params.items, prvs, strict=True)
     ]
     stored = batch.store_private_keys(ctx.hsm, db, entries, params.root_key_id, ctx.pool, check)
     items = [

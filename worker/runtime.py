@@ -106,6 +106,7 @@ class KeyService:
 
     def store_private_key(
         self,
+        *,
         pub: str,
         prv: str,
         coin: str,
@@ -116,7 +117,15 @@ class KeyService:
         """See :func:`worker.service.store_private_key`."""
         return self._run(
             lambda db: service.store_private_key(
-                self.hsm, db, pub, prv, coin, source, type, root_key_id, self.default_pool
+                self.hsm,
+                db,
+                pub=pub,
+                prv=prv,
+                coin=coin,
+                source=source,
+                type=type,
+                root_key_id=root_key_id,
+                pool=self.default_pool,
             )
         )
 

@@ -70,7 +70,7 @@ class DataKey:
     plaintext_key: str | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredPrivateKey:
     """The public fields of a stored private key."""
 
@@ -82,7 +82,7 @@ class StoredPrivateKey:
     root_key_version: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivateKeyRecord:
     """A private key read back: ``prv`` is the plaintext and is never shown in a repr."""
 
@@ -311,14 +311,14 @@ def decrypt_data_key(
 # -- private keys ----------------------------------------------------------------------------------
 
 
-def validate_private_key(pub: str, prv: str, coin: str, source: str, key_type: str) -> None:
+def validate_private_key(*, pub: str, prv: str, coin: str, source: str, type: str) -> None:
     """Raises InvalidRequest, naming the field and its limit (schemas.limits), when a field of a private key
     to store is malformed or out of range."""
     try:
         check_pub(pub)
         if source not in SOURCES:
             raise FieldError("source must be 'user' or 'backup'")
-        if key_type not in KEY_TYPES:
+        if type not in KEY_TYPES:
             raise FieldError("type must be 'independent' or 'tss'")
         check_coin(coin)
         check_prv(prv)
@@ -329,6 +329,7 @@ def validate_private_key(pub: str, prv: str, coin: str, source: str, key_type: s
 def store_private_key(
     hsm: Hsm,
     db: Session,
+    *,
     pub: str,
     prv: str,
     coin: str,
@@ -343,15 +344,17 @@ def store_private_key(
     Returns the stored key's public fields. Raises InvalidRequest, NotFound (root key), or Conflict when
     (pub, source) is already stored.
     """
-    validate_private_key(pub, prv, coin, source, type)
+    validate_private_key(pub=pub, prv=prv, coin=coin, source=source, type=type)
     # The root key (and the caller's permission on it) first: a refused caller learns nothing about
     # which (pub, source) pairs exist.
     version = wrapping_version(db, root_key_id, pool, check)
     repo = PrivateKeyRepository(db)
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
-    repo.add(sealed_private_key_row(hsm, version, pub, prv, coin, source, type))
-    return StoredPrivateKey(pub, source, coin, type, version.root_key_id, version.version)
+    repo.add(sealed_private_key_row(hsm, version, pub=pub, prv=prv, coin=coin, source=source, type=type))
+    return StoredPrivateKey(
+        pub=pub, source=source, coin=coin, type=type, root_key_id=version.root_key_id, root_key_version=version.version
+    )
 
 
 def seal_under_root_key(
@@ -377,10 +380,12 @@ def open_under_root_key(
     encrypted: str,
     encrypted_data_key: str,
     aad: Callable[[bytes], bytes],
+    check: RootKeyCheck | None = None,
 ) -> SecretBytes:
     """Opens what :func:`seal_under_root_key` sealed under ``root_key_id`` version ``root_key_version``.
 
-    Returns the secret. Raises IntegrityError (opaque) for a malformed, swapped or tampered ciphertext.
+    Returns the secret. Raises IntegrityError (opaque) for a malformed, swapped or tampered ciphertext, or
+    what ``check`` raises for a valid reference.
     """
     try:
         data_key = EncryptedDataKey.from_text(encrypted_data_key)
@@ -389,25 +394,27 @@ def open_under_root_key(
         raise IntegrityError() from None
     if (data_key.root_key_id, data_key.root_key_version) != (root_key_id, root_key_version):
         raise IntegrityError()
-    version = unwrapping_version(db, root_key_id, root_key_version, data_key.wrap_algorithm)
+    if data_key.key_spec is not KeySpec.AES_256:  # what seal_under_root_key makes
+        raise IntegrityError()
+    version = unwrapping_version(db, root_key_id, root_key_version, data_key.wrap_algorithm, check)
     return hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad(sealed.header()), sealed.ciphertext)
 
 
 def sealed_private_key_row(
-    hsm: Hsm, version: RootKeyVersion, pub: str, prv: str, coin: str, source: str, key_type: str
+    hsm: Hsm, version: RootKeyVersion, *, pub: str, prv: str, coin: str, source: str, type: str
 ) -> PrivateKey:
     """Returns a new ``private_keys`` row: ``prv`` sealed with AES-256-GCM inside the HSM under a fresh data
     key wrapped by ``version``, with the row's fields as associated data. Adds nothing to a session."""
-    context = PrivateKeyContext(pub, source, coin, key_type, version.root_key_id, version.version)
+    context = PrivateKeyContext(
+        pub=pub, source=source, coin=coin, type=type, root_key_id=version.root_key_id, root_key_version=version.version
+    )
     with SecretBytes.from_str(prv) as plaintext:
-        encrypted_prv, encrypted_data_key = seal_under_root_key(
-            hsm, version, plaintext, lambda header: header + context.encode()
-        )
+        encrypted_prv, encrypted_data_key = seal_under_root_key(hsm, version, plaintext, context.associated_data)
     return PrivateKey(
         pub=pub,
         source=source,
         coin=coin,
-        type=key_type,
+        type=type,
         provider=PROVIDER,
         root_key=version.root_key_id,
         root_key_version=version.version,
@@ -430,19 +437,16 @@ def get_private_key(
     row = PrivateKeyRepository(db).get(pub, source)
     if row is None:
         raise NotFound("no private key for this pub and source")
-    data_key = parse_data_key(row.encrypted_data_key)
-    try:
-        sealed = EncryptedPrivateKey.from_text(row.encrypted_prv)
-    except FormatError:
-        raise IntegrityError() from None
-    if (data_key.root_key_id, data_key.root_key_version) != (row.root_key, row.root_key_version):
+    if row.format_version != FORMAT_VERSION:
         raise IntegrityError()
-    if data_key.key_spec is not KeySpec.AES_256 or row.format_version != FORMAT_VERSION:
-        raise IntegrityError()
-    version = unwrapping_version(db, data_key.root_key_id, data_key.root_key_version, data_key.wrap_algorithm, check)
-    context = PrivateKeyContext(row.pub, row.source, row.coin, row.type, row.root_key, row.root_key_version)
-    aad = sealed.associated_data(context)
-    with hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad, sealed.ciphertext) as plaintext:
+    context = PrivateKeyContext(
+        pub=row.pub, source=row.source, coin=row.coin, type=row.type,
+        root_key_id=row.root_key, root_key_version=row.root_key_version,
+    )  # fmt: skip
+    with open_under_root_key(
+        hsm, db, row.root_key, row.root_key_version, row.encrypted_prv, row.encrypted_data_key,
+        context.associated_data, check,
+    ) as plaintext:  # fmt: skip
         try:
             prv = plaintext.text()
         except UnicodeDecodeError:

@@ -236,7 +236,7 @@ def recover(row: LegacyRow) -> Recovered | RowFailure:
     except sjcl.SjclError as e:
         return RowFailure(row.id, f"encryptedPrv: {e}")
     try:
-        validate_private_key(row.pub, prv, row.coin, row.source, row.type)
+        validate_private_key(pub=row.pub, prv=prv, coin=row.coin, source=row.source, type=row.type)
     except InvalidRequest as e:
         return RowFailure(row.id, str(e))
     return Recovered(row, prv)
@@ -336,8 +336,9 @@ class LegacyImporter:
                 existing = PrivateKeyRepository(db).get(row.pub, row.source)
                 if existing is None:
                     existing = sealed_private_key_row(
-                        self.hsm, self.version, row.pub, item.prv, row.coin, row.source, row.type
-                    )
+                        self.hsm, self.version, pub=row.pub, prv=item.prv, coin=row.coin, source=row.source,
+                        type=row.type,
+                    )  # fmt: skip
                     db.add(existing)
                     db.flush()
                     status: Status = "imported"
