@@ -32,6 +32,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
+from schemas.messages import reply_queue_for
+from schemas.wire import pool_queue
+
 BATCH_SIZES = (1, 10, 100, 1000)
 POOL = "bench"
 
@@ -146,7 +149,7 @@ class NoopChannel:
         from tasks.app import broker_connection, make_app
 
         self.app = make_app(broker_url, "kmsq-bench", namespace)
-        self.queue = f"kmsq.reply.{caller}.noop-{secrets.token_hex(4)}"
+        self.queue = reply_queue_for(caller, f"noop-{secrets.token_hex(4)}")
         self.pending: dict[str, Future[None]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -176,7 +179,7 @@ class NoopChannel:
         future: Future[None] = Future()
         with self.lock:
             self.pending[task_id] = future
-        self.app.send_task("kmsq.noop", args=[], task_id=task_id, queue=f"kms.{POOL}", reply_to=self.queue,
+        self.app.send_task("kmsq.noop", args=[], task_id=task_id, queue=pool_queue(POOL), reply_to=self.queue,
                            ignore_result=True)  # fmt: skip
         return future
 

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from kmsq.output import console, one_line_errors, print_json
+from schemas.limits import KEY_TYPES, SOURCES
 
 
 def home() -> Path:
@@ -96,8 +97,8 @@ def decrypt_data_key(encrypted_key: str, identity: Path | None, fleet: Path | No
 @click.option("--pub", required=True)
 @click.option("--prv-file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--coin", required=True)
-@click.option("--source", required=True, type=click.Choice(["user", "backup"]))
-@click.option("--type", "key_type", required=True, type=click.Choice(["independent", "tss"]))
+@click.option("--source", required=True, type=click.Choice(SOURCES))
+@click.option("--type", "key_type", required=True, type=click.Choice(KEY_TYPES))
 @click.option("--root-key", default=None, help="Root key id (default: the pool's default root key).")
 @caller_options
 @one_line_errors
@@ -120,7 +121,7 @@ def put_key(
 
 @click.command("get-key")
 @click.argument("pub")
-@click.option("--source", required=True, type=click.Choice(["user", "backup"]))
+@click.option("--source", required=True, type=click.Choice(SOURCES))
 @click.option("--pool", default=None, help="Pool holding the key (default: the fleet file's default pool).")
 @caller_options
 @one_line_errors

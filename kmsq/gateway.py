@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.limits import MAX_HTTP_BODY_BYTES, Coin, EncryptedKey, Prv, Pub, public_message
-from schemas.messages import KeyType, Source
+from schemas.limits import MAX_HTTP_BODY_BYTES, Coin, EncryptedKey, KeyType, Prv, Pub, Source, public_message
 from tasks.client import KmsClient, KmsError, KmsTimeout
 
 log = logging.getLogger("kmsq.gateway")

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
+from schemas.wire import pool_queue
 
 
 def _settings() -> Any:
@@ -66,7 +67,7 @@ def worker(pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bo
 
     argv = [
         "worker",
-        "--queues", f"kms.{pool}",
+        "--queues", pool_queue(pool),
         "--concurrency", str(concurrency),
         "--pool", "prefork",
         "--hostname", f"{pool}.{os.getpid()}@%h",

@@ -13,24 +13,24 @@ length is bounds-checked, trailing bytes and non-canonical base64 are rejected, 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+from schemas.limits import MAX_PRV_BYTES, ROOT_KEY_ID
+from schemas.wire import WireError, b64u, from_b64u
 
 FORMAT_VERSION = 1
 TEXT_PREFIX = "kmsq:v1:"
 MAX_ROOT_KEY_ID_LEN = 64
 MAX_ROOT_KEY_VERSION = 0x7FFFFFFF  # fits a signed 32-bit database integer
-ROOT_KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GCM_NONCE_LEN = 12
 GCM_TAG_LEN = 16
 
 _KIND_DATA_KEY = 0x01
 _KIND_PRIVATE_KEY = 0x02
 _AAD_LABEL = b"kmsq/private-key/v1"
+_MAX_RECORD_BYTES = 2 * MAX_PRV_BYTES  # the largest record: a sealed private key of MAX_PRV_BYTES
 
 
 class FormatError(ValueError):
@@ -69,30 +69,17 @@ def key_spec_from_name(name: str) -> KeySpec:
     raise FormatError("unknown key spec")
 
 
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise FormatError("bad base64")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise FormatError("bad base64") from None
-    if _b64encode(raw) != text:  # non-canonical trailing bits would let two strings mean one record
-        raise FormatError("bad base64")
-    return raw
-
-
 def _unwrap_text(text: str) -> bytes:
     if not isinstance(text, str) or not text.startswith(TEXT_PREFIX):
         raise FormatError("unknown format")
-    return _b64decode(text[len(TEXT_PREFIX) :])
+    try:  # the protocol's one base64url codec: canonical, unpadded
+        return from_b64u(text[len(TEXT_PREFIX) :], max_len=_MAX_RECORD_BYTES)
+    except WireError:
+        raise FormatError("bad base64") from None
 
 
 def _check_root_key_id(root_key_id: str) -> bytes:
-    if not ROOT_KEY_ID_PATTERN.fullmatch(root_key_id):
+    if not ROOT_KEY_ID.fullmatch(root_key_id):
         raise FormatError("bad root key id")
     return root_key_id.encode("ascii")
 
@@ -119,7 +106,7 @@ class EncryptedDataKey:
 
     def to_text(self) -> str:
         """Returns the ``encryptedKey`` string."""
-        return TEXT_PREFIX + _b64encode(self.to_bytes())
+        return TEXT_PREFIX + b64u(self.to_bytes())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EncryptedDataKey:
@@ -206,7 +193,7 @@ class EncryptedPrivateKey:
 
     def to_text(self) -> str:
         """Returns the ``encryptedPrv`` string."""
-        return TEXT_PREFIX + _b64encode(self.to_bytes())
+        return TEXT_PREFIX + b64u(self.to_bytes())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EncryptedPrivateKey:

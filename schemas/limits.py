@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, WithJsonSchema
 
@@ -31,6 +31,17 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_REPLY_BYTES = 4 * MAX_REQUEST_BYTES
 # The gateway's largest HTTP body: a full-size prv even if every byte arrives JSON-escaped (\\u0000, 6x).
 MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024
+
+# Names: callers and pools; root key ids.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+NAME = re.compile(NAME_PATTERN)
+ROOT_KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ROOT_KEY_ID = re.compile(ROOT_KEY_ID_PATTERN)
+# A private key's source and type (the replaced API's values).
+Source = Literal["user", "backup"]
+KeyType = Literal["independent", "tss"]
+SOURCES: tuple[str, ...] = get_args(Source)
+KEY_TYPES: tuple[str, ...] = get_args(KeyType)
 
 # Unicode category Cc: C0 controls, DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -22,21 +22,22 @@ from schemas.limits import (
     MAX_BATCH_ITEMS,
     MAX_PRV_BYTES,
     MAX_REPLY_BYTES,
+    NAME_PATTERN,
+    ROOT_KEY_ID_PATTERN,
     Coin,
     EncryptedKey,
     FieldError,
+    KeyType,
     Pub,
+    Source,
     check_prv_size,
 )
 from schemas.wire import REPLY_QUEUE_PREFIX, b64u_length, sealed_length
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 CallerName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 PoolName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-RootKeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+RootKeyId = Annotated[str, StringConstraints(pattern=ROOT_KEY_ID_PATTERN)]
 KeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
-Source = Literal["user", "backup"]
-KeyType = Literal["independent", "tss"]
 REPLY_QUEUE_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Operations that return a plaintext secret to the caller: they need the caller's ``plaintext`` permission.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from schemas.files import FLEET_KIND, IDENTITY_KIND, PUBLIC_IDENTITY_KIND
-from schemas.messages import NAME_PATTERN
+from schemas.limits import NAME
 from schemas.wire import WireError, b64u, from_b64u, key_id, sealing_public, signing_public
 
 
@@ -40,7 +39,7 @@ class CallerIdentity:
     @classmethod
     def generate(cls, caller: str) -> CallerIdentity:
         """Returns a new identity with fresh keys. Raises IdentityError for a bad name."""
-        if not re.fullmatch(NAME_PATTERN, caller):
+        if not NAME.fullmatch(caller):
             raise IdentityError("caller names are 1-64 characters of a-z, 0-9, '-' and '_'")
         return cls(caller, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
 

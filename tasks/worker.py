@@ -23,7 +23,7 @@ from celery.worker.request import Request as CeleryRequest
 from kombu.entity import Queue
 
 from schemas.messages import OPS
-from schemas.wire import task_name
+from schemas.wire import REPLY_QUEUE_PREFIX, task_name
 from tasks.app import make_app
 from tasks.transport import DROPPED
 from worker import policy
@@ -191,5 +191,5 @@ if os.environ.get("KMSQ_WORKER_NOOP") == "1":
     @app.task(name="kmsq.noop", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def noop(self: Task, *args: Any) -> None:
         reply_to = self.request.reply_to
-        if isinstance(reply_to, str) and reply_to.startswith("kmsq.reply."):
+        if isinstance(reply_to, str) and reply_to.startswith(REPLY_QUEUE_PREFIX):
             publish(Delivery(reply_to, {"noop": str(self.request.id)}, str(self.request.id), None))

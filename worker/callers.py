@@ -7,7 +7,6 @@ reply key). Functions take a caller-owned session and never commit.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.files import PUBLIC_IDENTITY_KIND
+from schemas.limits import NAME
 from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker import policy
@@ -25,7 +25,6 @@ from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import Caller, RootKey
 
 ALL_ROOT_KEYS = "*"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def add_caller(
 
     Returns its description. Raises InvalidRequest (bad name, unknown op or root key) or Conflict (exists).
     """
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise InvalidRequest("caller names are 1-64 characters of a-z, 0-9, '-' and '_'")
     unknown = sorted(set(allowed_ops) - set(ALLOWABLE_OPS))
     if unknown or not allowed_ops:

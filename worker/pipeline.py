@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,8 @@ import pydantic
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, public_message
+from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, NAME, public_message
 from schemas.messages import (
-    NAME_PATTERN,
     OPS,
     DecryptDataKey,
     DecryptDataKeys,
@@ -89,7 +87,6 @@ from worker.storage.repo import RequestRepository
 
 log = logging.getLogger("kmsq.worker")
 _NIL = uuid.UUID(int=0)
-CALLER_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass
@@ -216,7 +213,7 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
 def _unavailable_before_authentication(error: TransientError, msg: Inbound, claim: _Claim | None) -> _Rejection:
     """The last attempt found the database or HSM down before it could authenticate: answer ``unavailable`` to
     the claimed caller's reply queue (nobody can cause this, so it cannot be used to fill Redis)."""
-    caller = claim.caller if claim is not None and CALLER_NAME.fullmatch(claim.caller) else None
+    caller = claim.caller if claim is not None and NAME.fullmatch(claim.caller) else None
     queue = msg.reply_to if caller and msg.reply_to and reply_queue_belongs_to(msg.reply_to, caller) else None
     return _Rejection(error, "unavailable before authentication", caller=caller, reply_queue=queue)
 
@@ -258,7 +255,7 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
     # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
     try:
-        caller = callers.get_caller(db, claim.caller) if CALLER_NAME.fullmatch(claim.caller) else None
+        caller = callers.get_caller(db, claim.caller) if NAME.fullmatch(claim.caller) else None
     except PolicyViolation:  # refused as if absent; counted under its name so that operators see it
         raise _Rejection(Unauthenticated(), "caller failed its policy check", caller=claim.caller) from None
     if caller is None:

@@ -7,7 +7,6 @@ Celery task) owns the transaction so that an operation's rows and its request re
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,16 @@ from schemas.envelope import (
     WrapAlgorithm,
     key_spec_from_name,
 )
-from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, FieldError, check_coin, check_prv, check_pub
+from schemas.limits import (
+    KEY_TYPES,
+    MAX_ENCRYPTED_KEY_CHARS,
+    NAME,
+    SOURCES,
+    FieldError,
+    check_coin,
+    check_prv,
+    check_pub,
+)
 from worker import policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
 from worker.hsm import Hsm, RootKeyHandle
@@ -37,10 +45,7 @@ from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 
 ROOT_KEY_TYPES: dict[str, int | None] = {"aes-256": None, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
-SOURCES = ("user", "backup")
-KEY_TYPES = ("independent", "tss")
 PROVIDER = "kmsq"
-_POOL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 # Called with the root key an operation is about to use, before the HSM is touched; raises to refuse
 # (the queue path checks the caller's root key permissions and the worker's pool here).
@@ -142,7 +147,7 @@ def create_root_key(hsm: Hsm, db: Session, key_type: str = "aes-256", pool: str 
     """
     if key_type not in ROOT_KEY_TYPES:
         raise InvalidRequest(f"unknown root key type {key_type!r} (one of {', '.join(ROOT_KEY_TYPES)})")
-    if not _POOL.fullmatch(pool):
+    if not NAME.fullmatch(pool):
         raise InvalidRequest("pool names are 1-64 characters of a-z, 0-9, '-' and '_'")
     key_id = "rk-" + secrets.token_hex(6)
     handle = _create_hsm_version(hsm, key_type, key_id, 1)
