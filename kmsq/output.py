@@ -100,14 +100,16 @@ def _exit_code(error: Exception) -> int:
 
 def _describe(error: Exception) -> tuple[str, int]:
     """The one-line message and exit code for an error escaping a command."""
-    from worker.errors import KmsqError
+    # Imported here: only a failing command pays for them.
+    from tasks.client import KmsError
+    from tasks.identity import IdentityError
+    from worker.errors import ServiceError
 
-    if isinstance(error, KmsqError):
+    if isinstance(error, ServiceError):
         return error.message, _exit_code(error)
-    reply_code = getattr(error, "code", None)
-    if type(error).__name__ in ("KmsError", "KmsTimeout") and isinstance(reply_code, str):
-        return f"{reply_code}: {getattr(error, 'message', error)}", CODE_EXIT.get(reply_code, EXIT_INTERNAL)
-    if type(error).__name__ == "IdentityError" or isinstance(error, FileNotFoundError):
+    if isinstance(error, KmsError):  # a reply's error (KmsTimeout included)
+        return f"{error.code}: {error.message}", CODE_EXIT.get(error.code, EXIT_INTERNAL)
+    if isinstance(error, IdentityError | FileNotFoundError):
         return str(error), EXIT_CONFIG
     return f"internal error ({type(error).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL
 

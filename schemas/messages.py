@@ -32,7 +32,7 @@ from schemas.limits import (
     Source,
     check_prv_size,
 )
-from schemas.wire import REPLY_QUEUE_PREFIX, b64u_length, sealed_length
+from schemas.wire import REPLY_QUEUE_PREFIX, ErrorCode, b64u_length, sealed_length
 
 CallerName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 PoolName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -223,9 +223,9 @@ def reply_queue_belongs_to(queue: str, caller: str) -> bool:
 
 
 class ErrorBody(_Frozen):
-    """A failure: a stable ``code`` (see ``schemas.wire.ERROR_CODES``) and a caller-safe message."""
+    """A failure: a stable ``code`` (``schemas.wire.ErrorCode``) and a caller-safe message."""
 
-    code: str
+    code: ErrorCode
     message: str
 
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, Literal, get_args
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -44,7 +44,9 @@ EMBEDDED_BROKER_SOCKET = "broker.sock"
 # queues included, starts with "<namespace>:".
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
-ERROR_CODES = (
+# The error codes of replies: the only ones a worker sends and a caller sees (worker.errors maps each error
+# class to one, and a test checks that they are these).
+ErrorCode = Literal[
     "unauthenticated",
     "forbidden",
     "expired",
@@ -54,7 +56,8 @@ ERROR_CODES = (
     "not_found",
     "unavailable",
     "internal",
-)
+]
+ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
 _REQUEST_DOMAIN = b"kmsq/request/v1\x00"
 _REPLY_DOMAIN = b"kmsq/reply/v1\x00"

@@ -66,7 +66,9 @@ Fields = dict[str, Any]
 
 
 class KmsError(Exception):
-    """A request failed. ``code`` is one of ``schemas.wire.ERROR_CODES``; ``message`` is the worker's text."""
+    """A request failed. ``code`` is one of ``schemas.wire.ErrorCode``; ``message`` is the worker's text.
+
+    (The worker's own exceptions are ``worker.errors.ServiceError``: this is what a caller gets.)"""
 
     def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(f"{code}: {message}")

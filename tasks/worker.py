@@ -28,7 +28,7 @@ from tasks.app import make_app
 from tasks.transport import DROPPED
 from worker import policy
 from worker.config import load_settings
-from worker.errors import KmsqError
+from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.runtime import KeyService, transaction
@@ -109,7 +109,7 @@ def _run(task: Task, args: tuple[Any, ...]) -> None:
     final = request.retries >= MAX_RETRIES
     try:
         delivery = handle(context(), msg, final_attempt=final)
-    except KmsqError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
+    except ServiceError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
         countdown = 2**request.retries
         log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1, countdown)
         raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None

@@ -37,7 +37,7 @@ import json, os, sys
 from pathlib import Path
 
 from kmsq.chaos.hsm_faults import FaultSwitch
-from worker.errors import KmsqError
+from worker.errors import ServiceError
 from worker.hsm import Hsm
 
 args = json.load(sys.stdin)
@@ -49,7 +49,7 @@ def attempt(call):
     try:
         call()
         return {"ok": True}
-    except KmsqError as e:
+    except ServiceError as e:
         cause = e.__cause__
         return {"ok": False, "error": type(e).__name__, "cause": None if cause is None else type(cause).__name__}
 

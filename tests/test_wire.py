@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from schemas.messages import Request, reply_queue_belongs_to, reply_queue_for
 from schemas.wire import (
+    ERROR_CODES,
     WireError,
     b64u,
     canonical_json,
@@ -182,3 +183,17 @@ def test_fleet_file() -> None:
         Fleet.from_document(document | {"default_pool": "b"})
     with pytest.raises(IdentityError):
         Fleet.from_document(document | {"pools": {"a": {"signing_key": "short"}}})
+
+
+def test_every_error_class_has_a_wire_code() -> None:
+    """Each error the worker raises maps to one of the protocol's codes (schemas.wire.ErrorCode)."""
+    import inspect
+
+    from worker import errors, policy
+
+    classes = [c for m in (errors, policy) for _, c in inspect.getmembers(m, inspect.isclass)
+               if issubclass(c, errors.ServiceError)]  # fmt: skip
+    assert len(classes) >= 10
+    assert {c.code for c in classes} <= set(ERROR_CODES)
+    assert set(ERROR_CODES) == {"unauthenticated", "forbidden", "expired", "replayed", "invalid", "conflict",
+                                "not_found", "unavailable", "internal"}  # fmt: skip

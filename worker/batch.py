@@ -1,6 +1,6 @@
 """Batch operations: many items under one root key lookup, one HSM lock and one database transaction.
 
-Each function returns one outcome per item, in order: the item's result or the :class:`KmsqError` that
+Each function returns one outcome per item, in order: the item's result or the :class:`ServiceError` that
 refused it. An item's error never fails the rest of the batch; an error of the batch as a whole (unknown
 root key, permission, HSM or database down) is raised.
 """
@@ -19,7 +19,7 @@ from schemas.envelope import (
 )
 from schemas.limits import FieldError, check_encrypted_key
 from worker import service
-from worker.errors import Conflict, InvalidRequest, KmsqError, PermanentError
+from worker.errors import Conflict, InvalidRequest, PermanentError, ServiceError
 from worker.hsm import Hsm
 from worker.storage.models import PrivateKey
 from worker.storage.repo import PrivateKeyRepository
@@ -62,10 +62,10 @@ def generate_data_keys(
     return keys
 
 
-def decrypt_data_keys(encrypted_keys: Sequence[str], decrypt: Callable[[str], str]) -> list[str | KmsqError]:
+def decrypt_data_keys(encrypted_keys: Sequence[str], decrypt: Callable[[str], str]) -> list[str | ServiceError]:
     """Runs ``decrypt`` on each ``encryptedKey`` (checked against its limit first). Returns each one's
     ``plaintextKey`` or its error (integrity, forbidden...): an item's error never fails the others."""
-    out: list[str | KmsqError] = []
+    out: list[str | ServiceError] = []
     for encrypted_key in encrypted_keys:
         try:
             try:
@@ -85,14 +85,14 @@ def store_private_keys(
     root_key_id: str | None = None,
     pool: str = "default",
     check: service.RootKeyCheck | None = None,
-) -> list[service.StoredPrivateKey | KmsqError]:
+) -> list[service.StoredPrivateKey | ServiceError]:
     """Seals and stores each private key like :func:`worker.service.store_private_key`, with one bulk insert.
 
     Returns each item's public fields or its error: ``invalid`` for a bad field, ``conflict`` when (pub,
     source) is stored already or repeats within the batch.
     """
     version = service.wrapping_version(db, root_key_id, pool, check)
-    outcomes: list[service.StoredPrivateKey | KmsqError | None] = [None] * len(items)
+    outcomes: list[service.StoredPrivateKey | ServiceError | None] = [None] * len(items)
     for i, item in enumerate(items):
         try:
             service.validate_private_key(pub=item.pub, prv=item.prv, coin=item.coin, source=item.source, type=item.type)

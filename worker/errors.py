@@ -6,11 +6,15 @@ to show to a caller: no secret, no key material, and for integrity failures no h
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class KmsqError(Exception):
-    """Root of every error kmsq raises on purpose."""
+from schemas.wire import ErrorCode
 
-    code = "internal"
+
+class ServiceError(Exception):
+    """Root of every error kmsq raises on purpose (what a caller then gets is ``tasks.client.KmsError``)."""
+
+    code: ClassVar[ErrorCode] = "internal"
     transient = False
 
     def __init__(self, message: str | None = None) -> None:
@@ -24,7 +28,7 @@ class KmsqError(Exception):
         return str(self.args[0])
 
 
-class TransientError(KmsqError):
+class TransientError(ServiceError):
     """A failure that may go away on retry (HSM busy or restarted, database unreachable)."""
 
     code = "unavailable"
@@ -44,7 +48,7 @@ class DatabaseUnavailable(TransientError):
     default_message = "database temporarily unavailable"
 
 
-class PermanentError(KmsqError):
+class PermanentError(ServiceError):
     """A failure that a retry will not fix."""
 
 

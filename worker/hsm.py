@@ -23,7 +23,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
 from schemas.envelope import GCM_TAG_LEN, WrapAlgorithm
-from worker.errors import ConfigError, HsmError, HsmUnavailable, IntegrityError, KmsqError, NotFound
+from worker.errors import ConfigError, HsmError, HsmUnavailable, IntegrityError, NotFound, ServiceError
 from worker.secret import SecretBytes
 
 T = TypeVar("T")
@@ -277,7 +277,7 @@ class Hsm:
     def _translate(*, integrity: bool) -> Iterator[None]:
         try:
             yield
-        except KmsqError:
+        except ServiceError:
             raise
         except _SESSION_ERRORS as e:
             raise HsmUnavailable() from e

@@ -69,10 +69,10 @@ from worker.errors import (
     Expired,
     Forbidden,
     InvalidRequest,
-    KmsqError,
     NotFound,
     PermanentError,
     Replayed,
+    ServiceError,
     TransientError,
     Unauthenticated,
 )
@@ -153,7 +153,7 @@ class _Rejection(Exception):
     """
 
     def __init__(
-        self, error: KmsqError, detail: str, *, caller: str | None = None, reply_queue: str | None = None
+        self, error: ServiceError, detail: str, *, caller: str | None = None, reply_queue: str | None = None
     ) -> None:
         super().__init__(detail)
         self.error = error
@@ -169,7 +169,7 @@ class _Duplicate(Exception):
 class _Refusal(Exception):
     """An authenticated request is refused before it runs; ``store`` makes the refusal its recorded outcome."""
 
-    def __init__(self, error: KmsqError, *, store: bool) -> None:
+    def __init__(self, error: ServiceError, *, store: bool) -> None:
         super().__init__(error.message)
         self.error = error
         self.store = store
@@ -229,7 +229,7 @@ def _failure(ctx: WorkerContext, call: _Call, error: Exception, final_attempt: b
     if isinstance(error, PermanentError):
         return _error_delivery(ctx, call, error, store=True)
     log.exception("internal error in %s %s", call.request.params.op, call.request.request_id, exc_info=error)
-    return _error_delivery(ctx, call, KmsqError(), store=False)
+    return _error_delivery(ctx, call, ServiceError(), store=False)
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def _execute(
         return result, secrets
     if isinstance(params, DecryptDataKey):
         (outcome,) = _decrypt_data_keys(ctx, db, [params.encrypted_key], check)
-        if isinstance(outcome, KmsqError):
+        if isinstance(outcome, ServiceError):
             raise outcome
         return {}, {"plaintextKey": outcome.encode()}
     if isinstance(params, PutKey):
@@ -438,13 +438,13 @@ def _execute(
     raise InvalidRequest(f"unsupported operation {params.op}")
 
 
-def _item_error(error: KmsqError) -> dict[str, str | None]:
+def _item_error(error: ServiceError) -> dict[str, str | None]:
     return {"error": error.code, "message": error.message}
 
 
 def _decrypt_data_keys(
     ctx: WorkerContext, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck
-) -> list[str | KmsqError]:
+) -> list[str | ServiceError]:
     """Every ``encryptedKey`` of a request: kmsq's by the service, the replaced system's SJCL envelopes by
     :mod:`worker.legacy` (the one place that tells them apart). Returns each one's ``plaintextKey`` or error.
 
@@ -483,8 +483,8 @@ def _execute_batch(
         return {"items": items}, {"items": canonical_json([k.plaintext_key for k in keys])}
     if isinstance(params, DecryptDataKeys):
         outcomes = _decrypt_data_keys(ctx, db, params.encrypted_keys, check)
-        items = [_item_error(o) if isinstance(o, KmsqError) else {} for o in outcomes]
-        secrets = [None if isinstance(o, KmsqError) else o for o in outcomes]
+        items = [_item_error(o) if isinstance(o, ServiceError) else {} for o in outcomes]
+        secrets = [None if isinstance(o, ServiceError) else o for o in outcomes]
         return {"items": items}, {"items": canonical_json(secrets)}
     prvs = _open_prvs(ctx, request, params)
     entries = [
@@ -494,7 +494,7 @@ def _execute_batch(
     stored = batch.store_private_keys(ctx.hsm, db, entries, params.root_key_id, ctx.pool, check)
     items = [
         _item_error(o)
-        if isinstance(o, KmsqError)
+        if isinstance(o, ServiceError)
         else {"pub": o.pub, "coin": o.coin, "source": o.source, "type": o.type}
         for o in stored
     ]
@@ -530,7 +530,7 @@ def _get_result(ctx: WorkerContext, db: Session, call: _Call, params: GetResult)
         raise _Refusal(NotFound("no stored result for this request_id"), store=False)
     if not _reply_of(record.reply, request.caller, params.request_id):  # e.g. another row's reply copied in
         log.error("stored reply of %s %s names another request", request.caller, params.request_id)
-        raise _Refusal(KmsqError("stored result failed integrity check"), store=False)
+        raise _Refusal(ServiceError("stored result failed integrity check"), store=False)
     result: ResultFields = {"reply": record.reply, "request_id": str(params.request_id)}
     envelope = _envelope(ctx, request.request_id, request.caller, "get_result", call.digest, result=result)
     return Delivery(request.reply_queue, envelope, str(request.request_id), None)
@@ -558,7 +558,7 @@ def _envelope(
     *,
     result: ResultFields | None = None,
     sealed: dict[str, str] | None = None,
-    error: KmsqError | None = None,
+    error: ServiceError | None = None,
 ) -> dict[str, str]:
     reply = Reply(
         v=1,
@@ -579,7 +579,7 @@ def _envelope(
     return ReplyEnvelope(body=b64u(body), signature=signature, key_id=ctx.fleet.signing_key_id).model_dump()
 
 
-def _error_delivery(ctx: WorkerContext, call: _Call, error: KmsqError, *, store: bool) -> Delivery:
+def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, store: bool) -> Delivery:
     """Builds an error reply; with ``store`` it becomes the request's recorded outcome (or, if another
     delivery recorded one first, that one is returned). Every error that is the request's outcome is audited;
     a redelivery that finds another delivery's outcome is not a second attempt and leaves no audit row."""

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import TableClause
 
-from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, KmsqError
+from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, ServiceError
 from worker.hsm import Hsm
 from worker.legacy import sjcl
 from worker.legacy.root_key_names import add_legacy_root_key
@@ -359,7 +359,7 @@ class LegacyImporter:
             return RowFailure(row.id, str(e))
         except sa_exc.IntegrityError:
             return RowFailure(row.id, "stored concurrently by another import; run again")
-        except KmsqError as e:
+        except ServiceError as e:
             return RowFailure(row.id, f"{e.code}: {e}")
 
     def _reads_back(self, db: Session, item: Recovered) -> bool:
