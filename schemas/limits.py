@@ -43,6 +43,10 @@ KeyType = Literal["independent", "tss"]
 SOURCES: tuple[str, ...] = get_args(Source)
 KEY_TYPES: tuple[str, ...] = get_args(KeyType)
 
+# A root key's type: an AES-256 key-wrap key, or an RSA key pair (OAEP) of that many bits.
+RootKeyType = Literal["aes-256", "rsa-2048", "rsa-3072", "rsa-4096"]
+ROOT_KEY_TYPES: tuple[str, ...] = get_args(RootKeyType)
+
 # Unicode category Cc: C0 controls, DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # a lone surrogate (JSON "\ud800") has no UTF-8 encoding

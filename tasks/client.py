@@ -15,12 +15,10 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,54 +32,25 @@ from kombu.messaging import Consumer, Producer
 from schemas.envelope import EncryptedDataKey, FormatError
 from schemas.limits import (
     MAX_BATCH_ITEMS,
-    MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
-    FieldError,
-    check_prv,
-    public_message,
 )
-from schemas.messages import OPS, Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.messages import Reply, ReplyEnvelope, Request
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
     args_digest,
-    b64u,
     canonical_json,
-    from_b64u,
-    open_reply_secret,
     pool_queue,
-    reply_signing_input,
-    request_signing_input,
-    seal_private_key,
-    sign,
     task_name,
-    verify,
 )
 from tasks.app import broker_connection, make_app, reuse_redis_client
-from tasks.identity import CallerIdentity, Fleet, FleetPool
+from tasks.codec import Fields, KmsCodec
+from tasks.codec import KmsError as KmsError  # re-exported: callers catch it from here
+from tasks.codec import KmsTimeout as KmsTimeout
+from tasks.identity import CallerIdentity, Fleet
 
 log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
-Fields = dict[str, Any]
-
-
-class KmsError(Exception):
-    """A request failed. ``code`` is one of ``schemas.wire.ErrorCode``; ``message`` is the worker's text.
-
-    (The worker's own exceptions are ``worker.errors.ServiceError``: this is what a caller gets.)"""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
-class KmsTimeout(KmsError):
-    """No reply arrived in time. The request may still complete: fetch it later with ``get_result``."""
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__("unavailable", "no reply from a worker in time", request_id)
 
 
 class RequestFuture(Future[Fields]):
@@ -93,8 +62,9 @@ class RequestFuture(Future[Fields]):
         self.reply: Reply | None = None  # the verified reply, once it arrived (pool, worker key id...)
 
 
-class KmsClient:
-    """A caller's connection to kmsq. Thread-safe; use as a context manager or call :meth:`close`."""
+class KmsClient(KmsCodec):
+    """A caller's connection to kmsq: :class:`KmsCodec` on a broker. Thread-safe; use as a context manager or
+    call :meth:`close`."""
 
     def __init__(
         self,
@@ -118,17 +88,10 @@ class KmsClient:
             self._app = make_app(broker_url, name="kmsq-client", namespace=namespace)
         except ValueError as e:
             raise KmsError("invalid", f"namespace: {e}") from None
+        super().__init__(identity, fleet, reply_queue=reply_queue, ttl_seconds=ttl_seconds)
         self.namespace = namespace
-        self.identity = identity
-        self.fleet = fleet
-        self.reply_queue = reply_queue_for(identity.caller, reply_queue or secrets.token_hex(8))
-        self.ttl = timedelta(seconds=ttl_seconds)
         self.timeout = timeout
         self._broker_url = broker_url
-        # Computed once: deriving them from the keys cost a few hundredths of a millisecond per request.
-        self._key_id = identity.key_id
-        self._reply_public = identity.reply_public
-        self._fleet_keys: tuple[Fleet, dict[str, FleetPool]] | None = None
         self._publisher: tuple[Connection, Producer] | None = None  # opened on first publish, under _send_lock
         # request_id -> (future, digest of the arguments sent, or None when unknown: see expect())
         self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
@@ -172,23 +135,6 @@ class KmsClient:
         params, pool = self.put_key_params(pub, prv, coin, source, type, root_key_id, request_id)
         return self.submit(params, pool, request_id=request_id)
 
-    def put_key_params(
-        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None, request_id: uuid.UUID
-    ) -> tuple[dict[str, Any], str]:
-        """Returns the ``put_key`` parameters for ``request_id`` (``prv`` sealed) and the pool. Raises KmsError
-        (``invalid``) for a ``prv`` out of its limits."""
-        try:
-            check_prv(prv)
-        except FieldError as e:
-            raise KmsError("invalid", str(e)) from None
-        pool = self.pool_for(root_key_id)
-        sealed = seal_private_key(
-            self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prv.encode("utf-8")
-        )
-        params = {"op": "put_key", "pub": pub, "prv": sealed, "coin": coin, "source": source, "type": type,
-                  "root_key_id": root_key_id}  # fmt: skip
-        return params, pool
-
     def submit_get_key(self, pub: str, source: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_key``; the future gives ``prv``, ``pub``, ``coin``, ``source`` and ``type``."""
         return self.submit({"op": "get_key", "pub": pub, "source": source}, pool or self.fleet.default_pool)
@@ -226,16 +172,6 @@ class KmsClient:
         params, pool = self.put_keys_params(items, root_key_id, request_id)
         return self.submit(params, pool, request_id=request_id)
 
-    def put_keys_params(
-        self, items: list[dict[str, str]], root_key_id: str | None, request_id: uuid.UUID
-    ) -> tuple[dict[str, Any], str]:
-        """Returns the ``put_keys`` parameters for ``request_id`` (private keys sealed) and the pool."""
-        pool = self.pool_for(root_key_id)
-        prvs = canonical_json([item["prv"] for item in items])
-        sealed = seal_private_key(self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prvs)
-        public = [{k: item[k] for k in ("pub", "coin", "source", "type")} for item in items]
-        return {"op": "put_keys", "items": public, "prvs": sealed, "root_key_id": root_key_id}, pool
-
     def generate_data_keys(self, count: int, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
         """See :meth:`submit_generate_data_keys`. Raises KmsError."""
         return self.wait(self.submit_generate_data_keys(count, root_key_id, with_plaintext))
@@ -268,52 +204,7 @@ class KmsClient:
         """Returns the stored result of an earlier request (or raises its stored error)."""
         return self.wait(self.submit_get_result(request_id, pool))
 
-    # -- requests ----------------------------------------------------------------------------------
-
-    def pool_for(self, root_key_id: str | None) -> str:
-        """The pool of a root key (from the fleet file), or the default pool."""
-        if root_key_id is None:
-            return self.fleet.default_pool
-        return self.fleet.pool_of_root_key(root_key_id) or self.fleet.default_pool
-
-    def build_request(
-        self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None
-    ) -> tuple[Request, list[str]]:
-        """Returns the request and the signed task arguments ``[caller, key_id, body, signature]``."""
-        now = datetime.now(UTC)
-        try:
-            request = self._validated_request(params, pool, request_id, now)
-        except pydantic.ValidationError as e:
-            errors = e.errors(include_input=False, include_url=False, include_context=False)
-            raise KmsError("invalid", public_message(errors, ("params", *OPS), "malformed request: ")) from None
-        body = canonical_json(request.model_dump(mode="json"))
-        if len(body) > MAX_REQUEST_BYTES:
-            raise KmsError(
-                "invalid",
-                f"{request.params.op} request is {len(body)} bytes; a message carries at most {MAX_REQUEST_BYTES} "
-                "bytes (MAX_REQUEST_BYTES): send fewer or smaller items",
-            )
-        signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
-        return request, [self.identity.caller, self._key_id, b64u(body), signature]
-
-    def _validated_request(
-        self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None, now: datetime
-    ) -> Request:
-        return Request.model_validate(
-            {
-                "v": 1,
-                "caller": self.identity.caller,
-                "key_id": self._key_id,
-                "request_id": request_id or uuid.uuid4(),
-                "issued_at": now,
-                "expires_at": now + self.ttl,
-                "pool": pool,
-                "reply_queue": self.reply_queue,
-                "reply_key": self._reply_public,
-                "params": params,
-            },
-            strict=False,
-        )
+    # -- sending ------------------------------------------------------------------------------------
 
     def submit(self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None) -> RequestFuture:
         """Signs and sends one request; returns a future of its unsealed result fields."""
@@ -407,52 +298,6 @@ class KmsClient:
         except TimeoutError:
             future.cancel()
             raise KmsTimeout(future.request_id) from None
-
-    def unseal(self, reply: Reply, request_id: uuid.UUID) -> Fields:
-        """Returns a reply's fields with its sealed secrets opened; raises KmsError for an error reply."""
-        if reply.status == "error" or reply.error is not None:
-            code, message = (reply.error.code, reply.error.message) if reply.error else ("internal", "error")
-            raise KmsError(code, message, str(reply.request_id))
-        fields: Fields = dict(reply.result)
-        if reply.op == "get_result" and isinstance(fields.get("reply"), str):
-            inner = self.verify_envelope(ReplyEnvelope.model_validate_json(fields["reply"]))
-            # Signed by a worker, but maybe for another request (a row's reply copied into this one's).
-            if str(inner.request_id) != fields.get("request_id"):
-                raise KmsError("internal", "stored reply is for another request", str(reply.request_id))
-            return self.unseal(inner, inner.request_id)
-        for name, sealed in reply.sealed.items():
-            try:
-                fields[name] = open_reply_secret(self.identity.reply, request_id, name, sealed).decode("utf-8")
-            except (WireError, UnicodeDecodeError):
-                raise KmsError("internal", f"reply field {name} does not open with this caller's key") from None
-        if isinstance(fields.get("items"), str):  # a batch: the items' secrets, sealed together
-            items = reply.result["items"]
-            assert isinstance(items, list)
-            secrets, fields["items"] = json.loads(fields["items"]), [dict(item) for item in items]
-            for item, secret in zip(fields["items"], secrets, strict=True):
-                if secret is not None:
-                    item["plaintextKey"] = secret
-        return fields
-
-    # -- replies -----------------------------------------------------------------------------------
-
-    def verify_envelope(self, envelope: ReplyEnvelope) -> Reply:
-        """Checks the worker's signature and parses the reply. Raises WireError."""
-        if self._fleet_keys is None or self._fleet_keys[0] is not self.fleet:
-            self._fleet_keys = (self.fleet, {p.signing_key_id: p for p in self.fleet.pools.values()})
-        pool = self._fleet_keys[1].get(envelope.key_id)
-        key = pool.signing_key if pool is not None else None
-        if key is None:
-            raise WireError("reply signed by an unknown key")
-        body = from_b64u(envelope.body, max_len=MAX_REPLY_BYTES)
-        verify(key, envelope.signature, reply_signing_input(body))
-        try:
-            reply = Reply.model_validate_json(body)
-        except pydantic.ValidationError:
-            raise WireError("malformed reply") from None
-        if reply.caller != self.identity.caller:
-            raise WireError("reply for another caller")
-        return reply
 
     def _on_message(self, body: Any, message: Message) -> None:
         try:
@@ -595,6 +440,20 @@ class AsyncKmsClient:
     async def get_result(self, request_id: str, pool: str | None = None) -> Fields:
         """See :meth:`KmsClient.get_result`."""
         return await self._await(lambda: self.client.submit_get_result(request_id, pool))
+
+    async def generate_data_keys(
+        self, count: int, root_key_id: str | None = None, with_plaintext: bool = True
+    ) -> Fields:
+        """See :meth:`KmsClient.submit_generate_data_keys`."""
+        return await self._await(lambda: self.client.submit_generate_data_keys(count, root_key_id, with_plaintext))
+
+    async def decrypt_data_keys(self, encrypted_keys: list[str]) -> Fields:
+        """See :meth:`KmsClient.submit_decrypt_data_keys`."""
+        return await self._await(lambda: self.client.submit_decrypt_data_keys(encrypted_keys))
+
+    async def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
+        """See :meth:`KmsClient.submit_put_keys`."""
+        return await self._await(lambda: self.client.submit_put_keys(items, root_key_id))
 
     def close(self) -> None:
         """Closes the underlying client."""

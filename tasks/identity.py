@@ -157,13 +157,6 @@ class Fleet:
                 return pool.pool
         return None
 
-    def signing_key(self, key_id: str) -> Ed25519PublicKey | None:
-        """Returns the reply-signing key with this id, or None."""
-        for pool in self.pools.values():
-            if pool.signing_key_id == key_id:
-                return pool.signing_key
-        return None
-
 
 def _read_json(path: Path, kind: str) -> dict[str, Any]:
     try:

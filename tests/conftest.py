@@ -174,3 +174,32 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
+
+# The test tiers (pyproject.toml's markers). A test is marked by the fixtures it uses; a module whose tests
+# start processes on their own (the CLI, the chaos run) declares its tier with ``pytestmark``. A test with
+# no service tier is ``unit``: ``pytest -m unit`` is the fast loop.
+_TIER_OF_FIXTURE = {
+    "hsm": "hsm",
+    "hsm_settings": "hsm",
+    "service": "hsm",
+    "postgres_url": "db",
+    "pg_engine": "db",
+    "queue_db_url": "db",
+    "redis_url": "queue",
+    "deployment": "queue",
+    "gateway": "queue",
+}
+SERVICE_TIERS = ("hsm", "db", "queue")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with the tiers its fixtures need, and ``unit`` when it needs none."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture in sorted(fixtures & _TIER_OF_FIXTURE.keys()):
+            item.add_marker(_TIER_OF_FIXTURE[fixture])
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("db_engine") == "postgres":
+            item.add_marker("db")
+        if not any(item.get_closest_marker(tier) for tier in SERVICE_TIERS):
+            item.add_marker("unit")

@@ -8,8 +8,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from kmsq.chaos.faults import FAULTS
 from tests.queue_fixtures import kmsq_command
+
+pytestmark = [pytest.mark.hsm, pytest.mark.db, pytest.mark.queue]
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import run_kmsq, softhsm_library
 
+pytestmark = pytest.mark.hsm
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -53,6 +55,7 @@ def test_root_key_create_list_rotate(home: Path) -> None:
     assert by_id[key["id"]]["version"] == 2
 
 
+@pytest.mark.queue
 def test_demo_runs_every_operation_through_the_queue(home: Path) -> None:
     """The main job on the embedded default: SoftHSM2, SQLite and a private redis-server on a Unix socket."""
     result = run_kmsq(home, "demo", "--json")

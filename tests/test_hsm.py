@@ -14,7 +14,8 @@ from pkcs11 import exceptions as p11
 from tests.conftest import raw_session
 from worker.config import Settings
 from worker.errors import ConfigError, IntegrityError
-from worker.hsm import Hsm, RootKeyHandle
+from worker.hsm import Hsm
+from worker.keystore import RootKeyHandle
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def run_child(
     return parsed
 
 
-@pytest.mark.softhsm
+@pytest.mark.hsm
 @pytest.mark.parametrize("code", [CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_ERROR])
 def test_fault_window_fails_then_heals(
     hsm_settings: Settings, fault_module: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
@@ -143,7 +143,7 @@ def test_fault_window_fails_then_heals(
     assert out["unwrap_after"] is True  # the adapter reopened its session
 
 
-@pytest.mark.softhsm
+@pytest.mark.hsm
 def test_switch_file_formats(
     hsm_settings: Settings, fault_module: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -144,6 +144,7 @@ def test_operator_commands_refuse_to_approve_a_changed_row(
         assert row is not None and not policy.verifies(deployment.service.hsm, row)
 
 
+@pytest.mark.hsm
 def test_rows_from_before_policy_macs_are_listed_then_sealed_by_the_operator(tmp_path: Path) -> None:
     """An upgraded deployment: rows without a MAC are listed by `kmsq init` and `kmsq policy check`, and
     trusted only once the operator runs `kmsq policy seal`."""

@@ -124,6 +124,15 @@ def test_async_client(deployment: Deployment, client: KmsClient) -> None:
         deployment.secrets.append(prv.encode())
         await kms.put_key(pub, prv, "btc", "user", "independent")
         assert (await kms.get_key(pub, "user"))["prv"] == prv
+        batch = (await kms.generate_data_keys(3))["items"]
+        deployment.secrets.extend(k["plaintextKey"].encode() for k in batch)
+        opened = await kms.decrypt_data_keys([k["encryptedKey"] for k in batch])
+        assert [i["plaintextKey"] for i in opened["items"]] == [k["plaintextKey"] for k in batch]
+        items = [{"pub": random_pub(), "prv": secrets.token_hex(32), "coin": "btc", "source": "user",
+                  "type": "tss"} for _ in range(2)]  # fmt: skip
+        deployment.secrets.extend(i["prv"].encode() for i in items)
+        stored = await kms.put_keys(items)
+        assert [i["pub"] for i in stored["items"]] == [i["pub"] for i in items]
 
     asyncio.run(run())
 

@@ -24,6 +24,7 @@ from schemas.wire import (
     b64u,
     canonical_json,
     from_b64u,
+    key_id,
     open_private_key,
     open_reply_secret,
     request_signing_input,
@@ -178,7 +179,9 @@ def test_fleet_file() -> None:
     }
     fleet = Fleet.from_document(document)
     assert fleet.pool_of_root_key("rk-1") == "a" and fleet.pool_of_root_key("rk-2") is None
-    assert fleet.signing_key(fleet.pools["a"].signing_key_id) is not None
+    public = signing.public_key().public_bytes_raw()
+    assert fleet.pools["a"].signing_key.public_bytes_raw() == public
+    assert fleet.pools["a"].signing_key_id == key_id(public)
     with pytest.raises(IdentityError):
         Fleet.from_document(document | {"default_pool": "b"})
     with pytest.raises(IdentityError):
@@ -197,3 +200,11 @@ def test_every_error_class_has_a_wire_code() -> None:
     assert {c.code for c in classes} <= set(ERROR_CODES)
     assert set(ERROR_CODES) == {"unauthenticated", "forbidden", "expired", "replayed", "invalid", "conflict",
                                 "not_found", "unavailable", "internal"}  # fmt: skip
+
+
+def test_root_key_types_are_one_list() -> None:
+    """The CLI offers schemas.limits.ROOT_KEY_TYPES; the service makes exactly those."""
+    from schemas.limits import ROOT_KEY_TYPES
+    from worker.service import RSA_BITS
+
+    assert set(ROOT_KEY_TYPES) == {"aes-256", *RSA_BITS}

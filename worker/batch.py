@@ -20,7 +20,7 @@ from schemas.envelope import (
 from schemas.limits import FieldError, check_encrypted_key
 from worker import service
 from worker.errors import Conflict, InvalidRequest, PermanentError, ServiceError
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.storage.models import PrivateKey
 from worker.storage.repo import PrivateKeyRepository
 
@@ -37,7 +37,7 @@ class PrivateKeyItem:
 
 
 def generate_data_keys(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     count: int,
     with_plaintext: bool,
@@ -79,7 +79,7 @@ def decrypt_data_keys(encrypted_keys: Sequence[str], decrypt: Callable[[str], st
 
 
 def store_private_keys(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     items: Sequence[PrivateKeyItem],
     root_key_id: str | None = None,

@@ -20,7 +20,7 @@ from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker import policy
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import Caller, RootKey
 
@@ -77,7 +77,7 @@ def _info(row: Caller) -> CallerInfo:
 
 
 def add_caller(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     name: str,
     identity: PublicIdentity,
@@ -123,7 +123,7 @@ def list_callers(db: Session) -> list[CallerInfo]:
     return [_info(row) for row in db.scalars(select(Caller).order_by(Caller.name))]
 
 
-def set_caller_state(hsm: Hsm, db: Session, name: str, state: str) -> CallerInfo:
+def set_caller_state(hsm: KeyStore, db: Session, name: str, state: str) -> CallerInfo:
     """Enables or disables a caller and seals its row again. Raises NotFound, or PolicyViolation when the row
     was changed outside the operator commands."""
     row = db.get(Caller, name)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from schemas.files import FILE_VERSION, FLEET_KIND
 from schemas.wire import b64u, from_b64u, key_id
 from worker.errors import ConfigError, IntegrityError
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.secret import SecretBytes
 from worker.service import open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import FleetKey
@@ -64,7 +64,7 @@ def _public(row: FleetKey) -> FleetPublic:
     return FleetPublic(row.pool, row.signing_key, row.transport_key)
 
 
-def fleet_document(hsm: Hsm, db: Session, default_pool: str, pools: list[str] | None = None) -> dict[str, Any]:
+def fleet_document(hsm: KeyStore, db: Session, default_pool: str, pools: list[str] | None = None) -> dict[str, Any]:
     """Returns the fleet file callers need (``kmsq fleet-key export``): per pool (``pools``, default all), the
     public fleet keys, checked in the HSM (:func:`verified_public_keys`), and the pool's enabled root keys.
 
@@ -84,7 +84,7 @@ def fleet_document(hsm: Hsm, db: Session, default_pool: str, pools: list[str] | 
     return document
 
 
-def ensure_fleet_key(hsm: Hsm, db: Session, pool: str) -> tuple[FleetPublic, bool]:
+def ensure_fleet_key(hsm: KeyStore, db: Session, pool: str) -> tuple[FleetPublic, bool]:
     """Returns the pool's fleet keys, creating them (sealed under the pool's default root key) if absent.
 
     The flag is True when they were created now. Raises NotFound when the pool has no enabled root key.
@@ -127,7 +127,7 @@ def fleet_public_keys(db: Session) -> list[FleetPublic]:
     return [_public(row) for row in db.scalars(select(FleetKey).order_by(FleetKey.pool))]
 
 
-def verified_public_keys(hsm: Hsm, db: Session, pools: list[str] | None = None) -> list[FleetPublic]:
+def verified_public_keys(hsm: KeyStore, db: Session, pools: list[str] | None = None) -> list[FleetPublic]:
     """Returns the public fleet keys of ``pools`` (default: all), each checked by opening the pool's sealed
     private keys in the HSM: a row whose public keys were changed in the database does not open (they are
     part of its associated data), so they never reach a fleet file that callers trust.
@@ -154,7 +154,7 @@ def verified_public_keys(hsm: Hsm, db: Session, pools: list[str] | None = None) 
     return verified
 
 
-def load_fleet_key(hsm: Hsm, db: Session, pool: str) -> FleetSecrets:
+def load_fleet_key(hsm: KeyStore, db: Session, pool: str) -> FleetSecrets:
     """Opens the pool's fleet private keys in the HSM.
 
     Returns them. Raises ConfigError when the pool has none, IntegrityError when the row does not open.

@@ -13,7 +13,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +23,7 @@ from pkcs11.mechanisms import GCMParams
 
 from schemas.envelope import GCM_TAG_LEN, WrapAlgorithm
 from worker.errors import ConfigError, HsmError, HsmUnavailable, IntegrityError, NotFound, ServiceError
+from worker.keystore import RootKeyHandle, root_key_label
 from worker.secret import SecretBytes
 
 T = TypeVar("T")
@@ -134,25 +134,6 @@ _SEALING_KEY = {**_SEALED_DATA_KEY, Attribute.ENCRYPT: True}
 _OPENING_KEY = {**_SEALED_DATA_KEY, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: True}
 
 
-@dataclass(frozen=True)
-class RootKeyHandle:
-    """Where a root key version lives in the token: its ``CKA_ID`` and ``CKA_LABEL``, and how it wraps."""
-
-    hsm_id: bytes
-    label: str
-    wrap_algorithm: WrapAlgorithm
-
-    @property
-    def is_rsa(self) -> bool:
-        """True for RSA-OAEP root keys."""
-        return self.wrap_algorithm is not WrapAlgorithm.AES_KWP
-
-
-def root_key_label(key_id: str, version: int) -> str:
-    """Returns the ``CKA_LABEL`` (and, encoded, the ``CKA_ID``) of root key ``key_id`` version ``version``."""
-    return f"kmsq:{key_id}:v{version}"
-
-
 _libraries: dict[str, tuple[Any, int]] = {}
 _libraries_lock = threading.Lock()
 # SoftHSM2 2.6 keeps about 250 bytes per session object it ever created until C_Finalize, even after
@@ -182,7 +163,7 @@ def _load_library(path: str) -> Any:
         return lib
 
 
-class Hsm:
+class Hsm:  # implements worker.keystore.KeyStore
     """A PKCS#11 token used by kmsq. Thread-safe; one session per process."""
 
     def __init__(

@@ -77,7 +77,7 @@ from worker.errors import (
     Unauthenticated,
 )
 from worker.fleet import FleetSecrets
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.legacy import root_key_names
 from worker.legacy.root_key_names import looks_like_sjcl
 from worker.policy import PolicyViolation
@@ -94,7 +94,7 @@ class WorkerContext:
     """What a worker process holds: its HSM session, database, pool and fleet keys, and its count of refused
     messages (call ``rejections.flush()`` before the process ends)."""
 
-    hsm: Hsm
+    hsm: KeyStore
     sessions: sessionmaker[Session]
     pool: str
     fleet: FleetSecrets = field(repr=False)
@@ -186,28 +186,29 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
     """
     claim = _claim(msg.args)
     digest = args_digest(msg.args)
-    calls: list[_Call] = []  # the parsed request, once there is one
+    call: _Call | None = None  # the authenticated request, once there is one
     try:
         try:
             # The success path is one transaction: the caller lookup (cached), the operation's rows and the
             # request record with its reply.
             with transaction(ctx.sessions) as db:
                 request, body_hash, caller = _authenticate(ctx, db, msg, claim)
-                calls.append(_Call(request, body_hash, digest))
-                return _serve(ctx, db, calls[-1], caller)
+                call = _Call(request, body_hash, digest)
+                return _serve(ctx, db, call, caller)
         except _Duplicate:
-            stored = _stored_reply(ctx, calls[-1])  # another delivery recorded it: its answer stands
+            assert call is not None  # only _serve raises it
+            stored = _stored_reply(ctx, call)  # another delivery recorded it: its answer stands
             if stored is None:  # pragma: no cover - records are never deleted
                 raise AssertionError("request record vanished") from None
             return stored
     except _Rejection as r:
         return _reject(ctx, msg, r, digest)
     except Exception as e:
-        if not calls:
+        if call is None:
             if isinstance(e, TransientError) and final_attempt:
                 return _reject(ctx, msg, _unavailable_before_authentication(e, msg, claim), digest)
             raise
-        return _failure(ctx, calls[-1], e, final_attempt)
+        return _failure(ctx, call, e, final_attempt)
 
 
 def _unavailable_before_authentication(error: TransientError, msg: Inbound, claim: _Claim | None) -> _Rejection:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidRequest
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.storage.models import Caller, RootKey, RootKeyVersion
 
 log = logging.getLogger("kmsq.policy")
@@ -64,14 +64,14 @@ def mac_input(row: PolicyRow) -> bytes:
     ))  # fmt: skip
 
 
-def seal(hsm: Hsm, row: PolicyRow) -> None:
+def seal(hsm: KeyStore, row: PolicyRow) -> None:
     """Sets ``row.policy_mac`` for its current values (operator commands, after every change of the row),
     creating the token's policy key on first use."""
     hsm.ensure_policy_key()
     row.policy_mac = hsm.policy_mac(mac_input(row)).hex()
 
 
-def require(hsm: Hsm, row: PolicyRow) -> None:
+def require(hsm: KeyStore, row: PolicyRow) -> None:
     """Raises PolicyViolation unless ``row`` verifies: an operator command changes only rows it can vouch for
     (re-sealing a row someone else changed would approve that change)."""
     if not verifies(hsm, row):
@@ -80,7 +80,7 @@ def require(hsm: Hsm, row: PolicyRow) -> None:
         )
 
 
-def verifies(hsm: Hsm, row: PolicyRow) -> bool:
+def verifies(hsm: KeyStore, row: PolicyRow) -> bool:
     """True when ``row`` carries the MAC of its current values under this token's policy key."""
     stored = row.policy_mac
     return stored is not None and hmac.compare_digest(hsm.policy_mac(mac_input(row)).hex(), stored)
@@ -97,10 +97,10 @@ def describe(row: PolicyRow) -> str:
 
 # -- enforcement in worker processes -------------------------------------------------------------------
 
-_enforcing: Hsm | None = None
+_enforcing: KeyStore | None = None
 
 
-def enforce(hsm: Hsm | None) -> None:
+def enforce(hsm: KeyStore | None) -> None:
     """Makes this process check every policy row it loads against ``hsm``'s policy key (None: stop)."""
     global _enforcing
     _enforcing = hsm
@@ -135,7 +135,7 @@ class RowStatus:
     verifies: bool
 
 
-def review(hsm: Hsm, db: Session, *, seal_failing: bool = False) -> list[RowStatus]:
+def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[RowStatus]:
     """Checks every policy row; with ``seal_failing``, seals the ones that fail (the operator has reviewed
     them: ``kmsq caller list``, ``kmsq root-key list``). Returns each row's status before sealing."""
     rows: list[PolicyRow] = [

@@ -1,7 +1,8 @@
-"""Builds the HSM adapter and database from settings, and a transactional facade over the key service.
+"""The key service built from settings, and :class:`KeyService`: each key operation of ``worker.service`` in
+a transaction of its own, for the operator commands, the demo, the benchmark and tests.
 
-The facade gives each operation its own transaction; the queue tasks (a later layer) call the functions of
-``worker.service`` directly inside the transaction that also records the request.
+The worker pipeline does not use the facade: it calls ``worker.service`` inside the one transaction that
+also records the request and its reply.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from worker import fleet, service
 from worker.config import Settings
 from worker.errors import DatabaseUnavailable
 from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.storage.db import create_db_engine, session_factory
 
 T = TypeVar("T")
@@ -49,7 +51,7 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
 class KeyService:
     """The operations of :mod:`worker.service`, each in its own transaction."""
 
-    def __init__(self, hsm: Hsm, sessions: sessionmaker[Session], default_pool: str = "default") -> None:
+    def __init__(self, hsm: KeyStore, sessions: sessionmaker[Session], default_pool: str = "default") -> None:
         self.hsm = hsm
         self.sessions = sessions
         self.default_pool = default_pool

@@ -1,7 +1,7 @@
-"""The key operations, as plain functions over an HSM adapter and a caller-owned database session.
+"""The key operations, as plain functions over a KeyStore (the HSM) and a caller-owned database session.
 
-Functions here add rows and flush but never commit: the caller (the :class:`KeyService` facade, later the
-Celery task) owns the transaction so that an operation's rows and its request record commit together.
+Functions here add rows and flush but never commit: the caller (the pipeline, or the :class:`KeyService`
+facade) owns the transaction, so that an operation's rows and its request record commit together.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from schemas.limits import (
     KEY_TYPES,
     MAX_ENCRYPTED_KEY_CHARS,
     NAME,
+    ROOT_KEY_TYPES,
     SOURCES,
     FieldError,
     check_coin,
@@ -39,12 +40,12 @@ from schemas.limits import (
 )
 from worker import policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
-from worker.hsm import Hsm, RootKeyHandle
+from worker.keystore import KeyStore, RootKeyHandle
 from worker.secret import SecretBytes
 from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 
-ROOT_KEY_TYPES: dict[str, int | None] = {"aes-256": None, "rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
+RSA_BITS: dict[str, int] = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}  # the rsa-* of ROOT_KEY_TYPES
 PROVIDER = "kmsq"
 
 # Called with the root key an operation is about to use, before the HSM is touched; raises to refuse
@@ -121,8 +122,8 @@ def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
     )
 
 
-def _create_hsm_version(hsm: Hsm, key_type: str, key_id: str, version: int) -> RootKeyHandle:
-    bits = ROOT_KEY_TYPES[key_type]
+def _create_hsm_version(hsm: KeyStore, key_type: str, key_id: str, version: int) -> RootKeyHandle:
+    bits = RSA_BITS.get(key_type)
     if bits is None:
         return hsm.create_aes_root_key(key_id, version)
     return hsm.create_rsa_root_key(key_id, version, bits)
@@ -139,7 +140,7 @@ def _version_row(key_id: str, version: int, handle: RootKeyHandle) -> RootKeyVer
     )
 
 
-def create_root_key(hsm: Hsm, db: Session, key_type: str = "aes-256", pool: str = "default") -> RootKeyInfo:
+def create_root_key(hsm: KeyStore, db: Session, key_type: str = "aes-256", pool: str = "default") -> RootKeyInfo:
     """Creates a root key (version 1) in the HSM and records it.
 
     Returns its description. Raises InvalidRequest for an unknown type or bad pool name; HSM errors pass
@@ -164,7 +165,7 @@ def create_root_key(hsm: Hsm, db: Session, key_type: str = "aes-256", pool: str 
     return _info(repo, key)
 
 
-def rotate_root_key(hsm: Hsm, db: Session, root_key_id: str) -> RootKeyInfo:
+def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str) -> RootKeyInfo:
     """Adds a new version to a root key; it wraps from now on, older versions keep unwrapping.
 
     Returns the updated description. Raises NotFound.
@@ -238,7 +239,7 @@ def unwrapping_version(
 
 
 def generate_data_key(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     root_key_id: str | None = None,
     key_spec: str = "AES-256",
@@ -281,7 +282,7 @@ VersionCache = dict[tuple[str, int, int], RootKeyVersion | PermanentError]
 
 
 def decrypt_data_key(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     encrypted_key: str,
     check: RootKeyCheck | None = None,
@@ -332,7 +333,7 @@ def validate_private_key(*, pub: str, prv: str, coin: str, source: str, type: st
 
 
 def store_private_key(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     *,
     pub: str,
@@ -363,7 +364,7 @@ def store_private_key(
 
 
 def seal_under_root_key(
-    hsm: Hsm, version: RootKeyVersion, secret: SecretBytes, aad: Callable[[bytes], bytes]
+    hsm: KeyStore, version: RootKeyVersion, secret: SecretBytes, aad: Callable[[bytes], bytes]
 ) -> tuple[str, str]:
     """Seals ``secret`` with AES-256-GCM inside the HSM under a fresh data key wrapped by ``version``.
 
@@ -378,7 +379,7 @@ def seal_under_root_key(
 
 
 def open_under_root_key(
-    hsm: Hsm,
+    hsm: KeyStore,
     db: Session,
     root_key_id: str,
     root_key_version: int,
@@ -406,7 +407,7 @@ def open_under_root_key(
 
 
 def sealed_private_key_row(
-    hsm: Hsm, version: RootKeyVersion, *, pub: str, prv: str, coin: str, source: str, type: str
+    hsm: KeyStore, version: RootKeyVersion, *, pub: str, prv: str, coin: str, source: str, type: str
 ) -> PrivateKey:
     """Returns a new ``private_keys`` row: ``prv`` sealed with AES-256-GCM inside the HSM under a fresh data
     key wrapped by ``version``, with the row's fields as associated data. Adds nothing to a session."""
@@ -430,7 +431,7 @@ def sealed_private_key_row(
 
 
 def get_private_key(
-    hsm: Hsm, db: Session, pub: str, source: str, check: RootKeyCheck | None = None
+    hsm: KeyStore, db: Session, pub: str, source: str, check: RootKeyCheck | None = None
 ) -> PrivateKeyRecord:
     """Reads and opens the private key stored for (pub, source).
 

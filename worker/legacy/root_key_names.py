@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.errors import IntegrityError, InvalidRequest, PermanentError
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.legacy import sjcl
 from worker.secret import SecretBytes
 from worker.service import RootKeyCheck, open_under_root_key, seal_under_root_key, wrapping_version
@@ -62,7 +62,7 @@ def _info(row: LegacyRootKey) -> LegacyRootKeyInfo:
     return LegacyRootKeyInfo(row.id, row.root_key, row.root_key_version, row.created_at)
 
 
-def _open(hsm: Hsm, db: Session, row: LegacyRootKey) -> SecretBytes:
+def _open(hsm: KeyStore, db: Session, row: LegacyRootKey) -> SecretBytes:
     """Returns a registered name. Raises IntegrityError when its row does not open."""
 
     def aad(header: bytes) -> bytes:
@@ -73,7 +73,7 @@ def _open(hsm: Hsm, db: Session, row: LegacyRootKey) -> SecretBytes:
     )
 
 
-def _seal(hsm: Hsm, version: RootKeyVersion, key_id: str, name: str) -> LegacyRootKey:
+def _seal(hsm: KeyStore, version: RootKeyVersion, key_id: str, name: str) -> LegacyRootKey:
     def aad(header: bytes) -> bytes:
         return _aad(header, key_id, version.root_key_id, version.version)
 
@@ -89,7 +89,7 @@ def _seal(hsm: Hsm, version: RootKeyVersion, key_id: str, name: str) -> LegacyRo
 
 
 def add_legacy_root_key(
-    hsm: Hsm, db: Session, name: str, root_key_id: str | None, pool: str
+    hsm: KeyStore, db: Session, name: str, root_key_id: str | None, pool: str
 ) -> tuple[LegacyRootKeyInfo, bool]:
     """Registers an old root key name, sealed under ``root_key_id`` (or the pool's default root key).
 
@@ -134,7 +134,7 @@ class LegacyNames:
     Use as a context manager.
     """
 
-    def __init__(self, hsm: Hsm, db: Session, check: RootKeyCheck | None = None) -> None:
+    def __init__(self, hsm: KeyStore, db: Session, check: RootKeyCheck | None = None) -> None:
         self.hsm = hsm
         self.db = db
         roots = RootKeyRepository(db)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import TableClause
 
 from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, ServiceError
-from worker.hsm import Hsm
+from worker.keystore import KeyStore
 from worker.legacy import sjcl
 from worker.legacy.root_key_names import add_legacy_root_key
 from worker.service import get_private_key, sealed_private_key_row, validate_private_key, wrapping_version
@@ -247,7 +247,7 @@ class LegacyImporter:
 
     def __init__(
         self,
-        hsm: Hsm,
+        hsm: KeyStore,
         sessions: sessionmaker[Session],
         source: Engine,
         old: LegacyTable,

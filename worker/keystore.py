@@ -1,0 +1,76 @@
+"""What the key service needs from an HSM: :class:`KeyStore`, the methods it calls, and :class:`RootKeyHandle`,
+where a root key version lives.
+
+:class:`worker.hsm.Hsm` implements it on a PKCS#11 token; ``tests/fake_hsm.py`` implements it in memory with
+cryptography's AES key wrap and AES-GCM, for the fast unit tier. Imports no PKCS#11 code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from schemas.envelope import WrapAlgorithm
+from worker.secret import SecretBytes
+
+
+@dataclass(frozen=True)
+class RootKeyHandle:
+    """Where a root key version lives in the token: its ``CKA_ID`` and ``CKA_LABEL``, and how it wraps."""
+
+    hsm_id: bytes
+    label: str
+    wrap_algorithm: WrapAlgorithm
+
+    @property
+    def is_rsa(self) -> bool:
+        """True for RSA-OAEP root keys."""
+        return self.wrap_algorithm is not WrapAlgorithm.AES_KWP
+
+
+def root_key_label(key_id: str, version: int) -> str:
+    """Returns the ``CKA_LABEL`` (and, encoded, the ``CKA_ID``) of root key ``key_id`` version ``version``."""
+    return f"kmsq:{key_id}:v{version}"
+
+
+class KeyStore(Protocol):
+    """The HSM operations kmsq uses. Failures raise worker.errors: HsmUnavailable (transient), IntegrityError
+    (a wrapped key or ciphertext that does not authenticate), NotFound, ConfigError, HsmError."""
+
+    def check(self) -> None:
+        """Opens (or re-checks) the connection to the token."""
+
+    def create_aes_root_key(self, key_id: str, version: int) -> RootKeyHandle:
+        """A non-extractable, sensitive AES-256 key that can only wrap and unwrap (RFC 5649 KWP)."""
+
+    def create_rsa_root_key(self, key_id: str, version: int, bits: int) -> RootKeyHandle:
+        """An RSA key pair whose private half is non-extractable and sensitive and can only unwrap (OAEP)."""
+
+    def destroy_root_key(self, handle: RootKeyHandle) -> None:
+        """Removes a root key version from the token."""
+
+    def root_key_attributes(self, handle: RootKeyHandle) -> dict[str, Any]:
+        """The security attributes of a root key version (for operators and tests)."""
+
+    def generate_data_key(self, handle: RootKeyHandle, *, readable: bool) -> tuple[bytes, SecretBytes | None]:
+        """A fresh AES-256 data key wrapped under ``handle``, and its value when ``readable``."""
+
+    def generate_data_keys(
+        self, handle: RootKeyHandle, count: int, *, readable: bool
+    ) -> list[tuple[bytes, SecretBytes | None]]:
+        """``count`` of :meth:`generate_data_key`."""
+
+    def unwrap_data_key(self, handle: RootKeyHandle, wrapped: bytes) -> SecretBytes:
+        """The value of a wrapped data key."""
+
+    def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM under a fresh data key that never leaves the token unwrapped: (wrapped key, ciphertext)."""
+
+    def open(self, handle: RootKeyHandle, wrapped: bytes, nonce: bytes, aad: bytes, ciphertext: bytes) -> SecretBytes:
+        """What :meth:`seal` sealed."""
+
+    def ensure_policy_key(self) -> bool:
+        """Creates the policy key unless it exists; True when created."""
+
+    def policy_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` under the policy key."""
