@@ -21,7 +21,7 @@ R = TypeVar("R")
 # Not a terminal (a pipe, a log file): do not fold lines at 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
-# Exit codes by error class; documented in the README.
+# Exit codes by error class; documented in docs/COMMANDS.md.
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3

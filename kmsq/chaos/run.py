@@ -1,24 +1,19 @@
-"""``kmsq chaos``: what is lost under faults? A workload runs against a private deployment while faults are
-injected on a schedule; every request is recorded; a checker then says what was lost or done twice.
+"""The run behind ``kmsq chaos`` (kmsq.commands.chaos): what is lost under faults? A workload runs against
+a private deployment while faults are injected on a schedule; every request is recorded; a checker then says
+what was lost or done twice.
 
 The schedule ``short`` injects every fault once (for CI), ``long`` twice. The run ends when the schedule and
-the provisioning job are done; the report (a table, or ``--json``; also ``report.json`` and the history in
-the work directory) lists requests sent, answered, retried, lost and duplicated effects, each fault's
-recovery time and the throughput during and after it, and every check. Exits 1 when a check fails.
+the provisioning job are done; the report (``report.json`` and the history in the work directory) lists
+requests sent, answered, retried, lost and duplicated effects, each fault's recovery time and the throughput
+during and after it, and every check.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import click
-
-from kmsq.output import console, one_line_errors, print_json
 
 CALLERS = ("alice", "bob", "carol")
 SCHEDULES = {"short": (1, 4.0), "long": (2, 15.0)}  # rounds of every fault, seconds between faults
@@ -103,69 +98,3 @@ def run(keys: int, schedule: str, work: Path, log: Any) -> dict[str, Any]:
         }  # fmt: skip
     finally:
         deployment.close()
-
-
-def _print(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    requests = report["requests"]
-    summary = Table(title=f"kmsq chaos ({report['schedule']}): {report['seconds']} s")
-    for column in ("sent", "answered", "retried", "lost", "duplicated effects", "job keys", "job runs",
-                   "workers restarted"):  # fmt: skip
-        summary.add_column(column)
-    summary.add_row(*(str(v) for v in (requests["sent"], requests["answered"], requests["retried"], requests["lost"],
-                                       requests["duplicated_effects"], report["job"]["keys"], report["job"]["runs"],
-                                       report["workers_restarted"])))  # fmt: skip
-    console.print(summary)
-    table = Table(title="faults")
-    for column in ("fault", "lasted s", "recovery s", "ok/s during", "ok/s after"):
-        table.add_column(column)
-    for f in report["faults"]:
-        table.add_row(f["fault"], str(f["lasted_s"]), str(f["recovery_s"]), str(f["ok_per_s_during"]),
-                      str(f["ok_per_s_after"]))  # fmt: skip
-    console.print(table)
-    checks = Table(title="checks")
-    for column in ("check", "result", "detail"):
-        checks.add_column(column)
-    for c in report["checks"]:
-        checks.add_row(c["check"], "ok" if c["ok"] else "[red]FAILED[/red]", c["detail"])
-    console.print(checks)
-
-
-@click.command("chaos")
-@click.option("--keys", type=click.IntRange(1), default=5000, show_default=True, help="Keys the job stores.")
-@click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="short", show_default=True,
-              help="short: every fault once; long: twice.")  # fmt: skip
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the run's services and records go (default: a new temporary directory).")  # fmt: skip
-@click.option("--keep", is_flag=True, help="Keep the work directory (it is kept anyway when a check fails).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@one_line_errors
-def chaos(keys: int, schedule: str, work_dir: Path | None, keep: bool, as_json: bool) -> None:
-    """Run a workload against a private deployment (its own Redis, Postgres, SoftHSM2 token behind a
-    fault-injecting PKCS#11 module, and workers) while injecting faults; report what was lost."""
-    from kmsq.chaos.checker import write_report
-
-    work = work_dir or Path(tempfile.mkdtemp(prefix="kmsq-chaos-"))
-
-    def log(text: str) -> None:
-        if not as_json:
-            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
-
-    from kmsq.chaos.hsm_faults import ChaosError
-    from kmsq.output import EXIT_CONFIG, fail
-
-    try:
-        report = run(keys, schedule, work, log)
-    except ChaosError as e:
-        fail(f"kmsq chaos cannot run here: {e}", EXIT_CONFIG)
-    write_report(work / "report.json", report)
-    if as_json:
-        print_json(report)
-    else:
-        _print(report)
-        console.print(f"report: {work / 'report.json'}; history: {work / 'history.jsonl'}")
-    if report["ok"] and not keep and work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    if not report["ok"]:
-        raise SystemExit(1)

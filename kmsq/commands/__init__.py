@@ -1,0 +1,1 @@
+"""The ``kmsq`` commands, one module per command group; ``kmsq.cli`` registers them."""

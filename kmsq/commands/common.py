@@ -1,0 +1,59 @@
+"""What the commands share: the settings, the key service (operator commands on an HSM host) and the caller's
+client options (caller commands, which need no HSM or database code).
+
+The worker modules are imported inside the functions: ``kmsq caller keygen`` and the caller commands run
+without the worker extra.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tasks.client import KmsClient
+    from worker.config import Settings
+    from worker.runtime import KeyService
+
+
+def settings() -> Settings:
+    """Returns the settings from the environment (``KMSQ_*``). Raises ConfigError for a bad value."""
+    from worker.config import load_settings  # stdlib-only: works without the worker extra
+
+    return load_settings()
+
+
+def service() -> KeyService:
+    """Returns the key service of the configured HSM and database. Raises ConfigError or HsmUnavailable."""
+    from worker.runtime import KeyService
+
+    return KeyService.from_settings(settings())
+
+
+def caller_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds ``--identity``, ``--fleet`` and ``--timeout``."""
+    func = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")(func)
+    func = click.option("--fleet", type=click.Path(dir_okay=False, path_type=Path), help="Fleet file.")(func)
+    return click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="NAME.key.json.")(func)
+
+
+def open_client(identity: Path | None, fleet: Path | None, timeout: float, **options: Any) -> KmsClient:
+    """Returns a connected KmsClient (broker and namespace from the settings; the identity from ``--identity``
+    or ``KMSQ_IDENTITY``; the fleet file from ``--fleet``, ``KMSQ_FLEET`` or ``$KMSQ_HOME/fleet.json``).
+    Raises IdentityError when a file is missing."""
+    from tasks.client import KmsClient
+    from tasks.identity import IdentityError
+
+    identity = identity or (Path(os.environ["KMSQ_IDENTITY"]) if os.environ.get("KMSQ_IDENTITY") else None)
+    if identity is None:
+        raise IdentityError("no caller identity: pass --identity NAME.key.json or set KMSQ_IDENTITY")
+    config = settings()
+    fleet = fleet or Path(os.environ.get("KMSQ_FLEET") or Path(config.home) / "fleet.json")
+    return KmsClient.from_files(
+        config.effective_broker_url, identity, fleet, timeout=timeout, namespace=config.namespace, **options
+    )

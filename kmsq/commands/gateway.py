@@ -1,0 +1,64 @@
+"""``kmsq gateway``: the key-provider HTTP API (kmsq.gateway) served as one caller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kmsq.commands.common import caller_options, open_client
+from kmsq.output import one_line_errors
+
+GATEWAY_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn")  # what `pip install 'kmsq[gateway]'` adds
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--listen")
+    return host.strip("[]"), int(port)
+
+
+@click.command("gateway")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve on.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Its private key.")
+@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Require client certificates issued by this CA (mTLS).")  # fmt: skip
+@click.option("--root-key", default=None, help="Root key for new keys (default: the pool's default root key).")
+@click.option("--reply-queue", default=None, help="Suffix of the gateway's durable reply queue (default: random).")
+@caller_options
+@one_line_errors
+def gateway(
+    listen: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    client_ca: Path | None,
+    root_key: str | None,
+    reply_queue: str | None,
+    identity: Path | None,
+    fleet: Path | None,
+    timeout: float,
+) -> None:
+    """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /generateDataKey, POST /decryptDataKey)
+    as this caller. --timeout is how long a request waits for a worker before answering 503."""
+    from kmsq.output import EXIT_CONFIG, fail
+
+    try:
+        import uvicorn  # noqa: F401 - imported by serve(); checked here, before anything starts
+
+        from kmsq.gateway import GatewaySettings, TlsFiles, create_app, serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in GATEWAY_EXTRA_MODULES:
+            raise
+        fail(f"kmsq gateway needs the gateway extra (no module {e.name}): pip install 'kmsq[gateway]'", EXIT_CONFIG)
+
+    host, port = _host_port(listen)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if client_ca is not None and tls_cert is None:
+        raise click.UsageError("--client-ca needs --tls-cert and --tls-key")
+    tls = TlsFiles(tls_cert, tls_key, client_ca) if tls_cert is not None and tls_key is not None else None
+    with open_client(identity, fleet, timeout, reply_queue=reply_queue) as client:
+        app = create_app(client, GatewaySettings(root_key_id=root_key, timeout=timeout))
+        serve(app, host, port, tls)
