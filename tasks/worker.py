@@ -44,6 +44,7 @@ app = make_app(_settings.effective_broker_url, namespace=_settings.namespace)
 _lock = threading.Lock()
 _context: WorkerContext | None = None
 _context_pid: int | None = None
+_service: KeyService | None = None  # the context's HSM and database, closed when the process stops
 
 
 def context() -> WorkerContext:
@@ -51,7 +52,7 @@ def context() -> WorkerContext:
 
     Raises ConfigError (no fleet key, bad configuration) or TransientError (HSM or database down).
     """
-    global _context, _context_pid
+    global _context, _context_pid, _service
     with _lock:
         if _context is None or _context_pid != os.getpid():
             settings = load_settings()
@@ -66,6 +67,7 @@ def context() -> WorkerContext:
                 service.hsm, service.sessions, pool, fleet, timedelta(seconds=settings.clock_skew_seconds)
             )
             _context_pid = os.getpid()
+            _service = service
         return _context
 
 
@@ -82,7 +84,8 @@ def _open_in_child(**_: Any) -> None:
 def _close_in_child(**_: Any) -> None:
     if _context is not None:
         _context.rejections.flush()
-        _context.sessions.kw["bind"].dispose()
+    if _service is not None:
+        _service.engine.dispose()
 
 
 def publish(delivery: Delivery) -> None:

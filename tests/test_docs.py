@@ -1,4 +1,4 @@
-"""What the README shows operators to copy works: the systemd unit for workers parses cleanly."""
+"""What docs/COMMANDS.md shows operators to copy works: the systemd unit for workers parses cleanly."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+COMMANDS = Path(__file__).resolve().parent.parent / "docs" / "COMMANDS.md"
 
 
 def test_the_worker_systemd_unit_parses(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
-    found = re.search(r"```ini\n(# /etc/systemd/system/kmsq-worker@\.service\n.*?)```", README.read_text(), re.S)
-    assert found, "the README lost its systemd unit"
+    found = re.search(r"```ini\n(# /etc/systemd/system/kmsq-worker@\.service\n.*?)```", COMMANDS.read_text(), re.S)
+    assert found, "docs/COMMANDS.md lost its systemd unit"
     unit = found.group(1)
     # Only what cannot exist on a test machine changes: the install path, the user, the environment file.
     unit = unit.replace("/opt/kmsq/.venv/bin/kmsq", str(Path(sys.executable).with_name("kmsq")))

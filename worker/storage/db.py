@@ -1,7 +1,7 @@
 """Engine and session factory, and schema migration through Alembic.
 
-The engine is created per process. After a fork the child must call :func:`after_fork` before using it
-(SQLAlchemy: ``engine.dispose(close=False)``) so that parent and child never share a connection.
+An engine belongs to one process: a worker child creates its own after the fork (tasks.worker), so that
+parent and child never share a connection.
 """
 
 from __future__ import annotations
@@ -64,11 +64,6 @@ def create_db_engine(url: str) -> Engine:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Returns a session factory; sessions do not expire objects on commit."""
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def after_fork(engine: Engine) -> None:
-    """Makes a forked child open its own connections (the parent's stay with the parent)."""
-    engine.dispose(close=False)
 
 
 def _alembic_config(engine: Engine) -> Config:
