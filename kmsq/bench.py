@@ -261,8 +261,8 @@ def measure_request_work(svc: Any, client: Any, root_key: str, count: int, cache
     from schemas.wire import task_name
     from worker.fleet import load_fleet_key
     from worker.pipeline import Inbound, WorkerContext, handle
-    from worker.runtime import transaction
     from worker.storage.cache import ROWS
+    from worker.storage.db import transaction
 
     with transaction(svc.sessions) as db:
         fleet = load_fleet_key(svc.hsm, db, POOL)
@@ -506,9 +506,9 @@ def run_bench(
     from worker import callers, service
     from worker.config import load_settings
     from worker.errors import ConfigError
-    from worker.runtime import KeyService, transaction
+    from worker.runtime import KeyService
     from worker.softhsm import ensure_embedded_token
-    from worker.storage.db import migrate
+    from worker.storage.db import migrate, transaction
 
     settings = load_settings()
     if settings.embedded_broker or settings.database_url.startswith("sqlite"):

@@ -31,8 +31,9 @@ from worker.config import load_settings
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
-from worker.runtime import KeyService, transaction
+from worker.runtime import KeyService
 from worker.storage.cache import ROWS
+from worker.storage.db import transaction
 
 log = logging.getLogger("kmsq.worker")
 MAX_RETRIES = 5  # backoff 1, 2, 4, 8, 16 s: about 30 s, within the client's default 60 s timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -101,6 +102,16 @@ class FakeHsm:
     def unwrap_data_key(self, handle: RootKeyHandle, wrapped: bytes) -> SecretBytes:
         self._ready()
         return SecretBytes(self._unwrap(handle, wrapped))
+
+    def rewrap(self, wrapped: Sequence[tuple[RootKeyHandle, bytes]], target: RootKeyHandle) -> list[bytes | None]:
+        self._ready()
+        out: list[bytes | None] = []
+        for handle, key in wrapped:
+            try:
+                out.append(self._wrap(target, self._unwrap(handle, key)))
+            except IntegrityError:
+                out.append(None)
+        return out
 
     def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._ready()

@@ -32,8 +32,8 @@ from worker import callers
 from worker.config import Settings
 from worker.fleet import ensure_fleet_key
 from worker.hsm import Hsm
-from worker.runtime import KeyService, transaction
-from worker.storage.db import create_db_engine, migrate, session_factory
+from worker.runtime import KeyService
+from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 
 REDIS_URL = os.environ.get("KMSQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 # This run's namespace: every Redis key of its workers and clients starts with "<NAMESPACE>:", so test runs

@@ -19,7 +19,7 @@ from tasks.client import KmsClient, KmsError
 from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
 from tests.test_queue_rejections import put_body, rejection, signed_args, silently_refused
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import AuditEvent, FleetKey, RequestRecord
 
 

@@ -29,7 +29,7 @@ from tests.conftest import random_pub
 from tests.gateway_fixtures import message_of
 from tests.queue_fixtures import Deployment
 from tests.test_queue_rejections import put_body, rejection, signed_args
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import PrivateKey
 
 # base64(keyShare.toBytes()) of a 2-of-3 DKLS share (@silencelaboratories/dkls-wasm-ll-node 1.2.0-pre.4):

@@ -242,7 +242,7 @@ def test_the_pbkdf2_work_of_a_message_is_bounded_up_front(
     """A signed batch of old envelopes asking for the most PBKDF2 each: 600 of them ran 410 s, past the
     visibility timeout, and then a second time. Now the message is refused before any PBKDF2 runs."""
     from worker.legacy.root_key_names import MAX_ITERATIONS, MAX_PBKDF2_ITERATIONS_PER_MESSAGE, add_legacy_root_key
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     with transaction(deployment.sessions) as db:  # at least one name the caller may try in pool alpha
         add_legacy_root_key(deployment.service.hsm, db, vector_rows[1]["rootKey"], None, "alpha")

@@ -19,8 +19,8 @@ from tests.conftest import fresh_database
 from tests.queue_fixtures import NAMESPACE, Deployment, delete_namespace, start_worker, subprocess_env
 from worker import callers
 from worker.fleet import ensure_fleet_key
-from worker.runtime import KeyService, transaction
-from worker.storage.db import create_db_engine, migrate, session_factory
+from worker.runtime import KeyService
+from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 
 OTHER = NAMESPACE + "-b"
 

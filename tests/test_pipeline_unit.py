@@ -24,8 +24,8 @@ from worker import callers, policy
 from worker.errors import HsmUnavailable
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
-from worker.runtime import KeyService, transaction
-from worker.storage.db import create_db_engine, migrate, session_factory
+from worker.runtime import KeyService
+from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 from worker.storage.models import AuditEvent, Caller, PrivateKey, RejectionCount, RequestRecord
 
 pytestmark = pytest.mark.unit

@@ -21,7 +21,7 @@ from tasks.identity import CallerIdentity
 from tests.conftest import run_kmsq
 from tests.queue_fixtures import Deployment, kmsq_command
 from worker import policy
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import Caller, RejectionCount, RootKey
 
 CACHE = 1.2  # the workers' KMSQ_CACHE_SECONDS (1) and a margin

@@ -18,7 +18,7 @@ from tasks.client import KmsClient
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, start_worker
 from worker.fleet import ensure_fleet_key
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import PrivateKey, RequestRecord
 
 POOL = "gamma"

@@ -21,7 +21,7 @@ from tasks.identity import CallerIdentity
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
 from worker import callers
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import AuditEvent, PrivateKey, RejectionCount, RequestRecord
 
 

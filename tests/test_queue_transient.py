@@ -25,8 +25,7 @@ from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
 from worker.errors import DatabaseUnavailable
 from worker.fleet import ensure_fleet_key, load_fleet_key
 from worker.pipeline import Inbound, WorkerContext, handle
-from worker.runtime import transaction
-from worker.storage.db import create_db_engine, session_factory
+from worker.storage.db import create_db_engine, session_factory, transaction
 from worker.storage.models import PrivateKey, RequestRecord
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.errors import TransientError
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import RejectionCount
 
 log = logging.getLogger("kmsq.worker")

@@ -23,7 +23,7 @@ from worker.errors import ConfigError, IntegrityError
 from worker.keystore import KeyStore
 from worker.secret import SecretBytes
 from worker.service import open_under_root_key, seal_under_root_key, wrapping_version
-from worker.storage.models import FleetKey
+from worker.storage.models import FleetKey, aad_version
 from worker.storage.repo import RootKeyRepository
 
 _AAD_LABEL = b"kmsq/fleet-key/v1\x00"
@@ -164,7 +164,7 @@ def load_fleet_key(hsm: KeyStore, db: Session, pool: str) -> FleetSecrets:
         raise ConfigError(f"no fleet key for pool {pool!r} (run: kmsq fleet-key create --pool {pool})")
 
     def aad(header: bytes) -> bytes:
-        return _aad(header, pool, row.root_key, row.root_key_version, row.signing_key, row.transport_key)
+        return _aad(header, pool, row.root_key, aad_version(row), row.signing_key, row.transport_key)
 
     with open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_private, row.encrypted_data_key, aad

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -489,6 +489,32 @@ class Hsm:  # implements worker.keystore.KeyStore
                 key.destroy()
 
         return self._run(op, integrity=True)
+
+    def rewrap(self, wrapped: Sequence[tuple[RootKeyHandle, bytes]], target: RootKeyHandle) -> list[bytes | None]:
+        """Unwraps each data key under its root key version into a sensitive session object (its value cannot
+        be read), wraps it under ``target`` and destroys it: the key never leaves the HSM. One lock and
+        session for the whole list.
+
+        Returns the new wrapped keys in order, None for one that does not unwrap (tampered, or not wrapped by
+        that version). A session failure redoes the whole list once.
+        """
+
+        def op(session: Any) -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for handle, key in wrapped:
+                try:
+                    with self._translate(integrity=True):
+                        data_key = self._unwrap(session, handle, key, _SEALED_DATA_KEY)
+                except IntegrityError:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(self._wrap(session, target, data_key))
+                finally:
+                    data_key.destroy()
+            return out
+
+        return self._run(op)
 
     def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """Encrypts ``plaintext`` with AES-256-GCM (96-bit nonce, 128-bit tag) under a fresh data key that

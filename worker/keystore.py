@@ -7,6 +7,7 @@ cryptography's AES key wrap and AES-GCM, for the fast unit tier. Imports no PKCS
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,10 @@ class KeyStore(Protocol):
 
     def unwrap_data_key(self, handle: RootKeyHandle, wrapped: bytes) -> SecretBytes:
         """The value of a wrapped data key."""
+
+    def rewrap(self, wrapped: Sequence[tuple[RootKeyHandle, bytes]], target: RootKeyHandle) -> list[bytes | None]:
+        """Each data key unwrapped under its root key version and wrapped again under ``target``, inside the
+        HSM (the value never leaves it); None for one that does not unwrap."""
 
     def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-256-GCM under a fresh data key that never leaves the token unwrapped: (wrapped key, ciphertext)."""

@@ -81,7 +81,7 @@ from worker.keystore import KeyStore
 from worker.legacy import root_key_names
 from worker.legacy.root_key_names import looks_like_sjcl
 from worker.policy import PolicyViolation
-from worker.runtime import transaction
+from worker.storage.db import transaction
 from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
 from worker.storage.repo import RequestRepository
 

@@ -7,20 +7,17 @@ also records the request and its reply.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import fleet, service
+from worker import fleet, rewrap, service
 from worker.config import Settings
-from worker.errors import DatabaseUnavailable
 from worker.hsm import Hsm
 from worker.keystore import KeyStore
-from worker.storage.db import create_db_engine, session_factory
+from worker.storage.db import create_db_engine, session_factory, transaction
 
 T = TypeVar("T")
 
@@ -33,19 +30,6 @@ def hsm_from_settings(settings: Settings) -> Hsm:
         pin=settings.read_pin,
         softhsm2_conf=settings.softhsm2_conf if settings.embedded_hsm else None,
     )
-
-
-@contextmanager
-def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
-    """Yields a session in a transaction that commits on success and rolls back on error.
-
-    Connection-level database failures become DatabaseUnavailable.
-    """
-    try:
-        with sessions.begin() as db:
-            yield db
-    except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
-        raise DatabaseUnavailable(f"database unavailable ({type(e.orig).__name__})") from None
 
 
 class KeyService:
@@ -81,6 +65,17 @@ class KeyService:
     def rotate_root_key(self, root_key_id: str) -> service.RootKeyInfo:
         """See :func:`worker.service.rotate_root_key`."""
         return self._run(lambda db: service.rotate_root_key(self.hsm, db, root_key_id))
+
+    def rewrap_stored(
+        self,
+        root_key_id: str,
+        *,
+        job: str | None = None,
+        batch: int = rewrap.DEFAULT_BATCH,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> rewrap.RewrapSummary:
+        """See :func:`worker.rewrap.run_rewrap` (its own transactions, one per batch)."""
+        return rewrap.run_rewrap(self.hsm, self.sessions, root_key_id, job=job, batch=batch, progress=progress)
 
     def list_root_keys(self) -> list[service.RootKeyInfo]:
         """See :func:`worker.service.list_root_keys`."""

@@ -42,7 +42,7 @@ from worker import policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
 from worker.keystore import KeyStore, RootKeyHandle
 from worker.secret import SecretBytes
-from worker.storage.models import PrivateKey, RootKey, RootKeyVersion
+from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, aad_version
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 
 RSA_BITS: dict[str, int] = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}  # the rsa-* of ROOT_KEY_TYPES
@@ -447,7 +447,7 @@ def get_private_key(
         raise IntegrityError()
     context = PrivateKeyContext(
         pub=row.pub, source=row.source, coin=row.coin, type=row.type,
-        root_key_id=row.root_key, root_key_version=row.root_key_version,
+        root_key_id=row.root_key, root_key_version=aad_version(row),
     )  # fmt: skip
     with open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_prv, row.encrypted_data_key,

@@ -58,7 +58,7 @@ def caller_add(
     """Register a caller from its NAME.pub.json."""
     from worker import callers
     from worker.errors import InvalidRequest
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     if all_root_keys == (root_keys is not None):
         raise InvalidRequest("give exactly one of --root-keys and --all-root-keys")
@@ -82,7 +82,7 @@ def caller_add(
 def caller_list(as_json: bool) -> None:
     """List registered callers."""
     from worker import callers
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     with transaction(service().sessions) as db:
         infos = callers.list_callers(db)
@@ -102,7 +102,7 @@ def caller_list(as_json: bool) -> None:
 
 def _set_state(name: str, state: str) -> None:
     from worker import callers
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     keys = service()
     with transaction(keys.sessions) as db:

@@ -29,7 +29,7 @@ def _ensure_demo_caller(service: Any, directory: Path) -> Path:
     from tasks.identity import CallerIdentity
     from worker import callers
     from worker.errors import ConfigError
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     private_path = directory / f"{DEMO_CALLER}.key.json"
     if not private_path.exists():

@@ -74,7 +74,7 @@ def init(as_json: bool) -> None:
 def _unsealed(service: KeyService) -> list[str]:
     """Rows that workers would refuse (e.g. from before policy MACs): listed, never sealed automatically."""
     from worker import policy
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     with transaction(service.sessions) as db:
         return [s.row for s in policy.review(service.hsm, db) if not s.verifies]

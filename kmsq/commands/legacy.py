@@ -120,7 +120,8 @@ def legacy_root_key_add(name_file: Any, root_key: str | None, as_json: bool) -> 
     """Keep an old root key name (read from --name-file or stdin) sealed under a root key."""
     from worker.config import load_settings
     from worker.legacy.root_key_names import add_legacy_root_key
-    from worker.runtime import KeyService, transaction
+    from worker.runtime import KeyService
+    from worker.storage.db import transaction
 
     name = name_file.read().rstrip("\r\n")
     settings = load_settings()
@@ -142,7 +143,8 @@ def legacy_root_key_list(as_json: bool) -> None:
     """List the kept names (ids and root keys; never the names)."""
     from worker.config import load_settings
     from worker.legacy.root_key_names import list_legacy_root_keys
-    from worker.runtime import KeyService, transaction
+    from worker.runtime import KeyService
+    from worker.storage.db import transaction
 
     with transaction(KeyService.from_settings(load_settings()).sessions) as db:
         infos = list_legacy_root_keys(db)

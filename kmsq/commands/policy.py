@@ -17,7 +17,7 @@ def policy_group() -> None:
 
 def _review(seal: bool, as_json: bool) -> None:
     from worker import policy
-    from worker.runtime import transaction
+    from worker.storage.db import transaction
 
     keys = service()
     with transaction(keys.sessions) as db:

@@ -1,17 +1,20 @@
-"""``kmsq root-key create|rotate|list``: the HSM-held root keys."""
+"""``kmsq root-key create|rotate|rewrap|list``: the HSM-held root keys."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import click
 
 from kmsq.commands.common import service
-from kmsq.output import console, one_line_errors, print_json, print_table
+from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
 from schemas.limits import ROOT_KEY_TYPES
 
 if TYPE_CHECKING:
+    from worker.rewrap import RewrapSummary
+    from worker.runtime import KeyService
     from worker.service import RootKeyInfo
 
 
@@ -69,3 +72,51 @@ def root_key_rotate(root_key_id: str, as_json: bool) -> None:
 def root_key_list(as_json: bool) -> None:
     """List root keys."""
     _print_root_keys(service().list_root_keys(), as_json)
+
+
+@root_key.command("rewrap")
+@click.argument("root_key_id")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True, help="Rows per transaction.")
+@click.option("--job", "job", default=None, help="Job name: give the same one to continue an interrupted run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bar).")
+@one_line_errors
+def root_key_rewrap(root_key_id: str, batch: int, job: str | None, as_json: bool) -> None:
+    """Wrap every stored key of a root key again under its current version, inside the HSM.
+
+    Run it after `kmsq root-key rotate`; workers keep serving meanwhile. Interrupted, run it again (with the
+    same --job to keep one count): it continues. Exits 7 when some rows could not be rewrapped (listed).
+    """
+    keys = service()
+    if as_json:
+        summary = keys.rewrap_stored(root_key_id, job=job, batch=batch)
+        print_json({**asdict(summary), "failed": len(summary.failures)})
+    else:
+        summary = _rewrap_with_progress(keys, root_key_id, job, batch)
+        _print_rewrap(summary)
+    if summary.failures:
+        sys.exit(EXIT_INVALID)
+
+
+def _rewrap_with_progress(keys: KeyService, root_key_id: str, job: str | None, batch: int) -> RewrapSummary:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"rewrapping {root_key_id}", total=None)
+
+        def advance(total: int, handled: int) -> None:
+            bar.update(task, total=total, completed=handled)
+
+        return keys.rewrap_stored(root_key_id, job=job, batch=batch, progress=advance)
+
+
+def _print_rewrap(summary: RewrapSummary) -> None:
+    if summary.failures:
+        print_table("rows not rewrapped", ["table", "row", "reason"],
+                    [(f.table, f.row, f.reason) for f in summary.failures])  # fmt: skip
+    rate = summary.rewrapped / summary.elapsed_seconds if summary.elapsed_seconds else 0.0
+    console.print(
+        f"job {summary.job}: rewrapped {summary.rewrapped} rows of {summary.root_key_id} under version "
+        f"{summary.target_version} in {summary.elapsed_seconds:.1f} s ({rate:,.0f} rows/s); "
+        f"{summary.done_before} in earlier runs, {len(summary.failures)} failed, {summary.remaining} left"
+    )

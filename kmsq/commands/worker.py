@@ -22,8 +22,7 @@ def worker(pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bo
     from sqlalchemy import select
 
     from worker.errors import ConfigError
-    from worker.runtime import transaction
-    from worker.storage.db import create_db_engine, session_factory
+    from worker.storage.db import create_db_engine, session_factory, transaction
     from worker.storage.models import FleetKey
 
     config = settings()

@@ -23,7 +23,7 @@ from worker.keystore import KeyStore
 from worker.legacy import sjcl
 from worker.secret import SecretBytes
 from worker.service import RootKeyCheck, open_under_root_key, seal_under_root_key, wrapping_version
-from worker.storage.models import LegacyRootKey, RootKeyVersion
+from worker.storage.models import LegacyRootKey, RootKeyVersion, aad_version
 from worker.storage.repo import RootKeyRepository
 
 _AAD_LABEL = b"kmsq/legacy-root-key/v1\x00"
@@ -66,7 +66,7 @@ def _open(hsm: KeyStore, db: Session, row: LegacyRootKey) -> SecretBytes:
     """Returns a registered name. Raises IntegrityError when its row does not open."""
 
     def aad(header: bytes) -> bytes:
-        return _aad(header, row.id, row.root_key, row.root_key_version)
+        return _aad(header, row.id, row.root_key, aad_version(row))
 
     return open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_name, row.encrypted_data_key, aad

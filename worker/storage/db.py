@@ -6,12 +6,15 @@ parent and child never share a connection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +62,19 @@ def create_db_engine(url: str) -> Engine:
         return create_engine(parsed, pool_recycle=1800, connect_args={"connect_timeout": 5}, hide_parameters=True)
     except (NoSuchModuleError, ImportError) as e:
         raise ConfigError(f"no driver for database URL {redact_url(url)}: {e}") from None
+
+
+@contextmanager
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """Yields a session in a transaction that commits on success and rolls back on error.
+
+    Connection-level database failures become DatabaseUnavailable.
+    """
+    try:
+        with sessions.begin() as db:
+            yield db
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"database unavailable ({type(e.orig).__name__})") from None
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -42,6 +42,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def aad_version(row: PrivateKey | FleetKey | LegacyRootKey) -> int:
+    """The root key version a sealed row's associated data names: the version it was sealed under.
+
+    A rewrap wraps the row's data key again under a newer version (``root_key_version``) and leaves the
+    ciphertext, and so its associated data, as it was; ``sealed_version`` then keeps the original version.
+    """
+    return row.sealed_version if row.sealed_version is not None else row.root_key_version
+
+
 class RootKey(Base):
     """A root key: a named, versioned key in one HSM pool. Its versions hold the HSM objects."""
 
@@ -92,6 +101,7 @@ class PrivateKey(Base):
     provider: Mapped[str] = mapped_column(String(64))
     root_key: Mapped[str] = mapped_column("rootKey", String(64))
     root_key_version: Mapped[int] = mapped_column(Integer)
+    sealed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # see aad_version
     format_version: Mapped[int] = mapped_column(Integer)
     encrypted_prv: Mapped[str] = mapped_column("encryptedPrv", Text)
     encrypted_data_key: Mapped[str] = mapped_column("encryptedDataKey", Text)
@@ -176,6 +186,7 @@ class FleetKey(Base):
     transport_key: Mapped[str] = mapped_column(String(64))
     root_key: Mapped[str] = mapped_column(String(64))
     root_key_version: Mapped[int] = mapped_column(Integer)
+    sealed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # see aad_version
     encrypted_private: Mapped[str] = mapped_column(Text)
     encrypted_data_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -217,6 +228,24 @@ class LegacyRootKey(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     root_key: Mapped[str] = mapped_column(String(64))
     root_key_version: Mapped[int] = mapped_column(Integer)
+    sealed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # see aad_version
     encrypted_name: Mapped[str] = mapped_column(Text)
     encrypted_data_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A named, resumable operator job (e.g. a rewrap): what it has done, counted in the transactions that
+    do it, so that the counts stay exact however often it is interrupted."""
+
+    __tablename__ = "jobs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # rewrap
+    subject: Mapped[str] = mapped_column(String(64))  # the root key id
+    state: Mapped[str] = mapped_column(String(16))  # running | finished
+    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
