@@ -39,6 +39,7 @@ for command in (
     # caller: the key-provider operations, in bulk, and over HTTP
     keys.generate_data_key,
     keys.decrypt_data_key,
+    keys.rewrap_data_key,
     keys.put_key,
     keys.get_key,
     provision.provision,

@@ -48,6 +48,7 @@ ALLOWABLE_OPS = (
     "generate_data_key",
     "generate_data_key_without_plaintext",
     "decrypt_data_key",
+    "rewrap_data_key",
     "put_key",
     "get_key",
 )
@@ -90,6 +91,14 @@ class DecryptDataKey(_Frozen):
     """Unwraps an ``encryptedKey``; the plaintext comes back sealed."""
 
     op: Literal["decrypt_data_key"]
+    encrypted_key: EncryptedKey
+
+
+class RewrapDataKey(_Frozen):
+    """Wraps an ``encryptedKey`` again under its root key's current version, inside the HSM; the plaintext
+    never leaves it. Its own permission (not ``decrypt_data_key``), no plaintext permission needed."""
+
+    op: Literal["rewrap_data_key"]
     encrypted_key: EncryptedKey
 
 
@@ -142,6 +151,13 @@ class DecryptDataKeys(_Frozen):
     encrypted_keys: Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
+class RewrapDataKeys(_Frozen):
+    """Rewraps many ``encryptedKey`` strings; needs the ``rewrap_data_key`` permission."""
+
+    op: Literal["rewrap_data_keys"]
+    encrypted_keys: Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 class PutKeyItem(_Frozen):
     """The public fields of one private key of a ``put_keys`` batch. Not checked here: the worker checks
     each item on its own (schemas.limits), so that a malformed item fails alone (``invalid``); the message
@@ -163,25 +179,34 @@ class PutKeys(_Frozen):
     root_key_id: RootKeyId | None = None
 
 
-BATCH_OPS = frozenset({"generate_data_keys", "decrypt_data_keys", "put_keys"})
+BATCH_OPS = frozenset({"generate_data_keys", "decrypt_data_keys", "rewrap_data_keys", "put_keys"})
+
+
+_BATCH_PERMISSION = {
+    "decrypt_data_keys": "decrypt_data_key",
+    "rewrap_data_keys": "rewrap_data_key",
+    "put_keys": "put_key",
+}
 
 
 def permission_of(op: str, params: object) -> str:
     """Returns the permission an operation needs (batch operations need their single operation's)."""
     if op == "generate_data_keys":
         return "generate_data_key" if getattr(params, "with_plaintext", True) else "generate_data_key_without_plaintext"
-    return {"decrypt_data_keys": "decrypt_data_key", "put_keys": "put_key"}.get(op, op)
+    return _BATCH_PERMISSION.get(op, op)
 
 
 Operation = Annotated[
     GenerateDataKey
     | GenerateDataKeyWithoutPlaintext
     | DecryptDataKey
+    | RewrapDataKey
     | PutKey
     | GetKey
     | GetResult
     | GenerateDataKeys
     | DecryptDataKeys
+    | RewrapDataKeys
     | PutKeys,
     Field(discriminator="op"),
 ]

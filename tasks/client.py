@@ -121,10 +121,19 @@ class KmsClient(KmsCodec):
 
     def submit_decrypt_data_key(self, encrypted_key: str) -> RequestFuture:
         """Starts ``decrypt_data_key``; the future gives ``plaintextKey``."""
-        pool = self.fleet.default_pool
-        with contextlib.suppress(FormatError):  # a malformed key goes anyway: the worker answers `invalid`
-            pool = self.pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
-        return self.submit({"op": "decrypt_data_key", "encrypted_key": encrypted_key}, pool)
+        return self.submit({"op": "decrypt_data_key", "encrypted_key": encrypted_key}, self._pool_of_key(encrypted_key))
+
+    def submit_rewrap_data_key(self, encrypted_key: str) -> RequestFuture:
+        """Starts ``rewrap_data_key``; the future gives ``encryptedKey`` under its root key's current version
+        (the same string when it is current already). No plaintext is involved on either side."""
+        return self.submit({"op": "rewrap_data_key", "encrypted_key": encrypted_key}, self._pool_of_key(encrypted_key))
+
+    def _pool_of_key(self, encrypted_key: str) -> str:
+        """The pool of the root key an ``encryptedKey`` names; the default pool for one that does not parse
+        (a malformed key goes anyway: the worker answers ``invalid``)."""
+        with contextlib.suppress(FormatError):
+            return self.pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
+        return self.fleet.default_pool
 
     def submit_put_key(
         self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
@@ -160,10 +169,14 @@ class KmsClient(KmsCodec):
     def submit_decrypt_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
         """Starts ``decrypt_data_keys``; items are ``{"plaintextKey"}`` or ``{"error", "message"}``. The batch
         goes to the pool of its first key's root key."""
-        pool = self.fleet.default_pool
-        with contextlib.suppress(FormatError, IndexError):
-            pool = self.pool_for(EncryptedDataKey.from_text(encrypted_keys[0]).root_key_id)
+        pool = self._pool_of_key(encrypted_keys[0]) if encrypted_keys else self.fleet.default_pool
         return self.submit({"op": "decrypt_data_keys", "encrypted_keys": encrypted_keys}, pool)
+
+    def submit_rewrap_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
+        """Starts ``rewrap_data_keys``; items are ``{"encryptedKey"}`` or ``{"error", "message"}``. The batch
+        goes to the pool of its first key's root key."""
+        pool = self._pool_of_key(encrypted_keys[0]) if encrypted_keys else self.fleet.default_pool
+        return self.submit({"op": "rewrap_data_keys", "encrypted_keys": encrypted_keys}, pool)
 
     def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture:
         """Starts ``put_keys`` for items ``{pub, prv, coin, source, type}``; the private keys are sealed
@@ -183,6 +196,14 @@ class KmsClient(KmsCodec):
     def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
         """See :meth:`submit_put_keys`. Raises KmsError for the batch as a whole."""
         return self.wait(self.submit_put_keys(items, root_key_id))
+
+    def rewrap_data_keys(self, encrypted_keys: list[str]) -> Fields:
+        """See :meth:`submit_rewrap_data_keys`. Raises KmsError for the batch as a whole."""
+        return self.wait(self.submit_rewrap_data_keys(encrypted_keys))
+
+    def rewrap_data_key(self, encrypted_key: str) -> Fields:
+        """Returns ``{"encryptedKey"}`` under the root key's current version. Raises KmsError."""
+        return self.wait(self.submit_rewrap_data_key(encrypted_key))
 
     def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
         """Returns ``{"encryptedKey", "plaintextKey"?}``. Raises KmsError."""
@@ -454,6 +475,14 @@ class AsyncKmsClient:
     async def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
         """See :meth:`KmsClient.submit_put_keys`."""
         return await self._await(lambda: self.client.submit_put_keys(items, root_key_id))
+
+    async def rewrap_data_key(self, encrypted_key: str) -> Fields:
+        """See :meth:`KmsClient.rewrap_data_key`."""
+        return await self._await(lambda: self.client.submit_rewrap_data_key(encrypted_key))
+
+    async def rewrap_data_keys(self, encrypted_keys: list[str]) -> Fields:
+        """See :meth:`KmsClient.submit_rewrap_data_keys`."""
+        return await self._await(lambda: self.client.submit_rewrap_data_keys(encrypted_keys))
 
     def close(self) -> None:
         """Closes the underlying client."""

@@ -44,4 +44,8 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
             cpu = report["workers"][workers][name]["cpu_ms_per_item"]
             assert set(cpu) == {"client", "worker_main", "worker_children", "total"} and cpu["total"] > 0
     assert report["W_request_work"]["cpu_ms_per_item"] > 0
+    # R: the rows the E runs stored under the bench root key, rewrapped after a rotation.
+    stored = sum(report["sizes"][k] for k in ("put_single", "put_batched")) * len(report["workers"])
+    assert report["R_rewrap"]["items"] >= stored and report["R_rewrap"]["failed"] == 0
+    assert report["R_rewrap"]["per_s"] > 0 and report["ratios"]["R_over_A"] > 0
     assert report["machine"]["cores"] >= 1

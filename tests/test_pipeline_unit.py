@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from schemas.envelope import EncryptedDataKey
 from schemas.messages import ALLOWABLE_OPS, ReplyEnvelope
 from schemas.wire import b64u, canonical_json, request_signing_input, sign, task_name
 from tasks.codec import KmsCodec, KmsError
@@ -291,6 +292,33 @@ def test_15_batches_answer_per_item(unit: Unit, full: KmsCodec) -> None:
     decrypted = answer(full, unit.deliver(full, {"op": "decrypt_data_keys", "encrypted_keys": encrypted}))
     assert decrypted["items"][0] == {"plaintextKey": keys[0]["plaintextKey"]}
     assert decrypted["items"][1]["error"] == "invalid"
+
+
+def test_15_rewrap_needs_its_own_permission_and_never_carries_plaintext(unit: Unit, full: KmsCodec) -> None:
+    """rewrap_data_key(s): under the current version after a rotation, opened to the same key; a caller with
+    decrypt only may not; one with rewrap only (and no plaintext permission) may, and its replies seal
+    nothing."""
+    key = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": unit.roots["aes"]}))
+    unit.service.rotate_root_key(unit.roots["aes"])
+    decrypt_only = unit.register("decryptonly", ("decrypt_data_key",))
+    rewrap = {"op": "rewrap_data_key", "encrypted_key": key["encryptedKey"]}
+    assert refusal(decrypt_only, unit.deliver(decrypt_only, rewrap))[0] == "forbidden"
+    rewrapper = unit.register("rewrapper", ("rewrap_data_key",), plaintext=False)
+    delivery = unit.deliver(rewrapper, rewrap)
+    assert rewrapper.verify_envelope(ReplyEnvelope(**delivery.envelope)).sealed == {}
+    new = answer(rewrapper, delivery)["encryptedKey"]
+    assert new != key["encryptedKey"] and EncryptedDataKey.from_text(new).root_key_version == 2
+    again = answer(full, unit.deliver(full, {"op": "decrypt_data_key", "encrypted_key": new}))
+    assert again == {"plaintextKey": key["plaintextKey"]}
+    assert answer(rewrapper, unit.deliver(rewrapper, {"op": "rewrap_data_key", "encrypted_key": new})) == {
+        "encryptedKey": new}  # current already: the same string  # fmt: skip
+    batch = {"op": "rewrap_data_keys", "encrypted_keys": [key["encryptedKey"], "kmsq:v1:AAAA", new]}
+    items = answer(rewrapper, unit.deliver(rewrapper, batch))["items"]
+    assert EncryptedDataKey.from_text(items[0]["encryptedKey"]).root_key_version == 2
+    assert items[1] == {"error": "invalid", "message": "ciphertext failed integrity check"}
+    assert items[2] == {"encryptedKey": new}
+    rsa_only = unit.register("rsaonly", ("rewrap_data_key",), roots=[unit.roots["rsa"]], plaintext=False)
+    assert refusal(rsa_only, unit.deliver(rsa_only, rewrap))[0] == "forbidden"  # not its root key
 
 
 def test_get_result_returns_the_stored_reply(unit: Unit, full: KmsCodec) -> None:

@@ -41,6 +41,8 @@ from schemas.messages import (
     ReplyEnvelope,
     Request,
     ResultValue,
+    RewrapDataKey,
+    RewrapDataKeys,
     permission_of,
     reply_queue_belongs_to,
 )
@@ -63,7 +65,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, batch, callers, service
+from worker import audit, batch, callers, rewrap, service
 from worker.audit import UNKNOWN_CALLER
 from worker.errors import (
     Expired,
@@ -423,6 +425,11 @@ def _execute(
         if isinstance(outcome, ServiceError):
             raise outcome
         return {}, {"plaintextKey": outcome.encode()}
+    if isinstance(params, RewrapDataKey):
+        (rewrapped,) = rewrap.rewrap_data_keys(ctx.hsm, db, [params.encrypted_key], ctx.pool, check)
+        if isinstance(rewrapped, ServiceError):
+            raise rewrapped
+        return {"encryptedKey": rewrapped}, {}
     if isinstance(params, PutKey):
         prv = _open_prv(ctx, request, params)
         stored = service.store_private_key(
@@ -434,7 +441,7 @@ def _execute(
         record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
         public: ResultFields = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
         return public, {"prv": record.prv.encode()}
-    if isinstance(params, GenerateDataKeys | DecryptDataKeys | PutKeys):
+    if isinstance(params, GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys):
         return _execute_batch(ctx, db, request, params, check)
     raise InvalidRequest(f"unsupported operation {params.op}")
 
@@ -469,7 +476,7 @@ def _execute_batch(
     ctx: WorkerContext,
     db: Session,
     request: Request,
-    params: GenerateDataKeys | DecryptDataKeys | PutKeys,
+    params: GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys,
     check: service.RootKeyCheck,
 ) -> tuple[ResultFields, dict[str, bytes]]:
     """A batch: ``items`` in the result, and the items' secrets sealed together as one JSON list."""
@@ -487,6 +494,10 @@ def _execute_batch(
         items = [_item_error(o) if isinstance(o, ServiceError) else {} for o in outcomes]
         secrets = [None if isinstance(o, ServiceError) else o for o in outcomes]
         return {"items": items}, {"items": canonical_json(secrets)}
+    if isinstance(params, RewrapDataKeys):
+        rewrapped = rewrap.rewrap_data_keys(ctx.hsm, db, params.encrypted_keys, ctx.pool, check)
+        items = [_item_error(o) if isinstance(o, ServiceError) else {"encryptedKey": o} for o in rewrapped]
+        return {"items": items}, {}
     prvs = _open_prvs(ctx, request, params)
     entries = [
         batch.PrivateKeyItem(pub=i.pub, coin=i.coin, source=i.source, type=i.type, prv=prv)

@@ -51,14 +51,14 @@ def rewrap_data_keys(
     encrypted_keys: list[str],
     pool: str,
     check: RootKeyCheck | None = None,
-) -> list[str | Exception]:
+) -> list[str | PermanentError]:
     """Returns each ``encryptedKey`` wrapped under its root key's current version (the same string when it
     is current already), or the error of that item: IntegrityError (opaque) for anything wrong with the
     ciphertext or the root key version it names, what ``check`` raises, InvalidRequest for a disabled root
     key. One HSM call per root key."""
     versions: VersionCache = {}
-    targets: dict[str, RootKeyVersion | Exception] = {}
-    outcomes: list[str | Exception] = list(encrypted_keys)
+    targets: dict[str, RootKeyVersion | PermanentError] = {}
+    outcomes: list[str | PermanentError] = list(encrypted_keys)
     groups: dict[str, list[tuple[int, EncryptedDataKey, RootKeyVersion]]] = {}
     for i, text in enumerate(encrypted_keys):
         try:
@@ -67,12 +67,12 @@ def rewrap_data_keys(
             if parsed.root_key_id not in targets:
                 try:
                     targets[parsed.root_key_id] = wrapping_version(db, parsed.root_key_id, pool)
-                except Exception as e:
+                except PermanentError as e:
                     targets[parsed.root_key_id] = e
             target = targets[parsed.root_key_id]
-            if isinstance(target, Exception):
+            if isinstance(target, PermanentError):
                 raise target
-        except Exception as e:
+        except PermanentError as e:  # a transient error (HSM, database) fails the whole request: retried
             outcomes[i] = e
             continue
         if source.version != target.version:  # else it is current already: the same string
@@ -102,7 +102,7 @@ def _unwrapping(
     return found
 
 
-def _rewrapped_text(parsed: EncryptedDataKey, target: RootKeyVersion, new: bytes | None) -> str | Exception:
+def _rewrapped_text(parsed: EncryptedDataKey, target: RootKeyVersion, new: bytes | None) -> str | PermanentError:
     if new is None:
         return IntegrityError()
     return EncryptedDataKey(

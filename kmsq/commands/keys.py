@@ -1,6 +1,6 @@
-"""The caller's key-provider operations through the queue: ``kmsq generate-data-key``, ``decrypt-data-key``,
-``put-key`` and ``get-key``. They print JSON with the key-provider API's field names and need only the caller
-install (no HSM or database code)."""
+"""The caller's key operations through the queue: ``kmsq generate-data-key``, ``decrypt-data-key``,
+``rewrap-data-key``, ``put-key`` and ``get-key``. They print JSON with the key-provider API's field names
+and need only the caller install (no HSM or database code)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def decrypt_data_key(encrypted_key: str, identity: Path | None, fleet: Path | No
     """Decrypt an encryptedKey: prints {plaintextKey}."""
     with open_client(identity, fleet, timeout) as client:
         print_json(client.decrypt_data_key(encrypted_key))
+
+
+@click.command("rewrap-data-key")
+@click.argument("encrypted_key")
+@caller_options
+@one_line_errors
+def rewrap_data_key(encrypted_key: str, identity: Path | None, fleet: Path | None, timeout: float) -> None:
+    """Wrap an encryptedKey again under its root key's current version: prints {encryptedKey}. The plaintext
+    stays in the HSM; needs the rewrap_data_key permission, not decrypt."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.rewrap_data_key(encrypted_key))
 
 
 @click.command("put-key")
