@@ -6,116 +6,25 @@ real workers in the queue tests; these are the fast loop (``pytest -m unit``).""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
 from schemas.envelope import EncryptedDataKey
-from schemas.messages import ALLOWABLE_OPS, ReplyEnvelope
-from schemas.wire import b64u, canonical_json, request_signing_input, sign, task_name
-from tasks.codec import KmsCodec, KmsError
-from tasks.identity import CallerIdentity, Fleet
-from tests.fake_hsm import FakeHsm
-from worker import callers, policy
+from schemas.messages import ReplyEnvelope
+from schemas.wire import b64u, canonical_json, request_signing_input, sign
+from tasks.codec import KmsCodec
+from tasks.identity import CallerIdentity
+from tests.unit_fixtures import Unit, answer, refusal
+from worker import callers
 from worker.errors import HsmUnavailable
-from worker.fleet import load_fleet_key
-from worker.pipeline import Delivery, Inbound, WorkerContext, handle
-from worker.runtime import KeyService
-from worker.storage.db import create_db_engine, migrate, session_factory, transaction
-from worker.storage.models import AuditEvent, Caller, PrivateKey, RejectionCount, RequestRecord
+from worker.pipeline import Delivery, Inbound, handle
+from worker.storage.db import transaction
+from worker.storage.models import AuditEvent, Caller, PrivateKey, RequestRecord
 
 pytestmark = pytest.mark.unit
-
-
-@dataclass
-class Unit:
-    """A pool ``alpha`` (an aes-256 and an rsa-2048 root key) and a pool ``beta``, callers, and a worker
-    context of alpha with a clock the test sets."""
-
-    service: KeyService
-    ctx: WorkerContext
-    roots: dict[str, str]
-    fleet: Fleet
-    directory: Path
-    clock: list[datetime]
-
-    def register(self, name: str, ops: tuple[str, ...] = ALLOWABLE_OPS, roots: list[str] | None = None,
-                 plaintext: bool = True) -> KmsCodec:  # fmt: skip
-        identity = CallerIdentity.generate(name)
-        identity.write(self.directory)
-        public = callers.read_public_identity(self.directory / f"{name}.pub.json")
-        with transaction(self.service.sessions) as db:
-            callers.add_caller(self.service.hsm, db, name, public, list(ops), roots, plaintext)
-        return KmsCodec(identity, self.fleet)
-
-    def deliver(self, codec: KmsCodec, params: dict[str, Any], pool: str = "alpha", **message: Any) -> Delivery:
-        request, args = codec.build_request(params, pool)
-        return self.handle_args(request, args, **message)
-
-    def handle_args(self, request: Any, args: list[Any], **message: Any) -> Delivery:
-        inbound = Inbound(
-            message.get("task", task_name(request.params.op)),
-            message.get("reply_to", request.reply_queue),
-            message.get("message_id", str(request.request_id)),
-            args,
-        )
-        return handle(self.ctx, inbound, final_attempt=message.get("final", False))
-
-    def count(self, model: Any) -> int:
-        with self.service.sessions() as db:
-            return int(db.scalar(select(func.count()).select_from(model)) or 0)
-
-    def rejection(self, request_id: str) -> RejectionCount:
-        self.ctx.rejections.flush()
-        with self.service.sessions() as db:
-            row = db.scalars(select(RejectionCount).where(RejectionCount.last_request_id == request_id)).first()
-        assert row is not None
-        return row
-
-
-def answer(codec: KmsCodec, delivery: Delivery) -> dict[str, Any]:
-    """Verifies and opens a delivery as the caller does; raises KmsError for an error reply."""
-    reply = codec.verify_envelope(ReplyEnvelope(**delivery.envelope))
-    return codec.unseal(reply, reply.request_id)
-
-
-def refusal(codec: KmsCodec, delivery: Delivery) -> tuple[str, str]:
-    with pytest.raises(KmsError) as error:
-        answer(codec, delivery)
-    return error.value.code, error.value.message
-
-
-@pytest.fixture
-def unit(tmp_path: Path) -> Iterator[Unit]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'unit.db'}")
-    migrate(engine)
-    hsm = FakeHsm()
-    service = KeyService(hsm, session_factory(engine), default_pool="alpha")
-    roots = {
-        "aes": service.create_root_key("aes-256", "alpha").id,
-        "rsa": service.create_root_key("rsa-2048", "alpha").id,
-        "beta": service.create_root_key("aes-256", "beta").id,
-    }
-    service.ensure_fleet_key("alpha")
-    service.ensure_fleet_key("beta")
-    with transaction(service.sessions) as db:
-        secrets = load_fleet_key(hsm, db, "alpha")
-    clock = [datetime.now(UTC)]
-    ctx = WorkerContext(hsm, service.sessions, "alpha", secrets, timedelta(seconds=300), now=lambda: clock[0])
-    policy.enforce(hsm)
-    yield Unit(service, ctx, roots, Fleet.from_document(service.fleet_document()), tmp_path, clock)
-    policy.enforce(None)
-    engine.dispose()
-
-
-@pytest.fixture
-def full(unit: Unit) -> KmsCodec:
-    return unit.register("full")
 
 
 # -- checks 1-10: rejections ------------------------------------------------------------------------------

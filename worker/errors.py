@@ -66,6 +66,17 @@ class InvalidRequest(PermanentError):
     default_message = "invalid request"
 
 
+class VersionBelowMinimum(InvalidRequest):
+    """A ciphertext under a root key version the operator no longer allows to decrypt
+    (``kmsq root-key set --min-decryption-version``). Told only to a caller that may use the root key."""
+
+    def __init__(self, root_key_id: str, version: int, minimum: int) -> None:
+        super().__init__(
+            f"ciphertext is under version {version} of root key {root_key_id}, below its minimum decryption "
+            f"version {minimum}"
+        )
+
+
 class IntegrityError(PermanentError):
     """A ciphertext failed authentication. Deliberately opaque: never says which check failed."""
 

@@ -65,7 +65,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, batch, callers, rewrap, service
+from worker import audit, batch, callers, lifecycle, rewrap, service
 from worker.audit import UNKNOWN_CALLER
 from worker.errors import (
     Expired,
@@ -365,6 +365,9 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
         callers.authorize_op(caller, permission_of(request.params.op, request.params))
     except Forbidden as e:
         raise _Refusal(e, store=True) from None
+    disabled = lifecycle.pool_refusal(db, ctx.pool)
+    if disabled is not None:
+        raise _Refusal(disabled, store=True)
     if isinstance(request.params, GetResult):
         return _get_result(ctx, db, call, request.params)
     result, secrets = _execute(ctx, db, request, caller)

@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
-from worker.storage.models import Caller, RootKey, RootKeyVersion
+from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
 
 log = logging.getLogger("kmsq.policy")
-PolicyRow = Caller | RootKey | RootKeyVersion
-R = TypeVar("R", Caller, RootKey, RootKeyVersion)
+PolicyRow = Caller | RootKey | RootKeyVersion | Pool
+R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool)
 
 
 class PolicyViolation(InvalidRequest):
@@ -54,10 +54,16 @@ def mac_input(row: PolicyRow) -> bytes:
             ("plaintext", int(bool(row.plaintext))), ("state", row.state),
         ))  # fmt: skip
     if isinstance(row, RootKey):
-        return _encode(b"kmsq/policy/root-key/v1\x00", (
+        fields: tuple[tuple[str, object], ...] = (
             ("id", row.id), ("type", row.type), ("pool", row.pool), ("state", row.state),
             ("current_version", row.current_version),
-        ))  # fmt: skip
+        )  # fmt: skip
+        # Covered once set: the rows sealed before it existed (all 1) keep their MACs.
+        if row.min_decryption_version not in (None, 1):
+            fields += (("min_decryption_version", row.min_decryption_version),)
+        return _encode(b"kmsq/policy/root-key/v1\x00", fields)
+    if isinstance(row, Pool):
+        return _encode(b"kmsq/policy/pool/v1\x00", (("name", row.name), ("state", row.state)))
     return _encode(b"kmsq/policy/root-key-version/v1\x00", (
         ("root_key_id", row.root_key_id), ("version", row.version), ("hsm_id", row.hsm_id),
         ("hsm_label", row.hsm_label), ("wrap_algorithm", row.wrap_algorithm), ("state", row.state),
@@ -92,6 +98,8 @@ def describe(row: PolicyRow) -> str:
         return f"caller {row.name}"
     if isinstance(row, RootKey):
         return f"root key {row.id}"
+    if isinstance(row, Pool):
+        return f"pool {row.name}"
     return f"root key {row.root_key_id} version {row.version}"
 
 
@@ -142,6 +150,7 @@ def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[Ro
         *db.scalars(select(Caller).order_by(Caller.name)),
         *db.scalars(select(RootKey).order_by(RootKey.id)),
         *db.scalars(select(RootKeyVersion).order_by(RootKeyVersion.root_key_id, RootKeyVersion.version)),
+        *db.scalars(select(Pool).order_by(Pool.name)),
     ]
     statuses = []
     for row in rows:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import fleet, rewrap, service
+from worker import fleet, lifecycle, rewrap, service
 from worker.config import Settings
 from worker.hsm import Hsm
 from worker.keystore import KeyStore
@@ -76,6 +76,26 @@ class KeyService:
     ) -> rewrap.RewrapSummary:
         """See :func:`worker.rewrap.run_rewrap` (its own transactions, one per batch)."""
         return rewrap.run_rewrap(self.hsm, self.sessions, root_key_id, job=job, batch=batch, progress=progress)
+
+    def set_root_key_state(self, root_key_id: str, state: str) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.set_root_key_state`."""
+        return self._run(lambda db: lifecycle.set_root_key_state(self.hsm, db, root_key_id, state))
+
+    def set_min_decryption_version(self, root_key_id: str, minimum: int) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.set_min_decryption_version`."""
+        return self._run(lambda db: lifecycle.set_min_decryption_version(self.hsm, db, root_key_id, minimum))
+
+    def destroy_root_key_version(self, root_key_id: str, version: int) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.destroy_root_key_version`."""
+        return self._run(lambda db: lifecycle.destroy_root_key_version(self.hsm, db, root_key_id, version))
+
+    def set_pool_state(self, pool: str, state: str) -> lifecycle.PoolInfo:
+        """See :func:`worker.lifecycle.set_pool_state`."""
+        return self._run(lambda db: lifecycle.set_pool_state(self.hsm, db, pool, state))
+
+    def list_pools(self) -> list[lifecycle.PoolInfo]:
+        """See :func:`worker.lifecycle.list_pools`."""
+        return self._run(lifecycle.list_pools)
 
     def list_root_keys(self) -> list[service.RootKeyInfo]:
         """See :func:`worker.service.list_root_keys`."""

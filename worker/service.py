@@ -39,7 +39,7 @@ from schemas.limits import (
     check_pub,
 )
 from worker import policy
-from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
+from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError, VersionBelowMinimum
 from worker.keystore import KeyStore, RootKeyHandle
 from worker.secret import SecretBytes
 from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, aad_version
@@ -62,10 +62,12 @@ class RootKeyInfo:
     pool: str
     state: str
     version: int
-    versions: tuple[int, ...]
+    versions: tuple[int, ...]  # every version that still exists in the HSM
     wrap_algorithm: str
     hsm_label: str
     created_at: datetime
+    min_decryption_version: int = 1
+    destroyed_versions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,11 @@ def hsm_handle(version: RootKeyVersion) -> RootKeyHandle:
     return RootKeyHandle(bytes.fromhex(version.hsm_id), version.hsm_label, WrapAlgorithm(version.wrap_algorithm))
 
 
+def root_key_info(db: Session, key: RootKey) -> RootKeyInfo:
+    """Returns the operators' description of a root key."""
+    return _info(RootKeyRepository(db), key)
+
+
 def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
     versions = repo.versions(key.id)
     current = next(v for v in versions if v.version == key.current_version)
@@ -115,7 +122,9 @@ def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
         pool=key.pool,
         state=key.state,
         version=key.current_version,
-        versions=tuple(v.version for v in versions),
+        versions=tuple(v.version for v in versions if v.state != "destroyed"),
+        min_decryption_version=key.min_decryption_version,
+        destroyed_versions=tuple(v.version for v in versions if v.state == "destroyed"),
         wrap_algorithm=WrapAlgorithm(current.wrap_algorithm).name,
         hsm_label=current.hsm_label,
         created_at=key.created_at if key.created_at.tzinfo else key.created_at.replace(tzinfo=UTC),
@@ -209,7 +218,7 @@ def wrapping_version(
     if check is not None:
         check(key)
     if key.state != "enabled":
-        raise InvalidRequest(f"root key {key.id!r} is disabled")
+        raise InvalidRequest(f"root key {key.id} is disabled")
     version = repo.get_version(key.id, key.current_version)
     if version is None or version.state != "enabled":
         raise InvalidRequest(f"root key {key.id!r} has no enabled current version")
@@ -222,16 +231,24 @@ def unwrapping_version(
     """The root key version a ciphertext names; every mismatch is the same opaque IntegrityError.
 
     ``check`` runs only for a valid reference, so a refusal never tells which part of a ciphertext is wrong.
+    Then, to a caller that may use the root key: VersionBelowMinimum for a version older than the root key's
+    minimum decryption version (destroyed ones included), InvalidRequest for a disabled root key.
     """
     repo = RootKeyRepository(db)
     key = repo.get(root_key_id)
-    version = repo.get_version(root_key_id, version_no)
-    if key is None or version is None or key.state != "enabled" or version.state != "enabled":
+    if key is None:
         raise IntegrityError()
-    if version.wrap_algorithm != int(algorithm):
+    if version_no < key.min_decryption_version:
+        if check is not None:
+            check(key)
+        raise VersionBelowMinimum(root_key_id, version_no, key.min_decryption_version)
+    version = repo.get_version(root_key_id, version_no)
+    if version is None or version.state != "enabled" or version.wrap_algorithm != int(algorithm):
         raise IntegrityError()
     if check is not None:
         check(key)
+    if key.state != "enabled":
+        raise InvalidRequest(f"root key {key.id} is disabled")
     return version
 
 

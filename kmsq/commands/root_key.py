@@ -1,4 +1,5 @@
-"""``kmsq root-key create|rotate|rewrap|list``: the HSM-held root keys."""
+"""``kmsq root-key create|rotate|rewrap|set|disable|enable|destroy-version|list``: the HSM-held root keys
+and their versions."""
 
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ def _print_root_keys(keys: list[RootKeyInfo], as_json: bool) -> None:
         return
     print_table(
         "root keys",
-        ["id", "type", "pool", "state", "version", "wrap", "created"],
+        ["id", "type", "pool", "state", "version", "decrypts", "destroyed", "wrap", "created"],
         [
-            [k.id, k.type, k.pool, k.state, k.version, k.wrap_algorithm, k.created_at.strftime("%Y-%m-%d %H:%M")]
+            [k.id, k.type, k.pool, k.state, k.version, f"v{k.min_decryption_version}-v{k.version}",
+             ",".join(map(str, k.destroyed_versions)) or "-", k.wrap_algorithm, k.created_at.strftime("%Y-%m-%d %H:%M")]
             for k in keys
         ],
-    )
+    )  # fmt: skip
 
 
 @root_key.command("create")
@@ -120,3 +122,53 @@ def _print_rewrap(summary: RewrapSummary) -> None:
         f"{summary.target_version} in {summary.elapsed_seconds:.1f} s ({rate:,.0f} rows/s); "
         f"{summary.done_before} in earlier runs, {len(summary.failures)} failed, {summary.remaining} left"
     )
+
+
+def _print_key(key: RootKeyInfo, as_json: bool, what: str) -> None:
+    if as_json:
+        print_json(asdict(key))
+    else:
+        console.print(f"root key {key.id}: {what}")
+
+
+@root_key.command("set")
+@click.argument("root_key_id")
+@click.option("--min-decryption-version", "minimum", type=click.IntRange(1), required=True,
+              help="Refuse ciphertexts under older versions (1 to the current version).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_set(root_key_id: str, minimum: int, as_json: bool) -> None:
+    """Set a root key's minimum decryption version: older ciphertexts are refused from then on (workers
+    within KMSQ_CACHE_SECONDS). Rewrap stored keys first (kmsq root-key rewrap), or get_key refuses them."""
+    key = service().set_min_decryption_version(root_key_id, minimum)
+    _print_key(key, as_json, f"decrypts versions {key.min_decryption_version}-{key.version}")
+
+
+@root_key.command("disable")
+@click.argument("root_key_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_disable(root_key_id: str, as_json: bool) -> None:
+    """Disable a root key: it wraps and unwraps nothing until enabled again."""
+    _print_key(service().set_root_key_state(root_key_id, "disabled"), as_json, "disabled")
+
+
+@root_key.command("enable")
+@click.argument("root_key_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_enable(root_key_id: str, as_json: bool) -> None:
+    """Enable a disabled root key again."""
+    _print_key(service().set_root_key_state(root_key_id, "enabled"), as_json, "enabled")
+
+
+@root_key.command("destroy-version")
+@click.argument("root_key_id")
+@click.argument("version", type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_destroy_version(root_key_id: str, version: int, as_json: bool) -> None:
+    """Destroy a version's HSM object for good. Refused, with the reason, unless the version is below the
+    minimum decryption version and no stored row uses it (rewrap first)."""
+    key = service().destroy_root_key_version(root_key_id, version)
+    _print_key(key, as_json, f"version {version} destroyed")

@@ -61,7 +61,20 @@ class RootKey(Base):
     pool: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
     current_version: Mapped[int] = mapped_column(Integer)
+    # Ciphertexts under an older version are refused (kmsq root-key set --min-decryption-version).
+    min_decryption_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+
+
+class Pool(Base):
+    """An HSM pool's state. A pool without a row is enabled; a disabled pool's workers refuse its requests."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # enabled | disabled
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 
 
@@ -75,7 +88,7 @@ class RootKeyVersion(Base):
     hsm_id: Mapped[str] = mapped_column(String(128))  # CKA_ID, hex
     hsm_label: Mapped[str] = mapped_column(String(128))  # CKA_LABEL
     wrap_algorithm: Mapped[int] = mapped_column(Integer)  # schemas.envelope.WrapAlgorithm
-    state: Mapped[str] = mapped_column(String(16), default="enabled")
+    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | destroyed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 

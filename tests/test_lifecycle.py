@@ -1,0 +1,124 @@
+"""A root key's lifecycle and a pool's state, in process (SQLite and the in-memory KeyStore) through the real
+pipeline: minimum decryption version, destroying a version, disabling root keys and pools, and what a
+database writer cannot undo behind the operator. The same against real workers is in
+tests/test_queue_lifecycle.py."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from tasks.codec import KmsCodec
+from tests.fake_hsm import FakeHsm
+from tests.unit_fixtures import Unit, answer, refusal
+from worker.errors import Conflict, InvalidRequest
+from worker.storage.db import transaction
+from worker.storage.models import Pool, RootKey
+
+
+def _below(root: str, version: int, minimum: int) -> tuple[str, str]:
+    return (
+        "invalid",
+        f"ciphertext is under version {version} of root key {root}, below its minimum decryption version {minimum}",
+    )
+
+
+def test_a_minimum_decryption_version_refuses_older_ciphertexts(unit: Unit, full: KmsCodec) -> None:
+    root = unit.roots["aes"]
+    old = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    unit.service.rotate_root_key(root)
+    new = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    assert unit.service.set_min_decryption_version(root, 2).min_decryption_version == 2
+    decrypt = {"op": "decrypt_data_key", "encrypted_key": old["encryptedKey"]}
+    assert refusal(full, unit.deliver(full, decrypt)) == _below(root, 1, 2)
+    rewrap = {"op": "rewrap_data_key", "encrypted_key": old["encryptedKey"]}
+    assert refusal(full, unit.deliver(full, rewrap)) == _below(root, 1, 2)
+    again = answer(full, unit.deliver(full, {"op": "decrypt_data_key", "encrypted_key": new["encryptedKey"]}))
+    assert again == {"plaintextKey": new["plaintextKey"]}
+    stranger = unit.register("rsaonly", roots=[unit.roots["rsa"]])  # may not use the root key: learns nothing
+    assert refusal(stranger, unit.deliver(stranger, decrypt))[0] == "forbidden"
+    with pytest.raises(InvalidRequest, match="1-2"):
+        unit.service.set_min_decryption_version(root, 3)
+    unit.service.set_min_decryption_version(root, 1)  # lowered again: the old key decrypts
+    assert answer(full, unit.deliver(full, decrypt)) == {"plaintextKey": old["plaintextKey"]}
+
+
+def test_stored_keys_below_the_minimum_are_refused_until_rewrapped(unit: Unit, full: KmsCodec) -> None:
+    root = unit.roots["aes"]
+    unit.service.store_private_key(pub="xpub-old", prv="xprv-old", coin="btc", source="user", type="tss",
+                                   root_key_id=root)  # fmt: skip
+    unit.service.rotate_root_key(root)
+    unit.service.set_min_decryption_version(root, 2)
+    get = {"op": "get_key", "pub": "xpub-old", "source": "user"}
+    assert refusal(full, unit.deliver(full, get)) == _below(root, 1, 2)
+    assert unit.service.rewrap_stored(root).rewrapped >= 1  # the job rewraps rows below the minimum too
+    assert answer(full, unit.deliver(full, get))["prv"] == "xprv-old"
+
+
+def test_a_version_is_destroyed_only_below_the_minimum_and_unused(unit: Unit, full: KmsCodec) -> None:
+    root = unit.roots["aes"]
+    old = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    unit.service.store_private_key(pub="xpub-d", prv="xprv-d", coin="btc", source="user", type="tss",
+                                   root_key_id=root)  # fmt: skip
+    unit.service.rotate_root_key(root)
+    with pytest.raises(InvalidRequest, match="not below the minimum decryption version 1: run `kmsq root-key set"):
+        unit.service.destroy_root_key_version(root, 1)
+    unit.service.set_min_decryption_version(root, 2)
+    with pytest.raises(Conflict, match=r"stored row\(s\) still use version 1: run `kmsq root-key rewrap"):
+        unit.service.destroy_root_key_version(root, 1)
+    unit.service.rewrap_stored(root)
+    hsm = unit.service.hsm
+    assert isinstance(hsm, FakeHsm)
+    before = len(hsm._aes)
+    info = unit.service.destroy_root_key_version(root, 1)
+    assert (info.versions, info.destroyed_versions, info.min_decryption_version) == ((2,), (1,), 2)
+    assert len(hsm._aes) == before - 1  # the HSM object is gone
+    with pytest.raises(InvalidRequest, match="destroyed already"):
+        unit.service.destroy_root_key_version(root, 1)
+    with pytest.raises(InvalidRequest, match="version 1 is destroyed"):
+        unit.service.set_min_decryption_version(root, 1)
+    decrypt = {"op": "decrypt_data_key", "encrypted_key": old["encryptedKey"]}
+    assert refusal(full, unit.deliver(full, decrypt)) == _below(root, 1, 2)
+    assert answer(full, unit.deliver(full, {"op": "get_key", "pub": "xpub-d", "source": "user"}))["prv"] == "xprv-d"
+
+
+def test_a_disabled_root_key_wraps_and_unwraps_nothing(unit: Unit, full: KmsCodec) -> None:
+    root = unit.roots["aes"]
+    key = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    assert unit.service.set_root_key_state(root, "disabled").state == "disabled"
+    disabled = ("invalid", f"root key {root} is disabled")
+    assert refusal(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root})) == disabled
+    decrypt = {"op": "decrypt_data_key", "encrypted_key": key["encryptedKey"]}
+    assert refusal(full, unit.deliver(full, decrypt)) == disabled
+    unit.service.set_root_key_state(root, "enabled")
+    assert answer(full, unit.deliver(full, decrypt)) == {"plaintextKey": key["plaintextKey"]}
+
+
+def test_a_disabled_pool_refuses_its_requests(unit: Unit, full: KmsCodec) -> None:
+    assert unit.service.set_pool_state("alpha", "disabled").state == "disabled"
+    request, args = full.build_request({"op": "generate_data_key"}, "alpha")
+    assert refusal(full, unit.handle_args(request, args)) == ("invalid", "pool alpha is disabled")
+    unit.service.set_pool_state("alpha", "enabled")
+    assert refusal(full, unit.handle_args(request, args)) == ("invalid", "pool alpha is disabled")  # stored
+    assert "encryptedKey" in answer(full, unit.deliver(full, {"op": "generate_data_key"}))
+    assert {(p.name, p.state) for p in unit.service.list_pools()} == {("alpha", "enabled"), ("beta", "enabled")}
+
+
+def test_a_database_writer_cannot_undo_the_operator(unit: Unit, full: KmsCodec) -> None:
+    """Re-enabling a pool or lowering a minimum decryption version in the database alone fails the rows'
+    policy MACs: the pool refuses everything, the root key is as absent."""
+    root = unit.roots["aes"]
+    old = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    unit.service.rotate_root_key(root)
+    unit.service.set_min_decryption_version(root, 2)
+    unit.service.set_pool_state("beta", "disabled")
+    with transaction(unit.service.sessions) as db:
+        db.execute(update(RootKey).where(RootKey.id == root).values(min_decryption_version=1))
+        db.execute(update(Pool).where(Pool.name == "beta").values(state="enabled"))
+        db.execute(update(Pool).where(Pool.name == "alpha").values(state="enabled"))  # no row: nothing changes
+    decrypt = {"op": "decrypt_data_key", "encrypted_key": old["encryptedKey"]}
+    assert refusal(full, unit.deliver(full, decrypt)) == ("invalid", "ciphertext failed integrity check")
+    with transaction(unit.service.sessions) as db:
+        db.add(Pool(name="alpha", state="enabled"))  # a row slipped in, without a MAC
+    assert refusal(full, unit.deliver(full, {"op": "generate_data_key"})) == (
+        "invalid", "pool alpha failed its policy check")  # fmt: skip

@@ -1,0 +1,162 @@
+"""A root key's life after it is created and rotated: disable and enable it, raise (or lower) its minimum
+decryption version, destroy an old version in the HSM; and a pool's state.
+
+Every change is an operator command: it refuses a row that fails its policy check and seals the row again
+after the change (worker.policy), so workers trust it. Workers see a change within ``KMSQ_CACHE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from schemas.limits import NAME
+from worker import policy
+from worker.errors import Conflict, InvalidRequest, NotFound
+from worker.keystore import KeyStore
+from worker.rewrap import SEALED_TABLES
+from worker.service import RootKeyInfo, hsm_handle, root_key_info
+from worker.storage.cache import ROWS
+from worker.storage.models import Pool, RootKey
+from worker.storage.repo import RootKeyRepository
+
+STATES = ("enabled", "disabled")
+
+
+def _root_key_for_update(hsm: KeyStore, db: Session, root_key_id: str) -> RootKey:
+    key = RootKeyRepository(db).get(root_key_id, for_update=True)
+    if key is None:
+        raise NotFound(f"no root key {root_key_id!r}")
+    policy.require(hsm, key)
+    return key
+
+
+def set_root_key_state(hsm: KeyStore, db: Session, root_key_id: str, state: str) -> RootKeyInfo:
+    """Enables or disables a root key. A disabled one wraps nothing and unwraps nothing (callers get
+    ``invalid: root key … is disabled``). Returns its description. Raises NotFound, InvalidRequest,
+    PolicyViolation."""
+    if state not in STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
+    key = _root_key_for_update(hsm, db, root_key_id)
+    key.state = state
+    policy.seal(hsm, key)
+    db.flush()
+    return root_key_info(db, key)
+
+
+def set_min_decryption_version(hsm: KeyStore, db: Session, root_key_id: str, minimum: int) -> RootKeyInfo:
+    """Sets the oldest version whose ciphertexts still decrypt (1 to the current version; not below a
+    destroyed version). Returns the description. Raises NotFound, InvalidRequest, PolicyViolation."""
+    key = _root_key_for_update(hsm, db, root_key_id)
+    if not 1 <= minimum <= key.current_version:
+        raise InvalidRequest(f"the minimum decryption version must be 1-{key.current_version} (the current version)")
+    destroyed = [v.version for v in RootKeyRepository(db).versions(key.id) if v.state == "destroyed"]
+    if destroyed and minimum <= max(destroyed):
+        raise InvalidRequest(f"version {max(destroyed)} is destroyed: the minimum must stay above it")
+    key.min_decryption_version = minimum
+    policy.seal(hsm, key)
+    db.flush()
+    return root_key_info(db, key)
+
+
+def rows_using(db: Session, root_key_id: str, version: int) -> int:
+    """Returns how many stored rows (private keys, fleet keys, kept legacy names) are wrapped by the version."""
+    total = 0
+    for model, _ in SEALED_TABLES:
+        stmt = select(func.count()).select_from(model)
+        total += int(db.scalar(stmt.where(model.root_key == root_key_id, model.root_key_version == version)) or 0)
+    return total
+
+
+def destroy_root_key_version(hsm: KeyStore, db: Session, root_key_id: str, version: int) -> RootKeyInfo:
+    """Destroys a version's HSM object, for good: only a version below the minimum decryption version that
+    no stored row uses. Its row stays, marked ``destroyed``. Returns the description.
+
+    Raises NotFound, InvalidRequest (not below the minimum, still used, already destroyed; the message says
+    what to do), PolicyViolation.
+    """
+    key = _root_key_for_update(hsm, db, root_key_id)
+    row = RootKeyRepository(db).get_version(root_key_id, version)
+    if row is None:
+        raise NotFound(f"root key {root_key_id} has no version {version}")
+    policy.require(hsm, row)
+    if row.state == "destroyed":
+        raise InvalidRequest(f"version {version} of {root_key_id} is destroyed already")
+    if version >= key.min_decryption_version:
+        raise InvalidRequest(
+            f"version {version} is not below the minimum decryption version {key.min_decryption_version}: "
+            f"run `kmsq root-key set {root_key_id} --min-decryption-version {version + 1}` first"
+        )
+    used = rows_using(db, root_key_id, version)
+    if used:
+        raise Conflict(
+            f"{used} stored row(s) still use version {version}: run `kmsq root-key rewrap {root_key_id}` first"
+        )
+    row.state = "destroyed"
+    policy.seal(hsm, row)
+    db.flush()
+    hsm.destroy_root_key(hsm_handle(row))  # last: if it fails, the transaction rolls the row back
+    return root_key_info(db, key)
+
+
+# -- pools ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A pool as operators see it."""
+
+    name: str
+    state: str
+    root_keys: int
+    updated_at: datetime | None
+
+
+def set_pool_state(hsm: KeyStore, db: Session, name: str, state: str) -> PoolInfo:
+    """Enables or disables a pool: the workers of a disabled pool refuse its requests (``invalid: pool …
+    is disabled``, stored like any refusal). Returns the pool. Raises InvalidRequest, PolicyViolation."""
+    if state not in STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
+    if not NAME.fullmatch(name):
+        raise InvalidRequest("pool names are 1-64 characters of a-z, 0-9, '-' and '_'")
+    row = db.get(Pool, name, with_for_update=True)
+    if row is None:
+        row = Pool(name=name, state=state)
+        db.add(row)
+    else:
+        policy.require(hsm, row)
+        row.state = state
+    row.updated_at = datetime.now(UTC)
+    policy.seal(hsm, row)
+    db.flush()
+    return _pool_info(db, row.name, row)
+
+
+def list_pools(db: Session) -> list[PoolInfo]:
+    """Returns every pool that has a root key or a row of its own, by name."""
+    names = set(db.scalars(select(RootKey.pool))) | set(db.scalars(select(Pool.name)))
+    return [_pool_info(db, name, db.get(Pool, name)) for name in sorted(names)]
+
+
+def _pool_info(db: Session, name: str, row: Pool | None) -> PoolInfo:
+    count = int(db.scalar(select(func.count()).select_from(RootKey).where(RootKey.pool == name)) or 0)
+    return PoolInfo(name, row.state if row is not None else "enabled", count, row.updated_at if row else None)
+
+
+def pool_refusal(db: Session, name: str) -> InvalidRequest | None:
+    """Why a worker of pool ``name`` must refuse requests now, or None (a cached lookup in workers). A pool row
+    that fails its policy check counts as disabled: someone may have re-enabled it behind the operator."""
+
+    def load() -> str:  # the policy check (an HSM call) runs once per cache period, not per request
+        row = db.get(Pool, name)
+        if row is None:
+            return "enabled"
+        return f"is {row.state}" if policy.checked(row) is not None else "failed its policy check"
+
+    state = ROWS.get(("pool", name), load)
+    if state in ("enabled", "is enabled"):
+        return None
+    return InvalidRequest(f"pool {name} {state}")
