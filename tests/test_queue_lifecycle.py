@@ -1,0 +1,108 @@
+"""The lifecycle commands against a real worker: a pool of its own (``lambda``) whose worker sees each change
+within KMSQ_CACHE_SECONDS (1 s in the tests), driven through the ``kmsq`` command as an operator would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tasks.client import KmsClient, KmsError
+from tasks.identity import Fleet
+from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, kmsq_command, start_worker
+from worker.fleet import ensure_fleet_key
+from worker.storage.db import transaction
+
+POOL = "lambda"
+CACHE_SECONDS = 1  # tests.queue_fixtures.subprocess_env
+
+
+@dataclass
+class Lambda:
+    root: str
+    client: KmsClient
+    worker: WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def lam(deployment: Deployment) -> Iterator[Lambda]:
+    root = deployment.service.create_root_key("aes-256", POOL).id
+    with transaction(deployment.sessions) as db:
+        ensure_fleet_key(deployment.service.hsm, db, POOL)
+    fleet = Fleet.from_document(deployment.service.fleet_document() | {"default_pool": POOL})
+    worker = start_worker(POOL, 1, deployment.env(), deployment.directory / "worker-lambda.log")
+    client = KmsClient(deployment.broker_url, deployment.register("operator-watch"), fleet, timeout=60,
+                       namespace=NAMESPACE)  # fmt: skip
+    try:
+        yield Lambda(root, client, worker)
+    finally:
+        client.close()
+        worker.stop()
+
+
+def kmsq(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*kmsq_command(), *args], env=deployment.env(), capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+
+
+def outcome(call: Callable[[], object]) -> str:
+    """``ok``, or the refusal as ``code: message``."""
+    try:
+        call()
+    except KmsError as e:
+        return f"{e.code}: {e.message}"
+    return "ok"
+
+
+def seconds_until(expected: str, call: Callable[[], object], timeout: float = 20) -> float:
+    """How long until ``call`` has the outcome ``expected`` (fails after ``timeout``)."""
+    start = time.monotonic()
+    while (got := outcome(call)) != expected:
+        assert time.monotonic() - start < timeout, f"still {got!r}, expected {expected!r}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_pool_and_root_key_states_reach_the_worker_within_the_cache_period(deployment: Deployment, lam: Lambda) -> None:
+    generate = lambda: lam.client.generate_data_key(lam.root, with_plaintext=False)  # noqa: E731
+    assert outcome(generate) == "ok"
+    assert kmsq(deployment, "pool", "disable", POOL).returncode == 0
+    took = seconds_until(f"invalid: pool {POOL} is disabled", generate)
+    assert took <= CACHE_SECONDS + 2, took
+    listed = json.loads(kmsq(deployment, "pool", "list", "--json").stdout)
+    row = next(p for p in listed if p["name"] == POOL)
+    assert (row["state"], row["root_keys"]) == ("disabled", 1)
+    assert kmsq(deployment, "pool", "enable", POOL).returncode == 0
+    assert seconds_until("ok", generate) <= CACHE_SECONDS + 2
+    assert kmsq(deployment, "root-key", "disable", lam.root).returncode == 0
+    assert seconds_until(f"invalid: root key {lam.root} is disabled", generate) <= CACHE_SECONDS + 2
+    assert kmsq(deployment, "root-key", "enable", lam.root).returncode == 0
+    assert seconds_until("ok", generate) <= CACHE_SECONDS + 2
+
+
+def test_a_version_is_retired_and_destroyed_through_the_commands(deployment: Deployment, lam: Lambda) -> None:
+    old = lam.client.generate_data_key(lam.root, with_plaintext=False)["encryptedKey"]
+    lam.client.put_keys([{"pub": "xpub-lambda", "prv": "xprv-lambda", "coin": "btc", "source": "user",
+                          "type": "tss"}], root_key_id=lam.root)  # fmt: skip
+    deployment.secrets.append(b"xprv-lambda")
+    assert kmsq(deployment, "root-key", "rotate", lam.root).returncode == 0
+    refused = kmsq(deployment, "root-key", "destroy-version", lam.root, "1")
+    assert refused.returncode == 7 and "not below the minimum decryption version 1" in refused.stderr
+    assert kmsq(deployment, "root-key", "set", lam.root, "--min-decryption-version", "2").returncode == 0
+    decrypt = lambda: lam.client.decrypt_data_key(old)  # noqa: E731
+    below = f"invalid: ciphertext is under version 1 of root key {lam.root}, below its minimum decryption version 2"
+    assert seconds_until(below, decrypt) <= CACHE_SECONDS + 2
+    used = kmsq(deployment, "root-key", "destroy-version", lam.root, "1")
+    assert used.returncode == 6 and f"run `kmsq root-key rewrap {lam.root}` first" in used.stderr
+    rewrapped = kmsq(deployment, "root-key", "rewrap", lam.root, "--json")
+    assert rewrapped.returncode == 0 and json.loads(rewrapped.stdout)["rewrapped"] == 2  # the key and fleet keys
+    destroyed = kmsq(deployment, "root-key", "destroy-version", lam.root, "1", "--json")
+    assert destroyed.returncode == 0, destroyed.stderr
+    info = json.loads(destroyed.stdout)
+    assert (info["versions"], info["destroyed_versions"], info["min_decryption_version"]) == ([2], [1], 2)
+    assert lam.client.get_key("xpub-lambda", "user", pool=POOL)["prv"] == "xprv-lambda"
+    assert outcome(decrypt) == below
