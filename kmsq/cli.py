@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kmsq.commands import (
+    audit,
     bench,
     broker,
     caller,
@@ -36,6 +37,7 @@ for command in (
     fleet_key.fleet_key,
     pool.pool_group,
     policy.policy_group,
+    audit.audit_group,
     worker.worker,
     broker.broker_group,
     # caller: the key-provider operations, in bulk, and over HTTP

@@ -24,7 +24,9 @@ from sqlalchemy import Insert, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker import audit_log
 from worker.errors import TransientError
+from worker.keystore import KeyStore
 from worker.storage.db import transaction
 from worker.storage.models import RejectionCount
 
@@ -44,6 +46,16 @@ def _upsert(dialect: str) -> Insert:
     )
 
 
+def _chain(hsm: KeyStore, db: Session, rows: list[dict[str, Any]]) -> None:
+    """One audit record per count written: the refusals of a minute, by caller, operation and reason."""
+    for row in sorted(rows, key=lambda r: r["pool"]):
+        detail = f"{row['count']} refused in {row['minute']:%H:%M}: {row['reason']}"
+        audit_log.append(
+            hsm, db, row["pool"], actor=row["caller"], action=row["op"], outcome=f"rejected:{row['code']}",
+            request_id=row["last_request_id"], detail=detail,
+        )  # fmt: skip
+
+
 def printable(text: str, limit: int = 64) -> str:
     """``text`` cut to ``limit`` characters with control characters replaced (it may come from anyone)."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
@@ -59,8 +71,9 @@ class RejectionCounter:
     """Refusals of one process, added up in memory and written at most once per ``interval`` seconds (by a
     timer thread, or by the refusal that finds the interval over). Thread-safe."""
 
-    def __init__(self, sessions: sessionmaker[Session], interval: float = 1.0) -> None:
+    def __init__(self, sessions: sessionmaker[Session], hsm: KeyStore | None = None, interval: float = 1.0) -> None:
         self.sessions = sessions
+        self.hsm = hsm  # appends each written count to the pool's audit chain (worker.audit_log); None: not
         self.interval = interval
         self._lock = threading.Lock()
         self._pending: dict[tuple[Any, ...], _Pending] = {}
@@ -99,6 +112,8 @@ class RejectionCounter:
         try:
             with transaction(self.sessions) as db:
                 db.execute(_upsert(db.get_bind().dialect.name), rows)
+                if self.hsm is not None:
+                    _chain(self.hsm, db, rows)
         except (TransientError, exc.SQLAlchemyError):
             log.warning("could not write %d rejection counts; keeping them for the next try", len(rows))
             with self._lock:

@@ -18,7 +18,7 @@ from schemas.files import PUBLIC_IDENTITY_KIND
 from schemas.limits import NAME
 from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
-from worker import policy
+from worker import audit_log, policy
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
 from worker.storage.cache import ROWS, detached_copy
@@ -115,6 +115,8 @@ def add_caller(
     policy.seal(hsm, row)
     db.add(row)
     db.flush()
+    detail = f"{name}: {row.allowed_ops}; root keys {row.root_keys}; plaintext {plaintext}"
+    audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "caller add", detail=detail)
     return _info(row)
 
 
@@ -133,6 +135,7 @@ def set_caller_state(hsm: KeyStore, db: Session, name: str, state: str) -> Calle
     row.state = state
     policy.seal(hsm, row)
     db.flush()
+    audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, f"caller {state[:-1]}", detail=name)
     return _info(row)
 
 

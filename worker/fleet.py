@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from schemas.files import FILE_VERSION, FLEET_KIND
 from schemas.wire import b64u, from_b64u, key_id
+from worker import audit_log
 from worker.errors import ConfigError, IntegrityError
 from worker.keystore import KeyStore
 from worker.secret import SecretBytes
@@ -119,6 +120,8 @@ def ensure_fleet_key(hsm: KeyStore, db: Session, pool: str) -> tuple[FleetPublic
         existing = db.get(FleetKey, pool)
         assert existing is not None
         return _public(existing), False
+    audit_log.operator_action(hsm, db, pool, "fleet-key create", root_key_id=version.root_key_id,
+                              root_key_version=version.version, detail=_public(row).signing_key_id)  # fmt: skip
     return _public(row), True
 
 

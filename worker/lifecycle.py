@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas.limits import NAME
-from worker import policy
+from worker import audit_log, policy
 from worker.errors import Conflict, InvalidRequest, NotFound
 from worker.keystore import KeyStore
 from worker.rewrap import SEALED_TABLES
@@ -44,6 +44,7 @@ def set_root_key_state(hsm: KeyStore, db: Session, root_key_id: str, state: str)
     key.state = state
     policy.seal(hsm, key)
     db.flush()
+    audit_log.operator_action(hsm, db, key.pool, f"root-key {state[:-1]}", root_key_id=key.id)
     return root_key_info(db, key)
 
 
@@ -59,6 +60,8 @@ def set_min_decryption_version(hsm: KeyStore, db: Session, root_key_id: str, min
     key.min_decryption_version = minimum
     policy.seal(hsm, key)
     db.flush()
+    audit_log.operator_action(hsm, db, key.pool, "root-key set", root_key_id=key.id, root_key_version=minimum,
+                              detail=f"min decryption version {minimum}")  # fmt: skip
     return root_key_info(db, key)
 
 
@@ -98,7 +101,9 @@ def destroy_root_key_version(hsm: KeyStore, db: Session, root_key_id: str, versi
     row.state = "destroyed"
     policy.seal(hsm, row)
     db.flush()
-    hsm.destroy_root_key(hsm_handle(row))  # last: if it fails, the transaction rolls the row back
+    audit_log.operator_action(hsm, db, key.pool, "root-key destroy-version", root_key_id=key.id,
+                              root_key_version=version)  # fmt: skip
+    hsm.destroy_root_key(hsm_handle(row))  # last: if it fails, the transaction rolls the row and record back
     return root_key_info(db, key)
 
 
@@ -132,6 +137,7 @@ def set_pool_state(hsm: KeyStore, db: Session, name: str, state: str) -> PoolInf
     row.updated_at = datetime.now(UTC)
     policy.seal(hsm, row)
     db.flush()
+    audit_log.operator_action(hsm, db, name, f"pool {state[:-1]}")
     return _pool_info(db, row.name, row)
 
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from worker import audit_log
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
 from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
@@ -159,4 +160,7 @@ def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[Ro
         if not ok and seal_failing:
             seal(hsm, row)
     db.flush()
+    sealed = [s.row for s in statuses if not s.verifies] if seal_failing else []
+    if sealed:
+        audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "policy seal", detail="; ".join(sealed))
     return statuses

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.envelope import EncryptedDataKey, FormatError, KeySpec, WrapAlgorithm
 from schemas.limits import NAME
-from worker import policy
+from worker import audit_log, policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
 from worker.keystore import KeyStore
 from worker.service import RootKeyCheck, VersionCache, hsm_handle, parse_data_key, unwrapping_version, wrapping_version
@@ -179,6 +179,10 @@ def rewrap_stored_batch(
         rewrapped += done
         failures += failed
         left -= len(rows)
+    if rewrapped or failures:
+        audit_log.operator_action(hsm, db, key.pool, "root-key rewrap", root_key_id=root_key_id,
+                                  root_key_version=target.version,
+                                  detail=f"{rewrapped} rows rewrapped, {len(failures)} failed")  # fmt: skip
     return rewrapped, failures, target.version
 
 

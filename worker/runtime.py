@@ -8,12 +8,13 @@ also records the request and its reply.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import fleet, lifecycle, rewrap, service
+from worker import audit_log, fleet, lifecycle, rewrap, service
 from worker.config import Settings
 from worker.hsm import Hsm
 from worker.keystore import KeyStore
@@ -96,6 +97,17 @@ class KeyService:
     def list_pools(self) -> list[lifecycle.PoolInfo]:
         """See :func:`worker.lifecycle.list_pools`."""
         return self._run(lifecycle.list_pools)
+
+    def verify_audit(
+        self, pool: str | None = None, since: datetime | None = None, expect: tuple[int, str] | None = None
+    ) -> list[audit_log.ChainReport]:
+        """Verifies one chain (``pool``) or every chain. See :func:`worker.audit_log.verify`."""
+
+        def run(db: Session) -> list[audit_log.ChainReport]:
+            names = [pool] if pool is not None else audit_log.chains(db)
+            return [audit_log.verify(self.hsm, db, name, since, expect) for name in names]
+
+        return self._run(run)
 
     def list_root_keys(self) -> list[service.RootKeyInfo]:
         """See :func:`worker.service.list_root_keys`."""

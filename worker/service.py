@@ -38,7 +38,7 @@ from schemas.limits import (
     check_prv,
     check_pub,
 )
-from worker import policy
+from worker import audit_log, policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError, VersionBelowMinimum
 from worker.keystore import KeyStore, RootKeyHandle
 from worker.secret import SecretBytes
@@ -99,6 +99,8 @@ class PrivateKeyRecord:
     coin: str
     type: str
     prv: str = field(repr=False)
+    root_key_id: str = ""
+    root_key_version: int = 0
 
 
 # -- root keys -------------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ def create_root_key(hsm: KeyStore, db: Session, key_type: str = "aes-256", pool:
         policy.seal(hsm, key)
         policy.seal(hsm, version)
         repo.add(key, version)
+        audit_log.operator_action(hsm, db, pool, "root-key create", root_key_id=key_id, root_key_version=1,
+                                  detail=key_type)  # fmt: skip
     except BaseException:
         hsm.destroy_root_key(handle)
         raise
@@ -192,6 +196,7 @@ def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str) -> RootKeyInfo
         repo.add_version(key, row)
         policy.seal(hsm, key)  # its current version changed
         db.flush()
+        audit_log.operator_action(hsm, db, key.pool, "root-key rotate", root_key_id=key.id, root_key_version=version)
     except BaseException:
         hsm.destroy_root_key(handle)
         raise
@@ -474,4 +479,7 @@ def get_private_key(
             prv = plaintext.text()
         except UnicodeDecodeError:
             raise IntegrityError() from None
-    return PrivateKeyRecord(pub=row.pub, source=row.source, coin=row.coin, type=row.type, prv=prv)
+    return PrivateKeyRecord(
+        pub=row.pub, source=row.source, coin=row.coin, type=row.type, prv=prv,
+        root_key_id=row.root_key, root_key_version=row.root_key_version,
+    )  # fmt: skip

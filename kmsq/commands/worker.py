@@ -16,8 +16,12 @@ from schemas.wire import pool_queue
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--benchmark-noop", is_flag=True, hidden=True, help="Also serve kmsq.noop (kmsq bench's baseline).")
+@click.option("--benchmark-without-audit", is_flag=True, hidden=True,
+              help="No audit chain (kmsq bench measures its cost; never in service).")  # fmt: skip
 @one_line_errors
-def worker(pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bool) -> None:
+def worker(
+    pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bool, benchmark_without_audit: bool
+) -> None:
     """Run a worker that consumes only the pool's queue kms.<pool>."""
     from sqlalchemy import select
 
@@ -43,6 +47,8 @@ def worker(pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bo
     os.environ["KMSQ_WORKER_POOL"] = pool
     if benchmark_noop:
         os.environ["KMSQ_WORKER_NOOP"] = "1"
+    if benchmark_without_audit:
+        os.environ["KMSQ_WORKER_NO_AUDIT"] = "1"
     from tasks.worker import app
 
     argv = [

@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from worker import audit_log
 from worker.errors import IntegrityError, InvalidRequest, PermanentError
 from worker.keystore import KeyStore
 from worker.legacy import sjcl
@@ -89,7 +90,7 @@ def _seal(hsm: KeyStore, version: RootKeyVersion, key_id: str, name: str) -> Leg
 
 
 def add_legacy_root_key(
-    hsm: KeyStore, db: Session, name: str, root_key_id: str | None, pool: str
+    hsm: KeyStore, db: Session, name: str, root_key_id: str | None, pool: str, *, audit: bool = True
 ) -> tuple[LegacyRootKeyInfo, bool]:
     """Registers an old root key name, sealed under ``root_key_id`` (or the pool's default root key).
 
@@ -106,6 +107,9 @@ def add_legacy_root_key(
     row = _seal(hsm, version, "lrk-" + secrets.token_hex(6), name)
     db.add(row)
     db.flush()
+    if audit:  # (the import records its pages instead, each as the page's last step)
+        audit_log.operator_action(hsm, db, pool, "legacy-root-key add", root_key_id=row.root_key,
+                                  root_key_version=row.root_key_version, detail=row.id)  # fmt: skip
     return _info(row), True
 
 

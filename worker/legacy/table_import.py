@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import TableClause
 
+from worker import audit_log
 from worker.errors import ConfigError, DatabaseUnavailable, IntegrityError, InvalidRequest, ServiceError
 from worker.keystore import KeyStore
 from worker.legacy import sjcl
@@ -292,6 +293,7 @@ class LegacyImporter:
 
     def _page(self, page: list[LegacyRow], pool: ThreadPoolExecutor) -> None:
         self.summary.rows += len(page)
+        before = (self.summary.imported, self.summary.matched, len(self.summary.failures))
         with self.sessions() as db:
             done = set(
                 db.scalars(
@@ -318,14 +320,24 @@ class LegacyImporter:
                 self._register_name(db, result.row.root_key_name)
             if self.dry_run:
                 db.rollback()
-            else:
-                db.commit()
+                return
+            imported, matched, failed = (
+                self.summary.imported - before[0], self.summary.matched - before[1],
+                len(self.summary.failures) - before[2],
+            )  # fmt: skip
+            audit_log.operator_action(
+                self.hsm, db, self.pool, "import-legacy", root_key_id=self.version.root_key_id,
+                root_key_version=self.version.version,
+                detail=f"{self.origin}: rows {page[0].id}-{page[-1].id}: {imported} imported, {matched} matched, "
+                f"{failed} failed",
+            )  # fmt: skip
+            db.commit()
 
     def _register_name(self, db: Session, name: str) -> None:
         """Keeps the row's old root key name sealed, so the old system's encryptedKey values still decrypt."""
         if not self.register_names or name in self._names_seen:
             return
-        _, created = add_legacy_root_key(self.hsm, db, name, self.version.root_key_id, self.pool)
+        _, created = add_legacy_root_key(self.hsm, db, name, self.version.root_key_id, self.pool, audit=False)
         self._names_seen.add(name)
         self.summary.root_key_names_registered += int(created)
 

@@ -262,3 +262,35 @@ class Job(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditRecord(Base):
+    """One record of a pool's audit chain (worker.audit_log): who did what, with which root key version,
+    and the outcome; identifiers and codes only, never a secret or a ciphertext."""
+
+    __tablename__ = "audit_log"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)  # or "*" for pool-less actions
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # the caller, "?" (unknown callers), or "operator:<user>"
+    action: Mapped[str] = mapped_column(String(64))  # the operation, or the operator command
+    outcome: Mapped[str] = mapped_column(String(32))  # ok, an error code, or rejected:<code>
+    root_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    root_key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(String(255))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The last record of a pool's audit chain; its row lock serializes appends to the chain."""
+
+    __tablename__ = "audit_heads"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,284 @@
+"""The audit log: one record per request outcome and per operator action, chained per pool so that someone
+with database access cannot quietly rewrite it.
+
+Each record holds who (the caller, or ``operator:<user>``), what (the operation or command), which root key
+and version, the outcome (``ok`` or an error code), when, the request id and a short detail: identifiers and
+codes only, never a secret or a ciphertext. Records of a pool form a hash chain: a record's ``hash`` is
+SHA-256 over its fields and the previous record's hash, and its ``mac`` is an HMAC-SHA256 of that hash under
+the token's policy key (``CKM_SHA256_HMAC`` inside the HSM, with a label of its own). A changed, deleted,
+reordered or inserted record breaks the chain at that point, and nobody without the HSM can make the MACs
+again (:func:`verify`). Actions that belong to no pool (callers, policy) go to the chain ``*``.
+
+A record is appended in the transaction of what it records, so it commits or rolls back with it. Appends to
+one chain are serialized by a row lock on its head (``audit_heads``), taken as the transaction's last step:
+two workers never fork the chain, and the lock is held only until the commit.
+
+What the chain cannot show on its own: the newest records removed together with the head (the database
+rolled back to an earlier state). ``kmsq audit verify --expect SEQ:HASH`` checks against a head noted
+elsewhere (``kmsq status`` and ``kmsq audit tail`` print it).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import exc, select
+from sqlalchemy.orm import Session
+
+from worker.keystore import KeyStore
+from worker.storage.models import AuditHead, AuditRecord
+
+GLOBAL_CHAIN = "*"  # actions that belong to no pool: callers, policy seals
+GENESIS = "0" * 64  # the "previous hash" of a chain's first record
+_HASH_LABEL = b"kmsq/audit/record/v1\x00"
+_MAC_LABEL = b"kmsq/audit/mac/v1\x00"
+MAX_DETAIL = 255
+
+
+def operator() -> str:
+    """The actor of an operator command: ``operator:<login name>``."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container): still an operator
+        name = "?"
+    return f"operator:{name}"[:64]
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def record_hash(record: AuditRecord) -> str:
+    """Returns the hex SHA-256 of a record's canonical encoding (every field but ``hash`` and ``mac``)."""
+    fields = (
+        ("pool", record.pool), ("seq", str(record.seq)), ("at", _utc(record.at).isoformat(timespec="microseconds")),
+        ("actor", record.actor), ("action", record.action), ("outcome", record.outcome),
+        ("root_key_id", record.root_key_id or ""),
+        ("root_key_version", "" if record.root_key_version is None else str(record.root_key_version)),
+        ("request_id", record.request_id or ""), ("detail", record.detail), ("prev_hash", record.prev_hash),
+    )  # fmt: skip
+    out = bytearray(_HASH_LABEL)
+    for name, value in fields:
+        n, v = name.encode("ascii"), value.encode("utf-8")
+        out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
+    return hashlib.sha256(out).hexdigest()
+
+
+def record_mac(hsm: KeyStore, digest: str) -> str:
+    """Returns the hex HMAC of a record hash under the token's policy key."""
+    return hsm.policy_mac(_MAC_LABEL + bytes.fromhex(digest)).hex()
+
+
+def _locked_head(db: Session, pool: str) -> AuditHead:
+    """The chain's head, locked until the transaction ends (created on the chain's first append)."""
+    head = db.get(AuditHead, pool, with_for_update=True)
+    if head is not None:
+        return head
+    try:
+        with db.begin_nested():
+            db.add(AuditHead(pool=pool, seq=0, hash=GENESIS, updated_at=datetime.now(UTC)))
+    except exc.IntegrityError:  # another transaction created it first
+        pass
+    head = db.get(AuditHead, pool, with_for_update=True, populate_existing=True)
+    assert head is not None
+    return head
+
+
+def append(
+    hsm: KeyStore,
+    db: Session,
+    pool: str,
+    *,
+    actor: str,
+    action: str,
+    outcome: str,
+    root_key_id: str | None = None,
+    root_key_version: int | None = None,
+    request_id: str | None = None,
+    detail: str = "",
+) -> AuditRecord:
+    """Appends a record to ``pool``'s chain in the open transaction ``db``; call it as the transaction's last
+    step (it locks the chain's head until the commit). Returns the record. Raises HsmUnavailable or
+    DatabaseUnavailable (transient), like the work it records."""
+    head = _locked_head(db, pool)
+    record = AuditRecord(
+        pool=pool,
+        seq=head.seq + 1,
+        at=datetime.now(UTC),
+        actor=actor[:64],
+        action=action[:64],
+        outcome=outcome[:32],
+        root_key_id=root_key_id,
+        root_key_version=root_key_version,
+        request_id=request_id,
+        detail="".join(c if c.isprintable() else "?" for c in detail[:MAX_DETAIL]),
+        prev_hash=head.hash,
+    )
+    record.hash = record_hash(record)
+    record.mac = record_mac(hsm, record.hash)
+    db.add(record)
+    head.seq, head.hash, head.updated_at = record.seq, record.hash, record.at
+    db.flush()
+    return record
+
+
+def operator_action(
+    hsm: KeyStore,
+    db: Session,
+    pool: str,
+    action: str,
+    *,
+    root_key_id: str | None = None,
+    root_key_version: int | None = None,
+    detail: str = "",
+) -> AuditRecord:
+    """Appends an operator command's record (actor ``operator:<user>``, outcome ``ok``): see :func:`append`."""
+    return append(
+        hsm, db, pool, actor=operator(), action=action, outcome="ok", root_key_id=root_key_id,
+        root_key_version=root_key_version, detail=detail,
+    )  # fmt: skip
+
+
+# -- reading and verifying ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What :func:`verify` found for one chain."""
+
+    pool: str
+    records: int  # checked
+    first_seq: int | None
+    last_seq: int | None
+    head_seq: int
+    head_hash: str
+    ok: bool
+    bad_seq: int | None = None  # the first record that does not verify
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """A record as operators read it."""
+
+    pool: str
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    outcome: str
+    root_key_id: str | None
+    root_key_version: int | None
+    request_id: str | None
+    detail: str
+    hash: str
+
+
+def entry(record: AuditRecord) -> AuditEntry:
+    """Returns the operators' view of a record."""
+    return AuditEntry(
+        record.pool, record.seq, _utc(record.at), record.actor, record.action, record.outcome, record.root_key_id,
+        record.root_key_version, record.request_id, record.detail, record.hash,
+    )  # fmt: skip
+
+
+def tail(db: Session, pool: str | None, count: int) -> list[AuditEntry]:
+    """Returns the newest ``count`` records (of one chain, or of all), oldest first."""
+    stmt = select(AuditRecord).order_by(AuditRecord.at.desc(), AuditRecord.seq.desc()).limit(count)
+    if pool is not None:
+        stmt = select(AuditRecord).where(AuditRecord.pool == pool).order_by(AuditRecord.seq.desc()).limit(count)
+    return [entry(r) for r in reversed(list(db.scalars(stmt)))]
+
+
+def chains(db: Session) -> list[str]:
+    """Returns the names of every chain, sorted."""
+    return sorted(db.scalars(select(AuditHead.pool)))
+
+
+def records(db: Session, pool: str | None = None, since: datetime | None = None) -> Iterator[AuditRecord]:
+    """Yields records in chain order (by pool, then sequence), from ``since`` on, 1000 per query."""
+    stmt = select(AuditRecord).order_by(AuditRecord.pool, AuditRecord.seq)
+    if pool is not None:
+        stmt = stmt.where(AuditRecord.pool == pool)
+    if since is not None:
+        stmt = stmt.where(AuditRecord.at >= since)
+    yield from db.scalars(stmt.execution_options(yield_per=1000))
+
+
+def _record_problem(
+    hsm: KeyStore, record: AuditRecord, prev: AuditRecord | None, from_start: bool
+) -> tuple[int, str] | None:
+    """Why ``record`` does not continue the chain after ``prev`` (None: it does)."""
+    if prev is None:
+        if from_start and record.seq != 1:
+            return 1, f"records 1-{record.seq - 1} are missing (deleted?)"
+        expected_prev = GENESIS if record.seq == 1 else record.prev_hash  # from --since: its MAC vouches
+    else:
+        if record.seq != prev.seq + 1:
+            return prev.seq + 1, f"record {prev.seq + 1} is missing, the next is {record.seq} (deleted?)"
+        expected_prev = prev.hash
+    if record.prev_hash != expected_prev:
+        return (
+            record.seq,
+            f"record {record.seq} does not follow record {record.seq - 1} (inserted, deleted or reordered)",
+        )
+    if record_hash(record) != record.hash:
+        return record.seq, f"record {record.seq} was altered (its fields do not match its hash)"
+    if not hmac.compare_digest(record_mac(hsm, record.hash), record.mac):
+        return record.seq, f"record {record.seq} was altered or forged (its MAC does not verify)"
+    return None
+
+
+def _ending_problem(
+    db: Session, pool: str, last: AuditRecord | None, head: tuple[int, str], from_start: bool,
+    expect: tuple[int, str] | None,
+) -> tuple[int, str] | None:  # fmt: skip
+    """Why the chain's end does not match its head, or the head noted elsewhere (None: it does)."""
+    if last is not None and head != (last.seq, last.hash):
+        return (
+            last.seq + 1,
+            f"the head says record {head[0]}, the chain ends at {last.seq} (records deleted at the end?)",
+        )
+    if last is None and from_start and head[0] != 0:
+        return 1, f"the head says record {head[0]}, the chain is empty (deleted?)"
+    if expect is not None:
+        noted = db.get(AuditRecord, (pool, expect[0]))
+        if noted is None:
+            return expect[0], f"record {expect[0]}, noted earlier, is missing (truncated?)"
+        if noted.hash != expect[1]:
+            return expect[0], f"record {expect[0]} is not the one noted"
+    return None
+
+
+def verify(
+    hsm: KeyStore, db: Session, pool: str, since: datetime | None = None, expect: tuple[int, str] | None = None
+) -> ChainReport:
+    """Checks one chain: contiguous sequence numbers, each record following the one before (``prev_hash``),
+    each hash over the record's fields, each MAC under the HSM's key, and the head at the last record (and at
+    ``expect``, a head noted elsewhere, when given). From ``since`` on, the first record checked is trusted
+    as far as its own MAC goes.
+
+    Returns the report, naming the first record that fails and how. Raises HsmUnavailable (transient).
+    """
+    row = db.get(AuditHead, pool)
+    head = (row.seq, row.hash) if row is not None else (0, GENESIS)
+    count, first, prev = 0, None, None
+    problem = None
+    for record in records(db, pool, since):
+        problem = _record_problem(hsm, record, prev, since is None)
+        if problem is not None:
+            break
+        count += 1
+        first = record.seq if first is None else first
+        prev = record
+    problem = problem or _ending_problem(db, pool, prev, head, since is None, expect)
+    last = prev.seq if prev is not None else None
+    if problem is not None:
+        return ChainReport(pool, count, first, last, head[0], head[1], False, problem[0], problem[1])
+    return ChainReport(pool, count, first, last, head[0], head[1], True)
