@@ -307,13 +307,14 @@ def measure_request_work(svc: Any, client: Any, root_key: str, count: int, cache
 
 
 def start_worker(
-    concurrency: int, log: Path, env: dict[str, str], broker_url: str, namespace: str | None
+    concurrency: int, log: Path, env: dict[str, str], broker_url: str, namespace: str | None, *, audit: bool = True
 ) -> subprocess.Popen[bytes]:
-    """Starts ``kmsq worker --pool bench`` and waits until it answers a no-op task. Raises RuntimeError."""
+    """Starts ``kmsq worker --pool bench`` (without the audit chain unless ``audit``) and waits until it answers
+    a no-op task. Raises RuntimeError."""
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "kmsq", "worker", "--pool", POOL, "--concurrency", str(concurrency),
-             "--loglevel", "warning", "--benchmark-noop"],
+             "--loglevel", "warning", "--benchmark-noop", *([] if audit else ["--benchmark-without-audit"])],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     ping = NoopChannel(broker_url, "bench", namespace)
@@ -392,6 +393,24 @@ def queue_measurements(
             "E_put_key_single": e_single, "E_put_keys_batch_100": e_batch, "G_shed_bad_signature": g}  # fmt: skip
 
 
+def measure_without_audit(
+    client: Any, sizes: Sizes, root_key: str, count: int, log: Path, env: dict[str, str], broker_url: str
+) -> dict[str, Any]:
+    """C again, right after C, on workers that append nothing to the audit chain: the chain's cost."""
+    process = start_worker(count, log, env, broker_url, client.namespace, audit=False)
+    try:
+        meter = CpuMeter(process)
+
+        def generate(_: int) -> Future[Any]:
+            future: Future[Any] = client.submit_generate_data_key(root_key)
+            return future
+
+        run_window(20, sizes.in_flight, generate)
+        return meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, generate))
+    finally:
+        stop_worker(process)
+
+
 def shed_bad_signatures(client: Any, count: int, root_key: str) -> dict[str, Any]:
     """G: how fast the pool sheds messages whose signature does not verify (no reply, counted). Publishes
     ``count`` of them, then one valid request behind them; done when its reply arrives."""
@@ -450,6 +469,10 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
             "D1000_over_A": round(m["D_generate_data_keys"]["1000"]["per_s"] / a, 3),
             "E_batched_over_F": round(m["E_put_keys_batch_100"]["per_s"] / f, 3),
         }
+        if "C_without_audit" in m:
+            out[workers]["C_over_C_without_audit"] = round(
+                m["C_generate_data_key"]["per_s"] / m["C_without_audit"]["per_s"], 3
+            )
     work = report.get("W_request_work", {}).get("cpu_ms_per_item")
     for workers, m in report["workers"].items():
         b_cpu = m["B_noop_round_trip"].get("cpu_ms_per_item", {}).get("total")
@@ -588,6 +611,14 @@ def run_bench(
                 report["workers"][str(count)] = measured
         finally:
             stop_worker(process)
+        if count == max(worker_counts):
+            log(f"C without the audit chain, {count} worker process(es)")
+            with KmsClient(
+                settings.effective_broker_url, identity, fleet, timeout=120, namespace=settings.namespace
+            ) as client:
+                report["workers"][str(count)]["C_without_audit"] = measure_without_audit(
+                    client, sizes, root.id, count, out_dir / "bench-worker.log", env, settings.effective_broker_url
+                )
     log("R: rewrap every stored row of the bench root key after a rotation")
     report["R_rewrap"] = measure_rewrap(svc, root.id)
     svc.engine.dispose()

@@ -35,7 +35,7 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     job = report["workers"]["2"]["rss_job"]
     assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
     for workers in ("1", "2"):
-        assert set(report["ratios"][workers]) == {
+        assert set(report["ratios"][workers]) - {"C_over_C_without_audit"} == {
             "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "G_over_C"
         }  # fmt: skip
         assert report["ratios"][workers]["G_over_C"] > 0
@@ -44,6 +44,8 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
             cpu = report["workers"][workers][name]["cpu_ms_per_item"]
             assert set(cpu) == {"client", "worker_main", "worker_children", "total"} and cpu["total"] > 0
     assert report["W_request_work"]["cpu_ms_per_item"] > 0
+    assert set(report["workers"]["2"]["C_without_audit"]) >= FIGURE
+    assert report["ratios"]["2"]["C_over_C_without_audit"] > 0 and "C_without_audit" not in report["workers"]["1"]
     # R: the rows the E runs stored under the bench root key, rewrapped after a rotation.
     stored = sum(report["sizes"][k] for k in ("put_single", "put_batched")) * len(report["workers"])
     assert report["R_rewrap"]["items"] >= stored and report["R_rewrap"]["failed"] == 0

@@ -52,6 +52,8 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
              report["R_rewrap"]["p99_ms"]]]  # fmt: skip
     for workers, m in report["workers"].items():
         named = [("B noop round trip", m["B_noop_round_trip"]), ("C generate_data_key", m["C_generate_data_key"])]
+        if "C_without_audit" in m:
+            named.append(("C without the audit chain", m["C_without_audit"]))
         named += [(f"D generate_data_keys x{s}", m["D_generate_data_keys"][str(s)]) for s in BATCH_SIZES]
         named += [("E put_key", m["E_put_key_single"]), ("E put_keys x100", m["E_put_keys_batch_100"])]
         rows += [[name, workers, r["per_s"], r["p50_ms"], r["p99_ms"]] for name, r in named]
