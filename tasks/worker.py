@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from kombu.entity import Queue
 
 from schemas.messages import OPS
 from schemas.wire import REPLY_QUEUE_PREFIX, task_name
+from tasks import metrics
 from tasks.app import make_app
 from tasks.transport import DROPPED
 from worker import policy
@@ -88,6 +90,7 @@ def _close_in_child(**_: Any) -> None:
         _context.rejections.flush()
     if _service is not None:
         _service.engine.dispose()
+    metrics.process_dead(os.getpid())
 
 
 def publish(delivery: Delivery) -> None:
@@ -108,18 +111,46 @@ def publish(delivery: Delivery) -> None:
         )
 
 
+_metrics: metrics.WorkerMetrics | None = None
+
+
+def _worker_metrics() -> metrics.WorkerMetrics | None:
+    """This pool process's metrics, when the worker serves them (``kmsq worker --metrics-port``)."""
+    global _metrics
+    if _metrics is None and metrics.enabled():
+        _metrics = metrics.WorkerMetrics()
+    return _metrics
+
+
 def _run(task: Task, args: tuple[Any, ...]) -> None:
     request = task.request
     msg = Inbound(task.name, request.reply_to, request.id, args)
     final = request.retries >= MAX_RETRIES
+    measured = _worker_metrics()
+    started = time.monotonic()
     try:
-        delivery = handle(context(), msg, final_attempt=final)
+        ctx = context()
+        delivery = handle(ctx, msg, final_attempt=final)
     except ServiceError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
         countdown = 2**request.retries
         log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1, countdown)
+        if measured is not None:
+            measured.retried(_context.pool if _context else "?", task.name)
+            _hsm_counts(measured)
         raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
     publish(delivery)
+    if measured is not None:
+        measured.handled(ctx.pool, task.name, delivery.code, delivery.issued_at, delivery.items, started,
+                         time.monotonic() - started)  # fmt: skip
+        _hsm_counts(measured)
     log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")
+
+
+def _hsm_counts(measured: metrics.WorkerMetrics) -> None:
+    hsm = _service.hsm if _service is not None else None
+    if hsm is not None and _context is not None:
+        opened = getattr(hsm, "sessions_opened", 0)
+        measured.hsm_counts(_context.pool, getattr(hsm, "unavailable", 0), max(0, opened - 1))
 
 
 class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]

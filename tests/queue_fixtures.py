@@ -134,11 +134,13 @@ class WorkerProcess:
         return self.process.wait()
 
 
-def start_worker(pool: str, concurrency: int, env: dict[str, str], log: Path, timeout: float = 60) -> WorkerProcess:
-    """Starts ``kmsq worker --pool`` and waits until Celery reports it ready."""
+def start_worker(
+    pool: str, concurrency: int, env: dict[str, str], log: Path, timeout: float = 60, extra: tuple[str, ...] = ()
+) -> WorkerProcess:
+    """Starts ``kmsq worker --pool`` (with ``extra`` options) and waits until Celery reports it ready."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [*kmsq_command(), "worker", "--pool", pool, "--concurrency", str(concurrency)],
+            [*kmsq_command(), "worker", "--pool", pool, "--concurrency", str(concurrency), *extra],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -183,6 +183,8 @@ class Hsm:  # implements worker.keystore.KeyStore
         self._keys: dict[tuple[bytes, ObjectClass], Any] = {}
         self._objects_created = 0
         self.recycled = 0  # how many times the library was re-initialized (for tests and metrics)
+        self.sessions_opened = 0  # logins: the first, and every reopen after a failure or recycle (metrics)
+        self.unavailable = 0  # calls that failed as HsmUnavailable, retried or not (metrics)
 
     # -- session lifecycle -------------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class Hsm:  # implements worker.keystore.KeyStore
             self._keys.clear()
             self._session = self._open()
             self._session_pid = os.getpid()
+            self.sessions_opened += 1
         return self._session
 
     def reset(self) -> None:
@@ -236,6 +239,7 @@ class Hsm:  # implements worker.keystore.KeyStore
                     with self._translate(integrity=integrity):
                         return op(self._current())
                 except HsmUnavailable:
+                    self.unavailable += 1
                     self.reset()
                     if attempt == 2:
                         raise

@@ -128,6 +128,8 @@ class Delivery:
     envelope: dict[str, str]
     request_id: str
     code: str | None  # None for success
+    issued_at: datetime | None = None  # the authenticated request's (for the queue-wait metric)
+    items: int | None = None  # a batch's items (for the batch-size metric)
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
     if not ctx.audit_chain:  # kmsq bench's baseline: the record alone, committed at once if nothing else was
         if not records.record_alone(*args):
             raise _Duplicate()
-        return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+        return _delivered(request, envelope, None)
     if not records.record(*args):
         raise _Duplicate()
     audit_log.append(
@@ -401,7 +403,20 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
         request_id=str(request.request_id),
         detail=done.detail,
     )  # fmt: skip  (the transaction's last step: it locks the chain's head until the commit)
-    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+    return _delivered(request, envelope, None)
+
+
+def _delivered(request: Request, envelope: dict[str, str], code: str | None) -> Delivery:
+    """The delivery of an authenticated request's reply, with what the worker's metrics need."""
+    params = request.params
+    items: int | None = None
+    if isinstance(params, GenerateDataKeys):
+        items = params.count
+    elif isinstance(params, DecryptDataKeys | RewrapDataKeys):
+        items = len(params.encrypted_keys)
+    elif isinstance(params, PutKeys):
+        items = len(params.items)
+    return Delivery(request.reply_queue, envelope, str(request.request_id), code, request.issued_at, items)
 
 
 def _stored_reply(ctx: WorkerContext, call: _Call) -> Delivery | None:
@@ -600,7 +615,7 @@ def _get_result(ctx: WorkerContext, db: Session, call: _Call, params: GetResult)
     if ctx.audit_chain:
         audit_log.append(ctx.hsm, db, ctx.pool, actor=request.caller, action="get_result", outcome="ok",
                          request_id=str(request.request_id), detail=f"the result of {params.request_id}")  # fmt: skip
-    return Delivery(request.reply_queue, envelope, str(request.request_id), None)
+    return _delivered(request, envelope, None)
 
 
 def _reply_of(stored: str, caller: str, request_id: uuid.UUID) -> bool:
@@ -652,7 +667,7 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
     a redelivery that finds another delivery's outcome is not a second attempt and leaves no audit row."""
     request = call.request
     envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, call.digest, error=error)
-    delivery = Delivery(request.reply_queue, envelope, str(request.request_id), error.code)
+    delivery = _delivered(request, envelope, error.code)
     if not store:
         _audit(ctx, request.caller, str(request.request_id), request.params.op, error.code, error.message)
         return delivery

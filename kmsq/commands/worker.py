@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,17 +14,33 @@ from kmsq.commands.common import settings
 from kmsq.output import one_line_errors
 from schemas.wire import pool_queue
 
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+HEALTH_CACHE_SECONDS = 2.0
+
 
 @click.command()
 @click.option("--pool", default=None, help="HSM pool to serve (default: the configured default pool).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--loglevel", default="info", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics (/metrics) and /healthz on this port.")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+@click.option("--events", is_flag=True, help="Send Celery task events (for Flower); they carry no secret.")
 @click.option("--benchmark-noop", is_flag=True, hidden=True, help="Also serve kmsq.noop (kmsq bench's baseline).")
 @click.option("--benchmark-without-audit", is_flag=True, hidden=True,
               help="No audit chain (kmsq bench measures its cost; never in service).")  # fmt: skip
 @one_line_errors
 def worker(
-    pool: str | None, concurrency: int, loglevel: str, benchmark_noop: bool, benchmark_without_audit: bool
+    pool: str | None,
+    concurrency: int,
+    loglevel: str,
+    metrics_port: int | None,
+    metrics_host: str,
+    events: bool,
+    benchmark_noop: bool,
+    benchmark_without_audit: bool,
 ) -> None:
     """Run a worker that consumes only the pool's queue kms.<pool>."""
     from sqlalchemy import select
@@ -49,7 +69,17 @@ def worker(
         os.environ["KMSQ_WORKER_NOOP"] = "1"
     if benchmark_without_audit:
         os.environ["KMSQ_WORKER_NO_AUDIT"] = "1"
+    if metrics_port is not None:
+        from tasks import metrics
+
+        metrics.prepare(config.home / "metrics" / f"{pool}-{os.getpid()}")  # before prometheus_client loads
     from tasks.worker import app
+
+    if metrics_port is not None:
+        from tasks import metrics
+
+        sample = metrics.queue_sampler(config.effective_broker_url, config.namespace, pool_queue(pool))
+        metrics.serve(metrics_host, metrics_port, pool, _health(config), sample)
 
     argv = [
         "worker",
@@ -60,5 +90,42 @@ def worker(
         "--loglevel", loglevel,
         "--without-gossip",
         "--without-mingle",
+        *(["--task-events"] if events else []),
     ]  # fmt: skip
     app.worker_main(argv)
+
+
+def _health(config: Settings) -> Callable[[], dict[str, str]]:
+    """The /healthz checks of the worker's main process: the token answers, the database answers (each
+    result kept for HEALTH_CACHE_SECONDS, so that frequent probes cost nothing)."""
+    from sqlalchemy import text
+
+    from worker.runtime import hsm_from_settings
+    from worker.storage.db import create_db_engine
+
+    hsm = hsm_from_settings(config)
+    engine = create_db_engine(config.database_url)
+    lock = threading.Lock()
+    cached: dict[str, tuple[float, str]] = {}
+
+    def probe(name: str, check: Callable[[], object]) -> str:
+        hit = cached.get(name)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        try:
+            check()
+            result = "ok"
+        except Exception as e:  # reported, never raised: this is the health check
+            result = f"unavailable ({type(e).__name__})"
+        cached[name] = (time.monotonic() + HEALTH_CACHE_SECONDS, result)
+        return result
+
+    def database() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def health() -> dict[str, str]:
+        with lock:
+            return {"process": "ok", "hsm": probe("hsm", hsm.check), "database": probe("database", database)}
+
+    return health

@@ -1,0 +1,232 @@
+"""Prometheus metrics of a worker, correct with Celery's prefork pool, and its health endpoint.
+
+``kmsq worker --metrics-port PORT`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before anything
+imports prometheus_client (:func:`prepare`): each pool process then writes its samples to files of its own
+there, and the worker's main process serves them summed (prometheus_client's multiprocess mode) on
+``/metrics``, with ``/healthz`` (the process, the token and the database) next to it.
+
+Label values are bounded: ``op`` is a protocol operation or ``other``, ``outcome`` ``ok`` or an error code,
+so nobody can grow the series by sending odd messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from schemas.messages import OPS
+from schemas.wire import ERROR_CODES
+
+log = logging.getLogger("kmsq.worker")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+_OPS = frozenset(OPS)
+_OUTCOMES = frozenset({"ok", *ERROR_CODES})
+
+
+def prepare(directory: Path) -> None:
+    """Empties ``directory`` and makes this process (and the pool processes it forks) write metrics there.
+    Call before anything imports prometheus_client."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, mode=0o700)
+    os.environ[MULTIPROC_ENV] = str(directory)
+
+
+def enabled() -> bool:
+    """True in a worker started with ``--metrics-port``."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def op_label(task_name: str) -> str:
+    """The ``op`` label of a task name: a protocol operation, or ``other``."""
+    op = task_name.removeprefix("kmsq.")
+    return op if op in _OPS else "other"
+
+
+def outcome_label(code: str | None) -> str:
+    """The ``outcome`` label: ``ok`` or an error code (anything else is ``internal``)."""
+    outcome = code or "ok"
+    return outcome if outcome in _OUTCOMES else "internal"
+
+
+class WorkerMetrics:
+    """The metrics a pool process records (created lazily: only workers with ``--metrics-port`` import
+    prometheus_client)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = ("pool", "op")
+        self.requests = Counter("kmsq_requests", "Requests handled, by outcome", (*labels, "outcome"))
+        self.queue_wait = Histogram(
+            "kmsq_request_queue_wait_seconds", "From the request's issued_at to a worker taking it", labels,
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.service_time = Histogram(
+            "kmsq_request_service_seconds", "A worker's time on one request (HSM, database, reply)", labels,
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.retries = Counter("kmsq_retries", "Requests retried after the HSM or database was unavailable", labels)
+        self.batch_items = Histogram("kmsq_batch_items", "Items per batch message", labels, buckets=BATCH_BUCKETS)
+        self.hsm_errors = Counter("kmsq_hsm_errors", "HSM calls that failed as unavailable", ("pool",))
+        self.hsm_reopens = Counter("kmsq_hsm_session_reopens", "PKCS#11 sessions reopened or recycled", ("pool",))
+        self._seen: dict[str, int] = {}
+
+    def handled(self, pool: str, task_name: str, code: str | None, issued_at: datetime | None, items: int | None,
+                started: float, service_seconds: float) -> None:  # fmt: skip
+        """Records one handled request."""
+        op = op_label(task_name)
+        self.requests.labels(pool, op, outcome_label(code)).inc()
+        self.service_time.labels(pool, op).observe(service_seconds)
+        if issued_at is not None:
+            wait = datetime.now(UTC).timestamp() - (time.monotonic() - started) - issued_at.timestamp()
+            self.queue_wait.labels(pool, op).observe(max(0.0, wait))
+        if items is not None:
+            self.batch_items.labels(pool, op).observe(items)
+
+    def retried(self, pool: str, task_name: str) -> None:
+        """Records a retry."""
+        self.retries.labels(pool, op_label(task_name)).inc()
+
+    def hsm_counts(self, pool: str, errors: int, reopens: int) -> None:
+        """Adds what the HSM adapter counted since the last call (its counters only grow)."""
+        for name, counter, value in (("errors", self.hsm_errors, errors), ("reopens", self.hsm_reopens, reopens)):
+            delta = value - self._seen.get(name, 0)
+            if delta > 0:
+                counter.labels(pool).inc(delta)
+            self._seen[name] = value
+
+
+def process_dead(pid: int) -> None:
+    """Tells the multiprocess collector that a pool process ended (its live gauges go)."""
+    if enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# -- the main process's endpoint ----------------------------------------------------------------------------
+
+
+def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callable[[], tuple[int, float | None]]:
+    """Returns a function giving the queue's depth and the age in seconds of its oldest message (from the
+    signed request's ``issued_at``; None when the queue is empty or that message is not a kmsq request). It
+    keeps one broker connection, reopened after a failure."""
+    from tasks.app import broker_connection
+
+    state: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def sample() -> tuple[int, float | None]:
+        with lock:
+            try:
+                if "channel" not in state:
+                    state["connection"] = broker_connection(broker_url, namespace)
+                    state["channel"] = state["connection"].default_channel
+                channel = state["channel"]
+                depth = int(channel._size(queue))  # kombu sums the priority lists (keys prefixed for us)
+                raw = channel.client.lindex((channel.global_keyprefix or "") + queue, -1)  # oldest: BRPOP side
+            except Exception:
+                connection = state.pop("connection", None)
+                state.pop("channel", None)
+                if connection is not None:
+                    connection.release()
+                raise
+        return depth, _age(raw)
+
+    return sample
+
+
+def _age(raw: bytes | None) -> float | None:
+    """Seconds since the ``issued_at`` of the request in a kombu Redis payload, or None."""
+    import base64
+
+    from schemas.wire import from_b64u
+
+    if raw is None:
+        return None
+    try:
+        payload = json.loads(raw)
+        body = json.loads(base64.b64decode(payload["body"]))
+        request = json.loads(from_b64u(body[0][2], max_len=16 * 1024 * 1024))
+        issued = datetime.fromisoformat(request["issued_at"])
+    except Exception:  # anything else on the queue: no age (the worker drops it)
+        return None
+    return max(0.0, datetime.now(UTC).timestamp() - issued.timestamp())
+
+
+class QueueGauges:
+    """Collects, at each scrape, the pool queue's depth and the age of its oldest message (read from Redis by
+    the worker's main process)."""
+
+    def __init__(self, pool: str, sample: Callable[[], tuple[int, float | None]]) -> None:
+        self.pool = pool
+        self.sample = sample
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            depth, oldest = self.sample()
+        except Exception as e:  # the broker is down: the scrape still answers, without these two
+            log.warning("metrics: cannot read the queue of pool %s (%s)", self.pool, type(e).__name__)
+            return
+        family = GaugeMetricFamily("kmsq_queue_depth", "Messages waiting in the pool's queue", labels=["pool"])
+        family.add_metric([self.pool], depth)
+        yield family
+        age = GaugeMetricFamily(
+            "kmsq_queue_oldest_message_age_seconds",
+            "Age of the oldest waiting message (from its request's issued_at); 0 when the queue is empty",
+            labels=["pool"],
+        )
+        age.add_metric([self.pool], oldest or 0.0)
+        yield age
+
+
+def serve(
+    host: str, port: int, pool: str, health: Callable[[], dict[str, str]], queue: Callable[[], tuple[int, float | None]]
+) -> ThreadingHTTPServer:
+    """Serves ``/metrics`` (every pool process's samples, summed, and the queue gauges) and ``/healthz`` on a
+    daemon thread. Returns the server (``shutdown()`` stops it)."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(QueueGauges(pool, queue))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif self.path == "/healthz":
+                checks = health()
+                status = 200 if all(v == "ok" for v in checks.values()) else 503
+                body = {"status": "ok" if status == 200 else "unavailable", "pool": pool, **checks}
+                self._send(status, "application/json", json.dumps(body).encode())
+            else:
+                self._send(404, "text/plain", b"not found: /metrics and /healthz\n")
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="kmsq-metrics", daemon=True).start()
+    return server
