@@ -20,6 +20,7 @@ from kmsq.commands import (
     pool,
     provision,
     root_key,
+    status,
     worker,
 )
 
@@ -40,6 +41,7 @@ for command in (
     audit.audit_group,
     worker.worker,
     broker.broker_group,
+    status.status,
     # caller: the key-provider operations, in bulk, and over HTTP
     keys.generate_data_key,
     keys.decrypt_data_key,

@@ -22,7 +22,7 @@ from tasks.client import KmsClient, KmsError
 from tasks.identity import Fleet
 from tests.conftest import random_pub
 from tests.gateway_fixtures import free_port
-from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, start_worker
+from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, kmsq_command, start_worker
 from worker.fleet import ensure_fleet_key
 from worker.storage.db import transaction
 
@@ -188,3 +188,22 @@ def test_flower_shows_the_tasks(deployment: Deployment, mu: Mu, tmp_path: Path) 
     finally:
         flower.terminate()
         flower.wait(timeout=30)
+
+
+def test_status_shows_workers_queues_root_keys_and_audit_heads(deployment: Deployment, mu: Mu) -> None:
+    mu.client.generate_data_key(mu.root, with_plaintext=False)
+    result = subprocess.run([*kmsq_command(), "status", "--json"], env=deployment.env(), capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    pools = {p["pool"]: p for p in report["pools"]}
+    assert {"alpha", "beta", POOL} <= set(pools)
+    assert len(pools[POOL]["workers"]) == 1 and pools[POOL]["workers"][0].startswith(f"{POOL}.")
+    assert len(pools["alpha"]["workers"]) == 1 and pools[POOL]["queue_depth"] == 0
+    assert [k["id"] for k in pools[POOL]["root_keys"]] == [mu.root]
+    seq, _, digest = pools[POOL]["audit_head"].partition(":")
+    assert int(seq) >= 1 and len(digest) == 64
+    assert report["callers"]["total"] >= 2 and report["audit_head_global"]
+    human = subprocess.run([*kmsq_command(), "status"], env=deployment.env(), capture_output=True, text=True,
+                           timeout=120, check=False)  # fmt: skip
+    assert human.returncode == 0 and POOL in human.stdout and "callers:" in human.stdout

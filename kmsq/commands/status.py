@@ -1,0 +1,93 @@
+"""``kmsq status``: per pool, the workers alive (Celery ping), the queue, the root keys and the audit head;
+and the callers. Reads the database and the broker; needs no HSM."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from kmsq.commands.common import service, settings
+from kmsq.output import console, one_line_errors, print_json, print_table
+from schemas.wire import pool_queue
+
+PING_SECONDS = 1.5
+
+
+@dataclass
+class PoolStatus:
+    """One pool as `kmsq status` shows it."""
+
+    pool: str
+    state: str
+    workers: list[str] = field(default_factory=list)  # Celery hostnames that answered the ping
+    queue_depth: int | None = None  # None: the broker could not be read
+    oldest_message_age_s: float | None = None
+    root_keys: list[dict[str, Any]] = field(default_factory=list)
+    audit_head: str | None = None  # SEQ:HASH of the pool's newest audit record
+
+
+def _pings(broker_url: str, namespace: str | None) -> list[str]:
+    """The hostnames of the workers that answer a ping within PING_SECONDS (empty when the broker is down)."""
+    from tasks.app import make_app
+
+    app = make_app(broker_url, namespace=namespace)
+    try:
+        replies = app.control.ping(timeout=PING_SECONDS) or []
+    except Exception:  # the broker is down: no worker can be seen; the queue column says so too
+        return []
+    return sorted(name for reply in replies for name in reply)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def status(as_json: bool) -> None:
+    """Per pool: workers alive, queue depth and oldest message, root keys and versions, the audit head; and
+    the callers."""
+    from sqlalchemy import select
+
+    from tasks.metrics import queue_sampler
+    from worker import audit_log, callers
+    from worker.storage.db import transaction
+    from worker.storage.models import AuditHead
+
+    config = settings()
+    keys = service()
+    with transaction(keys.sessions) as db:
+        pools = keys.list_pools()
+        roots = keys.list_root_keys()
+        heads = {h.pool: f"{h.seq}:{h.hash}" for h in db.scalars(select(AuditHead))}
+        caller_list = callers.list_callers(db)
+    workers = _pings(config.effective_broker_url, config.namespace)
+    report: list[PoolStatus] = []
+    for info in pools:
+        entry = PoolStatus(info.name, info.state, [w for w in workers if w.split(".", 1)[0] == info.name])
+        with contextlib.suppress(Exception):  # the broker is down: the queue stays None ("?")
+            entry.queue_depth, age = queue_sampler(
+                config.effective_broker_url, config.namespace, pool_queue(info.name)
+            )()
+            entry.oldest_message_age_s = round(age, 3) if age is not None else None
+        entry.root_keys = [
+            {"id": k.id, "type": k.type, "state": k.state, "version": k.version,
+             "decrypts": [k.min_decryption_version, k.version], "destroyed": list(k.destroyed_versions)}
+            for k in roots if k.pool == info.name
+        ]  # fmt: skip
+        entry.audit_head = heads.get(info.name)
+        report.append(entry)
+    enabled = sum(c.state == "enabled" for c in caller_list)
+    summary = {"pools": [asdict(p) for p in report], "callers": {"enabled": enabled, "total": len(caller_list)},
+               "audit_head_global": heads.get(audit_log.GLOBAL_CHAIN)}  # fmt: skip
+    if as_json:
+        print_json(summary)
+        return
+    rows = [[p.pool, p.state, len(p.workers), "?" if p.queue_depth is None else p.queue_depth,
+             "-" if p.oldest_message_age_s is None else f"{p.oldest_message_age_s:.1f} s",
+             ", ".join(f"{k['id']} v{k['version']}" + ("" if k["state"] == "enabled" else f" ({k['state']})")
+                       for k in p.root_keys) or "-",
+             (p.audit_head or "-")[:24]] for p in report]  # fmt: skip
+    print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)
+    console.print(f"callers: {enabled} enabled of {len(caller_list)}; "
+                  f"audit head of `*`: {summary['audit_head_global'] or '-'}")  # fmt: skip
