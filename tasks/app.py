@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any
+from urllib.parse import parse_qs
 
 from celery import Celery
 from kombu.connection import Connection
@@ -16,32 +17,53 @@ from tasks import transport
 transport.install()  # hostile queue entries are dropped, not fatal (tasks/transport.py)
 
 
-def transport_options(namespace: str | None) -> dict[str, Any]:
+def transport_options(namespace: str | None, master_name: str | None = None) -> dict[str, Any]:
     """Returns the kombu transport options for a deployment in ``namespace``: kmsq's Redis settings and, with a
     namespace, kombu's ``global_keyprefix``, which puts it in front of every Redis key (queues, the unacked
-    index, exchange bindings), so deployments on one Redis database never see each other's messages.
+    index, exchange bindings), so deployments on one Redis database never see each other's messages; with a
+    Sentinel broker, the monitored master's name.
 
     Raises ValueError for a bad namespace."""
     options: dict[str, Any] = dict(celeryconfig.broker_transport_options)
     prefix = namespace_key_prefix(namespace)
     if prefix:
         options["global_keyprefix"] = prefix
+    if master_name:
+        options["master_name"] = master_name
     return options
+
+
+def split_broker_url(broker_url: str) -> tuple[str, str | None]:
+    """Returns kombu's URL and the Sentinel master name of a ``KMSQ_BROKER_URL``.
+
+    A Sentinel broker is ``sentinel://HOST:PORT[;sentinel://HOST:PORT...]?master_name=NAME`` (kombu's URL for
+    the sentinels, and the name they monitor the master under). Raises ValueError for a sentinel URL without
+    a master name."""
+    if not broker_url.startswith("sentinel://"):
+        return broker_url, None
+    base, _, query = broker_url.partition("?")
+    names = parse_qs(query).get("master_name", [])
+    if not names or not names[0]:
+        raise ValueError("a sentinel:// broker URL needs ?master_name=NAME (the master the sentinels monitor)")
+    return base, names[0]
 
 
 def make_app(broker_url: str, name: str = "kmsq", namespace: str | None = None) -> Celery:
     """Returns a Celery app on ``broker_url`` (in ``namespace``) with kmsq's settings; it is not made the
-    current app."""
+    current app. Raises ValueError for a bad namespace or Sentinel URL."""
+    url, master_name = split_broker_url(broker_url)
     app = Celery(name, set_as_current=False)
     app.config_from_object(celeryconfig)
-    app.conf.broker_url = broker_url
-    app.conf.broker_transport_options = transport_options(namespace)
+    app.conf.broker_url = url
+    app.conf.broker_transport_options = transport_options(namespace, master_name)
     return app
 
 
 def broker_connection(broker_url: str, namespace: str | None = None) -> Connection:
     """Returns a kombu connection (not yet connected) to ``broker_url`` in ``namespace``."""
-    return Connection(broker_url, transport_options=transport_options(namespace))  # type: ignore[no-untyped-call]
+    url, master_name = split_broker_url(broker_url)
+    options = transport_options(namespace, master_name)
+    return Connection(url, transport_options=options)  # type: ignore[no-untyped-call]
 
 
 def reuse_redis_client(channel: Any) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -60,6 +61,7 @@ class RequestFuture(Future[Fields]):
         super().__init__()
         self.request_id = request_id
         self.reply: Reply | None = None  # the verified reply, once it arrived (pool, worker key id...)
+        self.sent: tuple[Request, list[str]] | None = None  # the signed message, to send again (resend_after)
 
 
 class KmsClient(KmsCodec):
@@ -76,21 +78,26 @@ class KmsClient(KmsCodec):
         ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         timeout: float = 60.0,
         namespace: str | None = None,
+        resend_after: float | None = None,
     ) -> None:
         """``reply_queue`` is the suffix of this client's durable reply queue ``kmsq.reply.<caller>.<suffix>``
         (default: a random one). A client restarted with the same suffix receives replies sent meanwhile.
         ``namespace`` is the deployment's (default: ``$KMSQ_NAMESPACE``, else none): every Redis key the
-        client uses starts with it, as the workers' do. Raises KmsError (``invalid``) for a bad namespace,
-        (``unavailable``) when the broker cannot be reached."""
+        client uses starts with it, as the workers' do. With ``resend_after``, :meth:`wait` sends the same
+        signed message again (same request id) whenever no reply came for that many seconds, until the
+        timeout: a message the broker lost (a failover to a replica that had not received it) is sent again,
+        and a worker answers a request it already ran with the stored reply. Raises KmsError (``invalid``) for
+        a bad namespace or broker URL, (``unavailable``) when the broker cannot be reached."""
         if namespace is None:
             namespace = os.environ.get("KMSQ_NAMESPACE") or None
         try:
             self._app = make_app(broker_url, name="kmsq-client", namespace=namespace)
         except ValueError as e:
-            raise KmsError("invalid", f"namespace: {e}") from None
+            raise KmsError("invalid", f"broker: {e}") from None
         super().__init__(identity, fleet, reply_queue=reply_queue, ttl_seconds=ttl_seconds)
         self.namespace = namespace
         self.timeout = timeout
+        self.resend_after = resend_after
         self._broker_url = broker_url
         self._publisher: tuple[Connection, Producer] | None = None  # opened on first publish, under _send_lock
         # request_id -> (future, digest of the arguments sent, or None when unknown: see expect())
@@ -237,8 +244,15 @@ class KmsClient(KmsCodec):
     def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
         """Sends already signed task arguments for ``request`` and returns the future of its reply."""
         future, arrived = self._expect(request.request_id, args_digest(args))
+        future.sent = (request, args)
         if not arrived:
-            self.send(request, args)
+            try:
+                self.send(request, args)
+            except Exception as e:
+                if self.resend_after is None:
+                    raise
+                # The broker is failing over: wait() sends it again every resend_after seconds.
+                log.warning("could not send %s (%s); sending it again later", request.request_id, type(e).__name__)
         return future
 
     def expect(self, request_id: uuid.UUID, args: list[Any] | None = None) -> RequestFuture:
@@ -314,11 +328,22 @@ class KmsClient(KmsCodec):
         After a timeout the future is cancelled and forgotten; the request may still run: its reply can be
         fetched with ``get_result`` or ``expect``.
         """
-        try:
-            return future.result(timeout=self.timeout)
-        except TimeoutError:
-            future.cancel()
-            raise KmsTimeout(future.request_id) from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            step = left if self.resend_after is None or future.sent is None else min(left, self.resend_after)
+            try:
+                return future.result(timeout=max(0.0, step))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    future.cancel()
+                    raise KmsTimeout(future.request_id) from None
+            assert future.sent is not None
+            try:
+                self.send(*future.sent)
+                log.info("no reply to %s yet: sent it again", future.request_id)
+            except Exception as e:  # the broker is failing over: try again at the next step
+                log.warning("could not send %s again (%s)", future.request_id, type(e).__name__)
 
     def _on_message(self, body: Any, message: Message) -> None:
         try:

@@ -7,8 +7,8 @@ Here an entry that does not decode into a well-formed kombu message is dropped, 
 content), and the worker goes on with the next one. What a well-formed message then carries is checked by
 Celery and by the request pipeline (signatures first).
 
-:func:`install` makes ``redis://``, ``rediss://`` and ``redis+socket://`` URLs use this transport in the
-current process (workers and callers: ``tasks.app`` installs it on import).
+:func:`install` makes ``redis://``, ``rediss://``, ``redis+socket://`` and ``sentinel://`` URLs use this
+transport in the current process (workers and callers: ``tasks.app`` installs it on import).
 """
 
 from __future__ import annotations
@@ -112,8 +112,15 @@ def _body_problem(payload: dict[str, Any]) -> str:
     return ""
 
 
-class Channel(redis.Channel):
-    """kombu's Redis channel, except that an entry which is not a well-formed message is dropped."""
+class _Hardened:
+    """The guarded ``_brpop_read`` of :class:`Channel` and :class:`SentinelChannel`."""
+
+    client: Any
+    connection: Any
+    connection_errors: Any
+    sep: str
+    _queue_cycle: Any
+    _in_poll: Any
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.x's Channel._brpop_read, with decode_entry in place of its unguarded loads + deliver
@@ -136,10 +143,18 @@ class Channel(redis.Channel):
                 self.connection._deliver(payload, queue)
             return True
         finally:
-            self._in_poll = None  # type: ignore[assignment]  # kombu annotates it bool, sets None
+            self._in_poll = None  # kombu sets it None after a poll
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
             if flush is not None:
                 flush()
+
+
+class Channel(_Hardened, redis.Channel):
+    """kombu's Redis channel, except that an entry which is not a well-formed message is dropped."""
+
+
+class SentinelChannel(_Hardened, redis.SentinelChannel):
+    """kombu's Redis Sentinel channel, hardened the same way."""
 
 
 class Transport(redis.Transport):
@@ -148,9 +163,17 @@ class Transport(redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(redis.SentinelTransport):
+    """kombu's Redis Sentinel transport (``sentinel://``; the master's name in ``master_name``) with
+    :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Makes this process's ``redis``/``rediss`` URLs (``redis+socket`` included) use :class:`Transport`."""
-    for scheme in ("redis", "rediss"):
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    """Makes this process's ``redis``/``rediss`` URLs (``redis+socket`` included) use :class:`Transport`, and
+    ``sentinel`` URLs :class:`SentinelTransport`."""
+    for scheme, transport in (("redis", "Transport"), ("rediss", "Transport"), ("sentinel", "SentinelTransport")):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport}"
         # kombu caches resolved aliases: forget one resolved before this ran.
         getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)
