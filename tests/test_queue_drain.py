@@ -42,6 +42,7 @@ def test_sigterm_under_load_loses_nothing(deployment: Deployment) -> None:
         took = time.monotonic() - stopped
         answered_by_first = sum(f.done() for f in futures)
         assert code == 0 and took < GRACE_SECONDS, (code, took)
+        print(f"drain: exit {code} {took:.2f} s after SIGTERM, {sum(f.done() for f in futures)} of {REQUESTS} answered")
         assert answered_by_first < REQUESTS, "the worker finished everything before the signal: no load left"
         second = start_worker(POOL, 2, deployment.env(), deployment.directory / "worker-nu-2.log")
         try:
