@@ -13,7 +13,7 @@ from pkcs11 import exceptions as p11
 
 from tests.conftest import raw_session
 from worker.config import Settings
-from worker.errors import ConfigError, IntegrityError
+from worker.errors import ConfigError, IntegrityError, NotFound
 from worker.hsm import Hsm
 from worker.keystore import RootKeyHandle
 
@@ -136,6 +136,44 @@ def test_forked_child_opens_its_own_session(hsm: Hsm, aes_root: RootKeyHandle) -
     assert (status, matched) == ("ok", True), pid
     assert pid != os.getpid() and proc.exitcode == 0
     hsm.generate_data_key(aes_root, readable=False)  # the parent's session still works
+
+
+def _create_in_child(hsm: Hsm, key_id: str, queue: Any) -> None:
+    try:
+        hsm.create_aes_root_key(key_id, 1)
+        queue.put("ok")
+    except Exception as e:  # report, not hang
+        queue.put(repr(e))
+
+
+def test_a_key_another_process_created_is_found_after_this_process_created_one(hsm: Hsm) -> None:
+    """SoftHSM2's file store misses another process's new token objects once this process has created one
+    after them (``kmsq root-key rotate`` run while a long-lived process creates a root key): the adapter
+    re-reads the token when a key is not found, and finds it."""
+    mine = hsm.create_aes_root_key("rk-hsmtest-mine-1", 1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_create_in_child, args=(hsm, "rk-hsmtest-theirs", queue))
+    proc.start()
+    assert queue.get(timeout=60) == "ok"
+    proc.join(timeout=60)
+    hsm.create_aes_root_key("rk-hsmtest-mine-2", 1)
+    theirs = RootKeyHandle(b"kmsq:rk-hsmtest-theirs:v1", "kmsq:rk-hsmtest-theirs:v1", mine.wrap_algorithm)
+    refreshed = hsm.refreshed
+    wrapped, _ = hsm.generate_data_key(theirs, readable=False)
+    assert hsm.refreshed == refreshed + 1
+    hsm.unwrap_data_key(theirs, wrapped).wipe()
+    assert hsm.refreshed == refreshed + 1  # found at once from then on
+    hsm.unwrap_data_key(mine, hsm.generate_data_key(mine, readable=False)[0]).wipe()
+
+
+def test_a_key_that_is_nowhere_is_not_found_after_one_re_read(hsm: Hsm, aes_root: RootKeyHandle) -> None:
+    missing = RootKeyHandle(b"kmsq:rk-nowhere:v1", "kmsq:rk-nowhere:v1", aes_root.wrap_algorithm)
+    refreshed = hsm.refreshed
+    with pytest.raises(NotFound, match="root key not present in the HSM"):
+        hsm.generate_data_key(missing, readable=False)
+    assert hsm.refreshed == refreshed + 1
+    hsm.generate_data_key(aes_root, readable=False)  # the adapter works on
 
 
 def test_unknown_token_is_a_config_error(hsm_settings: Settings) -> None:

@@ -106,3 +106,28 @@ def test_a_version_is_retired_and_destroyed_through_the_commands(deployment: Dep
     assert (info["versions"], info["destroyed_versions"], info["min_decryption_version"]) == ([2], [1], 2)
     assert lam.client.get_key("xpub-lambda", "user", pool=POOL)["prv"] == "xprv-lambda"
     assert outcome(decrypt) == below
+
+
+def test_adding_a_pool_and_a_worker_restarts_nothing(deployment: Deployment, lam: Lambda) -> None:
+    """A new pool with its worker, and a second worker on an existing pool, while the others keep their
+    processes and keep answering. The root key and fleet key are created in this process after a subprocess
+    created a version (``kmsq root-key rotate`` above): SoftHSM2 then misses that version until it re-reads
+    the token, which the adapter does on a missing key."""
+    before = {pool: w.process.pid for pool, w in deployment.workers.items()}
+    root = deployment.service.create_root_key("aes-256", "omicron").id
+    with transaction(deployment.sessions) as db:
+        ensure_fleet_key(deployment.service.hsm, db, "omicron")
+    fleet = Fleet.from_document(deployment.service.fleet_document())
+    new_pool = start_worker("omicron", 1, deployment.env(), deployment.directory / "worker-omicron.log")
+    second = start_worker(POOL, 1, deployment.env(), deployment.directory / "worker-lambda-2.log")
+    try:
+        with KmsClient(deployment.broker_url, deployment.register("grower"), fleet, timeout=60,
+                       namespace=NAMESPACE) as kms:  # fmt: skip
+            assert "encryptedKey" in kms.generate_data_key(root, with_plaintext=False)
+            for pool, roots in (("alpha", deployment.roots[("alpha", "aes-256")]), (POOL, lam.root)):
+                assert "encryptedKey" in kms.generate_data_key(roots, with_plaintext=False), pool
+    finally:
+        second.stop()
+        new_pool.stop()
+    assert {pool: w.process.pid for pool, w in deployment.workers.items()} == before
+    assert all(w.process.poll() is None for w in deployment.workers.values()) and lam.worker.process.poll() is None

@@ -185,6 +185,7 @@ class Hsm:  # implements worker.keystore.KeyStore
         self.recycled = 0  # how many times the library was re-initialized (for tests and metrics)
         self.sessions_opened = 0  # logins: the first, and every reopen after a failure or recycle (metrics)
         self.unavailable = 0  # calls that failed as HsmUnavailable, retried or not (metrics)
+        self.refreshed = 0  # re-reads of the token after a key was not found
 
     # -- session lifecycle -------------------------------------------------------------------------
 
@@ -243,6 +244,14 @@ class Hsm:  # implements worker.keystore.KeyStore
                     self.reset()
                     if attempt == 2:
                         raise
+                except NotFound:
+                    # SoftHSM2's file store stops seeing token objects another process created once this
+                    # process has created one itself (its generation counter then looks current), until
+                    # the library re-reads the token: so a key not found is looked up once more after that.
+                    if attempt == 2:
+                        raise
+                    self.refreshed += 1
+                    self._reinitialize()
                 finally:
                     if self._objects_created >= RECYCLE_AFTER_OBJECTS:
                         self._recycle()
@@ -251,11 +260,16 @@ class Hsm:  # implements worker.keystore.KeyStore
     def _recycle(self) -> None:
         """Closes the session and re-initializes the library (C_Finalize, C_Initialize) to release what
         the token keeps of destroyed session objects; the next call logs in again."""
-        self.reset()
+        self._reinitialize()
         self._objects_created = 0
+        self.recycled += 1
+
+    def _reinitialize(self) -> None:
+        """Closes the session and re-initializes the library (C_Finalize, C_Initialize): the token is read
+        again and what it kept for this process is released; the next call logs in again."""
+        self.reset()
         with contextlib.suppress(p11.PKCS11Error):
             _load_library(self._module_path).reinitialize()
-        self.recycled += 1
 
     @staticmethod
     @contextmanager
@@ -568,22 +582,24 @@ class Hsm:  # implements worker.keystore.KeyStore
         """Creates the token's policy key unless it exists: a non-extractable, sensitive 256-bit generic secret
         that can only sign and verify (HMAC-SHA256). Returns True when it was created."""
 
+        try:
+            self._run(self._policy_key)  # looked up twice, the token re-read in between, before creating
+            return False
+        except NotFound:
+            pass
+
         def op(session: Any) -> bool:
-            try:
-                self._policy_key(session)
-                return False
-            except p11.NoSuchKey:
-                session.generate_key(
-                    KeyType.GENERIC_SECRET,
-                    256,
-                    id=POLICY_KEY_ID,
-                    label=POLICY_KEY_ID.decode("ascii"),
-                    store=True,
-                    capabilities=_NO_CAPABILITIES,
-                    mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                    template=_POLICY_KEY_TEMPLATE,
-                )
-                return True
+            session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                id=POLICY_KEY_ID,
+                label=POLICY_KEY_ID.decode("ascii"),
+                store=True,
+                capabilities=_NO_CAPABILITIES,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                template=_POLICY_KEY_TEMPLATE,
+            )
+            return True
 
         return self._run(op)
 
