@@ -179,13 +179,31 @@ class PutKeys(_Frozen):
     root_key_id: RootKeyId | None = None
 
 
-BATCH_OPS = frozenset({"generate_data_keys", "decrypt_data_keys", "rewrap_data_keys", "put_keys"})
+class KeyRef(_Frozen):
+    """One private key of a ``get_keys`` batch. Not checked here, like :class:`PutKeyItem`: an item with a bad
+    field fails alone."""
+
+    pub: str
+    source: str
+
+
+class GetKeys(_Frozen):
+    """Reads many stored private keys; needs the ``get_key`` permission (and plaintext). Each item comes back
+    as its public fields or ``{"error", "message"}`` (``not_found``...); the ``prv`` strings are sealed
+    together as one JSON list."""
+
+    op: Literal["get_keys"]
+    keys: Annotated[list[KeyRef], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+BATCH_OPS = frozenset({"generate_data_keys", "decrypt_data_keys", "rewrap_data_keys", "put_keys", "get_keys"})
 
 
 _BATCH_PERMISSION = {
     "decrypt_data_keys": "decrypt_data_key",
     "rewrap_data_keys": "rewrap_data_key",
     "put_keys": "put_key",
+    "get_keys": "get_key",
 }
 
 
@@ -207,7 +225,8 @@ Operation = Annotated[
     | GenerateDataKeys
     | DecryptDataKeys
     | RewrapDataKeys
-    | PutKeys,
+    | PutKeys
+    | GetKeys,
     Field(discriminator="op"),
 ]
 OPS = (*ALLOWABLE_OPS, "get_result", *sorted(BATCH_OPS))

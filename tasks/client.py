@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +35,8 @@ from schemas.envelope import EncryptedDataKey, FormatError
 from schemas.limits import (
     MAX_BATCH_ITEMS,
     MAX_REQUEST_BYTES,
+    FieldError,
+    check_prv,
 )
 from schemas.messages import Reply, ReplyEnvelope, Request
 from schemas.wire import (
@@ -45,6 +48,7 @@ from schemas.wire import (
     task_name,
 )
 from tasks.app import broker_connection, make_app, reuse_redis_client
+from tasks.coalesce import CoalescePolicy, Coalescer, encrypted_key_coalesces, put_key_cost, value_cost
 from tasks.codec import Fields, KmsCodec
 from tasks.codec import KmsError as KmsError  # re-exported: callers catch it from here
 from tasks.codec import KmsTimeout as KmsTimeout
@@ -54,14 +58,24 @@ log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
 
 
+@dataclass
+class SentMessage:
+    """A signed message as sent, to send again (``resend_after``), and when it was last sent."""
+
+    request: Request
+    args: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+
 class RequestFuture(Future[Fields]):
-    """The future of one request; ``request_id`` identifies it (for ``get_result`` after a timeout)."""
+    """The future of one request; ``request_id`` identifies it (for ``get_result`` after a timeout). A
+    coalesced request's is its batch message's."""
 
     def __init__(self, request_id: str) -> None:
         super().__init__()
         self.request_id = request_id
         self.reply: Reply | None = None  # the verified reply, once it arrived (pool, worker key id...)
-        self.sent: tuple[Request, list[str]] | None = None  # the signed message, to send again (resend_after)
+        self.sent: SentMessage | None = None  # the signed message, shared by the requests of one batch
 
 
 class KmsClient(KmsCodec):
@@ -79,6 +93,7 @@ class KmsClient(KmsCodec):
         timeout: float = 60.0,
         namespace: str | None = None,
         resend_after: float | None = None,
+        coalesce: CoalescePolicy | bool = False,
     ) -> None:
         """``reply_queue`` is the suffix of this client's durable reply queue ``kmsq.reply.<caller>.<suffix>``
         (default: a random one). A client restarted with the same suffix receives replies sent meanwhile.
@@ -86,8 +101,10 @@ class KmsClient(KmsCodec):
         client uses starts with it, as the workers' do. With ``resend_after``, :meth:`wait` sends the same
         signed message again (same request id) whenever no reply came for that many seconds, until the
         timeout: a message the broker lost (a failover to a replica that had not received it) is sent again,
-        and a worker answers a request it already ran with the stored reply. Raises KmsError (``invalid``) for
-        a bad namespace or broker URL, (``unavailable``) when the broker cannot be reached."""
+        and a worker answers a request it already ran with the stored reply. With ``coalesce`` (True for the
+        defaults of :class:`tasks.coalesce.CoalescePolicy`), concurrent single requests of one operation, pool
+        and root key go out as one batch message (a lone request is sent at once, as without). Raises KmsError
+        (``invalid``) for a bad namespace or broker URL, (``unavailable``) when the broker cannot be reached."""
         if namespace is None:
             namespace = os.environ.get("KMSQ_NAMESPACE") or None
         try:
@@ -107,6 +124,8 @@ class KmsClient(KmsCodec):
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        policy = CoalescePolicy() if coalesce is True else coalesce or None
+        self.coalescer = Coalescer(self, policy) if policy is not None else None
         self._consumer = threading.Thread(target=self._consume, name="kmsq-replies", daemon=True)
         self._consumer.start()
         if not self._ready.wait(timeout=30):
@@ -124,16 +143,42 @@ class KmsClient(KmsCodec):
         """Starts ``generate_data_key``; the future gives ``encryptedKey`` and, with plaintext, ``plaintextKey``."""
         op = "generate_data_key" if with_plaintext else "generate_data_key_without_plaintext"
         params = {"op": op, "root_key_id": root_key_id, "key_spec": "AES-256"}
-        return self.submit(params, self.pool_for(root_key_id))
+        pool = self.pool_for(root_key_id)
+        return self._single(params, pool, root_key_id, None, value_cost(), lambda: self.submit(params, pool))
 
     def submit_decrypt_data_key(self, encrypted_key: str) -> RequestFuture:
         """Starts ``decrypt_data_key``; the future gives ``plaintextKey``."""
-        return self.submit({"op": "decrypt_data_key", "encrypted_key": encrypted_key}, self._pool_of_key(encrypted_key))
+        return self._by_encrypted_key("decrypt_data_key", encrypted_key)
 
     def submit_rewrap_data_key(self, encrypted_key: str) -> RequestFuture:
         """Starts ``rewrap_data_key``; the future gives ``encryptedKey`` under its root key's current version
         (the same string when it is current already). No plaintext is involved on either side."""
-        return self.submit({"op": "rewrap_data_key", "encrypted_key": encrypted_key}, self._pool_of_key(encrypted_key))
+        return self._by_encrypted_key("rewrap_data_key", encrypted_key)
+
+    def _by_encrypted_key(self, op: str, encrypted_key: str) -> RequestFuture:
+        params = {"op": op, "encrypted_key": encrypted_key}
+        pool = self._pool_of_key(encrypted_key)
+        if not encrypted_key_coalesces(encrypted_key):
+            return self.submit(params, pool)
+        send = lambda: self.submit(params, pool)  # noqa: E731
+        return self._single(params, pool, None, encrypted_key, value_cost(encrypted_key), send)
+
+    def _single(
+        self,
+        params: dict[str, Any],
+        pool: str,
+        root_key_id: str | None,
+        value: Any,
+        cost: int,
+        send_alone: Callable[[], RequestFuture],
+    ) -> RequestFuture:
+        """Sends a single request, through the coalescer when there is one (checked first as sent alone)."""
+        if self.coalescer is None:
+            return send_alone()
+        if pool not in self.fleet.pools:
+            raise KmsError("invalid", f"pool {pool!r} is not in the fleet file")
+        self.check_params(params)
+        return self.coalescer.submit((params["op"], pool, root_key_id), value, cost, send_alone)
 
     def _pool_of_key(self, encrypted_key: str) -> str:
         """The pool of the root key an ``encryptedKey`` names; the default pool for one that does not parse
@@ -147,13 +192,30 @@ class KmsClient(KmsCodec):
     ) -> RequestFuture:
         """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process.
         Raises KmsError (``invalid``) for a ``prv`` out of its limits (schemas.limits)."""
-        request_id = uuid.uuid4()
-        params, pool = self.put_key_params(pub, prv, coin, source, type, root_key_id, request_id)
-        return self.submit(params, pool, request_id=request_id)
+
+        def send_alone() -> RequestFuture:
+            request_id = uuid.uuid4()
+            params, pool = self.put_key_params(pub, prv, coin, source, type, root_key_id, request_id)
+            return self.submit(params, pool, request_id=request_id)
+
+        if self.coalescer is None:
+            return send_alone()
+        try:
+            check_prv(prv)
+        except FieldError as e:
+            raise KmsError("invalid", str(e)) from None
+        params = {"op": "put_key", "pub": pub, "prv": "sealed", "coin": coin, "source": source, "type": type,
+                  "root_key_id": root_key_id}  # fmt: skip
+        item = {"pub": pub, "prv": prv, "coin": coin, "source": source, "type": type}
+        cost = put_key_cost(pub, prv, coin, source, type)
+        return self._single(params, self.pool_for(root_key_id), root_key_id, item, cost, send_alone)
 
     def submit_get_key(self, pub: str, source: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_key``; the future gives ``prv``, ``pub``, ``coin``, ``source`` and ``type``."""
-        return self.submit({"op": "get_key", "pub": pub, "source": source}, pool or self.fleet.default_pool)
+        params = {"op": "get_key", "pub": pub, "source": source}
+        target = pool or self.fleet.default_pool
+        send = lambda: self.submit(params, target)  # noqa: E731
+        return self._single(params, target, None, (pub, source), value_cost(pub, source), send)
 
     def submit_get_result(self, request_id: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
@@ -191,6 +253,16 @@ class KmsClient(KmsCodec):
         request_id = uuid.uuid4()
         params, pool = self.put_keys_params(items, root_key_id, request_id)
         return self.submit(params, pool, request_id=request_id)
+
+    def submit_get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> RequestFuture:
+        """Starts ``get_keys`` for ``(pub, source)`` pairs; items are ``{"prv", "pub", "coin", "source",
+        "type"}`` or ``{"error", "message"}`` (``not_found``...)."""
+        params = {"op": "get_keys", "keys": [{"pub": pub, "source": source} for pub, source in keys]}
+        return self.submit(params, pool or self.fleet.default_pool)
+
+    def get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> Fields:
+        """See :meth:`submit_get_keys`. Raises KmsError for the batch as a whole."""
+        return self.wait(self.submit_get_keys(keys, pool))
 
     def generate_data_keys(self, count: int, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
         """See :meth:`submit_generate_data_keys`. Raises KmsError."""
@@ -244,7 +316,7 @@ class KmsClient(KmsCodec):
     def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
         """Sends already signed task arguments for ``request`` and returns the future of its reply."""
         future, arrived = self._expect(request.request_id, args_digest(args))
-        future.sent = (request, args)
+        future.sent = SentMessage(request, args)
         if not arrived:
             try:
                 self.send(request, args)
@@ -331,16 +403,20 @@ class KmsClient(KmsCodec):
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
-            step = left if self.resend_after is None or future.sent is None else min(left, self.resend_after)
+            step = left if self.resend_after is None else min(left, self.resend_after)
             try:
                 return future.result(timeout=max(0.0, step))
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     future.cancel()
                     raise KmsTimeout(future.request_id) from None
-            assert future.sent is not None
+            sent = future.sent
+            assert self.resend_after is not None
+            if sent is None or time.monotonic() - sent.at < self.resend_after:
+                continue  # not sent yet (coalescing), or another waiter of its batch sent it again just now
+            sent.at = time.monotonic()
             try:
-                self.send(*future.sent)
+                self.send(sent.request, sent.args)
                 log.info("no reply to %s yet: sent it again", future.request_id)
             except Exception as e:  # the broker is failing over: try again at the next step
                 log.warning("could not send %s again (%s)", future.request_id, type(e).__name__)
@@ -406,6 +482,8 @@ class KmsClient(KmsCodec):
             if self._publisher is not None:
                 self._publisher[0].release()
                 self._publisher = None
+        if self.coalescer is not None:
+            self.coalescer.close()
         with self._lock:
             pending, self._pending = self._pending, {}
         for rid, (future, _) in pending.items():
@@ -500,6 +578,10 @@ class AsyncKmsClient:
     async def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
         """See :meth:`KmsClient.submit_put_keys`."""
         return await self._await(lambda: self.client.submit_put_keys(items, root_key_id))
+
+    async def get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> Fields:
+        """See :meth:`KmsClient.submit_get_keys`."""
+        return await self._await(lambda: self.client.submit_get_keys(keys, pool))
 
     async def rewrap_data_key(self, encrypted_key: str) -> Fields:
         """See :meth:`KmsClient.rewrap_data_key`."""

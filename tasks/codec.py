@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 
 from schemas.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, FieldError, check_prv, public_message
-from schemas.messages import OPS, Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.messages import OPS, Operation, Reply, ReplyEnvelope, Request, reply_queue_for
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
@@ -34,6 +34,9 @@ from schemas.wire import (
 from tasks.identity import CallerIdentity, Fleet, FleetPool
 
 Fields = dict[str, Any]
+_OPERATION: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Operation)
+# The field each item of a batch reply gets from the sealed ``items`` list, by operation.
+BATCH_SECRET_NAMES = {"get_keys": "prv"}
 
 
 class KmsError(Exception):
@@ -105,6 +108,15 @@ class KmsCodec:
         signature = sign(self.identity.signing, request_signing_input(task_name(request.params.op), body))
         return request, [self.identity.caller, self._key_id, b64u(body), signature]
 
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Raises the KmsError (``invalid``) that :meth:`build_request` raises for these parameters, without
+        signing anything (a request that will travel inside a batch is checked as its single operation)."""
+        try:
+            _OPERATION.validate_python(params, strict=False)
+        except pydantic.ValidationError as e:
+            errors = e.errors(include_input=False, include_url=False, include_context=False)
+            raise KmsError("invalid", public_message(errors, ("params", *OPS), "malformed request: ")) from None
+
     def _validated_request(
         self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None, now: datetime
     ) -> Request:
@@ -174,9 +186,10 @@ class KmsCodec:
             items = reply.result["items"]
             assert isinstance(items, list)
             secrets, fields["items"] = json.loads(fields["items"]), [dict(item) for item in items]
+            name = BATCH_SECRET_NAMES.get(reply.op, "plaintextKey")
             for item, secret in zip(fields["items"], secrets, strict=True):
                 if secret is not None:
-                    item["plaintextKey"] = secret
+                    item[name] = secret
         return fields
 
     # -- replies -----------------------------------------------------------------------------------

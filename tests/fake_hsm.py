@@ -108,7 +108,8 @@ class FakeHsm:
         out: list[bytes | None] = []
         for handle, key in wrapped:
             try:
-                out.append(self._wrap(target, self._unwrap(handle, key)))
+                unwrapped = self._unwrap(handle, key)
+                out.append(key if handle == target else self._wrap(target, unwrapped))
             except IntegrityError:
                 out.append(None)
         return out

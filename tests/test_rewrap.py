@@ -142,11 +142,14 @@ def test_caller_data_keys_are_rewrapped_per_item(keys: KeyService) -> None:
     aes, rsa = keys.create_root_key("aes-256", "alpha").id, keys.create_root_key("rsa-2048", "alpha").id
     old = [keys.generate_data_key(root) for root in (aes, rsa, aes)]
     keys.rotate_root_key(aes)
-    texts = [k.encrypted_key for k in old] + ["kmsq:v1:AAAA"]
+    current = keys.generate_data_key(aes).encrypted_key
+    tampered = current[:-2] + ("AA" if not current.endswith("AA") else "BA")  # under the current version
+    texts = [k.encrypted_key for k in old] + ["kmsq:v1:AAAA", current, tampered]
     with transaction(keys.sessions) as db:
         out = rewrap_data_keys(keys.hsm, db, texts, "alpha")
     assert isinstance(out[3], IntegrityError)
-    assert out[1] == texts[1]  # rsa is current already: the same string back
+    assert out[1] == texts[1] and out[4] == current  # current already: the same string back
+    assert isinstance(out[5], IntegrityError)  # checked all the same
     for i in (0, 2):
         assert isinstance(out[i], str) and EncryptedDataKey.from_text(out[i]).root_key_version == 2  # type: ignore[arg-type]
         assert keys.decrypt_data_key(out[i]) == old[i].plaintext_key  # type: ignore[arg-type]
@@ -167,6 +170,10 @@ def test_the_hsm_rewraps_inside_the_token(service: KeyService, hsm: Hsm, root_ty
     out = hsm.rewrap([(hsm_handle(v1), data_keys[0][0]), (hsm_handle(v1), tampered),
                       (hsm_handle(v1), data_keys[2][0])], hsm_handle(v2))  # fmt: skip
     assert out[1] is None
+    fresh, _ = hsm.generate_data_key(hsm_handle(v2), readable=False)
+    assert hsm.rewrap(
+        [(hsm_handle(v2), fresh), (hsm_handle(v2), fresh[:-1] + bytes([fresh[-1] ^ 1]))], hsm_handle(v2)
+    ) == [fresh, None]  # fmt: skip  (under the target already: only checked)
     for (wrapped, plaintext), new in ((data_keys[0], out[0]), (data_keys[2], out[2])):
         assert new is not None and new != wrapped and plaintext is not None
         with hsm.unwrap_data_key(hsm_handle(v2), new) as value:

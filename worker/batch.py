@@ -17,7 +17,7 @@ from schemas.envelope import (
     EncryptedDataKey,
     KeySpec,
 )
-from schemas.limits import FieldError, check_encrypted_key
+from schemas.limits import FieldError, check_encrypted_key, check_pub
 from worker import service
 from worker.errors import Conflict, InvalidRequest, PermanentError, ServiceError
 from worker.keystore import KeyStore
@@ -121,6 +121,26 @@ def store_private_keys(
                 root_key_id=row.root_key, root_key_version=row.root_key_version,
             )  # fmt: skip
     return [o if o is not None else Conflict() for o in outcomes]
+
+
+def get_private_keys(
+    hsm: KeyStore, db: Session, keys: Sequence[tuple[str, str]], check: service.RootKeyCheck | None = None
+) -> list[service.PrivateKeyRecord | ServiceError]:
+    """Reads and opens each (pub, source) like :func:`worker.service.get_private_key`.
+
+    Returns each key or its error (``invalid`` for a bad field, ``not_found``, an integrity failure, a root
+    key the caller may not use): an item's error never fails the others."""
+    out: list[service.PrivateKeyRecord | ServiceError] = []
+    for pub, source in keys:
+        try:
+            try:
+                check_pub(pub)
+            except FieldError as e:
+                raise InvalidRequest(str(e)) from None
+            out.append(service.get_private_key(hsm, db, pub, source, check))
+        except PermanentError as e:
+            out.append(e)
+    return out
 
 
 def _existing(db: Session, idents: list[tuple[str, str]]) -> set[tuple[str, str]]:

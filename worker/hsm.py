@@ -514,7 +514,8 @@ class Hsm:  # implements worker.keystore.KeyStore
         session for the whole list.
 
         Returns the new wrapped keys in order, None for one that does not unwrap (tampered, or not wrapped by
-        that version). A session failure redoes the whole list once.
+        that version); a key under ``target`` already is only checked, and comes back as it was (RSA-OAEP
+        would wrap it differently). A session failure redoes the whole list once.
         """
 
         def op(session: Any) -> list[bytes | None]:
@@ -527,7 +528,7 @@ class Hsm:  # implements worker.keystore.KeyStore
                     out.append(None)
                     continue
                 try:
-                    out.append(self._wrap(session, target, data_key))
+                    out.append(key if handle == target else self._wrap(session, target, data_key))
                 finally:
                     data_key.destroy()
             return out

@@ -66,7 +66,8 @@ class KeyStore(Protocol):
 
     def rewrap(self, wrapped: Sequence[tuple[RootKeyHandle, bytes]], target: RootKeyHandle) -> list[bytes | None]:
         """Each data key unwrapped under its root key version and wrapped again under ``target``, inside the
-        HSM (the value never leaves it); None for one that does not unwrap."""
+        HSM (the value never leaves it); None for one that does not unwrap. A key under ``target`` already is
+        only checked: it comes back as it was."""
 
     def seal(self, handle: RootKeyHandle, plaintext: SecretBytes, nonce: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-256-GCM under a fresh data key that never leaves the token unwrapped: (wrapped key, ciphertext)."""

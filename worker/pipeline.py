@@ -35,6 +35,7 @@ from schemas.messages import (
     GenerateDataKeys,
     GenerateDataKeyWithoutPlaintext,
     GetKey,
+    GetKeys,
     GetResult,
     PutKey,
     PutKeys,
@@ -416,6 +417,8 @@ def _delivered(request: Request, envelope: dict[str, str], code: str | None) -> 
         items = len(params.encrypted_keys)
     elif isinstance(params, PutKeys):
         items = len(params.items)
+    elif isinstance(params, GetKeys):
+        items = len(params.keys)
     return Delivery(request.reply_queue, envelope, str(request.request_id), code, request.issued_at, items)
 
 
@@ -499,7 +502,7 @@ def _execute(ctx: WorkerContext, db: Session, request: Request, caller: Caller) 
         record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
         public = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
         return _Executed(public, {"prv": record.prv.encode()}, record.root_key_id, record.root_key_version)
-    if isinstance(params, GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys):
+    if isinstance(params, GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys | GetKeys):
         return _execute_batch(ctx, db, request, params, check)
     raise InvalidRequest(f"unsupported operation {params.op}")
 
@@ -534,7 +537,7 @@ def _execute_batch(
     ctx: WorkerContext,
     db: Session,
     request: Request,
-    params: GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys,
+    params: GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys | GetKeys,
     check: service.RootKeyCheck,
 ) -> _Executed:
     """A batch: ``items`` in the result, and the items' secrets sealed together as one JSON list. The audit
@@ -558,6 +561,18 @@ def _execute_batch(
         items = [_item_error(o) if isinstance(o, ServiceError) else {"encryptedKey": o} for o in rewrapped]
         first = next((o for o in rewrapped if isinstance(o, str)), None)
         return _Executed({"items": items}, {}, *_key_of(first), _counts(items))
+    if isinstance(params, GetKeys):
+        records = batch.get_private_keys(ctx.hsm, db, [(k.pub, k.source) for k in params.keys], check)
+        items = [
+            _item_error(r) if isinstance(r, ServiceError) else {"pub": r.pub, "coin": r.coin, "source": r.source,
+                                                                "type": r.type}
+            for r in records
+        ]  # fmt: skip
+        secret = canonical_json([None if isinstance(r, ServiceError) else r.prv for r in records])
+        found = next((r for r in records if not isinstance(r, ServiceError)), None)
+        if found is None:
+            return _Executed({"items": items}, {"items": secret}, detail=_counts(items))
+        return _Executed({"items": items}, {"items": secret}, found.root_key_id, found.root_key_version, _counts(items))
     prvs = _open_prvs(ctx, request, params)
     entries = [
         batch.PrivateKeyItem(pub=i.pub, coin=i.coin, source=i.source, type=i.type, prv=prv)

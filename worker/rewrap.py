@@ -53,9 +53,9 @@ def rewrap_data_keys(
     check: RootKeyCheck | None = None,
 ) -> list[str | PermanentError]:
     """Returns each ``encryptedKey`` wrapped under its root key's current version (the same string when it
-    is current already), or the error of that item: IntegrityError (opaque) for anything wrong with the
-    ciphertext or the root key version it names, what ``check`` raises, InvalidRequest for a disabled root
-    key. One HSM call per root key."""
+    is current already and unwraps: a tampered one fails even then), or the error of that item:
+    IntegrityError (opaque) for anything wrong with the ciphertext or the root key version it names, what
+    ``check`` raises, InvalidRequest for a disabled root key. One HSM call per root key."""
     versions: VersionCache = {}
     targets: dict[str, RootKeyVersion | PermanentError] = {}
     outcomes: list[str | PermanentError] = list(encrypted_keys)
@@ -75,14 +75,15 @@ def rewrap_data_keys(
         except PermanentError as e:  # a transient error (HSM, database) fails the whole request: retried
             outcomes[i] = e
             continue
-        if source.version != target.version:  # else it is current already: the same string
-            groups.setdefault(target.root_key_id, []).append((i, parsed, source))
+        # A key under the current version already is checked in the HSM too, and comes back as it was.
+        groups.setdefault(target.root_key_id, []).append((i, parsed, source))
     for root_key_id, items in groups.items():
         target = targets[root_key_id]
         assert isinstance(target, RootKeyVersion)
         wrapped = hsm.rewrap([(hsm_handle(source), parsed.wrapped) for _, parsed, source in items], hsm_handle(target))
-        for (i, parsed, _), new in zip(items, wrapped, strict=True):
-            outcomes[i] = _rewrapped_text(parsed, target, new)
+        for (i, parsed, source), new in zip(items, wrapped, strict=True):
+            current = source.version == target.version and new is not None
+            outcomes[i] = encrypted_keys[i] if current else _rewrapped_text(parsed, target, new)
     return outcomes
 
 

@@ -27,6 +27,12 @@ def _host_port(listen: str) -> tuple[str, int]:
               help="Require client certificates issued by this CA (mTLS).")  # fmt: skip
 @click.option("--root-key", default=None, help="Root key for new keys (default: the pool's default root key).")
 @click.option("--reply-queue", default=None, help="Suffix of the gateway's durable reply queue (default: random).")
+@click.option("--coalesce/--no-coalesce", default=True, show_default=True,
+              help="Send concurrent calls of one kind as one batch message (a lone call goes at once).")  # fmt: skip
+@click.option("--linger-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="How long a call may wait for others while one of its kind is in flight.")  # fmt: skip
+@click.option("--max-batch", type=click.IntRange(1, 1000), default=256, show_default=True,
+              help="Most calls in one coalesced message.")  # fmt: skip
 @caller_options
 @one_line_errors
 def gateway(
@@ -36,12 +42,16 @@ def gateway(
     client_ca: Path | None,
     root_key: str | None,
     reply_queue: str | None,
+    coalesce: bool,
+    linger_ms: float,
+    max_batch: int,
     identity: Path | None,
     fleet: Path | None,
     timeout: float,
 ) -> None:
     """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /generateDataKey, POST /decryptDataKey)
-    as this caller. --timeout is how long a request waits for a worker before answering 503."""
+    as this caller. --timeout is how long a request waits for a worker before answering 503. Concurrent calls
+    are coalesced into batch messages unless --no-coalesce (docs/PROTOCOL.md, Coalescing)."""
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
@@ -59,6 +69,9 @@ def gateway(
     if client_ca is not None and tls_cert is None:
         raise click.UsageError("--client-ca needs --tls-cert and --tls-key")
     tls = TlsFiles(tls_cert, tls_key, client_ca) if tls_cert is not None and tls_key is not None else None
-    with open_client(identity, fleet, timeout, reply_queue=reply_queue) as client:
+    from tasks.coalesce import CoalescePolicy
+
+    policy = CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch) if coalesce else False
+    with open_client(identity, fleet, timeout, reply_queue=reply_queue, coalesce=policy) as client:
         app = create_app(client, GatewaySettings(root_key_id=root_key, timeout=timeout))
         serve(app, host, port, tls)

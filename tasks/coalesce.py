@@ -1,0 +1,245 @@
+"""Coalescing: concurrent single requests of one operation, pool and root key go out as one batch message.
+
+A request that finds nothing of its kind in flight is sent at once, alone, exactly as without coalescing.
+While one is in flight, the next ones of that kind wait at most ``linger`` seconds for company, then go as one
+batch (``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at
+most ``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
+gets its own item's fields, or its own item's error, or the error of the batch as a whole. The batch is one
+message with one request id: the worker's idempotency and a resend (``resend_after``) cover it as a whole.
+
+Imports no HSM or database code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from schemas.envelope import TEXT_PREFIX
+from tasks.codec import Fields, KmsError, KmsTimeout
+
+if TYPE_CHECKING:
+    from tasks.client import KmsClient, RequestFuture
+
+# What an item adds to a batch message besides its own value (JSON punctuation, field names).
+_ITEM_OVERHEAD_BYTES = 64
+
+
+@dataclass(frozen=True)
+class CoalescePolicy:
+    """How long a request may wait for others (seconds), and how large one batch message may grow."""
+
+    linger: float = 0.002
+    max_items: int = 256
+    max_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.linger <= 1 and self.max_items >= 1 and self.max_bytes >= 1024):
+            raise ValueError("coalescing needs 0 <= linger <= 1 s, max_items >= 1 and max_bytes >= 1024")
+
+
+@dataclass
+class _Item:
+    future: RequestFuture
+    value: Any  # the item as its batch operation takes it
+    cost: int  # bytes it adds to the batch message
+    send_alone: Callable[[], RequestFuture]
+
+
+@dataclass
+class _Group:
+    deadline: float
+    items: list[_Item] = field(default_factory=list)
+    cost: int = 0
+
+
+# (single operation, pool, root key id or None)
+_Key = tuple[str, str, str | None]
+
+
+class Coalescer:
+    """Groups a :class:`tasks.client.KmsClient`'s concurrent single requests. Thread-safe."""
+
+    def __init__(self, client: KmsClient, policy: CoalescePolicy) -> None:
+        self.client = client
+        self.policy = policy
+        self.batches_sent = 0  # batch messages sent for coalesced requests
+        self.items_coalesced = 0  # requests that went out in one of those
+        self._in_flight: dict[_Key, int] = {}
+        self._groups: dict[_Key, _Group] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._flusher = threading.Thread(target=self._flush_when_due, name="kmsq-coalesce", daemon=True)
+        self._flusher.start()
+
+    def submit(self, key: _Key, value: Any, cost: int, send_alone: Callable[[], RequestFuture]) -> RequestFuture:
+        """Sends the request now (nothing of its kind in flight), or adds it to its kind's next batch.
+        Returns its future. Raises what ``send_alone`` raises when it is sent at once."""
+        from tasks.client import RequestFuture
+
+        due: list[_Group] = []
+        with self._lock:
+            if self._closed:
+                raise KmsError("unavailable", "the client is closed")
+            alone = cost > self.policy.max_bytes or (not self._in_flight.get(key) and key not in self._groups)
+            if alone:
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            else:
+                item = _Item(RequestFuture(""), value, cost, send_alone)
+                group = self._groups.get(key)
+                if group is not None and group.cost + cost > self.policy.max_bytes:
+                    due.append(self._groups.pop(key))
+                    group = None
+                if group is None:
+                    group = self._groups[key] = _Group(time.monotonic() + self.policy.linger)
+                    self._lock.notify()
+                group.items.append(item)
+                group.cost += cost
+                if len(group.items) >= self.policy.max_items:
+                    due.append(self._groups.pop(key))
+        if alone:
+            try:
+                future = send_alone()
+            except BaseException:
+                self._landed(key)
+                raise
+            future.add_done_callback(lambda _: self._landed(key))
+            return future
+        for group in due:
+            self._send(key, group)
+        return item.future
+
+    def _landed(self, key: _Key) -> None:
+        with self._lock:
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
+
+    def _flush_when_due(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed:
+                    now = time.monotonic()
+                    due = [k for k, g in self._groups.items() if g.deadline <= now]
+                    if due:
+                        break
+                    next_deadline = min((g.deadline for g in self._groups.values()), default=None)
+                    self._lock.wait(None if next_deadline is None else next_deadline - now)
+                if self._closed:
+                    return
+                groups = [(k, self._groups.pop(k)) for k in due]
+            for key, group in groups:
+                self._send(key, group)
+
+    def _send(self, key: _Key, group: _Group) -> None:
+        """Sends one group: alone when it has one item, else as its batch operation."""
+        with self._lock:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            sent = group.items[0].send_alone() if len(group.items) == 1 else self._send_batch(key, group.items)
+        except BaseException as e:  # each caller gets the refusal, as it would have alone
+            self._landed(key)
+            for item in group.items:
+                item.future.set_exception(e if isinstance(e, KmsError) else KmsError("unavailable", str(e)))
+            return
+        batch = len(group.items) > 1
+        if batch:
+            self.batches_sent += 1
+            self.items_coalesced += len(group.items)
+        for item in group.items:
+            item.future.request_id = sent.request_id
+            item.future.sent = sent.sent
+        remaining = [len(group.items)]
+
+        def item_done(_: Future[Fields]) -> None:  # every caller gave up (timeouts): no longer in flight
+            with self._lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last and not sent.done():
+                sent.cancel()
+
+        sent.add_done_callback(lambda f: self._deliver(key, f, group.items, batch))
+        for item in group.items:
+            item.future.add_done_callback(item_done)
+
+    def _send_batch(self, key: _Key, items: list[_Item]) -> RequestFuture:
+        op, pool, root_key_id = key
+        values = [item.value for item in items]
+        if op in ("generate_data_key", "generate_data_key_without_plaintext"):
+            with_plaintext = op == "generate_data_key"
+            params: dict[str, Any] = {"op": "generate_data_keys", "count": len(items),
+                                      "with_plaintext": with_plaintext, "root_key_id": root_key_id}  # fmt: skip
+        elif op == "decrypt_data_key":
+            params = {"op": "decrypt_data_keys", "encrypted_keys": values}
+        elif op == "rewrap_data_key":
+            params = {"op": "rewrap_data_keys", "encrypted_keys": values}
+        elif op == "get_key":
+            params = {"op": "get_keys", "keys": [{"pub": pub, "source": source} for pub, source in values]}
+        elif op == "put_key":
+            return self.client.submit_put_keys(values, root_key_id)
+        else:
+            raise KmsError("internal", f"{op} does not coalesce")
+        return self.client.submit(params, pool)
+
+    def _deliver(self, key: _Key, sent: Future[Fields], items: list[_Item], batch: bool) -> None:
+        """Hands each caller its item of the reply, or the error of the whole."""
+        self._landed(key)
+        for index, item in enumerate(items):
+            if item.future.done():
+                continue
+            try:
+                fields = sent.result()
+                if batch:
+                    fields = _item_fields(fields, index, len(items), str(item.future.request_id))
+                item.future.reply = getattr(sent, "reply", None)
+                item.future.set_result(fields)
+            except BaseException as e:
+                item.future.set_exception(e)
+
+    def close(self) -> None:
+        """Stops the flusher; requests still waiting for company fail as not answered."""
+        with self._lock:
+            self._closed = True
+            groups, self._groups = list(self._groups.values()), {}
+            self._lock.notify()
+        for group in groups:
+            for item in group.items:
+                if not item.future.done():
+                    item.future.set_exception(KmsTimeout(item.future.request_id))
+        if threading.current_thread() is not self._flusher:
+            self._flusher.join(timeout=5)
+
+
+def _item_fields(fields: Fields, index: int, count: int, request_id: str) -> Fields:
+    """One item of a batch reply as its single operation returns it. Raises its KmsError."""
+    items = fields.get("items")
+    if not isinstance(items, list) or len(items) != count:
+        raise KmsError("internal", "batch reply does not match its request", request_id)
+    item = dict(items[index])
+    if "error" in item:
+        raise KmsError(str(item["error"]), str(item.get("message", "")), request_id)
+    return item
+
+
+def encrypted_key_coalesces(encrypted_key: str) -> bool:
+    """True for a kmsq ``encryptedKey``. The replaced system's SJCL envelopes go alone: each costs PBKDF2
+    work, and a message may hold only so much of it."""
+    return encrypted_key.startswith(TEXT_PREFIX)
+
+
+def put_key_cost(pub: str, prv: str, coin: str, source: str, type: str) -> int:
+    """Bytes a ``put_keys`` item adds to a message: its public fields, and its private key sealed (4/3)."""
+    public = len(json.dumps([pub, coin, source, type]))
+    return public + (len(json.dumps(prv)) + 1) * 4 // 3 + _ITEM_OVERHEAD_BYTES
+
+
+def value_cost(*values: str) -> int:
+    """Bytes an item made of ``values`` adds to a message."""
+    return sum(len(v) for v in values) + _ITEM_OVERHEAD_BYTES

@@ -1,0 +1,133 @@
+"""The coalescer's grouping, on a stand-in for the client's sending methods (what goes out, when, in which
+messages). What the worker answers is tested through real workers in tests/test_queue_coalesce.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+import pytest
+
+from tasks.client import KmsClient, KmsError, RequestFuture
+from tasks.coalesce import CoalescePolicy, Coalescer, value_cost
+
+pytestmark = pytest.mark.unit
+KEY = ("decrypt_data_key", "alpha", None)
+
+
+class Sender:
+    """Records each message; its reply is given by the test with :meth:`answer`."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any, RequestFuture]] = []
+        self.lock = threading.Lock()
+
+    def submit(self, params: dict[str, Any], pool: str) -> RequestFuture:
+        future = RequestFuture(f"batch-{len(self.sent)}")
+        with self.lock:
+            self.sent.append((params["op"], params.get("encrypted_keys"), future))
+        return future
+
+    def alone(self, key: str) -> RequestFuture:
+        future = RequestFuture(f"single-{key}")
+        with self.lock:
+            self.sent.append(("decrypt_data_key", key, future))
+        return future
+
+    def answer(self, index: int, fields: dict[str, Any] | Exception) -> None:
+        future = self.sent[index][2]
+        if isinstance(fields, Exception):
+            future.set_exception(fields)
+        else:
+            future.set_result(fields)
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(self.sent) < count:
+            assert time.monotonic() < deadline, f"{len(self.sent)} messages, expected {count}"
+            time.sleep(0.001)
+
+
+def coalescer(sender: Sender, **policy: Any) -> Coalescer:
+    return Coalescer(cast(KmsClient, sender), CoalescePolicy(**policy))
+
+
+def submit(c: Coalescer, sender: Sender, key: str) -> RequestFuture:
+    return c.submit(KEY, key, value_cost(key), lambda: sender.alone(key))
+
+
+def test_a_lone_request_goes_at_once_and_the_next_ones_wait_for_the_batch() -> None:
+    sender = Sender()
+    c = coalescer(sender, linger=0.05)
+    first = submit(c, sender, "k0")
+    assert [s[:2] for s in sender.sent] == [("decrypt_data_key", "k0")]  # sent before submit returned
+    later = [submit(c, sender, f"k{i}") for i in (1, 2, 3)]
+    assert len(sender.sent) == 1  # they wait for company
+    sender.wait_for(2)
+    assert sender.sent[1][:2] == ("decrypt_data_keys", ["k1", "k2", "k3"])
+    sender.answer(
+        1, {"items": [{"plaintextKey": "p1"}, {"error": "invalid", "message": "bad"}, {"plaintextKey": "p3"}]}
+    )
+    assert later[0].result(1) == {"plaintextKey": "p1"} and later[2].result(1) == {"plaintextKey": "p3"}
+    with pytest.raises(KmsError) as refused:
+        later[1].result(1)
+    assert (refused.value.code, refused.value.message, refused.value.request_id) == ("invalid", "bad", "batch-1")
+    assert all(f.request_id == "batch-1" for f in later)
+    sender.answer(0, {"plaintextKey": "p0"})
+    assert first.result(1) == {"plaintextKey": "p0"}
+    submit(c, sender, "k4")  # nothing in flight any more: alone, at once
+    assert sender.sent[2][:2] == ("decrypt_data_key", "k4")
+    c.close()
+
+
+def test_groups_are_cut_at_max_items_and_max_bytes() -> None:
+    sender = Sender()
+    c = coalescer(sender, linger=0.5, max_items=3, max_bytes=2048)
+    submit(c, sender, "first")
+    [submit(c, sender, f"k{i}") for i in range(7)]
+    assert [s[1] for s in sender.sent[1:]] == [["k0", "k1", "k2"], ["k3", "k4", "k5"]]  # full: sent at once
+    big = "b" * 1000
+    [submit(c, sender, big + str(i)) for i in range(3)]  # each ~1 KB: a second one would pass 2 KB
+    assert [s[1] for s in sender.sent[3:]] == [["k6", big + "0"], big + "1"]  # a group of one goes alone
+    huge = "h" * 4096  # larger than a message of the policy: alone, at once
+    submit(c, sender, huge)
+    assert sender.sent[-1][:2] == ("decrypt_data_key", huge)
+    c.close()
+
+
+def test_a_group_of_one_goes_as_the_single_operation_and_whole_batch_errors_reach_every_item() -> None:
+    sender = Sender()
+    c = coalescer(sender, linger=0.01)
+    submit(c, sender, "first")
+    lone = submit(c, sender, "second")
+    sender.wait_for(2)
+    assert sender.sent[1][:2] == ("decrypt_data_key", "second")
+    sender.answer(1, {"plaintextKey": "p"})
+    assert lone.result(1) == {"plaintextKey": "p"}
+    pair = [submit(c, sender, "a"), submit(c, sender, "b")]
+    sender.wait_for(3)
+    sender.answer(2, KmsError("forbidden", "operation decrypt_data_key is not allowed for this caller", "batch-2"))
+    for future in pair:
+        with pytest.raises(KmsError, match="forbidden: operation decrypt_data_key is not allowed"):
+            future.result(1)
+    c.close()
+
+
+def test_closing_fails_what_waits_and_refuses_more() -> None:
+    sender = Sender()
+    c = coalescer(sender, linger=1)
+    submit(c, sender, "first")
+    waiting = submit(c, sender, "second")
+    c.close()
+    with pytest.raises(KmsError, match="no reply"):
+        waiting.result(1)
+    with pytest.raises(KmsError, match="closed"):
+        submit(c, sender, "third")
+
+
+def test_policy_bounds() -> None:
+    with pytest.raises(ValueError, match="coalescing needs"):
+        CoalescePolicy(max_items=0)
+    with pytest.raises(ValueError, match="coalescing needs"):
+        CoalescePolicy(linger=-1)
