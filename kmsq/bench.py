@@ -50,14 +50,17 @@ class Sizes:
     put_batched: int
     pbkdf2: int
     in_flight: int
+    gateway_requests: int = 40  # per G cell
+    coalesced_in_flight: int = 64  # C through a coalescing client
 
     @classmethod
     def for_scale(cls, quick: bool) -> Sizes:
         """The CI size (``quick``) or the full size."""
         if quick:
-            return cls(raw=200, round_trips=60, batch_keys=200, put_single=30, put_batched=200, pbkdf2=10, in_flight=4)
+            return cls(raw=200, round_trips=60, batch_keys=200, put_single=30, put_batched=200, pbkdf2=10, in_flight=4,
+                       gateway_requests=40, coalesced_in_flight=16)  # fmt: skip
         return cls(raw=5000, round_trips=2000, batch_keys=20000, put_single=1000, put_batched=10000, pbkdf2=200,
-                   in_flight=8)  # fmt: skip
+                   in_flight=8, gateway_requests=3000, coalesced_in_flight=64)  # fmt: skip
 
 
 def summarize(count: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
@@ -87,13 +90,15 @@ def measure_raw_hsm(hsm: Any, handle: Any, count: int) -> dict[str, Any]:
     for _ in range(20):
         hsm.generate_data_key(handle, readable=True)[1].wipe()
     latencies = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         t = time.perf_counter()
         _, plaintext = hsm.generate_data_key(handle, readable=True)
         plaintext.wipe()
         latencies.append(time.perf_counter() - t)
-    return summarize(count, time.perf_counter() - start, latencies)
+    cpu_ms = round((time.process_time() - cpu) * 1000 / count, 4)
+    per_item = {"client": cpu_ms, "total": cpu_ms}
+    return {**summarize(count, time.perf_counter() - start, latencies), "cpu_ms_per_item": per_item}
 
 
 def measure_rewrap(svc: Any, root_key_id: str) -> dict[str, Any]:
@@ -247,25 +252,68 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _processes(name: str, argument: str | None = None) -> list[int]:
+    """Processes called ``name`` (with ``argument`` in their command line, when given)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() != name:
+                    continue
+                if argument is None or argument in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _redis_port(broker_url: str | None) -> str | None:
+    from urllib.parse import urlsplit
+
+    if not broker_url or not broker_url.startswith("redis://"):
+        return None
+    return str(urlsplit(broker_url).port or 6379)
+
+
 class CpuMeter:
-    """CPU time (user + system) of the client (this process), the worker's main process and its pool
-    processes, for telling where a measurement's CPU goes. Redis and Postgres are not counted."""
+    """CPU time (user + system) by process group: the client (this process: the SDK, or the HTTP load for G),
+    the worker's main process and its pool processes, extra groups (the gateway), and Redis (the server on the
+    broker's port) and Postgres (its server and every backend, this run's or not) where /proc shows them."""
 
-    def __init__(self, worker: subprocess.Popen[bytes] | None) -> None:
-        self.groups = {"client": [os.getpid()]}
-        if worker is not None:
-            self.groups |= {"worker_main": [worker.pid], "worker_children": _children(worker.pid)}
+    def __init__(
+        self,
+        worker: subprocess.Popen[bytes] | None,
+        broker_url: str | None = None,
+        extra: dict[str, list[int]] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.redis_port = _redis_port(broker_url)
+        self.extra = extra or {}
 
-    def snapshot(self) -> dict[str, float]:
-        """Seconds of CPU per group so far."""
-        return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
+    def _groups(self) -> dict[str, list[int]]:
+        groups = {"client": [os.getpid()]}
+        if self.worker is not None:
+            groups |= {"worker_main": [self.worker.pid], "worker_children": _children(self.worker.pid)}
+        groups |= self.extra
+        if self.redis_port is not None:
+            groups["redis"] = _processes("redis-server", f":{self.redis_port}")
+        groups["postgres"] = _processes("postgres")
+        return groups
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        """Seconds of CPU so far, per group and process."""
+        return {name: {pid: _cpu_seconds(pid) for pid in pids} for name, pids in self._groups().items()}
 
     def measure(self, items: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Runs ``run`` and adds ``cpu_ms_per_item`` (per group and in total) to its result."""
+        """Runs ``run`` and adds ``cpu_ms_per_item`` (per group and in total) to its result. A process that
+        started meanwhile counts whole; one that ended meanwhile is missed."""
         before = self.snapshot()
         result = run()
         after = self.snapshot()
-        per = {name: round((after[name] - before[name]) * 1000 / items, 3) for name in after}
+        per = {
+            name: round(sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in pids.items()) * 1000 / items, 3)
+            for name, pids in after.items()
+        }
         return {**result, "cpu_ms_per_item": {**per, "total": round(sum(per.values()), 3)}}
 
 
@@ -349,7 +397,7 @@ def queue_measurements(
     client: Any, broker_url: str, sizes: Sizes, root_key: str, worker: subprocess.Popen[bytes] | None = None
 ) -> dict[str, Any]:
     """B-E with whatever workers are running (B and C with their CPU per round trip when ``worker`` is given)."""
-    meter = CpuMeter(worker)
+    meter = CpuMeter(worker, broker_url)
     noop = NoopChannel(broker_url, client.identity.caller, client.namespace)
     try:
         run_window(20, sizes.in_flight, noop.call)
@@ -372,7 +420,10 @@ def queue_measurements(
             future: Future[Any] = client.submit_generate_data_keys(n, root_key)
             return future
 
-        d[str(size)] = run_window(calls, sizes.in_flight, batch, size)
+        def window(c: int = calls, b: Callable[[int], Future[Any]] = batch, n: int = size) -> dict[str, Any]:
+            return run_window(c, sizes.in_flight, b, n)
+
+        d[str(size)] = meter.measure(calls * size, window)
     pubs = f"bench-{secrets.token_hex(4)}"
 
     def put_one(i: int) -> Future[Any]:
@@ -391,6 +442,23 @@ def queue_measurements(
     e_batch = run_window(max(2, sizes.put_batched // 100), sizes.in_flight, put_batch, 100)
     return {"B_noop_round_trip": b, "C_generate_data_key": c, "D_generate_data_keys": d,
             "E_put_key_single": e_single, "E_put_keys_batch_100": e_batch, "G_shed_bad_signature": g}  # fmt: skip
+
+
+def measure_coalesced_singles(
+    client: Any, sizes: Sizes, root_key: str, worker: subprocess.Popen[bytes], broker_url: str
+) -> dict[str, Any]:
+    """C through a coalescing client (``client``) with ``coalesced_in_flight`` requests outstanding: what an
+    asynchronous producer with many requests in flight gets."""
+    meter = CpuMeter(worker, broker_url)
+
+    def generate(_: int) -> Future[Any]:
+        future: Future[Any] = client.submit_generate_data_key(root_key)
+        return future
+
+    run_window(sizes.coalesced_in_flight, sizes.coalesced_in_flight, generate)
+    total = max(sizes.round_trips, 4 * sizes.coalesced_in_flight)
+    result = meter.measure(total, lambda: run_window(total, sizes.coalesced_in_flight, generate))
+    return {**result, "in_flight": sizes.coalesced_in_flight, "batches": client.coalescer.batches_sent}
 
 
 def measure_without_audit(
@@ -481,7 +549,53 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
             out[workers]["C_over_B_cpu_bound"] = round(b_cpu / (b_cpu + work), 3)
     if report.get("R_rewrap", {}).get("per_s"):
         out["R_over_A"] = round(report["R_rewrap"]["per_s"] / a, 3)
-    out["targets"] = {"C_over_B": ">= 0.7", "D1000_over_A": ">= 1.0", "E_batched_over_F": ">= 5"}
+    for workers, m in report["workers"].items():
+        out[workers] |= _cpu_ratios(report["A_raw_hsm"], m)
+    out["targets"] = {"C_over_B": ">= 0.7", "D1000_over_A": ">= 1.0", "E_batched_over_F": ">= 5",
+                      "D1000_cpu_over_A_cpu": "<= 1.5", "C_cpu_over_B_cpu": "<= 1.3",
+                      "G generateDataKey 256 on_over_off": ">= 8", "G generateDataKey 256 on_over_D100": ">= 0.5",
+                      "G generateDataKey 256 p99 on_over_off": "<= 1"}  # fmt: skip
+    return out
+
+
+def _cpu_ratios(a: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+    """CPU per item against the baselines (noise moves them far less than wall-clock ratios), C coalesced
+    against C, and G's ratios, for one worker count."""
+
+    def cpu(figures: dict[str, Any]) -> float | None:
+        total = figures.get("cpu_ms_per_item", {}).get("total")
+        return float(total) if total else None
+
+    out: dict[str, Any] = {}
+    a_cpu, b_cpu, c_cpu = cpu(a), cpu(m["B_noop_round_trip"]), cpu(m["C_generate_data_key"])
+    d_cpu = cpu(m["D_generate_data_keys"]["1000"])
+    if a_cpu and d_cpu:
+        out["D1000_cpu_over_A_cpu"] = round(d_cpu / a_cpu, 3)
+    if b_cpu and c_cpu:
+        out["C_cpu_over_B_cpu"] = round(c_cpu / b_cpu, 3)
+    coalesced = m.get("C_coalesced")
+    if b_cpu and coalesced:
+        out["C_coalesced_cpu_over_B_cpu"] = round(coalesced["cpu_ms_per_item"]["total"] / b_cpu, 3)
+        out["C_coalesced_over_C"] = round(coalesced["per_s"] / m["C_generate_data_key"]["per_s"], 3)
+    if "G_gateway" in m:
+        out["G"] = _gateway_ratios(m["G_gateway"], m["D_generate_data_keys"]["100"]["per_s"])
+    return out
+
+
+def _gateway_ratios(g: dict[str, Any], d100: float) -> dict[str, Any]:
+    """Per endpoint and client count: throughput and CPU per request with coalescing on over off, p99 on over
+    off; for generateDataKey at the most clients, throughput over D x100."""
+    out: dict[str, Any] = {}
+    for endpoint, cells in g["on"].items():
+        for clients, on in cells.items():
+            off = g["off"][endpoint][clients]
+            out[f"{endpoint} {clients} on_over_off"] = round(on["per_s"] / off["per_s"], 3)
+            out[f"{endpoint} {clients} p99 on_over_off"] = round(on["p99_ms"] / off["p99_ms"], 3)
+            out[f"{endpoint} {clients} cpu on_over_off"] = round(
+                on["cpu_ms_per_item"]["total"] / off["cpu_ms_per_item"]["total"], 3
+            )
+    most = max(g["on"]["generateDataKey"], key=int)
+    out[f"generateDataKey {most} on_over_D100"] = round(g["on"]["generateDataKey"][most]["per_s"] / d100, 3)
     return out
 
 
@@ -543,6 +657,7 @@ def run_bench(
     """Sets up the bench pool, caller and root key, measures A-F, writes bench.json and bench.png."""
     import json
 
+    from kmsq.bench_gateway import measure_gateway
     from schemas.messages import ALLOWABLE_OPS
     from tasks.client import KmsClient
     from tasks.identity import CallerIdentity, Fleet
@@ -586,6 +701,8 @@ def run_bench(
     svc.engine.dispose()
     env = {**os.environ, "KMSQ_DEFAULT_POOL": POOL}
     out_dir.mkdir(parents=True, exist_ok=True)
+    fleet_file = out_dir / "bench-fleet.json"
+    fleet_file.write_text(json.dumps(svc.fleet_document() | {"default_pool": POOL}, indent=2) + "\n", encoding="utf-8")
     for count in worker_counts:
         log(f"B-E with {count} worker process(es)")
         log_file = out_dir / "bench-worker.log"
@@ -596,6 +713,16 @@ def run_bench(
             ) as client:
                 measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id, process)
                 if count == max(worker_counts):
+                    log(f"C through a coalescing client, {sizes.coalesced_in_flight} in flight")
+                    with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120,
+                                   namespace=settings.namespace, coalesce=True) as coalescing:  # fmt: skip
+                        measured["C_coalesced"] = measure_coalesced_singles(
+                            coalescing, sizes, root.id, process, settings.effective_broker_url
+                        )
+                    measured["G_gateway"] = measure_gateway(
+                        client, root.id, process, settings.effective_broker_url, (identity_file, fleet_file), env,
+                        out_dir, sizes.gateway_requests, log,
+                    )  # fmt: skip
                     log("W: C's own work without messaging, in this process")
                     report["W_request_work"] = measure_request_work(
                         svc, client, root.id, sizes.round_trips // 2, settings.cache_seconds

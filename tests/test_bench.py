@@ -34,15 +34,36 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
         assert measured["worker_rss"]["peak_mib"] > 10
     job = report["workers"]["2"]["rss_job"]
     assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
+    only_most = {"C_over_C_without_audit", "C_coalesced_cpu_over_B_cpu", "C_coalesced_over_C", "G"}
     for workers in ("1", "2"):
-        assert set(report["ratios"][workers]) - {"C_over_C_without_audit"} == {
-            "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "G_over_C"
+        assert set(report["ratios"][workers]) - only_most == {
+            "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "G_over_C", "D1000_cpu_over_A_cpu",
+            "C_cpu_over_B_cpu",
         }  # fmt: skip
         assert report["ratios"][workers]["G_over_C"] > 0
         assert 0 < report["ratios"][workers]["C_over_B_cpu_bound"] < 1
         for name in ("B_noop_round_trip", "C_generate_data_key"):
             cpu = report["workers"][workers][name]["cpu_ms_per_item"]
-            assert set(cpu) == {"client", "worker_main", "worker_children", "total"} and cpu["total"] > 0
+            assert set(cpu) == {"client", "worker_main", "worker_children", "redis", "postgres", "total"}
+            assert cpu["total"] > 0
+        assert report["workers"][workers]["D_generate_data_keys"]["1000"]["cpu_ms_per_item"]["total"] > 0
+    assert report["A_raw_hsm"]["cpu_ms_per_item"]["total"] > 0
+    # The coalescing client, and G: every endpoint with coalescing off and on, at the most workers only.
+    most = report["workers"]["2"]
+    assert set(report["ratios"]["2"]) >= only_most and not set(report["ratios"]["1"]) & only_most
+    assert most["C_coalesced"]["per_s"] > 0 and most["C_coalesced"]["batches"] > 0
+    gateway = most["G_gateway"]
+    assert set(gateway) == {"off", "on"}
+    for mode in gateway.values():
+        assert set(mode) == {"generateDataKey", "decryptDataKey", "putKey", "getKey"}
+        assert set(mode["generateDataKey"]) == {"1", "16", "64", "256"} and set(mode["getKey"]) == {"64", "256"}
+        for cells in mode.values():
+            for cell in cells.values():
+                assert set(cell) >= FIGURE and cell["per_s"] > 0
+                assert "gateway" in cell["cpu_ms_per_item"] and cell["cpu_ms_per_item"]["total"] > 0
+    g = report["ratios"]["2"]["G"]
+    assert g["generateDataKey 256 on_over_off"] > 0 and g["generateDataKey 256 on_over_D100"] > 0
+    assert g["getKey 64 cpu on_over_off"] > 0 and g["putKey 256 p99 on_over_off"] > 0
     assert report["W_request_work"]["cpu_ms_per_item"] > 0
     assert set(report["workers"]["2"]["C_without_audit"]) >= FIGURE
     assert report["ratios"]["2"]["C_over_C_without_audit"] > 0 and "C_without_audit" not in report["workers"]["1"]
