@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kmsq.bench import CpuMeter, stop_worker, summarize
+from kmsq.bench_common import CpuMeter, stop_worker, summarize
 from kmsq.bench_http import closed_loop, http_request
 
 ENDPOINTS = ("generateDataKey", "decryptDataKey", "putKey", "getKey")

@@ -11,8 +11,10 @@ Imports no HSM or database code: the gateway needs the caller install plus the `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -182,19 +184,7 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
     _install_error_handlers(app)
     _document_400_instead_of_422(app)
 
-    async def call(start: Callable[[], Future[dict[str, Any]]]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        try:
-            # Publishing blocks while the broker is slow or reconnecting: not on the event loop.
-            future = await loop.run_in_executor(None, start)
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout)
-        except (TimeoutError, KmsTimeout):
-            raise GatewayError(503, "no worker answered in time") from None
-        except KmsError as error:
-            raise _http_error(error) from None
-        except (OperationalError, ConnectionError, OSError) as error:
-            log.error("cannot publish to the broker: %s", type(error).__name__)
-            raise GatewayError(503, "broker unavailable") from None
+    call = _Calls(client, settings.timeout)
 
     @app.post("/key", response_model=PutKeyAnswer)
     async def put_key(body: PutKeyBody) -> PutKeyAnswer:
@@ -230,6 +220,75 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
         return DecryptDataKeyAnswer(plaintextKey=fields["plaintextKey"])
 
     return app
+
+
+class _Calls:
+    """Runs one client request for an HTTP request and maps its outcome to the answer's."""
+
+    def __init__(self, client: KmsClient, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+        self._bridges: dict[asyncio.AbstractEventLoop, _Bridge] = {}
+
+    async def __call__(self, start: Callable[[], Future[dict[str, Any]]]) -> dict[str, Any]:
+        """Returns the request's fields. Raises GatewayError with the HTTP status and message."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self.client.coalescer is None:
+                # Publishing blocks while the broker is slow or reconnecting: not on the event loop.
+                future = await loop.run_in_executor(None, start)
+            else:  # a coalescing client hands every message to its sender thread: start() never blocks
+                future = start()
+            bridge = self._bridges.get(loop) or self._bridges.setdefault(loop, _Bridge(loop))
+            return await asyncio.wait_for(bridge.watch(future), timeout=self.timeout)
+        except (TimeoutError, KmsTimeout):
+            raise GatewayError(503, "no worker answered in time") from None
+        except KmsError as error:
+            raise _http_error(error) from None
+        except (OperationalError, ConnectionError, OSError) as error:
+            log.error("cannot publish to the broker: %s", type(error).__name__)
+            raise GatewayError(503, "broker unavailable") from None
+
+
+class _Bridge:
+    """Hands results from the client's threads to the event loop, one wake-up per burst: a batch reply
+    completes hundreds of futures at once, and ``asyncio.wrap_future`` would wake the loop for each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: list[tuple[Future[dict[str, Any]], asyncio.Future[dict[str, Any]]]] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def watch(self, future: Future[dict[str, Any]]) -> asyncio.Future[dict[str, Any]]:
+        """Returns an asyncio future with ``future``'s outcome. Call on the loop."""
+        waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        future.add_done_callback(lambda f: self._arrived(f, waiter))
+        # Timed out: the client forgets the request (a long-running gateway must not keep one entry per 503).
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        return waiter
+
+    def _arrived(self, future: Future[dict[str, Any]], waiter: asyncio.Future[dict[str, Any]]) -> None:
+        with self._lock:
+            self._done.append((future, waiter))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done, self._scheduled = self._done, [], False
+        for future, waiter in done:
+            if waiter.done():  # timed out meanwhile
+                continue
+            if future.cancelled():
+                waiter.cancel()
+            elif (error := future.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
 
 
 def _http_error(error: KmsError) -> GatewayError:

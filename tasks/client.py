@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,30 +51,12 @@ from tasks.coalesce import CoalescePolicy, Coalescer, encrypted_key_coalesces, p
 from tasks.codec import Fields, KmsCodec
 from tasks.codec import KmsError as KmsError  # re-exported: callers catch it from here
 from tasks.codec import KmsTimeout as KmsTimeout
+from tasks.futures import RequestFuture as RequestFuture  # re-exported: callers type their futures with it
+from tasks.futures import SentMessage
 from tasks.identity import CallerIdentity, Fleet
 
 log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
-
-
-@dataclass
-class SentMessage:
-    """A signed message as sent, to send again (``resend_after``), and when it was last sent."""
-
-    request: Request
-    args: list[str]
-    at: float = field(default_factory=time.monotonic)
-
-
-class RequestFuture(Future[Fields]):
-    """The future of one request; ``request_id`` identifies it (for ``get_result`` after a timeout). A
-    coalesced request's is its batch message's."""
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__()
-        self.request_id = request_id
-        self.reply: Reply | None = None  # the verified reply, once it arrived (pool, worker key id...)
-        self.sent: SentMessage | None = None  # the signed message, shared by the requests of one batch
 
 
 class KmsClient(KmsCodec):
@@ -159,7 +140,10 @@ class KmsClient(KmsCodec):
         params = {"op": op, "encrypted_key": encrypted_key}
         pool = self._pool_of_key(encrypted_key)
         if not encrypted_key_coalesces(encrypted_key):
-            return self.submit(params, pool)
+            if self.coalescer is None:
+                return self.submit(params, pool)
+            self.check_params(params)
+            return self.coalescer.send_later(lambda: self.submit(params, pool))
         send = lambda: self.submit(params, pool)  # noqa: E731
         return self._single(params, pool, None, encrypted_key, value_cost(encrypted_key), send)
 

@@ -1,6 +1,7 @@
 """Coalescing: concurrent single requests of one operation, pool and root key go out as one batch message.
 
 A request that finds nothing of its kind in flight is sent at once, alone, exactly as without coalescing.
+Every message goes out from the coalescer's sender thread, so a submit never waits for the broker.
 While one is in flight, the next ones of that kind wait at most ``linger`` seconds for company, then go as one
 batch (``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at
 most ``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
@@ -13,19 +14,19 @@ Imports no HSM or database code.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from schemas.envelope import TEXT_PREFIX
 from tasks.codec import Fields, KmsError, KmsTimeout
+from tasks.futures import RequestFuture
 
-if TYPE_CHECKING:
-    from tasks.client import KmsClient, RequestFuture
-
+log = logging.getLogger("kmsq.client")
 # What an item adds to a batch message besides its own value (JSON punctuation, field names).
 _ITEM_OVERHEAD_BYTES = 64
 
@@ -62,57 +63,63 @@ class _Group:
 _Key = tuple[str, str, str | None]
 
 
+class BatchSender(Protocol):
+    """What the coalescer sends batches with (:class:`tasks.client.KmsClient`)."""
+
+    def submit(self, params: dict[str, Any], pool: str, request_id: Any = None) -> RequestFuture: ...
+
+    def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture: ...
+
+
 class Coalescer:
     """Groups a :class:`tasks.client.KmsClient`'s concurrent single requests. Thread-safe."""
 
-    def __init__(self, client: KmsClient, policy: CoalescePolicy) -> None:
+    def __init__(self, client: BatchSender, policy: CoalescePolicy) -> None:
         self.client = client
         self.policy = policy
         self.batches_sent = 0  # batch messages sent for coalesced requests
         self.items_coalesced = 0  # requests that went out in one of those
         self._in_flight: dict[_Key, int] = {}
         self._groups: dict[_Key, _Group] = {}
+        self._ready: list[tuple[_Key, _Group]] = []  # groups to send now, in order
         self._lock = threading.Condition()
         self._closed = False
         self._flusher = threading.Thread(target=self._flush_when_due, name="kmsq-coalesce", daemon=True)
         self._flusher.start()
 
     def submit(self, key: _Key, value: Any, cost: int, send_alone: Callable[[], RequestFuture]) -> RequestFuture:
-        """Sends the request now (nothing of its kind in flight), or adds it to its kind's next batch.
-        Returns its future. Raises what ``send_alone`` raises when it is sent at once."""
-        from tasks.client import RequestFuture
-
-        due: list[_Group] = []
+        """Hands the request to the sender thread now (nothing of its kind in flight), or adds it to its
+        kind's next batch. Returns its future at once: nothing here waits for the broker, whose failures come
+        back through the future (``unavailable``). Raises KmsError when the client is closed."""
+        item = _Item(RequestFuture(""), value, cost, send_alone)
         with self._lock:
             if self._closed:
                 raise KmsError("unavailable", "the client is closed")
-            alone = cost > self.policy.max_bytes or (not self._in_flight.get(key) and key not in self._groups)
-            if alone:
-                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            if cost > self.policy.max_bytes or (not self._in_flight.get(key) and key not in self._groups):
+                self._dispatch(key, _Group(0.0, [item], cost))
             else:
-                item = _Item(RequestFuture(""), value, cost, send_alone)
                 group = self._groups.get(key)
                 if group is not None and group.cost + cost > self.policy.max_bytes:
-                    due.append(self._groups.pop(key))
+                    self._dispatch(key, self._groups.pop(key))
                     group = None
                 if group is None:
                     group = self._groups[key] = _Group(time.monotonic() + self.policy.linger)
-                    self._lock.notify()
                 group.items.append(item)
                 group.cost += cost
                 if len(group.items) >= self.policy.max_items:
-                    due.append(self._groups.pop(key))
-        if alone:
-            try:
-                future = send_alone()
-            except BaseException:
-                self._landed(key)
-                raise
-            future.add_done_callback(lambda _: self._landed(key))
-            return future
-        for group in due:
-            self._send(key, group)
+                    self._dispatch(key, self._groups.pop(key))
+            self._lock.notify()
         return item.future
+
+    def send_later(self, send: Callable[[], RequestFuture]) -> RequestFuture:
+        """Sends a request that does not coalesce from the sender thread, so that the caller never waits for
+        the broker either. Returns its future."""
+        return self.submit(("", "", None), None, self.policy.max_bytes + 1, send)
+
+    def _dispatch(self, key: _Key, group: _Group) -> None:
+        """Queues a group for the sender thread; it is in flight from now on. Call with the lock held."""
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._ready.append((key, group))
 
     def _landed(self, key: _Key) -> None:
         with self._lock:
@@ -123,31 +130,33 @@ class Coalescer:
                 self._in_flight.pop(key, None)
 
     def _flush_when_due(self) -> None:
+        """The sender thread: sends what is ready, and each group when its linger is over."""
         while True:
             with self._lock:
                 while not self._closed:
                     now = time.monotonic()
-                    due = [k for k, g in self._groups.items() if g.deadline <= now]
-                    if due:
+                    for key in [k for k, g in self._groups.items() if g.deadline <= now]:
+                        self._dispatch(key, self._groups.pop(key))
+                    if self._ready:
                         break
                     next_deadline = min((g.deadline for g in self._groups.values()), default=None)
                     self._lock.wait(None if next_deadline is None else next_deadline - now)
                 if self._closed:
                     return
-                groups = [(k, self._groups.pop(k)) for k in due]
-            for key, group in groups:
+                ready, self._ready = self._ready, []
+            for key, group in ready:
                 self._send(key, group)
 
     def _send(self, key: _Key, group: _Group) -> None:
         """Sends one group: alone when it has one item, else as its batch operation."""
-        with self._lock:
-            self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             sent = group.items[0].send_alone() if len(group.items) == 1 else self._send_batch(key, group.items)
-        except BaseException as e:  # each caller gets the refusal, as it would have alone
-            self._landed(key)
-            for item in group.items:
-                item.future.set_exception(e if isinstance(e, KmsError) else KmsError("unavailable", str(e)))
+        except KmsError as e:  # each caller gets the refusal, as it would have alone
+            self._refuse(key, group, e)
+            return
+        except Exception as e:  # the broker: kombu's errors, after its retries
+            log.warning("could not send %d request(s): %s", len(group.items), type(e).__name__)
+            self._refuse(key, group, KmsError("unavailable", "broker unavailable"))
             return
         batch = len(group.items) > 1
         if batch:
@@ -168,6 +177,12 @@ class Coalescer:
         sent.add_done_callback(lambda f: self._deliver(key, f, group.items, batch))
         for item in group.items:
             item.future.add_done_callback(item_done)
+
+    def _refuse(self, key: _Key, group: _Group, error: KmsError) -> None:
+        self._landed(key)
+        for item in group.items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     def _send_batch(self, key: _Key, items: list[_Item]) -> RequestFuture:
         op, pool, root_key_id = key
@@ -204,10 +219,11 @@ class Coalescer:
                 item.future.set_exception(e)
 
     def close(self) -> None:
-        """Stops the flusher; requests still waiting for company fail as not answered."""
+        """Stops the sender thread; requests not sent yet fail as not answered."""
         with self._lock:
             self._closed = True
-            groups, self._groups = list(self._groups.values()), {}
+            groups = list(self._groups.values()) + [group for _, group in self._ready]
+            self._groups, self._ready = {}, []
             self._lock.notify()
         for group in groups:
             for item in group.items:

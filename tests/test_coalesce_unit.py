@@ -61,9 +61,11 @@ def test_a_lone_request_goes_at_once_and_the_next_ones_wait_for_the_batch() -> N
     sender = Sender()
     c = coalescer(sender, linger=0.05)
     first = submit(c, sender, "k0")
-    assert [s[:2] for s in sender.sent] == [("decrypt_data_key", "k0")]  # sent before submit returned
+    assert not c._groups  # not waiting for company: handed to the sender thread at once
+    sender.wait_for(1)
+    assert [s[:2] for s in sender.sent] == [("decrypt_data_key", "k0")]
     later = [submit(c, sender, f"k{i}") for i in (1, 2, 3)]
-    assert len(sender.sent) == 1  # they wait for company
+    assert len(c._groups[KEY].items) == 3  # they wait for company
     sender.wait_for(2)
     assert sender.sent[1][:2] == ("decrypt_data_keys", ["k1", "k2", "k3"])
     sender.answer(
@@ -77,6 +79,8 @@ def test_a_lone_request_goes_at_once_and_the_next_ones_wait_for_the_batch() -> N
     sender.answer(0, {"plaintextKey": "p0"})
     assert first.result(1) == {"plaintextKey": "p0"}
     submit(c, sender, "k4")  # nothing in flight any more: alone, at once
+    assert not c._groups
+    sender.wait_for(3)
     assert sender.sent[2][:2] == ("decrypt_data_key", "k4")
     c.close()
 
@@ -86,12 +90,15 @@ def test_groups_are_cut_at_max_items_and_max_bytes() -> None:
     c = coalescer(sender, linger=0.5, max_items=3, max_bytes=2048)
     submit(c, sender, "first")
     [submit(c, sender, f"k{i}") for i in range(7)]
+    sender.wait_for(3)
     assert [s[1] for s in sender.sent[1:]] == [["k0", "k1", "k2"], ["k3", "k4", "k5"]]  # full: sent at once
     big = "b" * 1000
     [submit(c, sender, big + str(i)) for i in range(3)]  # each ~1 KB: a second one would pass 2 KB
+    sender.wait_for(5)
     assert [s[1] for s in sender.sent[3:]] == [["k6", big + "0"], big + "1"]  # a group of one goes alone
     huge = "h" * 4096  # larger than a message of the policy: alone, at once
     submit(c, sender, huge)
+    sender.wait_for(6)
     assert sender.sent[-1][:2] == ("decrypt_data_key", huge)
     c.close()
 
@@ -111,6 +118,18 @@ def test_a_group_of_one_goes_as_the_single_operation_and_whole_batch_errors_reac
     for future in pair:
         with pytest.raises(KmsError, match="forbidden: operation decrypt_data_key is not allowed"):
             future.result(1)
+    c.close()
+
+
+def test_a_broker_failure_reaches_the_callers_through_their_futures() -> None:
+    def down() -> RequestFuture:
+        raise ConnectionError("redis://user:secret@broker:6379 refused")  # its text stays in this process
+
+    c = coalescer(Sender(), linger=0.01)
+    future = c.submit(KEY, "k", value_cost("k"), down)
+    with pytest.raises(KmsError) as refused:
+        future.result(5)
+    assert (refused.value.code, refused.value.message) == ("unavailable", "broker unavailable")
     c.close()
 
 
