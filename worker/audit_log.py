@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import exc, select
+from sqlalchemy import exc, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.keystore import KeyStore
@@ -75,19 +75,21 @@ def record_mac(hsm: KeyStore, digest: str) -> str:
     return hsm.policy_mac(_MAC_LABEL + bytes.fromhex(digest)).hex()
 
 
-def _locked_head(db: Session, pool: str) -> AuditHead:
-    """The chain's head, locked until the transaction ends (created on the chain's first append)."""
-    head = db.get(AuditHead, pool, with_for_update=True)
+def _locked_head(db: Session, pool: str) -> tuple[int, str]:
+    """The chain's head ``(seq, hash)``, its row locked until the transaction ends (created on the chain's
+    first append)."""
+    query = select(AuditHead.seq, AuditHead.hash).where(AuditHead.pool == pool).with_for_update()
+    head = db.execute(query).first()
     if head is not None:
-        return head
+        return head.seq, head.hash
     try:
         with db.begin_nested():
-            db.add(AuditHead(pool=pool, seq=0, hash=GENESIS, updated_at=datetime.now(UTC)))
+            db.execute(insert(AuditHead).values(pool=pool, seq=0, hash=GENESIS, updated_at=datetime.now(UTC)))
     except exc.IntegrityError:  # another transaction created it first
         pass
-    head = db.get(AuditHead, pool, with_for_update=True, populate_existing=True)
+    head = db.execute(query).first()
     assert head is not None
-    return head
+    return head.seq, head.hash
 
 
 def append(
@@ -104,12 +106,12 @@ def append(
     detail: str = "",
 ) -> AuditRecord:
     """Appends a record to ``pool``'s chain in the open transaction ``db``; call it as the transaction's last
-    step (it locks the chain's head until the commit). Returns the record. Raises HsmUnavailable or
-    DatabaseUnavailable (transient), like the work it records."""
-    head = _locked_head(db, pool)
+    step (it locks the chain's head until the commit). Returns the record (not attached to ``db``). Raises
+    HsmUnavailable or DatabaseUnavailable (transient), like the work it records."""
+    seq, prev_hash = _locked_head(db, pool)
     record = AuditRecord(
         pool=pool,
-        seq=head.seq + 1,
+        seq=seq + 1,
         at=datetime.now(UTC),
         actor=actor[:64],
         action=action[:64],
@@ -118,13 +120,23 @@ def append(
         root_key_version=root_key_version,
         request_id=request_id,
         detail="".join(c if c.isprintable() else "?" for c in detail[:MAX_DETAIL]),
-        prev_hash=head.hash,
+        prev_hash=prev_hash,
     )
     record.hash = record_hash(record)
     record.mac = record_mac(hsm, record.hash)
-    db.add(record)
-    head.seq, head.hash, head.updated_at = record.seq, record.hash, record.at
-    db.flush()
+    # Core statements, not the ORM's unit of work: this runs for every request (it was a fifth of a pool
+    # process's time under load, py-spy). On Postgres the insert and the head's update are one statement.
+    row = {column.key: getattr(record, column.key) for column in AuditRecord.__table__.columns}
+    move_head = (
+        update(AuditHead)
+        .where(AuditHead.pool == pool)
+        .values(seq=record.seq, hash=record.hash, updated_at=record.at)
+    )
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(move_head.add_cte(insert(AuditRecord).values(row).cte("appended")))
+    else:
+        db.execute(insert(AuditRecord).values(row))
+        db.execute(move_head)
     return record
 
 
