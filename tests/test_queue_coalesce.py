@@ -248,3 +248,45 @@ def test_a_worker_killed_mid_batch_loses_no_coalesced_request_and_runs_none_twic
         records = db.scalars(select(RequestRecord).where(RequestRecord.request_id.in_(request_ids))).all()
         assert sorted(r.status for r in records) == ["ok"] * len(request_ids)
     assert pi.single.get_key(keys[-1][0], "user", POOL)["prv"] == keys[-1][1]
+
+
+def test_a_lost_batch_message_is_sent_again_with_its_request_id_and_runs_once(deployment: Deployment) -> None:
+    """A pool whose queue loses its messages (a broker failover to a replica that had not received them): the
+    coalescing client with ``resend_after`` sends each message again, the batch with its own request id, and
+    each request takes effect once."""
+    import redis
+
+    from schemas.wire import namespace_key_prefix, pool_queue
+
+    pool = "rho"
+    root = deployment.service.create_root_key("aes-256", pool).id
+    with transaction(deployment.sessions) as db:
+        ensure_fleet_key(deployment.service.hsm, db, pool)
+    fleet = Fleet.from_document(deployment.service.fleet_document() | {"default_pool": pool})
+    identity = deployment.register("resender")
+    keys = [(random_pub(), "xprv" + secrets.token_hex(24)) for _ in range(12)]
+    deployment.secrets += [prv.encode() for _, prv in keys]
+    queue = namespace_key_prefix(NAMESPACE) + pool_queue(pool)
+    broker = redis.Redis.from_url(deployment.broker_url)
+    with KmsClient(deployment.broker_url, identity, fleet, timeout=90, namespace=NAMESPACE, resend_after=1.0,
+                   coalesce=CoalescePolicy(linger=0.2)) as kms:  # fmt: skip
+        futures = [kms.submit_put_key(p, v, "btc", "user", "tss", root) for p, v in keys]
+        deadline = time.monotonic() + 10
+        while broker.llen(queue) < 2:  # the first request alone, the others in one batch
+            assert time.monotonic() < deadline, "the messages never reached the queue"
+            time.sleep(0.05)
+        assert broker.delete(queue) == 1  # lost
+        worker = start_worker(pool, 1, deployment.env(), deployment.directory / "worker-rho.log")
+        try:
+            assert [kms.wait(f) for f in futures] == [
+                {"pub": p, "coin": "btc", "source": "user", "type": "tss"} for p, _ in keys
+            ]
+        finally:
+            worker.stop()
+    request_ids = {f.request_id for f in futures}
+    assert len(request_ids) == 2
+    with deployment.sessions() as db:
+        rows = db.scalars(select(PrivateKey.pub).where(PrivateKey.pub.in_([p for p, _ in keys]))).all()
+        assert sorted(rows) == sorted(p for p, _ in keys)
+        records = db.scalars(select(RequestRecord).where(RequestRecord.request_id.in_(request_ids))).all()
+        assert sorted(r.status for r in records) == ["ok", "ok"]
