@@ -516,6 +516,41 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    gateway = next((m["G_gateway"] for m in report["workers"].values() if "G_gateway" in m), None)
+    if gateway is not None:
+        plot_gateway(gateway, report, path.with_name(path.stem + "-gateway.png"))
+
+
+def plot_gateway(g: dict[str, Any], report: dict[str, Any], path: Path) -> None:
+    """G: throughput and p99 latency against concurrent HTTP clients, coalescing off and on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, style in (("off", "--"), ("on", "-")):
+        for n, (endpoint, cells) in enumerate(g[mode].items()):
+            clients = sorted(cells, key=int)
+            xs = [int(c) for c in clients]
+            look = {"color": f"C{n}", "marker": "o", "label": f"{endpoint}, coalescing {mode}"}
+            left.plot(xs, [cells[c]["per_s"] for c in clients], style, **look)
+            right.plot(xs, [cells[c]["p99_ms"] for c in clients], style, **look)
+    workers = max(report["workers"], key=int)
+    d100 = report["workers"][workers]["D_generate_data_keys"]["100"]["per_s"]
+    left.axhline(d100, color="grey", linestyle=":", label=f"D generate_data_keys x100 ({workers} worker processes)")
+    for axis, ylabel in ((left, "HTTP requests per second"), (right, "p99 latency, ms (log)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent HTTP clients (closed loop)")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=7)
+    right.set_yscale("log")
+    left.set_title("kmsq gateway: throughput against concurrent clients")
+    right.set_title("kmsq gateway: p99 latency against concurrent clients")
+    fig.suptitle(report["machine"]["summary"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def machine() -> dict[str, Any]:

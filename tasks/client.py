@@ -140,10 +140,7 @@ class KmsClient(KmsCodec):
         params = {"op": op, "encrypted_key": encrypted_key}
         pool = self._pool_of_key(encrypted_key)
         if not encrypted_key_coalesces(encrypted_key):
-            if self.coalescer is None:
-                return self.submit(params, pool)
-            self.check_params(params)
-            return self.coalescer.send_later(lambda: self.submit(params, pool))
+            return self.submit(params, pool)
         send = lambda: self.submit(params, pool)  # noqa: E731
         return self._single(params, pool, None, encrypted_key, value_cost(encrypted_key), send)
 

@@ -1,7 +1,7 @@
 """Coalescing: concurrent single requests of one operation, pool and root key go out as one batch message.
 
-A request that finds nothing of its kind in flight is sent at once, alone, exactly as without coalescing.
-Every message goes out from the coalescer's sender thread, so a submit never waits for the broker.
+A request that finds nothing of its kind in flight is sent at once, alone, on the caller's thread, exactly as
+without coalescing (same latency, same errors). Batches go out from the coalescer's sender thread.
 While one is in flight, the next ones of that kind wait at most ``linger`` seconds for company, then go as one
 batch (``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at
 most ``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
@@ -88,16 +88,18 @@ class Coalescer:
         self._flusher.start()
 
     def submit(self, key: _Key, value: Any, cost: int, send_alone: Callable[[], RequestFuture]) -> RequestFuture:
-        """Hands the request to the sender thread now (nothing of its kind in flight), or adds it to its
-        kind's next batch. Returns its future at once: nothing here waits for the broker, whose failures come
-        back through the future (``unavailable``). Raises KmsError when the client is closed."""
-        item = _Item(RequestFuture(""), value, cost, send_alone)
+        """Sends the request now, alone and on this thread, exactly as without coalescing, when nothing of its
+        kind is in flight; otherwise adds it to its kind's next batch, which the sender thread sends. Returns
+        its future. Raises what ``send_alone`` raises when it is sent alone, KmsError when the client is
+        closed."""
         with self._lock:
             if self._closed:
                 raise KmsError("unavailable", "the client is closed")
-            if cost > self.policy.max_bytes or (not self._in_flight.get(key) and key not in self._groups):
-                self._dispatch(key, _Group(0.0, [item], cost))
+            alone = cost > self.policy.max_bytes or (not self._in_flight.get(key) and key not in self._groups)
+            if alone:
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
             else:
+                item = _Item(RequestFuture(""), value, cost, send_alone)
                 group = self._groups.get(key)
                 if group is not None and group.cost + cost > self.policy.max_bytes:
                     self._dispatch(key, self._groups.pop(key))
@@ -108,13 +110,16 @@ class Coalescer:
                 group.cost += cost
                 if len(group.items) >= self.policy.max_items:
                     self._dispatch(key, self._groups.pop(key))
-            self._lock.notify()
-        return item.future
-
-    def send_later(self, send: Callable[[], RequestFuture]) -> RequestFuture:
-        """Sends a request that does not coalesce from the sender thread, so that the caller never waits for
-        the broker either. Returns its future."""
-        return self.submit(("", "", None), None, self.policy.max_bytes + 1, send)
+                self._lock.notify()
+        if not alone:
+            return item.future
+        try:
+            future = send_alone()
+        except BaseException:
+            self._landed(key)
+            raise
+        future.add_done_callback(lambda _: self._landed(key))
+        return future
 
     def _dispatch(self, key: _Key, group: _Group) -> None:
         """Queues a group for the sender thread; it is in flight from now on. Call with the lock held."""

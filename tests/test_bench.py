@@ -22,6 +22,7 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     report = json.loads(result.stdout)
     assert json.loads((out_dir / "bench.json").read_text()) == report
     assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "bench-gateway.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # G against clients
     for name in ("A_raw_hsm", "F_pbkdf2_aes_ccm"):
         assert set(report[name]) >= FIGURE and report[name]["per_s"] > 0
     assert set(report["workers"]) == {"1", "2"}

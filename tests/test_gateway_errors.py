@@ -21,10 +21,9 @@ BODY = {"prv": "xprv-unit", "pub": "xpub-unit", "coin": "btc", "source": "user",
 class StandIn:
     """Answers every submit_* with what ``outcome`` produces: a finished future, a pending one, or a raise."""
 
-    def __init__(self, coalescer: object | None) -> None:
+    def __init__(self) -> None:
         self.outcome: Callable[[], Future[dict[str, Any]]] = self.pending
         self.calls = 0
-        self.coalescer = coalescer  # a coalescing client's submits never block: the gateway calls them on its loop
 
     @staticmethod
     def pending() -> Future[dict[str, Any]]:
@@ -46,9 +45,9 @@ def failing(error: Exception) -> Callable[[], Future[dict[str, Any]]]:
     return outcome
 
 
-@pytest.fixture(params=["executor", "coalescing"])
-def kms(request: pytest.FixtureRequest) -> StandIn:
-    return StandIn(object() if request.param == "coalescing" else None)
+@pytest.fixture
+def kms() -> StandIn:
+    return StandIn()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, select, text
 
 from tasks.client import KmsClient, KmsError, RequestFuture
 from tasks.coalesce import CoalescePolicy
+from tasks.codec import Fields
 from tasks.identity import Fleet
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, start_worker
@@ -290,3 +291,25 @@ def test_a_lost_batch_message_is_sent_again_with_its_request_id_and_runs_once(de
         assert sorted(rows) == sorted(p for p, _ in keys)
         records = db.scalars(select(RequestRecord).where(RequestRecord.request_id.in_(request_ids))).all()
         assert sorted(r.status for r in records) == ["ok", "ok"]
+
+
+def test_the_async_client_over_a_coalescing_client_coalesces(deployment: Deployment, pi: Pi) -> None:
+    import asyncio
+
+    from tasks.client import AsyncKmsClient
+
+    coalescer = pi.grouped.coalescer
+    assert coalescer is not None
+    before = coalescer.items_coalesced
+
+    async def many() -> list[Fields]:
+        akms = AsyncKmsClient(pi.grouped)
+        made = await asyncio.gather(*(akms.generate_data_key(pi.allowed) for _ in range(40)))
+        back = await asyncio.gather(*(akms.decrypt_data_key(m["encryptedKey"]) for m in made))
+        assert [b["plaintextKey"] for b in back] == [m["plaintextKey"] for m in made]
+        return list(made)
+
+    made = asyncio.run(many())
+    deployment.secrets += [m["plaintextKey"].encode() for m in made[:3]]
+    assert len({m["encryptedKey"] for m in made}) == 40
+    assert coalescer.items_coalesced - before >= 2 * 40 - 4  # all but the first of each kind, in batches

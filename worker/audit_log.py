@@ -124,13 +124,11 @@ def append(
     )
     record.hash = record_hash(record)
     record.mac = record_mac(hsm, record.hash)
-    # Core statements, not the ORM's unit of work: this runs for every request (it was a fifth of a pool
-    # process's time under load, py-spy). On Postgres the insert and the head's update are one statement.
+    # Core statements rather than the ORM's unit of work, and on Postgres the insert and the head's update in
+    # one statement: one database round trip less for every audited request.
     row = {column.key: getattr(record, column.key) for column in AuditRecord.__table__.columns}
     move_head = (
-        update(AuditHead)
-        .where(AuditHead.pool == pool)
-        .values(seq=record.seq, hash=record.hash, updated_at=record.at)
+        update(AuditHead).where(AuditHead.pool == pool).values(seq=record.seq, hash=record.hash, updated_at=record.at)
     )
     if db.get_bind().dialect.name == "postgresql":
         db.execute(move_head.add_cte(insert(AuditRecord).values(row).cte("appended")))
