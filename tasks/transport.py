@@ -24,6 +24,7 @@ from typing import Any
 import kombu.transport
 from kombu.transport import TRANSPORT_ALIASES, redis
 from kombu.utils.json import loads
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger("kmsq.transport")
 _ENCODINGS = (None, "utf-8", "base64")  # kombu's codecs for a body: none, or base64
@@ -147,6 +148,16 @@ class _Hardened:
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
             if flush is not None:
                 flush()
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # kombu drops a closed connection's reference from its transport; a channel closed after that (Celery
+        # closes the connection a second time after a Sentinel failover) restores its unacknowledged messages
+        # through a new pool and failed with an AttributeError, which stops the worker. A connection error is
+        # what kombu and Celery recover from: the messages stay unacknowledged and are restored later.
+        if self.connection.client is None:
+            raise RedisConnectionError("the broker connection is closed")
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[misc]
+        return params
 
 
 class Channel(_Hardened, redis.Channel):

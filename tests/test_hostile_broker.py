@@ -155,3 +155,28 @@ def test_celery_built_in_tasks_are_not_served(deployment: Deployment, client: Km
     assert client.generate_data_key(with_plaintext=False)["encryptedKey"]
     written = log.read_text(errors="replace")[offset:]
     assert not any(f"Task {name}[" in written for name in names)  # none was received as a task, none ran
+
+
+def test_a_channel_closed_after_its_transport_is_a_connection_error_not_a_crash(redis_url: str) -> None:
+    """After a Sentinel failover Celery closes the broker connection a second time, when kombu has already
+    dropped the transport's connection: the channel's restore of its unacknowledged messages then raised an
+    AttributeError, which stopped the worker (seen in CI). It is now a connection error, which kombu ignores
+    on close; the message stays unacknowledged and is restored later, not lost."""
+    from kombu.entity import Queue
+
+    queue_name = f"kms.closing-{uuid.uuid4().hex[:8]}"
+    conn = broker_connection(redis_url, NAMESPACE)
+    channel = conn.default_channel
+    queue = Queue(queue_name, routing_key=queue_name)(channel)
+    queue.declare()
+    conn.Producer(channel).publish({"n": 1}, routing_key=queue_name, serializer="json")
+    message = queue.get(no_ack=False)
+    assert message is not None and message.payload == {"n": 1}
+    conn.transport.client = None  # what kombu's first close leaves behind
+    conn.release()  # the second close: restores nothing, raises nothing
+    again = broker_connection(redis_url, NAMESPACE)
+    try:
+        unacked = redis.Redis.from_url(redis_url).hlen(namespace_key_prefix(NAMESPACE) + "unacked")
+        assert unacked >= 1  # kept, for kombu's restore of unacknowledged messages
+    finally:
+        again.release()
