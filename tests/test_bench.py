@@ -28,7 +28,7 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     assert set(report["workers"]) == {"1", "2"}
     for measured in report["workers"].values():
         for name in ("B_noop_round_trip", "C_generate_data_key", "E_put_key_single", "E_put_keys_batch_100",
-                     "G_shed_bad_signature"):  # fmt: skip
+                     "S_shed_bad_signature"):  # fmt: skip
             assert set(measured[name]) >= FIGURE and measured[name]["per_s"] > 0
         assert set(measured["D_generate_data_keys"]) == {"1", "10", "100", "1000"}
         assert all(d["per_s"] > 0 for d in measured["D_generate_data_keys"].values())
@@ -38,10 +38,10 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     only_most = {"C_over_C_without_audit", "C_coalesced_cpu_over_B_cpu", "C_coalesced_over_C", "G"}
     for workers in ("1", "2"):
         assert set(report["ratios"][workers]) - only_most == {
-            "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "G_over_C", "D1000_cpu_over_A_cpu",
+            "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "S_over_C", "D1000_cpu_over_A_cpu",
             "C_cpu_over_B_cpu",
         }  # fmt: skip
-        assert report["ratios"][workers]["G_over_C"] > 0
+        assert report["ratios"][workers]["S_over_C"] > 0
         assert 0 < report["ratios"][workers]["C_over_B_cpu_bound"] < 1
         for name in ("B_noop_round_trip", "C_generate_data_key"):
             cpu = report["workers"][workers][name]["cpu_ms_per_item"]

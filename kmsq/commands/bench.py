@@ -22,6 +22,26 @@ def _print_cpu(report: dict[str, Any]) -> None:
         console.print(f"W, C's own work without messaging: {report['W_request_work']['cpu_ms_per_item']} CPU ms")
 
 
+def _print_gateway(report: dict[str, Any]) -> None:
+    """G: each endpoint and client count, coalescing off and on."""
+    for workers, measured in report["workers"].items():
+        g = measured.get("G_gateway")
+        if not g:
+            continue
+        rows = []
+        for endpoint, cells in g["on"].items():
+            for clients, on in cells.items():
+                off = g["off"][endpoint][clients]
+                rows.append([endpoint, clients, off["per_s"], on["per_s"], round(on["per_s"] / off["per_s"], 2),
+                             off["p99_ms"], on["p99_ms"], off["cpu_ms_per_item"]["total"],
+                             on["cpu_ms_per_item"]["total"]])  # fmt: skip
+        print_table(
+            f"G: the gateway, {workers} worker processes (HTTP requests/s; CPU ms per request, all processes)",
+            ["endpoint", "clients", "off /s", "on /s", "on/off", "p99 off", "p99 on", "CPU off", "CPU on"],
+            rows,
+        )
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="Tiny sizes (CI): checks that every figure is produced.")
 @click.option("--workers", "worker_counts", default="1,2", show_default=True, help="Worker process counts.")
@@ -54,15 +74,19 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
         named = [("B noop round trip", m["B_noop_round_trip"]), ("C generate_data_key", m["C_generate_data_key"])]
         if "C_without_audit" in m:
             named.append(("C without the audit chain", m["C_without_audit"]))
+        if "C_coalesced" in m:
+            named.append((f"C through coalescing, {m['C_coalesced']['in_flight']} in flight", m["C_coalesced"]))
         named += [(f"D generate_data_keys x{s}", m["D_generate_data_keys"][str(s)]) for s in BATCH_SIZES]
         named += [("E put_key", m["E_put_key_single"]), ("E put_keys x100", m["E_put_keys_batch_100"])]
         rows += [[name, workers, r["per_s"], r["p50_ms"], r["p99_ms"]] for name, r in named]
     print_table(
         "kmsq bench (items/s; latency per message)", ["measurement", "workers", "items/s", "p50 ms", "p99 ms"], rows
     )
+    _print_gateway(report)
     _print_cpu(report)
     for workers, r in report["ratios"].items():
         if workers.isdigit():
-            console.print(f"{workers} worker(s): " + ", ".join(f"{k} = {v}" for k, v in r.items()))
+            console.print(f"{workers} worker(s): " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "G"))
     console.print(f"R_over_A = {report['ratios'].get('R_over_A')} (rows rewrapped per data key generated)")
-    console.print(f"targets: {report['ratios']['targets']}; wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+    console.print(f"targets: {report['ratios']['targets']}")
+    console.print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'} and {out_dir / 'bench-gateway.png'}")
