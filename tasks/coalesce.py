@@ -1,10 +1,10 @@
 """Coalescing: concurrent single requests of one operation, pool and root key go out as one batch message.
 
 A request that finds nothing of its kind in flight is sent at once, alone, on the caller's thread, exactly as
-without coalescing (same latency, same errors). Batches go out from the coalescer's sender thread.
-While one is in flight, the next ones of that kind wait at most ``linger`` seconds for company, then go as one
-batch (``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at
-most ``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
+without coalescing (same latency, same errors). While one is in flight, the next ones of that kind wait at
+most ``linger`` seconds for company, then go from the coalescer's sender thread as one batch
+(``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at most
+``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
 gets its own item's fields, or its own item's error, or the error of the batch as a whole. The batch is one
 message with one request id: the worker's idempotency and a resend (``resend_after``) cover it as a whole.
 
@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas.envelope import TEXT_PREFIX
+from schemas.limits import MAX_BATCH_ITEMS, MAX_REQUEST_BYTES
 from tasks.codec import Fields, KmsError, KmsTimeout
 from tasks.futures import RequestFuture
 
 log = logging.getLogger("kmsq.client")
 # What an item adds to a batch message besides its own value (JSON punctuation, field names).
 _ITEM_OVERHEAD_BYTES = 64
+# The most item bytes one coalesced message may carry: a message's limit, less room for its own fields.
+MAX_COALESCED_BYTES = MAX_REQUEST_BYTES - 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ class CoalescePolicy:
     max_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        if not (0 <= self.linger <= 1 and self.max_items >= 1 and self.max_bytes >= 1024):
-            raise ValueError("coalescing needs 0 <= linger <= 1 s, max_items >= 1 and max_bytes >= 1024")
+        if not (0 <= self.linger <= 1 and 1 <= self.max_items <= MAX_BATCH_ITEMS
+                and 1024 <= self.max_bytes <= MAX_COALESCED_BYTES):  # fmt: skip
+            raise ValueError(
+                f"coalescing needs 0 <= linger <= 1 s, 1 <= max_items <= {MAX_BATCH_ITEMS} and "
+                f"1024 <= max_bytes <= {MAX_COALESCED_BYTES}"
+            )
 
 
 @dataclass

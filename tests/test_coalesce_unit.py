@@ -151,3 +151,7 @@ def test_policy_bounds() -> None:
         CoalescePolicy(max_items=0)
     with pytest.raises(ValueError, match="coalescing needs"):
         CoalescePolicy(linger=-1)
+    with pytest.raises(ValueError, match="max_items <= 1000"):  # a batch message's own limit
+        CoalescePolicy(max_items=1001)
+    with pytest.raises(ValueError, match="max_bytes <= "):
+        CoalescePolicy(max_bytes=8 * 1024 * 1024)
