@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -374,8 +375,20 @@ class TlsFiles:
     client_ca: Path | None = None
 
 
-def serve(app: FastAPI, host: str, port: int, tls: TlsFiles | None = None) -> None:
-    """Runs the gateway until SIGINT/SIGTERM. With ``tls`` it serves HTTPS; with a client CA, mTLS only."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Returns a socket bound to ``host:port`` and listening, for several gateway processes to share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: FastAPI, host: str, port: int, tls: TlsFiles | None = None, sock: socket.socket | None = None) -> None:
+    """Runs the gateway until SIGINT/SIGTERM, on ``sock`` when given (shared by several processes). With
+    ``tls`` it serves HTTPS; with a client CA, mTLS only."""
     import uvicorn
 
     options: dict[str, Any] = {}
@@ -385,4 +398,4 @@ def serve(app: FastAPI, host: str, port: int, tls: TlsFiles | None = None) -> No
             options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", server_header=False, **options)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])

@@ -60,7 +60,9 @@ def start_gateway(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if "Uvicorn running on" in log.read_text(errors="replace"):
+        # uvicorn names the address it binds; processes on a socket bound for them (--processes) only start.
+        ready = "Application startup complete" if "--processes" in options else "Uvicorn running on"
+        if ready in log.read_text(errors="replace"):
             return gateway
         time.sleep(0.1)
     gateway.stop()

@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from schemas.envelope import EncryptedDataKey, KeySpec, WrapAlgorithm
 from schemas.limits import MAX_HTTP_BODY_BYTES
 from tests.conftest import random_pub
-from tests.gateway_fixtures import Gateway, message_of, start_gateway
+from tests.gateway_fixtures import GATEWAY_OPS, Gateway, message_of, start_gateway
 from tests.queue_fixtures import Deployment
 from worker.legacy import sjcl
 
@@ -201,3 +201,34 @@ def test_https_with_client_certificates(deployment: Deployment, gateway: Gateway
             httpx.Client(base_url=secure.url.replace("https", "http"), timeout=10).get("/openapi.json")
     finally:
         secure.stop()
+
+
+def test_several_gateway_processes_share_the_socket_and_stop_together(deployment: Deployment) -> None:
+    """``--processes 2``: both processes serve the one port (each with its own client and reply queue, so each
+    gets its own answers), and SIGTERM stops both; the command exits 0."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    deployment.register("gateway-pair", GATEWAY_OPS)
+    running = start_gateway(deployment, "gateway-pair", deployment.service.fleet_document(), "--processes", "2",
+                            "--timeout", "30")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(re.findall(r"Application startup complete", running.log.read_text())) < 2:
+            assert time.monotonic() < deadline, running.log.read_text()[-2000:]
+            time.sleep(0.1)
+
+        def round_trip(_: int) -> bool:
+            with httpx.Client(base_url=running.url, timeout=60) as http:  # a connection each: both processes
+                made = http.post("/generateDataKey", json={}).json()
+                back = http.post("/decryptDataKey", json={"encryptedKey": made["encryptedKey"]}).json()
+                return bool(back == {"plaintextKey": made["plaintextKey"]})
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert all(pool.map(round_trip, range(40)))
+        served = set(re.findall(r"Started server process \[(\d+)\]", running.log.read_text()))
+        assert len(served) == 2
+    finally:
+        running.process.terminate()
+        assert running.process.wait(timeout=30) == 0
+    assert len(re.findall(r"Finished server process", running.log.read_text())) == 2

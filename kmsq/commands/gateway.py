@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import click
@@ -33,6 +40,8 @@ def _host_port(listen: str) -> tuple[str, int]:
               help="How long a call may wait for others while one of its kind is in flight.")  # fmt: skip
 @click.option("--max-batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Most calls in one coalesced message.")  # fmt: skip
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes sharing the listening socket, each with its own client and reply queue.")  # fmt: skip
 @caller_options
 @one_line_errors
 def gateway(
@@ -45,6 +54,7 @@ def gateway(
     coalesce: bool,
     linger_ms: float,
     max_batch: int,
+    processes: int,
     identity: Path | None,
     fleet: Path | None,
     timeout: float,
@@ -57,7 +67,7 @@ def gateway(
     try:
         import uvicorn  # noqa: F401 - imported by serve(); checked here, before anything starts
 
-        from kmsq.gateway import GatewaySettings, TlsFiles, create_app, serve
+        from kmsq.gateway import GatewaySettings, TlsFiles, create_app, listening_socket, serve
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in GATEWAY_EXTRA_MODULES:
             raise
@@ -72,6 +82,50 @@ def gateway(
     from tasks.coalesce import CoalescePolicy
 
     policy = CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch) if coalesce else False
-    with open_client(identity, fleet, timeout, reply_queue=reply_queue, coalesce=policy) as client:
-        app = create_app(client, GatewaySettings(root_key_id=root_key, timeout=timeout))
-        serve(app, host, port, tls)
+
+    def run(suffix: str | None, sock: socket.socket | None = None) -> None:
+        with open_client(identity, fleet, timeout, reply_queue=suffix, coalesce=policy) as client:
+            app = create_app(client, GatewaySettings(root_key_id=root_key, timeout=timeout))
+            serve(app, host, port, tls, sock)
+
+    if processes == 1:
+        run(reply_queue)
+        return
+    sock = listening_socket(host, port)
+    suffixes = [f"{reply_queue}-{i}" if reply_queue else None for i in range(processes)]
+    sys.exit(supervise([partial(run, suffix, sock) for suffix in suffixes]))
+
+
+def supervise(children: list[Callable[[], None]]) -> int:
+    """Forks a process for each of ``children`` (threads do not survive a fork: each opens its own client)
+    and waits for them. SIGTERM and SIGINT are passed on; when one process ends, the others are stopped.
+    Returns 0 when every process exited 0 or was stopped by SIGTERM/SIGINT, else 1."""
+    pids = []
+    for child in children:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                child()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    while pids:
+        pid, status = os.wait()
+        if pid in pids:
+            pids.remove(pid)
+            codes.append(os.waitstatus_to_exitcode(status))
+            forward(signal.SIGTERM, None)  # one ended: stop the others, and let a supervisor restart the whole
+    # uvicorn ends a process stopped by a signal with that signal again, after its graceful shutdown.
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT)
+    return 0 if all(code in stopped for code in codes) else 1
