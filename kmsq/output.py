@@ -65,6 +65,14 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=_default, indent=2) + "\n")
 
 
+def print_result(result: Any, as_json: bool, text: str) -> None:
+    """Prints a command's result: the dataclass ``result`` as JSON with ``--json``, else the line ``text``."""
+    if as_json:
+        print_json(result)
+    else:
+        console.print(text)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Prints a table with rich."""
     table = Table(title=title)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from kmsq.commands.common import service
-from kmsq.output import console, one_line_errors, print_json, print_table
+from kmsq.output import console, one_line_errors, print_json, print_result, print_table
 
 
 @click.group("caller")
@@ -70,10 +70,7 @@ def caller_add(
         info = callers.add_caller(
             keys.hsm, db, name, identity, _split(allow), None if all_root_keys else _split(root_keys), plaintext
         )
-    if as_json:
-        print_json(asdict(info))
-    else:
-        console.print(f"registered caller {info.name} ({info.key_id}): {', '.join(info.allowed_ops)}")
+    print_result(info, as_json, f"registered caller {info.name} ({info.key_id}): {', '.join(info.allowed_ops)}")
 
 
 @caller.command("list")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from kmsq.commands.common import service
-from kmsq.output import console, one_line_errors, print_json, print_table
+from kmsq.output import one_line_errors, print_json, print_result, print_table
 
 
 @click.group("pool")
@@ -31,10 +31,7 @@ def pool_list(as_json: bool) -> None:
 
 def _set(name: str, state: str, as_json: bool) -> None:
     info = service().set_pool_state(name, state)
-    if as_json:
-        print_json(asdict(info))
-    else:
-        console.print(f"pool {info.name} is {info.state}")
+    print_result(info, as_json, f"pool {info.name} is {info.state}")
 
 
 @pool_group.command("disable")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kmsq.commands.common import service
-from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
+from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_result, print_table
 from schemas.limits import ROOT_KEY_TYPES
 
 if TYPE_CHECKING:
@@ -49,10 +49,7 @@ def root_key_create(key_type: str, pool: str | None, as_json: bool) -> None:
     keys = service()
     key = keys.create_root_key(key_type, pool)
     keys.ensure_fleet_key(key.pool)  # every pool with a root key can serve requests
-    if as_json:
-        print_json(asdict(key))
-    else:
-        console.print(f"created root key {key.id} ({key.type}, pool {key.pool}, {key.wrap_algorithm})")
+    print_result(key, as_json, f"created root key {key.id} ({key.type}, pool {key.pool}, {key.wrap_algorithm})")
 
 
 @root_key.command("rotate")
@@ -62,10 +59,7 @@ def root_key_create(key_type: str, pool: str | None, as_json: bool) -> None:
 def root_key_rotate(root_key_id: str, as_json: bool) -> None:
     """Add a new version to a root key; older versions keep decrypting."""
     key = service().rotate_root_key(root_key_id)
-    if as_json:
-        print_json(asdict(key))
-    else:
-        console.print(f"root key {key.id} is now at version {key.version}")
+    print_result(key, as_json, f"root key {key.id} is now at version {key.version}")
 
 
 @root_key.command("list")
@@ -125,10 +119,7 @@ def _print_rewrap(summary: RewrapSummary) -> None:
 
 
 def _print_key(key: RootKeyInfo, as_json: bool, what: str) -> None:
-    if as_json:
-        print_json(asdict(key))
-    else:
-        console.print(f"root key {key.id}: {what}")
+    print_result(key, as_json, f"root key {key.id}: {what}")
 
 
 @root_key.command("set")
