@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import billiard.pool  # type: ignore[import-untyped]
+import billiard.process  # type: ignore[import-untyped]
 from celery import Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -29,7 +30,7 @@ from schemas.wire import REPLY_QUEUE_PREFIX, task_name
 from tasks import metrics
 from tasks.app import make_app
 from tasks.transport import DROPPED
-from worker import policy
+from worker import audit_log, policy, retention
 from worker.config import load_settings
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
@@ -83,6 +84,9 @@ def context() -> WorkerContext:
         return _context
 
 
+_pruner: retention.Pruner | None = None
+
+
 @worker_process_init.connect
 def _open_in_child(**_: Any) -> None:
     try:
@@ -90,10 +94,32 @@ def _open_in_child(**_: Any) -> None:
         log.info("worker process %d serves pool %s", os.getpid(), ctx.pool)
     except Exception as e:  # the first task retries; the log says why
         log.error("worker process %d could not open its HSM session or database: %s", os.getpid(), e)
+        return
+    if getattr(billiard.process.current_process(), "index", 0) == 0:
+        _start_pruner(ctx)
+
+
+def _start_pruner(ctx: WorkerContext) -> None:
+    """Prunes in the background of one pool process per worker (the first): request records, the pool's
+    audit chain and, in the default pool, the chain of pool-less actions (see worker.retention)."""
+    global _pruner
+    settings = load_settings()
+    if settings.prune_interval_seconds <= 0:
+        return
+    policy = retention.policy_of(settings)
+    chains = [ctx.pool] + ([audit_log.GLOBAL_CHAIN] if ctx.pool == settings.default_pool else [])
+
+    def run() -> retention.PruneCounts:
+        return retention.prune(ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch)
+
+    _pruner = retention.Pruner(run, settings.prune_interval_seconds)
+    _pruner.start()
 
 
 @worker_process_shutdown.connect
 def _close_in_child(**_: Any) -> None:
+    if _pruner is not None:
+        _pruner.stop()
     if _context is not None:
         _context.rejections.flush()
     if _service is not None:

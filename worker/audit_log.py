@@ -13,6 +13,10 @@ A record is appended in the transaction of what it records, so it commits or rol
 one chain are serialized by a row lock on its head (``audit_heads``), taken as the transaction's last step:
 two workers never fork the chain, and the lock is held only until the commit.
 
+Records older than the audit retention are pruned (:mod:`worker.retention`): the chain then starts after a
+checkpoint, the last pruned record's sequence number, hash and time under an HMAC of its own label, so that
+pruning leaves a chain that still verifies and nobody can move the start forward to hide recent deletions.
+
 What the chain cannot show on its own: the newest records removed together with the head (the database
 rolled back to an earlier state). ``kmsq audit verify --expect SEQ:HASH`` checks against a head noted
 elsewhere (``kmsq status`` and ``kmsq audit tail`` print it).
@@ -32,12 +36,13 @@ from sqlalchemy import exc, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.keystore import KeyStore
-from worker.storage.models import AuditHead, AuditRecord
+from worker.storage.models import AuditCheckpoint, AuditHead, AuditRecord
 
 GLOBAL_CHAIN = "*"  # actions that belong to no pool: callers, policy seals
 GENESIS = "0" * 64  # the "previous hash" of a chain's first record
 _HASH_LABEL = b"kmsq/audit/record/v1\x00"
 _MAC_LABEL = b"kmsq/audit/mac/v1\x00"
+_CHECKPOINT_LABEL = b"kmsq/audit/checkpoint/v1\x00"
 MAX_DETAIL = 255
 
 
@@ -50,29 +55,46 @@ def operator() -> str:
     return f"operator:{name}"[:64]
 
 
-def _utc(at: datetime) -> datetime:
+def utc(at: datetime) -> datetime:
+    """Returns ``at`` in UTC (a naive value, as SQLite returns them, is taken as UTC)."""
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _encode(fields: tuple[tuple[str, str], ...], label: bytes) -> bytes:
+    out = bytearray(label)
+    for name, value in fields:
+        n, v = name.encode("ascii"), value.encode("utf-8")
+        out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
+    return bytes(out)
 
 
 def record_hash(record: AuditRecord) -> str:
     """Returns the hex SHA-256 of a record's canonical encoding (every field but ``hash`` and ``mac``)."""
     fields = (
-        ("pool", record.pool), ("seq", str(record.seq)), ("at", _utc(record.at).isoformat(timespec="microseconds")),
+        ("pool", record.pool), ("seq", str(record.seq)), ("at", utc(record.at).isoformat(timespec="microseconds")),
         ("actor", record.actor), ("action", record.action), ("outcome", record.outcome),
         ("root_key_id", record.root_key_id or ""),
         ("root_key_version", "" if record.root_key_version is None else str(record.root_key_version)),
         ("request_id", record.request_id or ""), ("detail", record.detail), ("prev_hash", record.prev_hash),
     )  # fmt: skip
-    out = bytearray(_HASH_LABEL)
-    for name, value in fields:
-        n, v = name.encode("ascii"), value.encode("utf-8")
-        out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
-    return hashlib.sha256(out).hexdigest()
+    return hashlib.sha256(_encode(fields, _HASH_LABEL)).hexdigest()
 
 
 def record_mac(hsm: KeyStore, digest: str) -> str:
     """Returns the hex HMAC of a record hash under the token's policy key."""
     return hsm.policy_mac(_MAC_LABEL + bytes.fromhex(digest)).hex()
+
+
+def checkpoint_mac(hsm: KeyStore, pool: str, seq: int, digest: str, at: datetime) -> str:
+    """Returns the hex HMAC of a checkpoint (the last pruned record of ``pool``) under the policy key."""
+    fields = (("pool", pool), ("seq", str(seq)), ("hash", digest), ("at", utc(at).isoformat(timespec="microseconds")))
+    return hsm.policy_mac(_encode(fields, _CHECKPOINT_LABEL)).hex()
+
+
+def checkpoint_verifies(hsm: KeyStore, checkpoint: AuditCheckpoint) -> bool:
+    """True when the checkpoint's MAC is the HSM's over its fields."""
+    expected = checkpoint_mac(hsm, checkpoint.pool, checkpoint.seq, checkpoint.hash, checkpoint.at)
+    return hmac.compare_digest(expected, checkpoint.mac)
 
 
 def _locked_head(db: Session, pool: str) -> tuple[int, str]:
@@ -171,6 +193,7 @@ class ChainReport:
     ok: bool
     bad_seq: int | None = None  # the first record that does not verify
     problem: str = ""
+    pruned_through: int | None = None  # records up to this one were pruned (retention); None: none were
 
 
 @dataclass(frozen=True)
@@ -193,7 +216,7 @@ class AuditEntry:
 def entry(record: AuditRecord) -> AuditEntry:
     """Returns the operators' view of a record."""
     return AuditEntry(
-        record.pool, record.seq, _utc(record.at), record.actor, record.action, record.outcome, record.root_key_id,
+        record.pool, record.seq, utc(record.at), record.actor, record.action, record.outcome, record.root_key_id,
         record.root_key_version, record.request_id, record.detail, record.hash,
     )  # fmt: skip
 
@@ -222,13 +245,18 @@ def records(db: Session, pool: str | None = None, since: datetime | None = None)
 
 
 def _record_problem(
-    hsm: KeyStore, record: AuditRecord, prev: AuditRecord | None, from_start: bool
+    hsm: KeyStore, record: AuditRecord, prev: AuditRecord | None, start: tuple[int, str] | None
 ) -> tuple[int, str] | None:
-    """Why ``record`` does not continue the chain after ``prev`` (None: it does)."""
+    """Why ``record`` does not continue the chain after ``prev`` (None: it does). The first record checked
+    (``prev`` None) must follow ``start`` (the chain's genesis or checkpoint); with no ``start`` (``--since``)
+    it is trusted as far as its own MAC goes."""
     if prev is None:
-        if from_start and record.seq != 1:
-            return 1, f"records 1-{record.seq - 1} are missing (deleted?)"
-        expected_prev = GENESIS if record.seq == 1 else record.prev_hash  # from --since: its MAC vouches
+        if start is not None and record.seq <= start[0]:
+            return record.seq, f"record {record.seq} is before the chain's start at {start[0] + 1} (inserted?)"
+        if start is not None and record.seq != start[0] + 1:
+            return start[0] + 1, f"records {start[0] + 1}-{record.seq - 1} are missing (deleted?)"
+        trusted = GENESIS if record.seq == 1 else record.prev_hash  # --since: the record's own MAC vouches
+        expected_prev = start[1] if start is not None else trusted
     else:
         if record.seq != prev.seq + 1:
             return prev.seq + 1, f"record {prev.seq + 1} is missing, the next is {record.seq} (deleted?)"
@@ -245,8 +273,20 @@ def _record_problem(
     return None
 
 
+def first_problem(hsm: KeyStore, chain: list[AuditRecord], start_seq: int, start_hash: str) -> str | None:
+    """Why consecutive records ``chain`` do not continue a chain from ``(start_seq, start_hash)`` (None: they
+    do). Raises HsmUnavailable (transient)."""
+    prev = None
+    for record in chain:
+        problem = _record_problem(hsm, record, prev, (start_seq, start_hash))
+        if problem is not None:
+            return problem[1]
+        prev = record
+    return None
+
+
 def _ending_problem(
-    db: Session, pool: str, last: AuditRecord | None, head: tuple[int, str], from_start: bool,
+    db: Session, pool: str, last: AuditRecord | None, head: tuple[int, str], start: tuple[int, str] | None,
     expect: tuple[int, str] | None,
 ) -> tuple[int, str] | None:  # fmt: skip
     """Why the chain's end does not match its head, or the head noted elsewhere (None: it does)."""
@@ -255,9 +295,10 @@ def _ending_problem(
             last.seq + 1,
             f"the head says record {head[0]}, the chain ends at {last.seq} (records deleted at the end?)",
         )
-    if last is None and from_start and head[0] != 0:
-        return 1, f"the head says record {head[0]}, the chain is empty (deleted?)"
-    if expect is not None:
+    if last is None and start is not None and head != start:
+        return start[0] + 1, f"the head says record {head[0]}, the chain is empty (deleted?)"
+    pruned_through = start[0] if start is not None else 0
+    if expect is not None and expect[0] > pruned_through:  # a noted record pruned since is past checking
         noted = db.get(AuditRecord, (pool, expect[0]))
         if noted is None:
             return expect[0], f"record {expect[0]}, noted earlier, is missing (truncated?)"
@@ -269,26 +310,34 @@ def _ending_problem(
 def verify(
     hsm: KeyStore, db: Session, pool: str, since: datetime | None = None, expect: tuple[int, str] | None = None
 ) -> ChainReport:
-    """Checks one chain: contiguous sequence numbers, each record following the one before (``prev_hash``),
-    each hash over the record's fields, each MAC under the HSM's key, and the head at the last record (and at
-    ``expect``, a head noted elsewhere, when given). From ``since`` on, the first record checked is trusted
-    as far as its own MAC goes.
+    """Checks one chain: contiguous sequence numbers from its start (record 1, or after the checkpoint that
+    pruning left, whose own MAC must verify), each record following the one before (``prev_hash``), each
+    hash over the record's fields, each MAC under the HSM's key, and the head at the last record (and at
+    ``expect``, a head noted elsewhere, when given and not pruned since). From ``since`` on, the first record
+    checked is trusted as far as its own MAC goes.
 
     Returns the report, naming the first record that fails and how. Raises HsmUnavailable (transient).
     """
     row = db.get(AuditHead, pool)
     head = (row.seq, row.hash) if row is not None else (0, GENESIS)
+    checkpoint = db.get(AuditCheckpoint, pool)
+    pruned_through = checkpoint.seq if checkpoint is not None else None
+    start: tuple[int, str] | None = (checkpoint.seq, checkpoint.hash) if checkpoint is not None else (0, GENESIS)
     count, first, prev = 0, None, None
     problem = None
-    for record in records(db, pool, since):
-        problem = _record_problem(hsm, record, prev, since is None)
+    if checkpoint is not None and not checkpoint_verifies(hsm, checkpoint):
+        problem = checkpoint.seq, f"the checkpoint at record {checkpoint.seq} was altered or forged (its MAC)"
+    if since is not None:
+        start = None
+    for record in records(db, pool, since) if problem is None else ():
+        problem = _record_problem(hsm, record, prev, start)
         if problem is not None:
             break
         count += 1
         first = record.seq if first is None else first
         prev = record
-    problem = problem or _ending_problem(db, pool, prev, head, since is None, expect)
+    problem = problem or _ending_problem(db, pool, prev, head, start, expect)
     last = prev.seq if prev is not None else None
     if problem is not None:
-        return ChainReport(pool, count, first, last, head[0], head[1], False, problem[0], problem[1])
-    return ChainReport(pool, count, first, last, head[0], head[1], True)
+        return ChainReport(pool, count, first, last, head[0], head[1], False, problem[0], problem[1], pruned_through)
+    return ChainReport(pool, count, first, last, head[0], head[1], True, pruned_through=pruned_through)

@@ -37,7 +37,21 @@ _KEYS = (
     "clock_skew_seconds",
     "cache_seconds",
     "namespace",
+    "reply_grace_seconds",
+    "audit_retention_seconds",
+    "prune_interval_seconds",
+    "prune_batch",
+    "reply_queue_ttl_seconds",
 )
+# Retention (worker.retention): a request record is kept until its expiry + the clock skew + this grace, so that
+# get_result can still ask for its reply.
+DEFAULT_REPLY_GRACE_SECONDS = 600
+DEFAULT_AUDIT_RETENTION_SECONDS = 400 * 86400  # 0: audit records are kept forever
+DEFAULT_PRUNE_INTERVAL_SECONDS = 10  # 0: workers do not prune (kmsq prune still does)
+DEFAULT_PRUNE_BATCH = 500
+# A reply queue nobody reads is deleted this long after the last reply was put on it (its TTL is refreshed by
+# every reply; a queue being read is empty and takes no memory).
+DEFAULT_REPLY_QUEUE_TTL_SECONDS = 1800
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,11 @@ class Settings:
     clock_skew_seconds: int = DEFAULT_CLOCK_SKEW_SECONDS
     cache_seconds: int = 2  # workers: how long callers and root keys are cached per process
     namespace: str | None = None  # prefix of every Redis key (schemas.wire.namespace_key_prefix)
+    reply_grace_seconds: int = DEFAULT_REPLY_GRACE_SECONDS
+    audit_retention_seconds: int = DEFAULT_AUDIT_RETENTION_SECONDS
+    prune_interval_seconds: int = DEFAULT_PRUNE_INTERVAL_SECONDS
+    prune_batch: int = DEFAULT_PRUNE_BATCH
+    reply_queue_ttl_seconds: int = DEFAULT_REPLY_QUEUE_TTL_SECONDS
 
     @property
     def embedded_broker(self) -> bool:
@@ -164,6 +183,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         clock_skew_seconds=_int(values, "clock_skew_seconds", DEFAULT_CLOCK_SKEW_SECONDS),
         cache_seconds=_int(values, "cache_seconds", 2),
         namespace=_namespace(values.get("namespace") or None),
+        reply_grace_seconds=_int(values, "reply_grace_seconds", DEFAULT_REPLY_GRACE_SECONDS),
+        audit_retention_seconds=_int(values, "audit_retention_seconds", DEFAULT_AUDIT_RETENTION_SECONDS),
+        prune_interval_seconds=_int(values, "prune_interval_seconds", DEFAULT_PRUNE_INTERVAL_SECONDS),
+        prune_batch=max(1, _int(values, "prune_batch", DEFAULT_PRUNE_BATCH)),
+        reply_queue_ttl_seconds=max(1, _int(values, "reply_queue_ttl_seconds", DEFAULT_REPLY_QUEUE_TTL_SECONDS)),
     )
 
 

@@ -151,6 +151,9 @@ class RequestRecord(Base):
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     reply: Mapped[str] = mapped_column(Text)  # the signed reply envelope (secrets only HPKE-sealed)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The request's own expires_at (bounded, see worker.retention.record_expiry): the record is pruned once
+    # no delivery or get_result can need it any more.
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class AuditEvent(Base):
@@ -282,6 +285,21 @@ class AuditRecord(Base):
     detail: Mapped[str] = mapped_column(String(255))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """Where a pool's audit chain starts once its oldest records were pruned (worker.retention): the last
+    pruned record's sequence number, hash and time, MACed in the HSM so that nobody can move it forward to
+    hide records deleted within the retention period."""
+
+    __tablename__ = "audit_checkpoints"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    pruned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     mac: Mapped[str] = mapped_column(String(64))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Dialect, Engine, Insert, Table, bindparam, event, exc, select
@@ -132,7 +133,9 @@ class PrivateKeyRepository:
             raise self.conflict() from None
 
 
-_RECORD_COLUMNS = ("caller", "request_id", "request_hash", "op", "status", "error_code", "reply", "created_at")
+_RECORD_COLUMNS = (
+    "caller", "request_id", "request_hash", "op", "status", "error_code", "reply", "created_at", "expires_at",
+)  # fmt: skip
 
 
 @functools.cache
@@ -173,8 +176,15 @@ class RequestRepository:
 
     @staticmethod
     def _values(
-        caller: str, request_id: str, request_hash: str, op: str, reply: str, error_code: str | None
+        caller: str,
+        request_id: str,
+        request_hash: str,
+        op: str,
+        reply: str,
+        error_code: str | None,
+        expires_at: datetime | None,
     ) -> dict[str, Any]:
+        now = utcnow()
         return {
             "caller": caller,
             "request_id": request_id,
@@ -183,23 +193,42 @@ class RequestRepository:
             "status": "error" if error_code else "ok",
             "error_code": error_code,
             "reply": reply,
-            "created_at": utcnow(),
+            "created_at": now,
+            "expires_at": expires_at or now,
         }
 
     def record(
-        self, caller: str, request_id: str, request_hash: str, op: str, reply: str, error_code: str | None = None
+        self,
+        caller: str,
+        request_id: str,
+        request_hash: str,
+        op: str,
+        reply: str,
+        error_code: str | None = None,
+        *,
+        expires_at: datetime | None = None,
     ) -> bool:
         """Inserts the request's outcome unless a record exists (``ON CONFLICT DO NOTHING``).
 
-        Returns False when another delivery recorded it first; the caller must then roll back its effects.
+        ``expires_at`` is when the request expires (:func:`worker.retention.record_expiry`; default: now), which
+        decides when the record is pruned. Returns False when another delivery recorded it first; the caller
+        must then roll back its effects.
         On Postgres a concurrent, uncommitted insert of the same key makes this wait for that transaction.
         """
-        values = self._values(caller, request_id, request_hash, op, reply, error_code)
+        values = self._values(caller, request_id, request_hash, op, reply, error_code, expires_at)
         stmt = _record_statement(self._db.get_bind().dialect.name)
         return self._db.connection().execute(stmt, values).first() is not None
 
     def record_alone(
-        self, caller: str, request_id: str, request_hash: str, op: str, reply: str, error_code: str | None = None
+        self,
+        caller: str,
+        request_id: str,
+        request_hash: str,
+        op: str,
+        reply: str,
+        error_code: str | None = None,
+        *,
+        expires_at: datetime | None = None,
     ) -> bool:
         """:meth:`record`, committed at once when it is the session transaction's only statement.
 
@@ -216,8 +245,8 @@ class RequestRepository:
         bind = self._db.get_bind()
         untouched = not (self._db.info.get(_USED_CONNECTION) or self._db.new or self._db.dirty or self._db.deleted)
         if not (untouched and isinstance(bind, Engine) and bind.dialect.driver == "psycopg"):
-            return self.record(caller, request_id, request_hash, op, reply, error_code)
-        values = self._values(caller, request_id, request_hash, op, reply, error_code)
+            return self.record(caller, request_id, request_hash, op, reply, error_code, expires_at=expires_at)
+        values = self._values(caller, request_id, request_hash, op, reply, error_code, expires_at)
         return _insert_autocommit(bind, values)
 
     def get(self, caller: str, request_id: str) -> RequestRecord | None:
