@@ -45,6 +45,8 @@ def upgrade() -> None:
                 .where(requests.c.caller == caller, requests.c.request_id == request_id)
                 .values(expires_at=created_at + _BACKFILL)
             )
+    with op.batch_alter_table("requests") as batch:
+        batch.alter_column("expires_at", existing_type=sa.DateTime(timezone=True), nullable=False)
     op.create_index("ix_requests_expires_at", "requests", ["expires_at"])
     op.create_table(
         "audit_checkpoints",
