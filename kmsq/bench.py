@@ -34,7 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
-from kmsq.bench_common import CpuMeter, stop_worker, summarize
+from kmsq.bench_common import CpuMeter, set_up_pool, stop_worker, summarize
 from schemas.messages import reply_queue_for
 from schemas.wire import pool_queue
 
@@ -120,10 +120,14 @@ def measure_pbkdf2_ccm(count: int) -> dict[str, Any]:
 
 
 def run_window(
-    total: int, in_flight: int, start: Callable[[int], Future[Any]], items_per_call: int = 1
+    total: int,
+    in_flight: int,
+    start: Callable[[int], Future[Any]],
+    items_per_call: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Keeps ``in_flight`` calls outstanding until ``total`` calls completed; each call counts as
-    ``items_per_call`` items. Raises whatever a call raised."""
+    ``items_per_call`` items; ``progress`` is told the calls completed so far. Raises whatever a call raised."""
     latencies: list[float] = []
     started_at: dict[Future[Any], float] = {}
     sent = 0
@@ -143,6 +147,8 @@ def run_window(
                 nxt = start(sent)
                 started_at[nxt] = time.perf_counter()
                 sent += 1
+        if progress is not None:
+            progress(len(latencies))
     return summarize(total * items_per_call, time.perf_counter() - begin, latencies)
 
 
@@ -581,42 +587,17 @@ def run_bench(
     import json
 
     from kmsq.bench_gateway import measure_gateway
-    from schemas.messages import ALLOWABLE_OPS
     from tasks.client import KmsClient
-    from tasks.identity import CallerIdentity, Fleet
-    from worker import callers, service
-    from worker.config import load_settings
-    from worker.errors import ConfigError
-    from worker.runtime import KeyService
-    from worker.softhsm import ensure_embedded_token
-    from worker.storage.db import migrate, transaction
+    from worker import service
+    from worker.storage.db import transaction
 
-    settings = load_settings()
-    if settings.embedded_broker or settings.database_url.startswith("sqlite"):
-        raise ConfigError("kmsq bench measures against Redis and Postgres: set KMSQ_BROKER_URL and KMSQ_DATABASE_URL")
-    if settings.embedded_hsm:
-        ensure_embedded_token(settings)
+    pool_setup = set_up_pool("bench", POOL, "bench")
+    settings, svc, identity = pool_setup.settings, pool_setup.service, pool_setup.identity
+    identity_file, fleet, root_id = pool_setup.identity_file, pool_setup.fleet, pool_setup.root_key_id
     sizes = Sizes.for_scale(quick)
-    svc = KeyService.from_settings(settings)
-    migrate(svc.engine)
-    roots = [k for k in svc.list_root_keys() if k.pool == POOL and k.state == "enabled" and k.type == "aes-256"]
-    root = roots[0] if roots else svc.create_root_key("aes-256", POOL)
-    svc.ensure_fleet_key(POOL)
-    directory = settings.home / "callers"
-    identity_file = directory / "bench.key.json"
-    if not identity_file.exists():
-        CallerIdentity.generate("bench").write(directory)
-    identity = CallerIdentity.load(identity_file)
     with transaction(svc.sessions) as db:
-        known = {c.name: c for c in callers.list_callers(db)}
-        if "bench" not in known:
-            public = callers.read_public_identity(directory / "bench.pub.json")
-            callers.add_caller(svc.hsm, db, "bench", public, list(ALLOWABLE_OPS), None, plaintext=True)
-        elif known["bench"].key_id != identity.key_id:
-            raise ConfigError(f"caller 'bench' is registered with another key than {identity_file}")
-        version = service.wrapping_version(db, root.id, POOL)
-    fleet = Fleet.from_document(svc.fleet_document() | {"default_pool": POOL})
-    report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "root_key": root.id, "workers": {}}
+        version = service.wrapping_version(db, root_id, POOL)
+    report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "root_key": root_id, "workers": {}}
     log(f"A raw HSM loop ({sizes.raw} keys)")
     report["A_raw_hsm"] = measure_raw_hsm(svc.hsm, service.hsm_handle(version), sizes.raw)
     log(f"F PBKDF2-HMAC-SHA256 x10000 + AES-CCM ({sizes.pbkdf2} encryptions)")
@@ -634,21 +615,21 @@ def run_bench(
             with KmsClient(
                 settings.effective_broker_url, identity, fleet, timeout=120, namespace=settings.namespace
             ) as client:
-                measured = queue_measurements(client, settings.effective_broker_url, sizes, root.id, process)
+                measured = queue_measurements(client, settings.effective_broker_url, sizes, root_id, process)
                 if count == max(worker_counts):
                     log(f"C through a coalescing client, {sizes.coalesced_in_flight} in flight")
                     with KmsClient(settings.effective_broker_url, identity, fleet, timeout=120,
                                    namespace=settings.namespace, coalesce=True) as coalescing:  # fmt: skip
                         measured["C_coalesced"] = measure_coalesced_singles(
-                            coalescing, sizes, root.id, process, settings.effective_broker_url
+                            coalescing, sizes, root_id, process, settings.effective_broker_url
                         )
                     measured["G_gateway"] = measure_gateway(
-                        client, root.id, process, settings.effective_broker_url, (identity_file, fleet_file), env,
+                        client, root_id, process, settings.effective_broker_url, (identity_file, fleet_file), env,
                         out_dir, sizes.gateway_requests, log,
                     )  # fmt: skip
                     log("W: C's own work without messaging, in this process")
                     report["W_request_work"] = measure_request_work(
-                        svc, client, root.id, sizes.round_trips // 2, settings.cache_seconds
+                        svc, client, root_id, sizes.round_trips // 2, settings.cache_seconds
                     )
                 rss = worker_rss(process)
                 measured["worker_rss"] = {
@@ -657,7 +638,7 @@ def run_bench(
                 }
                 if rss_keys and count == max(worker_counts):
                     log(f"provisioning job of {rss_keys} keys, sampling worker RSS")
-                    measured["rss_job"] = rss_job(client, root.id, rss_keys, process, sizes.in_flight)
+                    measured["rss_job"] = rss_job(client, root_id, rss_keys, process, sizes.in_flight)
                 report["workers"][str(count)] = measured
         finally:
             stop_worker(process)
@@ -667,10 +648,10 @@ def run_bench(
                 settings.effective_broker_url, identity, fleet, timeout=120, namespace=settings.namespace
             ) as client:
                 report["workers"][str(count)]["C_without_audit"] = measure_without_audit(
-                    client, sizes, root.id, count, out_dir / "bench-worker.log", env, settings.effective_broker_url
+                    client, sizes, root_id, count, out_dir / "bench-worker.log", env, settings.effective_broker_url
                 )
     log("R: rewrap every stored row of the bench root key after a rotation")
-    report["R_rewrap"] = measure_rewrap(svc, root.id)
+    report["R_rewrap"] = measure_rewrap(svc, root_id)
     svc.engine.dispose()
     report["ratios"] = ratios(report)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ import signal
 import statistics
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,56 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class MeasuredPool:
+    """What ``kmsq bench`` and ``kmsq soak`` set up before measuring: a pool with an aes-256 root key and fleet
+    keys, and a caller of their own allowed everything, whose identity file lives in ``$KMSQ_HOME/callers``."""
+
+    settings: Any  # worker.config.Settings
+    service: Any  # worker.runtime.KeyService (migrated)
+    root_key_id: str
+    identity: Any  # tasks.identity.CallerIdentity
+    identity_file: Path
+    fleet: Any  # tasks.identity.Fleet, with the pool as its default
+
+
+def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
+    """Prepares ``pool`` and ``caller`` on the configured Redis, Postgres and token (idempotent). Raises
+    ConfigError when the broker is the embedded one or the database is SQLite, or when ``caller`` is
+    registered with another key than its identity file's."""
+    from schemas.messages import ALLOWABLE_OPS
+    from tasks.identity import CallerIdentity, Fleet
+    from worker import callers
+    from worker.config import load_settings
+    from worker.errors import ConfigError
+    from worker.runtime import KeyService
+    from worker.softhsm import ensure_embedded_token
+    from worker.storage.db import migrate, transaction
+
+    settings = load_settings()
+    if settings.embedded_broker or settings.database_url.startswith("sqlite"):
+        raise ConfigError(f"kmsq {command} measures against Redis and Postgres: set KMSQ_BROKER_URL and "
+                          "KMSQ_DATABASE_URL")  # fmt: skip
+    if settings.embedded_hsm:
+        ensure_embedded_token(settings)
+    svc = KeyService.from_settings(settings)
+    migrate(svc.engine)
+    roots = [k for k in svc.list_root_keys() if k.pool == pool and k.state == "enabled" and k.type == "aes-256"]
+    root = roots[0] if roots else svc.create_root_key("aes-256", pool)
+    svc.ensure_fleet_key(pool)
+    directory = settings.home / "callers"
+    identity_file = directory / f"{caller}.key.json"
+    if not identity_file.exists():
+        CallerIdentity.generate(caller).write(directory)
+    identity = CallerIdentity.load(identity_file)
+    with transaction(svc.sessions) as db:
+        known = {c.name: c for c in callers.list_callers(db)}
+        if caller not in known:
+            public = callers.read_public_identity(directory / f"{caller}.pub.json")
+            callers.add_caller(svc.hsm, db, caller, public, list(ALLOWABLE_OPS), None, plaintext=True)
+        elif known[caller].key_id != identity.key_id:
+            raise ConfigError(f"caller {caller!r} is registered with another key than {identity_file}")
+    fleet = Fleet.from_document(svc.fleet_document() | {"default_pool": pool})
+    return MeasuredPool(settings, svc, root.id, identity, identity_file, fleet)

@@ -19,7 +19,9 @@ from kmsq.commands import (
     policy,
     pool,
     provision,
+    prune,
     root_key,
+    soak,
     status,
     worker,
 )
@@ -39,6 +41,7 @@ for command in (
     pool.pool_group,
     policy.policy_group,
     audit.audit_group,
+    prune.prune,
     worker.worker,
     broker.broker_group,
     status.status,
@@ -56,6 +59,7 @@ for command in (
     # measure and prove
     demo.demo,
     bench.bench,
+    soak.soak,
     chaos.chaos,
 ):
     main.add_command(command)

@@ -17,11 +17,13 @@ from tasks import transport
 transport.install()  # hostile queue entries are dropped, not fatal (tasks/transport.py)
 
 
-def transport_options(namespace: str | None, master_name: str | None = None) -> dict[str, Any]:
+def transport_options(
+    namespace: str | None, master_name: str | None = None, reply_queue_ttl_seconds: int | None = None
+) -> dict[str, Any]:
     """Returns the kombu transport options for a deployment in ``namespace``: kmsq's Redis settings and, with a
     namespace, kombu's ``global_keyprefix``, which puts it in front of every Redis key (queues, the unacked
     index, exchange bindings), so deployments on one Redis database never see each other's messages; with a
-    Sentinel broker, the monitored master's name.
+    Sentinel broker, the monitored master's name; for a worker, the TTL its replies give their reply queues.
 
     Raises ValueError for a bad namespace."""
     options: dict[str, Any] = dict(celeryconfig.broker_transport_options)
@@ -30,6 +32,8 @@ def transport_options(namespace: str | None, master_name: str | None = None) -> 
         options["global_keyprefix"] = prefix
     if master_name:
         options["master_name"] = master_name
+    if reply_queue_ttl_seconds:
+        options["reply_queue_ttl"] = reply_queue_ttl_seconds * 1000
     return options
 
 
@@ -48,14 +52,17 @@ def split_broker_url(broker_url: str) -> tuple[str, str | None]:
     return base, names[0]
 
 
-def make_app(broker_url: str, name: str = "kmsq", namespace: str | None = None) -> Celery:
+def make_app(
+    broker_url: str, name: str = "kmsq", namespace: str | None = None, reply_queue_ttl_seconds: int | None = None
+) -> Celery:
     """Returns a Celery app on ``broker_url`` (in ``namespace``) with kmsq's settings; it is not made the
-    current app. Raises ValueError for a bad namespace or Sentinel URL."""
+    current app. ``reply_queue_ttl_seconds``: see :func:`transport_options`. Raises ValueError for a bad
+    namespace or Sentinel URL."""
     url, master_name = split_broker_url(broker_url)
     app = Celery(name, set_as_current=False)
     app.config_from_object(celeryconfig)
     app.conf.broker_url = url
-    app.conf.broker_transport_options = transport_options(namespace, master_name)
+    app.conf.broker_transport_options = transport_options(namespace, master_name, reply_queue_ttl_seconds)
     return app
 
 

@@ -23,8 +23,10 @@ from typing import Any
 
 import kombu.transport
 from kombu.transport import TRANSPORT_ALIASES, redis
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from schemas.wire import REPLY_QUEUE_PREFIX
 
 log = logging.getLogger("kmsq.transport")
 _ENCODINGS = (None, "utf-8", "base64")  # kombu's codecs for a body: none, or base64
@@ -114,7 +116,8 @@ def _body_problem(payload: dict[str, Any]) -> str:
 
 
 class _Hardened:
-    """The guarded ``_brpop_read`` of :class:`Channel` and :class:`SentinelChannel`."""
+    """The guarded ``_brpop_read`` of :class:`Channel` and :class:`SentinelChannel`, and reply queues that
+    expire."""
 
     client: Any
     connection: Any
@@ -122,6 +125,21 @@ class _Hardened:
     sep: str
     _queue_cycle: Any
     _in_poll: Any
+    # Transport option (ms): every reply put on a reply queue (kmsq.reply.*) sets the queue's TTL to this, so
+    # that a queue nobody reads any more disappears with its replies this long after the last one. A queue
+    # that is read is empty, and an empty list is no key at all in Redis. None: replies never expire.
+    reply_queue_ttl: int | None = None
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        ttl = self.reply_queue_ttl
+        if not ttl or not queue.startswith(REPLY_QUEUE_PREFIX) or kwargs.get("_publish_batch") is not None:
+            super()._put(queue, message, **kwargs)  # type: ignore[misc]
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))  # type: ignore[attr-defined]
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            pipe.lpush(key, dumps(message))  # MULTI/EXEC: the reply and its queue's TTL together
+            pipe.pexpire(key, ttl)
+            pipe.execute()
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.x's Channel._brpop_read, with decode_entry in place of its unguarded loads + deliver
@@ -161,11 +179,16 @@ class _Hardened:
 
 
 class Channel(_Hardened, redis.Channel):
-    """kombu's Redis channel, except that an entry which is not a well-formed message is dropped."""
+    """kombu's Redis channel, except that an entry which is not a well-formed message is dropped and that
+    reply queues expire."""
+
+    from_transport_options = (*redis.Channel.from_transport_options, "reply_queue_ttl")  # type: ignore[assignment]
 
 
 class SentinelChannel(_Hardened, redis.SentinelChannel):
     """kombu's Redis Sentinel channel, hardened the same way."""
+
+    from_transport_options = (*redis.SentinelChannel.from_transport_options, "reply_queue_ttl")  # type: ignore[assignment]
 
 
 class Transport(redis.Transport):

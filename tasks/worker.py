@@ -23,7 +23,6 @@ from celery import Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
-from kombu.entity import Queue
 
 from schemas.messages import OPS
 from schemas.wire import REPLY_QUEUE_PREFIX, task_name
@@ -52,7 +51,10 @@ MAX_ETA_SECONDS = 2 * 2 ** (MAX_RETRIES - 1)
 billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = 20
 
 _settings = load_settings()
-app = make_app(_settings.effective_broker_url, namespace=_settings.namespace)
+app = make_app(
+    _settings.effective_broker_url, namespace=_settings.namespace,
+    reply_queue_ttl_seconds=_settings.reply_queue_ttl_seconds,
+)  # fmt: skip
 _lock = threading.Lock()
 _context: WorkerContext | None = None
 _context_pid: int | None = None
@@ -127,11 +129,36 @@ def _close_in_child(**_: Any) -> None:
     metrics.process_dead(os.getpid())
 
 
+PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"  # Celery's remote control: one member per worker node
+
+
+@signals.worker_shutdown.connect
+def _forget_remote_control(sender: Any = None, **_: Any) -> None:
+    """Removes this worker's member from the remote-control binding table. kombu deletes the table only once
+    no worker has refreshed it for an hour, so while any worker runs, every worker ever started (each has a
+    node name of its own: pool.pid@host) would otherwise stay in it."""
+    hostname = getattr(sender, "hostname", None)
+    if not hostname:
+        return
+    suffix = f"{hostname}.celery.pidbox".encode()
+    try:
+        with app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            for member in client.smembers(PIDBOX_BINDINGS):
+                if member.endswith(suffix):
+                    client.srem(PIDBOX_BINDINGS, member)
+    except Exception as e:  # the broker is gone: the member stays until kombu sweeps the table
+        log.warning("could not remove this worker's remote-control binding (%s)", type(e).__name__)
+
+
 def publish(delivery: Delivery) -> None:
-    """Publishes a reply to its durable reply queue (persistent message, JSON)."""
+    """Publishes a reply to its durable reply queue (persistent message, JSON), which then expires
+    ``KMSQ_REPLY_QUEUE_TTL_SECONDS`` after its last reply unless it is read (tasks.transport).
+
+    Nothing is declared: on Redis a queue of the default exchange is just its list, and kombu would keep
+    every reply queue it ever declared in this process's memory (a CLI caller's random one each time)."""
     if delivery.queue is None:
         return
-    queue = Queue(delivery.queue, durable=True, auto_delete=False, routing_key=delivery.queue)
     with app.producer_or_acquire() as producer:
         producer.publish(
             delivery.envelope,
@@ -139,7 +166,6 @@ def publish(delivery: Delivery) -> None:
             routing_key=delivery.queue,
             serializer="json",
             delivery_mode=2,
-            declare=[queue],
             retry=True,
             retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
         )

@@ -7,13 +7,21 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from tasks.codec import KmsCodec
 from tests.unit_fixtures import Unit, answer, refusal
 from worker import audit_log, retention
 from worker.storage.db import transaction
-from worker.storage.models import AuditCheckpoint, AuditEvent, AuditRecord, PrivateKey, RejectionCount, RequestRecord
+from worker.storage.models import (
+    AuditCheckpoint,
+    AuditEvent,
+    AuditHead,
+    AuditRecord,
+    PrivateKey,
+    RejectionCount,
+    RequestRecord,
+)
 
 SKEW = timedelta(seconds=300)
 GRACE = timedelta(seconds=600)
@@ -113,7 +121,7 @@ def _age(unit: Unit, pool: str, through: int, days: int) -> None:
             record.hash = audit_log.record_hash(record)
             record.mac = audit_log.record_mac(unit.service.hsm, record.hash)
             prev = record.hash
-        db.execute(update(audit_log.AuditHead).where(audit_log.AuditHead.pool == pool).values(hash=prev))
+        db.execute(update(AuditHead).where(AuditHead.pool == pool).values(hash=prev))
 
 
 def _chain_of(unit: Unit, full: KmsCodec, n: int) -> list[AuditRecord]:
@@ -143,7 +151,7 @@ def test_records_deleted_after_a_checkpoint_or_a_forged_checkpoint_are_found(uni
     _age(unit, "alpha", chain[3].seq, days=31)
     _prune(unit, datetime.now(UTC), chains=("alpha",))
     with transaction(unit.service.sessions) as db:  # delete two more records, within the retention period
-        db.execute(AuditRecord.__table__.delete().where(AuditRecord.pool == "alpha", AuditRecord.seq <= chain[5].seq))
+        db.execute(delete(AuditRecord).where(AuditRecord.pool == "alpha", AuditRecord.seq <= chain[5].seq))
     (report,) = unit.service.verify_audit("alpha")
     assert not report.ok and report.bad_seq == chain[4].seq and "missing" in report.problem
     with transaction(unit.service.sessions) as db:  # ... and move the checkpoint over them, without the HSM

@@ -54,7 +54,8 @@ def audit_verify(pool: str | None, since: str | None, expect: str | None, as_jso
     if as_json:
         print_json([asdict(r) for r in reports])
     else:
-        rows = [[r.pool, r.records, f"{r.head_seq}:{r.head_hash[:16]}…",
+        rows = [[r.pool, f"{r.records}" + (f" (1-{r.pruned_through} pruned)" if r.pruned_through else ""),
+                 f"{r.head_seq}:{r.head_hash[:16]}…",
                  "intact" if r.ok else f"[red]BROKEN at {r.bad_seq}[/red]: {r.problem}"] for r in reports]  # fmt: skip
         print_table("audit chains", ["chain", "records checked", "head", "result"], rows)
     if not all(r.ok for r in reports):
