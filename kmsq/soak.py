@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsq.bench_common import _children, set_up_pool, stop_worker
+from kmsq.bench_common import CpuMeter, _children, set_up_pool, stop_worker
 
 POOL = "soak"
 
@@ -38,7 +38,7 @@ class SoakConfig:
     skew_seconds: int = 1
     grace_seconds: int = 5
     audit_retention_seconds: int = 60
-    prune_interval_seconds: int = 1
+    prune_interval_seconds: int = 1  # 0: the worker does not prune (the baseline of pruning's cost)
     sample_seconds: float = 5.0
 
     @property
@@ -152,7 +152,7 @@ def steady_state(samples: list[dict[str, Any]], config: SoakConfig) -> dict[str,
         }
     rows = [s["request_rows"] for s in steady if s["request_rows"]]
     rate = _rate(steady)
-    kept_for = config.record_lifetime + config.prune_interval_seconds  # the longest a record waits for pruning
+    kept_for = config.record_lifetime + max(1, config.prune_interval_seconds)  # at most, waiting for a prune
     out["rate_per_s"] = round(rate, 1)
     out["bytes_per_request_row"] = round(sum(s["request_bytes"] for s in steady) / max(1, sum(rows)), 1)
     # Bytes the requests table holds per request/s of load, and per request made within a record's lifetime.
@@ -264,10 +264,11 @@ def run_soak(config: SoakConfig, out_dir: Path, log: Callable[[str], None],
             counter[0] = done
             progress(done)
 
-        result = run_window(
+        meter = CpuMeter(worker, settings.effective_broker_url)
+        result = meter.measure(config.requests, lambda: run_window(
             config.requests, config.in_flight,
             lambda _: client.submit_generate_data_key(root_id, with_plaintext=False), progress=progressed,
-        )  # fmt: skip
+        ))  # fmt: skip
         sampler.stop()
     finally:
         if sampler is not None and sampler.is_alive():
@@ -285,6 +286,7 @@ def run_soak(config: SoakConfig, out_dir: Path, log: Callable[[str], None],
         "per_s": result["per_s"],
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
+        "cpu_ms_per_request": result["cpu_ms_per_item"],
         "audit_chain": {
             "ok": chain.ok,
             "records": chain.records,

@@ -30,6 +30,7 @@ def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment
     assert json.loads((out_dir / "soak.json").read_text()) == report
     assert (out_dir / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["requests"] == 1500 and report["per_s"] > 0 and report["p99_ms"] > 0
+    assert report["cpu_ms_per_request"]["worker_children"] > 0 and report["cpu_ms_per_request"]["total"] > 0
     assert report["audit_chain"]["ok"], report["audit_chain"]
     assert len(report["samples"]) >= 2 and all(set(s) == SAMPLE for s in report["samples"])
     assert report["samples"][-1]["requests_done"] == 1500
