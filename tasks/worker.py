@@ -114,7 +114,9 @@ def _start_pruner(ctx: WorkerContext) -> None:
     def run() -> retention.PruneCounts:
         return retention.prune(ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch)
 
-    _pruner = retention.Pruner(run, settings.prune_interval_seconds)
+    _pruner = retention.Pruner(
+        run, settings.prune_interval_seconds, lambda counts: retention.vacuum(ctx.sessions, counts)
+    )
     _pruner.start()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -201,6 +202,32 @@ def _batches(sessions: sessionmaker[Session], step: Callable[[Session], int], li
     return total
 
 
+def vacuum(sessions: sessionmaker[Session], counts: PruneCounts) -> list[str]:
+    """On Postgres, runs a plain ``VACUUM`` (no exclusive lock: reads and writes go on) of the tables ``counts``
+    removed rows from, so that their space, TOAST included, is reused by new rows even where autovacuum is off
+    or slow (measured: with autovacuum off, a soak's ``requests`` table grew by 10 MB a minute while holding 500
+    rows). A table another session is vacuuming is skipped. Returns the tables vacuumed."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":  # SQLite reuses the pages of deleted rows by itself
+        return []
+    tables = [
+        name for name, removed in (
+            ("requests", counts.requests), ("audit_log", sum(counts.audit_records.values())),
+            ("audit_events", counts.audit_events), ("rejection_counts", counts.rejection_counts),
+        ) if removed
+    ]  # fmt: skip
+    done = []
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("SET lock_timeout = '1s'")
+        for table in tables:
+            try:
+                connection.exec_driver_sql(f"VACUUM {table}")  # a fixed name from the list above
+                done.append(table)
+            except exc.OperationalError:  # another pruner is vacuuming it
+                continue
+    return done
+
+
 def prune(
     hsm: KeyStore | None,
     sessions: sessionmaker[Session],
@@ -211,7 +238,8 @@ def prune(
     now: datetime | None = None,
 ) -> PruneCounts:
     """Removes what retention no longer keeps: request records, the audit records of ``chains`` (which need
-    ``hsm``), audit events and rejection counts, ``batch`` rows per transaction.
+    ``hsm``), audit events and rejection counts, ``batch`` rows per transaction. Does not vacuum (see
+    :func:`vacuum`).
 
     Returns the counts; a chain that does not verify is skipped and named in ``refused_chains``. Raises
     DatabaseUnavailable or HsmUnavailable (transient).
@@ -269,21 +297,29 @@ def prunable(db: Session, policy: RetentionPolicy, now: datetime | None = None) 
     return counts
 
 
+VACUUM_SECONDS = 60  # a Pruner vacuums what it pruned at most this often
+
+
 class Pruner(threading.Thread):
     """Prunes every ``interval`` seconds (with jitter) in the background of a worker process, until
-    :meth:`stop`. A failed run is logged and retried at the next interval."""
+    :meth:`stop`, and vacuums what it pruned at most every VACUUM_SECONDS. A failed run is logged and retried
+    at the next interval."""
 
     def __init__(
         self,
         run: Callable[[], PruneCounts],
         interval: float,
+        vacuum: Callable[[PruneCounts], list[str]] | None = None,
     ) -> None:
         super().__init__(name="kmsq-pruner", daemon=True)
         self._run_once = run
+        self._vacuum = vacuum
         self._interval = interval
         self._stopped = threading.Event()
         self.runs = 0
         self.removed = PruneCounts()
+        self._unvacuumed = PruneCounts()
+        self._vacuumed_at = time.monotonic()
 
     def run(self) -> None:
         while not self._stopped.wait(self._interval * random.uniform(0.5, 1.5)):  # noqa: S311 - jitter only
@@ -297,6 +333,17 @@ class Pruner(threading.Thread):
                 continue
             self.runs += 1
             self.removed.add(counts)
+            self._unvacuumed.add(counts)
+            if (
+                self._vacuum is not None
+                and self._unvacuumed.total
+                and (time.monotonic() - self._vacuumed_at >= VACUUM_SECONDS)
+            ):
+                try:
+                    self._vacuum(self._unvacuumed)
+                except Exception as e:  # the next interval tries again
+                    log.warning("vacuuming failed (%s)", type(e).__name__)
+                self._unvacuumed, self._vacuumed_at = PruneCounts(), time.monotonic()
             if counts.total:
                 log.info(
                     "pruned %d request records, %d audit records, %d audit events, %d rejection counts",

@@ -34,6 +34,7 @@ def prune(dry_run: bool, batch: int | None, as_json: bool) -> None:
         with svc.sessions() as db:
             chains = audit_log.chains(db)
         counts = retention.prune(svc.hsm, svc.sessions, policy, chains=chains, batch=batch or config.prune_batch)
+        retention.vacuum(svc.sessions, counts)
     kept: dict[str, Any] = {
         "reply_grace_seconds": config.reply_grace_seconds,
         "clock_skew_seconds": config.clock_skew_seconds,
