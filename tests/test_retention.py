@@ -217,3 +217,21 @@ def test_record_expiry_is_bounded_by_the_longest_valid_request() -> None:
     assert retention.record_expiry(now + timedelta(seconds=600), now, SKEW) == now + timedelta(seconds=600)
     far = retention.record_expiry(datetime(9999, 1, 1, tzinfo=UTC), now, SKEW)
     assert far == now + timedelta(seconds=3600) + SKEW
+
+
+def test_a_rehashed_change_in_the_pruned_prefix_is_caught_by_the_last_mac(unit: Unit, full: KmsCodec) -> None:
+    chain = _chain_of(unit, full, 8)
+    _age(unit, "alpha", chain[5].seq, days=31)
+    with transaction(unit.service.sessions) as db:  # change record 3 and rehash the chain after it, without the HSM
+        records = list(db.scalars(select(AuditRecord).where(AuditRecord.pool == "alpha").order_by(AuditRecord.seq)))
+        prev = audit_log.GENESIS
+        for record in records:
+            if record.seq == chain[2].seq:
+                record.outcome = "forbidden"
+            record.prev_hash = prev
+            record.hash = audit_log.record_hash(record)
+            prev = record.hash
+        db.execute(update(AuditHead).where(AuditHead.pool == "alpha").values(hash=prev))
+    counts = _prune(unit, datetime.now(UTC), chains=("alpha",))
+    assert counts.audit_records == {} and "MAC" in counts.refused_chains["alpha"]
+    assert len(_pool_records(unit, "alpha")) == len(chain)
