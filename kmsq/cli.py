@@ -51,6 +51,8 @@ for command in (
     keys.rewrap_data_key,
     keys.put_key,
     keys.get_key,
+    keys.generate_key,
+    keys.sign,
     provision.provision,
     gateway.gateway,
     # the replaced key provider's data

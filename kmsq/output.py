@@ -33,6 +33,7 @@ EXIT_UNAUTHENTICATED = 8
 EXIT_FORBIDDEN = 9
 EXIT_EXPIRED = 10
 EXIT_REPLAYED = 11
+EXIT_NOT_EXPORTABLE = 12
 # A queue reply's error code -> exit code (the caller commands).
 CODE_EXIT = {
     "unavailable": EXIT_UNAVAILABLE,
@@ -43,6 +44,7 @@ CODE_EXIT = {
     "forbidden": EXIT_FORBIDDEN,
     "expired": EXIT_EXPIRED,
     "replayed": EXIT_REPLAYED,
+    "not_exportable": EXIT_NOT_EXPORTABLE,
     "internal": EXIT_INTERNAL,
 }
 

@@ -149,6 +149,9 @@ class PrivateKeyContext:
     type: str
     root_key_id: str
     root_key_version: int
+    # False for a key generated inside kmsq (never exported). It is part of the associated data only then, so
+    # every other row's stays as it was; a row whose ``exportable`` column was set to true does not open.
+    exportable: bool = True
 
     def encode(self) -> bytes:
         """Returns the canonical encoding: a label, then each field as u16 name length, name, u32 value
@@ -160,6 +163,7 @@ class PrivateKeyContext:
             ("type", self.type),
             ("root_key_id", self.root_key_id),
             ("root_key_version", str(self.root_key_version)),
+            *((("exportable", "false"),) if not self.exportable else ()),
         )
         out = bytearray(_AAD_LABEL)
         for name, value in fields:

@@ -24,6 +24,7 @@ MAX_PUB_CHARS = 1024
 MAX_COIN_CHARS = 128  # token names such as "hteth:bgerchv2" or an ERC-20 contract address
 MAX_ENCRYPTED_KEY_CHARS = 8192  # a kmsq encryptedKey (RSA-4096: ~700) or an SJCL envelope of the old API
 MAX_BATCH_ITEMS = 1000
+MAX_SIGNABLE_PAYLOAD_CHARS = 2 * 1024 * 1024  # a PSBT in hex (a 10-input wallet PSBT is ~10 KB) or a 0x hash
 # A request message's body (JSON bytes, before base64url): a put_key of a full-size prv fits with room to
 # spare, and a batch is bounded by this as well as by MAX_BATCH_ITEMS.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -84,6 +85,18 @@ def check_coin(value: str) -> str:
     return _text("coin", value, MAX_COIN_CHARS, controls=False)
 
 
+_HEX = re.compile(r"^(0x)?(?:[0-9a-fA-F]{2})+$")
+
+
+def check_signable_payload(value: str) -> str:
+    """Returns ``value`` if it is a ``signablePayload``: hex (an even number of digits, ``0x`` allowed), at
+    most MAX_SIGNABLE_PAYLOAD_CHARS characters. Raises FieldError."""
+    _text("signablePayload", value, MAX_SIGNABLE_PAYLOAD_CHARS, controls=False)
+    if not _HEX.match(value):
+        raise FieldError("signablePayload must be hex (an even number of digits, 0x allowed)")
+    return value
+
+
 def check_encrypted_key(value: str) -> str:
     """Returns ``value`` if it is an ``encryptedKey`` within 1-8192 characters. Raises FieldError."""
     return _text("encryptedKey", value, MAX_ENCRYPTED_KEY_CHARS, controls=True)
@@ -134,6 +147,12 @@ Coin = Annotated[
     str,
     AfterValidator(check_coin),
     _schema(MAX_COIN_CHARS, f"1-{MAX_COIN_CHARS} characters, no control characters; kept exactly", NO_CONTROL_PATTERN),
+]
+_SIGNABLE_DESCRIPTION = "hex: a PSBT (UTXO coins) or 0x and a 32-byte hash (ETH-like coins)"
+SignablePayload = Annotated[
+    str,
+    AfterValidator(check_signable_payload),
+    _schema(MAX_SIGNABLE_PAYLOAD_CHARS, _SIGNABLE_DESCRIPTION, r"^(0x)?([0-9a-fA-F]{2})+$"),
 ]
 EncryptedKey = Annotated[
     str,

@@ -29,6 +29,7 @@ from schemas.limits import (
     FieldError,
     KeyType,
     Pub,
+    SignablePayload,
     Source,
     check_prv_size,
 )
@@ -51,6 +52,8 @@ ALLOWABLE_OPS = (
     "rewrap_data_key",
     "put_key",
     "get_key",
+    "generate_signing_key",
+    "sign",
 )
 
 
@@ -120,6 +123,27 @@ class GetKey(_Frozen):
     op: Literal["get_key"]
     pub: Pub
     source: Source
+
+
+class GenerateSigningKey(_Frozen):
+    """Generates a BIP32 key inside the worker (seed from the HSM) and stores it, never exportable; returns its
+    xpub as ``pub``."""
+
+    op: Literal["generate_signing_key"]
+    coin: Coin
+    source: Source
+    type: KeyType
+    root_key_id: RootKeyId | None = None
+
+
+class Sign(_Frozen):
+    """Signs ``payload`` with a generated key: a PSBT (UTXO coins) or a 32-byte hash (ETH-like coins)."""
+
+    op: Literal["sign"]
+    pub: Pub
+    source: Source
+    payload: SignablePayload
+    algorithm: Literal["ecdsa", "eddsa"]
 
 
 class GetResult(_Frozen):
@@ -221,6 +245,8 @@ Operation = Annotated[
     | RewrapDataKey
     | PutKey
     | GetKey
+    | GenerateSigningKey
+    | Sign
     | GetResult
     | GenerateDataKeys
     | DecryptDataKeys

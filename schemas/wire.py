@@ -54,6 +54,7 @@ ErrorCode = Literal[
     "invalid",
     "conflict",
     "not_found",
+    "not_exportable",
     "unavailable",
     "internal",
 ]

@@ -198,6 +198,23 @@ class KmsClient(KmsCodec):
         send = lambda: self.submit(params, target)  # noqa: E731
         return self._single(params, target, None, (pub, source), value_cost(pub, source), send)
 
+    def submit_generate_signing_key(
+        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+    ) -> RequestFuture:
+        """Starts ``generate_signing_key``: a key generated and kept inside kmsq (never exportable); the future
+        gives ``pub`` (its xpub), ``coin``, ``source`` and ``type``."""
+        params = {"op": "generate_signing_key", "coin": coin, "source": source, "type": type}
+        if root_key_id is not None:
+            params["root_key_id"] = root_key_id
+        return self.submit(params, self.pool_for(root_key_id))
+
+    def submit_sign(
+        self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None
+    ) -> RequestFuture:
+        """Starts ``sign`` with the generated key (pub, source); the future gives ``signature``."""
+        params = {"op": "sign", "pub": pub, "source": source, "payload": payload, "algorithm": algorithm}
+        return self.submit(params, pool or self.fleet.default_pool)
+
     def submit_get_result(self, request_id: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
         return self.submit({"op": "get_result", "request_id": request_id}, pool or self.fleet.default_pool)
@@ -284,6 +301,16 @@ class KmsClient(KmsCodec):
     def get_result(self, request_id: str, pool: str | None = None) -> Fields:
         """Returns the stored result of an earlier request (or raises its stored error)."""
         return self.wait(self.submit_get_result(request_id, pool))
+
+    def generate_signing_key(
+        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+    ) -> Fields:
+        """Returns ``{"pub", "coin", "source", "type"}`` of a new key kept inside kmsq. Raises KmsError."""
+        return self.wait(self.submit_generate_signing_key(coin, source, type, root_key_id))
+
+    def sign(self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None) -> Fields:
+        """Returns ``{"signature"}`` of ``payload`` by a generated key. Raises KmsError."""
+        return self.wait(self.submit_sign(pub, source, payload, algorithm, pool))
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -541,6 +568,18 @@ class AsyncKmsClient:
     async def get_key(self, pub: str, source: str, pool: str | None = None) -> Fields:
         """See :meth:`KmsClient.get_key`."""
         return await self._await(lambda: self.client.submit_get_key(pub, source, pool))
+
+    async def generate_signing_key(
+        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+    ) -> Fields:
+        """See :meth:`KmsClient.generate_signing_key`."""
+        return await self._await(lambda: self.client.submit_generate_signing_key(coin, source, type, root_key_id))
+
+    async def sign(
+        self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None
+    ) -> Fields:
+        """See :meth:`KmsClient.sign`."""
+        return await self._await(lambda: self.client.submit_sign(pub, source, payload, algorithm, pool))
 
     async def get_result(self, request_id: str, pool: str | None = None) -> Fields:
         """See :meth:`KmsClient.get_result`."""

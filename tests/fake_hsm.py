@@ -134,6 +134,10 @@ class FakeHsm:
         self._policy = os.urandom(32)
         return True
 
+    def random(self, count: int) -> bytearray:
+        self._ready()
+        return bytearray(os.urandom(count))
+
     def policy_mac(self, data: bytes) -> bytes:
         self._ready()
         if self._policy is None:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.queue_fixtures import Deployment, kmsq_command
 
-GATEWAY_OPS = ("generate_data_key", "decrypt_data_key", "put_key", "get_key")
+GATEWAY_OPS = ("generate_data_key", "decrypt_data_key", "put_key", "get_key", "generate_signing_key", "sign")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def start_gateway(
 
 @pytest.fixture(scope="session")
 def gateway(deployment: Deployment) -> Iterator[Gateway]:
-    """A gateway whose caller may use the four operations, with plaintext, on every root key."""
+    """A gateway whose caller may use the six operations, with plaintext, on every root key."""
     deployment.register("gateway", GATEWAY_OPS)
     running = start_gateway(deployment, "gateway", deployment.service.fleet_document(), "--timeout", "30")
     yield running

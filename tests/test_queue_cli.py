@@ -124,7 +124,9 @@ def test_caller_registry_commands(deployment: Deployment, caller_env: dict[str, 
     public = str(tmp_path / "cli-ro.pub.json")
     one_line(run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "get_key"), 7, "exactly one")
     one_line(
-        run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "sign", "--all-root-keys"), 7, "sign"
+        run(env, "caller", "add", "cli-ro", "--public-key", public, "--allow", "delete_key", "--all-root-keys"),
+        7,
+        "delete_key",
     )
     one_line(
         run(env, "caller", "add", "other", "--public-key", public, "--allow", "get_key", "--all-root-keys"), 7, "cli-ro"

@@ -110,8 +110,10 @@ def store_private_keys(
             outcomes[i] = PrivateKeyRepository.conflict()
             continue
         seen.add(ident)
-        fields = {"pub": item.pub, "prv": item.prv, "coin": item.coin, "source": item.source, "type": item.type}
-        rows.append((i, service.sealed_private_key_row(hsm, version, **fields)))
+        row = service.sealed_private_key_row(
+            hsm, version, pub=item.pub, prv=item.prv, coin=item.coin, source=item.source, type=item.type
+        )
+        rows.append((i, row))
     for i, error in PrivateKeyRepository(db).add_many(rows):
         outcomes[i] = error
     for i, row in rows:

@@ -16,6 +16,8 @@ class ServiceError(Exception):
 
     code: ClassVar[ErrorCode] = "internal"
     transient = False
+    # What the audit record adds to the message (identifiers and digests only; the caller never sees it).
+    audit_detail = ""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -113,6 +115,13 @@ class Unauthenticated(PermanentError):
 
     code = "unauthenticated"
     default_message = "request could not be authenticated"
+
+
+class NotExportable(PermanentError):
+    """The key was generated inside kmsq for signing (``generate_signing_key``): it never leaves it."""
+
+    code = "not_exportable"
+    default_message = "this key was generated inside kmsq and cannot be exported"
 
 
 class Forbidden(PermanentError):

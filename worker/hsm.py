@@ -604,6 +604,10 @@ class Hsm:  # implements worker.keystore.KeyStore
 
         return self._run(op)
 
+    def random(self, count: int) -> bytearray:
+        """Returns ``count`` bytes from the token's random number generator (C_GenerateRandom)."""
+        return bytearray(self._run(lambda session: session.generate_random(count * 8)))
+
     def policy_mac(self, data: bytes) -> bytes:
         """Returns HMAC-SHA256 of ``data`` under the policy key (CKM_SHA256_HMAC, inside the token).
 

@@ -80,3 +80,6 @@ class KeyStore(Protocol):
 
     def policy_mac(self, data: bytes) -> bytes:
         """HMAC-SHA256 of ``data`` under the policy key."""
+
+    def random(self, count: int) -> bytearray:
+        """``count`` bytes from the token's random generator."""

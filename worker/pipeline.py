@@ -34,6 +34,7 @@ from schemas.messages import (
     GenerateDataKey,
     GenerateDataKeys,
     GenerateDataKeyWithoutPlaintext,
+    GenerateSigningKey,
     GetKey,
     GetKeys,
     GetResult,
@@ -45,6 +46,7 @@ from schemas.messages import (
     ResultValue,
     RewrapDataKey,
     RewrapDataKeys,
+    Sign,
     permission_of,
     reply_queue_belongs_to,
 )
@@ -67,7 +69,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, audit_log, batch, callers, lifecycle, retention, rewrap, service
+from worker import audit, audit_log, batch, callers, lifecycle, retention, rewrap, service, signing
 from worker.audit import UNKNOWN_CALLER
 from worker.errors import (
     Expired,
@@ -507,9 +509,35 @@ def _execute(ctx: WorkerContext, db: Session, request: Request, caller: Caller) 
         record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
         public = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
         return _Executed(public, {"prv": record.prv.encode()}, record.root_key_id, record.root_key_version)
+    if isinstance(params, GenerateSigningKey | Sign):
+        return _signing(ctx, db, params, check)
     if isinstance(params, GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys | GetKeys):
         return _execute_batch(ctx, db, request, params, check)
     raise InvalidRequest(f"unsupported operation {params.op}")
+
+
+def _signing(
+    ctx: WorkerContext, db: Session, params: GenerateSigningKey | Sign, check: service.RootKeyCheck
+) -> _Executed:
+    """Generates a signing key, or signs: then the audit record names the key and the payload's SHA-256,
+    never the payload (nor does a refusal's)."""
+    if isinstance(params, GenerateSigningKey):
+        made = service.generate_signing_key(
+            ctx.hsm, db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
+            pool=ctx.pool, check=check,
+        )  # fmt: skip
+        public: ResultFields = {"pub": made.pub, "coin": made.coin, "source": made.source, "type": made.type}
+        return _Executed(public, {}, made.root_key_id, made.root_key_version, f"key {made.pub[:32]}")
+    named = f"key {params.pub[:32]}, payload sha256 {signing.payload_digest(params.payload)}"
+    try:
+        signed = service.sign_payload(
+            ctx.hsm, db, pub=params.pub, source=params.source, payload=params.payload, algorithm=params.algorithm,
+            check=check,
+        )  # fmt: skip
+    except ServiceError as e:
+        e.audit_detail = named
+        raise
+    return _Executed({"signature": signed.signature}, {}, signed.root_key_id, signed.root_key_version, named)
 
 
 def _item_error(error: ServiceError) -> dict[str, str | None]:
@@ -697,13 +725,14 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
             canonical_json(envelope).decode(), error.code, expires_at=_record_expiry(ctx, request),
         )  # fmt: skip
         if recorded:
+            detail = f"{error.message} ({error.audit_detail})" if error.audit_detail else error.message
             db.add(_audit_row(
-                request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, error.message
+                request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, detail
             ))  # fmt: skip
             if ctx.audit_chain:
                 audit_log.append(
                     ctx.hsm, db, ctx.pool, actor=request.caller, action=request.params.op, outcome=error.code,
-                    request_id=str(request.request_id), detail=error.message,
+                    request_id=str(request.request_id), detail=detail,
                 )  # fmt: skip
     if not recorded:
         stored = _stored_reply(ctx, call)  # another delivery recorded an outcome first: that one stands

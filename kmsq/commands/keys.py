@@ -1,6 +1,6 @@
 """The caller's key operations through the queue: ``kmsq generate-data-key``, ``decrypt-data-key``,
-``rewrap-data-key``, ``put-key`` and ``get-key``. They print JSON with the key-provider API's field names
-and need only the caller install (no HSM or database code)."""
+``rewrap-data-key``, ``put-key``, ``get-key``, ``generate-key`` and ``sign``. They print JSON with the
+key-provider API's field names and need only the caller install (no HSM or database code)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,32 @@ def get_key(pub: str, source: str, pool: str | None, identity: Path | None, flee
     """Read a stored private key: prints {prv, pub, coin, source, type}."""
     with open_client(identity, fleet, timeout) as client:
         print_json(client.get_key(pub, source, pool))
+
+
+@click.command("generate-key")
+@click.option("--coin", required=True, help="The coin (UTXO or ETH-like, as BitGo names them: btc, tbtc, hteth...).")
+@click.option("--source", required=True, type=click.Choice(SOURCES))
+@click.option("--root-key", default=None, help="Root key id (default: the pool's default root key).")
+@caller_options
+@one_line_errors
+def generate_key(
+    coin: str, source: str, root_key: str | None, identity: Path | None, fleet: Path | None, timeout: float
+) -> None:
+    """Generate a signing key kept inside kmsq (never exported): prints {pub (its xpub), coin, source, type}."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.generate_signing_key(coin, source, "independent", root_key))
+
+
+@click.command("sign")
+@click.argument("pub")
+@click.argument("payload")
+@click.option("--source", required=True, type=click.Choice(SOURCES))
+@click.option("--pool", default=None, help="Pool holding the key (default: the fleet file's default pool).")
+@caller_options
+@one_line_errors
+def sign(
+    pub: str, payload: str, source: str, pool: str | None, identity: Path | None, fleet: Path | None, timeout: float
+) -> None:
+    """Sign PAYLOAD (0x and a 32-byte hash for ETH-like coins) with a generated key: prints {signature}."""
+    with open_client(identity, fleet, timeout) as client:
+        print_json(client.sign(pub, source, payload, "ecdsa", pool))

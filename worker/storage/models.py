@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -119,6 +120,9 @@ class PrivateKey(Base):
     encrypted_prv: Mapped[str] = mapped_column("encryptedPrv", Text)
     encrypted_data_key: Mapped[str] = mapped_column("encryptedDataKey", Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # False for a key generated inside kmsq for signing (generate_signing_key): get_key refuses it. Bound into
+    # the ciphertext's associated data (schemas.envelope.PrivateKeyContext), so changing it breaks the row.
+    exportable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class Caller(Base):
