@@ -12,14 +12,25 @@ overwritten afterwards as far as Python allows (the ``str`` and ``bytes`` object
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 from schemas.coins import signing_family
-from worker.errors import InvalidRequest
+from worker.errors import ConfigError, InvalidRequest
 
 SEED_BYTES = 64  # as BitGo's keychains().create()
 _ETH_HASH_BYTES = 32
+
+
+@functools.cache
+def _constant_time_curve() -> None:
+    """Raises ConfigError unless embit runs on libsecp256k1: without its shared library it falls back, silently,
+    to a pure-Python curve that is not constant-time."""
+    from embit.util import secp256k1
+
+    if secp256k1.ecdsa_sign.__module__ != "embit.util.ctypes_secp256k1":
+        raise ConfigError("embit is not using libsecp256k1 (its shared library did not load): signing is off")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ def bip32_root(seed: bytearray) -> GeneratedKey:
     from embit import bip32
 
     try:
+        _constant_time_curve()
         root = bip32.HDKey.from_seed(bytes(seed))
         return GeneratedKey(root.to_public().to_string(), root.to_string())
     finally:
@@ -77,6 +89,7 @@ def _sign_eth(xprv: str, digest: bytes) -> str:
     from coincurve import PrivateKey
     from embit import bip32
 
+    _constant_time_curve()
     secret = bytearray(bip32.HDKey.from_string(xprv).key.secret)
     try:
         signature = PrivateKey(bytes(secret)).sign_recoverable(digest, hasher=None)  # r | s | recovery id; low s
