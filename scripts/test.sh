@@ -30,7 +30,7 @@ step() {
 step ruff "$VENV/bin/ruff" check .
 step ruff-format "$VENV/bin/ruff" format --check .
 step mypy "$VENV/bin/mypy"
-step pytest "$VENV/bin/pytest" -q "$@"
+step pytest "$VENV/bin/pytest" -q --durations=15 "$@"
 
 if [ "$status" -ne 0 ]; then
     printf 'test: FAILED: %s\n' "${failed[*]}" >&2
