@@ -16,7 +16,7 @@ from worker.storage.models import RejectionCount
 
 def rows(sessions: sessionmaker[Session]) -> list[RejectionCount]:
     with sessions() as db:
-        return list(db.scalars(select(RejectionCount).order_by(RejectionCount.reason)))
+        return list(db.scalars(select(RejectionCount).order_by(RejectionCount.reason, RejectionCount.minute)))
 
 
 def test_a_flood_becomes_a_count_per_row(sessions: sessionmaker[Session]) -> None:
@@ -35,7 +35,9 @@ def test_a_flood_becomes_a_count_per_row(sessions: sessionmaker[Session]) -> Non
     assert written[1].last_request_id == str(last)
     counter.add("alpha", "?", "put_key", "unauthenticated", "unknown caller", uuid.uuid4())
     counter.flush()
-    assert [r.count for r in rows(sessions)] == [1, 1001]
+    # Added to the same row, or to the next minute's when the clock crossed a minute meanwhile (a CI run did).
+    after = [(r.caller, r.count) for r in rows(sessions)]
+    assert after in ([("full?", 1), ("?", 1001)], [("full?", 1), ("?", 1000), ("?", 1)]), after
 
 
 def test_counts_wait_out_a_database_outage(sessions: sessionmaker[Session]) -> None:
