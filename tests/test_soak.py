@@ -20,7 +20,7 @@ def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment
     with fresh_database("kmsq_soak") as url:
         env = deployment.env(KMSQ_DATABASE_URL=url, KMSQ_NAMESPACE=deployment.env()["KMSQ_NAMESPACE"] + "-soak")
         result = subprocess.run(
-            [*kmsq_command(), "soak", "--requests", "1500", "--in-flight", "32", "--ttl", "1",
+            [*kmsq_command(), "soak", "--requests", "1000", "--in-flight", "32", "--ttl", "1",
              "--skew", "0", "--grace", "1", "--audit-retention", "3", "--sample-seconds", "0.5",
              "--out-dir", str(out_dir), "--json"],
             env=env, capture_output=True, text=True, timeout=600, check=False,
@@ -29,17 +29,17 @@ def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment
         report = json.loads(result.stdout)
     assert json.loads((out_dir / "soak.json").read_text()) == report
     assert (out_dir / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report["requests"] == 1500 and report["per_s"] > 0 and report["p99_ms"] > 0
+    assert report["requests"] == 1000 and report["per_s"] > 0 and report["p99_ms"] > 0
     assert report["cpu_ms_per_request"]["worker_children"] > 0 and report["cpu_ms_per_request"]["total"] > 0
     assert report["audit_chain"]["ok"], report["audit_chain"]
     assert len(report["samples"]) >= 2 and all(set(s) == SAMPLE for s in report["samples"])
-    assert report["samples"][-1]["requests_done"] == 1500
+    assert report["samples"][-1]["requests_done"] == 1000
     steady = report["steady"]
     assert steady["request_rows"]["max"] >= 1 and steady["worker_rss_kib"]["min"] > 10_000
     assert steady["bytes_per_request_row"] > 0 and steady["expected_request_rows"] > 0
     # Records live 1 s (TTL) + 0 (skew) + 1 s (grace), pruned every 0.5-1.5 s: far fewer than were made.
     peak = max(s["request_rows"] for s in report["samples"])
-    assert peak < 2 * steady["expected_request_rows"] + 50 and peak < 1000, (peak, steady)
+    assert peak < 2 * steady["expected_request_rows"] + 50 and peak < 700, (peak, steady)
 
 
 def test_soak_refuses_a_database_with_other_pools(deployment: Deployment, tmp_path: Path) -> None:
