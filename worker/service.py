@@ -377,10 +377,29 @@ def store_private_key(
     # The root key (and the caller's permission on it) first: a refused caller learns nothing about
     # which (pub, source) pairs exist.
     version = wrapping_version(db, root_key_id, pool, check)
+    return _add_private_key(hsm, db, version, pub=pub, prv=prv, coin=coin, source=source, type=type)
+
+
+def _add_private_key(
+    hsm: KeyStore,
+    db: Session,
+    version: RootKeyVersion,
+    *,
+    pub: str,
+    prv: str,
+    coin: str,
+    source: str,
+    type: str,
+    exportable: bool = True,
+) -> StoredPrivateKey:
+    """Adds the row of a checked private key sealed under ``version``. Returns its public fields. Raises
+    Conflict when (pub, source) is already stored."""
     repo = PrivateKeyRepository(db)
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
-    repo.add(sealed_private_key_row(hsm, version, pub=pub, prv=prv, coin=coin, source=source, type=type))
+    repo.add(sealed_private_key_row(
+        hsm, version, pub=pub, prv=prv, coin=coin, source=source, type=type, exportable=exportable
+    ))  # fmt: skip
     return StoredPrivateKey(
         pub=pub, source=source, coin=coin, type=type, root_key_id=version.root_key_id, root_key_version=version.version
     )
@@ -534,20 +553,12 @@ def generate_signing_key(
         raise InvalidRequest("kmsq generates independent (multisig) keys only; type must be 'independent'")
     if signing_family(coin) is None:
         raise InvalidRequest(f"kmsq does not generate signing keys for coin {coin[:32]!r}")
-    validate_private_key(pub="x", prv="x", coin=coin, source=source, type=type)
     version = wrapping_version(db, root_key_id, pool, check)
     key = signing.bip32_root(hsm.random(signing.SEED_BYTES))
-    repo = PrivateKeyRepository(db)
-    if repo.exists(key.xpub, source):
-        raise PrivateKeyRepository.conflict()
-    row = sealed_private_key_row(
-        hsm, version, pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type, exportable=False
+    validate_private_key(pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type)
+    return _add_private_key(
+        hsm, db, version, pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type, exportable=False
     )
-    repo.add(row)
-    return StoredPrivateKey(
-        pub=key.xpub, source=source, coin=coin, type=type, root_key_id=version.root_key_id,
-        root_key_version=version.version,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)

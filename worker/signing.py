@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.coins import signing_family
 from worker.errors import ConfigError, InvalidRequest
@@ -38,7 +38,7 @@ class GeneratedKey:
     """A new BIP32 root: its xpub (public) and xprv (secret: sealed before it leaves the worker's memory)."""
 
     xpub: str
-    xprv: str
+    xprv: str = field(repr=False)
 
 
 def bip32_root(seed: bytearray) -> GeneratedKey:
