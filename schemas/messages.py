@@ -134,6 +134,8 @@ class GenerateSigningKey(_Frozen):
     source: Source
     type: KeyType
     root_key_id: RootKeyId | None = None
+    # ETH-like coins: a secp256k1 key made and kept in the token (CKM_ECDSA), not a BIP32 seed.
+    in_hsm: bool = False
 
 
 class Sign(_Frozen):

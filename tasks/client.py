@@ -199,13 +199,22 @@ class KmsClient(KmsCodec):
         return self._single(params, target, None, (pub, source), value_cost(pub, source), send)
 
     def submit_generate_signing_key(
-        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+        self,
+        coin: str,
+        source: str,
+        type: str = "independent",
+        root_key_id: str | None = None,
+        *,
+        in_hsm: bool = False,
     ) -> RequestFuture:
-        """Starts ``generate_signing_key``: a key generated and kept inside kmsq (never exportable); the future
-        gives ``pub`` (its xpub), ``coin``, ``source`` and ``type``."""
-        params = {"op": "generate_signing_key", "coin": coin, "source": source, "type": type}
+        """Starts ``generate_signing_key``: a key generated and kept inside kmsq (never exportable; ``in_hsm``: a
+        secp256k1 key inside the token, ETH-like coins only); the future gives ``pub`` (its xpub), ``coin``,
+        ``source`` and ``type``."""
+        params: dict[str, object] = {"op": "generate_signing_key", "coin": coin, "source": source, "type": type}
         if root_key_id is not None:
             params["root_key_id"] = root_key_id
+        if in_hsm:
+            params["in_hsm"] = True
         return self.submit(params, self.pool_for(root_key_id))
 
     def submit_sign(
@@ -303,10 +312,16 @@ class KmsClient(KmsCodec):
         return self.wait(self.submit_get_result(request_id, pool))
 
     def generate_signing_key(
-        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+        self,
+        coin: str,
+        source: str,
+        type: str = "independent",
+        root_key_id: str | None = None,
+        *,
+        in_hsm: bool = False,
     ) -> Fields:
         """Returns ``{"pub", "coin", "source", "type"}`` of a new key kept inside kmsq. Raises KmsError."""
-        return self.wait(self.submit_generate_signing_key(coin, source, type, root_key_id))
+        return self.wait(self.submit_generate_signing_key(coin, source, type, root_key_id, in_hsm=in_hsm))
 
     def sign(self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None) -> Fields:
         """Returns ``{"signature"}`` of ``payload`` by a generated key. Raises KmsError."""
@@ -570,10 +585,18 @@ class AsyncKmsClient:
         return await self._await(lambda: self.client.submit_get_key(pub, source, pool))
 
     async def generate_signing_key(
-        self, coin: str, source: str, type: str = "independent", root_key_id: str | None = None
+        self,
+        coin: str,
+        source: str,
+        type: str = "independent",
+        root_key_id: str | None = None,
+        *,
+        in_hsm: bool = False,
     ) -> Fields:
         """See :meth:`KmsClient.generate_signing_key`."""
-        return await self._await(lambda: self.client.submit_generate_signing_key(coin, source, type, root_key_id))
+        return await self._await(
+            lambda: self.client.submit_generate_signing_key(coin, source, type, root_key_id, in_hsm=in_hsm)
+        )
 
     async def sign(
         self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None

@@ -32,6 +32,7 @@ class FakeHsm:
         self._aes: dict[bytes, bytes] = {}
         self._rsa: dict[bytes, rsa.RSAPrivateKey] = {}
         self._policy: bytes | None = None
+        self._ec: dict[bytes, Any] = {}
         self.down = False
         self.calls = 0
 
@@ -137,6 +138,23 @@ class FakeHsm:
     def random(self, count: int) -> bytearray:
         self._ready()
         return bytearray(os.urandom(count))
+
+    def create_ec_signing_key(self, key_id: bytes) -> bytes:
+        from coincurve import PrivateKey
+
+        self._ready()
+        key = PrivateKey()
+        self._ec[key_id] = key
+        return key.public_key.format(compressed=False)
+
+    def sign_ecdsa(self, key_id: bytes, digest: bytes) -> bytes:
+        from coincurve import PrivateKey
+
+        self._ready()
+        if key_id not in self._ec:
+            raise NotFound("signing key not present in the HSM")
+        key: PrivateKey = self._ec[key_id]
+        return key.sign_recoverable(digest, hasher=None)[:64]
 
     def policy_mac(self, data: bytes) -> bytes:
         self._ready()

@@ -20,6 +20,7 @@ from tasks.identity import CallerIdentity, Fleet
 from tests.fake_hsm import FakeHsm
 from worker import callers, policy
 from worker.fleet import load_fleet_key
+from worker.keystore import KeyStore
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.runtime import KeyService
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
@@ -86,9 +87,14 @@ def refusal(codec: KmsCodec, delivery: Delivery) -> tuple[str, str]:
 
 @pytest.fixture
 def unit(tmp_path: Path) -> Iterator[Unit]:
+    yield from units(tmp_path, FakeHsm())
+
+
+def units(tmp_path: Path, hsm: KeyStore) -> Iterator[Unit]:
+    """Yields a Unit on ``hsm`` (FakeHsm in the unit tier; the test run's SoftHSM2 token where the token's own
+    behaviour is tested) and a fresh SQLite database."""
     engine = create_db_engine(f"sqlite:///{tmp_path / 'unit.db'}")
     migrate(engine)
-    hsm = FakeHsm()
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     roots = {
         "aes": service.create_root_key("aes-256", "alpha").id,

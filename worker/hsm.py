@@ -115,6 +115,29 @@ _ROOT_RSA_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
     Attribute.SIGN: False,
     Attribute.DERIVE: False,
 }
+# A secp256k1 key kept in the token to sign (generate_signing_key with in_hsm): CKM_ECDSA only.
+_EC_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.DERIVE: False,
+}
+_EC_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.SIGN: True,
+    Attribute.DECRYPT: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
+_EC_KEY_ATTRIBUTES = ("TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
+                      "MODIFIABLE", "SIGN", "DECRYPT", "UNWRAP", "DERIVE", "ID", "LABEL")  # fmt: skip
 # A data key whose value is read out (generate_data_key with plaintext, decrypt_data_key).
 _READABLE_DATA_KEY: dict[Attribute, Any] = {
     Attribute.TOKEN: False,
@@ -141,6 +164,16 @@ _libraries_lock = threading.Lock()
 # PyKCS11; flat with a C_Finalize/C_Initialize every 5,000). So after this many session objects the
 # adapter re-initializes the library between two operations.
 RECYCLE_AFTER_OBJECTS = 50_000
+
+
+def _ec_point(encoded: bytes) -> bytes:
+    """Returns the uncompressed point of a CKA_EC_POINT (a DER OCTET STRING around 04 || X || Y, as PKCS#11 v2.40
+    asks; some tokens give the bare point). Raises HsmError for anything else."""
+    if len(encoded) == 67 and encoded[:2] == b"\x04\x41":
+        encoded = encoded[2:]
+    if len(encoded) != 65 or encoded[0] != 0x04:
+        raise HsmError("the token returned an EC point kmsq does not read")
+    return encoded
 
 
 def _load_library(path: str) -> Any:
@@ -607,6 +640,54 @@ class Hsm:  # implements worker.keystore.KeyStore
     def random(self, count: int) -> bytearray:
         """Returns ``count`` bytes from the token's random number generator (C_GenerateRandom)."""
         return bytearray(self._run(lambda session: session.generate_random(count * 8)))
+
+    # -- signing keys kept in the token (generate_signing_key with in_hsm) --------------------------------
+
+    def create_ec_signing_key(self, key_id: bytes) -> bytes:
+        """Creates a secp256k1 key pair in the token (CKM_EC_KEY_PAIR_GEN), with CKA_ID ``key_id``: the private
+        half non-extractable and sensitive, usable only to sign. Returns the public point, uncompressed (65
+        bytes). Raises HsmError when the token cannot make the curve."""
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        def op(session: Any) -> bytes:
+            parameters = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256k1")}, local=True
+            )
+            public, _private = parameters.generate_keypair(
+                mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                store=True,
+                id=key_id,
+                label=key_id.decode("ascii"),
+                capabilities=_NO_CAPABILITIES,
+                public_template=_EC_PUBLIC_TEMPLATE,
+                private_template=_EC_PRIVATE_TEMPLATE,
+            )
+            self._objects_created += 2
+            return _ec_point(bytes(public[Attribute.EC_POINT]))
+
+        return self._run(op)
+
+    def sign_ecdsa(self, key_id: bytes, digest: bytes) -> bytes:
+        """Returns r || s (64 bytes) of ``digest`` by the token's EC private key ``key_id`` (CKM_ECDSA: the
+        digest is signed as given; s may be high). Raises NotFound when the token has no such key."""
+
+        def op(session: Any) -> bytes:
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, id=key_id)
+            return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+
+        try:
+            return self._run(op)
+        except NotFound:
+            raise NotFound("signing key not present in the HSM") from None
+
+    def ec_signing_key_attributes(self, key_id: bytes) -> dict[str, Any]:
+        """The security attributes of the private half of a token signing key (for operators and tests)."""
+
+        def op(session: Any) -> dict[str, Any]:
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, id=key_id)
+            return {name: key[Attribute[name]] for name in _EC_KEY_ATTRIBUTES}
+
+        return self._run(op)
 
     def policy_mac(self, data: bytes) -> bytes:
         """Returns HMAC-SHA256 of ``data`` under the policy key (CKM_SHA256_HMAC, inside the token).

@@ -83,3 +83,10 @@ class KeyStore(Protocol):
 
     def random(self, count: int) -> bytearray:
         """``count`` bytes from the token's random generator."""
+
+    def create_ec_signing_key(self, key_id: bytes) -> bytes:
+        """A secp256k1 key pair kept in the token (private half non-extractable, sensitive, sign only): its
+        uncompressed public point."""
+
+    def sign_ecdsa(self, key_id: bytes, digest: bytes) -> bytes:
+        """r || s of ``digest`` by the token key ``key_id`` (CKM_ECDSA; s may be high)."""

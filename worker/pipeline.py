@@ -524,7 +524,7 @@ def _signing(
     if isinstance(params, GenerateSigningKey):
         made = service.generate_signing_key(
             ctx.hsm, db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
-            pool=ctx.pool, check=check,
+            in_hsm=params.in_hsm, pool=ctx.pool, check=check,
         )  # fmt: skip
         public: ResultFields = {"pub": made.pub, "coin": made.coin, "source": made.source, "type": made.type}
         return _Executed(public, {}, made.root_key_id, made.root_key_version, f"key {made.pub[:32]}")

@@ -540,20 +540,36 @@ def generate_signing_key(
     source: str,
     type: str,
     root_key_id: str | None = None,
+    in_hsm: bool = False,
     pool: str = "default",
     check: RootKeyCheck | None = None,
 ) -> StoredPrivateKey:
     """Generates a BIP32 root key from 64 bytes of the HSM's random generator and stores its xprv sealed like
-    a stored private key, never exportable; ``pub`` is its xpub.
+    a stored private key, never exportable; ``pub`` is its xpub. With ``in_hsm`` (ETH-like coins) the key is
+    a secp256k1 key pair made and kept in the token instead; the row holds a reference to it and ``pub`` is an
+    xpub of its public key.
 
-    Returns the stored key's public fields. Raises InvalidRequest (``tss``, a coin kmsq does not sign for, a
-    malformed field), NotFound (root key), or Conflict (the xpub is stored already: a repeated seed).
+    Returns the stored key's public fields. Raises InvalidRequest (``tss``, a coin kmsq does not sign for,
+    ``in_hsm`` for a UTXO coin, a malformed field), NotFound (root key), HsmError (a token without secp256k1),
+    or Conflict (the xpub is stored already: a repeated seed).
     """
     if type != "independent":
         raise InvalidRequest("kmsq generates independent (multisig) keys only; type must be 'independent'")
-    if signing_family(coin) is None:
+    family = signing_family(coin)
+    if family is None:
         raise InvalidRequest(f"kmsq does not generate signing keys for coin {coin[:32]!r}")
+    if in_hsm and family != "eth":
+        raise InvalidRequest("in_hsm keys sign ETH-like coins only (a PSBT needs BIP32 derivation, which a token "
+                             "key cannot do)")  # fmt: skip
     version = wrapping_version(db, root_key_id, pool, check)
+    if in_hsm:
+        key_id = signing.token_key_id(hsm.random(16))
+        xpub = signing.token_xpub(hsm.create_ec_signing_key(key_id), hsm.random(32))
+        reference = signing.token_key_reference(key_id)
+        validate_private_key(pub=xpub, prv=reference, coin=coin, source=source, type=type)
+        return _add_private_key(
+            hsm, db, version, pub=xpub, prv=reference, coin=coin, source=source, type=type, exportable=False
+        )
     key = signing.bip32_root(hsm.random(signing.SEED_BYTES))
     validate_private_key(pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type)
     return _add_private_key(
@@ -591,5 +607,11 @@ def sign_payload(
     if row is not None and not row.exportable:
         signing.check_signable(row.coin, payload, algorithm)
     key = get_private_key(hsm, db, pub, source, check, for_signing=True)
-    return Signature(signing.sign(key.coin, key.prv, payload, algorithm), key.coin, key.root_key_id,
-                     key.root_key_version)  # fmt: skip
+    token_key = signing.token_key_of(key.prv)
+    if token_key is None:
+        signature = signing.sign(key.coin, key.prv, payload, algorithm)
+    else:  # kept in the token: CKM_ECDSA there, v by recovery here
+        signing.check_signable(key.coin, payload, algorithm)
+        digest = signing.eth_hash(payload)
+        signature = signing.eth_signature_of(hsm.sign_ecdsa(token_key, digest), digest, key.pub)
+    return Signature(signature, key.coin, key.root_key_id, key.root_key_version)

@@ -4,7 +4,8 @@ the HSM's random generator, and the signatures the wallet manager asks for in ex
 - **ETH-like coins**: the payload is the wallet contract's operation hash (``0x`` and 32 bytes); the signature
   is ``0x`` + r + s + v, secp256k1 with a low s, v = 27 + the recovery id, made with the xprv's own key (no
   derivation), as BitGo's SDK signs ETH multisig operations. libsecp256k1 through ``coincurve``.
-- **UTXO coins**: a PSBT of a BitGo 2-of-3 wallet; not signed yet (refused with ``invalid``).
+- **UTXO coins**: the hex of a PSBT of a BitGo 2-of-3 wallet; the signature is the same PSBT with this key's
+  signatures added (see :mod:`worker.psbt`).
 
 The xprv is opened only here, only for the length of one signature, and the buffers holding it are
 overwritten afterwards as far as Python allows (the ``str`` and ``bytes`` objects the libraries make cannot be).
@@ -17,7 +18,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 from schemas.coins import signing_family
-from worker.errors import ConfigError, InvalidRequest
+from worker import psbt
+from worker.errors import ConfigError, HsmError, InvalidRequest
 
 SEED_BYTES = 64  # as BitGo's keychains().create()
 _ETH_HASH_BYTES = 32
@@ -54,6 +56,58 @@ def bip32_root(seed: bytearray) -> GeneratedKey:
         seed[:] = bytes(len(seed))
 
 
+# A key kept in the token (generate_signing_key with in_hsm) is stored as a reference to it, sealed like any xprv.
+IN_HSM_PREFIX = "pkcs11-ec:"
+_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def token_key_id(random_bytes: bytearray) -> bytes:
+    """Returns the CKA_ID (and label) of a new token signing key: ``kmsq-ec-`` and the hex of ``random_bytes``."""
+    return b"kmsq-ec-" + bytes(random_bytes).hex().encode("ascii")
+
+
+def token_key_reference(key_id: bytes) -> str:
+    """Returns what the ``private_keys`` row of a token signing key holds instead of an xprv."""
+    return IN_HSM_PREFIX + key_id.decode("ascii")
+
+
+def token_key_of(prv: str) -> bytes | None:
+    """Returns the CKA_ID a stored ``prv`` refers to, or None when it is an xprv."""
+    return prv[len(IN_HSM_PREFIX) :].encode("ascii") if prv.startswith(IN_HSM_PREFIX) else None
+
+
+def token_xpub(point: bytes, chain_code: bytearray) -> str:
+    """Returns the depth-0 xpub of a token key's public ``point`` (uncompressed) and a random ``chain_code``: the
+    form the wallet manager expects for ``pub``. Only the key itself signs (as ETH multisig does); children
+    derived from the xpub have no private key anywhere."""
+    from embit import bip32, ec
+    from embit.networks import NETWORKS
+
+    public = ec.PublicKey.parse(point)
+    public.compressed = True  # an xpub holds the compressed form
+    xpub: str = bip32.HDKey(public, bytes(chain_code), version=NETWORKS["main"]["xpub"]).to_string()
+    return xpub
+
+
+def eth_signature_of(r_s: bytes, digest: bytes, xpub: str) -> str:
+    """Returns ``0x`` + r + s + v of the raw ECDSA signature ``r_s`` (r || s, as CKM_ECDSA gives it) of ``digest``
+    by the key of ``xpub``: s made low, v = 27 + the recovery id that gives back that key. Raises HsmError when
+    no recovery id does (the token signed with another key)."""
+    from coincurve import PublicKey
+    from embit import bip32
+
+    r, s = int.from_bytes(r_s[:32], "big"), int.from_bytes(r_s[32:], "big")
+    if s > _SECP256K1_ORDER // 2:
+        s = _SECP256K1_ORDER - s
+    compact = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    expected = bip32.HDKey.from_string(xpub).key.sec()
+    for recovery_id in (0, 1):
+        recovered = PublicKey.from_signature_and_message(compact + bytes([recovery_id]), digest, hasher=None)
+        if recovered.format(compressed=True) == expected:
+            return "0x" + (compact + bytes([27 + recovery_id])).hex()
+    raise HsmError("the token's signature does not verify under the key's xpub")
+
+
 def payload_digest(payload: str) -> str:
     """The hex SHA-256 of a payload as sent (what the audit record keeps instead of the payload)."""
     return hashlib.sha256(payload.encode("ascii", "replace")).hexdigest()
@@ -67,12 +121,12 @@ def check_signable(coin: str, payload: str, algorithm: str) -> None:
     if algorithm != "ecdsa":
         raise InvalidRequest("algorithm must be ecdsa for this coin")
     if family == "eth":
-        _eth_hash(payload)
+        eth_hash(payload)
     else:
-        raise InvalidRequest("signing PSBTs (UTXO coins) is not supported yet")
+        psbt.parse(payload)
 
 
-def _eth_hash(payload: str) -> bytes:
+def eth_hash(payload: str) -> bytes:
     if not payload.startswith("0x") or len(payload) != 2 + 2 * _ETH_HASH_BYTES:
         raise InvalidRequest("signablePayload must be 0x and a 32-byte hash (64 hex digits) for this coin")
     return bytes.fromhex(payload[2:])
@@ -82,7 +136,10 @@ def sign(coin: str, xprv: str, payload: str, algorithm: str) -> str:
     """Returns the signature of ``payload`` by the key ``xprv`` as the wallet manager expects it for ``coin``.
     Raises InvalidRequest for a payload the coin cannot sign."""
     check_signable(coin, payload, algorithm)
-    return _sign_eth(xprv, _eth_hash(payload))
+    if signing_family(coin) == "utxo":
+        _constant_time_curve()
+        return psbt.sign(xprv, payload).psbt
+    return _sign_eth(xprv, eth_hash(payload))
 
 
 def _sign_eth(xprv: str, digest: bytes) -> str:

@@ -89,14 +89,21 @@ def get_key(pub: str, source: str, pool: str | None, identity: Path | None, flee
 @click.option("--coin", required=True, help="The coin (UTXO or ETH-like, as BitGo names them: btc, tbtc, hteth...).")
 @click.option("--source", required=True, type=click.Choice(SOURCES))
 @click.option("--root-key", default=None, help="Root key id (default: the pool's default root key).")
+@click.option("--in-hsm", is_flag=True, help="ETH-like coins: keep a secp256k1 key in the token (CKM_ECDSA).")
 @caller_options
 @one_line_errors
 def generate_key(
-    coin: str, source: str, root_key: str | None, identity: Path | None, fleet: Path | None, timeout: float
+    coin: str,
+    source: str,
+    root_key: str | None,
+    in_hsm: bool,
+    identity: Path | None,
+    fleet: Path | None,
+    timeout: float,
 ) -> None:
     """Generate a signing key kept inside kmsq (never exported): prints {pub (its xpub), coin, source, type}."""
     with open_client(identity, fleet, timeout) as client:
-        print_json(client.generate_signing_key(coin, source, "independent", root_key))
+        print_json(client.generate_signing_key(coin, source, "independent", root_key, in_hsm=in_hsm))
 
 
 @click.command("sign")

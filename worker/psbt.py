@@ -1,0 +1,242 @@
+"""Signing the PSBTs of BitGo 2-of-3 wallets (UTXO coins in external signing mode).
+
+A wallet PSBT names, on each input, the public keys that may sign it and how each derives from its wallet key:
+``bip32Derivation`` (p2sh, p2shP2wsh, p2wsh) or ``tapBip32Derivation`` (p2tr) entries holding the root key's
+fingerprint and the path ``m/0/0/<chain>/<index>``. An input is this key's when an entry carries this root's
+fingerprint; the derived key must then be the public key the entry names, and must appear in the input's script.
+
+What is signed, per script type (the sighash is picked from the script, not from which UTXO field the PSBT
+carries: BitGo's PSBTs carry ``witnessUtxo`` on legacy p2sh inputs too):
+
+- p2sh: the legacy sighash of the redeem script; an ECDSA ``partialSig``.
+- p2shP2wsh, p2wsh: the BIP143 sighash of the witness script and the input's value; an ECDSA ``partialSig``.
+- p2tr script path: the BIP341 sighash of each leaf (``tapLeafScript``) holding this key; a Schnorr ``tapScriptSig``.
+- p2tr MuSig2 key path (BitGo's ``p2trMusig2``, internal key and merkle root, no leaf): refused, it needs a nonce
+  round the key-provider API does not have.
+
+Sighashes come from embit (PSBT parsing and BIP143/BIP341 digests), signatures from libsecp256k1 through coincurve
+(ECDSA with a low s; BIP340 Schnorr with fresh auxiliary randomness).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from embit.bip32 import HDKey
+    from embit.psbt import PSBT, InputScope
+    from embit.transaction import Transaction
+
+_SIGHASH_DEFAULT = 0x00
+_SIGHASH_ALL = 0x01
+_TAPSCRIPT_LEAF_VERSION = 0xC0
+
+
+@dataclass(frozen=True)
+class SignedPsbt:
+    """The PSBT with this key's signatures added (hex), and how many it added."""
+
+    psbt: str
+    signatures: int
+
+
+def parse(payload: str) -> PSBT:
+    """Returns the PSBT in ``payload`` (hex, ``0x`` allowed). Raises InvalidRequest when it is not one."""
+    from embit.psbt import PSBT
+
+    text = payload[2:] if payload.startswith(("0x", "0X")) else payload
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise InvalidRequest("signablePayload must be the hex of a PSBT for this coin") from None
+    if not raw.startswith(b"psbt\xff"):
+        raise InvalidRequest("signablePayload is not a PSBT (it does not start with the PSBT magic bytes)")
+    try:
+        psbt = PSBT.parse(raw)
+    except Exception:  # embit raises several types (PSBTError, ValueError, IndexError...) on malformed input
+        raise InvalidRequest("signablePayload is not a well-formed PSBT") from None
+    if not psbt.inputs:
+        raise InvalidRequest("the PSBT has no input")
+    return psbt
+
+
+def sign(xprv: str, payload: str) -> SignedPsbt:
+    """Returns the PSBT in ``payload`` with the signatures of the wallet key ``xprv`` added to every input that
+    key can sign.
+
+    Raises InvalidRequest for a payload that is not a PSBT, a PSBT with no input for this key, an input of this
+    key that kmsq cannot sign (MuSig2 key path, an unsupported script or sighash type, a derivation that does not
+    lead to the key it names, a missing previous output).
+    """
+    from embit import bip32
+
+    psbt = parse(payload)
+    root = bip32.HDKey.from_string(xprv)
+    try:
+        plans = list(_plan(psbt, root.my_fingerprint))
+        if not plans:
+            raise InvalidRequest("no input of this PSBT is for this key (no derivation with its fingerprint)")
+        tx = psbt.tx  # built once: its sighash caches (prevouts, sequences, outputs) serve every input
+        count = 0
+        for plan in plans:
+            count += _sign_input(psbt, tx, root, plan)
+    finally:
+        _wipe(root)
+    return SignedPsbt(psbt.serialize().hex(), count)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    index: int
+    pub: Any  # embit ec.PublicKey named by the derivation entry
+    path: tuple[int, ...]
+    taproot: bool
+
+
+def _plan(psbt: PSBT, fingerprint: bytes) -> Iterator[_Plan]:
+    """Yields the inputs this root's fingerprint appears on, checking each can be signed before anything is."""
+    for i, inp in enumerate(psbt.inputs):
+        ours = [(pub, der) for pub, der in inp.bip32_derivations.items() if der.fingerprint == fingerprint]
+        taproot = inp.taproot_bip32_derivations.items()
+        ours_taproot = [(pub, der) for pub, (_leaves, der) in taproot if der.fingerprint == fingerprint]
+        if not ours and not ours_taproot:
+            continue
+        if inp.final_scriptsig is not None or inp.final_scriptwitness is not None:
+            continue  # already finalized: nothing left to sign
+        if ours_taproot and inp.taproot_internal_key is not None and not inp.taproot_scripts:
+            raise InvalidRequest(
+                f"input {i} is a MuSig2 key-path spend (p2trMusig2), which needs a nonce exchange kmsq does not "
+                "offer; only script-path taproot inputs are signed"
+            )
+        sighash = inp.sighash_type
+        allowed = (_SIGHASH_DEFAULT, _SIGHASH_ALL) if ours_taproot else (_SIGHASH_ALL,)
+        if sighash is not None and sighash not in allowed:
+            raise InvalidRequest(f"input {i} asks for sighash type {sighash:#x}; kmsq signs SIGHASH_ALL only")
+        if inp.utxo is None:
+            raise InvalidRequest(f"input {i} carries no previous output (witnessUtxo or nonWitnessUtxo)")
+        for pub, der in ours:
+            yield _Plan(i, pub, tuple(der.derivation), taproot=False)
+        for pub, der in ours_taproot:
+            yield _Plan(i, pub, tuple(der.derivation), taproot=True)
+
+
+def _derive(root: HDKey, plan: _Plan) -> HDKey:
+    """Returns the key ``plan``'s path leads to. Raises InvalidRequest unless it is the public key the entry names."""
+    child = root.derive(list(plan.path))
+    public = child.key.get_public_key()
+    matches = public.xonly() == plan.pub.xonly() if plan.taproot else public.sec() == plan.pub.sec()
+    if not matches:
+        _wipe(child)
+        raise InvalidRequest(
+            f"input {plan.index}: the derivation path given for this key's fingerprint does not lead to the public "
+            "key it names"
+        )
+    return child
+
+
+def _sign_input(psbt: PSBT, tx: Transaction, root: HDKey, plan: _Plan) -> int:
+    child = _derive(root, plan)
+    try:
+        inp = psbt.inputs[plan.index]
+        if plan.taproot:
+            return _sign_taproot(psbt, tx, plan.index, inp, child)
+        digest, sighash = _ecdsa_digest(tx, plan.index, inp, plan.pub.sec())
+        inp.partial_sigs[plan.pub] = _ecdsa(child, digest) + bytes([sighash])
+        return 1
+    finally:
+        _wipe(child)
+
+
+def _ecdsa_digest(tx: Transaction, index: int, inp: InputScope, sec: bytes) -> tuple[bytes, int]:
+    """Returns the sighash digest of a p2sh, p2shP2wsh or p2wsh input and its sighash type. Raises InvalidRequest
+    for another script type, scripts that do not hash to the previous output's, or a script without this key."""
+    from embit import hashes
+
+    spk = inp.utxo.script_pubkey
+    kind = spk.script_type()
+    redeem, witness = inp.redeem_script, inp.witness_script
+    if kind == "p2sh":
+        if redeem is None or hashes.hash160(redeem.data) != spk.data[2:22]:
+            raise InvalidRequest(f"input {index}: its redeemScript does not hash to the p2sh output it spends")
+        segwit = redeem.script_type() == "p2wsh"
+        if segwit and (witness is None or hashlib.sha256(witness.data).digest() != redeem.data[2:]):
+            raise InvalidRequest(f"input {index}: its witnessScript does not hash to the p2shP2wsh redeemScript")
+    elif kind == "p2wsh":
+        segwit = True
+        if witness is None or hashlib.sha256(witness.data).digest() != spk.data[2:]:
+            raise InvalidRequest(f"input {index}: its witnessScript does not hash to the p2wsh output it spends")
+    else:
+        raise InvalidRequest(f"input {index} spends a {kind} output, which is not a BitGo multisig script kmsq signs")
+    script = witness if segwit else redeem
+    assert script is not None
+    if sec not in script.data:
+        raise InvalidRequest(f"input {index}: this key's derived public key is not in the input's script")
+    sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_ALL
+    if segwit:
+        return tx.sighash_segwit(index, script, inp.utxo.value, sighash=sighash), sighash
+    return tx.sighash_legacy(index, script, sighash=sighash), sighash
+
+
+def _sign_taproot(psbt: PSBT, tx: Transaction, index: int, inp: InputScope, child: HDKey) -> int:
+    """Signs every leaf of a script-path input that holds ``child``'s key. Returns how many it signed."""
+    from embit import ec, hashes
+    from embit.script import Script
+
+    if inp.utxo.script_pubkey.script_type() != "p2tr":
+        raise InvalidRequest(f"input {index} has taproot derivations but does not spend a p2tr output")
+    missing = [j for j, other in enumerate(psbt.inputs) if other.utxo is None]
+    if missing:
+        raise InvalidRequest(
+            f"input {missing[0]} carries no previous output, which a taproot signature commits to (every input's)"
+        )
+    xonly = child.key.get_public_key().xonly()
+    sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_DEFAULT
+    spks = [other.utxo.script_pubkey for other in psbt.inputs]
+    values = [other.utxo.value for other in psbt.inputs]
+    signed = 0
+    for leaf in inp.taproot_scripts.values():
+        leaf_version, script = leaf[-1], Script(leaf[:-1])
+        if leaf_version != _TAPSCRIPT_LEAF_VERSION or xonly not in script.data:
+            continue
+        digest = tx.sighash_taproot(
+            index, script_pubkeys=spks, values=values, sighash=sighash, ext_flag=1, script=script,
+            leaf_version=leaf_version,
+        )  # fmt: skip
+        signature = _schnorr(child, digest) + (bytes([sighash]) if sighash != _SIGHASH_DEFAULT else b"")
+        leaf_hash = hashes.tagged_hash("TapLeaf", bytes([leaf_version]) + script.serialize())
+        inp.taproot_sigs[(ec.PublicKey.from_xonly(xonly), leaf_hash)] = signature
+        signed += 1
+    if not signed:
+        raise InvalidRequest(f"input {index}: no tapLeafScript of this taproot input holds this key")
+    return signed
+
+
+def _ecdsa(key: HDKey, digest: bytes) -> bytes:
+    from coincurve import PrivateKey
+
+    secret = bytearray(key.key.secret)
+    try:
+        return PrivateKey(bytes(secret)).sign(digest, hasher=None)  # DER, low s
+    finally:
+        secret[:] = bytes(len(secret))
+
+
+def _schnorr(key: HDKey, digest: bytes) -> bytes:
+    from coincurve import PrivateKey
+
+    secret = bytearray(key.key.secret)
+    try:
+        return PrivateKey(bytes(secret)).sign_schnorr(digest, os.urandom(32))
+    finally:
+        secret[:] = bytes(len(secret))
+
+
+def _wipe(key: HDKey) -> None:
+    """Drops the secret embit keeps in an HDKey (an immutable bytes object: replaced, as far as Python allows)."""
+    key.key._secret = bytes(32)
