@@ -471,6 +471,10 @@ def _cpu_ratios(a: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
     if b_cpu and coalesced:
         out["C_coalesced_cpu_over_B_cpu"] = round(coalesced["cpu_ms_per_item"]["total"] / b_cpu, 3)
         out["C_coalesced_over_C"] = round(coalesced["per_s"] / m["C_generate_data_key"]["per_s"], 3)
+    if "K_signing" in m:
+        c = m["C_generate_data_key"]["per_s"]
+        out["K_over_C"] = {name: round(cell["per_s"] / c, 3) for name, cell in m["K_signing"].items()
+                           if isinstance(cell, dict)}  # fmt: skip
     if "G_gateway" in m:
         out["G"] = _gateway_ratios(m["G_gateway"], m["D_generate_data_keys"]["100"]["per_s"])
     return out
@@ -587,6 +591,7 @@ def run_bench(
     import json
 
     from kmsq.bench_gateway import measure_gateway
+    from kmsq.bench_signing import measure_signing
     from tasks.client import KmsClient
     from worker import service
     from worker.storage.db import transaction
@@ -627,6 +632,9 @@ def run_bench(
                         client, root_id, process, settings.effective_broker_url, (identity_file, fleet_file), env,
                         out_dir, sizes.gateway_requests, log,
                     )  # fmt: skip
+                    measured["K_signing"] = measure_signing(
+                        client, root_id, sizes.round_trips, sizes.in_flight, run_window, log
+                    )
                     log("W: C's own work without messaging, in this process")
                     report["W_request_work"] = measure_request_work(
                         svc, client, root_id, sizes.round_trips // 2, settings.cache_seconds

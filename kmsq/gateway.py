@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from schemas.coins import signing_family
 from schemas.limits import (
     MAX_HTTP_BODY_BYTES,
     Coin,
@@ -161,10 +162,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """What the gateway asks kmsq for: the root key for new keys (None: the pool's default)."""
+    """What the gateway asks kmsq for: the root key for new keys (None: the pool's default), and whether
+    ``/key/generate`` keeps ETH-like keys in the token (``in_hsm``) rather than as sealed xprvs."""
 
     root_key_id: str | None = None
     timeout: float = 30.0
+    eth_keys_in_hsm: bool = False
 
 
 class BodyLimit:
@@ -234,8 +237,11 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
     async def generate_key(body: GenerateKeyBody) -> PutKeyAnswer:
         """Generates a key inside kmsq under the gateway's root key; ``pub`` is its xpub. It signs (``/sign``)
         and is never exported (``GET /key`` answers 403)."""
+        in_hsm = settings.eth_keys_in_hsm and signing_family(body.coin) == "eth"
         fields = await call(
-            lambda: client.submit_generate_signing_key(body.coin, body.source, body.type, settings.root_key_id)
+            lambda: client.submit_generate_signing_key(
+                body.coin, body.source, body.type, settings.root_key_id, in_hsm=in_hsm
+            )
         )
         return PutKeyAnswer(pub=fields["pub"], coin=fields["coin"], source=fields["source"], type=fields["type"])
 

@@ -35,7 +35,7 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
         assert measured["worker_rss"]["peak_mib"] > 10
     job = report["workers"]["2"]["rss_job"]
     assert job["items"] == 2000 and job["rss_mib_peak"] > 10 and job["rss_kib_samples"]
-    only_most = {"C_over_C_without_audit", "C_coalesced_cpu_over_B_cpu", "C_coalesced_over_C", "G"}
+    only_most = {"C_over_C_without_audit", "C_coalesced_cpu_over_B_cpu", "C_coalesced_over_C", "G", "K_over_C"}
     for workers in ("1", "2"):
         assert set(report["ratios"][workers]) - only_most == {
             "C_over_B", "D1000_over_A", "E_batched_over_F", "C_over_B_cpu_bound", "S_over_C", "D1000_cpu_over_A_cpu",
@@ -62,6 +62,12 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
             for cell in cells.values():
                 assert set(cell) >= FIGURE and cell["per_s"] > 0
                 assert "gateway" in cell["cpu_ms_per_item"] and cell["cpu_ms_per_item"]["total"] > 0
+    # K: signatures per second (ETH hashes with a sealed xprv and with a token key, a 10-input PSBT), against C.
+    signing = most["K_signing"]
+    assert set(signing) == {"eth_hash", "eth_hash_in_hsm", "psbt_10_inputs", "psbt_bytes"}
+    assert signing["psbt_10_inputs"]["signatures_per_call"] == 10 and signing["psbt_10_inputs"]["items"] >= 20
+    k_over_c = report["ratios"]["2"]["K_over_C"]
+    assert set(k_over_c) == {"eth_hash", "eth_hash_in_hsm", "psbt_10_inputs"} and min(k_over_c.values()) > 0
     g = report["ratios"]["2"]["G"]
     assert g["generateDataKey 256 on_over_off"] > 0 and g["generateDataKey 256 on_over_D100"] > 0
     assert g["getKey 64 cpu on_over_off"] > 0 and g["putKey 256 p99 on_over_off"] > 0

@@ -77,18 +77,44 @@ def sign(xprv: str, payload: str) -> SignedPsbt:
     from embit import bip32
 
     psbt = parse(payload)
-    root = bip32.HDKey.from_string(xprv)
+    keys = _Derivations(bip32.HDKey.from_string(xprv))
     try:
-        plans = list(_plan(psbt, root.my_fingerprint))
+        plans = list(_plan(psbt, keys.root.my_fingerprint))
         if not plans:
             raise InvalidRequest("no input of this PSBT is for this key (no derivation with its fingerprint)")
         tx = psbt.tx  # built once: its sighash caches (prevouts, sequences, outputs) serve every input
         count = 0
         for plan in plans:
-            count += _sign_input(psbt, tx, root, plan)
+            count += _sign_input(psbt, tx, keys, plan)
     finally:
-        _wipe(root)
+        keys.wipe()
     return SignedPsbt(psbt.serialize().hex(), count)
+
+
+class _Derivations:
+    """The keys derived from one root for one PSBT. A wallet's inputs share their path up to the chain
+    (``m/0/0/<chain>``), so each prefix is derived once (it was 60% of the signing time)."""
+
+    def __init__(self, root: HDKey) -> None:
+        self.root = root
+        self._derived: dict[tuple[int, ...], HDKey] = {(): root}
+
+    def derive(self, path: tuple[int, ...]) -> HDKey:
+        """Returns the key at ``path`` below the root."""
+        known = len(path)
+        while path[:known] not in self._derived:
+            known -= 1
+        key = self._derived[path[:known]]
+        for depth in range(known, len(path)):
+            key = key.child(path[depth] & 0x7FFFFFFF, hardened=path[depth] >= 0x80000000)
+            self._derived[path[: depth + 1]] = key
+        return key
+
+    def wipe(self) -> None:
+        """Drops every derived key's secret (and the root's)."""
+        for key in self._derived.values():
+            _wipe(key)
+        self._derived.clear()
 
 
 @dataclass(frozen=True)
@@ -126,13 +152,12 @@ def _plan(psbt: PSBT, fingerprint: bytes) -> Iterator[_Plan]:
             yield _Plan(i, pub, tuple(der.derivation), taproot=True)
 
 
-def _derive(root: HDKey, plan: _Plan) -> HDKey:
+def _derive(keys: _Derivations, plan: _Plan) -> HDKey:
     """Returns the key ``plan``'s path leads to. Raises InvalidRequest unless it is the public key the entry names."""
-    child = root.derive(list(plan.path))
+    child = keys.derive(plan.path)
     public = child.key.get_public_key()
     matches = public.xonly() == plan.pub.xonly() if plan.taproot else public.sec() == plan.pub.sec()
     if not matches:
-        _wipe(child)
         raise InvalidRequest(
             f"input {plan.index}: the derivation path given for this key's fingerprint does not lead to the public "
             "key it names"
@@ -140,17 +165,14 @@ def _derive(root: HDKey, plan: _Plan) -> HDKey:
     return child
 
 
-def _sign_input(psbt: PSBT, tx: Transaction, root: HDKey, plan: _Plan) -> int:
-    child = _derive(root, plan)
-    try:
-        inp = psbt.inputs[plan.index]
-        if plan.taproot:
-            return _sign_taproot(psbt, tx, plan.index, inp, child)
-        digest, sighash = _ecdsa_digest(tx, plan.index, inp, plan.pub.sec())
-        inp.partial_sigs[plan.pub] = _ecdsa(child, digest) + bytes([sighash])
-        return 1
-    finally:
-        _wipe(child)
+def _sign_input(psbt: PSBT, tx: Transaction, keys: _Derivations, plan: _Plan) -> int:
+    child = _derive(keys, plan)
+    inp = psbt.inputs[plan.index]
+    if plan.taproot:
+        return _sign_taproot(psbt, tx, plan.index, inp, child)
+    digest, sighash = _ecdsa_digest(tx, plan.index, inp, plan.pub.sec())
+    inp.partial_sigs[plan.pub] = _ecdsa(child, digest) + bytes([sighash])
+    return 1
 
 
 def _ecdsa_digest(tx: Transaction, index: int, inp: InputScope, sec: bytes) -> tuple[bytes, int]:

@@ -40,6 +40,11 @@ def _host_port(listen: str) -> tuple[str, int]:
               help="How long a call may wait for others while one of its kind is in flight.")  # fmt: skip
 @click.option("--max-batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Most calls in one coalesced message.")  # fmt: skip
+@click.option(
+    "--eth-keys-in-hsm",
+    is_flag=True,
+    help="POST /key/generate keeps ETH-like keys in the token (secp256k1, CKM_ECDSA), not as sealed xprvs.",
+)
 @click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes sharing the listening socket, each with its own client and reply queue.")  # fmt: skip
 @caller_options
@@ -54,14 +59,16 @@ def gateway(
     coalesce: bool,
     linger_ms: float,
     max_batch: int,
+    eth_keys_in_hsm: bool,
     processes: int,
     identity: Path | None,
     fleet: Path | None,
     timeout: float,
 ) -> None:
-    """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /generateDataKey, POST /decryptDataKey)
-    as this caller. --timeout is how long a request waits for a worker before answering 503. Concurrent calls
-    are coalesced into batch messages unless --no-coalesce (docs/PROTOCOL.md, Coalescing)."""
+    """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /key/generate, POST /sign,
+    POST /generateDataKey, POST /decryptDataKey) as this caller. --timeout is how long a request waits for a
+    worker before answering 503. Concurrent calls are coalesced into batch messages unless --no-coalesce
+    (docs/PROTOCOL.md, Coalescing)."""
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
@@ -85,7 +92,8 @@ def gateway(
 
     def run(suffix: str | None, sock: socket.socket | None = None) -> None:
         with open_client(identity, fleet, timeout, reply_queue=suffix, coalesce=policy) as client:
-            app = create_app(client, GatewaySettings(root_key_id=root_key, timeout=timeout))
+            settings = GatewaySettings(root_key_id=root_key, timeout=timeout, eth_keys_in_hsm=eth_keys_in_hsm)
+            app = create_app(client, settings)
             serve(app, host, port, tls, sock)
 
     if processes == 1:
