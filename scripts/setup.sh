@@ -66,6 +66,9 @@ if [ "${KMSQ_SETUP_SERVICES:-}" = 1 ]; then
     command -v pg_ctlcluster >/dev/null 2>&1 || packages+=(postgresql)
     # kmsq chaos (run by the tests) compiles a small fault-injecting PKCS#11 module.
     command -v cc >/dev/null 2>&1 || packages+=(gcc libc6-dev)
+    # The PSBT interop tests drive BitGo's @bitgo/utxo-lib (tests/interop) with node.
+    command -v node >/dev/null 2>&1 || packages+=(nodejs)
+    command -v npm >/dev/null 2>&1 || packages+=(npm)
 fi
 
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -98,5 +101,17 @@ else
     say "pip install -e .[worker,gateway,dev,bench]"
     "$VENV/bin/python" -m pip install -q -e ".[worker,gateway,dev,bench]"
     touch "$STAMP"
+fi
+
+# --- node modules of the interop tests ------------------------------------------------------------------------
+if [ "${KMSQ_SETUP_SERVICES:-}" = 1 ]; then
+    NODE_STAMP="$ROOT/tests/interop/node_modules/.kmsq-installed"
+    if [ -f "$NODE_STAMP" ] && [ "$NODE_STAMP" -nt "$ROOT/tests/interop/package-lock.json" ]; then
+        say "tests/interop node modules installed"
+    else
+        say "npm ci (tests/interop: @bitgo/utxo-lib)"
+        (cd "$ROOT/tests/interop" && npm ci --no-audit --no-fund --loglevel=error)
+        touch "$NODE_STAMP"
+    fi
 fi
 say "done"

@@ -175,6 +175,7 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
 from tests.unit_fixtures import full, unit  # noqa: E402,F401
+from tests.utxo_lib import utxo_lib  # noqa: E402,F401
 
 # The test tiers (pyproject.toml's markers). A test is marked by the fixtures it uses; a module whose tests
 # start processes on their own (the CLI, the chaos run) declares its tier with ``pytestmark``. A test with

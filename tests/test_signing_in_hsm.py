@@ -89,9 +89,4 @@ def test_a_token_key_gone_from_the_token_is_not_found(token_unit: Unit, hsm: Hsm
 
 
 def _labels(hsm: Hsm) -> list[str]:
-    from pkcs11 import Attribute, ObjectClass
-
-    def op(session: Any) -> list[str]:
-        return sorted(str(o[Attribute.LABEL]) for o in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
-
-    return hsm._run(op)
+    return hsm.ec_signing_keys()

@@ -680,6 +680,18 @@ class Hsm:  # implements worker.keystore.KeyStore
         except NotFound:
             raise NotFound("signing key not present in the HSM") from None
 
+    def ec_signing_keys(self) -> list[str]:
+        """Returns the labels of the token's EC private keys, sorted. The token is read again first: another
+        process (a worker) may have made them."""
+        with self._lock:
+            self._reinitialize()
+
+        def op(session: Any) -> list[str]:
+            found = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC})
+            return sorted(str(key[Attribute.LABEL]) for key in found)
+
+        return self._run(op)
+
     def ec_signing_key_attributes(self, key_id: bytes) -> dict[str, Any]:
         """The security attributes of the private half of a token signing key (for operators and tests)."""
 

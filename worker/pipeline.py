@@ -725,7 +725,8 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
             canonical_json(envelope).decode(), error.code, expires_at=_record_expiry(ctx, request),
         )  # fmt: skip
         if recorded:
-            detail = f"{error.message} ({error.audit_detail})" if error.audit_detail else error.message
+            # What the request named first: the audit column keeps 255 characters and a message can be long.
+            detail = f"{error.audit_detail}: {error.message}" if error.audit_detail else error.message
             db.add(_audit_row(
                 request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, detail
             ))  # fmt: skip
