@@ -52,6 +52,12 @@ def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, c
         key = client.generate_data_key()
         assert client.decrypt_data_key(key["encryptedKey"]) == {"plaintextKey": key["plaintextKey"]}
         own += [prv.encode(), key["plaintextKey"].encode(), base64.b64decode(key["plaintextKey"])]
+    # Keys generated inside kmsq, used to sign: their xprvs must not leave the worker either.
+    for coin in ("tbtc", "hteth"):
+        generated = client.generate_signing_key(coin, "user")
+        if coin == "hteth":
+            client.sign(generated["pub"], "user", "0x" + secrets.token_hex(32))
+    own += generated_secrets(deployment)
     # Leave messages sitting in Redis as well: requests for a pool nobody serves, one with a sealed prv.
     prv = "xprv-parked-" + secrets.token_hex(24)
     own.append(prv.encode())
@@ -78,6 +84,26 @@ def test_no_plaintext_secret_in_redis_logs_or_database(deployment: Deployment, c
     assert not scan.finds(redis_dump), "a plaintext secret is in Redis"
     assert not scan.finds(database), "a plaintext secret is in the database"
     assert not scan.finds(logs), "a plaintext secret is in a log"
+
+
+def generated_secrets(deployment: Deployment) -> list[bytes]:
+    """The xprv and the private key of every key generated inside kmsq that the run stored (opened here with
+    the test's access to the token: they are unknown to any caller)."""
+    from embit import bip32
+    from sqlalchemy import select
+
+    from worker import service, signing
+    from worker.storage.models import PrivateKey
+
+    found: list[bytes] = []
+    with deployment.sessions() as db:
+        rows = db.scalars(select(PrivateKey).where(PrivateKey.exportable.is_(False))).all()
+        for row in rows:
+            key = service.get_private_key(deployment.service.hsm, db, row.pub, row.source, for_signing=True)
+            if signing.token_key_of(key.prv) is None:
+                found += [key.prv.encode(), bip32.HDKey.from_string(key.prv).key.secret]
+    assert len(found) >= 2, "no generated key was opened"
+    return found
 
 
 class Scanner:
