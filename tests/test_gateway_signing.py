@@ -40,7 +40,7 @@ def test_generate_then_sign_an_eth_operation_hash(deployment: Deployment, http: 
                                       "algorithm": "ecdsa"})  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert set(answer.json()) == {"signature"}
-    assert _recovered_address(answer.json()["signature"], digest) == _address_of_xpub(key["pub"])
+    assert recovered_address(answer.json()["signature"], digest) == address_of_xpub(key["pub"])
     with deployment.sessions() as db:
         row = db.scalars(select(PrivateKey).where(PrivateKey.pub == key["pub"])).one()
         audited = db.scalars(select(AuditRecord).where(AuditRecord.action == "sign", AuditRecord.actor == "gateway")
@@ -115,7 +115,7 @@ def test_a_gateway_with_eth_keys_in_hsm_keeps_them_in_the_token(deployment: Depl
                 digest = secrets.token_bytes(32)
                 answer = _sign(http, key["pub"], "user", "0x" + digest.hex())
                 assert answer.status_code == 200, answer.text
-                assert _recovered_address(answer.json()["signature"], digest) == _address_of_xpub(key["pub"])
+                assert recovered_address(answer.json()["signature"], digest) == address_of_xpub(key["pub"])
             exported = http.get(f"/key/{quote(key['pub'], safe='')}", params={"source": "user"})
             assert message_of(exported, 403) == "this key was generated inside kmsq and cannot be exported"
     finally:
@@ -128,7 +128,7 @@ def _token_signing_keys(deployment: Deployment) -> int:
     return sum(1 for label in hsm.ec_signing_keys() if label.startswith("kmsq-ec-"))
 
 
-def _recovered_address(signature: str, digest: bytes) -> str:
+def recovered_address(signature: str, digest: bytes) -> str:
     """The address eth-keys recovers from a ``0x`` + r + s + v signature of ``digest``."""
     raw = bytes.fromhex(signature[2:])
     assert len(raw) == 65 and raw[64] in (27, 28)
@@ -136,5 +136,5 @@ def _recovered_address(signature: str, digest: bytes) -> str:
     return str(Signature(vrs=vrs).recover_public_key_from_msg_hash(digest).to_checksum_address())
 
 
-def _address_of_xpub(xpub: str) -> str:
+def address_of_xpub(xpub: str) -> str:
     return str(PublicKey.from_compressed_bytes(bip32.HDKey.from_string(xpub).key.sec()).to_checksum_address())

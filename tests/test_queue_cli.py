@@ -17,10 +17,14 @@ import pytest
 from schemas.limits import MAX_PRV_BYTES
 from tests.conftest import fresh_database, random_pub
 from tests.queue_fixtures import Deployment, kmsq_command
+from tests.test_gateway_signing import address_of_xpub, recovered_address
+from tests.test_signing_psbt import EVERY_TESTNET_TYPE
+from tests.utxo_lib import UtxoLib
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*kmsq_command(), *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+def run(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*kmsq_command(), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
 
 
 def one_line(result: subprocess.CompletedProcess[str], exit_code: int, fragment: str) -> None:
@@ -38,7 +42,8 @@ def caller_env(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory)
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE((directory / "cli.key.json").stat().st_mode) == 0o600
     added = run(env, "caller", "add", "cli", "--public-key", str(directory / "cli.pub.json"), "--allow",
-                "generate_data_key,generate_data_key_without_plaintext,decrypt_data_key,put_key,get_key",
+                "generate_data_key,generate_data_key_without_plaintext,decrypt_data_key,put_key,get_key,"
+                "generate_signing_key,sign",
                 "--all-root-keys", "--plaintext", "--json")  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["key_id"] == json.loads(made.stdout)["key_id"]
@@ -81,6 +86,29 @@ def test_private_key_commands(deployment: Deployment, caller_env: dict[str, str]
     assert json.loads(fetched.stdout) == {"pub": pub, "prv": prv, "coin": "btc", "source": "user", "type": "tss"}
     one_line(run(caller_env, "put-key", *args), 6, "conflict")
     one_line(run(caller_env, "get-key", pub, "--source", "backup"), 5, "not_found")
+
+
+def test_signing_commands(caller_env: dict[str, str], utxo_lib: UtxoLib) -> None:
+    """``kmsq generate-key`` and ``kmsq sign``: a wallet PSBT read from standard input (it may not fit on a command
+    line) and checked by utxo-lib, an ETH hash signed by a key kept in the token, and the refusals' exit codes."""
+    made = run(caller_env, "generate-key", "--coin", "tbtc", "--source", "user")
+    assert made.returncode == 0, made.stderr
+    user = json.loads(made.stdout)["pub"]
+    xpubs = [user, *utxo_lib.keys()[1][1:]]
+    unsigned = utxo_lib.build("testnet", xpubs, [EVERY_TESTNET_TYPE[3], EVERY_TESTNET_TYPE[4]])
+    signed = run(caller_env, "sign", user, "-", "--source", "user", stdin=unsigned + "\n")
+    assert signed.returncode == 0, signed.stderr
+    assert utxo_lib.signed_by("testnet", xpubs, json.loads(signed.stdout)["signature"]) == [{"user"}, {"user"}]
+    token = run(caller_env, "generate-key", "--coin", "hteth", "--source", "backup", "--in-hsm")
+    assert token.returncode == 0, token.stderr
+    pub = json.loads(token.stdout)["pub"]
+    digest = os.urandom(32)
+    eth = run(caller_env, "sign", pub, "0x" + digest.hex(), "--source", "backup")
+    assert recovered_address(json.loads(eth.stdout)["signature"], digest) == address_of_xpub(pub)
+    one_line(run(caller_env, "get-key", pub, "--source", "backup"), 12, "not_exportable")
+    in_hsm_utxo = run(caller_env, "generate-key", "--coin", "tbtc", "--source", "user", "--in-hsm")
+    one_line(in_hsm_utxo, 7, "ETH-like coins only")
+    one_line(run(caller_env, "sign", user, "0x" + "00" * 32, "--source", "user"), 7, "not a PSBT")
 
 
 def test_put_key_of_an_mpcv2_key_share_and_the_prv_limit(

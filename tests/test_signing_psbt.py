@@ -9,6 +9,7 @@ sign (a MuSig2 key path, a PSBT of another wallet, a malformed or tampered PSBT)
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any
 
 import pytest
@@ -127,6 +128,7 @@ def test_what_kmsq_cannot_sign_is_refused_clearly(wallet: Wallet, utxo_lib: Utxo
     _, other_xpubs = utxo_lib.keys()
     of_another_wallet = utxo_lib.build("testnet", other_xpubs, [item])
     mine = utxo_lib.build("testnet", wallet.xpubs, [item])
+    with_previous_tx = utxo_lib.build("testnet", wallet.xpubs, [{**item, "scriptType": "p2sh", "nonWitnessUtxo": True}])
     cases = {
         of_another_wallet: "no input of this PSBT is for this key",
         "0102": "not a PSBT",
@@ -134,6 +136,7 @@ def test_what_kmsq_cannot_sign_is_refused_clearly(wallet: Wallet, utxo_lib: Utxo
         "0x" + "00" * 32: "not a PSBT",
         _with_our_path_changed(mine, wallet.user): "does not lead to the public key it names",
         _with_sighash(mine, 0x83): "sighash type 0x83",
+        _spending_another_txid(with_previous_tx, 0): "its nonWitnessUtxo is not the transaction it spends",
     }
     for payload, expected in cases.items():
         code, message = refusal(wallet.codec, wallet.sign(payload, "user"))
@@ -188,6 +191,44 @@ def _with_our_path_changed(psbt_hex: str, xpub: str) -> str:
         if derivation.fingerprint == fingerprint:
             derivation.derivation[-1] += 1
     return str(psbt.serialize().hex())
+
+
+def _spending_another_txid(psbt_hex: str, index: int) -> str:
+    psbt = PSBT.parse(bytes.fromhex(psbt_hex))
+    psbt.inputs[index].txid = bytes(32)
+    return str(psbt.serialize().hex())
+
+
+def test_a_mutated_psbt_is_signed_or_refused_never_an_internal_error(utxo_lib: UtxoLib) -> None:
+    """Bytes flipped, cut out or inserted anywhere in a wallet PSBT of every script type (a fixed seed): each
+    one is signed or refused with InvalidRequest. Found: a nonWitnessUtxo too short for the input's vout was
+    an IndexError."""
+    from embit import bip32
+
+    from worker import psbt as psbt_signing
+    from worker.errors import InvalidRequest
+
+    root = bip32.HDKey.from_seed(bytes(range(64)))
+    _, others = utxo_lib.keys()
+    base = bytes.fromhex(utxo_lib.build("testnet", [root.to_public().to_string(), *others[1:]], EVERY_TESTNET_TYPE))
+    rng = random.Random(16)
+    outcomes = {"signed": 0, "refused": 0}
+    for _ in range(1500):
+        data = bytearray(base)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            at, roll = rng.randrange(len(data)), rng.random()
+            if roll < 0.5:
+                data[at] = rng.randrange(256)
+            elif roll < 0.75:
+                del data[at : at + rng.randrange(1, 8)]
+            else:
+                data[at:at] = rng.randbytes(rng.randrange(1, 8))
+        try:
+            psbt_signing.sign(root.to_string(), data.hex())
+            outcomes["signed"] += 1
+        except InvalidRequest:
+            outcomes["refused"] += 1
+    assert outcomes["signed"] > 50 and outcomes["refused"] > 1000, outcomes
 
 
 def _with_sighash(psbt_hex: str, sighash: int) -> str:

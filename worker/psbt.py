@@ -63,7 +63,22 @@ def parse(payload: str) -> PSBT:
         raise InvalidRequest("signablePayload is not a well-formed PSBT") from None
     if not psbt.inputs:
         raise InvalidRequest("the PSBT has no input")
+    for i, inp in enumerate(psbt.inputs):
+        _check_previous_output(i, inp)
     return psbt
+
+
+def _check_previous_output(index: int, inp: InputScope) -> None:
+    """Raises InvalidRequest unless an input's ``nonWitnessUtxo`` is the transaction the input spends (its txid,
+    an output at its vout) and agrees with its ``witnessUtxo`` when it has both: a signer that took a value on
+    trust could be led to sign away a fee it did not see."""
+    previous = inp.non_witness_utxo
+    if previous is None:
+        return
+    if inp.vout is None or inp.vout >= len(previous.vout) or previous.txid() != inp.txid:
+        raise InvalidRequest(f"input {index}: its nonWitnessUtxo is not the transaction it spends")
+    if inp.witness_utxo is not None and inp.witness_utxo.serialize() != previous.vout[inp.vout].serialize():
+        raise InvalidRequest(f"input {index}: its witnessUtxo and nonWitnessUtxo disagree")
 
 
 def sign(xprv: str, payload: str) -> SignedPsbt:

@@ -4,13 +4,14 @@ key-provider API's field names and need only the caller install (no HSM or datab
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from kmsq.commands.common import caller_options, open_client
 from kmsq.output import one_line_errors, print_json
-from schemas.limits import KEY_TYPES, SOURCES
+from schemas.limits import KEY_TYPES, MAX_SIGNABLE_PAYLOAD_CHARS, SOURCES
 
 
 @click.command("generate-data-key")
@@ -116,6 +117,9 @@ def generate_key(
 def sign(
     pub: str, payload: str, source: str, pool: str | None, identity: Path | None, fleet: Path | None, timeout: float
 ) -> None:
-    """Sign PAYLOAD (0x and a 32-byte hash for ETH-like coins) with a generated key: prints {signature}."""
+    """Sign PAYLOAD with a generated key: 0x and a 32-byte hash for ETH-like coins, the hex of a wallet PSBT for
+    UTXO coins (- reads it from standard input: a PSBT may not fit on a command line). Prints {signature}."""
+    if payload == "-":
+        payload = sys.stdin.read(MAX_SIGNABLE_PAYLOAD_CHARS + 2).strip()
     with open_client(identity, fleet, timeout) as client:
         print_json(client.sign(pub, source, payload, "ecdsa", pool))
