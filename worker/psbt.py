@@ -81,9 +81,9 @@ def _check_previous_output(index: int, inp: InputScope) -> None:
         raise InvalidRequest(f"input {index}: its witnessUtxo and nonWitnessUtxo disagree")
 
 
-def sign(xprv: str, payload: str) -> SignedPsbt:
-    """Returns the PSBT in ``payload`` with the signatures of the wallet key ``xprv`` added to every input that
-    key can sign.
+def sign(xprv: str, payload: str | PSBT) -> SignedPsbt:
+    """Returns the PSBT in ``payload`` (hex, or as :func:`parse` returned it: then it is changed) with the
+    signatures of the wallet key ``xprv`` added to every input that key can sign.
 
     Raises InvalidRequest for a payload that is not a PSBT, a PSBT with no input for this key, an input of this
     key that kmsq cannot sign (MuSig2 key path, an unsupported script or sighash type, a derivation that does not
@@ -91,7 +91,7 @@ def sign(xprv: str, payload: str) -> SignedPsbt:
     """
     from embit import bip32
 
-    psbt = parse(payload)
+    psbt = parse(payload) if isinstance(payload, str) else payload
     keys = _Derivations(bip32.HDKey.from_string(xprv))
     try:
         plans = list(_plan(psbt, keys.root.my_fingerprint))

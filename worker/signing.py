@@ -16,10 +16,14 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from schemas.coins import signing_family
 from worker import psbt
 from worker.errors import ConfigError, HsmError, InvalidRequest
+
+if TYPE_CHECKING:
+    from embit.psbt import PSBT
 
 SEED_BYTES = 64  # as BitGo's keychains().create()
 _ETH_HASH_BYTES = 32
@@ -113,33 +117,42 @@ def payload_digest(payload: str) -> str:
     return hashlib.sha256(payload.encode("ascii", "replace")).hexdigest()
 
 
-def check_signable(coin: str, payload: str, algorithm: str) -> None:
-    """Refuses a payload the key's coin cannot sign, before the key is opened. Raises InvalidRequest."""
+@dataclass(frozen=True)
+class Signable:
+    """A payload checked against its key's coin: the ETH hash to sign, or the parsed PSBT."""
+
+    digest: bytes | None = None
+    psbt: PSBT | None = None
+
+
+def check_signable(coin: str, payload: str, algorithm: str) -> Signable:
+    """Returns ``payload`` checked and parsed for the key's coin, before the key is opened. Raises
+    InvalidRequest for a coin kmsq does not sign for, another algorithm than ecdsa, or a malformed payload."""
     family = signing_family(coin)
     if family is None:
         raise InvalidRequest(f"kmsq does not sign for coin {coin[:32]!r}")
     if algorithm != "ecdsa":
         raise InvalidRequest("algorithm must be ecdsa for this coin")
     if family == "eth":
-        eth_hash(payload)
-    else:
-        psbt.parse(payload)
+        return Signable(digest=eth_hash(payload))
+    return Signable(psbt=psbt.parse(payload))
 
 
 def eth_hash(payload: str) -> bytes:
+    """Returns the 32 bytes of a ``0x`` hash payload. Raises InvalidRequest for anything else."""
     if not payload.startswith("0x") or len(payload) != 2 + 2 * _ETH_HASH_BYTES:
         raise InvalidRequest("signablePayload must be 0x and a 32-byte hash (64 hex digits) for this coin")
     return bytes.fromhex(payload[2:])
 
 
-def sign(coin: str, xprv: str, payload: str, algorithm: str) -> str:
-    """Returns the signature of ``payload`` by the key ``xprv`` as the wallet manager expects it for ``coin``.
-    Raises InvalidRequest for a payload the coin cannot sign."""
-    check_signable(coin, payload, algorithm)
-    if signing_family(coin) == "utxo":
+def sign(xprv: str, signable: Signable) -> str:
+    """Returns the signature of a checked payload (:func:`check_signable`) by the key ``xprv``, as the wallet
+    manager expects it. Raises InvalidRequest for a PSBT this key cannot sign."""
+    if signable.psbt is not None:
         _constant_time_curve()
-        return psbt.sign(xprv, payload).psbt
-    return _sign_eth(xprv, eth_hash(payload))
+        return psbt.sign(xprv, signable.psbt).psbt
+    assert signable.digest is not None
+    return _sign_eth(xprv, signable.digest)
 
 
 def _sign_eth(xprv: str, digest: bytes) -> str:
