@@ -39,9 +39,11 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def interrupt_midway(env: dict[str, str], args: list[str], out: Path, sig: signal.Signals, after_lines: int) -> None:
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored; the job must not.
     process = subprocess.Popen(
-        [*kmsq_command(), "provision", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+        [*kmsq_command(), "provision", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if out.exists() and out.read_text().count("\n") >= after_lines:
