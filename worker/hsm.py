@@ -136,8 +136,12 @@ _EC_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
-_EC_KEY_ATTRIBUTES = ("TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
-                      "MODIFIABLE", "SIGN", "DECRYPT", "UNWRAP", "DERIVE", "ID", "LABEL")  # fmt: skip
+# The security attributes reported for a key, by name; WRAP and ENCRYPT are not attributes of a private key.
+_REPORTED_ATTRIBUTES = (
+    "TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "MODIFIABLE",
+    "WRAP", "UNWRAP", "ENCRYPT", "DECRYPT", "SIGN", "DERIVE", "ID", "LABEL",
+)  # fmt: skip
+_PUBLIC_KEY_ONLY = ("WRAP", "ENCRYPT")
 # A data key whose value is read out (generate_data_key with plaintext, decrypt_data_key).
 _READABLE_DATA_KEY: dict[Attribute, Any] = {
     Attribute.TOKEN: False,
@@ -416,28 +420,11 @@ class Hsm:  # implements worker.keystore.KeyStore
 
     def root_key_attributes(self, handle: RootKeyHandle) -> dict[str, Any]:
         """Returns the security attributes of the root key's secret or private object, by name."""
-        names = (
-            "TOKEN",
-            "PRIVATE",
-            "SENSITIVE",
-            "EXTRACTABLE",
-            "ALWAYS_SENSITIVE",
-            "NEVER_EXTRACTABLE",
-            "MODIFIABLE",
-            "WRAP",
-            "UNWRAP",
-            "ENCRYPT",
-            "DECRYPT",
-            "SIGN",
-            "DERIVE",
-            "ID",
-            "LABEL",
-        )
 
         def op(session: Any) -> dict[str, Any]:
             key = self._unwrapping_key(session, handle)
-            public_only = ("WRAP", "ENCRYPT") if handle.is_rsa else ()  # not attributes of a private key
-            return {name: key[Attribute[name]] for name in names if name not in public_only}
+            skipped = _PUBLIC_KEY_ONLY if handle.is_rsa else ()
+            return {name: key[Attribute[name]] for name in _REPORTED_ATTRIBUTES if name not in skipped}
 
         return self._run(op)
 
@@ -697,7 +684,7 @@ class Hsm:  # implements worker.keystore.KeyStore
 
         def op(session: Any) -> dict[str, Any]:
             key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, id=key_id)
-            return {name: key[Attribute[name]] for name in _EC_KEY_ATTRIBUTES}
+            return {name: key[Attribute[name]] for name in _REPORTED_ATTRIBUTES if name not in _PUBLIC_KEY_ONLY}
 
         return self._run(op)
 

@@ -255,23 +255,17 @@ def _sign_taproot(psbt: PSBT, tx: Transaction, index: int, inp: InputScope, chil
 
 
 def _ecdsa(key: HDKey, digest: bytes) -> bytes:
+    """Returns the DER ECDSA signature (low s) of ``digest`` by ``key``, through libsecp256k1."""
     from coincurve import PrivateKey
 
-    secret = bytearray(key.key.secret)
-    try:
-        return PrivateKey(bytes(secret)).sign(digest, hasher=None)  # DER, low s
-    finally:
-        secret[:] = bytes(len(secret))
+    return bytes(PrivateKey(key.key.secret).sign(digest, hasher=None))
 
 
 def _schnorr(key: HDKey, digest: bytes) -> bytes:
+    """Returns the BIP340 signature of ``digest`` by ``key``, with fresh auxiliary randomness."""
     from coincurve import PrivateKey
 
-    secret = bytearray(key.key.secret)
-    try:
-        return PrivateKey(bytes(secret)).sign_schnorr(digest, os.urandom(32))
-    finally:
-        secret[:] = bytes(len(secret))
+    return bytes(PrivateKey(key.key.secret).sign_schnorr(digest, os.urandom(32)))
 
 
 def _wipe(key: HDKey) -> None:
