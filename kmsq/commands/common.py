@@ -7,6 +7,7 @@ without the worker extra.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,33 @@ def caller_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")(func)
     func = click.option("--fleet", type=click.Path(dir_okay=False, path_type=Path), help="Fleet file.")(func)
     return click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="NAME.key.json.")(func)
+
+
+def fleet_file_text(document: dict[str, Any]) -> str:
+    """The fleet file's text, as ``kmsq fleet-key export`` writes it."""
+    return json.dumps(document, indent=2) + "\n"
+
+
+def write_fleet_file(path: Path, document: dict[str, Any]) -> bool:
+    """Writes the fleet document to ``path`` unless the file holds exactly it already (atomically: a caller
+    never reads half a file). Returns True when it wrote. Raises ConfigError when it cannot."""
+    from worker.errors import ConfigError
+
+    text = fleet_file_text(document)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+    return True
 
 
 def open_client(identity: Path | None, fleet: Path | None, timeout: float, **options: Any) -> KmsClient:

@@ -3,12 +3,17 @@
 It starts the embedded broker when no ``KMSQ_BROKER_URL`` is set, starts a worker process for the default
 pool, registers a demo caller (identity under ``$KMSQ_HOME/callers``), runs each operation through the queue
 with a signed request and a sealed reply, shows a tampered request refused (no reply, counted), and stops
-the worker (and the broker it started) cleanly. Secrets are shown only as lengths and fingerprints.
+the worker (and the broker it started) cleanly. Secrets are shown only as lengths and fingerprints. It
+refreshes ``$KMSQ_HOME/fleet.json`` (as ``kmsq init`` writes it) and ends with the commands that make the
+demo caller's own first call work.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +23,7 @@ from typing import Any
 
 import click
 
+from kmsq.commands.common import write_fleet_file
 from kmsq.output import console, fingerprint, one_line_errors, print_json
 
 DEMO_CALLER = "demo"
@@ -78,6 +84,22 @@ def _stop_worker(process: subprocess.Popen[bytes]) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+def _next_commands(home: Path, identity_file: Path) -> list[str]:
+    """The commands that take the demo caller from here to its own first call: the demo stopped its worker
+    (and the embedded broker it started), and ``kmsq worker`` starts the embedded broker first."""
+    kmsq = Path(sys.executable).with_name("kmsq")
+    command = "kmsq" if not kmsq.exists() or shutil.which("kmsq") == str(kmsq) else shlex.quote(str(kmsq))
+    home = home.resolve()
+    prefix = f"KMSQ_HOME={shlex.quote(str(home))} "
+    fleet = ""
+    if os.environ.get("KMSQ_FLEET") and Path(os.environ["KMSQ_FLEET"]).resolve() != home / "fleet.json":
+        fleet = f" --fleet {shlex.quote(str(home / 'fleet.json'))}"  # the caller commands would read KMSQ_FLEET
+    return [
+        f"{prefix}{command} worker &",
+        f"{prefix}{command} generate-data-key --identity {shlex.quote(str(identity_file.resolve()))}{fleet}",
+    ]
 
 
 def _steps(client: Any, sessions: Any) -> list[dict[str, Any]]:
@@ -154,7 +176,10 @@ def demo(as_json: bool) -> None:
     service = KeyService.from_settings(settings)
     started_broker = broker.start(settings.home) if settings.embedded_broker else False
     identity_file = _ensure_demo_caller(service, settings.home / "callers")
-    fleet = Fleet.from_document(service.fleet_document())
+    document = service.fleet_document()
+    fleet = Fleet.from_document(document)
+    fleet_path = settings.home / "fleet.json"
+    write_fleet_file(fleet_path, document)
     worker = _start_worker(settings.home)
     try:
         identity = CallerIdentity.load(identity_file)
@@ -171,6 +196,9 @@ def demo(as_json: bool) -> None:
         "broker": "embedded redis-server (unix socket)" if settings.embedded_broker else "KMSQ_BROKER_URL",
         "worker": {"pool": fleet.default_pool, "exit_code": worker_exit, "log": str(settings.home / "worker.log")},
         "steps": steps,
+        "caller_identity": str(identity_file),
+        "fleet_file": str(fleet_path),
+        "next": _next_commands(settings.home, identity_file),
     }
     ok = worker_exit == 0 and all(s.get("matches", True) and s.get("ok", True) for s in steps)
     if as_json:
@@ -183,5 +211,9 @@ def demo(as_json: bool) -> None:
         console.print(
             f"worker stopped cleanly (exit {worker_exit})" if worker_exit == 0 else f"worker exit {worker_exit}"
         )
+        stopped = "its worker and the broker it started" if started_broker else "its worker"
+        console.print(f"\nnext: the demo stopped {stopped}; to call kmsq as the demo caller yourself, run")
+        for command in report["next"]:
+            console.print(f"  {command}", markup=False, highlight=False)
     if not ok:
         raise SystemExit(1)

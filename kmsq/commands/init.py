@@ -1,4 +1,5 @@
-"""``kmsq init``: the embedded token, the database, a default root key and the default pool's fleet keys."""
+"""``kmsq init``: the embedded token, the database, a default root key, the default pool's fleet keys, and the
+fleet file ``$KMSQ_HOME/fleet.json`` that the caller commands read by default."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from kmsq.commands.common import write_fleet_file
 from kmsq.output import console, one_line_errors, print_json
 
 if TYPE_CHECKING:
@@ -18,9 +20,10 @@ if TYPE_CHECKING:
 @one_line_errors
 def init(as_json: bool) -> None:
     """Create the embedded token (if no HSM is configured), migrate the database, create a default root key
-    and the default pool's fleet keys.
+    and the default pool's fleet keys, and write the fleet file $KMSQ_HOME/fleet.json (every pool, as
+    `kmsq fleet-key export` prints it).
 
-    Safe to run again: it creates only what is missing.
+    Safe to run again: it creates only what is missing, and rewrites the fleet file only when it changed.
     """
     from worker.config import load_settings
     from worker.runtime import KeyService
@@ -39,6 +42,8 @@ def init(as_json: bool) -> None:
         created_key = service.create_root_key("aes-256", settings.default_pool)
     fleet, fleet_created = service.ensure_fleet_key(settings.default_pool)
     failing = _unsealed(service)
+    fleet_path = settings.home / "fleet.json"
+    fleet_written = write_fleet_file(fleet_path, service.fleet_document())
     report = {
         "home": str(settings.home),
         "hsm": "embedded SoftHSM2" if settings.embedded_hsm else settings.pkcs11_module,
@@ -50,6 +55,7 @@ def init(as_json: bool) -> None:
         "fleet_key": {"pool": fleet.pool, "signing_key_id": fleet.signing_key_id, "created": fleet_created},
         "policy_key_created": policy_key_created,
         "policy_rows_failing": failing,
+        "fleet_file": {"path": str(fleet_path), "written": fleet_written},
     }
     if as_json:
         print_json(report)
@@ -69,6 +75,7 @@ def init(as_json: bool) -> None:
         "policy key     " + ("created" if policy_key_created else "exists")
         + (f"; {len(failing)} rows are not sealed: review them, then run `kmsq policy seal`" if failing else "")
     )  # fmt: skip
+    console.print(f"fleet file     {fleet_path}" + (" (written)" if fleet_written else " (up to date)"))
 
 
 def _unsealed(service: KeyService) -> list[str]:
