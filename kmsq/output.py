@@ -49,6 +49,15 @@ CODE_EXIT = {
 }
 
 
+# What a caller can do when no reply came (docs/COMMANDS.md, Callers; an unauthenticated request gets none).
+NO_REPLY_HINT = (
+    "is a worker running for the request's pool? start one on an HSM host with `kmsq worker` (`--pool NAME` for "
+    "a pool other than the default; `kmsq status` lists the workers that answer); a request the worker cannot "
+    "authenticate (an unregistered or disabled caller, a key other than the registered one) gets no reply either "
+    "(`kmsq caller list`); the request may still complete"
+)
+
+
 def fingerprint(secret: str) -> str:
     """Returns a short, non-reversible tag of a high-entropy secret, for showing that two secrets match."""
     return "sha256:" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
@@ -111,13 +120,15 @@ def _exit_code(error: Exception) -> int:
 def _describe(error: Exception) -> tuple[str, int]:
     """The one-line message and exit code for an error escaping a command."""
     # Imported here: only a failing command pays for them.
-    from tasks.client import KmsError
+    from tasks.client import KmsError, KmsTimeout
     from tasks.identity import IdentityError
     from worker.errors import ServiceError
 
     if isinstance(error, ServiceError):
         return error.message, _exit_code(error)
-    if isinstance(error, KmsError):  # a reply's error (KmsTimeout included)
+    if isinstance(error, KmsTimeout):  # the broker took the request; nothing answered it
+        return f"{error.code}: {error.message} (request {error.request_id}): {NO_REPLY_HINT}", EXIT_UNAVAILABLE
+    if isinstance(error, KmsError):  # a reply's error
         return f"{error.code}: {error.message}", CODE_EXIT.get(error.code, EXIT_INTERNAL)
     if isinstance(error, IdentityError | FileNotFoundError):
         return str(error), EXIT_CONFIG

@@ -4,11 +4,139 @@ the way says what to run next, and following it works; `scripts/run.sh --json` p
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.conftest import run_kmsq, softhsm_library
+from schemas.files import FILE_VERSION, FLEET_KIND
+from schemas.wire import b64u
+from tests.conftest import missing_service, run_kmsq, softhsm_library
+
+ROOT = Path(__file__).resolve().parent.parent
+KMSQ = shutil.which("kmsq") or str(Path(sys.executable).with_name("kmsq"))
+
+
+def kmsq_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment run_kmsq gives a command: no KMSQ_* or SOFTHSM2_* of the test run's, and KMSQ_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    return {**env, "KMSQ_HOME": str(home), **extra}
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """Asserts a one-line error with exit ``code`` containing every needle; returns the line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kmsq: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def redis_server() -> None:
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server (the embedded broker)")
+
+
+def caller_identity(home: Path) -> Path:
+    """A caller identity made with `kmsq caller keygen` (no HSM, no registration)."""
+    made = run_kmsq(home, "caller", "keygen", "newcomer", "--dir", str(home / "callers"), "--json")
+    assert made.returncode == 0, made.stderr
+    return Path(json.loads(made.stdout)["identity"])
+
+
+def a_fleet_file(path: Path) -> Path:
+    """A well-formed fleet file of fresh keys (no deployment behind it)."""
+    document = {
+        "kind": FLEET_KIND,
+        "v": FILE_VERSION,
+        "default_pool": "default",
+        "pools": {
+            "default": {
+                "signing_key": b64u(Ed25519PrivateKey.generate().public_key().public_bytes_raw()),
+                "transport_key": b64u(X25519PrivateKey.generate().public_key().public_bytes_raw()),
+                "root_keys": [],
+            }
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.fixture
+def embedded_broker(tmp_path: Path) -> Iterator[Path]:
+    """KMSQ_HOME with the embedded broker running (started with `kmsq broker start`), stopped afterwards."""
+    redis_server()
+    started = run_kmsq(tmp_path, "broker", "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield tmp_path
+    finally:
+        run_kmsq(tmp_path, "broker", "stop")
+
+
+# -- the errors of a caller command, each naming what to run ------------------------------------------------
+
+
+def test_a_missing_fleet_file_names_the_export_command(tmp_path: Path) -> None:
+    identity = caller_identity(tmp_path)
+    default = tmp_path / "fleet.json"
+    result = run_kmsq(tmp_path, "generate-data-key", "--identity", str(identity))
+    one_line(result, 3, f"no fleet file at {default}", f"`kmsq fleet-key export --out {default}`", "`kmsq init`")
+    elsewhere = tmp_path / "etc" / "fleet.json"
+    result = run_kmsq(tmp_path, "generate-data-key", "--identity", str(identity), "--fleet", str(elsewhere))
+    one_line(result, 3, f"no fleet file at {elsewhere}", f"`kmsq fleet-key export --out {elsewhere}`")
+
+
+def test_a_missing_identity_names_keygen(tmp_path: Path) -> None:
+    a_fleet_file(tmp_path / "fleet.json")
+    absent = tmp_path / "billing.key.json"
+    result = run_kmsq(tmp_path, "generate-data-key", "--identity", str(absent))
+    one_line(result, 3, f"no caller identity at {absent}", "`kmsq caller keygen NAME`", "`kmsq caller add")
+    one_line(run_kmsq(tmp_path, "generate-data-key"), 3, "--identity", "KMSQ_IDENTITY")
+
+
+def test_the_embedded_broker_not_running_names_kmsq_worker(tmp_path: Path) -> None:
+    identity = caller_identity(tmp_path)
+    a_fleet_file(tmp_path / "fleet.json")
+    began = time.monotonic()
+    result = run_kmsq(tmp_path, "generate-data-key", "--identity", str(identity))
+    elapsed = time.monotonic() - began
+    one_line(result, 4, "the embedded broker is not running", str(tmp_path / "broker.sock"), "`kmsq worker`")
+    assert elapsed < 15, elapsed  # the embedded broker is local: no long wait for it
+
+
+def test_an_unreachable_broker_url_says_so_within_the_timeout(tmp_path: Path) -> None:
+    identity = caller_identity(tmp_path)
+    a_fleet_file(tmp_path / "fleet.json")
+    env = {"KMSQ_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"}
+    began = time.monotonic()
+    result = run_kmsq(tmp_path, "generate-data-key", "--identity", str(identity), "--timeout", "3", env=env)
+    elapsed = time.monotonic() - began
+    line = one_line(result, 4, "cannot connect to the broker redis://:***@127.0.0.1:1/0", "KMSQ_BROKER_URL")
+    assert "hunter2" not in line and "`kmsq worker`" not in line  # a worker starts no Redis of KMSQ_BROKER_URL
+    assert elapsed < 15, elapsed
+
+
+@pytest.mark.queue
+def test_no_worker_is_a_timeout_that_names_kmsq_worker(embedded_broker: Path) -> None:
+    home = embedded_broker
+    identity = caller_identity(home)
+    a_fleet_file(home / "fleet.json")
+    result = run_kmsq(home, "generate-data-key", "--identity", str(identity), "--timeout", "1")
+    one_line(result, 4, "no reply from a worker in time", "is a worker running", "`kmsq worker`", "`kmsq status`")
+
+
+# -- the whole path, following the advice ---------------------------------------------------------------------
 
 
 @pytest.mark.hsm
@@ -31,3 +159,39 @@ def test_init_writes_the_fleet_file(tmp_path: Path) -> None:
     assert json.loads(run_kmsq(tmp_path, "init", "--json").stdout)["fleet_file"]["written"] is True
     assert sorted(json.loads(path.read_text())["pools"]) == ["default", "eu-1"]
     assert "fleet file" in run_kmsq(tmp_path, "init").stdout
+
+
+@pytest.mark.hsm
+@pytest.mark.queue
+def test_the_first_call_after_the_demo(tmp_path: Path) -> None:
+    """init, demo, then the demo caller's own first call: each error says what to run, and doing it works."""
+    softhsm_library()
+    redis_server()
+    home = tmp_path
+    assert run_kmsq(home, "init").returncode == 0
+    demo = run_kmsq(home, "demo")
+    assert demo.returncode == 0, demo.stderr
+    identity = home / "callers" / "demo.key.json"
+    assert f"generate-data-key --identity {identity}" in demo.stdout  # the demo says how to go on
+    call = ("generate-data-key", "--identity", str(identity), "--timeout", "30")
+    one_line(run_kmsq(home, *call), 4, "the embedded broker is not running", "`kmsq worker`")
+    log = (home / "worker-newcomer.log").open("wb")
+    worker = subprocess.Popen([KMSQ, "worker", "--concurrency", "1"], env=kmsq_env(home), stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b" ready." not in (home / "worker-newcomer.log").read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, (home / "worker-newcomer.log").read_text()
+            time.sleep(0.1)
+        key = run_kmsq(home, *call)
+        assert key.returncode == 0, key.stderr
+        assert set(json.loads(key.stdout)) == {"plaintextKey", "encryptedKey"}
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+        log.close()
+    try:  # the worker started the embedded broker and left it running: now nothing answers
+        result = run_kmsq(home, "generate-data-key", "--identity", str(identity), "--timeout", "1")
+        one_line(result, 4, "no reply from a worker in time", "`kmsq worker`")
+    finally:
+        run_kmsq(home, "broker", "stop")

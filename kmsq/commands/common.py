@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,18 +71,78 @@ def write_fleet_file(path: Path, document: dict[str, Any]) -> bool:
     return True
 
 
+# How long a caller command waits for the broker to answer before it says what to do: the embedded broker is
+# local (its socket is there or it is not running), another broker may be failing over or starting.
+EMBEDDED_BROKER_WAIT_SECONDS = 3.0
+BROKER_WAIT_SECONDS = 30.0
+
+
+def check_broker(config: Settings, timeout: float) -> None:
+    """Waits up to ``timeout`` (at most EMBEDDED_BROKER_WAIT_SECONDS for the embedded broker, else
+    BROKER_WAIT_SECONDS) until the broker accepts a connection. Raises KmsError (``unavailable``) saying what
+    to start when it does not; leaves a malformed broker URL to the client, which names it."""
+    from kombu.exceptions import OperationalError
+
+    from schemas.wire import EMBEDDED_BROKER_SOCKET
+    from tasks.app import broker_connection
+    from tasks.client import KmsError
+    from worker.config import redact_url
+
+    limit = EMBEDDED_BROKER_WAIT_SECONDS if config.embedded_broker else BROKER_WAIT_SECONDS
+    deadline = time.monotonic() + max(0.0, min(timeout, limit))
+    while True:
+        try:
+            connection = broker_connection(config.effective_broker_url, config.namespace)
+        except ValueError:
+            return
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=max(1.0, min(timeout, 5.0)))
+            return
+        except (OperationalError, OSError) as e:
+            error = e
+        finally:
+            connection.release()
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    if config.embedded_broker:
+        raise KmsError(
+            "unavailable",
+            f"the embedded broker is not running (nothing answers on {Path(config.home) / EMBEDDED_BROKER_SOCKET}; "
+            "`kmsq demo` stops the one it started): start a worker with `kmsq worker` (same KMSQ_HOME; it starts "
+            "the embedded broker first), then run this again",
+        )
+    raise KmsError(
+        "unavailable",
+        f"cannot connect to the broker {redact_url(config.effective_broker_url)} ({error}): is that Redis running "
+        "and reachable, and is KMSQ_BROKER_URL the broker the workers use?",
+    )
+
+
 def open_client(identity: Path | None, fleet: Path | None, timeout: float, **options: Any) -> KmsClient:
     """Returns a connected KmsClient (broker and namespace from the settings; the identity from ``--identity``
     or ``KMSQ_IDENTITY``; the fleet file from ``--fleet``, ``KMSQ_FLEET`` or ``$KMSQ_HOME/fleet.json``).
-    Raises IdentityError when a file is missing."""
+    Raises IdentityError when a file is missing, KmsError (``unavailable``) when the broker does not answer;
+    each message says what to run."""
     from tasks.client import KmsClient
     from tasks.identity import IdentityError
 
     identity = identity or (Path(os.environ["KMSQ_IDENTITY"]) if os.environ.get("KMSQ_IDENTITY") else None)
     if identity is None:
         raise IdentityError("no caller identity: pass --identity NAME.key.json or set KMSQ_IDENTITY")
+    if not identity.exists():
+        raise IdentityError(
+            f"no caller identity at {identity}: make one with `kmsq caller keygen NAME` and have the operator "
+            "register its NAME.pub.json (`kmsq caller add NAME --public-key NAME.pub.json ...`)"
+        )
     config = settings()
     fleet = fleet or Path(os.environ.get("KMSQ_FLEET") or Path(config.home) / "fleet.json")
+    if not fleet.exists():
+        raise IdentityError(
+            f"no fleet file at {fleet}: run `kmsq fleet-key export --out {fleet}` on an HSM host (`kmsq init` "
+            "writes $KMSQ_HOME/fleet.json), or pass --fleet FILE or set KMSQ_FLEET"
+        )
+    check_broker(config, timeout)
     return KmsClient.from_files(
         config.effective_broker_url, identity, fleet, timeout=timeout, namespace=config.namespace, **options
     )
