@@ -195,3 +195,24 @@ def test_the_first_call_after_the_demo(tmp_path: Path) -> None:
         one_line(result, 4, "no reply from a worker in time", "`kmsq worker`")
     finally:
         run_kmsq(home, "broker", "stop")
+
+
+# -- scripts/run.sh --json ------------------------------------------------------------------------------------
+
+
+@pytest.mark.hsm
+@pytest.mark.queue
+def test_run_sh_json_prints_one_document(tmp_path: Path) -> None:
+    softhsm_library()
+    redis_server()
+    # setup.sh checks this virtualenv (the test run's) and skips pip when it is installed already.
+    env = kmsq_env(tmp_path / "home", KMSQ_VENV=sys.prefix)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run.sh"), "--json"], env=env, capture_output=True,
+                            text=True, timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert sorted(document) == ["demo", "init"]
+    assert document["init"]["token_created"] is True and document["init"]["home"] == str(tmp_path / "home")
+    assert document["demo"]["worker"]["exit_code"] == 0
+    assert all(step.get("ok", True) and step.get("matches", True) for step in document["demo"]["steps"])
+    assert "setup: done" in result.stderr  # the setup output went to stderr
