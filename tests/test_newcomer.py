@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -216,3 +217,18 @@ def test_run_sh_json_prints_one_document(tmp_path: Path) -> None:
     assert document["demo"]["worker"]["exit_code"] == 0
     assert all(step.get("ok", True) and step.get("matches", True) for step in document["demo"]["steps"])
     assert "setup: done" in result.stderr  # the setup output went to stderr
+
+
+# -- the docs count the gateway's endpoints ---------------------------------------------------------------
+
+
+def test_the_docs_count_the_gateway_endpoints() -> None:
+    """The README's count of the gateway's endpoints is the number of routes kmsq/gateway.py serves."""
+    routes = re.findall(r'@app\.(get|post|put|delete)\("([^"]+)"', (ROOT / "kmsq" / "gateway.py").read_text())
+    words = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}  # six: POST /key, GET /key/{pub},
+    # POST /generateDataKey, /decryptDataKey, /key/generate and /sign
+    assert f"serves its {words[len(routes)]} endpoints" in (ROOT / "README.md").read_text(), routes
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(path.read_text().split())
+        stale = re.findall(r"\b(?:four|five|seven) (?:endpoints|gateway endpoints)", text)
+        assert not stale, (path.name, stale)
