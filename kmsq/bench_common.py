@@ -145,7 +145,7 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
     """Prepares ``pool`` and ``caller`` on the configured Redis, Postgres and token (idempotent). Raises
     ConfigError when the broker is the embedded one or the database is SQLite, or when ``caller`` is
     registered with another key than its identity file's."""
-    from schemas.messages import ALLOWABLE_OPS
+    from schemas.operations import ALLOWABLE_OPS
     from tasks.identity import CallerIdentity, Fleet
     from worker import callers
     from worker.config import load_settings

@@ -45,14 +45,8 @@ for command in (
     worker.worker,
     broker.broker_group,
     status.status,
-    # caller: the key-provider operations, in bulk, and over HTTP
-    keys.generate_data_key,
-    keys.decrypt_data_key,
-    keys.rewrap_data_key,
-    keys.put_key,
-    keys.get_key,
-    keys.generate_key,
-    keys.sign,
+    # caller: the key-provider operations (one command per operation), in bulk, and over HTTP
+    *keys.CALLER_COMMANDS,
     provision.provision,
     gateway.gateway,
     # the replaced key provider's data

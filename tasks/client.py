@@ -11,18 +11,19 @@ Imports no HSM or database code: a caller needs only the base ``kmsq`` install.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import pydantic
 from kombu.connection import Connection
@@ -30,14 +31,12 @@ from kombu.entity import Queue
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
-from schemas.envelope import EncryptedDataKey, FormatError
 from schemas.limits import (
     MAX_BATCH_ITEMS,
     MAX_REQUEST_BYTES,
-    FieldError,
-    check_prv,
 )
 from schemas.messages import Reply, ReplyEnvelope, Request
+from schemas.operations import OPERATIONS, Operation
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
@@ -47,16 +46,33 @@ from schemas.wire import (
     task_name,
 )
 from tasks.app import broker_connection, make_app, reuse_redis_client
-from tasks.coalesce import CoalescePolicy, Coalescer, encrypted_key_coalesces, put_key_cost, value_cost
-from tasks.codec import Fields, KmsCodec
+from tasks.coalesce import CoalescePolicy, Coalescer
+from tasks.codec import Fields, KmsCodec, put_keys_fields
 from tasks.codec import KmsError as KmsError  # re-exported: callers catch it from here
 from tasks.codec import KmsTimeout as KmsTimeout
+from tasks.futures import LoopBridge, SentMessage
 from tasks.futures import RequestFuture as RequestFuture  # re-exported: callers type their futures with it
-from tasks.futures import SentMessage
 from tasks.identity import CallerIdentity, Fleet
 
 log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
+
+
+P = ParamSpec("P")
+
+
+def _blocking(
+    submit: Callable[Concatenate[KmsClient, P], RequestFuture],
+) -> Callable[Concatenate[KmsClient, P], Fields]:
+    """The blocking twin of a ``submit_*`` method: starts the request and waits for it (:meth:`KmsClient.wait`)."""
+
+    @functools.wraps(submit)
+    def run(self: KmsClient, /, *args: P.args, **kwargs: P.kwargs) -> Fields:
+        return self.wait(submit(self, *args, **kwargs))
+
+    run.__name__ = run.__qualname__ = submit.__name__.removeprefix("submit_")
+    run.__doc__ = f"Waits for :meth:`{submit.__name__}` and returns its fields. Raises KmsError (or KmsTimeout)."
+    return run
 
 
 class KmsClient(KmsCodec):
@@ -118,85 +134,83 @@ class KmsClient(KmsCodec):
         """Builds a client from the caller's ``NAME.key.json`` and the fleet file."""
         return cls(broker_url, CallerIdentity.load(identity_file), Fleet.load(fleet_file), **kwargs)
 
-    # -- operations --------------------------------------------------------------------------------
+    # -- operations: one submit_* per operation of schemas.operations, with its blocking twin ---------------
 
-    def submit_generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> RequestFuture:
-        """Starts ``generate_data_key``; the future gives ``encryptedKey`` and, with plaintext, ``plaintextKey``."""
-        op = "generate_data_key" if with_plaintext else "generate_data_key_without_plaintext"
-        params = {"op": op, "root_key_id": root_key_id, "key_spec": "AES-256"}
-        pool = self.pool_for(root_key_id)
-        return self._single(params, pool, root_key_id, None, value_cost(), lambda: self.submit(params, pool))
+    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture:
+        """Starts operation ``op`` with the request ``fields`` of its model (a sealed input, such as put_key's
+        ``prv``, as its plaintext: it is sealed to the pool's transport key before it leaves this process). The
+        pool is ``pool``, or the one the operation's ``pool_from`` field picks, or the default pool. With
+        coalescing, a request whose operation has a batch form may travel in a batch with others (a lone one
+        goes at once, alone). Returns the future of its unsealed result fields. Raises KmsError (``invalid``)
+        for fields out of their limits or an unknown pool or operation."""
+        operation = OPERATIONS.get(op)
+        if operation is None:
+            raise KmsError("invalid", f"unknown operation {op!r}")
+        target = self.route(operation, fields, pool)
+        batching = operation.batch
+        if self.coalescer is None or batching is None or not batching.coalesce:
+            return self._send(operation, fields, target)
+        params = {"op": op, **fields}
+        if batching.alone is not None and batching.alone(params):
+            return self._send(operation, fields, target)
+        self.check_params(params)  # refused now, as it would be alone, not later inside a batch
+        return self.coalescer.submit(operation, target, params, lambda: self._send(operation, fields, target))
 
-    def submit_decrypt_data_key(self, encrypted_key: str) -> RequestFuture:
-        """Starts ``decrypt_data_key``; the future gives ``plaintextKey``."""
-        return self._by_encrypted_key("decrypt_data_key", encrypted_key)
+    def _send(self, operation: Operation, fields: dict[str, Any], pool: str) -> RequestFuture:
+        request_id = uuid.uuid4()
+        return self.submit(self.request_params(operation, fields, pool, request_id), pool, request_id)
 
-    def submit_rewrap_data_key(self, encrypted_key: str) -> RequestFuture:
+    def submit_generate_data_key(
+        self,
+        root_key_id: str | None = None,
+        with_plaintext: bool = True,
+        *,
+        key_spec: str = "AES-256",
+        pool: str | None = None,
+    ) -> RequestFuture:
+        """Starts ``generate_data_key``; the future gives ``encryptedKey`` and ``plaintextKey``. Without
+        ``with_plaintext`` it is ``generate_data_key_without_plaintext`` (``encryptedKey`` only)."""
+        if not with_plaintext:
+            return self.submit_generate_data_key_without_plaintext(root_key_id, key_spec=key_spec, pool=pool)
+        return self.call("generate_data_key", {"root_key_id": root_key_id, "key_spec": key_spec}, pool)
+
+    def submit_generate_data_key_without_plaintext(
+        self, root_key_id: str | None = None, *, key_spec: str = "AES-256", pool: str | None = None
+    ) -> RequestFuture:
+        """Starts ``generate_data_key_without_plaintext``; the future gives ``encryptedKey``."""
+        fields = {"root_key_id": root_key_id, "key_spec": key_spec}
+        return self.call("generate_data_key_without_plaintext", fields, pool)
+
+    def submit_decrypt_data_key(self, encrypted_key: str, *, pool: str | None = None) -> RequestFuture:
+        """Starts ``decrypt_data_key``; the future gives ``plaintextKey``. It goes to the pool of the root key the
+        ``encryptedKey`` names (``pool`` for one that names none: the replaced API's SJCL envelopes)."""
+        return self.call("decrypt_data_key", {"encrypted_key": encrypted_key}, pool)
+
+    def submit_rewrap_data_key(self, encrypted_key: str, *, pool: str | None = None) -> RequestFuture:
         """Starts ``rewrap_data_key``; the future gives ``encryptedKey`` under its root key's current version
         (the same string when it is current already). No plaintext is involved on either side."""
-        return self._by_encrypted_key("rewrap_data_key", encrypted_key)
-
-    def _by_encrypted_key(self, op: str, encrypted_key: str) -> RequestFuture:
-        params = {"op": op, "encrypted_key": encrypted_key}
-        pool = self._pool_of_key(encrypted_key)
-        if not encrypted_key_coalesces(encrypted_key):
-            return self.submit(params, pool)
-        send = lambda: self.submit(params, pool)  # noqa: E731
-        return self._single(params, pool, None, encrypted_key, value_cost(encrypted_key), send)
-
-    def _single(
-        self,
-        params: dict[str, Any],
-        pool: str,
-        root_key_id: str | None,
-        value: Any,
-        cost: int,
-        send_alone: Callable[[], RequestFuture],
-    ) -> RequestFuture:
-        """Sends a single request, through the coalescer when there is one (checked first as sent alone)."""
-        if self.coalescer is None:
-            return send_alone()
-        if pool not in self.fleet.pools:
-            raise KmsError("invalid", f"pool {pool!r} is not in the fleet file")
-        self.check_params(params)
-        return self.coalescer.submit((params["op"], pool, root_key_id), value, cost, send_alone)
-
-    def _pool_of_key(self, encrypted_key: str) -> str:
-        """The pool of the root key an ``encryptedKey`` names; the default pool for one that does not parse
-        (a malformed key goes anyway: the worker answers ``invalid``)."""
-        with contextlib.suppress(FormatError):
-            return self.pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
-        return self.fleet.default_pool
+        return self.call("rewrap_data_key", {"encrypted_key": encrypted_key}, pool)
 
     def submit_put_key(
-        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
+        self,
+        pub: str,
+        prv: str,
+        coin: str,
+        source: str,
+        type: str,
+        root_key_id: str | None = None,
+        *,
+        pool: str | None = None,
     ) -> RequestFuture:
-        """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process.
-        Raises KmsError (``invalid``) for a ``prv`` out of its limits (schemas.limits)."""
-
-        def send_alone() -> RequestFuture:
-            request_id = uuid.uuid4()
-            params, pool = self.put_key_params(pub, prv, coin, source, type, root_key_id, request_id)
-            return self.submit(params, pool, request_id=request_id)
-
-        if self.coalescer is None:
-            return send_alone()
-        try:
-            check_prv(prv)
-        except FieldError as e:
-            raise KmsError("invalid", str(e)) from None
-        params = {"op": "put_key", "pub": pub, "prv": "sealed", "coin": coin, "source": source, "type": type,
-                  "root_key_id": root_key_id}  # fmt: skip
-        item = {"pub": pub, "prv": prv, "coin": coin, "source": source, "type": type}
-        cost = put_key_cost(pub, prv, coin, source, type)
-        return self._single(params, self.pool_for(root_key_id), root_key_id, item, cost, send_alone)
+        """Starts ``put_key``; ``prv`` is sealed to the pool's transport key before it leaves this process. The
+        future gives ``pub``, ``coin``, ``source`` and ``type``. Raises KmsError (``invalid``) for a ``prv`` out
+        of its limits (schemas.limits)."""
+        fields = {"pub": pub, "prv": prv, "coin": coin, "source": source, "type": type, "root_key_id": root_key_id}
+        return self.call("put_key", fields, pool)
 
     def submit_get_key(self, pub: str, source: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_key``; the future gives ``prv``, ``pub``, ``coin``, ``source`` and ``type``."""
-        params = {"op": "get_key", "pub": pub, "source": source}
-        target = pool or self.fleet.default_pool
-        send = lambda: self.submit(params, target)  # noqa: E731
-        return self._single(params, target, None, (pub, source), value_cost(pub, source), send)
+        return self.call("get_key", {"pub": pub, "source": source}, pool)
 
     def submit_generate_signing_key(
         self,
@@ -206,126 +220,76 @@ class KmsClient(KmsCodec):
         root_key_id: str | None = None,
         *,
         in_hsm: bool = False,
+        pool: str | None = None,
     ) -> RequestFuture:
         """Starts ``generate_signing_key``: a key generated and kept inside kmsq (never exportable; ``in_hsm``: a
         secp256k1 key inside the token, ETH-like coins only); the future gives ``pub`` (its xpub), ``coin``,
         ``source`` and ``type``."""
-        params: dict[str, object] = {"op": "generate_signing_key", "coin": coin, "source": source, "type": type}
-        if root_key_id is not None:
-            params["root_key_id"] = root_key_id
-        if in_hsm:
-            params["in_hsm"] = True
-        return self.submit(params, self.pool_for(root_key_id))
+        fields = {"coin": coin, "source": source, "type": type, "root_key_id": root_key_id, "in_hsm": in_hsm}
+        return self.call("generate_signing_key", fields, pool)
 
     def submit_sign(
         self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None
     ) -> RequestFuture:
         """Starts ``sign`` with the generated key (pub, source); the future gives ``signature``."""
-        params = {"op": "sign", "pub": pub, "source": source, "payload": payload, "algorithm": algorithm}
-        return self.submit(params, pool or self.fleet.default_pool)
+        return self.call("sign", {"pub": pub, "source": source, "payload": payload, "algorithm": algorithm}, pool)
 
     def submit_get_result(self, request_id: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
-        return self.submit({"op": "get_result", "request_id": request_id}, pool or self.fleet.default_pool)
+        return self.call("get_result", {"request_id": request_id}, pool)
 
     # -- batches (one message, one transaction, one sealed reply; per-item errors) -------------------
 
     def submit_generate_data_keys(
-        self, count: int, root_key_id: str | None = None, with_plaintext: bool = True
+        self,
+        count: int,
+        root_key_id: str | None = None,
+        with_plaintext: bool = True,
+        *,
+        key_spec: str = "AES-256",
+        pool: str | None = None,
     ) -> RequestFuture:
         """Starts ``generate_data_keys``; the future gives ``{"items": [{"encryptedKey", "plaintextKey"?}]}``."""
-        params = {
-            "op": "generate_data_keys",
-            "count": count,
-            "with_plaintext": with_plaintext,
-            "root_key_id": root_key_id,
-        }
-        return self.submit(params, self.pool_for(root_key_id))
+        fields = {"count": count, "with_plaintext": with_plaintext, "root_key_id": root_key_id, "key_spec": key_spec}
+        return self.call("generate_data_keys", fields, pool)
 
-    def submit_decrypt_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
+    def submit_decrypt_data_keys(self, encrypted_keys: list[str], *, pool: str | None = None) -> RequestFuture:
         """Starts ``decrypt_data_keys``; items are ``{"plaintextKey"}`` or ``{"error", "message"}``. The batch
         goes to the pool of its first key's root key."""
-        pool = self._pool_of_key(encrypted_keys[0]) if encrypted_keys else self.fleet.default_pool
-        return self.submit({"op": "decrypt_data_keys", "encrypted_keys": encrypted_keys}, pool)
+        return self.call("decrypt_data_keys", {"encrypted_keys": encrypted_keys}, pool)
 
-    def submit_rewrap_data_keys(self, encrypted_keys: list[str]) -> RequestFuture:
+    def submit_rewrap_data_keys(self, encrypted_keys: list[str], *, pool: str | None = None) -> RequestFuture:
         """Starts ``rewrap_data_keys``; items are ``{"encryptedKey"}`` or ``{"error", "message"}``. The batch
         goes to the pool of its first key's root key."""
-        pool = self._pool_of_key(encrypted_keys[0]) if encrypted_keys else self.fleet.default_pool
-        return self.submit({"op": "rewrap_data_keys", "encrypted_keys": encrypted_keys}, pool)
+        return self.call("rewrap_data_keys", {"encrypted_keys": encrypted_keys}, pool)
 
-    def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture:
+    def submit_put_keys(
+        self, items: list[dict[str, str]], root_key_id: str | None = None, *, pool: str | None = None
+    ) -> RequestFuture:
         """Starts ``put_keys`` for items ``{pub, prv, coin, source, type}``; the private keys are sealed
         together to the pool's transport key. Items come back as public fields or ``{"error", "message"}``."""
-        request_id = uuid.uuid4()
-        params, pool = self.put_keys_params(items, root_key_id, request_id)
-        return self.submit(params, pool, request_id=request_id)
+        return self.call("put_keys", put_keys_fields(items, root_key_id), pool)
 
     def submit_get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> RequestFuture:
         """Starts ``get_keys`` for ``(pub, source)`` pairs; items are ``{"prv", "pub", "coin", "source",
         "type"}`` or ``{"error", "message"}`` (``not_found``...)."""
-        params = {"op": "get_keys", "keys": [{"pub": pub, "source": source} for pub, source in keys]}
-        return self.submit(params, pool or self.fleet.default_pool)
+        return self.call("get_keys", {"keys": [{"pub": pub, "source": source} for pub, source in keys]}, pool)
 
-    def get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> Fields:
-        """See :meth:`submit_get_keys`. Raises KmsError for the batch as a whole."""
-        return self.wait(self.submit_get_keys(keys, pool))
-
-    def generate_data_keys(self, count: int, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
-        """See :meth:`submit_generate_data_keys`. Raises KmsError."""
-        return self.wait(self.submit_generate_data_keys(count, root_key_id, with_plaintext))
-
-    def decrypt_data_keys(self, encrypted_keys: list[str]) -> Fields:
-        """See :meth:`submit_decrypt_data_keys`. Raises KmsError for the batch as a whole."""
-        return self.wait(self.submit_decrypt_data_keys(encrypted_keys))
-
-    def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
-        """See :meth:`submit_put_keys`. Raises KmsError for the batch as a whole."""
-        return self.wait(self.submit_put_keys(items, root_key_id))
-
-    def rewrap_data_keys(self, encrypted_keys: list[str]) -> Fields:
-        """See :meth:`submit_rewrap_data_keys`. Raises KmsError for the batch as a whole."""
-        return self.wait(self.submit_rewrap_data_keys(encrypted_keys))
-
-    def rewrap_data_key(self, encrypted_key: str) -> Fields:
-        """Returns ``{"encryptedKey"}`` under the root key's current version. Raises KmsError."""
-        return self.wait(self.submit_rewrap_data_key(encrypted_key))
-
-    def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
-        """Returns ``{"encryptedKey", "plaintextKey"?}``. Raises KmsError."""
-        return self.wait(self.submit_generate_data_key(root_key_id, with_plaintext))
-
-    def decrypt_data_key(self, encrypted_key: str) -> Fields:
-        """Returns ``{"plaintextKey"}``, the string ``generate_data_key`` returned. Raises KmsError."""
-        return self.wait(self.submit_decrypt_data_key(encrypted_key))
-
-    def put_key(self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None) -> Fields:
-        """Stores a private key; returns ``{"pub", "coin", "source", "type"}``. Raises KmsError."""
-        return self.wait(self.submit_put_key(pub, prv, coin, source, type, root_key_id))
-
-    def get_key(self, pub: str, source: str, pool: str | None = None) -> Fields:
-        """Returns ``{"prv", "pub", "coin", "source", "type"}``. Raises KmsError (``not_found``...)."""
-        return self.wait(self.submit_get_key(pub, source, pool))
-
-    def get_result(self, request_id: str, pool: str | None = None) -> Fields:
-        """Returns the stored result of an earlier request (or raises its stored error)."""
-        return self.wait(self.submit_get_result(request_id, pool))
-
-    def generate_signing_key(
-        self,
-        coin: str,
-        source: str,
-        type: str = "independent",
-        root_key_id: str | None = None,
-        *,
-        in_hsm: bool = False,
-    ) -> Fields:
-        """Returns ``{"pub", "coin", "source", "type"}`` of a new key kept inside kmsq. Raises KmsError."""
-        return self.wait(self.submit_generate_signing_key(coin, source, type, root_key_id, in_hsm=in_hsm))
-
-    def sign(self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None) -> Fields:
-        """Returns ``{"signature"}`` of ``payload`` by a generated key. Raises KmsError."""
-        return self.wait(self.submit_sign(pub, source, payload, algorithm, pool))
+    # Each operation's blocking twin: the same arguments; returns the fields, raises KmsError (or KmsTimeout).
+    generate_data_key = _blocking(submit_generate_data_key)
+    generate_data_key_without_plaintext = _blocking(submit_generate_data_key_without_plaintext)
+    decrypt_data_key = _blocking(submit_decrypt_data_key)
+    rewrap_data_key = _blocking(submit_rewrap_data_key)
+    put_key = _blocking(submit_put_key)
+    get_key = _blocking(submit_get_key)
+    generate_signing_key = _blocking(submit_generate_signing_key)
+    sign = _blocking(submit_sign)
+    get_result = _blocking(submit_get_result)
+    generate_data_keys = _blocking(submit_generate_data_keys)
+    decrypt_data_keys = _blocking(submit_decrypt_data_keys)
+    rewrap_data_keys = _blocking(submit_rewrap_data_keys)
+    put_keys = _blocking(submit_put_keys)
+    get_keys = _blocking(submit_get_keys)
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -557,82 +521,62 @@ def _argsrepr(args: list[Any]) -> str | None:
     return None
 
 
+def _awaiting(
+    submit: Callable[Concatenate[KmsClient, P], RequestFuture],
+) -> Callable[Concatenate[AsyncKmsClient, P], Coroutine[Any, Any, Fields]]:
+    """The coroutine twin of a ``submit_*`` method of :class:`KmsClient` (see :meth:`AsyncKmsClient.run`)."""
+
+    @functools.wraps(submit)
+    async def run(self: AsyncKmsClient, /, *args: P.args, **kwargs: P.kwargs) -> Fields:
+        return await self.run(lambda: submit(self.client, *args, **kwargs))
+
+    run.__name__ = run.__qualname__ = submit.__name__.removeprefix("submit_")
+    run.__doc__ = f"Awaits :meth:`KmsClient.{submit.__name__}` and returns its fields. Raises KmsError (or KmsTimeout)."
+    return run
+
+
 class AsyncKmsClient:
-    """The same operations as coroutines, for asyncio callers. Many may be awaited at once."""
+    """The same operations as coroutines, for asyncio callers (the gateway is one). Many may be awaited at once.
+
+    Publishing blocks while the broker is slow or reconnecting, so it never runs on the event loop's thread:
+    each request is started on the loop's default executor (a coalescing client's lone request is published
+    there too; the others of a batch return at once). Replies reach the loop one wake-up per burst
+    (:class:`tasks.futures.LoopBridge`)."""
 
     def __init__(self, client: KmsClient) -> None:
         self.client = client
+        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = weakref.WeakKeyDictionary()
 
-    async def _await(self, start: Callable[[], RequestFuture]) -> Fields:
-        return await asyncio.wait_for(asyncio.wrap_future(start()), timeout=self.client.timeout)
+    async def run(self, start: Callable[[], RequestFuture], timeout: float | None = None) -> Fields:
+        """Starts a request with ``start`` (off the loop's thread) and awaits its fields, for at most ``timeout``
+        seconds (default: the client's). Raises KmsError, or KmsTimeout (the request is then forgotten; it may
+        still run: ``get_result``)."""
+        loop = asyncio.get_running_loop()
+        future = await loop.run_in_executor(None, start)
+        bridge = self._bridges.get(loop) or self._bridges.setdefault(loop, LoopBridge(loop))
+        try:
+            return await asyncio.wait_for(bridge.watch(future), self.client.timeout if timeout is None else timeout)
+        except TimeoutError:
+            raise KmsTimeout(getattr(future, "request_id", "")) from None
 
-    async def generate_data_key(self, root_key_id: str | None = None, with_plaintext: bool = True) -> Fields:
-        """See :meth:`KmsClient.generate_data_key`."""
-        return await self._await(lambda: self.client.submit_generate_data_key(root_key_id, with_plaintext))
+    async def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> Fields:
+        """See :meth:`KmsClient.call`."""
+        return await self.run(lambda: self.client.call(op, fields, pool))
 
-    async def decrypt_data_key(self, encrypted_key: str) -> Fields:
-        """See :meth:`KmsClient.decrypt_data_key`."""
-        return await self._await(lambda: self.client.submit_decrypt_data_key(encrypted_key))
-
-    async def put_key(
-        self, pub: str, prv: str, coin: str, source: str, type: str, root_key_id: str | None = None
-    ) -> Fields:
-        """See :meth:`KmsClient.put_key`."""
-        return await self._await(lambda: self.client.submit_put_key(pub, prv, coin, source, type, root_key_id))
-
-    async def get_key(self, pub: str, source: str, pool: str | None = None) -> Fields:
-        """See :meth:`KmsClient.get_key`."""
-        return await self._await(lambda: self.client.submit_get_key(pub, source, pool))
-
-    async def generate_signing_key(
-        self,
-        coin: str,
-        source: str,
-        type: str = "independent",
-        root_key_id: str | None = None,
-        *,
-        in_hsm: bool = False,
-    ) -> Fields:
-        """See :meth:`KmsClient.generate_signing_key`."""
-        return await self._await(
-            lambda: self.client.submit_generate_signing_key(coin, source, type, root_key_id, in_hsm=in_hsm)
-        )
-
-    async def sign(
-        self, pub: str, source: str, payload: str, algorithm: str = "ecdsa", pool: str | None = None
-    ) -> Fields:
-        """See :meth:`KmsClient.sign`."""
-        return await self._await(lambda: self.client.submit_sign(pub, source, payload, algorithm, pool))
-
-    async def get_result(self, request_id: str, pool: str | None = None) -> Fields:
-        """See :meth:`KmsClient.get_result`."""
-        return await self._await(lambda: self.client.submit_get_result(request_id, pool))
-
-    async def generate_data_keys(
-        self, count: int, root_key_id: str | None = None, with_plaintext: bool = True
-    ) -> Fields:
-        """See :meth:`KmsClient.submit_generate_data_keys`."""
-        return await self._await(lambda: self.client.submit_generate_data_keys(count, root_key_id, with_plaintext))
-
-    async def decrypt_data_keys(self, encrypted_keys: list[str]) -> Fields:
-        """See :meth:`KmsClient.submit_decrypt_data_keys`."""
-        return await self._await(lambda: self.client.submit_decrypt_data_keys(encrypted_keys))
-
-    async def put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> Fields:
-        """See :meth:`KmsClient.submit_put_keys`."""
-        return await self._await(lambda: self.client.submit_put_keys(items, root_key_id))
-
-    async def get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> Fields:
-        """See :meth:`KmsClient.submit_get_keys`."""
-        return await self._await(lambda: self.client.submit_get_keys(keys, pool))
-
-    async def rewrap_data_key(self, encrypted_key: str) -> Fields:
-        """See :meth:`KmsClient.rewrap_data_key`."""
-        return await self._await(lambda: self.client.submit_rewrap_data_key(encrypted_key))
-
-    async def rewrap_data_keys(self, encrypted_keys: list[str]) -> Fields:
-        """See :meth:`KmsClient.submit_rewrap_data_keys`."""
-        return await self._await(lambda: self.client.submit_rewrap_data_keys(encrypted_keys))
+    generate_data_key = _awaiting(KmsClient.submit_generate_data_key)
+    generate_data_key_without_plaintext = _awaiting(KmsClient.submit_generate_data_key_without_plaintext)
+    decrypt_data_key = _awaiting(KmsClient.submit_decrypt_data_key)
+    rewrap_data_key = _awaiting(KmsClient.submit_rewrap_data_key)
+    put_key = _awaiting(KmsClient.submit_put_key)
+    get_key = _awaiting(KmsClient.submit_get_key)
+    generate_signing_key = _awaiting(KmsClient.submit_generate_signing_key)
+    sign = _awaiting(KmsClient.submit_sign)
+    get_result = _awaiting(KmsClient.submit_get_result)
+    generate_data_keys = _awaiting(KmsClient.submit_generate_data_keys)
+    decrypt_data_keys = _awaiting(KmsClient.submit_decrypt_data_keys)
+    rewrap_data_keys = _awaiting(KmsClient.submit_rewrap_data_keys)
+    put_keys = _awaiting(KmsClient.submit_put_keys)
+    get_keys = _awaiting(KmsClient.submit_get_keys)
 
     def close(self) -> None:
         """Closes the underlying client."""

@@ -1,9 +1,10 @@
-"""Coalescing: concurrent single requests of one operation, pool and root key go out as one batch message.
+"""Coalescing: concurrent single requests of one operation, pool and shared fields go out as one batch message.
 
+An operation coalesces when its row in ``schemas.operations`` has a batch form (:class:`Batching`) that allows
+it: the batch operation, which fields make an item, which the batch shares (the root key) and which it sets.
 A request that finds nothing of its kind in flight is sent at once, alone, on the caller's thread, exactly as
 without coalescing (same latency, same errors). While one is in flight, the next ones of that kind wait at
-most ``linger`` seconds for company, then go from the coalescer's sender thread as one batch
-(``generate_data_keys``, ``decrypt_data_keys``, ``rewrap_data_keys``, ``put_keys``, ``get_keys``) of at most
+most ``linger`` seconds for company, then go from the coalescer's sender thread as one batch of at most
 ``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
 gets its own item's fields, or its own item's error, or the error of the batch as a whole. The batch is one
 message with one request id: the worker's idempotency and a resend (``resend_after``) cover it as a whole.
@@ -22,8 +23,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schemas.envelope import TEXT_PREFIX
 from schemas.limits import MAX_BATCH_ITEMS, MAX_REQUEST_BYTES
+from schemas.operations import Batching, Operation
+from schemas.wire import canonical_json
 from tasks.codec import Fields, KmsError, KmsTimeout
 from tasks.futures import RequestFuture
 
@@ -55,27 +57,28 @@ class CoalescePolicy:
 class _Item:
     future: RequestFuture
     value: Any  # the item as its batch operation takes it
+    sealed: Any  # its sealed input's plaintext (put_key's prv), or None
     cost: int  # bytes it adds to the batch message
     send_alone: Callable[[], RequestFuture]
 
 
 @dataclass
 class _Group:
+    batching: Batching
+    shared: dict[str, Any]
     deadline: float
     items: list[_Item] = field(default_factory=list)
     cost: int = 0
 
 
-# (single operation, pool, root key id or None)
-_Key = tuple[str, str, str | None]
+# (single operation, pool, the values of the fields its batch shares)
+_Key = tuple[str, str, tuple[Any, ...]]
 
 
 class BatchSender(Protocol):
     """What the coalescer sends batches with (:class:`tasks.client.KmsClient`)."""
 
-    def submit(self, params: dict[str, Any], pool: str, request_id: Any = None) -> RequestFuture: ...
-
-    def submit_put_keys(self, items: list[dict[str, str]], root_key_id: str | None = None) -> RequestFuture: ...
+    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture: ...
 
 
 class Coalescer:
@@ -94,11 +97,20 @@ class Coalescer:
         self._flusher = threading.Thread(target=self._flush_when_due, name="kmsq-coalesce", daemon=True)
         self._flusher.start()
 
-    def submit(self, key: _Key, value: Any, cost: int, send_alone: Callable[[], RequestFuture]) -> RequestFuture:
-        """Sends the request now, alone and on this thread, exactly as without coalescing, when nothing of its
-        kind is in flight; otherwise adds it to its kind's next batch, which the sender thread sends. Returns
-        its future. Raises what ``send_alone`` raises when it is sent alone, KmsError when the client is
-        closed."""
+    def submit(
+        self, operation: Operation, pool: str, params: dict[str, Any], send_alone: Callable[[], RequestFuture]
+    ) -> RequestFuture:
+        """Sends the request (``operation`` with ``params``, checked already; a sealed input still in plaintext)
+        now, alone and on this thread, exactly as without coalescing, when nothing of its kind is in flight;
+        otherwise adds it to its kind's next batch, which the sender thread sends. Returns its future. Raises
+        what ``send_alone`` raises when it is sent alone, KmsError when the client is closed."""
+        batching = operation.batch
+        assert batching is not None  # only operations with a batch form coalesce
+        shared = {name: params.get(name) for name in batching.shared}
+        key: _Key = (operation.name, pool, tuple(shared.values()))
+        value = batching.item(params)
+        sealed = params.get(operation.sealed_input.field) if operation.sealed_input is not None else None
+        cost = item_cost(value, sealed)
         with self._lock:
             if self._closed:
                 raise KmsError("unavailable", "the client is closed")
@@ -106,13 +118,13 @@ class Coalescer:
             if alone:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
             else:
-                item = _Item(RequestFuture(""), value, cost, send_alone)
+                item = _Item(RequestFuture(""), value, sealed, cost, send_alone)
                 group = self._groups.get(key)
                 if group is not None and group.cost + cost > self.policy.max_bytes:
                     self._dispatch(key, self._groups.pop(key))
                     group = None
                 if group is None:
-                    group = self._groups[key] = _Group(time.monotonic() + self.policy.linger)
+                    group = self._groups[key] = _Group(batching, shared, time.monotonic() + self.policy.linger)
                 group.items.append(item)
                 group.cost += cost
                 if len(group.items) >= self.policy.max_items:
@@ -162,7 +174,7 @@ class Coalescer:
     def _send(self, key: _Key, group: _Group) -> None:
         """Sends one group: alone when it has one item, else as its batch operation."""
         try:
-            sent = group.items[0].send_alone() if len(group.items) == 1 else self._send_batch(key, group.items)
+            sent = group.items[0].send_alone() if len(group.items) == 1 else self._send_batch(key, group)
         except KmsError as e:  # each caller gets the refusal, as it would have alone
             self._refuse(key, group, e)
             return
@@ -196,24 +208,12 @@ class Coalescer:
             if not item.future.done():
                 item.future.set_exception(error)
 
-    def _send_batch(self, key: _Key, items: list[_Item]) -> RequestFuture:
-        op, pool, root_key_id = key
-        values = [item.value for item in items]
-        if op in ("generate_data_key", "generate_data_key_without_plaintext"):
-            with_plaintext = op == "generate_data_key"
-            params: dict[str, Any] = {"op": "generate_data_keys", "count": len(items),
-                                      "with_plaintext": with_plaintext, "root_key_id": root_key_id}  # fmt: skip
-        elif op == "decrypt_data_key":
-            params = {"op": "decrypt_data_keys", "encrypted_keys": values}
-        elif op == "rewrap_data_key":
-            params = {"op": "rewrap_data_keys", "encrypted_keys": values}
-        elif op == "get_key":
-            params = {"op": "get_keys", "keys": [{"pub": pub, "source": source} for pub, source in values]}
-        elif op == "put_key":
-            return self.client.submit_put_keys(values, root_key_id)
-        else:
-            raise KmsError("internal", f"{op} does not coalesce")
-        return self.client.submit(params, pool)
+    def _send_batch(self, key: _Key, group: _Group) -> RequestFuture:
+        params = group.batching.batch_params(
+            group.shared, [item.value for item in group.items], [item.sealed for item in group.items]
+        )
+        params.pop("op")
+        return self.client.call(group.batching.op, params, key[1])
 
     def _deliver(self, key: _Key, sent: Future[Fields], items: list[_Item], batch: bool) -> None:
         """Hands each caller its item of the reply, or the error of the whole."""
@@ -256,18 +256,9 @@ def _item_fields(fields: Fields, index: int, count: int, request_id: str) -> Fie
     return item
 
 
-def encrypted_key_coalesces(encrypted_key: str) -> bool:
-    """True for a kmsq ``encryptedKey``. The replaced system's SJCL envelopes go alone: each costs PBKDF2
-    work, and a message may hold only so much of it."""
-    return encrypted_key.startswith(TEXT_PREFIX)
-
-
-def put_key_cost(pub: str, prv: str, coin: str, source: str, type: str) -> int:
-    """Bytes a ``put_keys`` item adds to a message: its public fields, and its private key sealed (4/3)."""
-    public = len(json.dumps([pub, coin, source, type]))
-    return public + (len(json.dumps(prv)) + 1) * 4 // 3 + _ITEM_OVERHEAD_BYTES
-
-
-def value_cost(*values: str) -> int:
-    """Bytes an item made of ``values`` adds to a message."""
-    return sum(len(v) for v in values) + _ITEM_OVERHEAD_BYTES
+def item_cost(value: Any, sealed: Any = None) -> int:
+    """Bytes an item adds to a batch message: its value as JSON, and its sealed input (base64url, 4/3)."""
+    cost = len(canonical_json(value)) + _ITEM_OVERHEAD_BYTES
+    if sealed is not None:
+        cost += (len(json.dumps(sealed)) + 1) * 4 // 3
+    return cost

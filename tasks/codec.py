@@ -15,8 +15,10 @@ from typing import Any
 
 import pydantic
 
-from schemas.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, FieldError, check_prv, public_message
-from schemas.messages import OPS, Operation, Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.envelope import EncryptedDataKey, FormatError
+from schemas.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, FieldError, public_message
+from schemas.messages import Reply, ReplyEnvelope, Request, reply_queue_for
+from schemas.operations import OPERATIONS, OPS, Operation, Params, item_sealed_field
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     WireError,
@@ -34,9 +36,8 @@ from schemas.wire import (
 from tasks.identity import CallerIdentity, Fleet, FleetPool
 
 Fields = dict[str, Any]
-_OPERATION: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Operation)
-# The field each item of a batch reply gets from the sealed ``items`` list, by operation.
-BATCH_SECRET_NAMES = {"get_keys": "prv"}
+_PARAMS: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Params)
+SEALED_PLACEHOLDER = "sealed"  # stands for a sealed input while parameters are checked before sealing
 
 
 class KmsError(Exception):
@@ -88,6 +89,61 @@ class KmsCodec:
             return self.fleet.default_pool
         return self.fleet.pool_of_root_key(root_key_id) or self.fleet.default_pool
 
+    def pool_of_key(self, encrypted_key: str) -> str:
+        """The pool of the root key an ``encryptedKey`` names; the default pool for one that does not parse
+        (a malformed key goes anyway: the worker answers ``invalid``)."""
+        try:
+            return self.pool_for(EncryptedDataKey.from_text(encrypted_key).root_key_id)
+        except FormatError:
+            return self.fleet.default_pool
+
+    def route(self, operation: Operation, fields: dict[str, Any], pool: str | None = None) -> str:
+        """The pool a request goes to: ``pool`` when given, else the one its operation's ``pool_from`` field
+        picks (a root key's pool, or that of the root key an ``encryptedKey`` names), else the default pool.
+        Raises KmsError (``invalid``) for a pool the fleet file does not know."""
+        target = pool
+        if target is None:
+            value = fields.get(operation.pool_from) if operation.pool_from else None
+            if operation.pool_from == "root_key_id":
+                target = self.pool_for(value)
+            elif operation.pool_from == "encrypted_key" and isinstance(value, str):
+                target = self.pool_of_key(value)
+            elif operation.pool_from == "encrypted_keys" and isinstance(value, list) and value:
+                target = self.pool_of_key(str(value[0]))
+            else:
+                target = self.fleet.default_pool
+        if target not in self.fleet.pools:
+            raise KmsError("invalid", f"pool {target!r} is not in the fleet file")
+        return target
+
+    def check_sealed_input(self, operation: Operation, fields: dict[str, Any]) -> None:
+        """Raises KmsError (``invalid``) when the plaintext of the operation's sealed input is out of its limits
+        (checked before it is sealed: a seal hides them from the request's own checks)."""
+        sealed = operation.sealed_input
+        if sealed is None or sealed.check is None:
+            return
+        try:
+            sealed.check(fields.get(sealed.field))
+        except FieldError as e:
+            raise KmsError("invalid", str(e)) from None
+
+    def request_params(
+        self, operation: Operation, fields: dict[str, Any], pool: str, request_id: uuid.UUID
+    ) -> dict[str, Any]:
+        """The request parameters of ``operation`` with ``fields``, its sealed input (a plaintext in ``fields``)
+        sealed to ``pool``'s transport key for ``request_id``. Raises KmsError (``invalid``)."""
+        params = {"op": operation.name, **fields}
+        sealed = operation.sealed_input
+        if sealed is not None:
+            self.check_sealed_input(operation, fields)
+            try:
+                plaintext = sealed.encode(fields.get(sealed.field))
+            except ValueError as e:
+                raise KmsError("invalid", str(e)) from None
+            transport = self.fleet.pools[pool].transport_key
+            params[sealed.field] = seal_private_key(transport, self.identity.caller, request_id, plaintext)
+        return params
+
     def build_request(
         self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None
     ) -> tuple[Request, list[str]]:
@@ -110,9 +166,14 @@ class KmsCodec:
 
     def check_params(self, params: dict[str, Any]) -> None:
         """Raises the KmsError (``invalid``) that :meth:`build_request` raises for these parameters, without
-        signing anything (a request that will travel inside a batch is checked as its single operation)."""
+        signing anything (a request that will travel inside a batch is checked as its single operation). A
+        sealed input may be given as its plaintext: it is checked by its own limit, and stands for its seal."""
+        operation = OPERATIONS.get(str(params.get("op")))
+        if operation is not None and operation.sealed_input is not None:
+            self.check_sealed_input(operation, params)
+            params = {**params, operation.sealed_input.field: SEALED_PLACEHOLDER}
         try:
-            _OPERATION.validate_python(params, strict=False)
+            _PARAMS.validate_python(params, strict=False)
         except pydantic.ValidationError as e:
             errors = e.errors(include_input=False, include_url=False, include_context=False)
             raise KmsError("invalid", public_message(errors, ("params", *OPS), "malformed request: ")) from None
@@ -141,27 +202,19 @@ class KmsCodec:
     ) -> tuple[dict[str, Any], str]:
         """Returns the ``put_key`` parameters for ``request_id`` (``prv`` sealed) and the pool. Raises KmsError
         (``invalid``) for a ``prv`` out of its limits."""
-        try:
-            check_prv(prv)
-        except FieldError as e:
-            raise KmsError("invalid", str(e)) from None
-        pool = self.pool_for(root_key_id)
-        sealed = seal_private_key(
-            self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prv.encode("utf-8")
-        )
-        params = {"op": "put_key", "pub": pub, "prv": sealed, "coin": coin, "source": source, "type": type,
-                  "root_key_id": root_key_id}  # fmt: skip
-        return params, pool
+        fields = {"pub": pub, "prv": prv, "coin": coin, "source": source, "type": type, "root_key_id": root_key_id}
+        return self._sealed_request("put_key", fields, request_id)
 
     def put_keys_params(
         self, items: list[dict[str, str]], root_key_id: str | None, request_id: uuid.UUID
     ) -> tuple[dict[str, Any], str]:
-        """Returns the ``put_keys`` parameters for ``request_id`` (private keys sealed) and the pool."""
-        pool = self.pool_for(root_key_id)
-        prvs = canonical_json([item["prv"] for item in items])
-        sealed = seal_private_key(self.fleet.pools[pool].transport_key, self.identity.caller, request_id, prvs)
-        public = [{k: item[k] for k in ("pub", "coin", "source", "type")} for item in items]
-        return {"op": "put_keys", "items": public, "prvs": sealed, "root_key_id": root_key_id}, pool
+        """Returns the ``put_keys`` parameters for ``request_id`` (private keys sealed together) and the pool."""
+        return self._sealed_request("put_keys", put_keys_fields(items, root_key_id), request_id)
+
+    def _sealed_request(self, op: str, fields: dict[str, Any], request_id: uuid.UUID) -> tuple[dict[str, Any], str]:
+        operation = OPERATIONS[op]
+        pool = self.route(operation, fields)
+        return self.request_params(operation, fields, pool, request_id), pool
 
     # -- replies -----------------------------------------------------------------------------------
 
@@ -183,13 +236,8 @@ class KmsCodec:
             except (WireError, UnicodeDecodeError):
                 raise KmsError("internal", f"reply field {name} does not open with this caller's key") from None
         if isinstance(fields.get("items"), str):  # a batch: the items' secrets, sealed together
-            items = reply.result["items"]
-            assert isinstance(items, list)
-            secrets, fields["items"] = json.loads(fields["items"]), [dict(item) for item in items]
-            name = BATCH_SECRET_NAMES.get(reply.op, "plaintextKey")
-            for item, secret in zip(fields["items"], secrets, strict=True):
-                if secret is not None:
-                    item[name] = secret
+            fields["items"] = _items_with_secrets(reply, json.loads(fields["items"]))
+        _check_reply_model(reply, fields)
         return fields
 
     # -- replies -----------------------------------------------------------------------------------
@@ -211,3 +259,34 @@ class KmsCodec:
         if reply.caller != self.identity.caller:
             raise WireError("reply for another caller")
         return reply
+
+
+def put_keys_fields(items: list[dict[str, str]], root_key_id: str | None = None) -> dict[str, Any]:
+    """The ``put_keys`` fields of items ``{pub, prv, coin, source, type}``: their public fields, and their
+    private keys as one list (``prvs``, sealed before it is sent)."""
+    public = [{k: item[k] for k in ("pub", "coin", "source", "type")} for item in items]
+    return {"items": public, "prvs": [item["prv"] for item in items], "root_key_id": root_key_id}
+
+
+def _items_with_secrets(reply: Reply, secrets: list[Any]) -> list[dict[str, Any]]:
+    """A batch reply's items, each with its secret (from the sealed ``items`` list) under its single
+    operation's sealed field. Raises KmsError (``internal``) for a reply that does not fit its operation."""
+    items, name = reply.result.get("items"), item_sealed_field(reply.op)
+    if not isinstance(items, list) or name is None or not isinstance(secrets, list) or len(secrets) != len(items):
+        raise KmsError("internal", "reply does not match its operation", str(reply.request_id))
+    merged = [dict(item) for item in items]
+    for item, secret in zip(merged, secrets, strict=True):
+        if secret is not None:
+            item[name] = secret
+    return merged
+
+
+def _check_reply_model(reply: Reply, fields: Fields) -> None:
+    """Raises KmsError (``internal``) unless ``fields`` are what the reply's operation returns."""
+    operation = OPERATIONS.get(reply.op)
+    try:
+        if operation is None:
+            raise ValueError(reply.op)
+        operation.reply.model_validate(fields)
+    except (ValueError, pydantic.ValidationError):
+        raise KmsError("internal", "reply does not match its operation", str(reply.request_id)) from None

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from schemas.messages import OPS
+from schemas.operations import OPS
 from schemas.wire import ERROR_CODES
 
 log = logging.getLogger("kmsq.worker")

@@ -1,11 +1,11 @@
 """The worker side of the queue: one thin Celery task per operation, and per-process setup.
 
-Each task hands the message to :func:`worker.pipeline.handle` and publishes the signed reply it returns to
-the request's reply queue; it retries (with backoff) only when the HSM or the database is unavailable.
-The PKCS#11 session, the database engine and the fleet keys are opened in each worker *child* process
-(``worker_process_init``), never in the parent that forks.
-
-``KMSQ_WORKER_POOL`` (set by ``kmsq worker --pool``) names the pool this process serves.
+:class:`PoolWorker` is one pool's worker, built by its entry point (``kmsq worker``) from the settings and the
+pool it serves: its Celery app has one task per operation of ``schemas.operations``, each handing the message
+to :func:`worker.pipeline.handle` and publishing the signed reply it returns to the request's reply queue; it
+retries (with backoff) only when the HSM or the database is unavailable. The PKCS#11 session, the database
+engine and the fleet keys are opened in each worker *child* process (``worker_process_init``), never in the
+parent that forks.
 """
 
 from __future__ import annotations
@@ -24,18 +24,19 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
-from schemas.messages import OPS
-from schemas.wire import REPLY_QUEUE_PREFIX, task_name
+from schemas.operations import OPS
+from schemas.wire import task_name
 from tasks import metrics
 from tasks.app import make_app
 from tasks.transport import DROPPED
-from worker import audit_log, policy, retention
-from worker.config import load_settings
+from worker import audit_log, retention
+from worker.config import Settings
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
+from worker.policy import TrustedRows
 from worker.runtime import KeyService
-from worker.storage.cache import ROWS
+from worker.service import RootKeyAccess
 from worker.storage.db import transaction
 
 log = logging.getLogger("kmsq.worker")
@@ -50,169 +51,180 @@ MAX_ETA_SECONDS = 2 * 2 ** (MAX_RETRIES - 1)
 # the stored reply. Two seconds are enough for a main process that still reads.
 billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = 20
 
-_settings = load_settings()
-app = make_app(
-    _settings.effective_broker_url, namespace=_settings.namespace,
-    reply_queue_ttl_seconds=_settings.reply_queue_ttl_seconds,
-)  # fmt: skip
-_lock = threading.Lock()
-_context: WorkerContext | None = None
-_context_pid: int | None = None
-_service: KeyService | None = None  # the context's HSM and database, closed when the process stops
 
+class PoolWorker:
+    """The worker of one pool: its Celery app, and in each pool process the context that
+    :func:`worker.pipeline.handle` needs (opened on first use, after the fork).
 
-def context() -> WorkerContext:
-    """Returns this process's worker context, opening the HSM session, database and fleet keys on first use.
-
-    Raises ConfigError (no fleet key, bad configuration) or TransientError (HSM or database down).
+    Celery's signals are process-wide: build one per process (the entry point does).
     """
-    global _context, _context_pid, _service
-    with _lock:
-        if _context is None or _context_pid != os.getpid():
-            settings = load_settings()
-            ROWS.ttl = settings.cache_seconds
-            pool = os.environ.get("KMSQ_WORKER_POOL") or settings.default_pool
-            service = KeyService.from_settings(settings)
-            service.hsm.check()
-            policy.enforce(service.hsm)  # every caller and root key row this process loads must verify
-            with transaction(service.sessions) as db:
-                fleet = load_fleet_key(service.hsm, db, pool)
-            _context = WorkerContext(
-                service.hsm, service.sessions, pool, fleet, timedelta(seconds=settings.clock_skew_seconds),
-                audit_chain=os.environ.get("KMSQ_WORKER_NO_AUDIT") != "1",  # kmsq bench's baseline only
-            )  # fmt: skip
-            _context_pid = os.getpid()
-            _service = service
-        return _context
 
+    def __init__(self, settings: Settings, pool: str) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.app = make_app(
+            settings.effective_broker_url, namespace=settings.namespace,
+            reply_queue_ttl_seconds=settings.reply_queue_ttl_seconds,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._context: WorkerContext | None = None
+        self._context_pid: int | None = None
+        self._service: KeyService | None = None  # the context's HSM and database, closed when the process stops
+        self._pruner: retention.Pruner | None = None
+        self._metrics: metrics.WorkerMetrics | None = None
+        for op in OPS:
+            self._register(op)
+        # Celery registers its built-in tasks (celery.group, celery.chain, celery.chord_unlock...) in every app;
+        # a message naming one needs no signature. kmsq uses none of them: a worker serves only kmsq.* tasks.
+        self.app.finalize()
+        for name in [name for name in self.app.tasks if name.startswith("celery.")]:
+            self.app.tasks.unregister(name)
+        worker_process_init.connect(self._open_in_child, weak=False, dispatch_uid="kmsq-open-in-child")
+        worker_process_shutdown.connect(self._close_in_child, weak=False, dispatch_uid="kmsq-close-in-child")
+        signals.worker_shutdown.connect(self._forget_remote_control, weak=False, dispatch_uid="kmsq-pidbox")
 
-_pruner: retention.Pruner | None = None
+    def context(self) -> WorkerContext:
+        """Returns this process's worker context, opening the HSM session, database and fleet keys on first use.
 
+        Raises ConfigError (no fleet key, bad configuration) or TransientError (HSM or database down).
+        """
+        with self._lock:
+            if self._context is None or self._context_pid != os.getpid():
+                service = KeyService.from_settings(self.settings)
+                service.hsm.check()
+                # Every caller, root key and pool row this process acts on must verify (worker.policy).
+                rows = TrustedRows(service.hsm, self.settings.cache_seconds)
+                with transaction(service.sessions) as db:
+                    fleet = load_fleet_key(service.hsm, db, self.pool, RootKeyAccess(rows))
+                self._context = WorkerContext(
+                    service.hsm, service.sessions, self.pool, fleet, rows,
+                    timedelta(seconds=self.settings.clock_skew_seconds),
+                )  # fmt: skip
+                self._context_pid = os.getpid()
+                self._service = service
+            return self._context
 
-@worker_process_init.connect
-def _open_in_child(**_: Any) -> None:
-    try:
-        ctx = context()
-        log.info("worker process %d serves pool %s", os.getpid(), ctx.pool)
-    except Exception as e:  # the first task retries; the log says why
-        log.error("worker process %d could not open its HSM session or database: %s", os.getpid(), e)
-        return
-    if getattr(billiard.process.current_process(), "index", 0) == 0:
-        _start_pruner(ctx)
+    def _open_in_child(self, **_: Any) -> None:
+        try:
+            ctx = self.context()
+            log.info("worker process %d serves pool %s", os.getpid(), ctx.pool)
+        except Exception as e:  # the first task retries; the log says why
+            log.error("worker process %d could not open its HSM session or database: %s", os.getpid(), e)
+            return
+        if getattr(billiard.process.current_process(), "index", 0) == 0:
+            self._start_pruner(ctx)
 
+    def _start_pruner(self, ctx: WorkerContext) -> None:
+        """Prunes in the background of one pool process per worker (the first): request records, the pool's
+        audit chain and, in the default pool, the chain of pool-less actions (see worker.retention)."""
+        settings = self.settings
+        if settings.prune_interval_seconds <= 0:
+            return
+        policy = retention.policy_of(settings)
+        chains = [ctx.pool] + ([audit_log.GLOBAL_CHAIN] if ctx.pool == settings.default_pool else [])
 
-def _start_pruner(ctx: WorkerContext) -> None:
-    """Prunes in the background of one pool process per worker (the first): request records, the pool's
-    audit chain and, in the default pool, the chain of pool-less actions (see worker.retention)."""
-    global _pruner
-    settings = load_settings()
-    if settings.prune_interval_seconds <= 0:
-        return
-    policy = retention.policy_of(settings)
-    chains = [ctx.pool] + ([audit_log.GLOBAL_CHAIN] if ctx.pool == settings.default_pool else [])
+        def run() -> retention.PruneCounts:
+            return retention.prune(ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch)
 
-    def run() -> retention.PruneCounts:
-        return retention.prune(ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch)
+        self._pruner = retention.Pruner(
+            run, settings.prune_interval_seconds, lambda counts: retention.vacuum(ctx.sessions, counts)
+        )
+        self._pruner.start()
 
-    _pruner = retention.Pruner(
-        run, settings.prune_interval_seconds, lambda counts: retention.vacuum(ctx.sessions, counts)
-    )
-    _pruner.start()
+    def _close_in_child(self, **_: Any) -> None:
+        if self._pruner is not None:
+            self._pruner.stop()
+        if self._context is not None:
+            self._context.rejections.flush()
+        if self._service is not None:
+            self._service.engine.dispose()
+        metrics.process_dead(os.getpid())
 
+    def _forget_remote_control(self, sender: Any = None, **_: Any) -> None:
+        """Removes this worker's member from the remote-control binding table. kombu deletes the table only
+        once no worker has refreshed it for an hour, so while any worker runs, every worker ever started (each
+        has a node name of its own: pool.pid@host) would otherwise stay in it."""
+        hostname = getattr(sender, "hostname", None)
+        if not hostname:
+            return
+        suffix = f"{hostname}.celery.pidbox".encode()
+        try:
+            with self.app.connection_for_write() as connection:
+                client = connection.default_channel.client
+                for member in client.smembers(PIDBOX_BINDINGS):
+                    if member.endswith(suffix):
+                        client.srem(PIDBOX_BINDINGS, member)
+        except Exception as e:  # the broker is gone: the member stays until kombu sweeps the table
+            log.warning("could not remove this worker's remote-control binding (%s)", type(e).__name__)
 
-@worker_process_shutdown.connect
-def _close_in_child(**_: Any) -> None:
-    if _pruner is not None:
-        _pruner.stop()
-    if _context is not None:
-        _context.rejections.flush()
-    if _service is not None:
-        _service.engine.dispose()
-    metrics.process_dead(os.getpid())
+    def publish(self, delivery: Delivery) -> None:
+        """Publishes a reply to its durable reply queue (persistent message, JSON), which then expires
+        ``KMSQ_REPLY_QUEUE_TTL_SECONDS`` after its last reply unless it is read (tasks.transport).
+
+        Nothing is declared: on Redis a queue of the default exchange is just its list, and kombu would keep
+        every reply queue it ever declared in this process's memory (a CLI caller's random one each time)."""
+        if delivery.queue is None:
+            return
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(
+                delivery.envelope,
+                exchange="",
+                routing_key=delivery.queue,
+                serializer="json",
+                delivery_mode=2,
+                retry=True,
+                retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
+            )
+
+    def _worker_metrics(self) -> metrics.WorkerMetrics | None:
+        """This pool process's metrics, when the worker serves them (``kmsq worker --metrics-port``)."""
+        if self._metrics is None and metrics.enabled():
+            self._metrics = metrics.WorkerMetrics()
+        return self._metrics
+
+    def run(self, task: Task, args: tuple[Any, ...]) -> None:
+        """Handles one task message: the pipeline's reply published, or a retry with backoff."""
+        request = task.request
+        msg = Inbound(task.name, request.reply_to, request.id, args)
+        final = request.retries >= MAX_RETRIES
+        measured = self._worker_metrics()
+        started = time.monotonic()
+        try:
+            ctx = self.context()
+            delivery = handle(ctx, msg, final_attempt=final)
+        except ServiceError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
+            countdown = 2**request.retries
+            log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1,
+                        countdown)  # fmt: skip
+            if measured is not None:
+                measured.retried(self.pool, task.name)
+                self._hsm_counts(measured)
+            raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
+        self.publish(delivery)
+        if measured is not None:
+            measured.handled(ctx.pool, task.name, delivery.code, delivery.issued_at, delivery.items, started,
+                             time.monotonic() - started)  # fmt: skip
+            self._hsm_counts(measured)
+        log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")
+
+    def _hsm_counts(self, measured: metrics.WorkerMetrics) -> None:
+        hsm = self._service.hsm if self._service is not None else None
+        if hsm is not None:
+            opened = getattr(hsm, "sessions_opened", 0)
+            measured.hsm_counts(self.pool, getattr(hsm, "unavailable", 0), max(0, opened - 1))
+
+    def _register(self, op: str) -> None:
+        worker = self
+
+        @self.app.task(
+            name=task_name(op), bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+            Request=SignedOnlyRequest,
+        )  # fmt: skip
+        def run(self: Task, *args: Any, **kwargs: Any) -> None:
+            worker.run(self, () if kwargs else args)  # keyword arguments are not part of the protocol: malformed
 
 
 PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"  # Celery's remote control: one member per worker node
-
-
-@signals.worker_shutdown.connect
-def _forget_remote_control(sender: Any = None, **_: Any) -> None:
-    """Removes this worker's member from the remote-control binding table. kombu deletes the table only once
-    no worker has refreshed it for an hour, so while any worker runs, every worker ever started (each has a
-    node name of its own: pool.pid@host) would otherwise stay in it."""
-    hostname = getattr(sender, "hostname", None)
-    if not hostname:
-        return
-    suffix = f"{hostname}.celery.pidbox".encode()
-    try:
-        with app.connection_for_write() as connection:
-            client = connection.default_channel.client
-            for member in client.smembers(PIDBOX_BINDINGS):
-                if member.endswith(suffix):
-                    client.srem(PIDBOX_BINDINGS, member)
-    except Exception as e:  # the broker is gone: the member stays until kombu sweeps the table
-        log.warning("could not remove this worker's remote-control binding (%s)", type(e).__name__)
-
-
-def publish(delivery: Delivery) -> None:
-    """Publishes a reply to its durable reply queue (persistent message, JSON), which then expires
-    ``KMSQ_REPLY_QUEUE_TTL_SECONDS`` after its last reply unless it is read (tasks.transport).
-
-    Nothing is declared: on Redis a queue of the default exchange is just its list, and kombu would keep
-    every reply queue it ever declared in this process's memory (a CLI caller's random one each time)."""
-    if delivery.queue is None:
-        return
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            delivery.envelope,
-            exchange="",
-            routing_key=delivery.queue,
-            serializer="json",
-            delivery_mode=2,
-            retry=True,
-            retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
-        )
-
-
-_metrics: metrics.WorkerMetrics | None = None
-
-
-def _worker_metrics() -> metrics.WorkerMetrics | None:
-    """This pool process's metrics, when the worker serves them (``kmsq worker --metrics-port``)."""
-    global _metrics
-    if _metrics is None and metrics.enabled():
-        _metrics = metrics.WorkerMetrics()
-    return _metrics
-
-
-def _run(task: Task, args: tuple[Any, ...]) -> None:
-    request = task.request
-    msg = Inbound(task.name, request.reply_to, request.id, args)
-    final = request.retries >= MAX_RETRIES
-    measured = _worker_metrics()
-    started = time.monotonic()
-    try:
-        ctx = context()
-        delivery = handle(ctx, msg, final_attempt=final)
-    except ServiceError as e:  # TransientError, or a worker that cannot open its HSM/fleet key yet
-        countdown = 2**request.retries
-        log.warning("%s %s: %s; retry %d in %d s", task.name, request.id, e.message, request.retries + 1, countdown)
-        if measured is not None:
-            measured.retried(_context.pool if _context else "?", task.name)
-            _hsm_counts(measured)
-        raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
-    publish(delivery)
-    if measured is not None:
-        measured.handled(ctx.pool, task.name, delivery.code, delivery.issued_at, delivery.items, started,
-                         time.monotonic() - started)  # fmt: skip
-        _hsm_counts(measured)
-    log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")
-
-
-def _hsm_counts(measured: metrics.WorkerMetrics) -> None:
-    hsm = _service.hsm if _service is not None else None
-    if hsm is not None and _context is not None:
-        opened = getattr(hsm, "sessions_opened", 0)
-        measured.hsm_counts(_context.pool, getattr(hsm, "unavailable", 0), max(0, opened - 1))
 
 
 class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]
@@ -263,31 +275,3 @@ class QuietConsumer(CeleryConsumer):  # type: ignore[misc]
         self._drop(message, f"is not a valid task message ({type(exc).__name__})")
         message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
-
-
-def _register(op: str) -> None:
-    @app.task(
-        name=task_name(op), bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-        Request=SignedOnlyRequest,
-    )  # fmt: skip
-    def run(self: Task, *args: Any, **kwargs: Any) -> None:
-        _run(self, () if kwargs else args)  # keyword arguments are not part of the protocol: malformed
-
-
-for _op in OPS:
-    _register(_op)
-
-# Celery registers its built-in tasks (celery.group, celery.chain, celery.chord_unlock...) in every app; a
-# message naming one needs no signature. kmsq uses none of them: a worker serves only kmsq.* tasks.
-app.finalize()
-for _name in [name for name in app.tasks if name.startswith("celery.")]:
-    app.tasks.unregister(_name)
-
-
-if os.environ.get("KMSQ_WORKER_NOOP") == "1":
-    # Benchmark baseline (`kmsq bench`, B): the same queue, settings and reply path with no work at all.
-    @app.task(name="kmsq.noop", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def noop(self: Task, *args: Any) -> None:
-        reply_to = self.request.reply_to
-        if isinstance(reply_to, str) and reply_to.startswith(REPLY_QUEUE_PREFIX):
-            publish(Delivery(reply_to, {"noop": str(self.request.id)}, str(self.request.id), None))

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.messages import ALLOWABLE_OPS
+from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet

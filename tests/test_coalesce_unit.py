@@ -9,11 +9,13 @@ from typing import Any, cast
 
 import pytest
 
+from schemas.operations import OPERATIONS
 from tasks.client import KmsClient, KmsError, RequestFuture
-from tasks.coalesce import CoalescePolicy, Coalescer, value_cost
+from tasks.coalesce import CoalescePolicy, Coalescer
 
 pytestmark = pytest.mark.unit
-KEY = ("decrypt_data_key", "alpha", None)
+DECRYPT = OPERATIONS["decrypt_data_key"]
+KEY = ("decrypt_data_key", "alpha", ())  # the operation, the pool, and the fields its batch shares (none)
 
 
 class Sender:
@@ -23,10 +25,11 @@ class Sender:
         self.sent: list[tuple[str, Any, RequestFuture]] = []
         self.lock = threading.Lock()
 
-    def submit(self, params: dict[str, Any], pool: str) -> RequestFuture:
+    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture:
+        assert pool == "alpha"
         future = RequestFuture(f"batch-{len(self.sent)}")
         with self.lock:
-            self.sent.append((params["op"], params.get("encrypted_keys"), future))
+            self.sent.append((op, fields.get("encrypted_keys"), future))
         return future
 
     def alone(self, key: str) -> RequestFuture:
@@ -53,8 +56,12 @@ def coalescer(sender: Sender, **policy: Any) -> Coalescer:
     return Coalescer(cast(KmsClient, sender), CoalescePolicy(**policy))
 
 
+def params(key: str) -> dict[str, Any]:
+    return {"op": "decrypt_data_key", "encrypted_key": key}
+
+
 def submit(c: Coalescer, sender: Sender, key: str) -> RequestFuture:
-    return c.submit(KEY, key, value_cost(key), lambda: sender.alone(key))
+    return c.submit(DECRYPT, "alpha", params(key), lambda: sender.alone(key))
 
 
 def test_a_lone_request_goes_at_once_and_the_next_ones_wait_for_the_batch() -> None:
@@ -125,12 +132,12 @@ def test_a_broker_failure_reaches_each_caller_of_a_batch_through_its_future() ->
     sender = Sender()
     c = coalescer(sender, linger=0.01)
     submit(c, sender, "first")  # in flight: the next one waits for a batch, sent by the sender thread
-    future = c.submit(KEY, "k", value_cost("k"), down)
+    future = c.submit(DECRYPT, "alpha", params("k"), down)
     with pytest.raises(KmsError) as refused:
         future.result(5)
     assert (refused.value.code, refused.value.message) == ("unavailable", "broker unavailable")
     with pytest.raises(ConnectionError):  # alone, on the caller's thread: raised as without coalescing
-        coalescer(Sender()).submit(KEY, "k", value_cost("k"), down)
+        coalescer(Sender()).submit(DECRYPT, "alpha", params("k"), down)
     c.close()
 
 

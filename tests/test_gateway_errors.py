@@ -19,7 +19,9 @@ BODY = {"prv": "xprv-unit", "pub": "xpub-unit", "coin": "btc", "source": "user",
 
 
 class StandIn:
-    """Answers every submit_* with what ``outcome`` produces: a finished future, a pending one, or a raise."""
+    """Answers every operation with what ``outcome`` produces: a finished future, a pending one, or a raise."""
+
+    timeout = 0.3
 
     def __init__(self) -> None:
         self.outcome: Callable[[], Future[dict[str, Any]]] = self.pending
@@ -29,11 +31,12 @@ class StandIn:
     def pending() -> Future[dict[str, Any]]:
         return Future()
 
-    def _submit(self, *_: Any, **__: Any) -> Future[dict[str, Any]]:
+    def pool_for(self, root_key_id: str | None) -> str:
+        return "default"
+
+    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> Future[dict[str, Any]]:
         self.calls += 1
         return self.outcome()
-
-    submit_put_key = submit_get_key = submit_generate_data_key = submit_decrypt_data_key = _submit
 
 
 def failing(error: Exception) -> Callable[[], Future[dict[str, Any]]]:

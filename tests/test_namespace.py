@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from schemas.messages import ALLOWABLE_OPS
+from schemas.operations import ALLOWABLE_OPS
 from tasks.client import KmsClient, KmsError
 from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import fresh_database

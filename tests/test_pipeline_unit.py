@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from schemas.envelope import EncryptedDataKey
 from schemas.messages import ReplyEnvelope
@@ -22,7 +22,7 @@ from worker import callers
 from worker.errors import HsmUnavailable
 from worker.pipeline import Delivery, Inbound, handle
 from worker.storage.db import transaction
-from worker.storage.models import AuditEvent, Caller, PrivateKey, RequestRecord
+from worker.storage.models import AuditRecord, Caller, PrivateKey, RequestRecord
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +62,10 @@ def test_4_to_6_what_anyone_could_have_made_gets_no_reply(unit: Unit, full: KmsC
         assert (delivery.queue, delivery.code) == (None, "unauthenticated")
         row = unit.rejection(str(request.request_id))
         assert (row.caller, row.reason) == (caller, reason)
-    assert unit.count(RequestRecord) == 0 and unit.count(AuditEvent) == 0  # counted, not stored or audited
+    assert unit.count(RequestRecord) == 0  # counted, not stored, and audited only as counts:
+    with unit.service.sessions() as db:
+        outcomes = set(db.scalars(select(AuditRecord.outcome).where(~AuditRecord.actor.startswith("operator:"))))
+    assert outcomes == {"rejected:unauthenticated"}
 
 
 def test_6a_a_disabled_caller_is_told_on_its_own_queue(unit: Unit, full: KmsCodec) -> None:
@@ -116,7 +119,10 @@ def test_11_a_redelivery_gets_the_stored_reply_and_a_reused_id_is_replayed(unit:
                                        request_id)  # fmt: skip
     first, second = unit.handle_args(request, args), unit.handle_args(request, args)
     assert first.envelope == second.envelope and answer(full, first)["pub"] == "xpub-11"
-    assert unit.count(PrivateKey) == 1 and unit.count(RequestRecord) == 1 and unit.count(AuditEvent) == 0
+    assert unit.count(PrivateKey) == 1 and unit.count(RequestRecord) == 1
+    with unit.service.sessions() as db:
+        audited = db.scalars(select(AuditRecord.outcome).where(AuditRecord.request_id == str(request_id))).all()
+    assert audited == ["ok"]  # the redelivery is not a second attempt
     other, other_args = full.build_request({"op": "generate_data_key"}, "alpha", request.request_id)
     assert refusal(full, unit.handle_args(other, other_args, task="kmsq.generate_data_key")) == (
         "replayed", "request_id already used for a different request")  # fmt: skip

@@ -164,7 +164,7 @@ def test_a_timed_out_request_is_forgotten(deployment: Deployment, full_caller: C
         assert future.cancelled() and not kms._pending
 
         async def wait_async() -> None:
-            with pytest.raises(TimeoutError):
+            with pytest.raises(KmsTimeout):
                 await AsyncKmsClient(kms).get_key(random_pub(), "user", pool="ghost")
 
         asyncio.run(wait_async())

@@ -152,14 +152,14 @@ def test_task_events_carry_no_secret(deployment: Deployment, mu: Mu) -> None:
 
 
 def test_flower_shows_the_tasks(deployment: Deployment, mu: Mu, tmp_path: Path) -> None:
-    """`celery -A tasks.worker:app flower` against the deployment: a request to the events-enabled pool shows
+    """`celery -A tasks.monitor:app flower` against the deployment: a request to the events-enabled pool shows
     up in Flower's task list, succeeded, with the short argsrepr only."""
     port = free_port()
     env = deployment.env(FLOWER_UNAUTHENTICATED_API="true")
     log = tmp_path / "flower.log"
     with log.open("wb") as out:
         flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks.worker:app", "flower", f"--port={port}",
+            [sys.executable, "-m", "celery", "-A", "tasks.monitor:app", "flower", f"--port={port}",
              "--address=127.0.0.1", f"--db={tmp_path / 'flower.db'}"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

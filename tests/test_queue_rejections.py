@@ -22,7 +22,7 @@ from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
 from worker import callers
 from worker.storage.db import transaction
-from worker.storage.models import AuditEvent, PrivateKey, RejectionCount, RequestRecord
+from worker.storage.models import AuditRecord, PrivateKey, RejectionCount, RequestRecord
 
 
 def signed_args(identity: CallerIdentity, body: dict[str, Any] | bytes, task: str) -> list[str]:
@@ -70,9 +70,9 @@ def unchanged(deployment: Deployment) -> Iterator[None]:
 
 
 def audited(deployment: Deployment, request_id: str, code: str) -> bool:
-    """An authenticated request's refusal: one audit row of its own."""
+    """An authenticated request's refusal: a record of its own in the pool's audit chain."""
     with deployment.sessions() as db:
-        codes = db.scalars(select(AuditEvent.code).where(AuditEvent.request_id == request_id)).all()
+        codes = db.scalars(select(AuditRecord.outcome).where(AuditRecord.request_id == request_id)).all()
     return code in codes
 
 

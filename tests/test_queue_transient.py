@@ -25,6 +25,7 @@ from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
 from worker.errors import DatabaseUnavailable
 from worker.fleet import ensure_fleet_key, load_fleet_key
 from worker.pipeline import Inbound, WorkerContext, handle
+from worker.policy import TrustedRows
 from worker.storage.db import create_db_engine, session_factory, transaction
 from worker.storage.models import PrivateKey, RequestRecord
 
@@ -124,7 +125,8 @@ def test_the_final_attempt_answers_unavailable(deployment: Deployment, client: K
         fleet = load_fleet_key(deployment.service.hsm, db, "alpha")
     url = make_url(deployment.database_url).set(host="127.0.0.1", port=gate.port)
     engine = create_db_engine(url.render_as_string(hide_password=False))
-    ctx = WorkerContext(deployment.service.hsm, session_factory(engine), "alpha", fleet, timedelta(minutes=5))
+    rows = TrustedRows(deployment.service.hsm)
+    ctx = WorkerContext(deployment.service.hsm, session_factory(engine), "alpha", fleet, rows, timedelta(minutes=5))
     request_id = uuid.uuid4()
     sealed = seal_private_key(fleet.transport.public_key(), client.identity.caller, request_id, b"xprv")
     params = {"op": "put_key", "pub": random_pub(), "prv": sealed, "coin": "btc", "source": "user", "type": "tss"}
@@ -140,13 +142,11 @@ def test_the_final_attempt_answers_unavailable(deployment: Deployment, client: K
 
 
 def test_a_refused_connection_for_the_request_record_is_transient() -> None:
-    """Found by `kmsq chaos`: while Postgres restarted, the autocommitted record insert could not even get a
-    connection, and the request was answered `internal` instead of being retried."""
-    from sqlalchemy.orm import Session
-
+    """Found by `kmsq chaos`: while Postgres restarted, the record insert could not even get a connection, and the
+    request was answered `internal` instead of being retried."""
     from worker.storage.repo import RequestRepository
 
     engine = create_db_engine("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
-    with Session(engine) as db, pytest.raises(DatabaseUnavailable):
-        RequestRepository(db).record_alone("c", str(uuid.uuid4()), "0" * 64, "generate_data_key", "{}")
+    with pytest.raises(DatabaseUnavailable), transaction(session_factory(engine)) as db:
+        RequestRepository(db).record("c", str(uuid.uuid4()), "0" * 64, "generate_data_key", "{}")
     engine.dispose()

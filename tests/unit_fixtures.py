@@ -13,15 +13,17 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from schemas.messages import ALLOWABLE_OPS, ReplyEnvelope
+from schemas.messages import ReplyEnvelope
+from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import task_name
 from tasks.codec import KmsCodec, KmsError
 from tasks.identity import CallerIdentity, Fleet
 from tests.fake_hsm import FakeHsm
-from worker import callers, policy
+from worker import callers
 from worker.fleet import load_fleet_key
 from worker.keystore import KeyStore
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
+from worker.policy import TrustedRows
 from worker.runtime import KeyService
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 from worker.storage.models import RejectionCount
@@ -106,10 +108,9 @@ def units(tmp_path: Path, hsm: KeyStore) -> Iterator[Unit]:
     with transaction(service.sessions) as db:
         secrets = load_fleet_key(hsm, db, "alpha")
     clock = [datetime.now(UTC)]
-    ctx = WorkerContext(hsm, service.sessions, "alpha", secrets, timedelta(seconds=300), now=lambda: clock[0])
-    policy.enforce(hsm)
+    rows = TrustedRows(hsm)  # every caller, root key and pool row the worker acts on must pass its MAC check
+    ctx = WorkerContext(hsm, service.sessions, "alpha", secrets, rows, timedelta(seconds=300), now=lambda: clock[0])
     yield Unit(service, ctx, roots, Fleet.from_document(service.fleet_document()), tmp_path, clock)
-    policy.enforce(None)
     engine.dispose()
 
 

@@ -43,23 +43,23 @@ def generate_data_keys(
     with_plaintext: bool,
     root_key_id: str | None = None,
     pool: str = "default",
-    check: service.RootKeyCheck | None = None,
+    keys: service.RootKeyAccess = service.DIRECT,
 ) -> list[service.DataKey]:
     """Generates ``count`` data keys under the root key's current version (all or nothing).
 
-    Returns them in order. Raises NotFound/InvalidRequest for the root key, or what ``check`` raises.
+    Returns them in order. Raises NotFound/InvalidRequest for the root key, or what ``keys.check`` raises.
     """
-    version = service.wrapping_version(db, root_key_id, pool, check)
+    version = service.wrapping_version(db, root_key_id, pool, keys)
     handle = service.hsm_handle(version)
-    keys: list[service.DataKey] = []
+    made: list[service.DataKey] = []
     for wrapped, plaintext in hsm.generate_data_keys(handle, count, readable=with_plaintext):
         text = EncryptedDataKey(KeySpec.AES_256, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
         if plaintext is None:
-            keys.append(service.DataKey(text.to_text()))
+            made.append(service.DataKey(text.to_text()))
         else:
             with plaintext:
-                keys.append(service.DataKey(text.to_text(), plaintext.b64()))
-    return keys
+                made.append(service.DataKey(text.to_text(), plaintext.b64()))
+    return made
 
 
 def decrypt_data_keys(encrypted_keys: Sequence[str], decrypt: Callable[[str], str]) -> list[str | ServiceError]:
@@ -84,14 +84,14 @@ def store_private_keys(
     items: Sequence[PrivateKeyItem],
     root_key_id: str | None = None,
     pool: str = "default",
-    check: service.RootKeyCheck | None = None,
+    keys: service.RootKeyAccess = service.DIRECT,
 ) -> list[service.StoredPrivateKey | ServiceError]:
     """Seals and stores each private key like :func:`worker.service.store_private_key`, with one bulk insert.
 
     Returns each item's public fields or its error: ``invalid`` for a bad field, ``conflict`` when (pub,
     source) is stored already or repeats within the batch.
     """
-    version = service.wrapping_version(db, root_key_id, pool, check)
+    version = service.wrapping_version(db, root_key_id, pool, keys)
     outcomes: list[service.StoredPrivateKey | ServiceError | None] = [None] * len(items)
     for i, item in enumerate(items):
         try:
@@ -126,20 +126,20 @@ def store_private_keys(
 
 
 def get_private_keys(
-    hsm: KeyStore, db: Session, keys: Sequence[tuple[str, str]], check: service.RootKeyCheck | None = None
+    hsm: KeyStore, db: Session, refs: Sequence[tuple[str, str]], keys: service.RootKeyAccess = service.DIRECT
 ) -> list[service.PrivateKeyRecord | ServiceError]:
     """Reads and opens each (pub, source) like :func:`worker.service.get_private_key`.
 
     Returns each key or its error (``invalid`` for a bad field, ``not_found``, an integrity failure, a root
     key the caller may not use): an item's error never fails the others."""
     out: list[service.PrivateKeyRecord | ServiceError] = []
-    for pub, source in keys:
+    for pub, source in refs:
         try:
             try:
                 check_pub(pub)
             except FieldError as e:
                 raise InvalidRequest(str(e)) from None
-            out.append(service.get_private_key(hsm, db, pub, source, check))
+            out.append(service.get_private_key(hsm, db, pub, source, keys))
         except PermanentError as e:
             out.append(e)
     return out

@@ -16,12 +16,11 @@ from sqlalchemy.orm import Session
 
 from schemas.files import PUBLIC_IDENTITY_KIND
 from schemas.limits import NAME
-from schemas.messages import ALLOWABLE_OPS, PLAINTEXT_OPS
+from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker import audit_log, policy
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
-from worker.storage.cache import ROWS, detached_copy
 from worker.storage.models import Caller, RootKey
 
 ALL_ROOT_KEYS = "*"
@@ -139,26 +138,15 @@ def set_caller_state(hsm: KeyStore, db: Session, name: str, state: str) -> Calle
     return _info(row)
 
 
-def get_caller(db: Session, name: str) -> Caller | None:
-    """Returns the caller, enabled or not, or None (a cached copy in workers).
-
-    Raises PolicyViolation when this process enforces the policy and the row fails its check."""
-
-    def load() -> Caller | None:
-        row = policy.check_caller(db.get(Caller, name))
-        return detached_copy(row) if row is not None and ROWS.ttl > 0 else row
-
-    return ROWS.get(("caller", name), load)
-
-
-def authorize_op(caller: Caller, op: str) -> None:
-    """Raises Forbidden unless ``caller`` may run ``op`` (including the plaintext permission)."""
-    if op == "get_result":
+def authorize(caller: Caller, permission: str | None, plaintext: bool) -> None:
+    """Raises Forbidden unless ``caller`` holds ``permission`` (None: the operation needs none) and, when the
+    operation returns plaintext, the plaintext permission."""
+    if permission is None:
         return
-    if op not in caller.allowed_ops.split(","):
-        raise Forbidden(f"operation {op} is not allowed for this caller")
-    if op in PLAINTEXT_OPS and not caller.plaintext:
-        raise Forbidden(f"operation {op} returns plaintext, which this caller may not receive")
+    if permission not in caller.allowed_ops.split(","):
+        raise Forbidden(f"operation {permission} is not allowed for this caller")
+    if plaintext and not caller.plaintext:
+        raise Forbidden(f"operation {permission} returns plaintext, which this caller may not receive")
 
 
 def authorize_root_key(caller: Caller, root_key: RootKey) -> None:

@@ -16,8 +16,6 @@ class ServiceError(Exception):
 
     code: ClassVar[ErrorCode] = "internal"
     transient = False
-    # What the audit record adds to the message (identifiers and digests only; the caller never sees it).
-    audit_detail = ""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -101,6 +99,13 @@ class Conflict(PermanentError):
 
     code = "conflict"
     default_message = "already exists"
+
+
+class StoredResultCorrupt(PermanentError):
+    """A stored reply does not answer the request it is stored for (a row's reply copied into another's)."""
+
+    code = "internal"
+    default_message = "stored result failed integrity check"
 
 
 class HsmError(PermanentError):

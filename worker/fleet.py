@@ -23,7 +23,7 @@ from worker import audit_log
 from worker.errors import ConfigError, IntegrityError
 from worker.keystore import KeyStore
 from worker.secret import SecretBytes
-from worker.service import open_under_root_key, seal_under_root_key, wrapping_version
+from worker.service import DIRECT, RootKeyAccess, open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import FleetKey, aad_version
 from worker.storage.repo import RootKeyRepository
 
@@ -157,8 +157,9 @@ def verified_public_keys(hsm: KeyStore, db: Session, pools: list[str] | None = N
     return verified
 
 
-def load_fleet_key(hsm: KeyStore, db: Session, pool: str) -> FleetSecrets:
-    """Opens the pool's fleet private keys in the HSM.
+def load_fleet_key(hsm: KeyStore, db: Session, pool: str, keys: RootKeyAccess = DIRECT) -> FleetSecrets:
+    """Opens the pool's fleet private keys in the HSM, reading the root key through ``keys`` (a worker's: only
+    rows that pass their policy check).
 
     Returns them. Raises ConfigError when the pool has none, IntegrityError when the row does not open.
     """
@@ -170,7 +171,7 @@ def load_fleet_key(hsm: KeyStore, db: Session, pool: str) -> FleetSecrets:
         return _aad(header, pool, row.root_key, aad_version(row), row.signing_key, row.transport_key)
 
     with open_under_root_key(
-        hsm, db, row.root_key, row.root_key_version, row.encrypted_private, row.encrypted_data_key, aad
+        hsm, db, row.root_key, row.root_key_version, row.encrypted_private, row.encrypted_data_key, aad, keys
     ) as secret:
         raw = secret.view()
         if len(raw) != 2 * _KEY_LEN:

@@ -19,7 +19,6 @@ from worker.errors import Conflict, InvalidRequest, NotFound
 from worker.keystore import KeyStore
 from worker.rewrap import SEALED_TABLES
 from worker.service import RootKeyInfo, hsm_handle, root_key_info
-from worker.storage.cache import ROWS
 from worker.storage.models import Pool, RootKey
 from worker.storage.repo import RootKeyRepository
 
@@ -150,19 +149,3 @@ def list_pools(db: Session) -> list[PoolInfo]:
 def _pool_info(db: Session, name: str, row: Pool | None) -> PoolInfo:
     count = int(db.scalar(select(func.count()).select_from(RootKey).where(RootKey.pool == name)) or 0)
     return PoolInfo(name, row.state if row is not None else "enabled", count, row.updated_at if row else None)
-
-
-def pool_refusal(db: Session, name: str) -> InvalidRequest | None:
-    """Why a worker of pool ``name`` must refuse requests now, or None (a cached lookup in workers). A pool row
-    that fails its policy check counts as disabled: someone may have re-enabled it behind the operator."""
-
-    def load() -> str:  # the policy check (an HSM call) runs once per cache period, not per request
-        row = db.get(Pool, name)
-        if row is None:
-            return "enabled"
-        return f"is {row.state}" if policy.checked(row) is not None else "failed its policy check"
-
-    state = ROWS.get(("pool", name), load)
-    if state in ("enabled", "is enabled"):
-        return None
-    return InvalidRequest(f"pool {name} {state}")

@@ -10,7 +10,6 @@ reply again; a concurrent duplicate blocks on the record's primary key and then 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,35 +20,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydantic
+from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from schemas.envelope import TEXT_PREFIX, EncryptedDataKey, FormatError
-from schemas.limits import MAX_ENCRYPTED_KEY_CHARS, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, NAME, public_message
-from schemas.messages import (
+from schemas.limits import MAX_REQUEST_BYTES, NAME, public_message
+from schemas.messages import ErrorBody, Reply, ReplyEnvelope, Request, ResultValue, reply_queue_belongs_to
+from schemas.operations import (
+    BATCH_OPS,
+    OPERATIONS,
     OPS,
-    DecryptDataKey,
-    DecryptDataKeys,
-    ErrorBody,
-    GenerateDataKey,
-    GenerateDataKeys,
-    GenerateDataKeyWithoutPlaintext,
-    GenerateSigningKey,
-    GetKey,
-    GetKeys,
-    GetResult,
-    PutKey,
-    PutKeys,
-    Reply,
-    ReplyEnvelope,
-    Request,
-    ResultValue,
-    RewrapDataKey,
-    RewrapDataKeys,
-    Sign,
+    Operation,
+    batch_items,
     permission_of,
-    reply_queue_belongs_to,
+    returns_plaintext,
 )
+from schemas.replies import sealed_fields
 from schemas.wire import (
     DEFAULT_CLOCK_SKEW_SECONDS,
     MAX_REQUEST_TTL_SECONDS,
@@ -69,13 +55,12 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, audit_log, batch, callers, lifecycle, retention, rewrap, service, signing
+from worker import audit, audit_log, callers, retention, service
 from worker.audit import UNKNOWN_CALLER
 from worker.errors import (
     Expired,
     Forbidden,
     InvalidRequest,
-    NotFound,
     PermanentError,
     Replayed,
     ServiceError,
@@ -83,12 +68,12 @@ from worker.errors import (
     Unauthenticated,
 )
 from worker.fleet import FleetSecrets
+from worker.handlers import OpCall, handler_of
 from worker.keystore import KeyStore
-from worker.legacy import root_key_names
-from worker.legacy.root_key_names import looks_like_sjcl
-from worker.policy import PolicyViolation
+from worker.policy import PolicyViolation, TrustedRows
+from worker.service import RootKeyAccess
 from worker.storage.db import transaction
-from worker.storage.models import AuditEvent, Caller, RequestRecord, RootKey
+from worker.storage.models import Caller, RequestRecord, RootKey
 from worker.storage.repo import RequestRepository
 
 log = logging.getLogger("kmsq.worker")
@@ -97,20 +82,21 @@ _NIL = uuid.UUID(int=0)
 
 @dataclass
 class WorkerContext:
-    """What a worker process holds: its HSM session, database, pool and fleet keys, and its count of refused
+    """What a worker process holds: its HSM session, database, pool and fleet keys, the policy rows it trusts
+    (callers, root keys, pools: MAC-checked against ``hsm``'s policy key and cached), and its count of refused
     messages (call ``rejections.flush()`` before the process ends)."""
 
     hsm: KeyStore
     sessions: sessionmaker[Session]
     pool: str
     fleet: FleetSecrets = field(repr=False)
+    rows: TrustedRows
     clock_skew: timedelta = timedelta(seconds=DEFAULT_CLOCK_SKEW_SECONDS)
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    audit_chain: bool = True  # off only for kmsq bench's measurement of the audit chain's cost
     rejections: audit.RejectionCounter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.rejections = audit.RejectionCounter(self.sessions, self.hsm if self.audit_chain else None)
+        self.rejections = audit.RejectionCounter(self.sessions, self.hsm)
 
 
 @dataclass(frozen=True)
@@ -150,6 +136,11 @@ class _Call:
     request: Request
     body_hash: str
     digest: str
+
+    @property
+    def operation(self) -> Operation:
+        """The operation's row in the table."""
+        return OPERATIONS[self.request.params.op]
 
 
 class _Rejection(Exception):
@@ -236,8 +227,8 @@ def _failure(ctx: WorkerContext, call: _Call, error: Exception, final_attempt: b
         if not final_attempt:
             raise error
         return _error_delivery(ctx, call, error, store=False)
-    if isinstance(error, PermanentError):
-        return _error_delivery(ctx, call, error, store=True)
+    if isinstance(error, PermanentError):  # the request's outcome, stored unless the operation's never are
+        return _error_delivery(ctx, call, error, store=call.operation.recorded)
     log.exception("internal error in %s %s", call.request.params.op, call.request.request_id, exc_info=error)
     return _error_delivery(ctx, call, ServiceError(), store=False)
 
@@ -265,7 +256,7 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
     # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
     try:
-        caller = callers.get_caller(db, claim.caller) if NAME.fullmatch(claim.caller) else None
+        caller = ctx.rows.caller(db, claim.caller) if NAME.fullmatch(claim.caller) else None
     except PolicyViolation:  # refused as if absent; counted under its name so that operators see it
         raise _Rejection(Unauthenticated(), "caller failed its policy check", caller=claim.caller) from None
     if caller is None:
@@ -355,7 +346,8 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
 
     The record's insert is the commit point of exactly-once: if another delivery recorded the request
     first, it raises _Duplicate and the caller rolls everything back and re-sends the stored reply. Raises
-    _Refusal or the operation's PermanentError (rolled back, then recorded by the caller).
+    _Refusal or the operation's PermanentError (rolled back, then recorded by the caller when the operation's
+    outcome is recorded).
     """
     request = call.request
     lifetime = (request.expires_at - request.issued_at).total_seconds()
@@ -369,45 +361,75 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
             raise _Duplicate()
         raise _Refusal(Expired(), store=True)
     try:
-        callers.authorize_op(caller, permission_of(request.params.op, request.params))
+        callers.authorize(caller, permission_of(request.params), returns_plaintext(request.params))
     except Forbidden as e:
         raise _Refusal(e, store=True) from None
-    disabled = lifecycle.pool_refusal(db, ctx.pool)
+    disabled = ctx.rows.pool_refusal(db, ctx.pool)
     if disabled is not None:
         raise _Refusal(disabled, store=True)
-    if isinstance(request.params, GetResult):
-        return _get_result(ctx, db, call, request.params)
-    done = _execute(ctx, db, request, caller)
+    operation = call.operation
+    keys = RootKeyAccess(ctx.rows, _root_key_check(ctx, caller))
+    done = handler_of(operation.name)(OpCall(ctx.hsm, db, ctx.pool, request, keys, _sealed_input(ctx, call)),
+                                      request.params)  # fmt: skip
+    result, secrets = _split(operation, request, done.reply)
     reply_key = sealing_public(caller.reply_key)
-    sealed = {
-        name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in done.secrets.items()
-    }
+    sealed = {name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()}
     envelope = _envelope(
-        ctx, request.request_id, request.caller, request.params.op, call.digest, result=done.result, sealed=sealed
+        ctx, request.request_id, request.caller, operation.name, call.digest, result=result, sealed=sealed
     )
-    reply = canonical_json(envelope).decode()
-    records = RequestRepository(db)
-    args = (request.caller, str(request.request_id), call.body_hash, request.params.op, reply)
-    expires_at = _record_expiry(ctx, request)
-    if not ctx.audit_chain:  # kmsq bench's baseline: the record alone, committed at once if nothing else was
-        if not records.record_alone(*args, expires_at=expires_at):
+    if operation.recorded:
+        recorded = RequestRepository(db).record(
+            request.caller, str(request.request_id), call.body_hash, operation.name,
+            canonical_json(envelope).decode(), expires_at=_record_expiry(ctx, request),
+        )  # fmt: skip
+        if not recorded:
             raise _Duplicate()
-        return _delivered(request, envelope, None)
-    if not records.record(*args, expires_at=expires_at):
-        raise _Duplicate()
     audit_log.append(
         ctx.hsm,
         db,
         ctx.pool,
         actor=request.caller,
-        action=request.params.op,
+        action=operation.name,
         outcome="ok",
         root_key_id=done.root_key_id,
         root_key_version=done.root_key_version,
         request_id=str(request.request_id),
-        detail=done.detail,
+        detail=operation.audit(request.params, done.reply),
     )  # fmt: skip  (the transaction's last step: it locks the chain's head until the commit)
     return _delivered(request, envelope, None)
+
+
+def _sealed_input(ctx: WorkerContext, call: _Call) -> bytes | None:
+    """The operation's sealed input, opened with the pool's transport key (None when it has none). Raises
+    InvalidRequest when it is not sealed to this pool for this request."""
+    sealed = call.operation.sealed_input
+    if sealed is None:
+        return None
+    request = call.request
+    try:
+        return open_private_key(ctx.fleet.transport, request.caller, request.request_id,
+                                getattr(request.params, sealed.field))  # fmt: skip
+    except WireError:
+        raise InvalidRequest(f"{sealed.field} is not sealed to this pool's transport key for this request") from None
+
+
+def _split(operation: Operation, request: Request, reply: BaseModel) -> tuple[ResultFields, dict[str, bytes]]:
+    """A reply model as the wire carries it: its public fields, and its sealed fields (to seal to the caller). A
+    batch's items carry their public fields; their sealed ones go together, in item order, as one JSON list
+    ``items``, when the batch's items are of an operation that returns plaintext."""
+    if operation.name not in BATCH_OPS:
+        names = sealed_fields(type(reply))
+        secrets = {name: str(getattr(reply, name)).encode() for name in names if getattr(reply, name) is not None}
+        return reply.model_dump(mode="json", exclude=set(names)), secrets
+    items: list[BaseModel] = list(getattr(reply, "items"))  # noqa: B009
+    public: list[dict[str, str | None]] = []
+    secret_items: list[str | None] = []
+    for item in items:
+        hidden = sealed_fields(type(item))
+        public.append(item.model_dump(mode="json", exclude=set(hidden)))
+        secret_items.append(getattr(item, hidden[0]) if hidden else None)
+    secrets = {"items": canonical_json(secret_items)} if returns_plaintext(request.params) else {}
+    return {"items": public}, secrets
 
 
 def _record_expiry(ctx: WorkerContext, request: Request) -> datetime:
@@ -416,16 +438,7 @@ def _record_expiry(ctx: WorkerContext, request: Request) -> datetime:
 
 def _delivered(request: Request, envelope: dict[str, str], code: str | None) -> Delivery:
     """The delivery of an authenticated request's reply, with what the worker's metrics need."""
-    params = request.params
-    items: int | None = None
-    if isinstance(params, GenerateDataKeys):
-        items = params.count
-    elif isinstance(params, DecryptDataKeys | RewrapDataKeys):
-        items = len(params.encrypted_keys)
-    elif isinstance(params, PutKeys):
-        items = len(params.items)
-    elif isinstance(params, GetKeys):
-        items = len(params.keys)
+    items = batch_items(request.params)
     return Delivery(request.reply_queue, envelope, str(request.request_id), code, request.issued_at, items)
 
 
@@ -451,229 +464,6 @@ def _root_key_check(ctx: WorkerContext, caller: Caller) -> service.RootKeyCheck:
 
 
 ResultFields = dict[str, ResultValue]
-
-
-@dataclass
-class _Executed:
-    """An operation's outcome: its public result fields, its secret fields (to be sealed), and what the audit
-    record names (the root key version used, and for a batch its counts)."""
-
-    result: ResultFields
-    secrets: dict[str, bytes]
-    root_key_id: str | None = None
-    root_key_version: int | None = None
-    detail: str = ""
-
-
-def _key_of(encrypted_key: object) -> tuple[str | None, int | None]:
-    """The root key version a kmsq ``encryptedKey`` names (None, None for anything else)."""
-    if isinstance(encrypted_key, str) and encrypted_key.startswith(TEXT_PREFIX):
-        with contextlib.suppress(FormatError):
-            parsed = EncryptedDataKey.from_text(encrypted_key)
-            return parsed.root_key_id, parsed.root_key_version
-    return None, None
-
-
-def _execute(ctx: WorkerContext, db: Session, request: Request, caller: Caller) -> _Executed:
-    """Runs the operation. Returns its outcome."""
-    params = request.params
-    check = _root_key_check(ctx, caller)
-    if isinstance(params, GenerateDataKey | GenerateDataKeyWithoutPlaintext):
-        with_plaintext = isinstance(params, GenerateDataKey)
-        key = service.generate_data_key(
-            ctx.hsm, db, params.root_key_id, params.key_spec, with_plaintext, ctx.pool, check
-        )
-        secrets = {"plaintextKey": key.plaintext_key.encode()} if key.plaintext_key is not None else {}
-        return _Executed({"encryptedKey": key.encrypted_key}, secrets, *_key_of(key.encrypted_key))
-    if isinstance(params, DecryptDataKey):
-        (outcome,) = _decrypt_data_keys(ctx, db, [params.encrypted_key], check)
-        if isinstance(outcome, ServiceError):
-            raise outcome
-        detail = "" if params.encrypted_key.startswith(TEXT_PREFIX) else "an SJCL envelope of the replaced API"
-        return _Executed({}, {"plaintextKey": outcome.encode()}, *_key_of(params.encrypted_key), detail)
-    if isinstance(params, RewrapDataKey):
-        (rewrapped,) = rewrap.rewrap_data_keys(ctx.hsm, db, [params.encrypted_key], ctx.pool, check)
-        if isinstance(rewrapped, ServiceError):
-            raise rewrapped
-        old = _key_of(params.encrypted_key)[1]
-        return _Executed({"encryptedKey": rewrapped}, {}, *_key_of(rewrapped), f"from version {old}")
-    if isinstance(params, PutKey):
-        prv = _open_prv(ctx, request, params)
-        stored = service.store_private_key(
-            ctx.hsm, db, pub=params.pub, prv=prv, coin=params.coin, source=params.source, type=params.type,
-            root_key_id=params.root_key_id, pool=ctx.pool, check=check,
-        )  # fmt: skip
-        public: ResultFields = {"pub": stored.pub, "coin": stored.coin, "source": stored.source, "type": stored.type}
-        return _Executed(public, {}, stored.root_key_id, stored.root_key_version)
-    if isinstance(params, GetKey):
-        record = service.get_private_key(ctx.hsm, db, params.pub, params.source, check)
-        public = {"pub": record.pub, "coin": record.coin, "source": record.source, "type": record.type}
-        return _Executed(public, {"prv": record.prv.encode()}, record.root_key_id, record.root_key_version)
-    if isinstance(params, GenerateSigningKey | Sign):
-        return _signing(ctx, db, params, check)
-    if isinstance(params, GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys | GetKeys):
-        return _execute_batch(ctx, db, request, params, check)
-    raise InvalidRequest(f"unsupported operation {params.op}")
-
-
-def _signing(
-    ctx: WorkerContext, db: Session, params: GenerateSigningKey | Sign, check: service.RootKeyCheck
-) -> _Executed:
-    """Generates a signing key, or signs: then the audit record names the key and the payload's SHA-256,
-    never the payload (nor does a refusal's)."""
-    if isinstance(params, GenerateSigningKey):
-        made = service.generate_signing_key(
-            ctx.hsm, db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
-            in_hsm=params.in_hsm, pool=ctx.pool, check=check,
-        )  # fmt: skip
-        public: ResultFields = {"pub": made.pub, "coin": made.coin, "source": made.source, "type": made.type}
-        return _Executed(public, {}, made.root_key_id, made.root_key_version, f"key {made.pub[:32]}")
-    named = f"key {params.pub[:32]}, payload sha256 {signing.payload_digest(params.payload)}"
-    try:
-        signed = service.sign_payload(
-            ctx.hsm, db, pub=params.pub, source=params.source, payload=params.payload, algorithm=params.algorithm,
-            check=check,
-        )  # fmt: skip
-    except ServiceError as e:
-        e.audit_detail = named
-        raise
-    return _Executed({"signature": signed.signature}, {}, signed.root_key_id, signed.root_key_version, named)
-
-
-def _item_error(error: ServiceError) -> dict[str, str | None]:
-    return {"error": error.code, "message": error.message}
-
-
-def _decrypt_data_keys(
-    ctx: WorkerContext, db: Session, encrypted_keys: Sequence[str], check: service.RootKeyCheck
-) -> list[str | ServiceError]:
-    """Every ``encryptedKey`` of a request: kmsq's by the service, the replaced system's SJCL envelopes by
-    :mod:`worker.legacy` (the one place that tells them apart). Returns each one's ``plaintextKey`` or error.
-
-    Raises InvalidRequest, before any work, when the SJCL envelopes could cost more PBKDF2 than one message
-    may (worker.legacy.root_key_names.MAX_PBKDF2_ITERATIONS_PER_MESSAGE)."""
-    old = [k for k in encrypted_keys if len(k) <= MAX_ENCRYPTED_KEY_CHARS and looks_like_sjcl(k)]
-    versions: service.VersionCache = {}
-    with root_key_names.LegacyNames(ctx.hsm, db, check) if old else contextlib.nullcontext() as names:
-        if names is not None:
-            names.check_budget(old)  # each costs PBKDF2 work; an oversized one is refused without any
-
-        def decrypt(encrypted_key: str) -> str:
-            if names is not None and looks_like_sjcl(encrypted_key):
-                return names.decrypt(encrypted_key)
-            return service.decrypt_data_key(ctx.hsm, db, encrypted_key, check, versions)
-
-        return batch.decrypt_data_keys(encrypted_keys, decrypt)
-
-
-def _execute_batch(
-    ctx: WorkerContext,
-    db: Session,
-    request: Request,
-    params: GenerateDataKeys | DecryptDataKeys | RewrapDataKeys | PutKeys | GetKeys,
-    check: service.RootKeyCheck,
-) -> _Executed:
-    """A batch: ``items`` in the result, and the items' secrets sealed together as one JSON list. The audit
-    record names the root key of the first item and counts the items and errors."""
-    items: list[dict[str, str | None]]
-    if isinstance(params, GenerateDataKeys):
-        keys = batch.generate_data_keys(
-            ctx.hsm, db, params.count, params.with_plaintext, params.root_key_id, ctx.pool, check
-        )
-        items = [{"encryptedKey": k.encrypted_key} for k in keys]
-        secrets = {"items": canonical_json([k.plaintext_key for k in keys])} if params.with_plaintext else {}
-        return _Executed({"items": items}, secrets, *_key_of(keys[0].encrypted_key), _counts(items))
-    if isinstance(params, DecryptDataKeys):
-        outcomes = _decrypt_data_keys(ctx, db, params.encrypted_keys, check)
-        items = [_item_error(o) if isinstance(o, ServiceError) else {} for o in outcomes]
-        plaintexts = [None if isinstance(o, ServiceError) else o for o in outcomes]
-        subject = _key_of(params.encrypted_keys[0])
-        return _Executed({"items": items}, {"items": canonical_json(plaintexts)}, *subject, _counts(items))
-    if isinstance(params, RewrapDataKeys):
-        rewrapped = rewrap.rewrap_data_keys(ctx.hsm, db, params.encrypted_keys, ctx.pool, check)
-        items = [_item_error(o) if isinstance(o, ServiceError) else {"encryptedKey": o} for o in rewrapped]
-        first = next((o for o in rewrapped if isinstance(o, str)), None)
-        return _Executed({"items": items}, {}, *_key_of(first), _counts(items))
-    if isinstance(params, GetKeys):
-        records = batch.get_private_keys(ctx.hsm, db, [(k.pub, k.source) for k in params.keys], check)
-        items = [
-            _item_error(r) if isinstance(r, ServiceError) else {"pub": r.pub, "coin": r.coin, "source": r.source,
-                                                                "type": r.type}
-            for r in records
-        ]  # fmt: skip
-        secret = canonical_json([None if isinstance(r, ServiceError) else r.prv for r in records])
-        found = next((r for r in records if not isinstance(r, ServiceError)), None)
-        if found is None:
-            return _Executed({"items": items}, {"items": secret}, detail=_counts(items))
-        return _Executed({"items": items}, {"items": secret}, found.root_key_id, found.root_key_version, _counts(items))
-    prvs = _open_prvs(ctx, request, params)
-    entries = [
-        batch.PrivateKeyItem(pub=i.pub, coin=i.coin, source=i.source, type=i.type, prv=prv)
-        for i, prv in zip(params.items, prvs, strict=True)
-    ]
-    stored = batch.store_private_keys(ctx.hsm, db, entries, params.root_key_id, ctx.pool, check)
-    items = [
-        _item_error(o)
-        if isinstance(o, ServiceError)
-        else {"pub": o.pub, "coin": o.coin, "source": o.source, "type": o.type}
-        for o in stored
-    ]
-    done = next((o for o in stored if not isinstance(o, ServiceError)), None)
-    if done is None:
-        return _Executed({"items": items}, {}, detail=_counts(items))
-    return _Executed({"items": items}, {}, done.root_key_id, done.root_key_version, _counts(items))
-
-
-def _counts(items: list[dict[str, str | None]]) -> str:
-    return f"{len(items)} items, {sum('error' in i for i in items)} errors"
-
-
-def _open_prvs(ctx: WorkerContext, request: Request, params: PutKeys) -> list[str]:
-    try:
-        prvs = json.loads(open_private_key(ctx.fleet.transport, request.caller, request.request_id, params.prvs))
-    except WireError:
-        raise InvalidRequest("prvs is not sealed to this pool's transport key for this request") from None
-    except (ValueError, RecursionError):  # RecursionError: a 10,000-level nesting
-        raise InvalidRequest("prvs must be a sealed JSON list of strings") from None
-    if not isinstance(prvs, list) or len(prvs) != len(params.items) or not all(isinstance(p, str) for p in prvs):
-        raise InvalidRequest("prvs must be a sealed JSON list of strings, one per item")
-    return prvs
-
-
-def _open_prv(ctx: WorkerContext, request: Request, params: PutKey) -> str:
-    try:
-        raw = open_private_key(ctx.fleet.transport, request.caller, request.request_id, params.prv)
-        return raw.decode("utf-8")
-    except WireError:
-        raise InvalidRequest("prv is not sealed to this pool's transport key for this request") from None
-    except UnicodeDecodeError:
-        raise InvalidRequest("prv must be UTF-8 text") from None
-
-
-def _get_result(ctx: WorkerContext, db: Session, call: _Call, params: GetResult) -> Delivery:
-    request = call.request
-    record = db.get(RequestRecord, (request.caller, str(params.request_id)))
-    if record is None or record.status == "pending":
-        raise _Refusal(NotFound("no stored result for this request_id"), store=False)
-    if not _reply_of(record.reply, request.caller, params.request_id):  # e.g. another row's reply copied in
-        log.error("stored reply of %s %s names another request", request.caller, params.request_id)
-        raise _Refusal(ServiceError("stored result failed integrity check"), store=False)
-    result: ResultFields = {"reply": record.reply, "request_id": str(params.request_id)}
-    envelope = _envelope(ctx, request.request_id, request.caller, "get_result", call.digest, result=result)
-    if ctx.audit_chain:
-        audit_log.append(ctx.hsm, db, ctx.pool, actor=request.caller, action="get_result", outcome="ok",
-                         request_id=str(request.request_id), detail=f"the result of {params.request_id}")  # fmt: skip
-    return _delivered(request, envelope, None)
-
-
-def _reply_of(stored: str, caller: str, request_id: uuid.UUID) -> bool:
-    """True when a stored reply envelope answers ``caller``'s request ``request_id``."""
-    try:
-        body = from_b64u(ReplyEnvelope.model_validate_json(stored).body, max_len=MAX_REPLY_BYTES)
-        reply = Reply.model_validate_json(body)
-    except (pydantic.ValidationError, WireError):
-        return False
-    return reply.request_id == request_id and reply.caller == caller
 
 
 # -- replies and records ---------------------------------------------------------------------------
@@ -712,7 +502,7 @@ def _envelope(
 def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, store: bool) -> Delivery:
     """Builds an error reply; with ``store`` it becomes the request's recorded outcome (or, if another
     delivery recorded one first, that one is returned). Every error that is the request's outcome is audited;
-    a redelivery that finds another delivery's outcome is not a second attempt and leaves no audit row."""
+    a redelivery that finds another delivery's outcome is not a second attempt and leaves no audit record."""
     request = call.request
     envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, call.digest, error=error)
     delivery = _delivered(request, envelope, error.code)
@@ -726,15 +516,11 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
         )  # fmt: skip
         if recorded:
             # What the request named first: the audit column keeps 255 characters and a message can be long.
-            detail = f"{error.audit_detail}: {error.message}" if error.audit_detail else error.message
-            db.add(_audit_row(
-                request.caller, str(request.request_id), request.params.op, ctx.pool, error.code, detail
-            ))  # fmt: skip
-            if ctx.audit_chain:
-                audit_log.append(
-                    ctx.hsm, db, ctx.pool, actor=request.caller, action=request.params.op, outcome=error.code,
-                    request_id=str(request.request_id), detail=detail,
-                )  # fmt: skip
+            named = call.operation.audit(request.params, None)
+            audit_log.append(
+                ctx.hsm, db, ctx.pool, actor=request.caller, action=request.params.op, outcome=error.code,
+                request_id=str(request.request_id), detail=f"{named}: {error.message}" if named else error.message,
+            )  # fmt: skip
     if not recorded:
         stored = _stored_reply(ctx, call)  # another delivery recorded an outcome first: that one stands
         if stored is not None:
@@ -742,17 +528,12 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
     return delivery
 
 
-def _audit_row(caller: str, request_id: str, op: str, pool: str, code: str, detail: str) -> AuditEvent:
-    return AuditEvent(caller=caller[:64], request_id=request_id[:64], op=op[:64], pool=pool, code=code, detail=detail)
-
-
 def _audit(ctx: WorkerContext, caller: str, request_id: str, op: str, code: str, detail: str) -> None:
-    """Records a rejection; a database failure here is logged, never raised (the reply matters more)."""
+    """Records a refusal that is not the request's stored outcome; a database failure here is logged, never
+    raised (the reply matters more)."""
     try:
         with transaction(ctx.sessions) as db:
-            db.add(_audit_row(caller, request_id, op, ctx.pool, code, detail))
-            if ctx.audit_chain:
-                audit_log.append(ctx.hsm, db, ctx.pool, actor=caller, action=op, outcome=code,
-                                 request_id=request_id, detail=detail)  # fmt: skip
+            audit_log.append(ctx.hsm, db, ctx.pool, actor=caller, action=op, outcome=code,
+                             request_id=request_id, detail=detail)  # fmt: skip
     except (TransientError, sa_exc.SQLAlchemyError):
-        log.warning("could not record the rejection of %s from %r", request_id, caller)
+        log.warning("could not record the refusal of %s from %r", request_id, caller)

@@ -6,7 +6,7 @@ algorithm and state) decide what a request may do. With database access alone an
 caller, swap its keys or add one, and then get plaintext back through the workers with the broker access
 every caller has: the replaced system's flaw again. So the operator commands, which reach the HSM, store
 with each such row an HMAC-SHA256 (CKM_SHA256_HMAC, inside the token) of its canonical encoding under the
-token's policy key, and workers check it on every load (:func:`enforce`): a row that fails is refused as if
+token's policy key, and workers check it on every load (:class:`TrustedRows`): a row that fails is refused as if
 absent, and logged.
 
 The encoding is a domain label, then for each field its name and value, each length-prefixed (u16 name,
@@ -27,7 +27,9 @@ from sqlalchemy.orm import Session
 from worker import audit_log
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
+from worker.storage.cache import TtlCache, detached_copy
 from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+from worker.storage.repo import RootKeyRepository
 
 log = logging.getLogger("kmsq.policy")
 PolicyRow = Caller | RootKey | RootKeyVersion | Pool
@@ -104,33 +106,84 @@ def describe(row: PolicyRow) -> str:
     return f"root key {row.root_key_id} version {row.version}"
 
 
-# -- enforcement in worker processes -------------------------------------------------------------------
-
-_enforcing: KeyStore | None = None
+# -- the rows a worker acts on ---------------------------------------------------------------------------
 
 
-def enforce(hsm: KeyStore | None) -> None:
-    """Makes this process check every policy row it loads against ``hsm``'s policy key (None: stop)."""
-    global _enforcing
-    _enforcing = hsm
+class TrustedRows:
+    """Reads the policy rows an operation acts on: callers, root keys and their versions, and pools.
 
-
-def checked(row: R | None) -> R | None:
-    """Returns ``row`` unless this process enforces the policy and the row's MAC fails; then None (logged).
-
-    Raises HsmUnavailable (transient) when the HSM cannot be asked.
+    With ``hsm`` (a worker), a row is used only if it carries the MAC of its current values under that token's
+    policy key: one that does not is refused as if absent, and logged. Without (the operator commands, which
+    check each row they change with :func:`require`), rows are read as the database holds them. With
+    ``cache_seconds``, rows (and their absence) are kept that long as detached copies, so that a request does not
+    spend queries and HSM calls on rows that change a few times a year; a change then reaches this process
+    within that time.
     """
-    if row is None or _enforcing is None or verifies(_enforcing, row):
-        return row
-    log.error("refused %s: its policy MAC is missing or wrong (changed outside the operator commands?)", describe(row))
-    return None
 
+    def __init__(self, hsm: KeyStore | None = None, cache_seconds: float = 0.0) -> None:
+        self.hsm = hsm
+        self._cache = TtlCache(cache_seconds)
 
-def check_caller(row: Caller | None) -> Caller | None:
-    """Returns the caller row, None when absent. Raises PolicyViolation when it fails the check."""
-    if row is not None and checked(row) is None:
-        raise PolicyViolation(f"{describe(row)} failed its policy check")
-    return row
+    def _trusted(self, row: R | None) -> R | None:
+        """``row`` unless it fails its MAC check; then None (logged). Raises HsmUnavailable (transient)."""
+        if row is None or self.hsm is None or verifies(self.hsm, row):
+            return row
+        log.error("refused %s: its policy MAC is missing or wrong (changed outside the operator commands?)",
+                  describe(row))  # fmt: skip
+        return None
+
+    def _kept(self, row: R | None) -> R | None:
+        return detached_copy(row) if row is not None and self._cache.ttl > 0 else row
+
+    def caller(self, db: Session, name: str) -> Caller | None:
+        """Returns the caller, enabled or not, or None. Raises PolicyViolation when its row fails the check."""
+
+        def load() -> Caller | None:
+            row = db.get(Caller, name)
+            if row is not None and self._trusted(row) is None:
+                raise PolicyViolation(f"{describe(row)} failed its policy check")
+            return self._kept(row)
+
+        return self._cache.get(("caller", name), load)
+
+    def root_key(self, db: Session, root_key_id: str) -> RootKey | None:
+        """Returns the root key, or None (absent, or failing its check)."""
+        return self._cache.get(
+            ("root_key", root_key_id),
+            lambda: self._kept(self._trusted(RootKeyRepository(db).get(root_key_id))),
+        )
+
+    def root_key_version(self, db: Session, root_key_id: str, version: int) -> RootKeyVersion | None:
+        """Returns the root key's version, or None (absent, or failing its check)."""
+        return self._cache.get(
+            ("root_key_version", root_key_id, version),
+            lambda: self._kept(self._trusted(RootKeyRepository(db).get_version(root_key_id, version))),
+        )
+
+    def default_root_key(self, db: Session, pool: str) -> RootKey | None:
+        """Returns the oldest enabled root key of ``pool`` that passes the check, or None: a row slipped in by
+        someone else cannot make itself, or nothing, the pool's default."""
+
+        def load() -> RootKey | None:
+            enabled = RootKeyRepository(db).enabled_in_pool(pool)
+            return self._kept(next((row for row in enabled if self._trusted(row) is not None), None))
+
+        return self._cache.get(("default_root_key", pool), load)
+
+    def pool_refusal(self, db: Session, pool: str) -> InvalidRequest | None:
+        """Why a worker of ``pool`` must refuse requests now, or None. A pool row that fails its check counts as
+        disabled: someone may have re-enabled it behind the operator."""
+
+        def load() -> str:  # the check (an HSM call) runs once per cache period, not per request
+            row = db.get(Pool, pool)
+            if row is None:
+                return "enabled"
+            return f"is {row.state}" if self._trusted(row) is not None else "failed its policy check"
+
+        state = self._cache.get(("pool", pool), load)
+        if state in ("enabled", "is enabled"):
+            return None
+        return InvalidRequest(f"pool {pool} {state}")
 
 
 # -- operator review --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
   as ``expired`` before it does anything), and while ``get_result`` may still be asked for the reply: a
   *grace* period more (``KMSQ_REPLY_GRACE_SECONDS``). Then it is deleted; ``get_result`` answers
   ``not_found``.
-- **Audit records** (the chain of :mod:`worker.audit_log`), **audit events** and **rejection counts** are kept
+- **Audit records** (the chain of :mod:`worker.audit_log`) and **rejection counts** are kept
   ``KMSQ_AUDIT_RETENTION_SECONDS`` (0: forever). A chain's pruned prefix is replaced by a checkpoint MACed in
   the HSM, so the chain stays verifiable (:func:`worker.audit_log.verify`). The pruner checks the records it
   removes first: it never prunes away a broken link, which stays for ``kmsq audit verify`` to report.
@@ -34,7 +34,7 @@ from worker.config import DEFAULT_AUDIT_RETENTION_SECONDS, DEFAULT_PRUNE_BATCH, 
 from worker.errors import ConfigError, ServiceError
 from worker.keystore import KeyStore
 from worker.storage.db import transaction
-from worker.storage.models import AuditCheckpoint, AuditEvent, AuditHead, AuditRecord, RejectionCount, RequestRecord
+from worker.storage.models import AuditCheckpoint, AuditHead, AuditRecord, RejectionCount, RequestRecord
 
 log = logging.getLogger("kmsq.retention")
 
@@ -80,21 +80,19 @@ class PruneCounts:
 
     requests: int = 0
     audit_records: dict[str, int] = field(default_factory=dict)  # per chain
-    audit_events: int = 0
     rejection_counts: int = 0
     refused_chains: dict[str, str] = field(default_factory=dict)  # chain -> why it was not pruned
 
     @property
     def total(self) -> int:
         """Every row removed."""
-        return self.requests + sum(self.audit_records.values()) + self.audit_events + self.rejection_counts
+        return self.requests + sum(self.audit_records.values()) + self.rejection_counts
 
     def add(self, other: PruneCounts) -> None:
         """Adds another run's counts to these."""
         self.requests += other.requests
         for chain, count in other.audit_records.items():
             self.audit_records[chain] = self.audit_records.get(chain, 0) + count
-        self.audit_events += other.audit_events
         self.rejection_counts += other.rejection_counts
         self.refused_chains.update(other.refused_chains)
 
@@ -176,12 +174,6 @@ class ChainBroken(ServiceError):
         self.problem = problem
 
 
-def prune_audit_events(db: Session, cutoff: datetime, limit: int) -> int:
-    """Deletes up to ``limit`` audit events from before ``cutoff``. Returns how many."""
-    victims = select(AuditEvent.id).where(AuditEvent.at < cutoff).order_by(AuditEvent.at).limit(limit)
-    return _rowcount(db.execute(delete(AuditEvent).where(AuditEvent.id.in_(victims.with_for_update(skip_locked=True)))))
-
-
 def prune_rejection_counts(db: Session, cutoff: datetime) -> int:
     """Deletes the per-minute rejection counts from before ``cutoff``. Returns how many."""
     return _rowcount(db.execute(delete(RejectionCount).where(RejectionCount.minute < cutoff)))
@@ -213,7 +205,7 @@ def vacuum(sessions: sessionmaker[Session], counts: PruneCounts) -> list[str]:
     tables = [
         name for name, removed in (
             ("requests", counts.requests), ("audit_log", sum(counts.audit_records.values())),
-            ("audit_events", counts.audit_events), ("rejection_counts", counts.rejection_counts),
+            ("rejection_counts", counts.rejection_counts),
         ) if removed
     ]  # fmt: skip
     done = []
@@ -238,7 +230,7 @@ def prune(
     now: datetime | None = None,
 ) -> PruneCounts:
     """Removes what retention no longer keeps: request records, the audit records of ``chains`` (which need
-    ``hsm``), audit events and rejection counts, ``batch`` rows per transaction. Does not vacuum (see
+    ``hsm``) and rejection counts, ``batch`` rows per transaction. Does not vacuum (see
     :func:`vacuum`).
 
     Returns the counts; a chain that does not verify is skipped and named in ``refused_chains``. Raises
@@ -264,7 +256,6 @@ def prune(
             continue
         if removed:
             counts.audit_records[chain] = removed
-    counts.audit_events = _batches(sessions, lambda db: prune_audit_events(db, audit_cutoff, batch), batch)
     with transaction(sessions) as db:
         counts.rejection_counts = prune_rejection_counts(db, audit_cutoff)
     return counts
@@ -290,7 +281,6 @@ def prunable(db: Session, policy: RetentionPolicy, now: datetime | None = None) 
         select(AuditRecord.pool, count).where(AuditRecord.at < audit_cutoff).group_by(AuditRecord.pool)
     ).all():
         counts.audit_records[chain] = n
-    counts.audit_events = db.scalar(select(count).select_from(AuditEvent).where(AuditEvent.at < audit_cutoff)) or 0
     counts.rejection_counts = db.scalar(
         select(count).select_from(RejectionCount).where(RejectionCount.minute < audit_cutoff)
     ) or 0  # fmt: skip
@@ -346,9 +336,8 @@ class Pruner(threading.Thread):
                 self._unvacuumed, self._vacuumed_at = PruneCounts(), time.monotonic()
             if counts.total:
                 log.info(
-                    "pruned %d request records, %d audit records, %d audit events, %d rejection counts",
-                    counts.requests, sum(counts.audit_records.values()), counts.audit_events,
-                    counts.rejection_counts,
+                    "pruned %d request records, %d audit records, %d rejection counts",
+                    counts.requests, sum(counts.audit_records.values()), counts.rejection_counts,
                 )  # fmt: skip
 
     def stop(self) -> None:

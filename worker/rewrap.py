@@ -27,7 +27,15 @@ from schemas.limits import NAME
 from worker import audit_log, policy
 from worker.errors import IntegrityError, InvalidRequest, NotFound, PermanentError
 from worker.keystore import KeyStore
-from worker.service import RootKeyCheck, VersionCache, hsm_handle, parse_data_key, unwrapping_version, wrapping_version
+from worker.service import (
+    DIRECT,
+    RootKeyAccess,
+    VersionCache,
+    hsm_handle,
+    parse_data_key,
+    unwrapping_version,
+    wrapping_version,
+)
 from worker.storage.db import transaction
 from worker.storage.models import FleetKey, Job, LegacyRootKey, PrivateKey, RootKeyVersion, aad_version
 from worker.storage.repo import RootKeyRepository
@@ -50,12 +58,12 @@ def rewrap_data_keys(
     db: Session,
     encrypted_keys: list[str],
     pool: str,
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> list[str | PermanentError]:
     """Returns each ``encryptedKey`` wrapped under its root key's current version (the same string when it
     is current already and unwraps: a tampered one fails even then), or the error of that item:
     IntegrityError (opaque) for anything wrong with the ciphertext or the root key version it names, what
-    ``check`` raises, InvalidRequest for a disabled root key. One HSM call per root key."""
+    ``keys.check`` raises, InvalidRequest for a disabled root key. One HSM call per root key."""
     versions: VersionCache = {}
     targets: dict[str, RootKeyVersion | PermanentError] = {}
     outcomes: list[str | PermanentError] = list(encrypted_keys)
@@ -63,10 +71,10 @@ def rewrap_data_keys(
     for i, text in enumerate(encrypted_keys):
         try:
             parsed = parse_data_key(text)
-            source = _unwrapping(db, parsed, check, versions)
+            source = _unwrapping(db, parsed, keys, versions)
             if parsed.root_key_id not in targets:
                 try:
-                    targets[parsed.root_key_id] = wrapping_version(db, parsed.root_key_id, pool)
+                    targets[parsed.root_key_id] = wrapping_version(db, parsed.root_key_id, pool, keys.unchecked())
                 except PermanentError as e:
                     targets[parsed.root_key_id] = e
             target = targets[parsed.root_key_id]
@@ -87,14 +95,12 @@ def rewrap_data_keys(
     return outcomes
 
 
-def _unwrapping(
-    db: Session, parsed: EncryptedDataKey, check: RootKeyCheck | None, versions: VersionCache
-) -> RootKeyVersion:
+def _unwrapping(db: Session, parsed: EncryptedDataKey, keys: RootKeyAccess, versions: VersionCache) -> RootKeyVersion:
     ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
     found = versions.get(ref)
     if found is None:
         try:
-            found = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, check)
+            found = unwrapping_version(db, parsed.root_key_id, parsed.root_key_version, parsed.wrap_algorithm, keys)
         except PermanentError as e:
             found = e
         versions[ref] = found

@@ -42,6 +42,7 @@ from schemas.limits import (
 from worker import audit_log, policy, signing
 from worker.errors import IntegrityError, InvalidRequest, NotExportable, NotFound, PermanentError, VersionBelowMinimum
 from worker.keystore import KeyStore, RootKeyHandle
+from worker.policy import TrustedRows
 from worker.secret import SecretBytes
 from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, aad_version
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
@@ -52,6 +53,24 @@ PROVIDER = "kmsq"
 # Called with the root key an operation is about to use, before the HSM is touched; raises to refuse
 # (the queue path checks the caller's root key permissions and the worker's pool here).
 RootKeyCheck = Callable[[RootKey], None]
+
+
+@dataclass(frozen=True)
+class RootKeyAccess:
+    """How an operation reaches root keys: through which rows (a worker's :class:`worker.policy.TrustedRows`:
+    MAC-checked and cached; by default the database as it is, for operator commands), and the check each root
+    key it is about to use must pass first (``check``; for a request, the caller's permissions and the worker's
+    pool)."""
+
+    rows: TrustedRows = field(default_factory=TrustedRows)
+    check: RootKeyCheck | None = None
+
+    def unchecked(self) -> RootKeyAccess:
+        """The same rows without the check (a root key chosen by kmsq, not named by the caller)."""
+        return RootKeyAccess(self.rows)
+
+
+DIRECT = RootKeyAccess()  # the database as it is, nothing checked: operator commands and tests
 
 
 @dataclass(frozen=True)
@@ -210,49 +229,45 @@ def list_root_keys(db: Session) -> list[RootKeyInfo]:
     return [_info(repo, key) for key in repo.list()]
 
 
-def wrapping_version(
-    db: Session, root_key_id: str | None, pool: str, check: RootKeyCheck | None = None
-) -> RootKeyVersion:
+def wrapping_version(db: Session, root_key_id: str | None, pool: str, keys: RootKeyAccess = DIRECT) -> RootKeyVersion:
     """The current version of the named root key (or of the pool's default one), ready to wrap.
 
-    Raises NotFound, InvalidRequest (disabled), or whatever ``check`` raises.
+    Raises NotFound, InvalidRequest (disabled), or whatever ``keys.check`` raises.
     """
-    repo = RootKeyRepository(db)
-    key = repo.default_for_pool(pool) if root_key_id is None else repo.get(root_key_id)
+    key = keys.rows.default_root_key(db, pool) if root_key_id is None else keys.rows.root_key(db, root_key_id)
     if key is None:
         raise NotFound("no such root key" if root_key_id else f"no enabled root key in pool {pool!r}")
-    if check is not None:
-        check(key)
+    if keys.check is not None:
+        keys.check(key)
     if key.state != "enabled":
         raise InvalidRequest(f"root key {key.id} is disabled")
-    version = repo.get_version(key.id, key.current_version)
+    version = keys.rows.root_key_version(db, key.id, key.current_version)
     if version is None or version.state != "enabled":
         raise InvalidRequest(f"root key {key.id!r} has no enabled current version")
     return version
 
 
 def unwrapping_version(
-    db: Session, root_key_id: str, version_no: int, algorithm: WrapAlgorithm, check: RootKeyCheck | None = None
+    db: Session, root_key_id: str, version_no: int, algorithm: WrapAlgorithm, keys: RootKeyAccess = DIRECT
 ) -> RootKeyVersion:
     """The root key version a ciphertext names; every mismatch is the same opaque IntegrityError.
 
-    ``check`` runs only for a valid reference, so a refusal never tells which part of a ciphertext is wrong.
+    ``keys.check`` runs only for a valid reference, so a refusal never tells which part of a ciphertext is wrong.
     Then, to a caller that may use the root key: VersionBelowMinimum for a version older than the root key's
     minimum decryption version (destroyed ones included), InvalidRequest for a disabled root key.
     """
-    repo = RootKeyRepository(db)
-    key = repo.get(root_key_id)
+    key = keys.rows.root_key(db, root_key_id)
     if key is None:
         raise IntegrityError()
     if version_no < key.min_decryption_version:
-        if check is not None:
-            check(key)
+        if keys.check is not None:
+            keys.check(key)
         raise VersionBelowMinimum(root_key_id, version_no, key.min_decryption_version)
-    version = repo.get_version(root_key_id, version_no)
+    version = keys.rows.root_key_version(db, root_key_id, version_no)
     if version is None or version.state != "enabled" or version.wrap_algorithm != int(algorithm):
         raise IntegrityError()
-    if check is not None:
-        check(key)
+    if keys.check is not None:
+        keys.check(key)
     if key.state != "enabled":
         raise InvalidRequest(f"root key {key.id} is disabled")
     return version
@@ -268,7 +283,7 @@ def generate_data_key(
     key_spec: str = "AES-256",
     with_plaintext: bool = True,
     pool: str = "default",
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> DataKey:
     """Generates a data key in the HSM and wraps it under the root key's current version.
 
@@ -279,7 +294,7 @@ def generate_data_key(
         spec = key_spec_from_name(key_spec)
     except FormatError:
         raise InvalidRequest(f"unknown key spec {key_spec!r} (supported: AES-256)") from None
-    version = wrapping_version(db, root_key_id, pool, check)
+    version = wrapping_version(db, root_key_id, pool, keys)
     handle = hsm_handle(version)
     wrapped, plaintext = hsm.generate_data_key(handle, readable=with_plaintext)
     encrypted = EncryptedDataKey(spec, handle.wrap_algorithm, version.root_key_id, version.version, wrapped)
@@ -308,7 +323,7 @@ def decrypt_data_key(
     hsm: KeyStore,
     db: Session,
     encrypted_key: str,
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
     versions: VersionCache | None = None,
 ) -> str:
     """Unwraps a kmsq ``encryptedKey`` in the HSM under the root key version it names (the replaced system's
@@ -316,14 +331,14 @@ def decrypt_data_key(
 
     Returns the base64 ``plaintextKey``, the same string :func:`generate_data_key` returned. Raises
     IntegrityError, without detail, for anything wrong with the ciphertext or the root key it names, or what
-    ``check`` raises for a valid reference.
+    ``keys.check`` raises for a valid reference.
     """
     parsed = parse_data_key(encrypted_key)
     ref = (parsed.root_key_id, parsed.root_key_version, int(parsed.wrap_algorithm))
     found = None if versions is None else versions.get(ref)
     if found is None:
         try:
-            found = unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, check)
+            found = unwrapping_version(db, *ref[:2], parsed.wrap_algorithm, keys)
         except PermanentError as e:
             found = e
         if versions is not None:
@@ -366,7 +381,7 @@ def store_private_key(
     type: str,
     root_key_id: str | None = None,
     pool: str = "default",
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> StoredPrivateKey:
     """Seals ``prv`` with AES-256-GCM under a fresh HSM data key, bound to its row, and adds the row.
 
@@ -376,7 +391,7 @@ def store_private_key(
     validate_private_key(pub=pub, prv=prv, coin=coin, source=source, type=type)
     # The root key (and the caller's permission on it) first: a refused caller learns nothing about
     # which (pub, source) pairs exist.
-    version = wrapping_version(db, root_key_id, pool, check)
+    version = wrapping_version(db, root_key_id, pool, keys)
     return _add_private_key(hsm, db, version, pub=pub, prv=prv, coin=coin, source=source, type=type)
 
 
@@ -428,7 +443,7 @@ def open_under_root_key(
     encrypted: str,
     encrypted_data_key: str,
     aad: Callable[[bytes], bytes],
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> SecretBytes:
     """Opens what :func:`seal_under_root_key` sealed under ``root_key_id`` version ``root_key_version``.
 
@@ -444,7 +459,7 @@ def open_under_root_key(
         raise IntegrityError()
     if data_key.key_spec is not KeySpec.AES_256:  # what seal_under_root_key makes
         raise IntegrityError()
-    version = unwrapping_version(db, root_key_id, root_key_version, data_key.wrap_algorithm, check)
+    version = unwrapping_version(db, root_key_id, root_key_version, data_key.wrap_algorithm, keys)
     return hsm.open(hsm_handle(version), data_key.wrapped, sealed.nonce, aad(sealed.header()), sealed.ciphertext)
 
 
@@ -488,7 +503,7 @@ def get_private_key(
     db: Session,
     pub: str,
     source: str,
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
     *,
     for_signing: bool = False,
 ) -> PrivateKeyRecord:
@@ -500,7 +515,7 @@ def get_private_key(
     ciphertexts do not authenticate against the row (tampered, swapped between rows, wrong root key, or its
     ``exportable`` flag changed).
     """
-    return _open_private_key(hsm, db, _private_key_row(db, pub, source, for_signing=for_signing), check)
+    return _open_private_key(hsm, db, _private_key_row(db, pub, source, for_signing=for_signing), keys)
 
 
 def _private_key_row(db: Session, pub: str, source: str, *, for_signing: bool) -> PrivateKey:
@@ -520,7 +535,7 @@ def _private_key_row(db: Session, pub: str, source: str, *, for_signing: bool) -
     return row
 
 
-def _open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, check: RootKeyCheck | None) -> PrivateKeyRecord:
+def _open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, keys: RootKeyAccess) -> PrivateKeyRecord:
     """Returns the opened private key of ``row``. Raises IntegrityError when it does not authenticate."""
     context = PrivateKeyContext(
         pub=row.pub, source=row.source, coin=row.coin, type=row.type,
@@ -528,7 +543,7 @@ def _open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, check: RootKe
     )  # fmt: skip
     with open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_prv, row.encrypted_data_key,
-        context.associated_data, check,
+        context.associated_data, keys,
     ) as plaintext:  # fmt: skip
         try:
             prv = plaintext.text()
@@ -553,7 +568,7 @@ def generate_signing_key(
     root_key_id: str | None = None,
     in_hsm: bool = False,
     pool: str = "default",
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> StoredPrivateKey:
     """Generates a BIP32 root key from 64 bytes of the HSM's random generator and stores its xprv sealed like
     a stored private key, never exportable; ``pub`` is its xpub. With ``in_hsm`` (ETH-like coins) the key is
@@ -572,7 +587,7 @@ def generate_signing_key(
     if in_hsm and family != "eth":
         raise InvalidRequest("in_hsm keys sign ETH-like coins only (a PSBT needs BIP32 derivation, which a token "
                              "key cannot do)")  # fmt: skip
-    version = wrapping_version(db, root_key_id, pool, check)
+    version = wrapping_version(db, root_key_id, pool, keys)
     if in_hsm:
         key_id = signing.token_key_id(hsm.random(16))
         xpub = signing.token_xpub(hsm.create_ec_signing_key(key_id), hsm.random(32))
@@ -606,7 +621,7 @@ def sign_payload(
     source: str,
     payload: str,
     algorithm: str,
-    check: RootKeyCheck | None = None,
+    keys: RootKeyAccess = DIRECT,
 ) -> Signature:
     """Signs ``payload`` with the generated key (pub, source) (see :mod:`worker.signing`). The payload is checked
     against the key's coin before the key is opened.
@@ -616,7 +631,7 @@ def sign_payload(
     """
     row = _private_key_row(db, pub, source, for_signing=True)
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
-    key = _open_private_key(hsm, db, row, check)
+    key = _open_private_key(hsm, db, row, keys)
     token_key = signing.token_key_of(key.prv)
     if token_key is None:
         signature = signing.sign(key.prv, signable)

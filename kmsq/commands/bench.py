@@ -20,6 +20,9 @@ def _print_cpu(report: dict[str, Any]) -> None:
                 console.print(f"{workers} worker(s), {name}: CPU ms per round trip: {parts}")
     if "W_request_work" in report:
         console.print(f"W, C's own work without messaging: {report['W_request_work']['cpu_ms_per_item']} CPU ms")
+    if "W_audit_append" in report:
+        append = report["W_audit_append"]["append"]
+        console.print(f"W, the audit chain's append: {append['cpu_ms']} CPU ms, {append['wall_ms']} ms wall")
 
 
 def _print_gateway(report: dict[str, Any]) -> None:
@@ -72,8 +75,6 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
              report["R_rewrap"]["p99_ms"]]]  # fmt: skip
     for workers, m in report["workers"].items():
         named = [("B noop round trip", m["B_noop_round_trip"]), ("C generate_data_key", m["C_generate_data_key"])]
-        if "C_without_audit" in m:
-            named.append(("C without the audit chain", m["C_without_audit"]))
         if "C_coalesced" in m:
             named.append((f"C through coalescing, {m['C_coalesced']['in_flight']} in flight", m["C_coalesced"]))
         named += [(f"D generate_data_keys x{s}", m["D_generate_data_keys"][str(s)]) for s in BATCH_SIZES]

@@ -31,7 +31,7 @@ DEMO_CALLER = "demo"
 
 def _ensure_demo_caller(service: Any, directory: Path) -> Path:
     """Creates and registers the demo caller once; returns its identity file."""
-    from schemas.messages import ALLOWABLE_OPS
+    from schemas.operations import ALLOWABLE_OPS
     from tasks.identity import CallerIdentity
     from worker import callers
     from worker.errors import ConfigError

@@ -19,8 +19,8 @@ from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, prin
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
 def prune(dry_run: bool, batch: int | None, as_json: bool) -> None:
-    """Remove request records past their expiry + clock skew + reply grace, and audit records, audit events and
-    rejection counts older than the audit retention (each audit chain then starts at an HSM-MACed
+    """Remove request records past their expiry + clock skew + reply grace, and audit records and rejection
+    counts older than the audit retention (each audit chain then starts at an HSM-MACed
     checkpoint). Exits 7 when a chain does not verify where it would be pruned (it is left as it is)."""
     from worker import audit_log, retention
 
@@ -46,7 +46,7 @@ def prune(dry_run: bool, batch: int | None, as_json: bool) -> None:
         verb = "would remove" if dry_run else "removed"
         rows: list[list[Any]] = [["request records", counts.requests]]
         rows += [[f"audit records, chain {chain}", n] for chain, n in sorted(counts.audit_records.items())]
-        rows += [["audit events", counts.audit_events], ["rejection counts", counts.rejection_counts]]
+        rows += [["rejection counts", counts.rejection_counts]]
         print_table(f"kmsq prune: {verb}", ["what", "rows"], rows)
         seconds = config.audit_retention_seconds
         audit = "forever" if not seconds else f"{seconds // 86400} days" if seconds % 86400 == 0 else f"{seconds} s"

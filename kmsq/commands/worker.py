@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,21 +28,26 @@ HEALTH_CACHE_SECONDS = 2.0
               help="Serve Prometheus metrics (/metrics) and /healthz on this port.")  # fmt: skip
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower); they carry no secret.")
-@click.option("--benchmark-noop", is_flag=True, hidden=True, help="Also serve kmsq.noop (kmsq bench's baseline).")
-@click.option("--benchmark-without-audit", is_flag=True, hidden=True,
-              help="No audit chain (kmsq bench measures its cost; never in service).")  # fmt: skip
 @one_line_errors
 def worker(
+    pool: str | None, concurrency: int, loglevel: str, metrics_port: int | None, metrics_host: str, events: bool
+) -> None:
+    """Run a worker that consumes only the pool's queue kms.<pool>."""
+    run_worker(pool, concurrency, loglevel, metrics_port, metrics_host, events)
+
+
+def run_worker(
     pool: str | None,
     concurrency: int,
     loglevel: str,
-    metrics_port: int | None,
-    metrics_host: str,
-    events: bool,
-    benchmark_noop: bool,
-    benchmark_without_audit: bool,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    events: bool = False,
+    extend: Callable[[Any], None] | None = None,
 ) -> None:
-    """Run a worker that consumes only the pool's queue kms.<pool>."""
+    """Runs a worker of ``pool`` (default: the configured default pool) until it is stopped. ``extend`` is given
+    the :class:`tasks.worker.PoolWorker` before it starts (kmsq bench's baseline adds its no-op task there, in
+    its own entry point: ``kmsq worker`` has none). Raises ConfigError when the pool has no fleet key."""
     from sqlalchemy import select
 
     from worker.errors import ConfigError
@@ -64,16 +69,15 @@ def worker(
         from kmsq import broker
 
         broker.start(config.home)
-    os.environ["KMSQ_WORKER_POOL"] = pool
-    if benchmark_noop:
-        os.environ["KMSQ_WORKER_NOOP"] = "1"
-    if benchmark_without_audit:
-        os.environ["KMSQ_WORKER_NO_AUDIT"] = "1"
     if metrics_port is not None:
         from tasks import metrics
 
         metrics.prepare(config.home / "metrics" / f"{pool}-{os.getpid()}")  # before prometheus_client loads
-    from tasks.worker import app
+    from tasks.worker import PoolWorker
+
+    pool_worker = PoolWorker(config, pool)
+    if extend is not None:
+        extend(pool_worker)
 
     if metrics_port is not None:
         from tasks import metrics
@@ -92,7 +96,7 @@ def worker(
         "--without-mingle",
         *(["--task-events"] if events else []),
     ]  # fmt: skip
-    app.worker_main(argv)
+    pool_worker.app.worker_main(argv)
 
 
 def _health(config: Settings) -> Callable[[], dict[str, str]]:

@@ -23,9 +23,8 @@ from worker.errors import IntegrityError, InvalidRequest, PermanentError
 from worker.keystore import KeyStore
 from worker.legacy import sjcl
 from worker.secret import SecretBytes
-from worker.service import RootKeyCheck, open_under_root_key, seal_under_root_key, wrapping_version
+from worker.service import DIRECT, RootKeyAccess, open_under_root_key, seal_under_root_key, wrapping_version
 from worker.storage.models import LegacyRootKey, RootKeyVersion, aad_version
-from worker.storage.repo import RootKeyRepository
 
 _AAD_LABEL = b"kmsq/legacy-root-key/v1\x00"
 MAX_NAMES_TRIED = 16  # names tried for one envelope: each try costs a PBKDF2
@@ -63,14 +62,14 @@ def _info(row: LegacyRootKey) -> LegacyRootKeyInfo:
     return LegacyRootKeyInfo(row.id, row.root_key, row.root_key_version, row.created_at)
 
 
-def _open(hsm: KeyStore, db: Session, row: LegacyRootKey) -> SecretBytes:
+def _open(hsm: KeyStore, db: Session, row: LegacyRootKey, keys: RootKeyAccess = DIRECT) -> SecretBytes:
     """Returns a registered name. Raises IntegrityError when its row does not open."""
 
     def aad(header: bytes) -> bytes:
         return _aad(header, row.id, row.root_key, aad_version(row))
 
     return open_under_root_key(
-        hsm, db, row.root_key, row.root_key_version, row.encrypted_name, row.encrypted_data_key, aad
+        hsm, db, row.root_key, row.root_key_version, row.encrypted_name, row.encrypted_data_key, aad, keys
     )
 
 
@@ -138,18 +137,18 @@ class LegacyNames:
     Use as a context manager.
     """
 
-    def __init__(self, hsm: KeyStore, db: Session, check: RootKeyCheck | None = None) -> None:
+    def __init__(self, hsm: KeyStore, db: Session, keys: RootKeyAccess = DIRECT) -> None:
         self.hsm = hsm
         self.db = db
-        roots = RootKeyRepository(db)
+        self.keys = keys
         self.rows: list[LegacyRootKey] = []
         for row in db.scalars(select(LegacyRootKey).order_by(LegacyRootKey.created_at).limit(MAX_NAMES_TRIED)):
-            root = roots.get(row.root_key)
+            root = keys.rows.root_key(db, row.root_key)
             if root is None:
                 continue
-            if check is not None:
+            if keys.check is not None:
                 try:
-                    check(root)  # the caller's root keys, in this worker's pool
+                    keys.check(root)  # the caller's root keys, in this worker's pool
                 except PermanentError:
                     continue
             self.rows.append(row)
@@ -177,7 +176,7 @@ class LegacyNames:
         for row in self.rows:
             name = self._opened.get(row.id)
             if name is None:
-                name = self._opened[row.id] = _open(self.hsm, self.db, row)
+                name = self._opened[row.id] = _open(self.hsm, self.db, row, self.keys.unchecked())
             try:
                 return sjcl.decrypt(name.text(), envelope)
             except sjcl.SjclError:

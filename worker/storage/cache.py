@@ -1,9 +1,9 @@
 """A per-process, time-limited cache of rarely changing rows (callers, root keys) for worker processes.
 
-Off by default (``ttl`` 0): operator commands and tests read the database every time. Workers turn it on
-(``KMSQ_CACHE_SECONDS``, default 2) so that a request does not spend three queries on rows that change a few
-times a year. The price: disabling a caller or a root key, or rotating one, reaches running workers within
-that many seconds. Cached values are detached copies, never objects of a session.
+Each worker process's :class:`worker.policy.TrustedRows` has one (``KMSQ_CACHE_SECONDS``, default 2), so that a
+request does not spend three queries on rows that change a few times a year. The price: disabling a caller or a
+root key, or rotating one, reaches running workers within that many seconds. Cached values are detached copies,
+never objects of a session. With a ``ttl`` of 0 (operator commands, most tests) nothing is kept.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class TtlCache:
     """Maps keys to values loaded at most once per ``ttl`` seconds, at most ``max_entries`` of them (misses
     are cached too, and anyone can name an unknown caller). Thread-safe."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self.ttl = 0.0
+    def __init__(self, ttl: float = 0.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self._data: dict[Hashable, tuple[float, Any]] = {}
@@ -61,6 +61,3 @@ class TtlCache:
         """Forgets everything."""
         with self._lock:
             self._data.clear()
-
-
-ROWS = TtlCache()

@@ -160,21 +160,6 @@ class RequestRecord(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
-class AuditEvent(Base):
-    """A rejected or failed request. Holds codes and public identifiers only, never a secret."""
-
-    __tablename__ = "audit_events"
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    caller: Mapped[str] = mapped_column(String(64))  # as claimed; unauthenticated callers included
-    request_id: Mapped[str] = mapped_column(String(64))
-    op: Mapped[str] = mapped_column(String(64))
-    pool: Mapped[str] = mapped_column(String(64))
-    code: Mapped[str] = mapped_column(String(32))
-    detail: Mapped[str] = mapped_column(Text)
-
-
 class RejectionCount(Base):
     """Messages refused before they were authenticated (or bound to their headers), counted per minute, pool,
     caller, operation, code and reason, so that a flood of them adds counts, not rows. ``caller`` is a

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from sqlalchemy import Dialect, Engine, Insert, Table, bindparam, event, exc, select
+from sqlalchemy import Insert, Table, bindparam, exc, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
-from worker import policy
-from worker.errors import Conflict, DatabaseUnavailable
-from worker.storage.cache import ROWS, detached_copy
+from worker.errors import Conflict
 from worker.storage.models import PrivateKey, RequestRecord, RootKey, RootKeyVersion, utcnow
-
-R = TypeVar("R")
-
-
-def _copy(row: R | None) -> R | None:
-    """Caching on: a detached copy (safe to keep across sessions). Off: the session's own object."""
-    if row is None or ROWS.ttl <= 0:
-        return row
-    return detached_copy(row)
 
 
 class RootKeyRepository:
@@ -45,44 +34,28 @@ class RootKeyRepository:
         self._db.flush()
 
     def get(self, root_key_id: str, *, for_update: bool = False) -> RootKey | None:
-        """Returns the root key or None (a cached copy in workers, unless ``for_update``)."""
-
-        # The statement is built only on a cache miss: building it costs more than the cache lookup.
-        def load() -> RootKey | None:
-            stmt = select(RootKey).where(RootKey.id == root_key_id)
-            return self._db.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
-
-        if for_update:
-            return load()
-        return ROWS.get(("root_key", root_key_id), lambda: _copy(policy.checked(load())))
+        """Returns the root key or None (locked for the transaction with ``for_update``)."""
+        stmt = select(RootKey).where(RootKey.id == root_key_id)
+        return self._db.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
 
     def get_version(self, root_key_id: str, version: int) -> RootKeyVersion | None:
-        """Returns the version or None (a cached copy in workers)."""
-        key = ("root_key_version", root_key_id, version)
-        return ROWS.get(key, lambda: _copy(policy.checked(self._db.get(RootKeyVersion, (root_key_id, version)))))
+        """Returns the version or None."""
+        return self._db.get(RootKeyVersion, (root_key_id, version))
 
     def versions(self, root_key_id: str) -> list[RootKeyVersion]:
         """Returns every version of the root key, oldest first."""
         stmt = select(RootKeyVersion).where(RootKeyVersion.root_key_id == root_key_id).order_by(RootKeyVersion.version)
         return list(self._db.scalars(stmt))
 
+    def enabled_in_pool(self, pool: str) -> list[RootKey]:
+        """Returns the enabled root keys of ``pool``, oldest first (the first is the pool's default)."""
+        stmt = select(RootKey).where(RootKey.pool == pool, RootKey.state == "enabled")
+        stmt = stmt.order_by(RootKey.created_at, RootKey.id)
+        return list(self._db.scalars(stmt))
+
     def list(self) -> list[RootKey]:
         """Returns every root key, oldest first."""
         return list(self._db.scalars(select(RootKey).order_by(RootKey.created_at, RootKey.id)))
-
-    def default_for_pool(self, pool: str) -> RootKey | None:
-        """Returns the oldest enabled root key of ``pool`` that passes the policy check, or None (a cached copy
-        in workers): a row slipped in by someone else cannot make itself, or nothing, the pool's default."""
-
-        def load() -> RootKey | None:
-            stmt = (
-                select(RootKey)
-                .where(RootKey.pool == pool, RootKey.state == "enabled")
-                .order_by(RootKey.created_at, RootKey.id)
-            )
-            return next((row for row in self._db.scalars(stmt) if policy.checked(row) is not None), None)
-
-        return ROWS.get(("default_root_key", pool), lambda: _copy(load()))
 
 
 class PrivateKeyRepository:
@@ -152,22 +125,6 @@ def _record_statement(dialect: str) -> Insert:
     )
 
 
-@functools.cache
-def _record_sql(dialect: Dialect) -> str:
-    """The same statement as SQL text for the driver itself (see RequestRepository.record_alone)."""
-    return str(_record_statement(dialect.name).compile(dialect=dialect))
-
-
-_USED_CONNECTION = "kmsq.used_connection"
-
-
-@event.listens_for(Session, "after_begin")
-def _mark_used(session: Session, _transaction: SessionTransaction, _connection: Any) -> None:
-    # Set when the session first runs anything on a connection; never cleared, so a session that ever
-    # touched the database always takes the ordinary path in RequestRepository.record_alone.
-    session.info[_USED_CONNECTION] = True
-
-
 class RequestRepository:
     """The request records that make each request's effect happen once."""
 
@@ -219,67 +176,6 @@ class RequestRepository:
         stmt = _record_statement(self._db.get_bind().dialect.name)
         return self._db.connection().execute(stmt, values).first() is not None
 
-    def record_alone(
-        self,
-        caller: str,
-        request_id: str,
-        request_hash: str,
-        op: str,
-        reply: str,
-        error_code: str | None = None,
-        *,
-        expires_at: datetime | None = None,
-    ) -> bool:
-        """:meth:`record`, committed at once when it is the session transaction's only statement.
-
-        When this session has not run anything on the database yet (no statement, no pending object), the
-        record is the transaction's only effect: on Postgres with psycopg it is inserted as one autocommitted
-        statement on a pooled connection, one round trip instead of three (``BEGIN``, ``INSERT``, ``COMMIT``)
-        and without SQLAlchemy's execution layers (about a quarter of a millisecond of CPU per request).
-        The record then stays even if the session later rolls back, so call this only as the transaction's
-        last statement. Otherwise it is exactly :meth:`record`.
-
-        Returns False when another delivery recorded it first. Raises DatabaseUnavailable when the database
-        connection fails.
-        """
-        bind = self._db.get_bind()
-        untouched = not (self._db.info.get(_USED_CONNECTION) or self._db.new or self._db.dirty or self._db.deleted)
-        if not (untouched and isinstance(bind, Engine) and bind.dialect.driver == "psycopg"):
-            return self.record(caller, request_id, request_hash, op, reply, error_code, expires_at=expires_at)
-        values = self._values(caller, request_id, request_hash, op, reply, error_code, expires_at)
-        return _insert_autocommit(bind, values)
-
     def get(self, caller: str, request_id: str) -> RequestRecord | None:
         """Returns the record of a request, or None."""
         return self._db.get(RequestRecord, (caller, request_id))
-
-
-def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> bool:
-    """Runs the record's insert alone, autocommitted, on a connection of ``engine``'s pool (psycopg).
-
-    Returns True when a row was inserted. Raises DatabaseUnavailable when the connection fails; after any error
-    the pool's connection is discarded.
-    """
-    import psycopg  # only this path needs the driver itself
-
-    try:
-        pooled = engine.raw_connection()
-    except (exc.OperationalError, exc.InterfaceError, psycopg.OperationalError, psycopg.InterfaceError) as e:
-        # Found by kmsq chaos: Postgres restarting refused the new connection, which used to reach the
-        # caller as `internal` instead of being retried.
-        raise DatabaseUnavailable(f"database unavailable ({type(e).__name__})") from None
-    connection = cast(psycopg.Connection[Any], pooled.driver_connection)
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(_record_sql(engine.dialect), values)
-            inserted = cursor.fetchone() is not None
-        connection.autocommit = False
-    except BaseException as e:
-        pooled.invalidate(e)  # never return a connection in an unknown state (autocommit) to the pool
-        if isinstance(e, psycopg.OperationalError | psycopg.InterfaceError):
-            raise DatabaseUnavailable(f"database unavailable ({type(e).__name__})") from None
-        raise
-    finally:
-        pooled.close()
-    return inserted
