@@ -174,12 +174,13 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
-from tests.unit_fixtures import full, unit  # noqa: E402,F401
+from tests.unit_fixtures import full, unit, unit_template  # noqa: E402,F401
 from tests.utxo_lib import utxo_lib  # noqa: E402,F401
 
 # The test tiers (pyproject.toml's markers). A test is marked by the fixtures it uses; a module whose tests
 # start processes on their own (the CLI, the chaos run) declares its tier with ``pytestmark``. A test with
-# no service tier is ``unit``: ``pytest -m unit`` is the fast loop.
+# no service tier is ``unit``: ``pytest -m unit`` is the fast loop. ``process`` marks tests that start kmsq or node
+# processes of their own (nothing else needed): not in process, so not the fast loop.
 _TIER_OF_FIXTURE = {
     "hsm": "hsm",
     "hsm_settings": "hsm",
@@ -190,8 +191,9 @@ _TIER_OF_FIXTURE = {
     "redis_url": "queue",
     "deployment": "queue",
     "gateway": "queue",
+    "utxo_lib": "process",
 }
-SERVICE_TIERS = ("hsm", "db", "queue")
+SERVICE_TIERS = ("hsm", "db", "queue", "process")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -36,6 +36,13 @@ class FakeHsm:
         self.down = False
         self.calls = 0
 
+    def clone(self) -> FakeHsm:
+        """A token with the same keys (the key objects are immutable, so they are shared) and a state of its own."""
+        copy = FakeHsm()
+        copy._aes, copy._rsa, copy._ec = dict(self._aes), dict(self._rsa), dict(self._ec)
+        copy._policy = self._policy
+        return copy
+
     def _ready(self) -> None:
         self.calls += 1
         if self.down:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKER = """
 import sys
@@ -40,6 +42,7 @@ def test_worker_does_not_import_celery_or_tasks() -> None:
     assert not imported_modules("worker") & {"tasks", "kmsq", "celery", "kombu"}
 
 
+@pytest.mark.process  # a Python process of its own, with the extra's modules blocked
 def test_the_caller_side_runs_without_the_worker_extra(tmp_path: Path) -> None:
     code = (
         BLOCKER
@@ -59,12 +62,14 @@ main()
     assert "blocked for this test" in blocked.stderr  # the blocker really blocks
 
 
+@pytest.mark.process  # a Python process of its own, with the extra's modules blocked
 def test_the_gateway_and_the_sjcl_codec_run_without_the_worker_extra() -> None:
     code = BLOCKER + "import kmsq.gateway, worker.legacy.sjcl\nprint(kmsq.gateway.create_app.__name__)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "create_app" in result.stdout, result.stderr
 
 
+@pytest.mark.process  # a Python process of its own, with the extra's modules blocked
 def test_the_gateway_command_names_its_missing_extra(tmp_path: Path) -> None:
     blocker = BLOCKER.replace("('pkcs11', 'sqlalchemy', 'psycopg', 'alembic')", "('fastapi', 'uvicorn', 'starlette')")
     # As Python reports a package that is not installed.

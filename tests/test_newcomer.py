@@ -88,6 +88,7 @@ def embedded_broker(tmp_path: Path) -> Iterator[Path]:
 # -- the errors of a caller command, each naming what to run ------------------------------------------------
 
 
+@pytest.mark.process
 def test_a_missing_fleet_file_names_the_export_command(tmp_path: Path) -> None:
     identity = caller_identity(tmp_path)
     default = tmp_path / "fleet.json"
@@ -98,6 +99,7 @@ def test_a_missing_fleet_file_names_the_export_command(tmp_path: Path) -> None:
     one_line(result, 3, f"no fleet file at {elsewhere}", f"`kmsq fleet-key export --out {elsewhere}`")
 
 
+@pytest.mark.process
 def test_a_missing_identity_names_keygen(tmp_path: Path) -> None:
     a_fleet_file(tmp_path / "fleet.json")
     absent = tmp_path / "billing.key.json"
@@ -106,6 +108,7 @@ def test_a_missing_identity_names_keygen(tmp_path: Path) -> None:
     one_line(run_kmsq(tmp_path, "generate-data-key"), 3, "--identity", "KMSQ_IDENTITY")
 
 
+@pytest.mark.process
 def test_the_embedded_broker_not_running_names_kmsq_worker(tmp_path: Path) -> None:
     identity = caller_identity(tmp_path)
     a_fleet_file(tmp_path / "fleet.json")
@@ -116,6 +119,7 @@ def test_the_embedded_broker_not_running_names_kmsq_worker(tmp_path: Path) -> No
     assert elapsed < 15, elapsed  # the embedded broker is local: no long wait for it
 
 
+@pytest.mark.process
 def test_an_unreachable_broker_url_says_so_within_the_timeout(tmp_path: Path) -> None:
     identity = caller_identity(tmp_path)
     a_fleet_file(tmp_path / "fleet.json")

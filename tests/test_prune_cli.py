@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import run_kmsq
 
+pytestmark = pytest.mark.hsm  # kmsq init and prune on an embedded SoftHSM2 token, in processes of their own
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:

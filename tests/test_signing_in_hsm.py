@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from tasks.codec import KmsCodec
 from tests.test_no_plaintext_at_rest import dump_database
-from tests.unit_fixtures import Unit, answer, refusal, units
+from tests.unit_fixtures import Unit, UnitTemplate, answer, refusal, units
 from worker.hsm import Hsm
 from worker.storage.db import transaction
 from worker.storage.models import PrivateKey
@@ -26,8 +26,8 @@ SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681
 
 
 @pytest.fixture
-def token_unit(tmp_path: Path, hsm: Hsm) -> Iterator[Unit]:
-    yield from units(tmp_path, hsm)
+def token_unit(tmp_path: Path, hsm: Hsm, unit_template: UnitTemplate) -> Iterator[Unit]:
+    yield from units(tmp_path, hsm, unit_template.schema)
 
 
 def _generate(unit: Unit, codec: KmsCodec, coin: str = "hteth", **extra: Any) -> Any:

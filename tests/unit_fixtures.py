@@ -4,6 +4,7 @@ conftest), and how a caller reads a delivery (``answer``, ``refusal``)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -87,16 +88,29 @@ def refusal(codec: KmsCodec, delivery: Delivery) -> tuple[str, str]:
     return error.value.code, error.value.message
 
 
-@pytest.fixture
-def unit(tmp_path: Path) -> Iterator[Unit]:
-    yield from units(tmp_path, FakeHsm())
+@dataclass(frozen=True)
+class UnitTemplate:
+    """Built once per test run: a migrated, empty SQLite schema, and a copy of it holding the Unit's root keys and
+    fleet keys, made on ``hsm`` (an in-memory token whose keys each test gets a copy of)."""
+
+    schema: Path
+    populated: Path
+    hsm: FakeHsm
+    roots: dict[str, str]
 
 
-def units(tmp_path: Path, hsm: KeyStore) -> Iterator[Unit]:
-    """Yields a Unit on ``hsm`` (FakeHsm in the unit tier; the test run's SoftHSM2 token where the token's own
-    behaviour is tested) and a fresh SQLite database."""
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+@pytest.fixture(scope="session")
+def unit_template(tmp_path_factory: pytest.TempPathFactory) -> UnitTemplate:
+    """Migrating a database and making three root keys (one RSA-2048) and two pools' fleet keys took most of a
+    unit test's time (issue 21: the tier ran 33-79 s); each test now copies the result instead."""
+    directory = tmp_path_factory.mktemp("unit-template")
+    schema, populated = directory / "schema.db", directory / "unit.db"
+    engine = create_db_engine(f"sqlite:///{schema}")
     migrate(engine)
+    engine.dispose()
+    shutil.copyfile(schema, populated)
+    hsm = FakeHsm()
+    engine = create_db_engine(f"sqlite:///{populated}")
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     roots = {
         "aes": service.create_root_key("aes-256", "alpha").id,
@@ -105,6 +119,39 @@ def units(tmp_path: Path, hsm: KeyStore) -> Iterator[Unit]:
     }
     service.ensure_fleet_key("alpha")
     service.ensure_fleet_key("beta")
+    engine.dispose()
+    return UnitTemplate(schema, populated, hsm, roots)
+
+
+@pytest.fixture
+def unit(tmp_path: Path, unit_template: UnitTemplate) -> Iterator[Unit]:
+    shutil.copyfile(unit_template.populated, tmp_path / "unit.db")
+    yield from _unit(tmp_path, unit_template.hsm.clone(), unit_template.roots)
+
+
+def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None) -> Iterator[Unit]:
+    """Yields a Unit on ``hsm`` (the test run's SoftHSM2 token where the token's own behaviour is tested) and a
+    fresh SQLite database (a copy of ``schema``, a migrated one, when given)."""
+    path = tmp_path / "unit.db"
+    if schema is not None:
+        shutil.copyfile(schema, path)
+    engine = create_db_engine(f"sqlite:///{path}")
+    migrate(engine)  # nothing to do on a copy of a migrated schema
+    service = KeyService(hsm, session_factory(engine), default_pool="alpha")
+    roots = {
+        "aes": service.create_root_key("aes-256", "alpha").id,
+        "rsa": service.create_root_key("rsa-2048", "alpha").id,
+        "beta": service.create_root_key("aes-256", "beta").id,
+    }
+    service.ensure_fleet_key("alpha")
+    service.ensure_fleet_key("beta")
+    engine.dispose()
+    yield from _unit(tmp_path, hsm, roots)
+
+
+def _unit(tmp_path: Path, hsm: KeyStore, roots: dict[str, str]) -> Iterator[Unit]:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+    service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     with transaction(service.sessions) as db:
         secrets = load_fleet_key(hsm, db, "alpha")
     clock = [datetime.now(UTC)]
