@@ -10,6 +10,7 @@ The worker builds these models; the caller checks every reply it opens against i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -27,6 +28,7 @@ class SealedToCaller:
 Sealed = Annotated[str, SealedToCaller()]
 
 
+@functools.cache  # called per item of a batch reply: a thousand times a message
 def sealed_fields(model: type[BaseModel]) -> tuple[str, ...]:
     """Returns the names of ``model``'s sealed fields, in declaration order."""
     return tuple(
