@@ -112,13 +112,7 @@ def unit_template(tmp_path_factory: pytest.TempPathFactory) -> UnitTemplate:
     hsm = FakeHsm()
     engine = create_db_engine(f"sqlite:///{populated}")
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
-    roots = {
-        "aes": service.create_root_key("aes-256", "alpha").id,
-        "rsa": service.create_root_key("rsa-2048", "alpha").id,
-        "beta": service.create_root_key("aes-256", "beta").id,
-    }
-    service.ensure_fleet_key("alpha")
-    service.ensure_fleet_key("beta")
+    roots = _populate(service)
     engine.dispose()
     return UnitTemplate(schema, populated, hsm, roots)
 
@@ -138,6 +132,13 @@ def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None) -> Iterator
     engine = create_db_engine(f"sqlite:///{path}")
     migrate(engine)  # nothing to do on a copy of a migrated schema
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
+    roots = _populate(service)
+    engine.dispose()
+    yield from _unit(tmp_path, hsm, roots)
+
+
+def _populate(service: KeyService) -> dict[str, str]:
+    """Pool alpha's aes-256 and rsa-2048 root keys, pool beta's aes-256 one, and both pools' fleet keys."""
     roots = {
         "aes": service.create_root_key("aes-256", "alpha").id,
         "rsa": service.create_root_key("rsa-2048", "alpha").id,
@@ -145,8 +146,7 @@ def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None) -> Iterator
     }
     service.ensure_fleet_key("alpha")
     service.ensure_fleet_key("beta")
-    engine.dispose()
-    yield from _unit(tmp_path, hsm, roots)
+    return roots
 
 
 def _unit(tmp_path: Path, hsm: KeyStore, roots: dict[str, str]) -> Iterator[Unit]:

@@ -4,6 +4,9 @@ back (sealed to the caller), one or many."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+
+from pydantic import BaseModel
 
 from schemas.operations import Family
 from schemas.replies import ItemError, PrivateKeyReply, PrivateKeysReply, StoredKeyReply, StoredKeysReply
@@ -50,10 +53,7 @@ def put_keys(call: OpCall, params: PutKeys) -> Outcome:
     items: list[StoredKeyReply | ItemError] = [
         item_error(o) if isinstance(o, ServiceError) else _public(o) for o in stored
     ]
-    done = next((o for o in stored if not isinstance(o, ServiceError)), None)
-    if done is None:
-        return Outcome(StoredKeysReply(items=items))
-    return Outcome(StoredKeysReply(items=items), done.root_key_id, done.root_key_version)
+    return _batch_outcome(StoredKeysReply(items=items), stored)
 
 
 def _private_keys_of(call: OpCall, params: PutKeys) -> list[str]:
@@ -77,13 +77,19 @@ def get_key(call: OpCall, params: GetKey) -> Outcome:
 
 @handles(FAMILY, "get_keys")
 def get_keys(call: OpCall, params: GetKeys) -> Outcome:
-    """Each stored private key or its error (``not_found``...); the audit record names the first found one's
-    root key."""
+    """Each stored private key or its error (``not_found``...)."""
     records = batch.get_private_keys(call.hsm, call.db, [(k.pub, k.source) for k in params.keys], call.keys)
     items: list[PrivateKeyReply | ItemError] = [
         item_error(r) if isinstance(r, ServiceError) else _private(r) for r in records
     ]
-    found = next((r for r in records if not isinstance(r, ServiceError)), None)
-    if found is None:
-        return Outcome(PrivateKeysReply(items=items))
-    return Outcome(PrivateKeysReply(items=items), found.root_key_id, found.root_key_version)
+    return _batch_outcome(PrivateKeysReply(items=items), records)
+
+
+def _batch_outcome(
+    reply: BaseModel, outcomes: Sequence[service.StoredPrivateKey | service.PrivateKeyRecord | ServiceError]
+) -> Outcome:
+    """A batch's outcome; its audit record names the root key version of the first item that did not fail."""
+    first = next((o for o in outcomes if not isinstance(o, ServiceError)), None)
+    if first is None:
+        return Outcome(reply)
+    return Outcome(reply, first.root_key_id, first.root_key_version)
