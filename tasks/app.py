@@ -13,6 +13,7 @@ from kombu.connection import Connection
 import celeryconfig
 from schemas.wire import namespace_key_prefix
 from tasks import transport
+from worker.config import broker_url_problem
 
 transport.install()  # hostile queue entries are dropped, not fatal (tasks/transport.py)
 
@@ -41,15 +42,16 @@ def split_broker_url(broker_url: str) -> tuple[str, str | None]:
     """Returns kombu's URL and the Sentinel master name of a ``KMSQ_BROKER_URL``.
 
     A Sentinel broker is ``sentinel://HOST:PORT[;sentinel://HOST:PORT...]?master_name=NAME`` (kombu's URL for
-    the sentinels, and the name they monitor the master under). Raises ValueError for a sentinel URL without
-    a master name."""
-    if not broker_url.startswith("sentinel://"):
+    the sentinels, and the name they monitor the master under). Raises ValueError for a URL kmsq cannot use
+    (:func:`worker.config.broker_url_problem`: another transport than Redis, or a sentinel URL without a
+    master name), at once: kombu would take ``amqp://`` and retry a broker that is not kmsq's."""
+    problem = broker_url_problem(broker_url)
+    if problem:
+        raise ValueError(problem)
+    if not broker_url.lower().startswith("sentinel://"):
         return broker_url, None
     base, _, query = broker_url.partition("?")
-    names = parse_qs(query).get("master_name", [])
-    if not names or not names[0]:
-        raise ValueError("a sentinel:// broker URL needs ?master_name=NAME (the master the sentinels monitor)")
-    return base, names[0]
+    return base, parse_qs(query)["master_name"][0]
 
 
 def make_app(
@@ -57,7 +59,7 @@ def make_app(
 ) -> Celery:
     """Returns a Celery app on ``broker_url`` (in ``namespace``) with kmsq's settings; it is not made the
     current app. ``reply_queue_ttl_seconds``: see :func:`transport_options`. Raises ValueError for a bad
-    namespace or Sentinel URL."""
+    namespace or a broker URL kmsq cannot use (:func:`split_broker_url`)."""
     url, master_name = split_broker_url(broker_url)
     app = Celery(name, set_as_current=False)
     app.config_from_object(celeryconfig)
@@ -67,7 +69,8 @@ def make_app(
 
 
 def broker_connection(broker_url: str, namespace: str | None = None) -> Connection:
-    """Returns a kombu connection (not yet connected) to ``broker_url`` in ``namespace``."""
+    """Returns a kombu connection (not yet connected) to ``broker_url`` in ``namespace``. Raises ValueError
+    for a bad namespace or broker URL."""
     url, master_name = split_broker_url(broker_url)
     options = transport_options(namespace, master_name)
     return Connection(url, transport_options=options)  # type: ignore[no-untyped-call]

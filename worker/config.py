@@ -8,10 +8,12 @@ a 0600 PIN file). With ``KMSQ_PKCS11_MODULE`` set kmsq uses that token as it is 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from schemas.wire import DEFAULT_CLOCK_SKEW_SECONDS, embedded_broker_url, namespace_key_prefix
 from worker.errors import ConfigError
@@ -135,13 +137,54 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Returns ``url`` with any password replaced by ``***``."""
+    """Returns ``url`` with any password replaced by ``***``: the one after ``USER:`` (in each URL of a
+    ``;``-separated list) and a ``password=`` query parameter. A value that is not a URL (no ``://``) may
+    still hold one: everything before its last ``@`` is hidden, or, without an ``@``, everything after its
+    first ``:``."""
+    return ";".join(_redact_one(part) for part in _URL_LIST.split(url))
+
+
+_URL_LIST = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")  # kombu's failover list: URL;URL...
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|sslpassword)=)[^&#]*")
+
+
+def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    if not sep:
+        if "@" in url:
+            return "***@" + _QUERY_PASSWORD.sub(r"\1***", url.rpartition("@")[2])
+        head, colon, _ = url.partition(":")
+        return f"{head}:***" if colon else url
+    if "@" in rest:  # the last @: a password may hold another one
+        creds, _, host = rest.rpartition("@")
+        user, colon, _ = creds.partition(":")
+        rest = f"{user}:***@{host}" if colon else rest
+    return scheme + "://" + _QUERY_PASSWORD.sub(r"\1***", rest)
+
+
+# The brokers kmsq runs on (tasks.transport hardens kombu's Redis transport; nothing else is hardened, and
+# kmsq's reply queues and queue sampling are Redis lists): kombu's Redis URLs, and Sentinel.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def broker_url_problem(url: str) -> str | None:
+    """Why kmsq cannot use ``url`` as its broker (a text that quotes no more of it than its scheme), or None.
+
+    Each URL of a ``;``-separated list (kombu's failover) must be one of BROKER_SCHEMES; a Sentinel list
+    needs ``?master_name=NAME``. Whether the broker answers is not checked here."""
+    supported = "kmsq's broker is Redis: redis://, rediss://, redis+socket://, or sentinel://...?master_name=NAME"
+    for part in _URL_LIST.split(url):
+        scheme, sep, _ = part.partition("://")
+        if not sep or not _SCHEME.fullmatch(scheme):
+            return f"the broker URL is not a URL ({supported})"
+        if scheme.lower() not in BROKER_SCHEMES:
+            return f"unsupported broker URL scheme {scheme.lower()}:// ({supported})"
+    if url.lower().startswith("sentinel://"):
+        names = parse_qs(url.partition("?")[2]).get("master_name", [])
+        if not names or not names[0]:
+            return "a sentinel:// broker URL needs ?master_name=NAME (the master the sentinels monitor)"
+    return None
 
 
 def _read_file(home: Path) -> dict[str, str]:
@@ -161,7 +204,8 @@ def _read_file(home: Path) -> dict[str, str]:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Returns the settings from ``environ`` (default ``os.environ``) and ``$KMSQ_HOME/kmsq.toml``.
 
-    Raises ConfigError for an unreadable or malformed configuration file.
+    Raises ConfigError for an unreadable or malformed configuration file, or a broker URL kmsq cannot use
+    (:func:`broker_url_problem`).
     """
     env = os.environ if environ is None else environ
     home = Path(env.get("KMSQ_HOME") or "./var").expanduser().resolve()
@@ -169,12 +213,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for key in _KEYS:
         if env.get("KMSQ_" + key.upper()):
             values[key] = env["KMSQ_" + key.upper()]
+    broker_url = values.get("broker_url") or None
+    problem = broker_url_problem(broker_url) if broker_url else None
+    if problem:
+        source = "KMSQ_BROKER_URL" if env.get("KMSQ_BROKER_URL") else f"broker_url in {home / CONFIG_FILE_NAME}"
+        raise ConfigError(f"{source}: {problem}")
     module = values.get("pkcs11_module") or None
     pin_file = values.get("pkcs11_pin_file")
     return Settings(
         home=home,
         database_url=values.get("database_url") or f"sqlite:///{home / 'kmsq.db'}",
-        broker_url=values.get("broker_url") or None,
+        broker_url=broker_url,
         pkcs11_module=module,
         pkcs11_token_label=values.get("pkcs11_token_label") or EMBEDDED_TOKEN_LABEL,
         pkcs11_pin=values.get("pkcs11_pin") or None,

@@ -80,21 +80,23 @@ BROKER_WAIT_SECONDS = 30.0
 def check_broker(config: Settings, timeout: float) -> None:
     """Waits up to ``timeout`` (at most EMBEDDED_BROKER_WAIT_SECONDS for the embedded broker, else
     BROKER_WAIT_SECONDS) until the broker accepts a connection. Raises KmsError (``unavailable``) saying what
-    to start when it does not; leaves a malformed broker URL to the client, which names it."""
+    to start when it does not, ConfigError for a broker URL kmsq cannot use (load_settings refuses one
+    already)."""
     from kombu.exceptions import OperationalError
 
     from schemas.wire import EMBEDDED_BROKER_SOCKET
     from tasks.app import broker_connection
     from tasks.client import KmsError
     from worker.config import redact_url
+    from worker.errors import ConfigError
 
     limit = EMBEDDED_BROKER_WAIT_SECONDS if config.embedded_broker else BROKER_WAIT_SECONDS
     deadline = time.monotonic() + max(0.0, min(timeout, limit))
     while True:
         try:
             connection = broker_connection(config.effective_broker_url, config.namespace)
-        except ValueError:
-            return
+        except ValueError as e:
+            raise ConfigError(f"KMSQ_BROKER_URL: {e}") from None
         try:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=max(1.0, min(timeout, 5.0)))
             return

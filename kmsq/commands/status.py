@@ -1,5 +1,7 @@
 """``kmsq status``: per pool, the workers alive (Celery ping), the queue, the root keys and the audit head;
-and the callers. Reads the database and the broker; needs no HSM."""
+and the callers. Reads the database and the broker; needs no HSM. Exits 4 (unavailable), printing no
+report, when either cannot be reached: a report of no workers and unknown queues would look like a stopped
+pool."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ from typing import Any
 
 import click
 
-from kmsq.commands.common import service, settings
+from kmsq.commands.common import check_broker, service, settings
 from kmsq.output import console, one_line_errors, print_json, print_table
 from schemas.wire import pool_queue
 
 PING_SECONDS = 1.5
+BROKER_WAIT_SECONDS = 3.0  # how long status waits for the broker to accept a connection before it exits 4
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _pings(broker_url: str, namespace: str | None) -> list[str]:
 @one_line_errors
 def status(as_json: bool) -> None:
     """Per pool: workers alive, queue depth and oldest message, root keys and versions, the audit head; and
-    the callers."""
+    the callers. Exits 4 when the database or the broker cannot be reached."""
     from sqlalchemy import select
 
     from tasks.metrics import queue_sampler
@@ -61,6 +64,7 @@ def status(as_json: bool) -> None:
         roots = keys.list_root_keys()
         heads = {h.pool: f"{h.seq}:{h.hash}" for h in db.scalars(select(AuditHead))}
         caller_list = callers.list_callers(db)
+    check_broker(config, BROKER_WAIT_SECONDS)  # KmsError unavailable (exit 4), saying what to start
     workers = _pings(config.effective_broker_url, config.namespace)
     report: list[PoolStatus] = []
     for info in pools:

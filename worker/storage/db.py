@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,11 +41,15 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def create_db_engine(url: str) -> Engine:
-    """Returns an engine for ``url``. Raises ConfigError for a malformed URL or a missing driver."""
+    """Returns an engine for ``url``. Raises ConfigError for a malformed URL or a missing driver (its text
+    never shows the URL's password)."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"malformed database URL: {redact_url(url)}") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigError(
+            f"malformed database URL in KMSQ_DATABASE_URL: {redact_url(url)} (expected "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:///PATH)"
+        ) from None
     try:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database:
@@ -64,6 +68,48 @@ def create_db_engine(url: str) -> Engine:
         raise ConfigError(f"no driver for database URL {redact_url(url)}: {e}") from None
 
 
+def _server(url: URL) -> str:
+    """Where the database of ``url`` is: HOST:PORT (libpq's defaults filled in), or the SQLite file."""
+    if url.get_backend_name() == "sqlite":
+        return f"the SQLite file {url.database or ':memory:'}"
+    host = url.host or str(url.query.get("host") or "localhost")
+    return f"{host}:{url.port or 5432}"
+
+
+def _unreachable(url: URL, error: BaseException | None) -> str | None:
+    """What a driver's connection error means, said with where, or None when it is none kmsq tells apart.
+
+    psycopg's connection errors carry no SQLSTATE: the text libpq wrote is matched (none of it is quoted:
+    the names come from the URL, which the operator wrote)."""
+    reason = str(error)
+    where = _server(url)
+    if url.get_backend_name() == "sqlite":
+        if "no such table" in reason:
+            return f"{where} has no kmsq schema (run `kmsq init`)"
+        if "unable to open database file" in reason:
+            return f"cannot open {where}"
+        return None
+    if "does not exist" in reason and f'database "{url.database}"' in reason:
+        return (
+            f'database "{url.database}" does not exist on the server at {where} (create it, or correct the '
+            "database name in KMSQ_DATABASE_URL)"
+        )
+    if "does not exist" in reason and "role" in reason:
+        return f'the server at {where} has no role "{url.username}" (correct the user in KMSQ_DATABASE_URL)'
+    if "authentication failed" in reason:
+        return f'the server at {where} refused user "{url.username}" (wrong password in KMSQ_DATABASE_URL?)'
+    for needle, why in (
+        ("Connection refused", "connection refused: is Postgres running there?"),
+        ("timeout expired", "no answer within the connect timeout"),
+        ("failed to resolve host", "the host name does not resolve"),
+        ("No route to host", "no route to host"),
+        ("No such file or directory", "no Unix socket there: is Postgres running?"),
+    ):
+        if needle in reason:
+            return f"cannot reach the database server at {where} ({why})"
+    return None
+
+
 @contextmanager
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """Yields a session in a transaction that commits on success and rolls back on error.
@@ -74,7 +120,10 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
         with sessions.begin() as db:
             yield db
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
-        raise DatabaseUnavailable(f"database unavailable ({type(e.orig).__name__})") from None
+        bind = sessions.kw.get("bind")
+        said = _unreachable(bind.url, e.orig) if isinstance(bind, Engine) else None
+        raise DatabaseUnavailable(f"database unavailable: {said}" if said else
+                                  f"database unavailable ({type(e.orig).__name__})") from None  # fmt: skip
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -93,7 +142,8 @@ def migrate(engine: Engine) -> str | None:
     """Creates or upgrades the schema to the newest migration.
 
     Returns the revision the database was at before (None for an empty database). Raises
-    DatabaseUnavailable when the database cannot be reached.
+    DatabaseUnavailable when the database cannot be reached or used, saying which (the server does not
+    answer, the database does not exist, the user is refused) and where.
     """
     try:
         with engine.connect() as conn:
@@ -102,6 +152,11 @@ def migrate(engine: Engine) -> str | None:
                 before = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         command.upgrade(_alembic_config(engine), "head")
     except OperationalError as e:
-        where = engine.url.render_as_string(hide_password=True)
-        raise DatabaseUnavailable(f"database unreachable: {where} ({type(e.orig).__name__})") from None
+        said = _unreachable(engine.url, e.orig)
+        if said is None:
+            where = redact_url(engine.url.render_as_string(hide_password=True))  # a password in the query too
+            said = f"database unreachable: {where} ({type(e.orig).__name__})"
+        elif said.startswith("cannot reach"):
+            said = f"database unreachable: {said}"
+        raise DatabaseUnavailable(said) from None
     return before
