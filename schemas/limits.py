@@ -25,6 +25,19 @@ MAX_COIN_CHARS = 128  # token names such as "hteth:bgerchv2" or an ERC-20 contra
 MAX_ENCRYPTED_KEY_CHARS = 8192  # a kmsq encryptedKey (RSA-4096: ~700) or an SJCL envelope of the old API
 MAX_BATCH_ITEMS = 1000
 MAX_SIGNABLE_PAYLOAD_CHARS = 2 * 1024 * 1024  # a PSBT in hex (a 10-input wallet PSBT is ~10 KB) or a 0x hash
+# The inputs and outputs of one PSBT ``sign`` takes. BitGo builds at most 200 unspents into a transaction (bulk
+# consolidation and fan-out split at 200 per transaction, the custody web app selects up to 200) and fans out to
+# fewer than 300; a standard transaction (100,000 vbytes) holds about 340 signed 2-of-3 p2sh inputs.
+MAX_PSBT_INPUTS = 500
+MAX_PSBT_OUTPUTS = 500
+# A BitGo taproot output has three leaves (utxo-lib's PSBTs carry the one spent); each leaf holding the key is a
+# signature, and 14,000 of them in one input took 3.7 s.
+MAX_PSBT_TAP_LEAVES_PER_INPUT = 3
+# The bytes the legacy (p2sh) sighashes of one PSBT may hash, counted before any key is opened: each legacy input
+# hashes the whole transaction (its other inputs' outpoints and sequences, every output) with its redeem script,
+# so the work grows with inputs x transaction size. A wallet PSBT at both caps (500 p2sh inputs, 500 outputs of
+# up to 43 bytes) needs 21 MB; 32 MiB allows outputs of 92 bytes on average (an OP_RETURN's most) at the caps.
+MAX_PSBT_LEGACY_SIGHASH_BYTES = 32 * 1024 * 1024
 # A request message's body (JSON bytes, before base64url): a put_key of a full-size prv fits with room to
 # spare, and a batch is bounded by this as well as by MAX_BATCH_ITEMS.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024

@@ -104,6 +104,20 @@ def test_backup_signs_what_bitgos_signer_half_signed(wallet: Wallet, utxo_lib: U
     assert utxo_lib.finalize("testnet", done)["txid"]
 
 
+def test_a_large_p2sh_consolidation_is_signed_and_utxo_lib_finalizes(wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """60 p2sh inputs (every tenth with a nonWitnessUtxo) to 20 outputs of every type: the legacy digests kmsq
+    computes with the transaction serialized once (worker.psbt.LegacySighash) are the ones BitGo's library checks."""
+    inputs = [{"scriptType": "p2sh", "signer": "user", "cosigner": "backup", "index": i, "value": 10_000 + i,
+               **({"nonWitnessUtxo": True} if i % 10 == 9 else {})} for i in range(60)]  # fmt: skip
+    outputs = [{"scriptType": kind, "index": j, "value": 5_000}
+               for j, kind in enumerate(["p2sh", "p2shP2wsh", "p2wsh", "p2tr"] * 5)]  # fmt: skip
+    unsigned = utxo_lib.run("build", {"network": "testnet", "xpubs": wallet.xpubs, "inputs": inputs,
+                                      "outputs": outputs})["psbt"]  # fmt: skip
+    done = wallet.signed(wallet.signed(unsigned, "user"), "backup")
+    assert utxo_lib.signed_by("testnet", wallet.xpubs, done) == [{"user", "backup"}] * len(inputs)
+    assert utxo_lib.finalize("testnet", done)["txid"]
+
+
 def test_only_the_inputs_of_this_key_are_signed(wallet: Wallet, utxo_lib: UtxoLib) -> None:
     inputs = [
         {"scriptType": "p2wsh", "signer": "user", "cosigner": "bitgo", "index": 0, "value": 50_000},

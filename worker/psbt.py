@@ -14,23 +14,38 @@ carries: BitGo's PSBTs carry ``witnessUtxo`` on legacy p2sh inputs too):
 - p2tr MuSig2 key path (BitGo's ``p2trMusig2``, internal key and merkle root, no leaf): refused, it needs a nonce
   round the key-provider API does not have.
 
-Sighashes come from embit (PSBT parsing and BIP143/BIP341 digests), signatures from libsecp256k1 through coincurve
-(ECDSA with a low s; BIP340 Schnorr with fresh auxiliary randomness).
+Sighashes come from embit (PSBT parsing and BIP143/BIP341 digests) and :class:`LegacySighash` (the legacy digest,
+serializing the transaction once for every input), signatures from libsecp256k1 through coincurve (ECDSA with a low
+s; BIP340 Schnorr with fresh auxiliary randomness).
+
+What one PSBT may cost is bounded before any key is opened: at most ``MAX_PSBT_INPUTS`` inputs,
+``MAX_PSBT_OUTPUTS`` outputs and ``MAX_PSBT_TAP_LEAVES_PER_INPUT`` leaves per input, and at most
+``MAX_PSBT_LEGACY_SIGHASH_BYTES`` hashed by the legacy sighashes, which each cover the whole transaction (a
+6,000-input p2sh PSBT held a worker for 135 s). An input names this key once (each derivation entry would hash its
+script again).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from schemas.limits import (
+    MAX_PSBT_INPUTS,
+    MAX_PSBT_LEGACY_SIGHASH_BYTES,
+    MAX_PSBT_OUTPUTS,
+    MAX_PSBT_TAP_LEAVES_PER_INPUT,
+)
 from worker.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from embit.bip32 import HDKey
     from embit.psbt import PSBT, InputScope
+    from embit.script import Script
     from embit.transaction import Transaction
 
 _SIGHASH_DEFAULT = 0x00
@@ -47,7 +62,8 @@ class SignedPsbt:
 
 
 def parse(payload: str) -> PSBT:
-    """Returns the PSBT in ``payload`` (hex, ``0x`` allowed). Raises InvalidRequest when it is not one."""
+    """Returns the PSBT in ``payload`` (hex, ``0x`` allowed). Raises InvalidRequest when it is not one, or when
+    signing it could cost more than the limits allow (inputs, outputs, leaves per input, legacy sighash bytes)."""
     from embit.psbt import PSBT
 
     text = payload[2:] if payload.startswith(("0x", "0X")) else payload
@@ -63,9 +79,47 @@ def parse(payload: str) -> PSBT:
         raise InvalidRequest("signablePayload is not a well-formed PSBT") from None
     if not psbt.inputs:
         raise InvalidRequest("the PSBT has no input")
+    if len(psbt.inputs) > MAX_PSBT_INPUTS:
+        raise InvalidRequest(f"the PSBT has {len(psbt.inputs)} inputs; a PSBT may have at most {MAX_PSBT_INPUTS}")
+    if len(psbt.outputs) > MAX_PSBT_OUTPUTS:
+        raise InvalidRequest(f"the PSBT has {len(psbt.outputs)} outputs; a PSBT may have at most {MAX_PSBT_OUTPUTS}")
     for i, inp in enumerate(psbt.inputs):
+        if len(inp.taproot_scripts) > MAX_PSBT_TAP_LEAVES_PER_INPUT:
+            raise InvalidRequest(
+                f"input {i} carries {len(inp.taproot_scripts)} tapLeafScripts; an input may carry at most "
+                f"{MAX_PSBT_TAP_LEAVES_PER_INPUT}"
+            )
         _check_previous_output(i, inp)
+    work = legacy_sighash_bytes(psbt)
+    if work > MAX_PSBT_LEGACY_SIGHASH_BYTES:
+        raise InvalidRequest(
+            f"the legacy (p2sh) sighashes of this PSBT would hash {work} bytes; a PSBT may need at most "
+            f"{MAX_PSBT_LEGACY_SIGHASH_BYTES}: send fewer inputs or outputs per PSBT"
+        )
     return psbt
+
+
+def legacy_sighash_bytes(psbt: PSBT) -> int:
+    """Returns how many bytes the legacy sighashes of ``psbt`` would hash if every input that takes one (it spends
+    a p2sh output and its redeemScript is not p2wsh) were signed, whosever it is: for each, the transaction with
+    every other input's script empty and its own redeem script, the sighash type appended. Linear in the PSBT."""
+    from embit import compact
+
+    scripts = [len(inp.redeem_script.serialize()) for inp in psbt.inputs if _takes_legacy_sighash(inp)]
+    if not scripts:
+        return 0
+    tx = psbt.tx
+    outputs = sum(8 + len(out.script_pubkey.serialize()) for out in tx.vout)
+    size = 4 + len(compact.to_bytes(len(tx.vin))) + 41 * len(tx.vin) + len(compact.to_bytes(len(tx.vout))) + outputs
+    return len(scripts) * (size - 1 + 8) + sum(scripts)  # its own empty script replaced; locktime, sighash type
+
+
+def _takes_legacy_sighash(inp: InputScope) -> bool:
+    utxo, redeem = inp.utxo, inp.redeem_script
+    return (
+        utxo is not None and redeem is not None and utxo.script_pubkey.script_type() == "p2sh"
+        and redeem.script_type() != "p2wsh"
+    )  # fmt: skip
 
 
 def _check_previous_output(index: int, inp: InputScope) -> None:
@@ -97,13 +151,83 @@ def sign(xprv: str, payload: str | PSBT) -> SignedPsbt:
         plans = list(_plan(psbt, keys.root.my_fingerprint))
         if not plans:
             raise InvalidRequest("no input of this PSBT is for this key (no derivation with its fingerprint)")
-        tx = psbt.tx  # built once: its sighash caches (prevouts, sequences, outputs) serve every input
+        sighashes = _Sighashes(psbt)
         count = 0
         for plan in plans:
-            count += _sign_input(psbt, tx, keys, plan)
+            count += _sign_input(psbt, sighashes, keys, plan)
     finally:
         keys.wipe()
     return SignedPsbt(psbt.serialize().hex(), count)
+
+
+class LegacySighash:
+    """The legacy (pre-segwit) ``SIGHASH_ALL`` digests of a transaction's inputs, byte for byte embit's
+    ``Transaction.sighash_legacy``, with the transaction serialized once instead of once per input.
+
+    An input's digest is the double SHA-256 of the transaction with every input's script empty but its own, which
+    is the script signed, and the sighash type appended. What every digest shares (version, input count, each input
+    as outpoint, empty script and sequence, the outputs, locktime and sighash type) is one buffer; an input's
+    digest hashes the buffer before that input, its outpoint, script and sequence, and the buffer after it. The
+    bytes hashed still grow with inputs x transaction size (``MAX_PSBT_LEGACY_SIGHASH_BYTES`` bounds them), the
+    Python work per input no longer does (embit serializes every input and output for each: the digests of a
+    1,600-input p2sh PSBT took it 10-19 s, and take this 0.08-0.12 s)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        from embit import compact
+
+        self._inputs = [
+            (bytes(reversed(vin.txid)) + vin.vout.to_bytes(4, "little"), vin.sequence.to_bytes(4, "little"))
+            for vin in tx.vin
+        ]
+        shared = bytearray(tx.version.to_bytes(4, "little") + compact.to_bytes(len(tx.vin)))
+        self._starts: list[int] = []
+        for outpoint, sequence in self._inputs:
+            self._starts.append(len(shared))
+            shared += outpoint + b"\x00" + sequence
+        self._starts.append(len(shared))
+        shared += compact.to_bytes(len(tx.vout))
+        for out in tx.vout:
+            shared += out.serialize()
+        shared += tx.locktime.to_bytes(4, "little") + _SIGHASH_ALL.to_bytes(4, "little")
+        self._shared = bytes(shared)
+
+    def digest(self, index: int, script: Script) -> bytes:
+        """Returns the ``SIGHASH_ALL`` digest of input ``index`` signing ``script`` (a p2sh input's redeem script)."""
+        if not 0 <= index < len(self._inputs):
+            raise IndexError("input index out of range")
+        shared = memoryview(self._shared)
+        outpoint, sequence = self._inputs[index]
+        h = hashlib.sha256(shared[: self._starts[index]])
+        h.update(outpoint)
+        h.update(script.serialize())
+        h.update(sequence)
+        h.update(shared[self._starts[index + 1] :])
+        return hashlib.sha256(h.digest()).digest()
+
+
+class _Sighashes:
+    """What the sighashes of one PSBT's inputs share, made once: the transaction (whose caches of the prevouts,
+    sequences and outputs serve every BIP143 and BIP341 digest), the legacy serialization, and every input's
+    previous output (which a BIP341 digest commits to)."""
+
+    def __init__(self, psbt: PSBT) -> None:
+        self.psbt = psbt
+        self.tx = psbt.tx
+
+    @functools.cached_property
+    def legacy(self) -> LegacySighash:
+        return LegacySighash(self.tx)
+
+    @functools.cached_property
+    def spent(self) -> tuple[list[Script], list[int]]:
+        """Every input's previous output script and value. Raises InvalidRequest when an input carries none."""
+        missing = [j for j, other in enumerate(self.psbt.inputs) if other.utxo is None]
+        if missing:
+            raise InvalidRequest(
+                f"input {missing[0]} carries no previous output, which a taproot signature commits to (every input's)"
+            )
+        utxos = [other.utxo for other in self.psbt.inputs]
+        return [utxo.script_pubkey for utxo in utxos], [utxo.value for utxo in utxos]
 
 
 class _Derivations:
@@ -150,13 +274,18 @@ def _plan(psbt: PSBT, fingerprint: bytes) -> Iterator[_Plan]:
             continue
         if inp.final_scriptsig is not None or inp.final_scriptwitness is not None:
             continue  # already finalized: nothing left to sign
+        if len(ours) + len(ours_taproot) > 1:  # each would hash the input's script again: 4,000 took 3 s
+            raise InvalidRequest(
+                f"input {i} names this key's fingerprint in {len(ours) + len(ours_taproot)} derivations; a wallet "
+                "input names each of its keys once"
+            )
         if ours_taproot and inp.taproot_internal_key is not None and not inp.taproot_scripts:
             raise InvalidRequest(
                 f"input {i} is a MuSig2 key-path spend (p2trMusig2), which needs a nonce exchange kmsq does not "
                 "offer; only script-path taproot inputs are signed"
             )
         sighash = inp.sighash_type
-        allowed = (_SIGHASH_DEFAULT, _SIGHASH_ALL) if ours_taproot else (_SIGHASH_ALL,)
+        allowed = (_SIGHASH_ALL,) if ours else (_SIGHASH_DEFAULT, _SIGHASH_ALL)  # ECDSA: SIGHASH_ALL only
         if sighash is not None and sighash not in allowed:
             raise InvalidRequest(f"input {i} asks for sighash type {sighash:#x}; kmsq signs SIGHASH_ALL only")
         if inp.utxo is None:
@@ -180,17 +309,17 @@ def _derive(keys: _Derivations, plan: _Plan) -> HDKey:
     return child
 
 
-def _sign_input(psbt: PSBT, tx: Transaction, keys: _Derivations, plan: _Plan) -> int:
+def _sign_input(psbt: PSBT, sighashes: _Sighashes, keys: _Derivations, plan: _Plan) -> int:
     child = _derive(keys, plan)
     inp = psbt.inputs[plan.index]
     if plan.taproot:
-        return _sign_taproot(psbt, tx, plan.index, inp, child)
-    digest, sighash = _ecdsa_digest(tx, plan.index, inp, plan.pub.sec())
+        return _sign_taproot(sighashes, plan.index, inp, child)
+    digest, sighash = _ecdsa_digest(sighashes, plan.index, inp, plan.pub.sec())
     inp.partial_sigs[plan.pub] = _ecdsa(child, digest) + bytes([sighash])
     return 1
 
 
-def _ecdsa_digest(tx: Transaction, index: int, inp: InputScope, sec: bytes) -> tuple[bytes, int]:
+def _ecdsa_digest(sighashes: _Sighashes, index: int, inp: InputScope, sec: bytes) -> tuple[bytes, int]:
     """Returns the sighash digest of a p2sh, p2shP2wsh or p2wsh input and its sighash type. Raises InvalidRequest
     for another script type, scripts that do not hash to the previous output's, or a script without this key."""
     from embit import hashes
@@ -214,34 +343,28 @@ def _ecdsa_digest(tx: Transaction, index: int, inp: InputScope, sec: bytes) -> t
     assert script is not None
     if sec not in script.data:
         raise InvalidRequest(f"input {index}: this key's derived public key is not in the input's script")
-    sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_ALL
+    sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_ALL  # SIGHASH_ALL: _plan refuses others
     if segwit:
-        return tx.sighash_segwit(index, script, inp.utxo.value, sighash=sighash), sighash
-    return tx.sighash_legacy(index, script, sighash=sighash), sighash
+        return sighashes.tx.sighash_segwit(index, script, inp.utxo.value, sighash=sighash), sighash
+    return sighashes.legacy.digest(index, script), sighash
 
 
-def _sign_taproot(psbt: PSBT, tx: Transaction, index: int, inp: InputScope, child: HDKey) -> int:
+def _sign_taproot(sighashes: _Sighashes, index: int, inp: InputScope, child: HDKey) -> int:
     """Signs every leaf of a script-path input that holds ``child``'s key. Returns how many it signed."""
     from embit import ec, hashes
     from embit.script import Script
 
     if inp.utxo.script_pubkey.script_type() != "p2tr":
         raise InvalidRequest(f"input {index} has taproot derivations but does not spend a p2tr output")
-    missing = [j for j, other in enumerate(psbt.inputs) if other.utxo is None]
-    if missing:
-        raise InvalidRequest(
-            f"input {missing[0]} carries no previous output, which a taproot signature commits to (every input's)"
-        )
+    spks, values = sighashes.spent
     xonly = child.key.get_public_key().xonly()
     sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_DEFAULT
-    spks = [other.utxo.script_pubkey for other in psbt.inputs]
-    values = [other.utxo.value for other in psbt.inputs]
     signed = 0
     for leaf in inp.taproot_scripts.values():
         leaf_version, script = leaf[-1], Script(leaf[:-1])
         if leaf_version != _TAPSCRIPT_LEAF_VERSION or xonly not in script.data:
             continue
-        digest = tx.sighash_taproot(
+        digest = sighashes.tx.sighash_taproot(
             index, script_pubkeys=spks, values=values, sighash=sighash, ext_flag=1, script=script,
             leaf_version=leaf_version,
         )  # fmt: skip
