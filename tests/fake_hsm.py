@@ -33,6 +33,7 @@ class FakeHsm:
         self._rsa: dict[bytes, rsa.RSAPrivateKey] = {}
         self._policy: bytes | None = None
         self._ec: dict[bytes, Any] = {}
+        self._anchors: dict[str, list[bytes]] = {}
         self.down = False
         self.calls = 0
 
@@ -41,6 +42,7 @@ class FakeHsm:
         copy = FakeHsm()
         copy._aes, copy._rsa, copy._ec = dict(self._aes), dict(self._rsa), dict(self._ec)
         copy._policy = self._policy
+        copy._anchors = {scope: list(values) for scope, values in self._anchors.items()}
         return copy
 
     def _ready(self) -> None:
@@ -141,6 +143,15 @@ class FakeHsm:
             return False
         self._policy = os.urandom(32)
         return True
+
+    def policy_anchors(self, scope: str, *, reread: bool = False) -> list[bytes]:
+        self._ready()
+        return list(self._anchors.get(scope, []))
+
+    def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
+        self._ready()
+        values = [*self._anchors.get(scope, []), value]
+        self._anchors[scope] = [a for a in values if a not in set(superseded)]
 
     def random(self, count: int) -> bytearray:
         self._ready()

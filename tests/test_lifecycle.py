@@ -105,8 +105,8 @@ def test_a_disabled_pool_refuses_its_requests(unit: Unit, full: KmsCodec) -> Non
 
 
 def test_a_database_writer_cannot_undo_the_operator(unit: Unit, full: KmsCodec) -> None:
-    """Re-enabling a pool or lowering a minimum decryption version in the database alone fails the rows'
-    policy MACs: the pool refuses everything, the root key is as absent."""
+    """Changing a value in the database alone fails the row's policy MAC: the root key is as absent, the pool as
+    disabled. (Putting back a whole earlier row, MAC and all, is tests/test_policy_rollback.py.)"""
     root = unit.roots["aes"]
     old = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
     unit.service.rotate_root_key(root)
@@ -115,10 +115,9 @@ def test_a_database_writer_cannot_undo_the_operator(unit: Unit, full: KmsCodec) 
     with transaction(unit.service.sessions) as db:
         db.execute(update(RootKey).where(RootKey.id == root).values(min_decryption_version=1))
         db.execute(update(Pool).where(Pool.name == "beta").values(state="enabled"))
-        db.execute(update(Pool).where(Pool.name == "alpha").values(state="enabled"))  # no row: nothing changes
     decrypt = {"op": "decrypt_data_key", "encrypted_key": old["encryptedKey"]}
     assert refusal(full, unit.deliver(full, decrypt)) == ("invalid", "ciphertext failed integrity check")
     with transaction(unit.service.sessions) as db:
-        db.add(Pool(name="alpha", state="enabled"))  # a row slipped in, without a MAC
+        db.execute(update(Pool).where(Pool.name == "alpha").values(state="disabled"))  # its MAC now fails
     assert refusal(full, unit.deliver(full, {"op": "generate_data_key"})) == (
         "invalid", "pool alpha failed its policy check")  # fmt: skip

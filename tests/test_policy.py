@@ -27,12 +27,14 @@ from worker.storage.models import Caller, RejectionCount, RootKey
 CACHE = 1.2  # the workers' KMSQ_CACHE_SECONDS (1) and a margin
 
 
+# Its own row fails its MAC, or (a MAC removed, a row inserted) the rows no longer hash to the token's anchor.
+POLICY_REASONS = ("caller failed its policy check", "policy rows not anchored")
+
+
 def refusal_counted(deployment: Deployment, caller: str) -> int:
     with deployment.sessions() as db:
         rows = db.scalars(
-            select(RejectionCount).where(
-                RejectionCount.caller == caller, RejectionCount.reason == "caller failed its policy check"
-            )
+            select(RejectionCount).where(RejectionCount.caller == caller, RejectionCount.reason.in_(POLICY_REASONS))
         ).all()
     return sum(r.count for r in rows)
 

@@ -4,7 +4,9 @@ conftest), and how a caller reads a delivery (``answer``, ``refusal``)."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -123,18 +125,22 @@ def unit(tmp_path: Path, unit_template: UnitTemplate) -> Iterator[Unit]:
     yield from _unit(tmp_path, unit_template.hsm.clone(), unit_template.roots)
 
 
-def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None) -> Iterator[Unit]:
+def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None, url: str | None = None) -> Iterator[Unit]:
     """Yields a Unit on ``hsm`` (the test run's SoftHSM2 token where the token's own behaviour is tested) and a
-    fresh SQLite database (a copy of ``schema``, a migrated one, when given)."""
+    fresh database: the migrated, empty one at ``url`` (Postgres), else a SQLite file (a copy of ``schema``, a
+    migrated one, when given)."""
     path = tmp_path / "unit.db"
-    if schema is not None:
+    if schema is not None and url is None:
         shutil.copyfile(schema, path)
-    engine = create_db_engine(f"sqlite:///{path}")
+        with sqlite3.connect(path) as copy:  # a database of its own: its own policy anchor in a shared token
+            copy.execute("UPDATE deployment SET id = ?", (secrets.token_hex(16),))
+    url = url or f"sqlite:///{path}"
+    engine = create_db_engine(url)
     migrate(engine)  # nothing to do on a copy of a migrated schema
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     roots = _populate(service)
     engine.dispose()
-    yield from _unit(tmp_path, hsm, roots)
+    yield from _unit(tmp_path, hsm, roots, url)
 
 
 def _populate(service: KeyService) -> dict[str, str]:
@@ -149,8 +155,8 @@ def _populate(service: KeyService) -> dict[str, str]:
     return roots
 
 
-def _unit(tmp_path: Path, hsm: KeyStore, roots: dict[str, str]) -> Iterator[Unit]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+def _unit(tmp_path: Path, hsm: KeyStore, roots: dict[str, str], url: str | None = None) -> Iterator[Unit]:
+    engine = create_db_engine(url or f"sqlite:///{tmp_path / 'unit.db'}")
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     with transaction(service.sessions) as db:
         secrets = load_fleet_key(hsm, db, "alpha")

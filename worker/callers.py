@@ -111,7 +111,7 @@ def add_caller(
         plaintext=plaintext,
         state="enabled",
     )
-    policy.seal(hsm, row)
+    policy.seal(hsm, db, row)
     db.add(row)
     db.flush()
     detail = f"{name}: {row.allowed_ops}; root keys {row.root_keys}; plaintext {plaintext}"
@@ -132,7 +132,7 @@ def set_caller_state(hsm: KeyStore, db: Session, name: str, state: str) -> Calle
         raise NotFound(f"no caller {name!r}")
     policy.require(hsm, row)
     row.state = state
-    policy.seal(hsm, row)
+    policy.seal(hsm, db, row)
     db.flush()
     audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, f"caller {state[:-1]}", detail=name)
     return _info(row)

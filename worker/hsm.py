@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +95,17 @@ _POLICY_KEY_TEMPLATE: dict[Attribute, Any] = {
     Attribute.WRAP: False,
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
+}
+# The policy anchor (worker.policy): data objects, written only by the operator commands, holding the digest the
+# policy rows must hash to. A data object's value cannot be changed in place (SoftHSM2: CKR_ATTRIBUTE_READ_ONLY):
+# a new one is created, then the ones it supersedes are destroyed.
+POLICY_ANCHOR_LABEL = "kmsq-policy-anchor-v1"
+_POLICY_ANCHOR_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.CLASS: ObjectClass.DATA,
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.MODIFIABLE: False,
+    Attribute.APPLICATION: "kmsq",
 }
 _ROOT_RSA_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
@@ -223,6 +235,7 @@ class Hsm:  # implements worker.keystore.KeyStore
         self.sessions_opened = 0  # logins: the first, and every reopen after a failure or recycle (metrics)
         self.unavailable = 0  # calls that failed as HsmUnavailable, retried or not (metrics)
         self.refreshed = 0  # re-reads of the token after a key was not found
+        self._reread_at = 0.0  # when policy_anchors last read the token again
 
     # -- session lifecycle -------------------------------------------------------------------------
 
@@ -623,6 +636,38 @@ class Hsm:  # implements worker.keystore.KeyStore
             return True
 
         return self._run(op)
+
+    # -- the policy anchor ------------------------------------------------------------------------------
+
+    def _anchor_objects(self, session: Any, scope: str) -> list[Any]:
+        query = {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: f"{POLICY_ANCHOR_LABEL}:{scope}"}
+        return list(session.get_objects(query))
+
+    def policy_anchors(self, scope: str, *, reread: bool = False) -> list[bytes]:
+        """Returns the values of the token's policy anchor objects of database ``scope`` (data objects labelled
+        ``kmsq-policy-anchor-v1:<scope>``: no mechanism is involved). With ``reread`` the token is read again first
+        (at most once a second): SoftHSM2 may not show a session objects another process made after it opened
+        (seen with the anchors an operator command wrote while a worker ran)."""
+        if reread and time.monotonic() - self._reread_at >= 1.0:
+            with self._lock:
+                self._reinitialize()
+            self._reread_at = time.monotonic()
+        return self._run(lambda session: [bytes(o[Attribute.VALUE]) for o in self._anchor_objects(session, scope)])
+
+    def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
+        """Creates a policy anchor object of ``scope`` holding ``value`` (token, private: only a logged-in session
+        reads it), then destroys that scope's anchor objects holding a value in ``superseded``."""
+
+        def op(session: Any) -> None:
+            label = f"{POLICY_ANCHOR_LABEL}:{scope}"
+            session.create_object({**_POLICY_ANCHOR_TEMPLATE, Attribute.LABEL: label, Attribute.VALUE: value})
+            self._objects_created += 1
+            old = set(superseded)
+            for found in self._anchor_objects(session, scope):
+                if bytes(found[Attribute.VALUE]) in old:
+                    found.destroy()
+
+        self._run(op)
 
     def random(self, count: int) -> bytearray:
         """Returns ``count`` bytes from the token's random number generator (C_GenerateRandom)."""

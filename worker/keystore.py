@@ -81,6 +81,14 @@ class KeyStore(Protocol):
     def policy_mac(self, data: bytes) -> bytes:
         """HMAC-SHA256 of ``data`` under the policy key."""
 
+    def policy_anchors(self, scope: str, *, reread: bool = False) -> list[bytes]:
+        """The values of the token's policy anchor objects of database ``scope`` (worker.policy_anchor); with
+        ``reread``, after reading the token again (objects another process made since)."""
+
+    def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
+        """Adds a policy anchor object of ``scope`` holding ``value``, then removes that scope's objects holding a
+        value in ``superseded`` (first the new one, so that the token never has none)."""
+
     def random(self, count: int) -> bytearray:
         """``count`` bytes from the token's random generator."""
 

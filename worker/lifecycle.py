@@ -41,7 +41,7 @@ def set_root_key_state(hsm: KeyStore, db: Session, root_key_id: str, state: str)
         raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
     key = _root_key_for_update(hsm, db, root_key_id)
     key.state = state
-    policy.seal(hsm, key)
+    policy.seal(hsm, db, key)
     db.flush()
     audit_log.operator_action(hsm, db, key.pool, f"root-key {state[:-1]}", root_key_id=key.id)
     return root_key_info(db, key)
@@ -57,7 +57,7 @@ def set_min_decryption_version(hsm: KeyStore, db: Session, root_key_id: str, min
     if destroyed and minimum <= max(destroyed):
         raise InvalidRequest(f"version {max(destroyed)} is destroyed: the minimum must stay above it")
     key.min_decryption_version = minimum
-    policy.seal(hsm, key)
+    policy.seal(hsm, db, key)
     db.flush()
     audit_log.operator_action(hsm, db, key.pool, "root-key set", root_key_id=key.id, root_key_version=minimum,
                               detail=f"min decryption version {minimum}")  # fmt: skip
@@ -98,7 +98,7 @@ def destroy_root_key_version(hsm: KeyStore, db: Session, root_key_id: str, versi
             f"{used} stored row(s) still use version {version}: run `kmsq root-key rewrap {root_key_id}` first"
         )
     row.state = "destroyed"
-    policy.seal(hsm, row)
+    policy.seal(hsm, db, row)
     db.flush()
     audit_log.operator_action(hsm, db, key.pool, "root-key destroy-version", root_key_id=key.id,
                               root_key_version=version)  # fmt: skip
@@ -134,7 +134,7 @@ def set_pool_state(hsm: KeyStore, db: Session, name: str, state: str) -> PoolInf
         policy.require(hsm, row)
         row.state = state
     row.updated_at = datetime.now(UTC)
-    policy.seal(hsm, row)
+    policy.seal(hsm, db, row)
     db.flush()
     audit_log.operator_action(hsm, db, name, f"pool {state[:-1]}")
     return _pool_info(db, row.name, row)

@@ -70,7 +70,7 @@ from worker.errors import (
 from worker.fleet import FleetSecrets
 from worker.handlers import OpCall, handler_of
 from worker.keystore import KeyStore
-from worker.policy import PolicyViolation, TrustedRows
+from worker.policy import PolicyNotAnchored, PolicyViolation, TrustedRows
 from worker.service import RootKeyAccess
 from worker.storage.db import transaction
 from worker.storage.models import Caller, RequestRecord, RootKey
@@ -254,13 +254,7 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
         body = from_b64u(claim.body, max_len=MAX_REQUEST_BYTES)
     except WireError:
         raise _Rejection(InvalidRequest("malformed request message"), "body is not base64url") from None
-    # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
-    try:
-        caller = ctx.rows.caller(db, claim.caller) if NAME.fullmatch(claim.caller) else None
-    except PolicyViolation:  # refused as if absent; counted under its name so that operators see it
-        raise _Rejection(Unauthenticated(), "caller failed its policy check", caller=claim.caller) from None
-    if caller is None:
-        raise _Rejection(Unauthenticated(), "unknown caller")
+    caller = _registered_caller(ctx, db, claim)
     known = caller.name
     if caller.signing_key_id != claim.key_id:
         raise _Rejection(Unauthenticated(), "unknown signing key", caller=known)
@@ -280,6 +274,21 @@ def _authenticate(ctx: WorkerContext, db: Session, msg: Inbound, claim: _Claim |
         raise _Rejection(error, "malformed body", caller=known, reply_queue=queue) from None
     _bind(ctx, msg, claim, request, caller)
     return request, hashlib.sha256(body).hexdigest(), caller
+
+
+def _registered_caller(ctx: WorkerContext, db: Session, claim: _Claim) -> Caller:
+    """The caller a message claims, as the worker trusts it. Raises _Rejection when it is not registered, its row
+    fails its policy check, or no policy row is trusted now."""
+    # A name that cannot be registered is not looked up (a NUL would even make Postgres raise).
+    try:
+        caller = ctx.rows.caller(db, claim.caller) if NAME.fullmatch(claim.caller) else None
+    except PolicyNotAnchored:  # no policy row is trusted now (worker.policy_anchor): logged, counted
+        raise _Rejection(Unauthenticated(), "policy rows not anchored", caller=claim.caller) from None
+    except PolicyViolation:  # refused as if absent; counted under its name so that operators see it
+        raise _Rejection(Unauthenticated(), "caller failed its policy check", caller=claim.caller) from None
+    if caller is None:
+        raise _Rejection(Unauthenticated(), "unknown caller")
+    return caller
 
 
 def _signed_reply_queue(body: bytes, caller: str) -> str | None:

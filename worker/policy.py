@@ -24,7 +24,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import audit_log
+from worker import audit_log, policy_anchor
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
 from worker.storage.cache import TtlCache, detached_copy
@@ -32,12 +32,19 @@ from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
 from worker.storage.repo import RootKeyRepository
 
 log = logging.getLogger("kmsq.policy")
+_ABSENT = object()
+_APPROVING = "kmsq.policy_approving"
 PolicyRow = Caller | RootKey | RootKeyVersion | Pool
 R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool)
 
 
 class PolicyViolation(InvalidRequest):
     """A policy row's MAC is missing or does not verify: it was written outside the operator commands."""
+
+
+class PolicyNotAnchored(PolicyViolation):
+    """The policy rows do not hash to the token's anchor (a row put back, added or removed outside the operator
+    commands, or no anchor yet): no policy row is trusted."""
 
 
 def _encode(label: bytes, fields: tuple[tuple[str, object], ...]) -> bytes:
@@ -73,11 +80,16 @@ def mac_input(row: PolicyRow) -> bytes:
     ))  # fmt: skip
 
 
-def seal(hsm: KeyStore, row: PolicyRow) -> None:
+def seal(hsm: KeyStore, db: Session, row: PolicyRow) -> None:
     """Sets ``row.policy_mac`` for its current values (operator commands, after every change of the row),
-    creating the token's policy key on first use."""
+    creating the token's policy key on first use; the commit of ``db``'s transaction then anchors the rows it
+    leaves in the token (worker.policy_anchor)."""
     hsm.ensure_policy_key()
     row.policy_mac = hsm.policy_mac(mac_input(row)).hex()
+    try:
+        policy_anchor.arm(hsm, db, approve=db.info.get(_APPROVING, False))
+    except policy_anchor.NotAnchored as e:
+        raise PolicyNotAnchored(f"{e}; no operator change is made until then") from None
 
 
 def require(hsm: KeyStore, row: PolicyRow) -> None:
@@ -124,12 +136,38 @@ class TrustedRows:
         self.hsm = hsm
         self._cache = TtlCache(cache_seconds)
 
-    def _trusted(self, row: R | None) -> R | None:
-        """``row`` unless it fails its MAC check; then None (logged). Raises HsmUnavailable (transient)."""
-        if row is None or self.hsm is None or verifies(self.hsm, row):
+    def _anchored(self, db: Session, *, fresh: bool = False) -> policy_anchor.PolicyState:
+        """The policy rows' identities and MACs, once the token's anchor vouches for them (read again at most
+        once per cache period, or now with ``fresh``). Raises PolicyNotAnchored when it does not: a row was put
+        back, added or removed outside the operator commands (or the token has no anchor), and no policy row is
+        trusted then. Raises HsmUnavailable (transient)."""
+        assert self.hsm is not None
+        hsm = self.hsm
+
+        def load() -> policy_anchor.PolicyState:
+            state = policy_anchor.policy_state(db)
+            if not policy_anchor.accepted(hsm, policy_anchor.deployment_id(db), state):
+                log.error("refused every policy row: %s", policy_anchor.status(hsm, db).describe())
+                raise PolicyNotAnchored("the policy rows do not match the token's policy anchor")
+            return state
+
+        if fresh:
+            self._cache.forget(("anchored",))
+        return self._cache.get(("anchored",), load)
+
+    def _trusted(self, db: Session, row: R | None) -> R | None:
+        """``row`` unless it fails its MAC check or is not the anchored one; then None (logged). Raises
+        PolicyNotAnchored when the rows are not anchored, HsmUnavailable (transient)."""
+        if row is None or self.hsm is None:
             return row
-        log.error("refused %s: its policy MAC is missing or wrong (changed outside the operator commands?)",
-                  describe(row))  # fmt: skip
+        key = policy_anchor.row_key(row)
+        state = self._anchored(db)
+        if state.get(key, _ABSENT) != row.policy_mac:  # changed since the rows were last anchored: read them again
+            state = self._anchored(db, fresh=True)
+        if state.get(key, _ABSENT) == row.policy_mac and verifies(self.hsm, row):
+            return row
+        log.error("refused %s: its policy MAC is missing, wrong or not the anchored one (changed outside the "
+                  "operator commands?)", describe(row))  # fmt: skip
         return None
 
     def _kept(self, row: R | None) -> R | None:
@@ -140,7 +178,7 @@ class TrustedRows:
 
         def load() -> Caller | None:
             row = db.get(Caller, name)
-            if row is not None and self._trusted(row) is None:
+            if row is not None and self._trusted(db, row) is None:
                 raise PolicyViolation(f"{describe(row)} failed its policy check")
             return self._kept(row)
 
@@ -150,14 +188,14 @@ class TrustedRows:
         """Returns the root key, or None (absent, or failing its check)."""
         return self._cache.get(
             ("root_key", root_key_id),
-            lambda: self._kept(self._trusted(RootKeyRepository(db).get(root_key_id))),
+            lambda: self._kept(self._trusted(db, RootKeyRepository(db).get(root_key_id))),
         )
 
     def root_key_version(self, db: Session, root_key_id: str, version: int) -> RootKeyVersion | None:
         """Returns the root key's version, or None (absent, or failing its check)."""
         return self._cache.get(
             ("root_key_version", root_key_id, version),
-            lambda: self._kept(self._trusted(RootKeyRepository(db).get_version(root_key_id, version))),
+            lambda: self._kept(self._trusted(db, RootKeyRepository(db).get_version(root_key_id, version))),
         )
 
     def default_root_key(self, db: Session, pool: str) -> RootKey | None:
@@ -166,19 +204,20 @@ class TrustedRows:
 
         def load() -> RootKey | None:
             enabled = RootKeyRepository(db).enabled_in_pool(pool)
-            return self._kept(next((row for row in enabled if self._trusted(row) is not None), None))
+            return self._kept(next((row for row in enabled if self._trusted(db, row) is not None), None))
 
         return self._cache.get(("default_root_key", pool), load)
 
     def pool_refusal(self, db: Session, pool: str) -> InvalidRequest | None:
-        """Why a worker of ``pool`` must refuse requests now, or None. A pool row that fails its check counts as
-        disabled: someone may have re-enabled it behind the operator."""
+        """Why a worker of ``pool`` must refuse requests now, or None. A pool is served only while its row is
+        there, enabled, and passes its check: a row that fails counts as disabled (someone may have re-enabled it
+        behind the operator), and no row means not served (someone may have deleted the disabled one)."""
 
         def load() -> str:  # the check (an HSM call) runs once per cache period, not per request
             row = db.get(Pool, pool)
             if row is None:
-                return "enabled"
-            return f"is {row.state}" if self._trusted(row) is not None else "failed its policy check"
+                return "has no policy row (an operator creates it: kmsq policy seal)"
+            return f"is {row.state}" if self._trusted(db, row) is not None else "failed its policy check"
 
         state = self._cache.get(("pool", pool), load)
         if state in ("enabled", "is enabled"):
@@ -199,7 +238,9 @@ class RowStatus:
 
 def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[RowStatus]:
     """Checks every policy row; with ``seal_failing``, seals the ones that fail (the operator has reviewed
-    them: ``kmsq caller list``, ``kmsq root-key list``). Returns each row's status before sealing."""
+    them: ``kmsq caller list``, ``kmsq root-key list``), creates the missing row of each pool that has root keys
+    (a pool is served only with its row), and anchors the result in the token (worker.policy_anchor). Returns each
+    row's status before sealing (a missing pool row as failing)."""
     rows: list[PolicyRow] = [
         *db.scalars(select(Caller).order_by(Caller.name)),
         *db.scalars(select(RootKey).order_by(RootKey.id)),
@@ -207,13 +248,32 @@ def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[Ro
         *db.scalars(select(Pool).order_by(Pool.name)),
     ]
     statuses = []
+    if seal_failing:
+        db.info[_APPROVING] = True  # the operator approves the rows as they are: no anchor check before sealing
+        policy_anchor.arm(hsm, db, approve=True)
     for row in rows:
         ok = verifies(hsm, row)
         statuses.append(RowStatus(describe(row), ok))
         if not ok and seal_failing:
-            seal(hsm, row)
+            seal(hsm, db, row)
+    have_rows = {row.name for row in rows if isinstance(row, Pool)}
+    for name in sorted(set(db.scalars(select(RootKey.pool))) - have_rows):
+        statuses.append(RowStatus(f"pool {name} (no row)", False))
+        if seal_failing:
+            ensure_pool_row(hsm, db, name)
     db.flush()
     sealed = [s.row for s in statuses if not s.verifies] if seal_failing else []
     if sealed:
         audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "policy seal", detail="; ".join(sealed))
     return statuses
+
+
+def ensure_pool_row(hsm: KeyStore, db: Session, name: str) -> Pool:
+    """Returns pool ``name``'s row, creating it (enabled, sealed) when it has none."""
+    row = db.get(Pool, name)
+    if row is None:
+        row = Pool(name=name, state="enabled")
+        seal(hsm, db, row)
+        db.add(row)
+        db.flush()
+    return row

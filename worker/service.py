@@ -187,9 +187,10 @@ def create_root_key(hsm: KeyStore, db: Session, key_type: str = "aes-256", pool:
     key = RootKey(id=key_id, type=key_type, pool=pool, state="enabled", current_version=1)
     version = _version_row(key_id, 1, handle)
     try:
-        policy.seal(hsm, key)
-        policy.seal(hsm, version)
+        policy.seal(hsm, db, key)
+        policy.seal(hsm, db, version)
         repo.add(key, version)
+        policy.ensure_pool_row(hsm, db, pool)  # a pool is served only with its row
         audit_log.operator_action(hsm, db, pool, "root-key create", root_key_id=key_id, root_key_version=1,
                                   detail=key_type)  # fmt: skip
     except BaseException:
@@ -212,9 +213,9 @@ def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str) -> RootKeyInfo
     handle = _create_hsm_version(hsm, key.type, key.id, version)
     row = _version_row(key.id, version, handle)
     try:
-        policy.seal(hsm, row)
+        policy.seal(hsm, db, row)
         repo.add_version(key, row)
-        policy.seal(hsm, key)  # its current version changed
+        policy.seal(hsm, db, key)  # its current version changed
         db.flush()
         audit_log.operator_action(hsm, db, key.pool, "root-key rotate", root_key_id=key.id, root_key_version=version)
     except BaseException:

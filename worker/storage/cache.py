@@ -57,6 +57,11 @@ class TtlCache:
         for k in expired or list(self._data)[: max(1, self.max_entries // 10)]:
             del self._data[k]
 
+    def forget(self, key: Hashable) -> None:
+        """Drops ``key``: the next :meth:`get` loads it."""
+        with self._lock:
+            self._data.pop(key, None)
+
     def clear(self) -> None:
         """Forgets everything."""
         with self._lock:

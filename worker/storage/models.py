@@ -68,8 +68,19 @@ class RootKey(Base):
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
 
 
+class Deployment(Base):
+    """The database's own identity (one row, made by migration 0013): which of a token's policy anchors is this
+    database's (worker.policy_anchor). One token may serve several databases (tests do); a row changed or
+    removed points at an anchor that does not vouch for these rows, and they are refused."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Pool(Base):
-    """An HSM pool's state. A pool without a row is enabled; a disabled pool's workers refuse its requests."""
+    """An HSM pool's state. A pool is served only while its row is there, enabled and sealed (worker.policy)."""
 
     __tablename__ = "pools"
 
