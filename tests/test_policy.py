@@ -169,3 +169,47 @@ def test_rows_from_before_policy_macs_are_listed_then_sealed_by_the_operator(tmp
     sealed = run_kmsq(home, "policy", "seal", "--json")
     assert sealed.returncode == 0 and json.loads(sealed.stdout)["sealed"] == report["failing"]
     assert run_kmsq(home, "policy", "check").returncode == 0
+
+
+def test_a_caller_row_put_back_after_disable_is_refused_by_the_workers(deployment: Deployment) -> None:
+    """Issue 22.1 against real workers: `kmsq caller disable`, then the row from before put back with its MAC.
+    The MAC verifies, but the rows no longer hash to the token's anchor: no request of anyone is served (no
+    reply, counted as `policy rows not anchored`) until the anchored rows are back."""
+    identity = deployment.register("pol-rb-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+    other = deployment.register("pol-other-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+
+    def copy_row() -> dict[str, Any]:
+        with deployment.sessions() as db:
+            row = db.get(Caller, identity.caller)
+            assert row is not None
+            return {c.key: getattr(row, c.key) for c in Caller.__table__.columns}
+
+    def put(values: dict[str, Any]) -> None:
+        with transaction(deployment.sessions) as db:
+            db.execute(update(Caller).where(Caller.name == identity.caller).values(**values))
+
+    enabled = copy_row()
+    with deployment.client(identity, timeout=4) as kms, deployment.client(other, timeout=4) as bystander:
+        assert kms.generate_data_key()["plaintextKey"]
+        disabled = subprocess.run([*kmsq_command(), "caller", "disable", identity.caller], env=deployment.env(),
+                                  capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert disabled.returncode == 0, disabled.stderr
+        anchored_row = copy_row()
+        time.sleep(CACHE)
+        with pytest.raises(KmsError) as refused:
+            kms.generate_data_key()
+        assert refused.value.code == "unauthenticated"  # disabled: told so on its own queue
+        try:
+            put(enabled)  # the rollback: the row of before `caller disable`, MAC and all
+            time.sleep(CACHE)
+            with pytest.raises(KmsTimeout):  # not served again: no reply at all
+                kms.generate_data_key()
+            with pytest.raises(KmsTimeout):  # and nobody else is served on rows that do not hash to the anchor
+                bystander.generate_data_key()
+            with deployment.sessions() as db:
+                reasons = db.scalars(select(RejectionCount.reason).where(RejectionCount.caller == identity.caller))
+                assert "policy rows not anchored" in set(reasons)
+        finally:
+            put(anchored_row)
+        time.sleep(CACHE)
+        assert bystander.generate_data_key()["plaintextKey"]  # the anchored rows are back: served again

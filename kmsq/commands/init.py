@@ -42,6 +42,7 @@ def init(as_json: bool) -> None:
         created_key = service.create_root_key("aes-256", settings.default_pool)
     fleet, fleet_created = service.ensure_fleet_key(settings.default_pool)
     failing = _unsealed(service)
+    anchor = _anchor(service)
     fleet_path = settings.home / "fleet.json"
     fleet_written = write_fleet_file(fleet_path, service.fleet_document())
     report = {
@@ -55,6 +56,7 @@ def init(as_json: bool) -> None:
         "fleet_key": {"pool": fleet.pool, "signing_key_id": fleet.signing_key_id, "created": fleet_created},
         "policy_key_created": policy_key_created,
         "policy_rows_failing": failing,
+        "policy_anchor": anchor,
         "fleet_file": {"path": str(fleet_path), "written": fleet_written},
     }
     if as_json:
@@ -75,6 +77,7 @@ def init(as_json: bool) -> None:
         "policy key     " + ("created" if policy_key_created else "exists")
         + (f"; {len(failing)} rows are not sealed: review them, then run `kmsq policy seal`" if failing else "")
     )  # fmt: skip
+    console.print(f"policy anchor  {anchor}")
     console.print(f"fleet file     {fleet_path}" + (" (written)" if fleet_written else " (up to date)"))
 
 
@@ -85,3 +88,12 @@ def _unsealed(service: KeyService) -> list[str]:
 
     with transaction(service.sessions) as db:
         return [s.row for s in policy.review(service.hsm, db) if not s.verifies]
+
+
+def _anchor(service: KeyService) -> str:
+    """Whether the token anchors the policy rows (worker.policy_anchor); an upgraded deployment is told to run
+    `kmsq policy seal`, never anchored automatically."""
+    from worker import policy_anchor
+
+    with service.sessions() as db:
+        return policy_anchor.status(service.hsm, db).describe()
