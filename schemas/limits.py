@@ -43,6 +43,10 @@ MAX_PSBT_LEGACY_SIGHASH_BYTES = 32 * 1024 * 1024
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # A reply's body (JSON bytes, before base64url): a get_key of a full-size prv, even wrapped by get_result.
 MAX_REPLY_BYTES = 4 * MAX_REQUEST_BYTES
+# The plaintext of one sealed field of a reply (a batch's secrets together, as a JSON list): what a worker seals
+# at most and a caller opens at most. A get_keys batch answers the items past it ``too_large`` (ask for them
+# alone: a single get_key of a full-size prv always fits), and the SDK's coalescer does so by itself.
+MAX_REPLY_SECRET_BYTES = 8 * 1024 * 1024
 # The gateway's largest HTTP body: a full-size prv even if every byte arrives JSON-escaped (\\u0000, 6x).
 MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024
 

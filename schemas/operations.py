@@ -64,7 +64,7 @@ class Batching:
     ``shared`` fields are the batch's own, equal for all its items; ``fixed`` are what the batch sets to mean
     this single operation. A single operation with a sealed input puts each plaintext in the batch's ``sealed``
     list. With ``coalesce``, the SDK may send concurrent single requests of this operation as one batch, except
-    those ``alone`` picks out.
+    those ``alone`` picks out; with ``dedupe`` (reads), equal requests in one batch are one item.
     """
 
     op: str
@@ -75,6 +75,7 @@ class Batching:
     sealed: str | None = None
     coalesce: bool = True
     alone: Callable[[Mapping[str, Any]], bool] | None = None
+    dedupe: bool = False  # the items are reads: equal ones in one batch are asked for once
 
     def item(self, params: Mapping[str, Any]) -> Any:
         """Returns the batch item that a single request's parameters make (None for a ``count`` batch)."""
@@ -164,7 +165,8 @@ _ROWS = (
     Operation(
         "decrypt_data_key", "the plaintext of an encryptedKey", requests.DecryptDataKey, replies.PlaintextKeyReply,
         "data_keys", "decrypt_data_key", plaintext=True, pool_from="encrypted_key",
-        batch=Batching("decrypt_data_keys", "encrypted_keys", ("encrypted_key",), alone=_sjcl_goes_alone),
+        batch=Batching("decrypt_data_keys", "encrypted_keys", ("encrypted_key",), alone=_sjcl_goes_alone,
+                       dedupe=True),
         audit=lambda params, reply: (
             "" if reply is None or _kmsq_key({"encrypted_key": params.encrypted_key})
             else "an SJCL envelope of the replaced API"
@@ -187,7 +189,7 @@ _ROWS = (
     ),
     Operation(
         "get_key", "a stored private key", requests.GetKey, replies.PrivateKeyReply, "private_keys", "get_key",
-        plaintext=True, batch=Batching("get_keys", "keys", ("pub", "source")),
+        plaintext=True, batch=Batching("get_keys", "keys", ("pub", "source"), dedupe=True),
     ),
     Operation(
         "generate_signing_key", "a key generated and kept inside kmsq, which signs and is never exported",

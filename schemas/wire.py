@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from schemas.limits import MAX_REQUEST_BYTES
+from schemas.limits import MAX_REPLY_SECRET_BYTES, MAX_REQUEST_BYTES
 
 PROTOCOL_VERSION = 1
 TASK_PREFIX = "kmsq."
@@ -55,6 +55,7 @@ ErrorCode = Literal[
     "conflict",
     "not_found",
     "not_exportable",
+    "too_large",
     "unavailable",
     "internal",
 ]
@@ -223,8 +224,9 @@ def seal_reply_secret(reply_key: X25519PublicKey, request_id: uuid.UUID, field: 
 
 
 def open_reply_secret(reply_key: X25519PrivateKey, request_id: uuid.UUID, field: str, sealed: str) -> bytes:
-    """Opens a sealed reply field. Raises WireError for anything wrong (opaque)."""
-    return _open(reply_key, sealed, _reply_info(request_id, field))
+    """Opens a sealed reply field (of at most MAX_REPLY_SECRET_BYTES). Raises WireError for anything wrong
+    (opaque)."""
+    return _open(reply_key, sealed, _reply_info(request_id, field), MAX_REPLY_SECRET_BYTES)
 
 
 def seal_private_key(transport_key: X25519PublicKey, caller: str, request_id: uuid.UUID, prv: bytes) -> str:
@@ -234,11 +236,11 @@ def seal_private_key(transport_key: X25519PublicKey, caller: str, request_id: uu
 
 def open_private_key(transport_key: X25519PrivateKey, caller: str, request_id: uuid.UUID, sealed: str) -> bytes:
     """Opens the sealed ``prv`` of a ``put_key`` request. Raises WireError (opaque)."""
-    return _open(transport_key, sealed, _prv_info(caller, request_id))
+    return _open(transport_key, sealed, _prv_info(caller, request_id), MAX_REQUEST_BYTES)
 
 
-def _open(key: X25519PrivateKey, sealed: str, info: bytes) -> bytes:
-    ciphertext = from_b64u(sealed, max_len=MAX_REQUEST_BYTES)
+def _open(key: X25519PrivateKey, sealed: str, info: bytes, max_plaintext: int) -> bytes:
+    ciphertext = from_b64u(sealed, max_len=max_plaintext + _SEAL_OVERHEAD)
     try:
         return _SUITE.decrypt(ciphertext, key, info=info)
     except (InvalidTag, ValueError):

@@ -55,7 +55,7 @@ class CoalescePolicy:
 
 @dataclass
 class _Item:
-    future: RequestFuture
+    futures: list[RequestFuture]  # the callers it answers (several: equal reads asked once)
     value: Any  # the item as its batch operation takes it
     sealed: Any  # its sealed input's plaintext (put_key's prv), or None
     cost: int  # bytes it adds to the batch message
@@ -69,6 +69,8 @@ class _Group:
     deadline: float
     items: list[_Item] = field(default_factory=list)
     cost: int = 0
+    retry: bool = False  # items sent alone again, after their batch could not answer them
+    by_value: dict[str, _Item] = field(default_factory=dict)  # batchings that dedupe: an item by its value
 
 
 # (single operation, pool, the values of the fields its batch shares)
@@ -118,20 +120,9 @@ class Coalescer:
             if alone:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
             else:
-                item = _Item(RequestFuture(""), value, sealed, cost, send_alone)
-                group = self._groups.get(key)
-                if group is not None and group.cost + cost > self.policy.max_bytes:
-                    self._dispatch(key, self._groups.pop(key))
-                    group = None
-                if group is None:
-                    group = self._groups[key] = _Group(batching, shared, time.monotonic() + self.policy.linger)
-                group.items.append(item)
-                group.cost += cost
-                if len(group.items) >= self.policy.max_items:
-                    self._dispatch(key, self._groups.pop(key))
-                self._lock.notify()
+                future = self._add(key, batching, shared, _Item([RequestFuture("")], value, sealed, cost, send_alone))
         if not alone:
-            return item.future
+            return future
         try:
             future = send_alone()
         except BaseException:
@@ -139,6 +130,29 @@ class Coalescer:
             raise
         future.add_done_callback(lambda _: self._landed(key))
         return future
+
+    def _add(self, key: _Key, batching: Batching, shared: dict[str, Any], item: _Item) -> RequestFuture:
+        """Adds an item to its kind's next batch (an equal one already there when the batching dedupes: then
+        that item answers this caller too). Returns the caller's future. Call with the lock held."""
+        group = self._groups.get(key)
+        if group is not None and batching.dedupe:
+            twin = group.by_value.get(canonical_json(item.value).decode())
+            if twin is not None:
+                twin.futures.append(item.futures[0])
+                return item.futures[0]
+        if group is not None and group.cost + item.cost > self.policy.max_bytes:
+            self._dispatch(key, self._groups.pop(key))
+            group = None
+        if group is None:
+            group = self._groups[key] = _Group(batching, shared, time.monotonic() + self.policy.linger)
+        group.items.append(item)
+        group.cost += item.cost
+        if batching.dedupe:
+            group.by_value[canonical_json(item.value).decode()] = item
+        if len(group.items) >= self.policy.max_items:
+            self._dispatch(key, self._groups.pop(key))
+        self._lock.notify()
+        return item.futures[0]
 
     def _dispatch(self, key: _Key, group: _Group) -> None:
         """Queues a group for the sender thread; it is in flight from now on. Call with the lock held."""
@@ -185,11 +199,12 @@ class Coalescer:
         batch = len(group.items) > 1
         if batch:
             self.batches_sent += 1
-            self.items_coalesced += len(group.items)
-        for item in group.items:
-            item.future.request_id = sent.request_id
-            item.future.sent = sent.sent
-        remaining = [len(group.items)]
+            self.items_coalesced += sum(len(item.futures) for item in group.items)
+        futures = [future for item in group.items for future in item.futures]
+        for future in futures:
+            future.request_id = sent.request_id
+            future.sent = sent.sent
+        remaining = [len(futures)]
 
         def item_done(_: Future[Fields]) -> None:  # every caller gave up (timeouts): no longer in flight
             with self._lock:
@@ -198,15 +213,16 @@ class Coalescer:
             if last and not sent.done():
                 sent.cancel()
 
-        sent.add_done_callback(lambda f: self._deliver(key, f, group.items, batch))
-        for item in group.items:
-            item.future.add_done_callback(item_done)
+        sent.add_done_callback(lambda f: self._deliver(key, f, group, batch))
+        for future in futures:
+            future.add_done_callback(item_done)
 
     def _refuse(self, key: _Key, group: _Group, error: KmsError) -> None:
         self._landed(key)
         for item in group.items:
-            if not item.future.done():
-                item.future.set_exception(error)
+            for future in item.futures:
+                if not future.done():
+                    future.set_exception(error)
 
     def _send_batch(self, key: _Key, group: _Group) -> RequestFuture:
         params = group.batching.batch_params(
@@ -215,20 +231,38 @@ class Coalescer:
         params.pop("op")
         return self.client.call(group.batching.op, params, key[1])
 
-    def _deliver(self, key: _Key, sent: Future[Fields], items: list[_Item], batch: bool) -> None:
-        """Hands each caller its item of the reply, or the error of the whole."""
+    def _deliver(self, key: _Key, sent: Future[Fields], group: _Group, batch: bool) -> None:
+        """Hands each caller its item of the reply, or the error of the whole. An item the batch could not answer
+        (``too_large``, or the batch refused as a whole for a reason its items may not share) is sent again,
+        alone, once: everyone gets the answer it would have had alone."""
         self._landed(key)
-        for index, item in enumerate(items):
-            if item.future.done():
+        whole = sent.exception() if not sent.cancelled() else None
+        for index, item in enumerate(group.items):
+            if all(future.done() for future in item.futures):
                 continue
             try:
                 fields = sent.result()
                 if batch:
-                    fields = _item_fields(fields, index, len(items), str(item.future.request_id))
-                item.future.reply = getattr(sent, "reply", None)
-                item.future.set_result(fields)
+                    fields = _item_fields(fields, index, len(group.items), str(item.futures[0].request_id))
+            except KmsError as e:
+                if batch and _send_alone_again(e, whole):
+                    self._retry(key, group, item)
+                    continue
+                _settle(item, error=e)
+                continue
             except BaseException as e:
-                item.future.set_exception(e)
+                _settle(item, error=e)
+                continue
+            _settle(item, fields, getattr(sent, "reply", None))
+
+    def _retry(self, key: _Key, group: _Group, item: _Item) -> None:
+        """Queues ``item`` to be sent alone by the sender thread."""
+        with self._lock:
+            if self._closed:
+                _settle(item, error=KmsTimeout(item.futures[0].request_id))
+                return
+            self._dispatch(key, _Group(group.batching, group.shared, time.monotonic(), [item], retry=True))
+            self._lock.notify()
 
     def close(self) -> None:
         """Stops the sender thread; requests not sent yet fail as not answered."""
@@ -239,10 +273,33 @@ class Coalescer:
             self._lock.notify()
         for group in groups:
             for item in group.items:
-                if not item.future.done():
-                    item.future.set_exception(KmsTimeout(item.future.request_id))
+                _settle(item, error=KmsTimeout(item.futures[0].request_id))
         if threading.current_thread() is not self._flusher:
             self._flusher.join(timeout=5)
+
+
+def _send_alone_again(error: KmsError, whole: BaseException | None) -> bool:
+    """Whether an item a batch did not answer is sent alone: ``too_large`` (its answer did not fit the batch's),
+    or the batch refused as a whole with an error its items need not share (an internal error, such as a reply too
+    large to open, or ``invalid``). Not for ``unavailable`` (the worker or broker: sending more does not help)
+    nor for a refusal that is the caller's own (forbidden, unauthenticated...)."""
+    if error is not whole:
+        return error.code == "too_large"
+    return not isinstance(error, KmsTimeout) and error.code in ("internal", "invalid")
+
+
+def _settle(
+    item: _Item, fields: Fields | None = None, reply: Any = None, *, error: BaseException | None = None
+) -> None:
+    """Completes every future of ``item`` not done yet: with a copy of ``fields``, or with ``error``."""
+    for future in item.futures:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.reply = reply
+            future.set_result(dict(fields or {}))
 
 
 def _item_fields(fields: Fields, index: int, count: int, request_id: str) -> Fields:

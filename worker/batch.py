@@ -7,19 +7,17 @@ root key, permission, HSM or database down) is raised.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from schemas.envelope import (
-    EncryptedDataKey,
-    KeySpec,
-)
-from schemas.limits import FieldError, check_encrypted_key, check_pub
+from schemas.envelope import GCM_NONCE_LEN, GCM_TAG_LEN, TEXT_PREFIX, EncryptedDataKey, KeySpec
+from schemas.limits import MAX_REPLY_SECRET_BYTES, FieldError, check_encrypted_key, check_pub
 from worker import service
-from worker.errors import Conflict, InvalidRequest, PermanentError, ServiceError
+from worker.errors import Conflict, InvalidRequest, PermanentError, ServiceError, TooLarge
 from worker.keystore import KeyStore
 from worker.storage.models import PrivateKey
 from worker.storage.repo import PrivateKeyRepository
@@ -128,21 +126,44 @@ def store_private_keys(
 def get_private_keys(
     hsm: KeyStore, db: Session, refs: Sequence[tuple[str, str]], keys: service.RootKeyAccess = service.DIRECT
 ) -> list[service.PrivateKeyRecord | ServiceError]:
-    """Reads and opens each (pub, source) like :func:`worker.service.get_private_key`.
+    """Reads and opens each (pub, source) like :func:`worker.service.get_private_key`, within the reply's budget:
+    the private keys together, as the JSON list the reply seals, come to at most MAX_REPLY_SECRET_BYTES.
 
-    Returns each key or its error (``invalid`` for a bad field, ``not_found``, an integrity failure, a root
-    key the caller may not use): an item's error never fails the others."""
+    Returns each key or its error (``invalid`` for a bad field or a (pub, source) asked for again in the batch,
+    ``not_found``, an integrity failure, a root key the caller may not use, ``too_large`` for a key past the
+    budget, which is not opened when its stored size already tells): an item's error never fails the others."""
     out: list[service.PrivateKeyRecord | ServiceError] = []
+    seen: set[tuple[str, str]] = set()
+    used = 2  # the list's brackets
     for pub, source in refs:
         try:
             try:
                 check_pub(pub)
             except FieldError as e:
                 raise InvalidRequest(str(e)) from None
-            out.append(service.get_private_key(hsm, db, pub, source, keys))
+            if (pub, source) in seen:
+                raise InvalidRequest("this pub and source are asked for more than once in the batch")
+            seen.add((pub, source))
+            row = service.private_key_row(db, pub, source)
+            if used + _stored_size(row.encrypted_prv) > MAX_REPLY_SECRET_BYTES:
+                raise TooLarge()
+            record = service.open_private_key(hsm, db, row, keys)
+            size = len(json.dumps(record.prv)) + 1  # as the sealed list holds it, with its comma
+            if used + size > MAX_REPLY_SECRET_BYTES:
+                raise TooLarge()
+            used += size
+            out.append(record)
         except PermanentError as e:
             out.append(e)
     return out
+
+
+def _stored_size(encrypted_prv: str) -> int:
+    """The bytes of the private key a stored ``encryptedPrv`` holds, from its length alone (base64url of a 3-byte
+    header, the GCM nonce, the ciphertext and its tag; schemas.envelope): its JSON, as ASCII, is no shorter
+    (2 quotes more), so nothing that fits is refused before it is opened."""
+    raw = (len(encrypted_prv) - len(TEXT_PREFIX)) * 3 // 4
+    return max(0, raw - 3 - GCM_NONCE_LEN - GCM_TAG_LEN)
 
 
 def _existing(db: Session, idents: list[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -108,6 +108,13 @@ class StoredResultCorrupt(PermanentError):
     default_message = "stored result failed integrity check"
 
 
+class TooLarge(PermanentError):
+    """An item of a batch whose answer does not fit the batch's reply (MAX_REPLY_SECRET_BYTES): ask for it alone."""
+
+    code = "too_large"
+    default_message = "this item's answer does not fit in the batch's reply: ask for it alone"
+
+
 class HsmError(PermanentError):
     """The HSM refused an operation for a reason a retry will not change."""
 

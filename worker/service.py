@@ -516,10 +516,10 @@ def get_private_key(
     ciphertexts do not authenticate against the row (tampered, swapped between rows, wrong root key, or its
     ``exportable`` flag changed).
     """
-    return _open_private_key(hsm, db, _private_key_row(db, pub, source, for_signing=for_signing), keys)
+    return open_private_key(hsm, db, private_key_row(db, pub, source, for_signing=for_signing), keys)
 
 
-def _private_key_row(db: Session, pub: str, source: str, *, for_signing: bool) -> PrivateKey:
+def private_key_row(db: Session, pub: str, source: str, *, for_signing: bool = False) -> PrivateKey:
     """Returns the ``private_keys`` row of (pub, source) if it may be exported, or ``for_signing`` if it may sign.
     Raises InvalidRequest, NotFound, NotExportable or IntegrityError as :func:`get_private_key`."""
     if source not in SOURCES:
@@ -536,7 +536,7 @@ def _private_key_row(db: Session, pub: str, source: str, *, for_signing: bool) -
     return row
 
 
-def _open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, keys: RootKeyAccess) -> PrivateKeyRecord:
+def open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, keys: RootKeyAccess = DIRECT) -> PrivateKeyRecord:
     """Returns the opened private key of ``row``. Raises IntegrityError when it does not authenticate."""
     context = PrivateKeyContext(
         pub=row.pub, source=row.source, coin=row.coin, type=row.type,
@@ -630,9 +630,9 @@ def sign_payload(
     Raises NotFound, InvalidRequest (a stored key, a coin kmsq does not sign for, a malformed payload) or
     IntegrityError (a tampered row).
     """
-    row = _private_key_row(db, pub, source, for_signing=True)
+    row = private_key_row(db, pub, source, for_signing=True)
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
-    key = _open_private_key(hsm, db, row, keys)
+    key = open_private_key(hsm, db, row, keys)
     token_key = signing.token_key_of(key.prv)
     if token_key is None:
         signature = signing.sign(key.prv, signable)
