@@ -11,13 +11,19 @@ Imports no HSM or database code: the gateway needs the caller install plus the `
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import logging
+import math
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -30,7 +36,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.coins import signing_family
 from schemas.limits import (
+    HTTP_HEAD_SECONDS,
+    HTTP_KEEP_ALIVE_SECONDS,
     MAX_HTTP_BODY_BYTES,
+    MAX_HTTP_CONNECTIONS,
+    MAX_HTTP_HEAD_BYTES,
+    MAX_HTTP_HEADERS,
     Coin,
     EncryptedKey,
     KeyType,
@@ -409,16 +420,280 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: FastAPI, host: str, port: int, tls: TlsFiles | None = None, sock: socket.socket | None = None) -> None:
+@dataclass(frozen=True)
+class HttpLimits:
+    """What HTTP clients, whom the gateway does not authenticate (mTLS aside), can make one gateway process
+    hold (schemas.limits): the request head's bytes and header fields, connections, and time."""
+
+    max_head_bytes: int = MAX_HTTP_HEAD_BYTES
+    max_headers: int = MAX_HTTP_HEADERS
+    max_connections: int = MAX_HTTP_CONNECTIONS
+    head_seconds: float = HTTP_HEAD_SECONDS
+    keep_alive_seconds: int = HTTP_KEEP_ALIVE_SECONDS
+
+
+# After a refusal the answer is sent (and the sending side shut down, but under TLS), and what the client still
+# sends is read and dropped for this long or this much: a client that writes its whole request before it reads
+# (most do) gets the answer instead of a reset connection.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1024 * 1024
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the request is answered ``refusal`` and the connection closed."""
+
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
+else:
+    _HttpToolsProtocol = object  # imported by http_protocol(), with uvicorn
+
+
+class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounded while it reads (:func:`http_protocol` makes the class)."""
+
+    limits: ClassVar[HttpLimits]
+    max_head_bytes: ClassVar[int]  # limits', read on every request
+    max_headers: ClassVar[int]
+    upgrade: ClassVar[type[Exception]]  # httptools.HttpParserUpgrade
+    invalid: ClassVar[type[Exception]]  # httptools.HttpParserError
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served_app = self.app
+        self.messages = 0  # requests begun on this connection
+        self.head_open = False  # a request's head has begun and is not complete
+        self.head_bytes = 0  # its header fields as the parser reported them (the target is self.url)
+        self.head_reads = 0  # the bytes of the reads that began and ended inside it (a field not reported yet)
+        self.header_fields = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.refusal: tuple[int, str] | None = None
+        self.dropped = 0  # bytes read and dropped after a refusal
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_timer = self.loop.call_later(self.limits.head_seconds, self.head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refusal is not None:
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES:
+                self.transport.close()
+            return
+        self._unset_keepalive_if_required()
+        was_open, messages = self.head_open, self.messages
+        try:
+            self.parser.feed_data(data)
+        except self.upgrade:  # as uvicorn does; kmsq serves no upgrade (ws="none")
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except self.invalid:
+            self.refuse(*(self.refusal or (400, "invalid HTTP request")))
+            return
+        if self.head_open:  # a head is still arriving (a whole one in one read, the usual, costs nothing here)
+            if was_open and self.messages == messages:  # all of this read was head
+                self.head_reads += len(data)
+            if self.head_reads > self.max_head_bytes or len(self.url) > self.max_head_bytes:
+                self.refuse(*self.too_large())
+            elif self.head_timer is None:
+                self.head_timer = self.loop.call_later(self.limits.head_seconds, self.head_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.messages += 1
+        self.head_open, self.head_bytes, self.head_reads, self.header_fields = True, 0, 0, 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # the hot path: once per field of every request
+        self.header_fields += 1
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self.header_fields > self.max_headers or self.head_bytes > self.max_head_bytes:
+            raise self.refusing(*self.too_large())
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.head_open = False
+        if self.head_timer is not None:
+            self.cancel_head_timer()
+        if self.head_bytes + len(self.url) > self.max_head_bytes:
+            raise self.refusing(*self.too_large())
+        limit = self.limits.max_connections
+        if len(self.connections) <= limit and len(self.tasks) < limit:
+            super().on_headers_complete()
+            return
+        _overloaded.note(len(self.connections), len(self.tasks), limit)
+        self.app = _overloaded
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = self.served_app
+
+    def too_large(self) -> tuple[int, str]:
+        """The refusal of a head over the limits: 414 when the request target alone is too long."""
+        if self.header_fields > self.max_headers:
+            return 431, f"more than {self.max_headers} request header fields"
+        if len(self.url) > self.max_head_bytes:
+            return 414, f"request target exceeds {self.max_head_bytes} bytes"
+        return 431, head_too_large(self.max_head_bytes)
+
+    def refusing(self, status: int, message: str) -> _Refused:
+        """What a parser callback raises to refuse the request (data_received answers it)."""
+        self.refusal = (status, message)
+        return _Refused(message)
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing() or self.refusal is not None:
+            return
+        if self.head_open:
+            self.refuse(408, f"request head not received within {self.limits.head_seconds:g} s")
+        elif self.cycle is None:  # connected, and sent nothing
+            self.transport.close()
+
+    def cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answers ``status`` with ``{"message"}`` and closes the connection, after lingering."""
+        self.refusal = (status, message)
+        self.cancel_head_timer()
+        self._unset_keepalive_if_required()
+        log.warning("refused an HTTP request from %s: %d %s", _address(self.client), status, message)
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined behind an answer
+            self.transport.close()
+            return
+        body = json.dumps({"message": message}).encode()
+        content = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+                    b"\r\nconnection: close\r\n\r\n", body]  # fmt: skip
+        self.transport.write(b"".join(content))
+        if self.transport.can_write_eof():  # not under TLS: the client reads the answer's Content-Length
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+def http_protocol(limits: HttpLimits) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol (kept for its speed: docs/PERFORMANCE.md), bounded while it reads.
+
+    httptools has no limit of its own: it gathers a header field whole before it reports it, and uvicorn the
+    request target, so one endless field grew the process without bound. Here the head's bytes are counted as
+    they arrive (the target and the fields the parser reports, and every read that left the head unfinished),
+    and its fields as the parser reports them: over ``limits`` the request is answered 431 (414 for the target)
+    with ``{"message"}`` and the connection closed, having held at most the limit and a read or two. A head must
+    arrive within ``head_seconds`` (408); over ``max_connections`` connections, or as many requests in flight,
+    a request is answered 503 and its connection closed."""
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    attributes = {"limits": limits, "max_head_bytes": limits.max_head_bytes, "max_headers": limits.max_headers,
+                  "upgrade": httptools.HttpParserUpgrade, "invalid": httptools.HttpParserError}  # fmt: skip
+    protocol: type[asyncio.Protocol] = type(
+        "LimitedHttpToolsProtocol", (_BoundedHttpToolsProtocol, HttpToolsProtocol), attributes
+    )
+    return protocol
+
+
+def head_too_large(limit: int) -> str:
+    """The answer to a request head over ``limit`` bytes."""
+    return f"request header fields exceed {limit} bytes"
+
+
+def _address(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class _Overloaded:
+    """The ASGI application answering a request over the connection limit: 503, and the connection closed.
+    Logs at most every 10 s how many it answered."""
+
+    BODY = json.dumps({"message": "too many connections"}).encode()
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.logged = -math.inf
+
+    def note(self, connections: int, in_flight: int, limit: int) -> None:
+        self.answered += 1
+        if time.monotonic() - self.logged >= 10:
+            log.warning("over the connection limit (%d; now %d connections, %d requests in flight): answered 503 "
+                        "%d times since the last such line", limit, connections, in_flight, self.answered)  # fmt: skip
+            self.answered, self.logged = 0, time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.BODY)).encode()),
+                   (b"connection", b"close"), (b"retry-after", b"1")]  # fmt: skip
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": self.BODY})
+
+
+_overloaded = _Overloaded()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or a name: every address it resolves to) is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(str(address)).is_loopback for address in addresses)
+
+
+def plain_http_warning(host: str, port: int, tls: TlsFiles | None) -> str | None:
+    """The warning for serving without TLS beyond loopback (None when there is none to give)."""
+    if tls is not None or is_loopback(host):
+        return None
+    return (f"serving plain HTTP on {host}:{port}, beyond loopback: plaintext keys cross the network in the clear "
+            "and anyone who reaches the port uses the gateway's permissions; use --tls-cert/--tls-key and "
+            "--client-ca, or listen on 127.0.0.1")  # fmt: skip
+
+
+def configure_logging() -> None:
+    """The gateway's log: stderr, uvicorn's format (unless the process configured logging already)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def warn_if_exposed(host: str, port: int, tls: TlsFiles | None) -> None:
+    """Logs :func:`plain_http_warning` (one line on stderr, in the gateway's log), if there is one."""
+    warning = plain_http_warning(host, port, tls)
+    if warning is not None:
+        configure_logging()
+        log.warning(warning)
+
+
+def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    tls: TlsFiles | None = None,
+    sock: socket.socket | None = None,
+    limits: HttpLimits | None = None,
+) -> None:
     """Runs the gateway until SIGINT/SIGTERM, on ``sock`` when given (shared by several processes). With
-    ``tls`` it serves HTTPS; with a client CA, mTLS only."""
+    ``tls`` it serves HTTPS; with a client CA, mTLS only. HTTP clients are held to ``limits``
+    (:func:`http_protocol`). The caller warns about plain HTTP beyond loopback (:func:`warn_if_exposed`)."""
     import uvicorn
 
+    limits = limits or HttpLimits()
     options: dict[str, Any] = {}
     if tls is not None:
         options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         if tls.client_ca is not None:
             options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", server_header=False, **options)
+    configure_logging()
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", server_header=False,
+                            http=http_protocol(limits), ws="none", timeout_keep_alive=limits.keep_alive_seconds,
+                            **options)  # fmt: skip
     uvicorn.Server(config).run(sockets=None if sock is None else [sock])

@@ -49,6 +49,21 @@ MAX_REPLY_BYTES = 4 * MAX_REQUEST_BYTES
 MAX_REPLY_SECRET_BYTES = 8 * 1024 * 1024
 # The gateway's largest HTTP body: a full-size prv even if every byte arrives JSON-escaped (\\u0000, 6x).
 MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024
+# The gateway's HTTP request head (request line and header fields, counted while they arrive; 431, or 414 for
+# the request target alone). The longest kmsq answers is GET /key/{pub} with a 1024-character pub of 4-byte
+# characters percent-encoded (12,288 bytes), plus 16 KiB of header fields (h11's and Node.js's own limit).
+# The wallet manager's KeyProviderClient (superagent) sends five fields: Host, Accept-Encoding, Content-Type,
+# Content-Length, Connection; client certificates are TLS, not header fields.
+MAX_HTTP_HEAD_BYTES = 32 * 1024
+MAX_HTTP_HEADERS = 100
+# What one gateway process serves at once (kmsq gateway --max-connections): beyond it requests are answered
+# 503. bench G runs 256 keep-alive clients; each request may hold a body of MAX_HTTP_BODY_BYTES.
+MAX_HTTP_CONNECTIONS = 512
+# How long a request head may take to arrive (kmsq gateway --header-timeout; 408 and the connection closed),
+# from the connection's start or the request's first byte; and how long an idle keep-alive connection is kept:
+# longer than the 5 s after which Node.js's agent drops its idle sockets, so the client closes first.
+HTTP_HEAD_SECONDS = 10.0
+HTTP_KEEP_ALIVE_SECONDS = 15
 
 # Names: callers and pools; root key ids.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"

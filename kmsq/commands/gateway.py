@@ -15,8 +15,9 @@ import click
 
 from kmsq.commands.common import caller_options, open_client
 from kmsq.output import one_line_errors
+from schemas.limits import HTTP_HEAD_SECONDS, MAX_HTTP_CONNECTIONS
 
-GATEWAY_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn")  # what `pip install 'kmsq[gateway]'` adds
+GATEWAY_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "httptools")  # what `pip install 'kmsq[gateway]'` adds
 
 
 def _host_port(listen: str) -> tuple[str, int]:
@@ -47,6 +48,10 @@ def _host_port(listen: str) -> tuple[str, int]:
 )
 @click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes sharing the listening socket, each with its own client and reply queue.")  # fmt: skip
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=MAX_HTTP_CONNECTIONS, show_default=True,
+              help="Connections (and requests in flight) a process serves; beyond, requests get 503.")  # fmt: skip
+@click.option("--header-timeout", type=click.FloatRange(0.1, 300), default=HTTP_HEAD_SECONDS, show_default=True,
+              help="Seconds a request head may take to arrive (408 and the connection closed).")  # fmt: skip
 @caller_options
 @one_line_errors
 def gateway(
@@ -61,6 +66,8 @@ def gateway(
     max_batch: int,
     eth_keys_in_hsm: bool,
     processes: int,
+    max_connections: int,
+    header_timeout: float,
     identity: Path | None,
     fleet: Path | None,
     timeout: float,
@@ -68,13 +75,22 @@ def gateway(
     """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /key/generate, POST /sign,
     POST /generateDataKey, POST /decryptDataKey) as this caller. --timeout is how long a request waits for a
     worker before answering 503. Concurrent calls are coalesced into batch messages unless --no-coalesce
-    (docs/PROTOCOL.md, Coalescing)."""
+    (docs/PROTOCOL.md, Coalescing). Request heads are bounded (431), and so are connections (503); plain HTTP
+    beyond loopback is warned about at start."""
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
         import uvicorn  # noqa: F401 - imported by serve(); checked here, before anything starts
 
-        from kmsq.gateway import GatewaySettings, TlsFiles, create_app, listening_socket, serve
+        from kmsq.gateway import (
+            GatewaySettings,
+            HttpLimits,
+            TlsFiles,
+            create_app,
+            listening_socket,
+            serve,
+            warn_if_exposed,
+        )
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in GATEWAY_EXTRA_MODULES:
             raise
@@ -89,12 +105,14 @@ def gateway(
     from tasks.coalesce import CoalescePolicy
 
     policy = CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch) if coalesce else False
+    limits = HttpLimits(max_connections=max_connections, head_seconds=header_timeout)
+    warn_if_exposed(host, port, tls)  # once, before any process starts
 
     def run(suffix: str | None, sock: socket.socket | None = None) -> None:
         with open_client(identity, fleet, timeout, reply_queue=suffix, coalesce=policy) as client:
             settings = GatewaySettings(root_key_id=root_key, timeout=timeout, eth_keys_in_hsm=eth_keys_in_hsm)
             app = create_app(client, settings)
-            serve(app, host, port, tls, sock)
+            serve(app, host, port, tls, sock, limits)
 
     if processes == 1:
         run(reply_queue)
