@@ -21,6 +21,7 @@ from kmsq.commands import (
     provision,
     prune,
     root_key,
+    signing_key,
     soak,
     status,
     worker,
@@ -36,6 +37,7 @@ for command in (
     # operator: set up and run an HSM host
     init.init,
     root_key.root_key,
+    signing_key.signing_key,
     caller.caller,
     fleet_key.fleet_key,
     pool.pool_group,

@@ -148,6 +148,10 @@ class FakeHsm:
         self._ready()
         return list(self._anchors.get(scope, []))
 
+    def policy_anchor_scopes(self) -> list[str]:
+        self._ready()
+        return sorted(scope for scope, values in self._anchors.items() if values)
+
     def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
         self._ready()
         values = [*self._anchors.get(scope, []), value]
@@ -173,6 +177,15 @@ class FakeHsm:
             raise NotFound("signing key not present in the HSM")
         key: PrivateKey = self._ec[key_id]
         return key.sign_recoverable(digest, hasher=None)[:64]
+
+    def ec_signing_keys(self) -> list[str]:
+        self._ready()
+        return sorted(key_id.decode("ascii") for key_id in self._ec)
+
+    def destroy_ec_signing_key(self, key_id: bytes) -> None:
+        self._ready()
+        if self._ec.pop(key_id, None) is None:
+            raise NotFound("signing key not present in the HSM")
 
     def policy_mac(self, data: bytes) -> bytes:
         self._ready()

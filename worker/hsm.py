@@ -239,11 +239,14 @@ class Hsm:  # implements worker.keystore.KeyStore
 
     # -- session lifecycle -------------------------------------------------------------------------
 
-    def _open(self) -> Any:
+    def _library(self) -> Any:
         if self._softhsm2_conf is not None:
             # SoftHSM2 reads its configuration when the library initializes.
             os.environ["SOFTHSM2_CONF"] = str(self._softhsm2_conf)
-        lib = _load_library(self._module_path)
+        return _load_library(self._module_path)
+
+    def _open(self) -> Any:
+        lib = self._library()
         try:
             token = lib.get_token(token_label=self._token_label)
         except p11.NoSuchToken:
@@ -319,7 +322,7 @@ class Hsm:  # implements worker.keystore.KeyStore
         again and what it kept for this process is released; the next call logs in again."""
         self.reset()
         with contextlib.suppress(p11.PKCS11Error):
-            _load_library(self._module_path).reinitialize()
+            self._library().reinitialize()  # the embedded token's configuration set first: it may be the first call
 
     @staticmethod
     @contextmanager
@@ -654,6 +657,20 @@ class Hsm:  # implements worker.keystore.KeyStore
             self._reread_at = time.monotonic()
         return self._run(lambda session: [bytes(o[Attribute.VALUE]) for o in self._anchor_objects(session, scope)])
 
+    def policy_anchor_scopes(self) -> list[str]:
+        """Returns the database scopes the token holds policy anchor objects of, sorted (more than one: the token
+        serves more than one kmsq database). The token is read again first."""
+        with self._lock:
+            self._reinitialize()
+        prefix = f"{POLICY_ANCHOR_LABEL}:"
+
+        def op(session: Any) -> list[str]:
+            found = session.get_objects({Attribute.CLASS: ObjectClass.DATA})
+            names = (str(o[Attribute.LABEL]) for o in found)
+            return sorted({name.removeprefix(prefix) for name in names if name.startswith(prefix)})
+
+        return self._run(op)
+
     def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
         """Creates a policy anchor object of ``scope`` holding ``value`` (token, private: only a logged-in session
         reads it), then destroys that scope's anchor objects holding a value in ``superseded``."""
@@ -723,6 +740,19 @@ class Hsm:  # implements worker.keystore.KeyStore
             return sorted(str(key[Attribute.LABEL]) for key in found)
 
         return self._run(op)
+
+    def destroy_ec_signing_key(self, key_id: bytes) -> None:
+        """Destroys both halves of the token signing key ``key_id`` (its EC private and public objects). Raises
+        NotFound when the token has neither (looked up again after the token is re-read)."""
+
+        def op(session: Any) -> None:
+            found = list(session.get_objects({Attribute.ID: key_id, Attribute.KEY_TYPE: KeyType.EC}))
+            if not found:
+                raise NotFound("signing key not present in the HSM")
+            for obj in found:
+                obj.destroy()
+
+        self._run(op)
 
     def ec_signing_key_attributes(self, key_id: bytes) -> dict[str, Any]:
         """The security attributes of the private half of a token signing key (for operators and tests)."""

@@ -85,6 +85,9 @@ class KeyStore(Protocol):
         """The values of the token's policy anchor objects of database ``scope`` (worker.policy_anchor); with
         ``reread``, after reading the token again (objects another process made since)."""
 
+    def policy_anchor_scopes(self) -> list[str]:
+        """The database scopes the token holds policy anchor objects of (read again first)."""
+
     def write_policy_anchor(self, scope: str, value: bytes, superseded: Sequence[bytes]) -> None:
         """Adds a policy anchor object of ``scope`` holding ``value``, then removes that scope's objects holding a
         value in ``superseded`` (first the new one, so that the token never has none)."""
@@ -98,3 +101,9 @@ class KeyStore(Protocol):
 
     def sign_ecdsa(self, key_id: bytes, digest: bytes) -> bytes:
         """r || s of ``digest`` by the token key ``key_id`` (CKM_ECDSA; s may be high)."""
+
+    def ec_signing_keys(self) -> list[str]:
+        """The labels (and CKA_IDs) of the token's EC signing keys, sorted; read again first (another process's)."""
+
+    def destroy_ec_signing_key(self, key_id: bytes) -> None:
+        """Removes both halves of the token key ``key_id`` (NotFound when neither is there)."""

@@ -68,7 +68,7 @@ from worker.errors import (
     Unauthenticated,
 )
 from worker.fleet import FleetSecrets
-from worker.handlers import OpCall, handler_of
+from worker.handlers import OpCall, Recorded, handler_of
 from worker.keystore import KeyStore
 from worker.policy import PolicyNotAnchored, PolicyViolation, TrustedRows
 from worker.service import RootKeyAccess
@@ -195,8 +195,8 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
                 request, body_hash, caller = _authenticate(ctx, db, msg, claim)
                 call = _Call(request, body_hash, digest)
                 return _serve(ctx, db, call, caller)
-        except _Duplicate:
-            assert call is not None  # only _serve raises it
+        except (_Duplicate, Recorded):  # Recorded: a handler found the record before an effect it cannot undo
+            assert call is not None  # only _serve raises them
             stored = _stored_reply(ctx, call)  # another delivery recorded it: its answer stands
             if stored is None:  # pruned meanwhile (worker.retention): only once every delivery is expired
                 return _error_delivery(ctx, call, Expired(), store=False)

@@ -6,13 +6,16 @@ facade) owns the transaction, so that an operation's rows and its request record
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
 
 from schemas.coins import signing_family
 from schemas.envelope import (
@@ -47,6 +50,7 @@ from worker.secret import SecretBytes
 from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, aad_version
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 
+log = logging.getLogger("kmsq.worker")
 RSA_BITS: dict[str, int] = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}  # the rsa-* of ROOT_KEY_TYPES
 PROVIDER = "kmsq"
 
@@ -574,7 +578,7 @@ def generate_signing_key(
     """Generates a BIP32 root key from 64 bytes of the HSM's random generator and stores its xprv sealed like
     a stored private key, never exportable; ``pub`` is its xpub. With ``in_hsm`` (ETH-like coins) the key is
     a secp256k1 key pair made and kept in the token instead; the row holds a reference to it and ``pub`` is an
-    xpub of its public key.
+    xpub of its public key. That key is destroyed again when ``db``'s transaction does not commit.
 
     Returns the stored key's public fields. Raises InvalidRequest (``tss``, a coin kmsq does not sign for,
     ``in_hsm`` for a UTXO coin, a malformed field), NotFound (root key), HsmError (a token without secp256k1),
@@ -591,6 +595,7 @@ def generate_signing_key(
     version = wrapping_version(db, root_key_id, pool, keys)
     if in_hsm:
         key_id = signing.token_key_id(hsm.random(16))
+        _TokenKeyGuard(hsm, key_id).listen(db)  # a rollback does not remove a token key: the guard destroys it
         xpub = signing.token_xpub(hsm.create_ec_signing_key(key_id), hsm.random(32))
         reference = signing.token_key_reference(key_id)
         validate_private_key(pub=xpub, prv=reference, coin=coin, source=source, type=type)
@@ -602,6 +607,52 @@ def generate_signing_key(
     return _add_private_key(
         hsm, db, version, pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type, exportable=False
     )
+
+
+class _TokenKeyGuard:
+    """Destroys the token key ``key_id`` when the transaction that makes it ends without committing (a duplicate
+    delivery that lost the race on its request record, a database error, an exception after the key was made):
+    only the row names the key, and a rollback leaves the token as it is. Only when that is certain: once the
+    database's commit began and did not return, the row may be there, so the key is kept and logged (``kmsq
+    signing-key orphans`` removes it when no row names it)."""
+
+    def __init__(self, hsm: KeyStore, key_id: bytes) -> None:
+        self.hsm = hsm
+        self.key_id = key_id
+        self.committing = False  # the root transaction's COMMIT began (a savepoint's release is not one)
+        self.committed = False
+        self.over = False  # the transaction ended: the listeners do nothing more (removing them while the session
+        # dispatches its events is not allowed)
+
+    def listen(self, db: Session) -> None:
+        event.listen(db.connection(), "commit", self._committing)  # the connection's: fired for the root only
+        event.listen(db, "after_commit", self._after_commit)  # fired for savepoints too
+        event.listen(db, "after_transaction_end", self._ended)
+
+    def _committing(self, connection: Any) -> None:
+        self.committing = True
+
+    def _after_commit(self, session: Session) -> None:
+        self.committed = self.committed or self.committing  # after the COMMIT: the root's
+
+    def _ended(self, session: Session, transaction: SessionTransaction) -> None:
+        if self.over or transaction.parent is not None:  # over, or a savepoint
+            return
+        self.over = True
+        label = self.key_id.decode("ascii")
+        if self.committed:
+            return
+        if self.committing:
+            log.warning("token key %s kept: the commit of the transaction that made it failed, so its row may be "
+                        "there (kmsq signing-key orphans removes it if none names it)", label)  # fmt: skip
+            return
+        try:
+            self.hsm.destroy_ec_signing_key(self.key_id)
+        except NotFound:
+            pass  # never made (the token failed first)
+        except Exception as e:  # the transaction's own error is the one to raise
+            log.error("token key %s of a rolled-back transaction was not destroyed (%s): run kmsq signing-key "
+                      "orphans --remove", label, type(e).__name__)  # fmt: skip
 
 
 @dataclass(frozen=True)

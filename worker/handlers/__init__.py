@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from schemas.operations import OPERATIONS
 from worker.handlers import data_keys, private_keys, results, signing
-from worker.handlers.registry import HANDLERS, Handler, OpCall, Outcome
+from worker.handlers.registry import HANDLERS, Handler, OpCall, Outcome, Recorded
 
-__all__ = ["FAMILIES", "Handler", "OpCall", "Outcome", "handler_of"]
+__all__ = ["FAMILIES", "Handler", "OpCall", "Outcome", "Recorded", "handler_of"]
 
 # The modules, by family: a test checks that each handles exactly its family's operations.
 FAMILIES = {module.FAMILY: module for module in (data_keys, private_keys, results, signing)}

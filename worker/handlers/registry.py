@@ -13,6 +13,7 @@ from schemas.messages import Request
 from schemas.operations import OPERATIONS, Family
 from worker.keystore import KeyStore
 from worker.service import RootKeyAccess
+from worker.storage.repo import RequestRepository
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class Outcome:
     reply: BaseModel
     root_key_id: str | None = None
     root_key_version: int | None = None
+
+
+class Recorded(Exception):
+    """Another delivery of the request has committed its record: raised by a handler before an effect outside the
+    database, which a rollback would not undo (a key made in the token). The pipeline sends the stored reply."""
+
+
+def refuse_if_recorded(call: OpCall) -> None:
+    """Raises Recorded when ``call``'s request is recorded already. The record's insert, after the handler, stays
+    the commit point; this lookup only spares a redelivered message the effect it cannot roll back."""
+    request = call.request
+    if RequestRepository(call.db).get(request.caller, str(request.request_id)) is not None:
+        raise Recorded()
 
 
 Handler = Callable[[OpCall, Any], Outcome]

@@ -7,7 +7,7 @@ from schemas.operations import Family
 from schemas.replies import SignatureReply, StoredKeyReply
 from schemas.requests import GenerateSigningKey, Sign
 from worker import service
-from worker.handlers.registry import OpCall, Outcome, handles
+from worker.handlers.registry import OpCall, Outcome, handles, refuse_if_recorded
 
 FAMILY: Family = "signing"
 
@@ -15,7 +15,10 @@ FAMILY: Family = "signing"
 @handles(FAMILY, "generate_signing_key")
 def generate_signing_key(call: OpCall, params: GenerateSigningKey) -> Outcome:
     """A BIP32 root from the HSM's random generator (or, ``in_hsm``, a secp256k1 key in the token), stored never
-    exportable; the reply's ``pub`` is its xpub."""
+    exportable; the reply's ``pub`` is its xpub. A redelivered ``in_hsm`` request finds its record before the token
+    is touched (a rollback does not remove a token key; one that rolls back anyway is destroyed by the service)."""
+    if params.in_hsm:
+        refuse_if_recorded(call)
     made = service.generate_signing_key(
         call.hsm, call.db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
         in_hsm=params.in_hsm, pool=call.pool, keys=call.keys,
