@@ -192,3 +192,21 @@ def test_an_anchor_vouches_for_the_rows_and_nothing_else(unit: Unit) -> None:
     assert policy_anchor.Anchor.decode(b"not json") is None
     anchor = policy_anchor.Anchor(3, digest, "ab")
     assert policy_anchor.Anchor.decode(anchor.encode()) == anchor and anchor.accepts("ab")
+
+
+@pytest.mark.unit
+def test_a_savepoint_released_does_not_move_the_anchor(unit: Unit) -> None:
+    """SQLAlchemy fires before_commit and after_commit when a savepoint is released: an operator transaction that
+    releases one (an audit chain's first record, a private key's insert) and then rolls back leaves the anchor as
+    it was (found by a review; it would have anchored rows that never committed)."""
+    with unit.service.sessions() as db:
+        before = policy_anchor.anchors(unit.service.hsm, policy_anchor.deployment_id(db))
+    with pytest.raises(RuntimeError), transaction(unit.service.sessions) as db:
+        policy.ensure_pool_row(unit.service.hsm, db, "gamma")  # seals a row: the transaction is armed
+        with db.begin_nested():
+            db.execute(select(Pool.name))
+        raise RuntimeError("rolled back after the savepoint")
+    with unit.service.sessions() as db:
+        assert policy_anchor.anchors(unit.service.hsm, policy_anchor.deployment_id(db)) == before
+        assert db.get(Pool, "gamma") is None
+    assert _anchored(unit)

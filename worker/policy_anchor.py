@@ -204,7 +204,7 @@ class _AnchorMove:
             event.listen(db, name, listener)
 
     def before_commit(self, session: Session) -> None:
-        if self.over:
+        if self.over or session.in_nested_transaction():  # SQLAlchemy fires it for a savepoint's release too
             return
         session.flush()
         digest = state_digest(policy_state(session))
@@ -213,7 +213,7 @@ class _AnchorMove:
         _write(self.hsm, self.scope, self.pending)
 
     def after_commit(self, session: Session) -> None:
-        if self.over:
+        if self.over or session.in_nested_transaction():
             return
         self.committed = True
         if self.pending is not None:
