@@ -61,6 +61,11 @@ def printable(text: str, limit: int = 64) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
+# A refusal's caller, operation and reason are few distinct texts (every unknown caller counts as ``?``; Celery
+# drops a task name that is not kmsq's): each is made printable once, not once per refused message.
+_printable = functools.lru_cache(maxsize=4096)(printable)
+
+
 @dataclass
 class _Pending:
     count: int
@@ -69,21 +74,30 @@ class _Pending:
 
 class RejectionCounter:
     """Refusals of one process, added up in memory and written at most once per ``interval`` seconds (by a
-    timer thread, or by the refusal that finds the interval over). Thread-safe."""
+    timer thread). Each write logs one line of what it wrote: the log says no more than once per interval
+    what a flood was made of, and never a line per refused message. Thread-safe."""
 
     def __init__(self, sessions: sessionmaker[Session], hsm: KeyStore | None = None, interval: float = 1.0) -> None:
         self.sessions = sessions
         self.hsm = hsm  # appends each written count to the pool's audit chain (worker.audit_log); None: not
         self.interval = interval
+        self.total = 0  # refusals counted by this process
         self._lock = threading.Lock()
         self._pending: dict[tuple[Any, ...], _Pending] = {}
         self._timer: threading.Timer | None = None
+        self._minute: tuple[int, datetime] = (-1, datetime.min.replace(tzinfo=UTC))
+
+    def _current_minute(self) -> datetime:
+        number = int(time.time() // 60)
+        if number != self._minute[0]:
+            self._minute = (number, datetime.fromtimestamp(number * 60, UTC))
+        return self._minute[1]
 
     def add(self, pool: str, caller: str, op: str, code: str, reason: str, request_id: uuid.UUID) -> None:
         """Counts one refusal in the current minute; written within ``interval`` seconds."""
-        minute = datetime.now(UTC).replace(second=0, microsecond=0)
-        key = (minute, pool, printable(caller), printable(op), code, printable(reason))
+        key = (self._current_minute(), pool, _printable(caller), _printable(op), code, _printable(reason))
         with self._lock:
+            self.total += 1
             entry = self._pending.get(key)
             if entry is None:
                 if len(self._pending) >= MAX_PENDING_ROWS:
@@ -125,4 +139,22 @@ class RejectionCounter:
                     self._timer.daemon = True
                     self._timer.start()
             return
-        log.debug("wrote %d rejection counts in %.3f s", len(rows), time.monotonic() - started)
+        _log_written(rows, self.total, time.monotonic() - started)
+
+
+def _log_written(rows: list[dict[str, Any]], total: int, seconds: float) -> None:
+    """One line for one write of the counts: how many refusals, the most frequent reasons, a request id of the
+    latest (``rows`` quote what is already printable and cut)."""
+    reasons: dict[tuple[str, str], int] = {}
+    for row in rows:
+        reasons[(row["code"], row["reason"])] = reasons.get((row["code"], row["reason"]), 0) + row["count"]
+    common = sorted(reasons.items(), key=lambda item: -item[1])
+    summary = ", ".join(f"{count} {reason} ({code})" for (code, reason), count in common[:4])
+    if len(common) > 4:
+        summary += f", {sum(count for _, count in common[4:])} for {len(common) - 4} other reasons"
+    last = rows[-1]
+    log.warning(
+        "refused %d messages in pool %s: %s; e.g. %s %s from %s (%d refused by this process; counts written in "
+        "%.3f s)", sum(r["count"] for r in rows), last["pool"], summary, last["op"], last["last_request_id"],
+        last["caller"], total, seconds,
+    )  # fmt: skip

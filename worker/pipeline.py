@@ -330,12 +330,19 @@ def _bind(ctx: WorkerContext, msg: Inbound, claim: _Claim, request: Request, cal
 
 
 def _reject(ctx: WorkerContext, msg: Inbound, rejection: _Rejection, digest: str) -> Delivery:
-    """Counts a rejection and returns its reply (to publish only when ``rejection.reply_queue`` is set)."""
+    """Counts a rejection and returns its reply, signed only when ``rejection.reply_queue`` is set: a refusal
+    nobody is told (an unauthenticated message) costs no signature, and its delivery has no envelope.
+
+    A flood of such messages must cost the pool little: no line per refusal is logged (at debug level only);
+    the counter logs what it writes, at most once a second (worker.audit)."""
     request_id = _uuid_or_nil(msg.message_id)
     op = msg.task.removeprefix("kmsq.")[:64]
     caller = rejection.caller or UNKNOWN_CALLER
     ctx.rejections.add(ctx.pool, caller, op, rejection.error.code, rejection.detail, request_id)
-    log.warning("rejected %s %s from %s: %s", op, request_id, caller, rejection.detail)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("rejected %s %s from %s: %s", op, request_id, audit.printable(caller), rejection.detail)
+    if rejection.reply_queue is None:
+        return Delivery(None, {}, str(request_id), rejection.error.code)
     envelope = _envelope(ctx, request_id, caller, op, digest, error=rejection.error)
     return Delivery(rejection.reply_queue, envelope, str(request_id), rejection.error.code)
 
