@@ -132,8 +132,7 @@ def db_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine
     if request.param == "postgres":
         engine = _fresh_postgres_schema(request.getfixturevalue("postgres_url"))
     else:
-        engine = create_db_engine(f"sqlite:///{tmp_path / 'kmsq.db'}")
-        migrate(engine)
+        engine = copy_of_schema(request.getfixturevalue("unit_template"), tmp_path / "kmsq.db")
     yield engine
     engine.dispose()
 
@@ -174,7 +173,7 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
-from tests.unit_fixtures import full, unit, unit_template  # noqa: E402,F401
+from tests.unit_fixtures import copy_of_schema, full, unit, unit_template  # noqa: E402,F401
 from tests.utxo_lib import utxo_lib  # noqa: E402,F401
 
 # The test tiers (pyproject.toml's markers). A test is marked by the fixtures it uses; a module whose tests
@@ -207,3 +206,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("db")
         if not any(item.get_closest_marker(tier) for tier in SERVICE_TIERS):
             item.add_marker("unit")
+

@@ -4,6 +4,7 @@ runs without the worker extra (no python-pkcs11, SQLAlchemy, psycopg or Alembic)
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
+@functools.cache
 def imported_modules(package: str) -> set[str]:
     """Top-level names of every module imported anywhere in ``package`` (including inside functions)."""
     names: set[str] = set()
@@ -86,6 +88,7 @@ def test_the_gateway_command_names_its_missing_extra(tmp_path: Path) -> None:
     )
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module -> the kmsq modules it imports anywhere (inside functions too), over all four packages."""
     modules: dict[str, Path] = {}

@@ -74,20 +74,20 @@ def _random_transaction(rng: random.Random, inputs: int, outputs: int) -> Transa
 
 
 def test_the_legacy_digest_is_embits_on_random_transactions() -> None:
-    """A seeded loop: every input of 400 random transactions (input scripts that are not empty, sequences, counts
+    """A seeded loop: every input of 120 random transactions (input scripts that are not empty, sequences, counts
     of 253 and more whose compact size takes 3 bytes, no output at all), signing random scripts."""
     rng = random.Random(22)
     compared = 0
-    for n in range(400):
-        inputs = rng.randrange(253, 260) if n % 100 == 0 else rng.randrange(1, 30)
-        outputs = rng.randrange(253, 256) if n % 100 == 50 else rng.randrange(0, 12)
+    for n in range(120):
+        inputs = rng.randrange(253, 260) if n % 40 == 0 else rng.randrange(1, 30)
+        outputs = rng.randrange(253, 256) if n % 40 == 20 else rng.randrange(0, 12)
         tx = _random_transaction(rng, inputs, outputs)
         legacy = LegacySighash(tx)
         for index in range(len(tx.vin)) if inputs < 253 else rng.sample(range(inputs), 8):
             script = Script(rng.randbytes(rng.choice((0, 71, 105, 253, 520))))
             assert legacy.digest(index, script) == tx.sighash_legacy(index, script), (n, index)
             compared += 1
-    assert compared > 5000
+    assert compared > 1500
     with pytest.raises(IndexError):
         LegacySighash(tx).digest(len(tx.vin), Script(b""))
 

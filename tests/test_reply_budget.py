@@ -25,6 +25,7 @@ from tasks.client import KmsClient, KmsError, RequestFuture
 from tasks.coalesce import CoalescePolicy, Coalescer
 from tests.queue_fixtures import Deployment
 from tests.unit_fixtures import Unit, answer
+from worker import batch
 
 GET_KEY = OPERATIONS["get_key"]
 
@@ -44,8 +45,11 @@ def _store(unit: Unit, full: Any, pub: str, prv: str) -> None:
 def test_a_get_keys_past_its_budget_answers_too_large_and_the_rest_succeed(
     unit: Unit, full: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    count = MAX_REPLY_SECRET_BYTES // MAX_PRV_BYTES + 1  # one more than fits
-    prvs = {f"xpub-budget-{i}": _big_prv() for i in range(count)}
+    """The worker's budget, made small (64 KiB; 8 MiB in service) so that keys of 10,000 characters fill it."""
+    budget, size = 64 * 1024, 10_000
+    monkeypatch.setattr(batch, "MAX_REPLY_SECRET_BYTES", budget)
+    count = budget // size + 2
+    prvs = {f"xpub-budget-{i}": "x" * (size - 10) + f"{i:010d}" for i in range(count)}
     for pub, prv in prvs.items():
         _store(unit, full, pub, prv)
     _store(unit, full, "xpub-small", "xprv-small")
@@ -59,15 +63,23 @@ def test_a_get_keys_past_its_budget_answers_too_large_and_the_rest_succeed(
 
     monkeypatch.setattr(unit.service.hsm, "open", counted_open)
     items = answer(full, unit.deliver(full, {"op": "get_keys", "keys": keys}))["items"]
-    assert [i.get("prv") for i in items[: count - 2]] == list(prvs.values())[: count - 2]  # within the budget
-    assert {"error": "too_large", "message": "this item's answer does not fit in the batch's reply: ask for it alone"
-            } in items  # fmt: skip
-    assert items[-1]["prv"] == "xprv-small"  # a small one after it still fits
-    too_large = [i for i in items if i.get("error") == "too_large"]
-    assert len(too_large) == 2  # 7 keys of 1 MiB and their JSON fit 8 MiB, the 8th and 9th do not
-    assert len(opened) == len(keys) - len(too_large)  # refused by its stored size, before it is opened
+    fit = budget // (size + 3)  # each key's JSON: its characters, two quotes and a comma
+    assert [i.get("prv") for i in items[:fit]] == list(prvs.values())[:fit]  # within the budget
+    too_large = {
+        "error": "too_large",
+        "message": "this item's answer does not fit in the batch's reply: ask for it alone",
+    }
+    assert items[fit:count] == [too_large] * (count - fit)
+    assert items[-1]["prv"] == "xprv-small"  # a small one after them still fits
+    assert len(opened) == len(keys) - (count - fit)  # refused by its stored size, before it is opened
     alone = answer(full, unit.deliver(full, {"op": "get_key", "pub": list(prvs)[-1], "source": "user"}))
     assert alone["prv"] == list(prvs.values())[-1]  # asked alone it fits
+
+
+@pytest.mark.unit
+def test_the_budget_holds_seven_full_size_keys(unit: Unit, full: Any) -> None:
+    """In service: 8 MiB hold seven private keys of the largest size (1 MiB of base64 each) and their JSON."""
+    assert (MAX_REPLY_SECRET_BYTES - 2) // (MAX_PRV_BYTES + 3) == 7
 
 
 @pytest.mark.unit

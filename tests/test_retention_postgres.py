@@ -17,6 +17,8 @@ from worker import retention
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 from worker.storage.models import RequestRecord
 
+pytestmark = pytest.mark.db  # a Postgres database of its own (fresh_database), not a fixture the tiers know
+
 POLICY = retention.RetentionPolicy(timedelta(seconds=0), timedelta(seconds=0), None)
 
 

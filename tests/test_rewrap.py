@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 
 from schemas.envelope import EncryptedDataKey
 from tests.fake_hsm import FakeHsm
+from tests.unit_fixtures import UnitTemplate, copy_of_schema
 from worker.errors import IntegrityError, InvalidRequest
 from worker.fleet import load_fleet_key
 from worker.hsm import Hsm
@@ -19,14 +20,13 @@ from worker.legacy.root_key_names import add_legacy_root_key, list_legacy_root_k
 from worker.rewrap import pending_rows, rewrap_data_keys, rewrap_stored_batch
 from worker.runtime import KeyService
 from worker.service import hsm_handle, wrapping_version
-from worker.storage.db import create_db_engine, migrate, session_factory, transaction
+from worker.storage.db import session_factory, transaction
 from worker.storage.models import FleetKey, Job, LegacyRootKey, PrivateKey
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> Iterator[KeyService]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'rewrap.db'}")
-    migrate(engine)
+def keys(tmp_path: Path, unit_template: UnitTemplate) -> Iterator[KeyService]:
+    engine = copy_of_schema(unit_template, tmp_path / "rewrap.db")
     service = KeyService(FakeHsm(), session_factory(engine), default_pool="alpha")
     yield service
     engine.dispose()

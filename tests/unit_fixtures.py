@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from schemas.messages import ReplyEnvelope
 from schemas.operations import ALLOWABLE_OPS
@@ -23,7 +23,7 @@ from tasks.codec import KmsCodec, KmsError
 from tasks.identity import CallerIdentity, Fleet
 from tests.fake_hsm import FakeHsm
 from worker import callers
-from worker.fleet import load_fleet_key
+from worker.fleet import FleetSecrets, load_fleet_key
 from worker.keystore import KeyStore
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.policy import TrustedRows
@@ -43,6 +43,7 @@ class Unit:
     fleet: Fleet
     directory: Path
     clock: list[datetime]
+    full: KmsCodec | None = None  # the caller ``full`` when the test asked for it (registered in the template)
 
     def register(self, name: str, ops: tuple[str, ...] = ALLOWABLE_OPS, roots: list[str] | None = None,
                  plaintext: bool = True) -> KmsCodec:  # fmt: skip
@@ -91,22 +92,34 @@ def refusal(codec: KmsCodec, delivery: Delivery) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class Populated:
+    """A populated database file and the in-memory token its keys are in."""
+
+    path: Path
+    hsm: FakeHsm
+
+
+@dataclass(frozen=True)
 class UnitTemplate:
-    """Built once per test run: a migrated, empty SQLite schema, and a copy of it holding the Unit's root keys and
-    fleet keys, made on ``hsm`` (an in-memory token whose keys each test gets a copy of)."""
+    """Built once per test run: a migrated, empty SQLite schema; a copy holding the Unit's root keys and fleet keys,
+    made on an in-memory token whose keys each test gets a copy of; the same with the caller ``full`` registered
+    (most unit tests ask for it); and what a Unit reads from them (the fleet, the alpha pool's fleet secrets)."""
 
     schema: Path
-    populated: Path
-    hsm: FakeHsm
+    plain: Populated
+    with_full: Populated
     roots: dict[str, str]
+    fleet: Fleet
+    fleet_secrets: FleetSecrets
+    full_identity: CallerIdentity
 
 
 @pytest.fixture(scope="session")
 def unit_template(tmp_path_factory: pytest.TempPathFactory) -> UnitTemplate:
-    """Migrating a database and making three root keys (one RSA-2048) and two pools' fleet keys took most of a
-    unit test's time (issue 21: the tier ran 33-79 s); each test now copies the result instead."""
+    """Migrating a database, making three root keys (one RSA-2048) and two pools' fleet keys, and registering a
+    caller took most of a unit test's time (issue 21: the tier ran 33-79 s); each test copies the result instead."""
     directory = tmp_path_factory.mktemp("unit-template")
-    schema, populated = directory / "schema.db", directory / "unit.db"
+    schema, populated, with_full = directory / "schema.db", directory / "unit.db", directory / "full.db"
     engine = create_db_engine(f"sqlite:///{schema}")
     migrate(engine)
     engine.dispose()
@@ -115,14 +128,40 @@ def unit_template(tmp_path_factory: pytest.TempPathFactory) -> UnitTemplate:
     engine = create_db_engine(f"sqlite:///{populated}")
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     roots = _populate(service)
+    with transaction(service.sessions) as db:
+        fleet_secrets = load_fleet_key(hsm, db, "alpha")
+    fleet = Fleet.from_document(service.fleet_document())
     engine.dispose()
-    return UnitTemplate(schema, populated, hsm, roots)
+    shutil.copyfile(populated, with_full)
+    full_hsm = hsm.clone()
+    engine = create_db_engine(f"sqlite:///{with_full}")
+    context = Unit(KeyService(full_hsm, session_factory(engine), default_pool="alpha"), None, roots, fleet,  # type: ignore[arg-type]
+                   directory, [datetime.now(UTC)])  # fmt: skip
+    full_identity = context.register("full").identity
+    engine.dispose()
+    return UnitTemplate(schema, Populated(populated, hsm), Populated(with_full, full_hsm), roots, fleet,
+                        fleet_secrets, full_identity)  # fmt: skip
 
 
 @pytest.fixture
-def unit(tmp_path: Path, unit_template: UnitTemplate) -> Iterator[Unit]:
-    shutil.copyfile(unit_template.populated, tmp_path / "unit.db")
-    yield from _unit(tmp_path, unit_template.hsm.clone(), unit_template.roots)
+def unit(request: pytest.FixtureRequest, tmp_path: Path, unit_template: UnitTemplate) -> Iterator[Unit]:
+    wants_full = "full" in request.fixturenames
+    source = unit_template.with_full if wants_full else unit_template.plain
+    shutil.copyfile(source.path, tmp_path / "unit.db")
+    prepared = (unit_template.fleet_secrets, unit_template.fleet)
+    for made in _unit(tmp_path, source.hsm.clone(), unit_template.roots, prepared=prepared):
+        if wants_full:
+            made.full = KmsCodec(unit_template.full_identity, unit_template.fleet)
+        yield made
+
+
+def copy_of_schema(template: UnitTemplate, path: Path) -> Engine:
+    """An engine on a copy of the template's migrated, empty SQLite schema at ``path``, a database of its own (its
+    own deployment id, so its own policy anchor in a token that several tests share)."""
+    shutil.copyfile(template.schema, path)
+    with sqlite3.connect(path) as copy:
+        copy.execute("UPDATE deployment SET id = ?", (secrets.token_hex(16),))
+    return create_db_engine(f"sqlite:///{path}")
 
 
 def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None, url: str | None = None) -> Iterator[Unit]:
@@ -155,18 +194,31 @@ def _populate(service: KeyService) -> dict[str, str]:
     return roots
 
 
-def _unit(tmp_path: Path, hsm: KeyStore, roots: dict[str, str], url: str | None = None) -> Iterator[Unit]:
+def _unit(
+    tmp_path: Path,
+    hsm: KeyStore,
+    roots: dict[str, str],
+    url: str | None = None,
+    prepared: tuple[FleetSecrets, Fleet] | None = None,
+) -> Iterator[Unit]:
+    """Yields the Unit on the database at ``url`` (or ``tmp_path``'s SQLite file); ``prepared`` are its alpha fleet
+    secrets and fleet when they are known already (a copy of the template's database)."""
     engine = create_db_engine(url or f"sqlite:///{tmp_path / 'unit.db'}")
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
-    with transaction(service.sessions) as db:
-        secrets = load_fleet_key(hsm, db, "alpha")
+    if prepared is None:
+        with transaction(service.sessions) as db:
+            prepared = (load_fleet_key(hsm, db, "alpha"), Fleet.from_document(service.fleet_document()))
+    fleet_secrets, fleet = prepared
     clock = [datetime.now(UTC)]
     rows = TrustedRows(hsm)  # every caller, root key and pool row the worker acts on must pass its MAC check
-    ctx = WorkerContext(hsm, service.sessions, "alpha", secrets, rows, timedelta(seconds=300), now=lambda: clock[0])
-    yield Unit(service, ctx, roots, Fleet.from_document(service.fleet_document()), tmp_path, clock)
+    ctx = WorkerContext(hsm, service.sessions, "alpha", fleet_secrets, rows, timedelta(seconds=300),
+                        now=lambda: clock[0])  # fmt: skip
+    yield Unit(service, ctx, roots, fleet, tmp_path, clock)
     engine.dispose()
 
 
 @pytest.fixture
 def full(unit: Unit) -> KmsCodec:
-    return unit.register("full")
+    """The caller ``full``: every operation, plaintext, every root key (registered in the template's copy)."""
+    assert unit.full is not None
+    return unit.full
