@@ -206,4 +206,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("db")
         if not any(item.get_closest_marker(tier) for tier in SERVICE_TIERS):
             item.add_marker("unit")
-
