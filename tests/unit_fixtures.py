@@ -207,7 +207,8 @@ def _unit(
     service = KeyService(hsm, session_factory(engine), default_pool="alpha")
     if prepared is None:
         with transaction(service.sessions) as db:
-            prepared = (load_fleet_key(hsm, db, "alpha"), Fleet.from_document(service.fleet_document()))
+            fleet_secrets = load_fleet_key(hsm, db, "alpha")
+        prepared = (fleet_secrets, Fleet.from_document(service.fleet_document()))  # a transaction of its own
     fleet_secrets, fleet = prepared
     clock = [datetime.now(UTC)]
     rows = TrustedRows(hsm)  # every caller, root key and pool row the worker acts on must pass its MAC check
