@@ -35,6 +35,7 @@ from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.policy import TrustedRows
+from worker.record_stamps import StampVerifier
 from worker.runtime import KeyService
 from worker.service import RootKeyAccess
 from worker.storage.db import transaction
@@ -99,6 +100,7 @@ class PoolWorker:
                 self._context = WorkerContext(
                     service.hsm, service.sessions, self.pool, fleet, rows,
                     timedelta(seconds=self.settings.clock_skew_seconds),
+                    timedelta(seconds=self.settings.reply_grace_seconds),
                 )  # fmt: skip
                 self._context_pid = os.getpid()
                 self._service = service
@@ -122,9 +124,12 @@ class PoolWorker:
             return
         policy = retention.policy_of(settings)
         chains = [ctx.pool] + ([audit_log.GLOBAL_CHAIN] if ctx.pool == settings.default_pool else [])
+        verifier = StampVerifier.of_fleet(ctx.hsm, ctx.fleet)
 
         def run() -> retention.PruneCounts:
-            return retention.prune(ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch)
+            return retention.prune(
+                ctx.hsm, ctx.sessions, policy, chains=chains, batch=settings.prune_batch, verifier=verifier
+            )
 
         self._pruner = retention.Pruner(
             run, settings.prune_interval_seconds, lambda counts: retention.vacuum(ctx.sessions, counts)

@@ -173,7 +173,7 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
 from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
-from tests.unit_fixtures import copy_of_schema, full, unit, unit_template  # noqa: E402,F401
+from tests.unit_fixtures import copy_of_schema, full, token_unit, unit, unit_template  # noqa: E402,F401
 from tests.utxo_lib import utxo_lib  # noqa: E402,F401
 
 # The test tiers (pyproject.toml's markers). A test is marked by the fixtures it uses; a module whose tests

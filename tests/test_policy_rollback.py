@@ -6,17 +6,15 @@ the five rollbacks the adversarial run made, in process through the real pipelin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, insert, select, update
 
 from tasks.codec import KmsCodec
-from tests.unit_fixtures import Unit, UnitTemplate, answer, refusal, units
+from tests.unit_fixtures import Unit, answer, refusal
 from worker import policy, policy_anchor
-from worker.hsm import Hsm
 from worker.pipeline import Delivery
 from worker.policy import PolicyNotAnchored
 from worker.storage.db import transaction
@@ -134,17 +132,6 @@ def check_rollback(unit: Unit, full: KmsCodec, name: str) -> None:
 @pytest.mark.parametrize("name", list(ROLLBACKS))
 def test_a_policy_row_put_back_is_refused(unit: Unit, full: KmsCodec, name: str) -> None:
     check_rollback(unit, full, name)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def token_unit(request: pytest.FixtureRequest, tmp_path: Path, hsm: Hsm, unit_template: UnitTemplate) -> Iterator[Unit]:
-    """A Unit on the real token, with a SQLite file or a fresh Postgres database (where operator transactions
-    take the advisory lock)."""
-    if request.param == "postgres":
-        engine = request.getfixturevalue("pg_engine")
-        yield from units(tmp_path, hsm, url=engine.url.render_as_string(hide_password=False))
-    else:
-        yield from units(tmp_path, hsm, unit_template.schema)
 
 
 @pytest.mark.parametrize("name", list(ROLLBACKS))

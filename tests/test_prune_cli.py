@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,26 @@ def test_prune_leaves_a_chain_that_does_not_verify(home: Path) -> None:
     assert "altered" in json.loads(result.stdout)["refused_chains"]["default"]
     assert _audit_rows(home) == 1  # the altered record is still there for audit verify to show
     assert run_kmsq(home, "audit", "verify", "--pool", "default").returncode == 7
+
+
+def test_prune_keeps_a_request_record_whose_signed_time_was_changed(home: Path) -> None:
+    """Issue 22, item 6: a database writer lowers a record's times and puts a bad MAC under the pool's
+    real fleet key id; `kmsq prune`, even with zero skew and grace, keeps the record, says so and exits 7."""
+    fleet = json.loads((home / "fleet.json").read_text())
+    key_id = fleet["pools"][fleet["default_pool"]]["signing_key_id"]
+    with sqlite3.connect(home / "kmsq.db") as db:
+        db.execute(
+            "insert into requests (caller, request_id, request_hash, op, status, reply, created_at, expires_at,"
+            " keep_until, keep_key_id, keep_mac) values ('c', ?, ?, 'generate_data_key', 'ok', '{}',"
+            " '2000-01-01 00:00:00', '2000-01-01 00:00:00', '2000-01-01 00:00:00', ?, ?)",
+            (str(uuid.uuid4()), "0" * 64, key_id, "A" * 43),
+        )
+    shorter = {"KMSQ_CLOCK_SKEW_SECONDS": "0", "KMSQ_REPLY_GRACE_SECONDS": "0"}
+    result = run_kmsq(home, "prune", "--json", env=shorter)
+    assert result.returncode == 7, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] == 0 and report["requests_refused"] == 1
+    text = run_kmsq(home, "prune", env=shorter)
+    assert text.returncode == 7 and "1 request records not pruned" in text.stdout and "does not verify" in text.stdout
+    with sqlite3.connect(home / "kmsq.db") as db:
+        assert db.execute("select count(*) from requests where caller = 'c'").fetchone()[0] == 1

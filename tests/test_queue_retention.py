@@ -1,9 +1,11 @@
 """Retention on real workers, Postgres and Redis: a worker prunes request records by itself under load without
-losing a reply still within retention, and a reply queue nobody reads disappears with its replies after its
-TTL while the stored reply still answers get_result."""
+losing a reply still within retention, nor one whose expires_at a database writer lowered, and a reply queue
+nobody reads disappears with its replies after its TTL while the stored reply still answers get_result."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 import uuid
@@ -145,3 +147,49 @@ def test_a_stopped_worker_leaves_no_remote_control_binding(deployment: Deploymen
         assert any(f"{POOL}.{sigma.worker.process.pid}@".encode() in m for m in broker.smembers(key))  # others stay
     finally:
         broker.close()
+
+
+def _reply_on(broker: redis.Redis, queue: str) -> dict[str, str]:
+    """Waits for the next reply put on ``queue`` and returns its ReplyEnvelope (the kombu message's body)."""
+    popped = broker.brpop([namespace_key_prefix(NAMESPACE) + queue], timeout=30)
+    assert popped is not None, f"no reply on {queue}"
+    message = json.loads(popped[1])
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    envelope: dict[str, str] = json.loads(body)
+    return envelope
+
+
+def test_a_lowered_expiry_does_not_make_a_worker_prune_a_record_and_run_its_request_twice(
+    deployment: Deployment, sigma: Sigma
+) -> None:
+    """Issue 22, item 6, on real workers and Postgres: a database writer sets a record's expires_at in the
+    past; the worker's pruner (every second) keeps it, because it trusts only the time the writing worker signed,
+    and the same message delivered again gets the stored reply instead of running a second time."""
+    codec = KmsCodec(sigma.codec_for.identity, sigma.fleet, reply_queue=f"twice-{uuid.uuid4().hex[:8]}", ttl_seconds=60)
+    request, args = codec.build_request({"op": "generate_data_key_without_plaintext"}, POOL)
+    rid = str(request.request_id)
+    task = task_name("generate_data_key_without_plaintext")
+    broker = redis.Redis.from_url(deployment.broker_url)
+    try:
+        sigma.client.publish(task, args, rid, POOL, request.reply_queue)
+        first = _reply_on(broker, request.reply_queue)
+        with transaction(deployment.sessions) as db:
+            record = db.get(RequestRecord, ("retained", rid))
+            assert record is not None and json.loads(record.reply) == first
+            record.expires_at = datetime(2000, 1, 1, tzinfo=UTC)
+        control = sigma.client.submit_generate_data_key(with_plaintext=False)  # expires normally: pruned in ~6 s
+        sigma.client.wait(control)
+        deadline = time.monotonic() + 30
+        while control.request_id in _records(deployment) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert control.request_id not in _records(deployment), "the pruner did not run"
+        assert rid in _records(deployment), "the worker pruned a record by its edited expires_at"
+        sigma.client.publish(task, args, rid, POOL, request.reply_queue)  # the same message again
+        assert _reply_on(broker, request.reply_queue) == first  # the stored reply: the request ran once
+    finally:
+        broker.close()
+    with deployment.sessions() as db:
+        record = db.get(RequestRecord, ("retained", rid))
+        assert record is not None and json.loads(record.reply) == first

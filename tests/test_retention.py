@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, select, update
 from tasks.codec import KmsCodec
 from tests.unit_fixtures import Unit, answer, refusal
 from worker import audit_log, retention
+from worker.record_stamps import StampVerifier
 from worker.storage.db import transaction
 from worker.storage.models import (
     AuditCheckpoint,
@@ -96,7 +97,7 @@ def test_pruning_goes_in_batches_oldest_first(unit: Unit, full: KmsCodec) -> Non
         expiries = sorted(audit_log.utc(e) for e in db.scalars(select(RequestRecord.expires_at)))
     at = expiries[-2] + SKEW + GRACE + timedelta(seconds=1)
     with transaction(unit.service.sessions) as db:
-        assert retention.prune_requests(db, POLICY.requests_cutoff(at), 3) == 3
+        assert retention.prune_requests(db, StampVerifier(unit.service.hsm), POLICY, at, 3) == (3, 3)
     assert _prune(unit, at, batch=3).requests == 4
     assert list(_records(unit)) == [keep.request_id]
 

@@ -9,17 +9,30 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.wire import key_id
 from tests.conftest import fresh_database
-from worker import retention
+from worker import record_stamps, retention
+from worker.fleet import FleetSecrets
+from worker.record_stamps import StampVerifier
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 from worker.storage.models import RequestRecord
 
 pytestmark = pytest.mark.db  # a Postgres database of its own (fresh_database), not a fixture the tiers know
 
 POLICY = retention.RetentionPolicy(timedelta(seconds=0), timedelta(seconds=0), None)
+# The rows are stamped as a worker of a pool with this fleet key, 0 s skew and grace, would stamp them.
+_SIGNING = Ed25519PrivateKey.generate()
+FLEET = FleetSecrets("p", key_id(_SIGNING.public_key().public_bytes_raw()), _SIGNING, X25519PrivateKey.generate())
+STAMPER = record_stamps.Stamper(FLEET)
+
+
+def _verifier() -> StampVerifier:
+    return StampVerifier.of_fleet(None, FLEET)
 
 
 @pytest.fixture
@@ -34,12 +47,17 @@ def sessions() -> Iterator[sessionmaker[Session]]:
 def _add(sessions: sessionmaker[Session], count: int, reply_bytes: int, expired: bool = True) -> None:
     now = datetime.now(UTC)
     expires = now - timedelta(seconds=5) if expired else now + timedelta(hours=1)
-    rows = [
-        {"caller": "c", "request_id": secrets.token_hex(16), "request_hash": "0" * 64, "op": "generate_data_keys",
-         "status": "ok", "error_code": None, "reply": secrets.token_urlsafe(reply_bytes), "created_at": now,
-         "expires_at": expires}
-        for _ in range(count)
-    ]  # fmt: skip
+    keep = record_stamps.keep_until(expires, timedelta(0), timedelta(0))
+    rows = []
+    for _ in range(count):
+        request_id = secrets.token_hex(16)
+        stamp = STAMPER.stamp("c", request_id, keep)
+        rows.append(
+            {"caller": "c", "request_id": request_id, "request_hash": "0" * 64, "op": "generate_data_keys",
+             "status": "ok", "error_code": None, "reply": secrets.token_urlsafe(reply_bytes), "created_at": now,
+             "expires_at": expires, "keep_until": stamp.keep_until, "keep_key_id": stamp.key_id,
+             "keep_mac": stamp.mac}
+        )  # fmt: skip
     with transaction(sessions) as db:
         db.execute(insert(RequestRecord), rows)
 
@@ -53,7 +71,7 @@ def test_pruned_space_is_reused(sessions: sessionmaker[Session]) -> None:
     sizes = []
     for _ in range(6):
         _add(sessions, 300, 20_000)  # 6 MB of replies (TOAST) per round, all past retention
-        counts = retention.prune(None, sessions, POLICY, batch=100)
+        counts = retention.prune(None, sessions, POLICY, batch=100, verifier=_verifier())
         assert counts.requests == 300
         assert retention.vacuum(sessions, counts) == ["requests"]
         sizes.append(_size(sessions))
@@ -66,7 +84,7 @@ def test_concurrent_pruners_split_the_work(sessions: sessionmaker[Session]) -> N
     removed: list[int] = []
 
     def prune() -> None:
-        removed.append(retention.prune(None, sessions, POLICY, batch=50).requests)
+        removed.append(retention.prune(None, sessions, POLICY, batch=50, verifier=_verifier()).requests)
 
     threads = [threading.Thread(target=prune) for _ in range(3)]
     for thread in threads:

@@ -182,6 +182,19 @@ def units(tmp_path: Path, hsm: KeyStore, schema: Path | None = None, url: str | 
     yield from _unit(tmp_path, hsm, roots, url)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def token_unit(
+    request: pytest.FixtureRequest, tmp_path: Path, hsm: KeyStore, unit_template: UnitTemplate
+) -> Iterator[Unit]:
+    """A Unit on the real token, with a SQLite file or a fresh Postgres database (where operator transactions
+    take the advisory lock)."""
+    if request.param == "postgres":
+        engine = request.getfixturevalue("pg_engine")
+        yield from units(tmp_path, hsm, url=engine.url.render_as_string(hide_password=False))
+    else:
+        yield from units(tmp_path, hsm, unit_template.schema)
+
+
 def _populate(service: KeyService) -> dict[str, str]:
     """Pool alpha's aes-256 and rsa-2048 root keys, pool beta's aes-256 one, and both pools' fleet keys."""
     roots = {

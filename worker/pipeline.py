@@ -55,8 +55,9 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, audit_log, callers, retention, service
+from worker import audit, audit_log, callers, record_stamps, retention, service
 from worker.audit import UNKNOWN_CALLER
+from worker.config import DEFAULT_REPLY_GRACE_SECONDS
 from worker.errors import (
     Expired,
     Forbidden,
@@ -92,11 +93,14 @@ class WorkerContext:
     fleet: FleetSecrets = field(repr=False)
     rows: TrustedRows
     clock_skew: timedelta = timedelta(seconds=DEFAULT_CLOCK_SKEW_SECONDS)
+    reply_grace: timedelta = timedelta(seconds=DEFAULT_REPLY_GRACE_SECONDS)
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rejections: audit.RejectionCounter = field(init=False, repr=False)
+    stamper: record_stamps.Stamper = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.rejections = audit.RejectionCounter(self.sessions, self.hsm)
+        self.stamper = record_stamps.Stamper(self.fleet)
 
 
 @dataclass(frozen=True)
@@ -396,7 +400,7 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
     if operation.recorded:
         recorded = RequestRepository(db).record(
             request.caller, str(request.request_id), call.body_hash, operation.name,
-            canonical_json(envelope).decode(), expires_at=_record_expiry(ctx, request),
+            canonical_json(envelope).decode(), **_retention(ctx, request),
         )  # fmt: skip
         if not recorded:
             raise _Duplicate()
@@ -448,8 +452,12 @@ def _split(operation: Operation, request: Request, reply: BaseModel) -> tuple[Re
     return {"items": public}, secrets
 
 
-def _record_expiry(ctx: WorkerContext, request: Request) -> datetime:
-    return retention.record_expiry(request.expires_at, ctx.now(), ctx.clock_skew)
+def _retention(ctx: WorkerContext, request: Request) -> dict[str, Any]:
+    """A request record's expiry and its signed retention stamp (worker.record_stamps)."""
+    expiry = retention.record_expiry(request.expires_at, ctx.now(), ctx.clock_skew)
+    keep = record_stamps.keep_until(expiry, ctx.clock_skew, ctx.reply_grace)
+    stamp = ctx.stamper.stamp(request.caller, str(request.request_id), keep)
+    return {"expires_at": expiry, "stamp": stamp}
 
 
 def _delivered(request: Request, envelope: dict[str, str], code: str | None) -> Delivery:
@@ -528,7 +536,7 @@ def _error_delivery(ctx: WorkerContext, call: _Call, error: ServiceError, *, sto
     with transaction(ctx.sessions) as db:
         recorded = RequestRepository(db).record(
             request.caller, str(request.request_id), call.body_hash, request.params.op,
-            canonical_json(envelope).decode(), error.code, expires_at=_record_expiry(ctx, request),
+            canonical_json(envelope).decode(), error.code, **_retention(ctx, request),
         )  # fmt: skip
         if recorded:
             # What the request named first: the audit column keeps 255 characters and a message can be long.

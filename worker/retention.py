@@ -4,7 +4,9 @@
   the request could still run, i.e. until ``expires_at`` + clock skew (after that every delivery is refused
   as ``expired`` before it does anything), and while ``get_result`` may still be asked for the reply: a
   *grace* period more (``KMSQ_REPLY_GRACE_SECONDS``). Then it is deleted; ``get_result`` answers
-  ``not_found``.
+  ``not_found``. That time is signed by the worker that wrote the record (:mod:`worker.record_stamps`): a
+  database writer who edits ``expires_at``, or a ``kmsq prune`` with shorter settings, cannot make a record
+  go early (and with it the protection against the request running twice).
 - **Audit records** (the chain of :mod:`worker.audit_log`) and **rejection counts** are kept
   ``KMSQ_AUDIT_RETENTION_SECONDS`` (0: forever). A chain's pruned prefix is replaced by a checkpoint MACed in
   the HSM, so the chain stays verifiable (:func:`worker.audit_log.verify`). The pruner checks the records it
@@ -33,6 +35,7 @@ from worker import audit_log
 from worker.config import DEFAULT_AUDIT_RETENTION_SECONDS, DEFAULT_PRUNE_BATCH, DEFAULT_REPLY_GRACE_SECONDS, Settings
 from worker.errors import ConfigError, ServiceError
 from worker.keystore import KeyStore
+from worker.record_stamps import StampVerifier
 from worker.storage.db import transaction
 from worker.storage.models import AuditCheckpoint, AuditHead, AuditRecord, RejectionCount, RequestRecord
 
@@ -50,7 +53,8 @@ class RetentionPolicy:
     audit_retention: timedelta | None = timedelta(seconds=DEFAULT_AUDIT_RETENTION_SECONDS)  # None: forever
 
     def requests_cutoff(self, now: datetime) -> datetime:
-        """Request records whose ``expires_at`` is before this are deleted."""
+        """Request records whose ``expires_at`` is before this may be deleted, once their signed pruning time
+        (:mod:`worker.record_stamps`) has passed too: these settings can keep a record longer, never shorter."""
         return now - self.clock_skew - self.reply_grace
 
     def audit_cutoff(self, now: datetime) -> datetime | None:
@@ -82,6 +86,9 @@ class PruneCounts:
     audit_records: dict[str, int] = field(default_factory=dict)  # per chain
     rejection_counts: int = 0
     refused_chains: dict[str, str] = field(default_factory=dict)  # chain -> why it was not pruned
+    requests_refused: int = 0  # kept: their signed retention time does not verify (the row was changed)
+    requests_unchecked: int = 0  # kept: signed by a fleet key this HSM cannot check (another pool's)
+    requests_signed_later: int = 0  # kept past this run's settings by their signed time (a longer skew + grace)
 
     @property
     def total(self) -> int:
@@ -95,23 +102,91 @@ class PruneCounts:
             self.audit_records[chain] = self.audit_records.get(chain, 0) + count
         self.rejection_counts += other.rejection_counts
         self.refused_chains.update(other.refused_chains)
+        self.requests_refused = other.requests_refused  # a run's finding, not a sum over runs
+        self.requests_unchecked = other.requests_unchecked
+        self.requests_signed_later = other.requests_signed_later
 
 
 # -- request records ---------------------------------------------------------------------------------
 
 
-def prune_requests(db: Session, cutoff: datetime, limit: int) -> int:
-    """Deletes up to ``limit`` request records that expired before ``cutoff``, oldest first; rows another
-    pruner holds are skipped. Returns how many were deleted."""
-    key = tuple_(RequestRecord.caller, RequestRecord.request_id)
-    victims = (
-        select(RequestRecord.caller, RequestRecord.request_id)
-        .where(RequestRecord.expires_at < cutoff)
-        .order_by(RequestRecord.expires_at)
+@dataclass
+class _RequestScan:
+    """Where a run's scan of request records is (records it keeps are passed over, not read again)."""
+
+    after: tuple[datetime, str, str] | None = None
+    refused: int = 0
+    unchecked: int = 0
+
+
+def prune_requests(
+    db: Session,
+    verifier: StampVerifier,
+    policy: RetentionPolicy,
+    now: datetime,
+    limit: int,
+    scan: _RequestScan | None = None,
+) -> tuple[int, int]:
+    """Deletes, of the next ``limit`` request records that look expired (by ``expires_at``, and by
+    ``keep_until`` where they have one), those whose signed pruning time (:mod:`worker.record_stamps`) has
+    passed; rows another pruner holds are skipped. A record whose signature does not verify is kept and counted
+    in ``scan.refused``; one signed by a key this HSM cannot check, in ``scan.unchecked``.
+
+    Returns (deleted, looked at): fewer looked at than ``limit`` means there are no more.
+    """
+    scan = scan if scan is not None else _RequestScan()
+    order = (RequestRecord.expires_at, RequestRecord.caller, RequestRecord.request_id)
+    query = (
+        select(RequestRecord)
+        .where(RequestRecord.expires_at < policy.requests_cutoff(now))
+        .where((RequestRecord.keep_until.is_(None)) | (RequestRecord.keep_until < now))
+        .order_by(*order)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return _rowcount(db.execute(delete(RequestRecord).where(key.in_(victims))))
+    if scan.after is not None:
+        query = query.where(tuple_(*order) > tuple_(*scan.after))
+    candidates = db.scalars(query).all()
+    victims = []
+    for record in candidates:
+        verdict = verifier.prunable_after(db, record, policy)
+        if isinstance(verdict, datetime):
+            if verdict < now:
+                victims.append((record.caller, record.request_id))
+        elif verdict == "refused":
+            scan.refused += 1
+        else:
+            scan.unchecked += 1
+    if candidates:
+        last = candidates[-1]
+        scan.after = (last.expires_at, last.caller, last.request_id)
+    key = tuple_(RequestRecord.caller, RequestRecord.request_id)
+    deleted = _rowcount(db.execute(delete(RequestRecord).where(key.in_(victims)))) if victims else 0
+    return deleted, len(candidates)
+
+
+def _prune_requests(
+    sessions: sessionmaker[Session], verifier: StampVerifier, policy: RetentionPolicy, now: datetime, batch: int,
+    counts: PruneCounts,
+) -> None:  # fmt: skip
+    scan = _RequestScan()
+    for _ in range(MAX_BATCHES_PER_RUN):
+        with transaction(sessions) as db:
+            deleted, looked_at = prune_requests(db, verifier, policy, now, batch, scan)
+        counts.requests += deleted
+        if looked_at < batch:
+            break
+    counts.requests_refused, counts.requests_unchecked = scan.refused, scan.unchecked
+    with sessions() as db:  # what these settings alone would have removed (unverified: a count to report)
+        counts.requests_signed_later = db.scalar(
+            select(func.count()).select_from(RequestRecord)
+            .where(RequestRecord.expires_at < policy.requests_cutoff(now), RequestRecord.keep_until >= now)
+        ) or 0  # fmt: skip
+    if scan.refused:
+        log.error(
+            "%d request records not pruned: their signed retention time does not verify (the database row was "
+            "changed); they are kept", scan.refused,
+        )  # fmt: skip
 
 
 def _rowcount(result: object) -> int:
@@ -228,18 +303,21 @@ def prune(
     chains: Iterable[str] = (),
     batch: int = DEFAULT_PRUNE_BATCH,
     now: datetime | None = None,
+    verifier: StampVerifier | None = None,
 ) -> PruneCounts:
-    """Removes what retention no longer keeps: request records, the audit records of ``chains`` (which need
-    ``hsm``) and rejection counts, ``batch`` rows per transaction. Does not vacuum (see
-    :func:`vacuum`).
+    """Removes what retention no longer keeps: request records whose signed pruning time has passed (checked
+    by ``verifier``, by default one that opens fleet keys in ``hsm``; ``policy`` can only keep them longer),
+    the audit records of ``chains`` (which need ``hsm``) and rejection counts, ``batch`` rows per
+    transaction. Does not vacuum (see :func:`vacuum`).
 
-    Returns the counts; a chain that does not verify is skipped and named in ``refused_chains``. Raises
-    DatabaseUnavailable or HsmUnavailable (transient).
+    Returns the counts; a chain that does not verify is skipped and named in ``refused_chains``, request
+    records that do not are kept and counted. Raises DatabaseUnavailable or HsmUnavailable (transient).
     """
     now = now or datetime.now(UTC)
     counts = PruneCounts()
-    cutoff = policy.requests_cutoff(now)
-    counts.requests = _batches(sessions, lambda db: prune_requests(db, cutoff, batch), batch)
+    verifier = verifier if verifier is not None else StampVerifier(hsm)
+    verifier.new_run()
+    _prune_requests(sessions, verifier, policy, now, batch, counts)
     audit_cutoff = policy.audit_cutoff(now)
     if audit_cutoff is None:
         return counts
@@ -266,13 +344,16 @@ def _chain_step(hsm: KeyStore, chain: str, cutoff: datetime, batch: int) -> Call
 
 
 def prunable(db: Session, policy: RetentionPolicy, now: datetime | None = None) -> PruneCounts:
-    """What :func:`prune` would remove now, counted without removing anything (audit records per chain: the
+    """What :func:`prune` would remove now, counted without removing anything (request records by their recorded
+    times: a run also checks each one's signature, and keeps those that do not verify; audit records per chain: the
     old-enough records after each checkpoint; a broken chain would still be refused then)."""
     now = now or datetime.now(UTC)
     counts = PruneCounts()
     count = func.count()
     counts.requests = db.scalar(
-        select(count).select_from(RequestRecord).where(RequestRecord.expires_at < policy.requests_cutoff(now))
+        select(count).select_from(RequestRecord)
+        .where(RequestRecord.expires_at < policy.requests_cutoff(now))
+        .where((RequestRecord.keep_until.is_(None)) | (RequestRecord.keep_until < now))
     ) or 0  # fmt: skip
     audit_cutoff = policy.audit_cutoff(now)
     if audit_cutoff is None:

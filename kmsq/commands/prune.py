@@ -19,9 +19,10 @@ from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, prin
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
 def prune(dry_run: bool, batch: int | None, as_json: bool) -> None:
-    """Remove request records past their expiry + clock skew + reply grace, and audit records and rejection
-    counts older than the audit retention (each audit chain then starts at an HSM-MACed
-    checkpoint). Exits 7 when a chain does not verify where it would be pruned (it is left as it is)."""
+    """Remove request records past the time the worker that wrote each signed (its expiry + that worker's clock
+    skew + reply grace; this command's settings can only keep them longer), and audit records and rejection
+    counts older than the audit retention (each audit chain then starts at an HSM-MACed checkpoint). Exits 7
+    when a chain or a request record does not verify where it would be pruned (it is left as it is)."""
     from worker import audit_log, retention
 
     config = settings()
@@ -48,13 +49,28 @@ def prune(dry_run: bool, batch: int | None, as_json: bool) -> None:
         rows += [[f"audit records, chain {chain}", n] for chain, n in sorted(counts.audit_records.items())]
         rows += [["rejection counts", counts.rejection_counts]]
         print_table(f"kmsq prune: {verb}", ["what", "rows"], rows)
+        if counts.requests_signed_later:
+            console.print(
+                f"{counts.requests_signed_later} request records kept past these settings: the workers that wrote "
+                "them signed a later time (their skew + grace are longer)"
+            )
+        if counts.requests_unchecked:
+            console.print(
+                f"{counts.requests_unchecked} request records left to their own pool's workers: signed by a fleet "
+                "key this HSM cannot open"
+            )
+        if counts.requests_refused:
+            console.print(
+                f"[red]{counts.requests_refused} request records not pruned[/red]: their signed retention time "
+                "does not verify (the database row was changed); they are kept"
+            )
         seconds = config.audit_retention_seconds
         audit = "forever" if not seconds else f"{seconds // 86400} days" if seconds % 86400 == 0 else f"{seconds} s"
         console.print(
-            f"kept: request records until expiry + {config.clock_skew_seconds} s skew + "
-            f"{config.reply_grace_seconds} s grace; audit {audit}"
+            f"kept: request records until the time their worker signed, and at least expiry + "
+            f"{config.clock_skew_seconds} s skew + {config.reply_grace_seconds} s grace; audit {audit}"
         )
         for chain, problem in sorted(counts.refused_chains.items()):
             console.print(f"[red]chain {chain} not pruned[/red]: {problem} (run: kmsq audit verify --pool {chain})")
-    if counts.refused_chains:
+    if counts.refused_chains or counts.requests_refused:
         sys.exit(EXIT_INVALID)

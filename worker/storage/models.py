@@ -169,6 +169,11 @@ class RequestRecord(Base):
     # The request's own expires_at (bounded, see worker.retention.record_expiry): the record is pruned once
     # no delivery or get_result can need it any more.
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # When the record may be pruned, MACed by the writing worker under its fleet key (worker.record_stamps); the
+    # pruner trusts only this, never expires_at. None in records written before migration 0014.
+    keep_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    keep_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    keep_mac: Mapped[str | None] = mapped_column(String(43), nullable=True)
 
 
 class RejectionCount(Base):

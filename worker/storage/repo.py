@@ -108,6 +108,7 @@ class PrivateKeyRepository:
 
 _RECORD_COLUMNS = (
     "caller", "request_id", "request_hash", "op", "status", "error_code", "reply", "created_at", "expires_at",
+    "keep_until", "keep_key_id", "keep_mac",
 )  # fmt: skip
 
 
@@ -140,8 +141,10 @@ class RequestRepository:
         reply: str,
         error_code: str | None,
         expires_at: datetime | None,
+        stamp: tuple[datetime, str, str] | None,
     ) -> dict[str, Any]:
         now = utcnow()
+        keep_until, keep_key_id, keep_mac = stamp if stamp is not None else (None, None, None)
         return {
             "caller": caller,
             "request_id": request_id,
@@ -152,6 +155,9 @@ class RequestRepository:
             "reply": reply,
             "created_at": now,
             "expires_at": expires_at or now,
+            "keep_until": keep_until,
+            "keep_key_id": keep_key_id,
+            "keep_mac": keep_mac,
         }
 
     def record(
@@ -164,15 +170,17 @@ class RequestRepository:
         error_code: str | None = None,
         *,
         expires_at: datetime | None = None,
+        stamp: tuple[datetime, str, str] | None = None,
     ) -> bool:
         """Inserts the request's outcome unless a record exists (``ON CONFLICT DO NOTHING``).
 
-        ``expires_at`` is when the request expires (:func:`worker.retention.record_expiry`; default: now), which
-        decides when the record is pruned. Returns False when another delivery recorded it first; the caller
-        must then roll back its effects.
+        ``expires_at`` is when the request expires (:func:`worker.retention.record_expiry`; default: now);
+        ``stamp`` is (keep_until, fleet key id, MAC) from :mod:`worker.record_stamps`, which decides when
+        the record is pruned (a record without one is pruned by its signed reply's time). Returns False when
+        another delivery recorded it first; the caller must then roll back its effects.
         On Postgres a concurrent, uncommitted insert of the same key makes this wait for that transaction.
         """
-        values = self._values(caller, request_id, request_hash, op, reply, error_code, expires_at)
+        values = self._values(caller, request_id, request_hash, op, reply, error_code, expires_at, stamp)
         stmt = _record_statement(self._db.get_bind().dialect.name)
         return self._db.connection().execute(stmt, values).first() is not None
 
