@@ -39,6 +39,7 @@ from schemas.limits import (
     HTTP_HEAD_SECONDS,
     HTTP_KEEP_ALIVE_SECONDS,
     MAX_HTTP_BODY_BYTES,
+    MAX_HTTP_BODY_MEMORY,
     MAX_HTTP_CONNECTIONS,
     MAX_HTTP_HEAD_BYTES,
     MAX_HTTP_HEADERS,
@@ -147,12 +148,13 @@ class SignAnswer(BaseModel):
 
 
 class GatewayError(Exception):
-    """An HTTP error answer."""
+    """An HTTP error answer (with ``headers``, e.g. Retry-After)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -198,12 +200,39 @@ class GatewaySettings:
     eth_keys_in_hsm: bool = False
 
 
-class BodyLimit:
-    """ASGI middleware: answers 400 to bodies over ``limit`` bytes before the application reads them."""
+class BodyBudget:
+    """The request-body bytes one gateway process holds (HttpLimits.body_memory): each request's, from its first
+    byte until it is answered. One event loop uses it, so it needs no lock."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_HTTP_BODY_BYTES) -> None:
+    def __init__(self, limit: int = MAX_HTTP_BODY_MEMORY) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Holds ``size`` bytes more; returns False (holding nothing) when that would exceed the limit."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        """Releases ``size`` bytes held by :meth:`take`."""
+        self.held -= size
+
+
+BODIES_IN_FLIGHT = "too many request bytes in flight"
+_RETRY = {"retry-after": "1"}
+
+
+class BodyLimit:
+    """ASGI middleware: answers 400 to bodies over ``limit`` bytes before the application reads them, and 503
+    when a body does not fit in ``budget`` (a declared Content-Length before it is read, a chunked body as it
+    arrives). What a request takes is given back when it is answered."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_HTTP_BODY_BYTES, budget: BodyBudget | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.budget = budget if budget is not None else BodyBudget()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -211,19 +240,30 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _too_large(scope, receive, send)
+            await _refuse(scope, receive, send, 400, body_too_large(self.limit))
+            return
+        held = int(declared) if declared is not None else 0
+        if not self.budget.take(held):
+            await _refuse(scope, receive, send, 503, BODIES_IN_FLIGHT, _RETRY)
             return
         received = 0
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, held
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise GatewayError(400, body_too_large(self.limit))
+            if received > held:
+                if not self.budget.take(received - held):
+                    raise GatewayError(503, BODIES_IN_FLIGHT, _RETRY)
+                held = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.budget.give_back(held)
 
 
 def body_too_large(limit: int) -> str:
@@ -231,13 +271,21 @@ def body_too_large(limit: int) -> str:
     return f"request body exceeds {limit} bytes"
 
 
-async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse({"message": body_too_large(MAX_HTTP_BODY_BYTES)}, status_code=400)
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """Answers before the body is read, and closes the connection (the client may still be sending it)."""
+    response = JSONResponse(
+        {"message": message}, status_code=status, headers={**(headers or {}), "connection": "close"}
+    )
     await response(scope, receive, send)
 
 
-def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> FastAPI:
-    """Returns the ASGI application serving the old API through ``client``. The caller closes the client."""
+def create_app(
+    client: KmsClient, settings: GatewaySettings | None = None, body_memory: int = MAX_HTTP_BODY_MEMORY
+) -> FastAPI:
+    """Returns the ASGI application serving the old API through ``client``, holding at most ``body_memory``
+    bytes of request bodies at once (:class:`BodyLimit`). The caller closes the client."""
     settings = settings or GatewaySettings()
     check_endpoints()
     app = FastAPI(
@@ -248,7 +296,7 @@ def create_app(client: KmsClient, settings: GatewaySettings | None = None) -> Fa
         redoc_url=None,
         responses=ERRORS,
     )
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, budget=BodyBudget(body_memory))
     _install_error_handlers(app)
     _document_400_instead_of_422(app)
 
@@ -338,7 +386,7 @@ def _http_error(error: KmsError) -> GatewayError:
 def _install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
-        return JSONResponse({"message": exc.message}, status_code=exc.status)
+        return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -423,11 +471,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @dataclass(frozen=True)
 class HttpLimits:
     """What HTTP clients, whom the gateway does not authenticate (mTLS aside), can make one gateway process
-    hold (schemas.limits): the request head's bytes and header fields, connections, and time."""
+    hold (schemas.limits): the request head's bytes and header fields, connections, request bodies, and time."""
 
     max_head_bytes: int = MAX_HTTP_HEAD_BYTES
     max_headers: int = MAX_HTTP_HEADERS
     max_connections: int = MAX_HTTP_CONNECTIONS
+    body_memory: int = MAX_HTTP_BODY_MEMORY  # applied by create_app's BodyLimit
     head_seconds: float = HTTP_HEAD_SECONDS
     keep_alive_seconds: int = HTTP_KEEP_ALIVE_SECONDS
 

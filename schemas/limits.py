@@ -59,6 +59,11 @@ MAX_HTTP_HEADERS = 100
 # What one gateway process serves at once (kmsq gateway --max-connections): beyond it requests are answered
 # 503. bench G runs 256 keep-alive clients; each request may hold a body of MAX_HTTP_BODY_BYTES.
 MAX_HTTP_CONNECTIONS = 512
+# The request-body bytes one gateway process holds at once (kmsq gateway --body-memory-mib), each request's from
+# its first byte until it is answered (its Content-Length up front, or what has arrived of a chunked body);
+# beyond it a request is answered 503. 8 full-size bodies, or about 190 of the wallet manager's 330 KB MPCv2
+# shares; without it 32 slow 8 MiB bodies made one process resident 257 MiB.
+MAX_HTTP_BODY_MEMORY = 64 * 1024 * 1024
 # How long a request head may take to arrive (kmsq gateway --header-timeout; 408 and the connection closed),
 # from the connection's start or the request's first byte; and how long an idle keep-alive connection is kept:
 # longer than the 5 s after which Node.js's agent drops its idle sockets, so the client closes first.

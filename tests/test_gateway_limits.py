@@ -1,6 +1,6 @@
 """What an HTTP client the gateway does not authenticate can make it hold: request heads (their bytes and header
-fields), connections, requests in flight, and time; and the warning for plain HTTP beyond loopback. Against real
-``kmsq gateway`` processes (in front of the real workers) over raw sockets."""
+fields), connections, requests in flight, request bodies, and time; and the warning for plain HTTP beyond
+loopback. Against real ``kmsq gateway`` processes (in front of the real workers) over raw sockets."""
 
 from __future__ import annotations
 
@@ -21,15 +21,22 @@ from urllib.parse import quote, urlsplit
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kmsq.gateway import TlsFiles, plain_http_warning
+from kmsq.gateway import BODIES_IN_FLIGHT, TlsFiles, plain_http_warning
 from schemas.envelope import EncryptedDataKey, KeySpec, WrapAlgorithm
-from schemas.limits import MAX_HTTP_HEAD_BYTES, MAX_HTTP_HEADERS, MAX_PUB_CHARS
+from schemas.limits import (
+    MAX_HTTP_BODY_BYTES,
+    MAX_HTTP_BODY_MEMORY,
+    MAX_HTTP_HEAD_BYTES,
+    MAX_HTTP_HEADERS,
+    MAX_PUB_CHARS,
+)
 from tests.conftest import random_pub
 from tests.gateway_fixtures import GATEWAY_OPS, Gateway, free_port, start_gateway
 from tests.queue_fixtures import Deployment, kmsq_command
 from tests.test_gateway import _certificate, _write_pair
 
 MIB = 1024 * 1024
+TIGHT_MIB = 8  # --body-memory-mib of the tight gateway
 BUSY_CONNECTIONS = 4  # --max-connections of the busy gateway
 BUSY_HEAD_SECONDS = 1.0  # its --header-timeout
 BUSY_TIMEOUT = 3.0  # its --timeout: how long a request for a pool no worker serves stays in flight
@@ -185,6 +192,90 @@ def test_5000_header_fields_are_answered_431(limited: Gateway) -> None:
 def test_a_200_kb_request_target_is_answered_414(limited: Gateway) -> None:
     answer = refused(limited, request("GET", "/key/" + "a" * 200_000 + "?source=user"))
     assert answer.status == 414 and answer.message() == f"request target exceeds {MAX_HTTP_HEAD_BYTES} bytes"
+
+
+@pytest.fixture(scope="module")
+def tight(deployment: Deployment) -> Iterator[Gateway]:
+    """A gateway holding at most TIGHT_MIB of request bodies at once."""
+    deployment.register("gateway-tight", GATEWAY_OPS)
+    running = start_gateway(deployment, "gateway-tight", deployment.service.fleet_document(),
+                            "--body-memory-mib", str(TIGHT_MIB))  # fmt: skip
+    yield running
+    running.stop()
+
+
+def _post_head(target: str, length: int | None) -> bytes:
+    """The head of a POST whose body follows (framed by Content-Length, or chunked when ``length`` is None)."""
+    framing = ("Transfer-Encoding", "chunked") if length is None else ("Content-Length", str(length))
+    return request("POST", target, ("Content-Type", "application/json"), framing)
+
+
+def _answered_at_once(sock: socket.socket, within: float = 0.5) -> bool:
+    return bool(select.select([sock], [], [], within)[0])
+
+
+def test_bodies_beyond_the_body_memory_are_answered_503_and_others_go_on(
+    deployment: Deployment, tight: Gateway
+) -> None:
+    """One slow 6 MiB body holds 6 of the gateway's 8 MiB: a declared 4 MiB body is answered 503 before it is
+    sent, and a chunked one once it passes the budget; requests without or with small bodies are served
+    meanwhile; once the slow one ends, the 4 MiB body is read (and found not to be JSON)."""
+    slow = connect(tight)
+    try:
+        slow.sendall(_post_head("/key", 6 * MIB) + b"{" + b" " * MIB)  # and the rest never comes
+        time.sleep(0.3)
+        answer = refused(tight, _post_head("/key", 4 * MIB))
+        assert answer.status == 503 and answer.message() == BODIES_IN_FLIGHT
+        assert answer.headers.get("retry-after") == "1"
+        with connect(tight) as sock:
+            started = time.monotonic()
+            sock.sendall(_post_head("/key", None))
+            chunk = b" " * (512 * 1024)
+            try:
+                for _ in range(8):  # 4 MiB, 512 KiB a chunk
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    if _answered_at_once(sock, 0.05):
+                        break
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            chunked = read_answer(sock, started)
+        assert chunked.status == 503 and chunked.message() == BODIES_IN_FLIGHT
+        with connect(tight) as sock:
+            assert ask(sock, request("GET", "/nothing/here")).status == 404
+            made = ask(sock, superagent("POST", "/generateDataKey", {"keyType": "AES-256"})).json()
+            deployment.secrets.append(made["plaintextKey"].encode())
+    finally:
+        slow.close()
+    time.sleep(0.3)  # the slow request ends: its 6 MiB are given back
+    with connect(tight) as sock:
+        answer = ask(sock, _post_head("/key", 4 * MIB) + b"x" * (4 * MIB))
+        assert answer.status == 400 and answer.message() == "request body is not valid JSON"
+
+
+def test_32_slow_full_size_bodies_hold_at_most_the_body_memory(limited: Gateway) -> None:
+    """The attack of issue 22: 32 connections each send all but the last byte of an 8 MiB body. With the default
+    64 MiB budget 8 are read and 24 answered 503 at once, and the process grows by about the 64 MiB it holds
+    (it grew by 257 MiB without the budget)."""
+    before = rss_bytes(limited.process.pid)
+    socks, refusals = [], 0
+    with RssSampler(limited.process.pid) as rss:
+        try:
+            for _ in range(32):
+                sock = connect(limited)
+                socks.append(sock)
+                sock.sendall(_post_head("/key", MAX_HTTP_BODY_BYTES))
+                if _answered_at_once(sock, 0.3):
+                    answer = read_answer(sock, time.monotonic())
+                    assert answer.status == 503 and answer.message() == BODIES_IN_FLIGHT
+                    refusals += 1
+                    continue
+                sock.sendall(b"{" + b" " * (MAX_HTTP_BODY_BYTES - 2))
+            time.sleep(1.0)
+        finally:
+            for sock in socks:
+                sock.close()
+    assert refusals == 32 - MAX_HTTP_BODY_MEMORY // MAX_HTTP_BODY_BYTES
+    assert rss.peak - before < MAX_HTTP_BODY_MEMORY + 48 * MIB, (before, rss.peak)
 
 
 def test_a_64_mib_header_is_cut_off_early_and_memory_stays_bounded(limited: Gateway) -> None:

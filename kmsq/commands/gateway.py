@@ -15,7 +15,7 @@ import click
 
 from kmsq.commands.common import caller_options, open_client
 from kmsq.output import one_line_errors
-from schemas.limits import HTTP_HEAD_SECONDS, MAX_HTTP_CONNECTIONS
+from schemas.limits import HTTP_HEAD_SECONDS, MAX_HTTP_BODY_MEMORY, MAX_HTTP_CONNECTIONS
 
 GATEWAY_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "httptools")  # what `pip install 'kmsq[gateway]'` adds
 
@@ -50,6 +50,8 @@ def _host_port(listen: str) -> tuple[str, int]:
               help="Processes sharing the listening socket, each with its own client and reply queue.")  # fmt: skip
 @click.option("--max-connections", type=click.IntRange(1, 100_000), default=MAX_HTTP_CONNECTIONS, show_default=True,
               help="Connections (and requests in flight) a process serves; beyond, requests get 503.")  # fmt: skip
+@click.option("--body-memory-mib", type=click.IntRange(8, 1 << 20), default=MAX_HTTP_BODY_MEMORY >> 20,
+              show_default=True, help="MiB of request bodies a process holds at once (beyond: 503).")  # fmt: skip
 @click.option("--header-timeout", type=click.FloatRange(0.1, 300), default=HTTP_HEAD_SECONDS, show_default=True,
               help="Seconds a request head may take to arrive (408 and the connection closed).")  # fmt: skip
 @caller_options
@@ -67,6 +69,7 @@ def gateway(
     eth_keys_in_hsm: bool,
     processes: int,
     max_connections: int,
+    body_memory_mib: int,
     header_timeout: float,
     identity: Path | None,
     fleet: Path | None,
@@ -75,8 +78,8 @@ def gateway(
     """Serve the key-provider HTTP API (POST /key, GET /key/{pub}, POST /key/generate, POST /sign,
     POST /generateDataKey, POST /decryptDataKey) as this caller. --timeout is how long a request waits for a
     worker before answering 503. Concurrent calls are coalesced into batch messages unless --no-coalesce
-    (docs/PROTOCOL.md, Coalescing). Request heads are bounded (431), and so are connections (503); plain HTTP
-    beyond loopback is warned about at start."""
+    (docs/PROTOCOL.md, Coalescing). Request heads are bounded (431), and so are connections and the request
+    bodies held at once (503); plain HTTP beyond loopback is warned about at start."""
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
@@ -105,13 +108,13 @@ def gateway(
     from tasks.coalesce import CoalescePolicy
 
     policy = CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch) if coalesce else False
-    limits = HttpLimits(max_connections=max_connections, head_seconds=header_timeout)
+    limits = HttpLimits(max_connections=max_connections, body_memory=body_memory_mib << 20, head_seconds=header_timeout)
     warn_if_exposed(host, port, tls)  # once, before any process starts
 
     def run(suffix: str | None, sock: socket.socket | None = None) -> None:
         with open_client(identity, fleet, timeout, reply_queue=suffix, coalesce=policy) as client:
             settings = GatewaySettings(root_key_id=root_key, timeout=timeout, eth_keys_in_hsm=eth_keys_in_hsm)
-            app = create_app(client, settings)
+            app = create_app(client, settings, limits.body_memory)
             serve(app, host, port, tls, sock, limits)
 
     if processes == 1:
