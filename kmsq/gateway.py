@@ -274,10 +274,9 @@ def body_too_large(limit: int) -> str:
 async def _refuse(
     scope: Scope, receive: Receive, send: Send, status: int, message: str, headers: dict[str, str] | None = None
 ) -> None:
-    """Answers before the body is read, and closes the connection (the client may still be sending it)."""
-    response = JSONResponse(
-        {"message": message}, status_code=status, headers={**(headers or {}), "connection": "close"}
-    )
+    """Answers before the body is read. The connection stays open: uvicorn reads the rest of the body and drops it,
+    so a client still sending it gets the answer, not a reset connection (closing with unread bytes sends RST)."""
+    response = JSONResponse({"message": message}, status_code=status, headers=headers)
     await response(scope, receive, send)
 
 
