@@ -485,6 +485,10 @@ class HttpLimits:
 # (most do) gets the answer instead of a reset connection.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
+# After an answer given before its request's body has all arrived (400 over 8 MiB, 503 over the body memory)
+# on a connection the client asked to close (the wallet manager's client sends ``Connection: close``): what
+# still arrives of the body is dropped for LINGER_SECONDS or this much, then the connection closes.
+DRAIN_BYTES = 2 * MAX_HTTP_BODY_BYTES
 
 
 class _Refused(Exception):
@@ -516,7 +520,9 @@ class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
         self.header_fields = 0
         self.head_timer: asyncio.TimerHandle | None = None
         self.refusal: tuple[int, str] | None = None
-        self.dropped = 0  # bytes read and dropped after a refusal
+        self.drop_limit = 0  # after a refusal, or an answer given before its body arrived: bytes to drop at most
+        self.dropped = 0  # bytes read and dropped since
+        self.close_after_response = False  # the client asked to close (Connection: close, HTTP/1.0)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -527,9 +533,9 @@ class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.refusal is not None:
+        if self.drop_limit:
             self.dropped += len(data)
-            if self.dropped > LINGER_BYTES:
+            if self.dropped > self.drop_limit:
                 self.transport.close()
             return
         self._unset_keepalive_if_required()
@@ -573,6 +579,7 @@ class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
         limit = self.limits.max_connections
         if len(self.connections) <= limit and len(self.tasks) < limit:
             super().on_headers_complete()
+            self.close_by_lingering()
             return
         _overloaded.note(len(self.connections), len(self.tasks), limit)
         self.app = _overloaded
@@ -580,6 +587,34 @@ class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = self.served_app
+
+    def close_by_lingering(self) -> None:
+        """Where the client asked to close, uvicorn would close as soon as the answer is written, even with the
+        request's body still arriving: the unread bytes make the kernel send a reset, and a client that writes its
+        whole body before it reads loses the answer (``write ECONNRESET``). Here the cycle keeps the connection,
+        and :meth:`on_response_complete` closes it, after lingering if the body is still arriving."""
+        if self.cycle is not None and not self.cycle.keep_alive:
+            self.cycle.keep_alive = True
+            self.close_after_response = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.close_after_response or self.transport.is_closing():
+            return
+        self.close_after_response = False
+        self._unset_keepalive_if_required()
+        if self.cycle is not None and self.cycle.more_body:  # answered before the body arrived
+            self.linger(DRAIN_BYTES)
+        else:
+            self.transport.close()
+
+    def linger(self, drop_limit: int) -> None:
+        """Closes the connection once the client has had the answer: the sending side is shut down (but under
+        TLS), and what still arrives is dropped for LINGER_SECONDS or ``drop_limit`` bytes."""
+        self.drop_limit = drop_limit
+        if self.transport.can_write_eof():  # not under TLS: the client reads the answer's Content-Length
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def too_large(self) -> tuple[int, str]:
         """The refusal of a head over the limits: 414 when the request target alone is too long."""
@@ -624,9 +659,7 @@ class _BoundedHttpToolsProtocol(_HttpToolsProtocol):
         content += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
                     b"\r\nconnection: close\r\n\r\n", body]  # fmt: skip
         self.transport.write(b"".join(content))
-        if self.transport.can_write_eof():  # not under TLS: the client reads the answer's Content-Length
-            self.transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.linger(LINGER_BYTES)
 
 
 def http_protocol(limits: HttpLimits) -> type[asyncio.Protocol]:

@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -119,13 +119,15 @@ def request(method: str, target: str, *fields: tuple[str, str], body: bytes = b"
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
 
 
-def superagent(method: str, target: str, document: dict[str, str] | None = None) -> bytes:
-    """A request as the wallet manager's KeyProviderClient (superagent on Node's keep-alive agent) sends it."""
+def superagent(method: str, target: str, document: dict[str, str] | None = None, connection: str = "close") -> bytes:
+    """A request as the wallet manager's KeyProviderClient (superagent, Node 20) sends it: these five fields in
+    this order, ``Connection: close`` (captured from the client itself); ``keep-alive`` as a client on a
+    keep-alive agent sends it."""
     body = b"" if document is None else json.dumps(document).encode()
     fields = [("Accept-Encoding", "gzip, deflate")]
     if document is not None:
         fields += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    return request(method, target, *fields, ("Connection", "keep-alive"), body=body)
+    return request(method, target, *fields, ("Connection", connection), body=body)
 
 
 def rss_bytes(pid: int) -> int:
@@ -328,22 +330,51 @@ def test_heads_at_the_limits_are_served(limited: Gateway) -> None:
     assert refused(limited, request("GET", target, *fields[:-10], ("X-Long", "v" * 3000))).status == 431
 
 
-def test_wallet_manager_requests_on_one_keep_alive_connection(deployment: Deployment, limited: Gateway) -> None:
+def _wallet_manager_calls(deployment: Deployment, answer: Callable[[bytes], Answer]) -> None:
     """What KeyProviderClient sends (five header fields; a 330,000-character MPCv2 key share as a body), each
-    answered as before, on one connection the gateway keeps open."""
+    answered as before."""
     share = base64.b64encode(os.urandom(247_500)).decode()
     deployment.secrets.append(share[999:1095].encode())
     pub = random_pub()
+    made = answer(superagent("POST", "/generateDataKey", {"keyType": "AES-256"})).json()
+    deployment.secrets.append(made["plaintextKey"].encode())
+    back = answer(superagent("POST", "/decryptDataKey", {"encryptedKey": made["encryptedKey"]})).json()
+    assert back == {"plaintextKey": made["plaintextKey"]}
+    document = {"prv": share, "pub": pub, "coin": "hteth", "source": "user", "type": "tss"}
+    assert answer(superagent("POST", "/key", document)).json()["pub"] == pub
+    assert answer(superagent("GET", f"/key/{pub}?source=user")).json()["prv"] == share
+    missing = answer(superagent("GET", f"/key/{random_pub()}?source=user"))
+    assert missing.status == 404 and missing.message()
+
+
+def test_wallet_manager_requests_each_on_a_connection_it_asks_to_close(
+    deployment: Deployment, limited: Gateway
+) -> None:
+    """As the client sends them (Connection: close): answered, then closed by the gateway; and a 9 MiB body
+    written whole still gets its 400 (the gateway lingers: closing with the body unread would reset the
+    connection, and the client saw ``write ECONNRESET``)."""
+
+    def on_its_own_connection(message: bytes) -> Answer:
+        with connect(limited) as sock:
+            answer = ask(sock, message)
+            assert closed_by_gateway(sock)
+        return answer
+
+    _wallet_manager_calls(deployment, on_its_own_connection)
+    head = request("POST", "/key", ("Content-Type", "application/json"), ("Content-Length", str(9 * MIB)),
+                   ("Connection", "close"))  # fmt: skip
+    answer = on_its_own_connection(head + b"x" * (9 * MIB))
+    assert answer.status == 400 and answer.message() == f"request body exceeds {MAX_HTTP_BODY_BYTES} bytes"
+
+
+def test_wallet_manager_requests_on_one_keep_alive_connection(deployment: Deployment, limited: Gateway) -> None:
+    """The same requests from a client on a keep-alive agent, on one connection the gateway keeps open."""
     with connect(limited) as sock:
-        made = ask(sock, superagent("POST", "/generateDataKey", {"keyType": "AES-256"})).json()
-        deployment.secrets.append(made["plaintextKey"].encode())
-        back = ask(sock, superagent("POST", "/decryptDataKey", {"encryptedKey": made["encryptedKey"]})).json()
-        assert back == {"plaintextKey": made["plaintextKey"]}
-        document = {"prv": share, "pub": pub, "coin": "hteth", "source": "user", "type": "tss"}
-        assert ask(sock, superagent("POST", "/key", document)).json()["pub"] == pub
-        assert ask(sock, superagent("GET", f"/key/{pub}?source=user")).json()["prv"] == share
-        missing = ask(sock, superagent("GET", f"/key/{random_pub()}?source=user"))
-        assert missing.status == 404 and missing.message()
+
+        def kept_alive(message: bytes) -> Answer:
+            return ask(sock, message.replace(b"Connection: close", b"Connection: keep-alive"))
+
+        _wallet_manager_calls(deployment, kept_alive)
         assert not closed_by_gateway(sock, within=0.5)
 
 
