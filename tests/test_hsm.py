@@ -31,7 +31,7 @@ def rsa_root(hsm: Hsm) -> RootKeyHandle:
 def test_aes_root_key_attributes(hsm: Hsm, aes_root: RootKeyHandle) -> None:
     attrs = hsm.root_key_attributes(aes_root)
     assert attrs["TOKEN"] and attrs["PRIVATE"] and attrs["SENSITIVE"] and attrs["ALWAYS_SENSITIVE"]
-    assert not attrs["EXTRACTABLE"] and attrs["NEVER_EXTRACTABLE"]
+    assert attrs["WRAP_WITH_TRUSTED"] and attrs["EXTRACTABLE"]  # leaves only wrapped for an SO-trusted key
     assert attrs["WRAP"] and attrs["UNWRAP"]
     assert not (attrs["ENCRYPT"] or attrs["DECRYPT"] or attrs["SIGN"] or attrs["DERIVE"])
     assert attrs["ID"] == b"kmsq:rk-hsmtest-aes:v1" and attrs["LABEL"] == "kmsq:rk-hsmtest-aes:v1"
@@ -39,7 +39,7 @@ def test_aes_root_key_attributes(hsm: Hsm, aes_root: RootKeyHandle) -> None:
 
 def test_rsa_root_key_attributes(hsm: Hsm, rsa_root: RootKeyHandle) -> None:
     attrs = hsm.root_key_attributes(rsa_root)
-    assert attrs["SENSITIVE"] and not attrs["EXTRACTABLE"] and attrs["NEVER_EXTRACTABLE"]
+    assert attrs["SENSITIVE"] and attrs["ALWAYS_SENSITIVE"] and attrs["WRAP_WITH_TRUSTED"]
     assert attrs["UNWRAP"] and not (attrs["DECRYPT"] or attrs["SIGN"] or attrs["DERIVE"])
     assert attrs["ID"] == b"kmsq:rk-hsmtest-rsa:v1"
 
@@ -58,12 +58,20 @@ def test_root_key_value_cannot_be_read(
         ):
             with pytest.raises(p11.AttributeSensitive):
                 key[attribute]
-        # Nor can it be wrapped out under another key.
+        # Nor can it be wrapped out under a key the security officer did not mark trusted (CKA_WRAP_WITH_TRUSTED):
+        # the token refuses, for an AES key and for an RSA public key (the mechanism another HSM's transport key
+        # uses, worker.replication), and for the RSA root's private half under AES.
         other = session.generate_key(
             KeyType.AES, 256, mechanism=Mechanism.AES_KEY_GEN, template={Attribute.WRAP: True, Attribute.TOKEN: False}
         )
-        with pytest.raises(p11.KeyUnextractable):
+        public, _ = session.generate_keypair(KeyType.RSA, 2048, store=False, public_template={Attribute.WRAP: True})
+        with pytest.raises(p11.KeyNotWrappable):
             other.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        with pytest.raises(p11.KeyNotWrappable):
+            other.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        with pytest.raises(p11.KeyNotWrappable):
+            public.wrap_key(secret, mechanism=Mechanism.RSA_PKCS_OAEP,
+                            mechanism_param=(Mechanism.SHA_1, pkcs11.MGF.SHA1, None))  # fmt: skip
         assert not hasattr(secret, "encrypt")  # python-pkcs11 offers only what CKA_ENCRYPT etc. allow
         other.destroy()
     finally:

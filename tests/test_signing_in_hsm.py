@@ -57,7 +57,7 @@ def test_a_token_key_signs_eth_hashes_that_recover_to_its_xpubs_address(token_un
     assert recovery_ids == {27, 28}
 
 
-def test_the_token_key_is_non_extractable_and_sensitive_and_only_signs(token_unit: Unit, hsm: Hsm) -> None:
+def test_the_token_key_is_sensitive_leaves_only_for_a_trusted_key_and_only_signs(token_unit: Unit, hsm: Hsm) -> None:
     codec = token_unit.register("full")
     key = answer(codec, _generate(token_unit, codec))
     dump = dump_database(token_unit.service)
@@ -66,7 +66,7 @@ def test_the_token_key_is_non_extractable_and_sensitive_and_only_signs(token_uni
     assert key_ids, "no token key was made"
     attributes = hsm.ec_signing_key_attributes(key_ids[-1].encode("ascii"))
     assert attributes["SENSITIVE"] is True and attributes["ALWAYS_SENSITIVE"] is True
-    assert attributes["EXTRACTABLE"] is False and attributes["NEVER_EXTRACTABLE"] is True
+    assert attributes["WRAP_WITH_TRUSTED"] is True  # leaves only wrapped for an SO-trusted key (another HSM)
     assert attributes["SIGN"] is True and attributes["DECRYPT"] is False and attributes["DERIVE"] is False
     assert attributes["UNWRAP"] is False and attributes["TOKEN"] is True and attributes["PRIVATE"] is True
     code, _ = refusal(codec, token_unit.deliver(codec, {"op": "get_key", "pub": key["pub"], "source": "user"}))

@@ -66,11 +66,19 @@ _INTEGRITY_ERRORS: tuple[type[Exception], ...] = (
     p11.FunctionFailed,
 )
 
+# The keys kmsq keeps in a token (root keys, the policy key, signing keys) can leave it only wrapped under a key
+# the token's security officer marked CKA_TRUSTED, i.e. for another enrolled HSM (worker.replication): the token
+# refuses any other wrap (CKR_KEY_NOT_WRAPPABLE), CKA_WRAP_WITH_TRUSTED cannot be cleared, and CKA_SENSITIVE keeps
+# their value unreadable. (CKA_EXTRACTABLE false would make them unable to leave at all: lost with their token.)
+_LEAVES_ONLY_WRAPPED_FOR_TRUSTED: dict[Attribute, Any] = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: True,
+    Attribute.WRAP_WITH_TRUSTED: True,
+}
 _ROOT_AES_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
+    **_LEAVES_ONLY_WRAPPED_FOR_TRUSTED,
     Attribute.MODIFIABLE: False,
     Attribute.WRAP: True,
     Attribute.UNWRAP: True,
@@ -80,13 +88,13 @@ _ROOT_AES_TEMPLATE: dict[Attribute, Any] = {
     Attribute.VERIFY: False,
     Attribute.DERIVE: False,
 }
-# The policy key: HMAC-SHA256 over the rows that say who may do what (worker.policy); it never leaves the token.
+# The policy key: HMAC-SHA256 over the rows that say who may do what (worker.policy) and the audit chain; it
+# leaves the token only wrapped for another enrolled HSM.
 POLICY_KEY_ID = b"kmsq-policy-v1"
 _POLICY_KEY_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
+    **_LEAVES_ONLY_WRAPPED_FOR_TRUSTED,
     Attribute.MODIFIABLE: False,
     Attribute.SIGN: True,
     Attribute.VERIFY: True,
@@ -119,8 +127,7 @@ _ROOT_RSA_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
 _ROOT_RSA_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
+    **_LEAVES_ONLY_WRAPPED_FOR_TRUSTED,
     Attribute.MODIFIABLE: False,
     Attribute.UNWRAP: True,
     Attribute.DECRYPT: False,
@@ -140,8 +147,7 @@ _EC_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
 _EC_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
+    **_LEAVES_ONLY_WRAPPED_FOR_TRUSTED,
     Attribute.MODIFIABLE: False,
     Attribute.SIGN: True,
     Attribute.DECRYPT: False,
@@ -150,7 +156,8 @@ _EC_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
 }
 # The security attributes reported for a key, by name; WRAP and ENCRYPT are not attributes of a private key.
 _REPORTED_ATTRIBUTES = (
-    "TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "MODIFIABLE",
+    "TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "WRAP_WITH_TRUSTED", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE",
+    "MODIFIABLE",
     "WRAP", "UNWRAP", "ENCRYPT", "DECRYPT", "SIGN", "DERIVE", "ID", "LABEL",
 )  # fmt: skip
 _PUBLIC_KEY_ONLY = ("WRAP", "ENCRYPT")
