@@ -199,6 +199,10 @@ def _ec_point(encoded: bytes) -> bytes:
     return encoded
 
 
+def _text(value: bytes | str) -> str:
+    return (value.decode("ascii", "replace") if isinstance(value, bytes) else value).strip()
+
+
 def _load_library(path: str) -> Any:
     """Returns the process's ``pkcs11.lib`` for ``path``, re-initialized in a forked child."""
     with _libraries_lock:
@@ -287,6 +291,44 @@ class Hsm:  # implements worker.keystore.KeyStore
     def check(self) -> None:
         """Opens (or re-checks) the session. Raises ConfigError or HsmUnavailable."""
         self._run(lambda s: s.token.label)
+
+    def run(self, op: Callable[[Any], T], *, integrity: bool = False) -> T:
+        """Runs ``op`` with the logged-in user session (for worker.hsm_custody), as every method here does: errors
+        translated, a failed session reopened once. Raises what :meth:`_run` raises."""
+        return self._run(op, integrity=integrity)
+
+    @contextmanager
+    def so_session(self, so_pin: str) -> Iterator[Any]:
+        """Yields a read/write session logged in as the token's security officer (for worker.hsm_custody: only
+        the SO may mark a key CKA_TRUSTED). The user session is closed first (a token has one login state per
+        application) and logs in again on the next call. Raises ConfigError for a wrong SO PIN."""
+        with self._lock:
+            self.reset()
+            lib = self._library()
+            try:
+                token = lib.get_token(token_label=self._token_label)
+            except p11.NoSuchToken:
+                raise ConfigError(f"PKCS#11 token {self._token_label!r} not found") from None
+            try:
+                session = token.open(rw=True, so_pin=so_pin)
+            except _PIN_ERRORS:
+                raise ConfigError(f"wrong security officer PIN for PKCS#11 token {self._token_label!r}") from None
+            try:
+                with self._translate(integrity=False):
+                    yield session
+            finally:
+                with contextlib.suppress(p11.PKCS11Error):
+                    session.close()
+
+    def reread(self) -> None:
+        """Re-initializes the library (C_Finalize, C_Initialize): tokens and objects another process made since
+        become visible; every session of the process, this adapter's included, logs in again on next use."""
+        with self._lock:
+            self._reinitialize()
+
+    def token_serial(self) -> str:
+        """Returns the token's serial number (CK_TOKEN_INFO.serialNumber, trimmed): its name among enrolled HSMs."""
+        return self._run(lambda session: _text(session.token.serial))
 
     def _run(self, op: Callable[[Any], T], *, integrity: bool = False) -> T:
         """Runs ``op(session)``; after a session failure reopens once and retries, then gives up.

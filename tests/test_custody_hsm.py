@@ -1,0 +1,154 @@
+"""Key custody on real SoftHSM2 tokens (worker.hsm_custody): token B's keys come from token A only wrapped for a
+transport key A's security officer trusts, and work in B exactly as in A. Two tokens of the test run's token
+directory stand for two HSMs here (the processes and directories of a real pool are tested with the workers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from worker import hsm_custody as custody
+from worker.config import Settings
+from worker.errors import ConfigError, HsmError, IntegrityError
+from worker.hsm import Hsm
+from worker.keystore import RootKeyHandle
+
+PIN, SO_PIN = "1234-user", "5678-officer"
+
+
+@dataclass
+class Pair:
+    a: Hsm
+    b: Hsm
+    b_name: str
+    aes: RootKeyHandle
+    rsa: RootKeyHandle
+    ec_id: bytes
+    ec_point: bytes
+
+
+def _new_token(settings: Settings, label: str) -> Hsm:
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
+        env={"SOFTHSM2_CONF": str(settings.softhsm2_conf), "PATH": "/usr/bin:/bin"}, check=True, capture_output=True,
+    )  # fmt: skip
+    return Hsm(settings.module_path(), label, lambda: PIN, settings.softhsm2_conf)
+
+
+@pytest.fixture(scope="module")
+def pair(hsm_settings: Settings, hsm: Hsm) -> Iterator[Pair]:
+    """Tokens A (with an AES and an RSA root key, the policy key and a signing key) and B (enrolled: its
+    transport key made), in the run's token directory."""
+    suffix = secrets.token_hex(4)
+    a, b = _new_token(hsm_settings, f"custody-a-{suffix}"), _new_token(hsm_settings, f"custody-b-{suffix}")
+    gc.collect()  # python-pkcs11's unfinished object searches end now, while their sessions are still open
+    hsm.reread()  # the library re-reads the directory (the run's own adapter logs in again on next use)
+    aes, rsa = a.create_aes_root_key("rk-custody-aes", 1), a.create_rsa_root_key("rk-custody-rsa", 1, 2048)
+    a.ensure_policy_key()
+    ec_id = f"kmsq-ec-{suffix}".encode()
+    point = a.create_ec_signing_key(ec_id)
+    yield Pair(a, b, b.token_serial(), aes, rsa, ec_id, point)
+    for token in (a, b):
+        token.reset()
+
+
+def _trusted(pair: Pair) -> list[custody.WrappedKey]:
+    der, _ = custody.ensure_transport_key(pair.b)
+    custody.trust_transport_key(pair.a, pair.b_name, der, SO_PIN)
+    return custody.export_keys(pair.a, pair.b_name)
+
+
+def test_a_transport_key_is_made_once_and_its_fingerprint_is_stable(pair: Pair) -> None:
+    der, made = custody.ensure_transport_key(pair.b)
+    again, made_again = custody.ensure_transport_key(pair.b)
+    assert der == again and not made_again
+    shown = custody.fingerprint(der)
+    assert len(shown) == 79 and shown.count(":") == 15
+    attributes = pair.b.run(lambda s: dict(
+        (name, s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=custody.TRANSPORT_LABEL)[getattr(Attribute, name)])
+        for name in ("SENSITIVE", "EXTRACTABLE", "UNWRAP", "DECRYPT", "SIGN")
+    ))  # fmt: skip
+    assert attributes == {"SENSITIVE": True, "EXTRACTABLE": False, "UNWRAP": True, "DECRYPT": False, "SIGN": False}
+    assert made or not made_again
+
+
+def test_only_the_security_officer_can_trust_a_transport_key(pair: Pair) -> None:
+    der, _ = custody.ensure_transport_key(pair.b)
+    with pytest.raises(ConfigError, match="not trusted by this token"):
+        custody.export_keys(pair.a, "nobody-trusted-this")
+    with pytest.raises(ConfigError, match="wrong security officer PIN"):
+        custody.trust_transport_key(pair.a, pair.b_name, der, "not-the-so-pin")
+    modulus, exponent = custody._rsa_numbers(der)
+    with pytest.raises(HsmError, match="AttributeReadOnly"):  # a user session cannot mark a key trusted
+        pair.a.run(lambda s: s.create_object({
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: modulus,
+            Attribute.PUBLIC_EXPONENT: exponent, Attribute.TOKEN: False, Attribute.WRAP: True, Attribute.TRUSTED: True,
+        }))  # fmt: skip
+    assert custody.trust_transport_key(pair.a, pair.b_name, der, SO_PIN) in (True, False)
+    assert not custody.trust_transport_key(pair.a, pair.b_name, der, SO_PIN)  # idempotent
+    assert pair.b_name in custody.trusted_targets(pair.a)
+    other = custody.ensure_transport_key(pair.a)[0]  # a different key under B's name is refused
+    with pytest.raises(ConfigError, match="another transport key is already trusted"):
+        custody.trust_transport_key(pair.a, pair.b_name, other, SO_PIN)
+
+
+def test_every_key_arrives_in_b_and_works_there_as_in_a(pair: Pair) -> None:
+    wrapped_aes, plain_aes = pair.a.generate_data_key(pair.aes, readable=True)
+    wrapped_rsa, plain_rsa = pair.a.generate_data_key(pair.rsa, readable=True)
+    mac = pair.a.policy_mac(b"a policy row")
+    copies = _trusted(pair)
+    kinds = {copy.kind for copy in copies}
+    assert {custody.AES_ROOT, custody.RSA_ROOT, custody.POLICY_KEY, custody.EC_SIGNING, custody.REPLICATION} <= kinds
+    assert custody.import_keys(pair.b, copies)
+    in_a = {key.label: key.kcv for key in custody.inventory(pair.a)}
+    in_b = {key.label: key.kcv for key in custody.inventory(pair.b)}
+    assert in_b == in_a  # every key, each with the same check value, computed in each token
+    assert all(key.replicable for key in custody.inventory(pair.b))  # B can pass them on once its SO trusts C
+    assert plain_aes is not None and plain_rsa is not None
+    with pair.b.unwrap_data_key(pair.aes, wrapped_aes) as again:
+        assert bytes(again.view()) == bytes(plain_aes.view())
+    with pair.b.unwrap_data_key(pair.rsa, wrapped_rsa) as again:
+        assert bytes(again.view()) == bytes(plain_rsa.view())
+    assert pair.b.policy_mac(b"a policy row") == mac
+    digest = secrets.token_bytes(32)
+    raw = pair.b.sign_ecdsa(pair.ec_id, digest)
+    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), pair.ec_point)
+    public.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")), digest,
+                  ec.ECDSA(Prehashed(hashes.SHA256())))  # fmt: skip
+    attributes = pair.b.root_key_attributes(pair.aes)
+    assert attributes["SENSITIVE"] and attributes["WRAP_WITH_TRUSTED"] and attributes["EXTRACTABLE"]
+    assert pair.b.ec_signing_key_attributes(pair.ec_id)["SENSITIVE"]
+    assert custody.import_keys(pair.b, copies) == []  # already there, same check values: nothing to do
+
+
+def test_a_tampered_or_misaddressed_copy_leaves_nothing(pair: Pair, hsm_settings: Settings) -> None:
+    copies = _trusted(pair)
+    c = _new_token(hsm_settings, f"custody-c-{secrets.token_hex(4)}")
+    gc.collect()  # python-pkcs11's unfinished object searches end now, while their sessions are still open
+    c.reread()
+    for token in (pair.a, pair.b):  # their sessions ended with the re-read: they log in again
+        token.reset()
+    custody.ensure_transport_key(c)
+    before = {key.label for key in custody.inventory(c)}
+    aes = next(copy for copy in copies if copy.kind == custody.AES_ROOT)
+    flipped = dataclasses.replace(aes, wrapped=aes.wrapped[:-1] + bytes([aes.wrapped[-1] ^ 1]))
+    with pytest.raises(IntegrityError):  # wrapped for B's transport key, not C's
+        custody.import_keys(c, [aes])
+    with pytest.raises(IntegrityError):
+        custody.import_keys(c, [flipped])
+    wrong_check = dataclasses.replace(aes, kcv="0" * 16)
+    with pytest.raises(IntegrityError):
+        custody.import_keys(pair.b, [dataclasses.replace(wrong_check, label="kmsq:rk-custody-other:v1")])
+    assert {key.label for key in custody.inventory(c)} == before
+    assert "kmsq:rk-custody-other:v1" not in {key.label for key in custody.inventory(pair.b)}
+    c.reset()
