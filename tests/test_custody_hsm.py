@@ -10,18 +10,26 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, KeyType, ObjectClass
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.wire import b64u, from_b64u
+from tests.unit_fixtures import UnitTemplate, copy_of_schema
 from worker import hsm_custody as custody
+from worker import replication
 from worker.config import Settings
 from worker.errors import ConfigError, HsmError, IntegrityError
 from worker.hsm import Hsm
 from worker.keystore import RootKeyHandle
+from worker.storage.db import session_factory, transaction
+from worker.storage.models import KeyCopy
 
 PIN, SO_PIN = "1234-user", "5678-officer"
 
@@ -152,3 +160,51 @@ def test_a_tampered_or_misaddressed_copy_leaves_nothing(pair: Pair, hsm_settings
     assert {key.label for key in custody.inventory(c)} == before
     assert "kmsq:rk-custody-other:v1" not in {key.label for key in custody.inventory(pair.b)}
     c.reset()
+
+
+def test_replication_through_the_database_refuses_a_changed_copy_and_makes_it_again(
+    pair: Pair, hsm_settings: Settings, unit_template: UnitTemplate, tmp_path: Path
+) -> None:
+    """worker.replication on a database of its own (SQLite): enroll C, trust it (wrong fingerprint first),
+    replicate from A; a database writer flips a byte of a copy: C refuses it and drops every copy, A makes them
+    again, and then C takes them all with A's check values."""
+    c = _new_token(hsm_settings, f"custody-r-{secrets.token_hex(4)}")
+    gc.collect()
+    c.reread()
+    for token in (pair.a, pair.b):
+        token.reset()
+    sessions = session_factory(copy_of_schema(unit_template, tmp_path / "custody.db"))
+    with transaction(sessions) as db:
+        enrolled = replication.enroll(c, db)
+    with transaction(sessions) as db, pytest.raises(ConfigError, match="nothing was trusted"):
+        replication.trust(pair.a, db, enrolled.name, "ab" * 32, SO_PIN)
+    with transaction(sessions) as db:
+        assert replication.trust(pair.a, db, enrolled.name, enrolled.fingerprint.upper(), SO_PIN)
+        first = replication.replicate(pair.a, db, None)
+    assert first.exported[enrolled.name] == len(custody.inventory(pair.a))  # (A made copies for B too: it trusts B)
+    with transaction(sessions) as db:
+        row = db.scalars(
+            select(KeyCopy).where(KeyCopy.kind == custody.AES_ROOT, KeyCopy.target == enrolled.name)
+        ).first()
+        assert row is not None
+        raw = bytearray(from_b64u(row.wrapped, max_len=4096))
+        raw[-1] ^= 1
+        row.wrapped = b64u(bytes(raw))
+    with transaction(sessions) as db:
+        refused = replication.replicate(c, db, None)
+    assert refused.refused and copies_for(sessions, enrolled.name) == 0
+    with transaction(sessions) as db:
+        again = replication.replicate(pair.a, db, None)
+    assert again.exported[enrolled.name] >= 1
+    with transaction(sessions) as db:
+        taken = replication.replicate(c, db, None)
+    assert not taken.refused
+    assert {k.label: k.kcv for k in custody.inventory(c)} == {k.label: k.kcv for k in custody.inventory(pair.a)}
+    with transaction(sessions) as db:
+        assert enrolled.name not in replication.replicate(pair.a, db, None).exported  # C reported holding them all
+    c.reset()
+
+
+def copies_for(sessions: sessionmaker[Session], target: str) -> int:
+    with sessions() as db:
+        return int(db.scalar(select(func.count()).select_from(KeyCopy).where(KeyCopy.target == target)) or 0)

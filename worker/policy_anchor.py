@@ -146,6 +146,19 @@ def _write(hsm: KeyStore, scope: str, anchor: Anchor) -> None:
     hsm.write_policy_anchor(scope, anchor.encode(), older)
 
 
+def adopt(hsm: KeyStore, scope: str, raw: bytes) -> bool:
+    """Writes an anchor that another token of the deployment holds (worker.replication: it comes MACed under the
+    policy key both tokens share) when it is newer than this token's own. Returns True when it was written."""
+    anchor = Anchor.decode(raw)
+    if anchor is None:
+        return False
+    found = anchors(hsm, scope, reread=True)
+    if found and found[0].epoch >= anchor.epoch:
+        return False
+    _write(hsm, scope, anchor)
+    return True
+
+
 def _top_epoch(hsm: KeyStore, scope: str) -> tuple[int, str | None]:
     found = anchors(hsm, scope, reread=True)
     if not found:

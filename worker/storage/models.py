@@ -317,3 +317,47 @@ class AuditHead(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class HsmToken(Base):
+    """A token enrolled into the deployment (worker.replication): its name (the token's serial number) and its
+    transport public key, which another token's security officer imports as trusted after comparing the
+    fingerprint on both hosts. A row alone makes no token trusted: only that SO step does."""
+
+    __tablename__ = "hsm_tokens"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    transport_key: Mapped[str] = mapped_column(Text)  # DER SubjectPublicKeyInfo, base64url
+    fingerprint: Mapped[str] = mapped_column(String(79))
+    enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class KeyCopy(Base):
+    """A key wrapped by one token for another (worker.hsm_custody.WrappedKey), waiting for the target to unwrap
+    it: only that token's transport key (or the replication key wrapped under it) opens it."""
+
+    __tablename__ = "key_copies"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    mechanism: Mapped[str] = mapped_column(String(24))
+    wrapped: Mapped[str] = mapped_column(Text)  # base64url
+    kcv: Mapped[str] = mapped_column(String(64))
+    public: Mapped[str] = mapped_column(Text)  # JSON: a key pair's public half, hex
+    source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TokenKey(Base):
+    """What a token holds, as that token last reported it (``kmsq hsm replicate``, ``kmsq hsm list`` on its host):
+    a key's label, kind and key check value, computed inside the token."""
+
+    __tablename__ = "token_keys"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    kcv: Mapped[str] = mapped_column(String(16))
+    replicable: Mapped[bool] = mapped_column(Boolean)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,158 @@
+"""``kmsq hsm enroll | trust | replicate | list``: a deployment's keys on more than one HSM (worker.replication,
+worker.hsm_custody; docs/OPERATIONS.md, "Key custody")."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kmsq.commands.common import service, settings
+from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
+
+if TYPE_CHECKING:
+    from worker.hsm import Hsm
+    from worker.runtime import KeyService
+
+
+@click.group("hsm")
+def hsm_group() -> None:
+    """The HSMs (tokens) that hold the deployment's keys."""
+
+
+def _token(svc: KeyService) -> Hsm:
+    from worker.errors import ConfigError
+    from worker.hsm import Hsm
+
+    if not isinstance(svc.hsm, Hsm):
+        raise ConfigError("this command needs a PKCS#11 token")
+    return svc.hsm
+
+
+@hsm_group.command("enroll")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def hsm_enroll(as_json: bool) -> None:
+    """Enroll this host's token: make its transport key (once) and record it in the database. Then, on a host whose
+    token holds the keys, run the `kmsq hsm trust` line this prints, comparing the fingerprint there."""
+    from worker import replication
+    from worker.softhsm import ensure_embedded_token
+    from worker.storage.db import migrate, transaction
+
+    config = settings()
+    if config.embedded_hsm:
+        ensure_embedded_token(config)
+    svc = service()
+    migrate(svc.engine)
+    with transaction(svc.sessions) as db:
+        enrolled = replication.enroll(_token(svc), db)
+    if as_json:
+        print_json(asdict(enrolled))
+        return
+    console.print(f"token        {enrolled.name}" + (" (transport key made)" if enrolled.made else ""))
+    console.print(f"fingerprint  {enrolled.fingerprint}")
+    console.print(f"next, on a host whose token holds the keys: kmsq hsm trust {enrolled.name} --fingerprint "
+                  f"{enrolled.fingerprint}")  # fmt: skip
+
+
+def _so_pin(pin_file: Path | None) -> str:
+    if pin_file is not None:
+        return pin_file.read_text().strip()
+    config = settings()
+    embedded = config.home / "hsm-so.pin"
+    if config.embedded_hsm and embedded.exists():
+        return embedded.read_text().strip()
+    return str(click.prompt("security officer PIN of this token", hide_input=True))
+
+
+@hsm_group.command("trust")
+@click.argument("name")
+@click.option("--fingerprint", required=True, help="The fingerprint kmsq hsm enroll showed on that token's host.")
+@click.option("--so-pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This token's security officer PIN (default: the embedded token's, else asked).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def hsm_trust(name: str, fingerprint: str, so_pin_file: Path | None, as_json: bool) -> None:
+    """As this token's security officer, trust the transport key of the enrolled token NAME: from then on this
+    token wraps its keys for NAME (kmsq hsm replicate). Nothing is trusted when the fingerprint differs."""
+    from worker import replication
+    from worker.storage.db import transaction
+
+    svc = service()
+    with transaction(svc.sessions) as db:
+        made = replication.trust(_token(svc), db, name, fingerprint, _so_pin(so_pin_file))
+    if as_json:
+        print_json({"token": name, "trusted": True, "made": made})
+        return
+    console.print(f"token {name} trusted" + ("" if made else " (already)") + "; now run kmsq hsm replicate here, "
+                  f"then on {name}'s host")  # fmt: skip
+
+
+@hsm_group.command("replicate")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def hsm_replicate(as_json: bool) -> None:
+    """Take the keys waiting for this token (each checked against its key check value), then wrap for every token
+    this one trusts the keys it lacks; record what this token holds. Exits 7 when a copy did not verify (it is
+    dropped and made again by the next replicate on its source)."""
+    from worker import policy_anchor, replication
+    from worker.storage.db import transaction
+
+    svc = service()
+    with transaction(svc.sessions) as db:
+        done = replication.replicate(_token(svc), db, policy_anchor.deployment_id(db))
+    if as_json:
+        print_json(asdict(done))
+    else:
+        console.print(f"token {done.token}: {len(done.imported)} keys taken"
+                      + (", the policy anchor taken" if done.anchor_adopted else ""))  # fmt: skip
+        for target, count in sorted(done.exported.items()):
+            console.print(f"  {count} keys wrapped for {target}: run kmsq hsm replicate on its host")
+        for label in done.refused:
+            console.print(f"[red]refused[/red] {label}: the copy did not verify")
+    if done.refused:
+        sys.exit(EXIT_INVALID)
+
+
+@hsm_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def hsm_list(as_json: bool) -> None:
+    """The enrolled tokens, and per key the key check value each token last reported (this token's computed now):
+    tokens that agree hold the same key."""
+    from sqlalchemy import select
+
+    from worker import replication
+    from worker.storage.db import transaction
+    from worker.storage.models import HsmToken, TokenKey
+
+    svc = service()
+    token = _token(svc)
+    with transaction(svc.sessions) as db:
+        replication.report_inventory(token, db)
+        tokens = list(db.scalars(select(HsmToken).order_by(HsmToken.name)))
+        keys = list(db.scalars(select(TokenKey).order_by(TokenKey.label, TokenKey.token)))
+    here = token.token_serial()
+    names = sorted({t.name for t in tokens} | {k.token for k in keys})
+    labels: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        entry = labels.setdefault(key.label, {"kind": key.kind, "tokens": {}, "replicable": True})
+        entry["tokens"][key.token] = key.kcv
+        entry["replicable"] = entry["replicable"] and key.replicable
+    if as_json:
+        print_json({
+            "this_token": here,
+            "tokens": [{"name": t.name, "fingerprint": t.fingerprint, "enrolled_at": t.enrolled_at.isoformat()}
+                       for t in tokens],
+            "keys": labels,
+        })  # fmt: skip
+        return
+    print_table("tokens", ["name", "fingerprint", ""], [[t.name, t.fingerprint, "this one" if t.name == here else ""]
+                                                        for t in tokens])  # fmt: skip
+    rows = [[label, entry["kind"], *(entry["tokens"].get(n, "-") for n in names),
+             "" if entry["replicable"] else "cannot leave its token (made before key custody)"]
+            for label, entry in sorted(labels.items())]  # fmt: skip
+    print_table("keys (key check values)", ["key", "kind", *names, ""], rows)

@@ -1,0 +1,106 @@
+"""A pool on two HSMs (issue 23, item 2), with real processes: token A and token B are embedded SoftHSM2 tokens
+in token directories of their own (two KMSQ_HOMEs), sharing one Postgres database and Redis. Keys, data keys, a
+sealed signing key, a token signing key and the audit chain are made through a worker on A; B is enrolled,
+trusted by A's security officer and replicated with the ``kmsq hsm`` commands; then A's token directory is
+deleted and its worker killed, and a worker on B opens, signs and verifies everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from schemas.operations import ALLOWABLE_OPS
+from tasks.client import KmsClient
+from tasks.identity import CallerIdentity, Fleet
+from tests.conftest import fresh_database, run_kmsq
+from tests.queue_fixtures import delete_namespace, start_worker
+
+pytestmark = pytest.mark.process
+
+
+def _env(home: Path, database_url: str, broker_url: str, namespace: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    env.update({"KMSQ_HOME": str(home), "KMSQ_DATABASE_URL": database_url, "KMSQ_BROKER_URL": broker_url,
+                "KMSQ_NAMESPACE": namespace, "KMSQ_CACHE_SECONDS": "1"})  # fmt: skip
+    return env
+
+
+def _ok(home: Path, *args: str, env: dict[str, str]) -> str:
+    result = run_kmsq(home, *args, env=env)
+    assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
+    return result.stdout
+
+
+def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path, redis_url: str) -> None:
+    namespace = f"custody-{uuid.uuid4().hex[:10]}"
+    home_a, home_b = tmp_path / "host-a", tmp_path / "host-b"
+    with fresh_database("kmsq_custody") as url:
+        env_a, env_b = _env(home_a, url, redis_url, namespace), _env(home_b, url, redis_url, namespace)
+        _ok(home_a, "init", env=env_a)
+        _ok(home_a, "caller", "keygen", "app", "--dir", str(home_a), env=env_a)
+        _ok(home_a, "caller", "add", "app", "--public-key", str(home_a / "app.pub.json"),
+            "--allow", ",".join(ALLOWABLE_OPS), "--all-root-keys", "--plaintext", env=env_a)  # fmt: skip
+        identity = CallerIdentity.load(home_a / "app.key.json")
+        fleet = Fleet.from_document(json.loads(_ok(home_a, "fleet-key", "export", env=env_a)))
+        worker_a = start_worker("default", 1, {**env_a, "KMSQ_DEFAULT_POOL": "default"}, tmp_path / "worker-a.log")
+        worker_b = None
+        try:
+            with KmsClient(redis_url, identity, fleet, timeout=60, namespace=namespace) as client:
+                prv = "xprv9s21ZrQH143K" + secrets.token_urlsafe(60)
+                pub = "xpub661MyMwAqRbc" + secrets.token_urlsafe(60)
+                client.put_key(pub, prv, "btc", "user", "independent")
+                made = client.generate_data_key()
+                sealed_key = client.generate_signing_key("hteth", "backup")  # a sealed xprv, not in the token
+                token_key = client.generate_signing_key("hteth", "user", in_hsm=True)
+                digest = "0x" + secrets.token_hex(32)
+                before = client.sign(token_key["pub"], "user", digest)["signature"]
+
+                enrolled = json.loads(_ok(home_b, "hsm", "enroll", "--json", env=env_b))
+                wrong = run_kmsq(home_a, "hsm", "trust", enrolled["name"], "--fingerprint", "00" * 32, env=env_a)
+                assert wrong.returncode == 3 and "nothing was trusted" in wrong.stderr
+                _ok(home_a, "hsm", "trust", enrolled["name"], "--fingerprint", enrolled["fingerprint"], env=env_a)
+                exported = json.loads(_ok(home_a, "hsm", "replicate", "--json", env=env_a))
+                assert exported["exported"][enrolled["name"]] == 3  # the root key, the policy key, the token key
+                imported = json.loads(_ok(home_b, "hsm", "replicate", "--json", env=env_b))
+                assert imported["anchor_adopted"] and not imported["refused"]
+                listing = json.loads(_ok(home_a, "hsm", "list", "--json", env=env_a))
+                for label, entry in listing["keys"].items():
+                    assert len(set(entry["tokens"].values())) == 1 and len(entry["tokens"]) == 2, (label, entry)
+
+                assert worker_a.stop() == 0
+                shutil.rmtree(home_a / "tokens")  # HSM A is gone, with every key it held
+                worker_b = start_worker("default", 1, {**env_b, "KMSQ_DEFAULT_POOL": "default"},
+                                        tmp_path / "worker-b.log")  # fmt: skip
+
+                assert client.get_key(pub, "user")["prv"] == prv
+                assert client.decrypt_data_key(made["encryptedKey"])["plaintextKey"] == made["plaintextKey"]
+                _recovers(sealed_key["pub"], digest, client.sign(sealed_key["pub"], "backup", digest)["signature"])
+                after = client.sign(token_key["pub"], "user", digest)["signature"]
+                for signature in (before, after):  # the token key signs in B as it did in A
+                    _recovers(token_key["pub"], digest, signature)
+                assert client.generate_data_key()["plaintextKey"]  # and B makes new ones
+            assert "intact" in _ok(home_b, "audit", "verify", env=env_b)
+        finally:
+            worker_a.stop()
+            if worker_b is not None:
+                worker_b.stop()
+            delete_namespace(redis_url, namespace)
+
+
+def _recovers(xpub: str, digest: str, signature: str) -> None:
+    """The signature (0x r s v) is by the xpub's key: eth-keys recovers the same public key."""
+    from embit import bip32
+    from eth_keys.datatypes import Signature
+
+    raw = bytes.fromhex(signature[2:])
+    recovered = Signature(raw[:64] + bytes([raw[64] - 27])).recover_public_key_from_msg_hash(bytes.fromhex(digest[2:]))
+    point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), bip32.HDKey.from_string(xpub).key.sec())
+    assert recovered.to_bytes() == point.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)[1:]

@@ -1,0 +1,175 @@
+"""Tokens of one deployment, and the keys they pass each other through the database (``kmsq hsm ...``).
+
+Each host runs the commands against its own token; the database carries only what is safe there: enrolled
+tokens' transport public keys (``hsm_tokens``), keys wrapped for one target token (``key_copies``: only that
+token opens them, worker.hsm_custody), and what each token reported holding, with key check values computed in
+the token (``token_keys``). The order:
+
+1. ``kmsq hsm enroll`` on the new token's host: its transport key, its row, its fingerprint shown.
+2. ``kmsq hsm trust NAME --fingerprint FP`` on a host whose token holds the keys: the operator types the
+   fingerprint read off the new host's screen, and that token's security officer trusts the key (SO PIN).
+3. ``kmsq hsm replicate`` on the trusting host (wraps for each token it trusts what that token lacks), then on
+   the new token's host (unwraps what waits for it, checks each key check value, deletes the copies). The
+   policy anchor goes along, MACed under the policy key the tokens share: a token takes only a newer one.
+
+A database writer can delete or change rows here: a changed copy does not unwrap or fails its check value and
+is refused; a deleted one is made again by the next replicate; an ``hsm_tokens`` row of its own gets no key,
+because no security officer trusted its key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from schemas.wire import b64u, from_b64u
+from worker import hsm_custody as custody
+from worker import policy_anchor
+from worker.errors import ConfigError, IntegrityError
+from worker.hsm import Hsm
+from worker.storage.models import HsmToken, KeyCopy, TokenKey, utcnow
+
+log = logging.getLogger("kmsq.replication")
+
+ANCHOR = "policy-anchor"
+_ANCHOR_LABEL = b"kmsq/anchor-copy/v1\x00"
+_MAX_DER = 1024
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A token enrolled here: its name, its transport key's fingerprint, and whether the key was made now."""
+
+    name: str
+    fingerprint: str
+    made: bool
+
+
+@dataclass
+class Replication:
+    """What one ``kmsq hsm replicate`` did on this host's token."""
+
+    token: str
+    imported: list[str] = field(default_factory=list)
+    exported: dict[str, int] = field(default_factory=dict)  # target token -> copies written for it
+    anchor_adopted: bool = False
+    refused: list[str] = field(default_factory=list)  # copies for this token that did not verify (kept out)
+
+
+def enroll(hsm: Hsm, db: Session) -> Enrollment:
+    """Makes this token's transport key (unless it has one) and records it in ``hsm_tokens``."""
+    der, made = custody.ensure_transport_key(hsm)
+    name = hsm.token_serial()
+    shown = custody.fingerprint(der)
+    row = db.get(HsmToken, name)
+    if row is None:
+        db.add(HsmToken(name=name, transport_key=b64u(der), fingerprint=shown))
+    else:
+        row.transport_key, row.fingerprint = b64u(der), shown
+    return Enrollment(name, shown, made)
+
+
+def _normalized(fingerprint: str) -> str:
+    return re.sub(r"[^0-9a-f]", "", fingerprint.lower())
+
+
+def trust(hsm: Hsm, db: Session, target: str, fingerprint: str, so_pin: str) -> bool:
+    """Has this token's security officer trust the transport key of the enrolled token ``target``, once the
+    operator's ``fingerprint`` (read on ``target``'s host) matches the key in the database. Returns False when it
+    was trusted already.
+
+    Raises ConfigError when ``target`` is not enrolled, the fingerprints differ (nothing is trusted), or the SO
+    PIN is wrong."""
+    if target == hsm.token_serial():
+        raise ConfigError("a token cannot trust itself")
+    row = db.get(HsmToken, target)
+    if row is None:
+        raise ConfigError(f"no token {target!r} is enrolled (run: kmsq hsm enroll, on its host)")
+    der = from_b64u(row.transport_key, max_len=_MAX_DER)
+    if _normalized(fingerprint) != _normalized(custody.fingerprint(der)):
+        raise ConfigError(
+            f"the fingerprint does not match the transport key of token {target} in the database; nothing was trusted "
+            "(compare it with what kmsq hsm enroll showed on that host)"
+        )
+    return custody.trust_transport_key(hsm, target, der, so_pin)
+
+
+def report_inventory(hsm: Hsm, db: Session) -> list[custody.TokenKey]:
+    """Records what this token holds (``token_keys``) and returns it."""
+    name = hsm.token_serial()
+    keys = custody.inventory(hsm)
+    db.execute(delete(TokenKey).where(TokenKey.token == name))
+    now = utcnow()
+    db.add_all(TokenKey(token=name, label=k.label, kind=k.kind, kcv=k.kcv, replicable=k.replicable, seen_at=now)
+               for k in keys)  # fmt: skip
+    return keys
+
+
+def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
+    """Imports what waits for this token, then wraps for every token it trusts the keys that token lacks, with
+    the policy anchor of database ``scope``; records this token's keys. Returns what it did."""
+    name = hsm.token_serial()
+    done = Replication(name)
+    _import(hsm, db, name, scope, done)
+    mine = report_inventory(hsm, db)
+    for target in custody.trusted_targets(hsm):
+        held = {(k.label, k.kcv) for k in db.scalars(select(TokenKey).where(TokenKey.token == target))}
+        waiting = set(db.scalars(select(KeyCopy.label).where(KeyCopy.target == target)))
+        missing = {k.label for k in mine if (k.label, k.kcv) not in held and k.label not in waiting and k.replicable}
+        copies = custody.export_keys(hsm, target, missing) if missing else []
+        for copy in copies:
+            db.merge(KeyCopy(target=target, label=copy.label, kind=copy.kind, mechanism=copy.mechanism,
+                             wrapped=b64u(copy.wrapped), kcv=copy.kcv, public=json.dumps(copy.public), source=name,
+                             created_at=utcnow()))  # fmt: skip
+        anchor = _anchor_copy(hsm, scope, target, name)
+        if anchor is not None:
+            db.merge(anchor)
+        if copies:
+            done.exported[target] = len([c for c in copies if c.kind != custody.REPLICATION])
+    return done
+
+
+def _anchor_mac(hsm: Hsm, scope: str, value: bytes) -> str:
+    return hsm.policy_mac(_ANCHOR_LABEL + scope.encode() + b"\x00" + value).hex()
+
+
+def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str) -> KeyCopy | None:
+    found = policy_anchor.anchors(hsm, scope, reread=True)
+    if scope is None or not found:
+        return None
+    confirmed = [a for a in found if a.previous is None] or found
+    value = confirmed[0].encode()
+    return KeyCopy(target=target, label=f"{ANCHOR}:{scope}", kind=ANCHOR, mechanism="hmac-sha256", wrapped=b64u(value),
+                   kcv=_anchor_mac(hsm, scope, value), public="{}", source=source, created_at=utcnow())  # fmt: skip
+
+
+def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replication) -> None:
+    rows = list(db.scalars(select(KeyCopy).where(KeyCopy.target == name)))
+    keys = [row for row in rows if row.kind != ANCHOR]
+    copies = [
+        custody.WrappedKey(row.label, row.kind, row.mechanism, from_b64u(row.wrapped, max_len=1 << 16), row.kcv,
+                           json.loads(row.public))
+        for row in sorted(keys, key=lambda r: r.kind != custody.REPLICATION)
+    ]  # fmt: skip
+    if copies:
+        try:
+            done.imported = custody.import_keys(hsm, copies)
+        except IntegrityError:  # a copy was changed, or wrapped for another token: the source makes them again
+            done.refused = [copy.label for copy in copies if copy.kind != custody.REPLICATION]
+            log.error("key copies for token %s do not verify; dropped, to be made again (%s)", name,
+                      ", ".join(done.refused))  # fmt: skip
+    for row in rows:
+        if row.kind == ANCHOR and scope is not None and row.label == f"{ANCHOR}:{scope}":
+            value = from_b64u(row.wrapped, max_len=4096)
+            if hmac.compare_digest(_anchor_mac(hsm, scope, value), row.kcv):
+                done.anchor_adopted = policy_anchor.adopt(hsm, scope, value)
+            else:
+                done.refused.append(row.label)
+                log.error("the policy anchor copied for token %s does not verify: not taken", name)
+        db.delete(row)
