@@ -243,3 +243,24 @@ def test_status_without_the_embedded_broker_exits_4_and_names_kmsq_worker(initia
     result, elapsed = timed(initialized_home, "status", env={})
     one_line(result, 4, "the embedded broker is not running", "`kmsq worker`")
     assert elapsed < SAID_AT_ONCE_SECONDS, elapsed
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"KMSQ_PKCS11_MODULE": "/nonexistent/libpkcs11.so"}, "PKCS#11 library not found: /nonexistent/libpkcs11.so"),
+        ({"KMSQ_PKCS11_TOKEN_LABEL": "no-such-token"}, "PKCS#11 token 'no-such-token' not found"),
+        ({"KMSQ_PKCS11_PIN": "not-the-pin"}, "wrong PIN for PKCS#11 token"),
+    ],
+)
+def test_a_worker_that_cannot_open_its_token_exits_3_before_it_says_ready(
+    initialized_home: Path, env: dict[str, str], said: str
+) -> None:
+    """Issue 23, item 4: with a wrong KMSQ_PKCS11_MODULE the worker used to log "ready", take requests and never
+    answer them (callers waited their whole timeout). Now it opens the token as a pool process would before it
+    starts, and exits 3 with one line; its broker is not even started."""
+    result, elapsed = timed(initialized_home, "worker", "--concurrency", "1", env=env)
+    one_line(result, 3, "a worker of pool 'default' cannot serve", said)
+    assert "ready" not in result.stdout + result.stderr
+    assert elapsed < SAID_AT_ONCE_SECONDS, elapsed

@@ -65,6 +65,7 @@ def run_worker(
         engine.dispose()
     if not has_fleet_key:
         raise ConfigError(f"pool {pool!r} has no fleet key (run: kmsq fleet-key create --pool {pool})")
+    _preflight(config, pool)
     if config.embedded_broker:
         from kmsq import broker
 
@@ -97,6 +98,37 @@ def run_worker(
         *(["--task-events"] if events else []),
     ]  # fmt: skip
     pool_worker.app.worker_main(argv)
+
+
+def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | None:
+    """What a pool process does first (its HSM session, the policy rows, the pool's fleet key); returns the
+    error's class and message, or None. Run in a spawned process: this parent must not open the token."""
+    from tasks.worker import PoolWorker
+    from worker.errors import ServiceError
+
+    try:
+        PoolWorker(config, pool).context()
+    except ServiceError as e:
+        return type(e).__name__, e.message
+    return None
+
+
+def _preflight(config: Settings, pool: str) -> None:
+    """Opens the HSM and the pool's fleet key as a pool process would, in a spawned process (about 1.5 s), so that
+    a worker that could not serve never says "ready" and takes requests it cannot answer (a wrong
+    KMSQ_PKCS11_MODULE used to do that: callers waited their whole timeout). Raises ConfigError, or TransientError
+    when the token or the database does not answer now."""
+    import multiprocessing
+
+    from worker.errors import ConfigError, TransientError
+
+    with multiprocessing.get_context("spawn").Pool(1) as spawned:
+        failed = spawned.apply(_open_as_a_pool_process, (config, pool))
+    if failed is None:
+        return
+    kind, message = failed
+    error = TransientError if kind.endswith("Unavailable") else ConfigError
+    raise error(f"a worker of pool {pool!r} cannot serve: {message}")
 
 
 def _health(config: Settings) -> Callable[[], dict[str, str]]:
