@@ -29,7 +29,7 @@ from schemas.wire import task_name
 from tasks import metrics
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
-from worker import audit_log, retention
+from worker import audit_log, policy_anchor, replication, retention
 from worker.config import Settings
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
@@ -72,6 +72,7 @@ class PoolWorker:
         self._context_pid: int | None = None
         self._service: KeyService | None = None  # the context's HSM and database, closed when the process stops
         self._pruner: retention.Pruner | None = None
+        self._replicator: replication.Replicator | None = None
         self._metrics: metrics.WorkerMetrics | None = None
         for op in OPS:
             self._register(op)
@@ -115,6 +116,7 @@ class PoolWorker:
             return
         if getattr(billiard.process.current_process(), "index", 0) == 0:
             self._start_pruner(ctx)
+            self._start_replicator(ctx)
 
     def _start_pruner(self, ctx: WorkerContext) -> None:
         """Prunes in the background of one pool process per worker (the first): request records, the pool's
@@ -136,7 +138,26 @@ class PoolWorker:
         )
         self._pruner.start()
 
+    def _start_replicator(self, ctx: WorkerContext) -> None:
+        """Replicates keys between the deployment's tokens in the background of one pool process per worker (the
+        first), when the token is a PKCS#11 one (worker.replication)."""
+        from worker.hsm import Hsm
+
+        interval = self.settings.replicate_interval_seconds
+        if interval <= 0 or not isinstance(ctx.hsm, Hsm):
+            return
+        token = ctx.hsm
+
+        def run() -> replication.Replication:
+            with transaction(ctx.sessions) as db:
+                return replication.replicate(token, db, policy_anchor.deployment_id(db))
+
+        self._replicator = replication.Replicator(run, interval)
+        self._replicator.start()
+
     def _close_in_child(self, **_: Any) -> None:
+        if self._replicator is not None:
+            self._replicator.stop()
         if self._pruner is not None:
             self._pruner.stop()
         if self._context is not None:

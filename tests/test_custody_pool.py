@@ -10,12 +10,14 @@ import json
 import os
 import secrets
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import create_engine, text
 
 from schemas.operations import ALLOWABLE_OPS
 from tasks.client import KmsClient
@@ -24,6 +26,24 @@ from tests.conftest import fresh_database, run_kmsq
 from tests.queue_fixtures import delete_namespace, start_worker
 
 pytestmark = pytest.mark.process
+FAST = {"KMSQ_DEFAULT_POOL": "default", "KMSQ_REPLICATE_INTERVAL_SECONDS": "1"}  # workers replicate every ~1 s
+
+
+def _wait_for_copies(url: str, target: str, prefixes: tuple[str, ...], within: float) -> None:
+    """Waits until a copy for ``target`` of a key with each label prefix waits in the database."""
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            with engine.connect() as conn:
+                labels = [row[0] for row in conn.execute(text("select label from key_copies where target = :t"),
+                                                         {"t": target})]  # fmt: skip
+            if all(any(label.startswith(prefix) for label in labels) for prefix in prefixes):
+                return
+            assert time.monotonic() < deadline, f"no copies for {target} of {prefixes}: {labels}"
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
 
 
 def _env(home: Path, database_url: str, broker_url: str, namespace: str) -> dict[str, str]:
@@ -50,7 +70,7 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
             "--allow", ",".join(ALLOWABLE_OPS), "--all-root-keys", "--plaintext", env=env_a)  # fmt: skip
         identity = CallerIdentity.load(home_a / "app.key.json")
         fleet = Fleet.from_document(json.loads(_ok(home_a, "fleet-key", "export", env=env_a)))
-        worker_a = start_worker("default", 1, {**env_a, "KMSQ_DEFAULT_POOL": "default"}, tmp_path / "worker-a.log")
+        worker_a = start_worker("default", 1, {**env_a, **FAST}, tmp_path / "worker-a.log")
         worker_b = None
         try:
             with KmsClient(redis_url, identity, fleet, timeout=60, namespace=namespace) as client:
@@ -67,18 +87,29 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 wrong = run_kmsq(home_a, "hsm", "trust", enrolled["name"], "--fingerprint", "00" * 32, env=env_a)
                 assert wrong.returncode == 3 and "nothing was trusted" in wrong.stderr
                 _ok(home_a, "hsm", "trust", enrolled["name"], "--fingerprint", enrolled["fingerprint"], env=env_a)
-                exported = json.loads(_ok(home_a, "hsm", "replicate", "--json", env=env_a))
-                assert exported["exported"][enrolled["name"]] == 3  # the root key, the policy key, the token key
+                _ok(home_a, "hsm", "replicate", env=env_a)  # (or A's worker does, as it replicates every second)
+                _wait_for_copies(url, enrolled["name"], ("kmsq:rk-", "kmsq-policy-v1", "kmsq-ec-"), 5)
                 imported = json.loads(_ok(home_b, "hsm", "replicate", "--json", env=env_b))
                 assert imported["anchor_adopted"] and not imported["refused"]
                 listing = json.loads(_ok(home_a, "hsm", "list", "--json", env=env_a))
                 for label, entry in listing["keys"].items():
                     assert len(set(entry["tokens"].values())) == 1 and len(entry["tokens"]) == 2, (label, entry)
 
+                # After the operator's replication, the workers replicate by themselves: a root key rotated on A
+                # (a new version, and the policy anchor moved), a data key under it and a new token key reach B
+                # through A's worker, which wraps them, and B's worker, which takes them before it serves.
+                rotated = json.loads(_ok(home_a, "root-key", "list", "--json", env=env_a))[0]["id"]
+                _ok(home_a, "root-key", "rotate", rotated, env=env_a)
+                time.sleep(2)  # the worker's policy cache (KMSQ_CACHE_SECONDS=1)
+                late = client.generate_data_key()
+                late_key = client.generate_signing_key("hteth", "backup", in_hsm=True)
+                _wait_for_copies(url, enrolled["name"], ("kmsq:" + rotated + ":v2", "kmsq-ec-"), 4)
+
                 assert worker_a.stop() == 0
                 shutil.rmtree(home_a / "tokens")  # HSM A is gone, with every key it held
-                worker_b = start_worker("default", 1, {**env_b, "KMSQ_DEFAULT_POOL": "default"},
-                                        tmp_path / "worker-b.log")  # fmt: skip
+                worker_b = start_worker("default", 1, {**env_b, **FAST}, tmp_path / "worker-b.log")
+                assert client.decrypt_data_key(late["encryptedKey"])["plaintextKey"] == late["plaintextKey"]
+                _recovers(late_key["pub"], digest, client.sign(late_key["pub"], "backup", digest)["signature"])
 
                 assert client.get_key(pub, "user")["prv"] == prv
                 assert client.decrypt_data_key(made["encryptedKey"])["plaintextKey"] == made["plaintextKey"]

@@ -44,6 +44,7 @@ _KEYS = (
     "prune_interval_seconds",
     "prune_batch",
     "reply_queue_ttl_seconds",
+    "replicate_interval_seconds",
 )
 # Retention (worker.retention): a request record is kept until its expiry + the clock skew + this grace, so that
 # get_result can still ask for its reply.
@@ -54,6 +55,8 @@ DEFAULT_PRUNE_BATCH = 500
 # A reply queue nobody reads is deleted this long after the last reply was put on it (its TTL is refreshed by
 # every reply; a queue being read is empty and takes no memory).
 DEFAULT_REPLY_QUEUE_TTL_SECONDS = 1800
+# Workers replicate keys between the deployment's tokens (worker.replication) this often; 0: only kmsq hsm replicate.
+DEFAULT_REPLICATE_INTERVAL_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Settings:
     prune_interval_seconds: int = DEFAULT_PRUNE_INTERVAL_SECONDS
     prune_batch: int = DEFAULT_PRUNE_BATCH
     reply_queue_ttl_seconds: int = DEFAULT_REPLY_QUEUE_TTL_SECONDS
+    replicate_interval_seconds: int = DEFAULT_REPLICATE_INTERVAL_SECONDS
 
     @property
     def embedded_broker(self) -> bool:
@@ -237,6 +241,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         prune_interval_seconds=_int(values, "prune_interval_seconds", DEFAULT_PRUNE_INTERVAL_SECONDS),
         prune_batch=max(1, _int(values, "prune_batch", DEFAULT_PRUNE_BATCH)),
         reply_queue_ttl_seconds=max(1, _int(values, "reply_queue_ttl_seconds", DEFAULT_REPLY_QUEUE_TTL_SECONDS)),
+        replicate_interval_seconds=_int(values, "replicate_interval_seconds", DEFAULT_REPLICATE_INTERVAL_SECONDS),
     )
 
 

@@ -190,6 +190,20 @@ def trust_transport_key(hsm: Hsm, target: str, public_der: bytes, so_pin: str) -
     return made
 
 
+def takes_part(hsm: Hsm) -> bool:
+    """Whether the token replicates at all: it has a transport key (it was enrolled) or trusts another token."""
+
+    def op(session: Any) -> bool:
+        # Whole lists: a search left unfinished ends later, on a session that may be closed by then.
+        enrolled = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: TRANSPORT_LABEL})
+        )
+        trusted = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TRUSTED: True}))
+        return bool(enrolled) or any(str(o[Attribute.LABEL]).startswith(TRUSTED_PREFIX) for o in trusted)
+
+    return hsm.run(op)
+
+
 def trusted_targets(hsm: Hsm) -> list[str]:
     """Returns the names of the tokens this token's SO trusts (sorted)."""
 

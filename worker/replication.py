@@ -22,7 +22,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import random
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select
@@ -39,6 +42,7 @@ log = logging.getLogger("kmsq.replication")
 
 ANCHOR = "policy-anchor"
 _ANCHOR_LABEL = b"kmsq/anchor-copy/v1\x00"
+_HELD_LABEL = b"kmsq/token-holds/v1\x00"
 _MAX_DER = 1024
 
 
@@ -100,15 +104,31 @@ def trust(hsm: Hsm, db: Session, target: str, fingerprint: str, so_pin: str) -> 
     return custody.trust_transport_key(hsm, target, der, so_pin)
 
 
+def _held_mac(hsm: Hsm, token: str, label: str, kcv: str) -> str | None:
+    """The MAC of a ``token_keys`` row, or None when this token has no policy key yet."""
+    try:
+        return hsm.policy_mac(_HELD_LABEL + "\x00".join((token, label, kcv)).encode()).hex()
+    except ConfigError:
+        return None
+
+
 def report_inventory(hsm: Hsm, db: Session) -> list[custody.TokenKey]:
-    """Records what this token holds (``token_keys``) and returns it."""
+    """Records what this token holds (``token_keys``, each row MACed under the policy key) and returns it."""
     name = hsm.token_serial()
     keys = custody.inventory(hsm)
     db.execute(delete(TokenKey).where(TokenKey.token == name))
     now = utcnow()
-    db.add_all(TokenKey(token=name, label=k.label, kind=k.kind, kcv=k.kcv, replicable=k.replicable, seen_at=now)
-               for k in keys)  # fmt: skip
+    db.add_all(TokenKey(token=name, label=k.label, kind=k.kind, kcv=k.kcv, replicable=k.replicable, seen_at=now,
+                        mac=_held_mac(hsm, name, k.label, k.kcv)) for k in keys)  # fmt: skip
     return keys
+
+
+def held_by(hsm: Hsm, db: Session, token: str) -> set[tuple[str, str]]:
+    """(label, kcv) of the keys ``token`` reported holding, by the rows whose MAC verifies here (a database
+    writer's row cannot make a source believe a key is safe elsewhere when it is not)."""
+    rows = db.scalars(select(TokenKey).where(TokenKey.token == token, TokenKey.mac.is_not(None)))
+    return {(row.label, row.kcv) for row in rows
+            if hmac.compare_digest(row.mac or "", _held_mac(hsm, token, row.label, row.kcv) or "-")}  # fmt: skip
 
 
 def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
@@ -116,10 +136,12 @@ def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
     the policy anchor of database ``scope``; records this token's keys. Returns what it did."""
     name = hsm.token_serial()
     done = Replication(name)
+    if not custody.takes_part(hsm):  # neither enrolled nor trusting another token: nothing to do
+        return done
     _import(hsm, db, name, scope, done)
     mine = report_inventory(hsm, db)
     for target in custody.trusted_targets(hsm):
-        held = {(k.label, k.kcv) for k in db.scalars(select(TokenKey).where(TokenKey.token == target))}
+        held = held_by(hsm, db, target)
         waiting = set(db.scalars(select(KeyCopy.label).where(KeyCopy.target == target)))
         missing = {k.label for k in mine if (k.label, k.kcv) not in held and k.label not in waiting and k.replicable}
         copies = custody.export_keys(hsm, target, missing) if missing else []
@@ -140,7 +162,7 @@ def _anchor_mac(hsm: Hsm, scope: str, value: bytes) -> str:
 
 
 def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str) -> KeyCopy | None:
-    found = policy_anchor.anchors(hsm, scope, reread=True)
+    found = policy_anchor.anchors(hsm, scope)
     if scope is None or not found:
         return None
     confirmed = [a for a in found if a.previous is None] or found
@@ -173,3 +195,34 @@ def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replicati
                 done.refused.append(row.label)
                 log.error("the policy anchor copied for token %s does not verify: not taken", name)
         db.delete(row)
+
+
+class Replicator(threading.Thread):
+    """Replicates every ``interval`` seconds (with jitter) in the background of a worker process, until
+    :meth:`stop`: what waits for this token is taken and what the tokens it trusts lack is wrapped for them, so
+    a new root key or version, a token signing key and the policy anchor reach every enrolled token without an
+    operator. A failed run is logged and retried at the next interval."""
+
+    def __init__(self, run: Callable[[], Replication], interval: float) -> None:
+        super().__init__(name="kmsq-replicator", daemon=True)
+        self._run_once = run
+        self._interval = interval
+        self._stopped = threading.Event()
+        self.runs = 0
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._interval * random.uniform(0.5, 1.5)):  # noqa: S311 - jitter only
+            try:
+                done = self._run_once()
+            except Exception as e:  # never let the thread die: the next run tries again
+                log.warning("replication failed (%s)", getattr(e, "message", type(e).__name__))
+                continue
+            self.runs += 1
+            if done.imported or done.exported or done.anchor_adopted:
+                adopted = ", the policy anchor taken" if done.anchor_adopted else ""
+                log.info("replication: %d keys taken, %s wrapped for other tokens%s", len(done.imported),
+                         sum(done.exported.values()), adopted)  # fmt: skip
+
+    def stop(self) -> None:
+        """Stops after the current run."""
+        self._stopped.set()

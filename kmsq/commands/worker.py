@@ -107,10 +107,30 @@ def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | No
     from worker.errors import ServiceError
 
     try:
+        _take_what_waits(config)
         PoolWorker(config, pool).context()
     except ServiceError as e:
         return type(e).__name__, e.message
     return None
+
+
+def _take_what_waits(config: Settings) -> None:
+    """Replicates once (worker.replication) when the token takes part: keys and the policy anchor another token
+    wrapped for this one while it was down are taken before the worker serves (with a stale anchor it would
+    refuse every request)."""
+    from worker import hsm_custody, policy_anchor, replication
+    from worker.hsm import Hsm
+    from worker.runtime import KeyService
+    from worker.storage.db import transaction
+
+    service = KeyService.from_settings(config)
+    try:
+        token = service.hsm
+        if isinstance(token, Hsm) and hsm_custody.takes_part(token):
+            with transaction(service.sessions) as db:
+                replication.replicate(token, db, policy_anchor.deployment_id(db))
+    finally:
+        service.engine.dispose()
 
 
 def _preflight(config: Settings, pool: str) -> None:

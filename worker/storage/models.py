@@ -361,3 +361,6 @@ class TokenKey(Base):
     kcv: Mapped[str] = mapped_column(String(16))
     replicable: Mapped[bool] = mapped_column(Boolean)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # HMAC-SHA256 under the policy key the tokens share, over (token, label, kcv): a source believes a target
+    # holds a key only by a row that verifies (None: reported before the token had the policy key).
+    mac: Mapped[str | None] = mapped_column(String(64), nullable=True)

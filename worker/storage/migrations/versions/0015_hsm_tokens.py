@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("kcv", sa.String(16), nullable=False),
         sa.Column("replicable", sa.Boolean, nullable=False),
         sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("mac", sa.String(64), nullable=True),
         sa.PrimaryKeyConstraint("token", "label", name="pk_token_keys"),
     )
 
