@@ -208,3 +208,13 @@ def test_replication_through_the_database_refuses_a_changed_copy_and_makes_it_ag
 def copies_for(sessions: sessionmaker[Session], target: str) -> int:
     with sessions() as db:
         return int(db.scalar(select(func.count()).select_from(KeyCopy).where(KeyCopy.target == target)) or 0)
+
+
+def test_the_probe_finds_everything_kmsq_needs_on_softhsm2(pair: Pair) -> None:
+    found = custody.probe(pair.a)
+    assert {c.name for c in found} >= {"CKM_AES_KEY_WRAP_PAD (RFC 5649)", "CKA_WRAP_WITH_TRUSTED enforced",
+                                        "secp256k1 key pairs", "C_GenerateRandom"}  # fmt: skip
+    assert all(c.ok for c in found), [c for c in found if not c.ok]
+    assert custody.missing(found, {"aes-256", "rsa-2048"}, custody=True) == []
+    before = pair.a.run(lambda s: len(list(s.get_objects({Attribute.TOKEN: False}))))
+    assert before == 0  # it left no session object behind

@@ -417,3 +417,92 @@ def _unwrap(unwrapping: Any, copy: WrappedKey, object_class: ObjectClass, key_ty
     store = bool(template.get(Attribute.TOKEN, True))
     return unwrapping.unwrap_key(object_class, key_type, copy.wrapped, mechanism=mechanism, mechanism_param=param,
                                  store=store, capabilities=_NO_CAPABILITIES, template=template)  # fmt: skip
+
+
+# -- what the token can do -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One thing kmsq needs of a token, what needs it, and whether this token has it."""
+
+    name: str
+    needed_for: str  # "every pool", "rsa-* root keys", "--in-hsm signing keys", "key custody"
+    ok: bool
+    detail: str = ""
+
+
+_MECHANISMS = (
+    ("CKM_AES_KEY_GEN", Mechanism.AES_KEY_GEN, "every pool"),
+    ("CKM_AES_KEY_WRAP_PAD (RFC 5649)", Mechanism.AES_KEY_WRAP_PAD, "every pool"),
+    ("CKM_AES_GCM", Mechanism.AES_GCM, "every pool"),
+    ("CKM_GENERIC_SECRET_KEY_GEN", Mechanism.GENERIC_SECRET_KEY_GEN, "every pool"),
+    ("CKM_SHA256_HMAC", Mechanism.SHA256_HMAC, "every pool"),
+    ("CKM_RSA_PKCS_KEY_PAIR_GEN", Mechanism.RSA_PKCS_KEY_PAIR_GEN, "rsa-* root keys, key custody"),
+    ("CKM_RSA_PKCS_OAEP", Mechanism.RSA_PKCS_OAEP, "rsa-* root keys, key custody"),
+    ("CKM_EC_KEY_PAIR_GEN", Mechanism.EC_KEY_PAIR_GEN, "--in-hsm signing keys"),
+    ("CKM_ECDSA", Mechanism.ECDSA, "--in-hsm signing keys"),
+)
+
+
+def probe(hsm: Hsm) -> list[Capability]:
+    """Tries what kmsq needs of the token, with session objects it destroys: the mechanisms it names (in the
+    token's list), random numbers, secp256k1 key generation, and that ``CKA_WRAP_WITH_TRUSTED`` is enforced (a key
+    carrying it must not wrap out under an untrusted key). Returns each result."""
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    def op(session: Any) -> list[Capability]:
+        have = set(session.token.slot.get_mechanisms())
+        found = [Capability(name, needed, mechanism in have) for name, mechanism, needed in _MECHANISMS]
+        found.append(_tried("C_GenerateRandom", "every pool", lambda: len(session.generate_random(64)) == 8))
+
+        def secp256k1() -> bool:
+            parameters = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256k1")}, local=True
+            )
+            public, private = parameters.generate_keypair(mechanism=Mechanism.EC_KEY_PAIR_GEN, store=False)
+            private.destroy()
+            public.destroy()
+            return True
+
+        found.append(_tried("secp256k1 key pairs", "--in-hsm signing keys", secp256k1))
+        found.append(_tried("CKA_WRAP_WITH_TRUSTED enforced", "key custody", lambda: _trusted_wrap_enforced(session)))
+        return found
+
+    return hsm.run(op)
+
+
+def _tried(name: str, needed_for: str, attempt: Any) -> Capability:
+    try:
+        return Capability(name, needed_for, bool(attempt()))
+    except p11.PKCS11Error as e:
+        return Capability(name, needed_for, False, type(e).__name__)
+
+
+def _trusted_wrap_enforced(session: Any) -> bool:
+    def aes(template: dict[Attribute, Any]) -> Any:
+        return session.generate_key(KeyType.AES, 256, store=False, capabilities=_NO_CAPABILITIES,
+                                    mechanism=Mechanism.AES_KEY_GEN, template=template)  # fmt: skip
+
+    guarded = aes({Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True})
+    untrusted = aes({Attribute.WRAP: True})
+    try:
+        untrusted.wrap_key(guarded, mechanism=Mechanism.AES_KEY_WRAP_PAD, mechanism_param=None)
+    except p11.KeyNotWrappable:
+        return True
+    finally:
+        guarded.destroy()
+        untrusted.destroy()
+    return False
+
+
+def missing(capabilities: list[Capability], root_key_types: set[str], custody: bool) -> list[Capability]:
+    """What the token lacks that this deployment needs: what every pool needs, what its RSA root keys need (when
+    ``root_key_types`` has one), and what key custody needs (``custody``: the token takes part in it). The needs
+    of ``--in-hsm`` signing keys are left out: without them only those requests fail, each with its reason."""
+    needed = {"every pool"}
+    if any(kind.startswith("rsa-") for kind in root_key_types):
+        needed.add("rsa-* root keys")
+    if custody:
+        needed.add("key custody")
+    return [c for c in capabilities if not c.ok and any(part.strip() in needed for part in c.needed_for.split(","))]

@@ -1,4 +1,4 @@
-"""``kmsq hsm enroll | trust | replicate | list``: a deployment's keys on more than one HSM (worker.replication,
+"""``kmsq hsm enroll | trust | replicate | list | check``: a deployment's keys on more than one HSM (worker.replication,
 worker.hsm_custody; docs/OPERATIONS.md, "Key custody")."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmsq.commands.common import service, settings
-from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_table
+from kmsq.output import EXIT_CONFIG, EXIT_INVALID, console, one_line_errors, print_json, print_table
 
 if TYPE_CHECKING:
     from worker.hsm import Hsm
@@ -156,3 +156,35 @@ def hsm_list(as_json: bool) -> None:
              "" if entry["replicable"] else "cannot leave its token (made before key custody)"]
             for label, entry in sorted(labels.items())]  # fmt: skip
     print_table("keys (key check values)", ["key", "kind", *names, ""], rows)
+
+
+@hsm_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def hsm_check(as_json: bool) -> None:
+    """Try what kmsq needs of this token (mechanisms, random numbers, secp256k1, that CKA_WRAP_WITH_TRUSTED is
+    enforced), with session objects it destroys. Exits 3 when something the deployment needs is missing: what
+    every pool needs, what its RSA root keys need, and key custody's needs when the token takes part in it.
+    Workers run the same check before they serve."""
+    from sqlalchemy import select
+
+    from worker import hsm_custody
+    from worker.storage.db import transaction
+    from worker.storage.models import RootKey
+
+    svc = service()
+    token = _token(svc)
+    found = hsm_custody.probe(token)
+    with transaction(svc.sessions) as db:
+        types = set(db.scalars(select(RootKey.type).where(RootKey.state == "enabled")))
+    lacking = hsm_custody.missing(found, types, hsm_custody.takes_part(token))
+    if as_json:
+        print_json({"capabilities": [asdict(c) for c in found], "missing": [c.name for c in lacking]})
+    else:
+        print_table("what kmsq needs of this token", ["capability", "needed for", "result"],
+                    [[c.name, c.needed_for, "yes" if c.ok else f"[red]no[/red] {c.detail}".strip()]
+                     for c in found])  # fmt: skip
+        if lacking:
+            console.print("[red]missing[/red]: " + ", ".join(f"{c.name} ({c.needed_for})" for c in lacking))
+    if lacking:
+        sys.exit(EXIT_CONFIG)

@@ -108,10 +108,31 @@ def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | No
 
     try:
         _take_what_waits(config)
-        PoolWorker(config, pool).context()
+        ctx = PoolWorker(config, pool).context()
+        _needs(ctx.hsm, ctx.sessions, pool)
     except ServiceError as e:
         return type(e).__name__, e.message
     return None
+
+
+def _needs(keystore: Any, sessions: Any, pool: str) -> None:
+    """Raises ConfigError naming what the token lacks that the pool's root keys (or key custody) need."""
+    from sqlalchemy import select
+
+    from worker import hsm_custody
+    from worker.errors import ConfigError
+    from worker.hsm import Hsm
+    from worker.storage.db import transaction
+    from worker.storage.models import RootKey
+
+    if not isinstance(keystore, Hsm):
+        return
+    with transaction(sessions) as db:
+        types = set(db.scalars(select(RootKey.type).where(RootKey.pool == pool, RootKey.state == "enabled")))
+    lacking = hsm_custody.missing(hsm_custody.probe(keystore), types, hsm_custody.takes_part(keystore))
+    if lacking:
+        raise ConfigError("the token lacks " + ", ".join(f"{c.name} ({c.needed_for})" for c in lacking)
+                          + " (kmsq hsm check)")  # fmt: skip
 
 
 def _take_what_waits(config: Settings) -> None:
