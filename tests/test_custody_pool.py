@@ -94,6 +94,9 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 listing = json.loads(_ok(home_a, "hsm", "list", "--json", env=env_a))
                 for label, entry in listing["keys"].items():
                     assert len(set(entry["tokens"].values())) == 1 and len(entry["tokens"]) == 2, (label, entry)
+                tokens = json.loads(_ok(home_a, "status", "--json", env=env_a))["tokens"]
+                assert len(tokens["keys"]) == 2 and len(set(tokens["keys"].values())) == 1, tokens
+                assert tokens["on_fewer_than_all"] == []
 
                 # After the operator's replication, the workers replicate by themselves: a root key rotated on A
                 # (a new version, and the policy anchor moved), a data key under it and a new token key reach B

@@ -64,6 +64,7 @@ def status(as_json: bool) -> None:
         roots = keys.list_root_keys()
         heads = {h.pool: f"{h.seq}:{h.hash}" for h in db.scalars(select(AuditHead))}
         caller_list = callers.list_callers(db)
+        tokens = _tokens(db)
     check_broker(config, BROKER_WAIT_SECONDS)  # KmsError unavailable (exit 4), saying what to start
     workers = _pings(config.effective_broker_url, config.namespace)
     report: list[PoolStatus] = []
@@ -83,7 +84,7 @@ def status(as_json: bool) -> None:
         report.append(entry)
     enabled = sum(c.state == "enabled" for c in caller_list)
     summary = {"pools": [asdict(p) for p in report], "callers": {"enabled": enabled, "total": len(caller_list)},
-               "audit_head_global": heads.get(audit_log.GLOBAL_CHAIN)}  # fmt: skip
+               "audit_head_global": heads.get(audit_log.GLOBAL_CHAIN), "tokens": tokens}  # fmt: skip
     if as_json:
         print_json(summary)
         return
@@ -95,3 +96,23 @@ def status(as_json: bool) -> None:
     print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)
     console.print(f"callers: {enabled} enabled of {len(caller_list)}; "
                   f"audit head of `*`: {summary['audit_head_global'] or '-'}")  # fmt: skip
+    if tokens["keys"]:
+        held = ", ".join(f"{name} {count}" for name, count in sorted(tokens["keys"].items()))
+        short = len(tokens["on_fewer_than_all"])
+        warning = f"; [red]{short} keys are not on every token[/red] (kmsq hsm list)" if short else ""
+        console.print(f"tokens (keys held, as last reported): {held}{warning}")
+
+
+def _tokens(db: Any) -> dict[str, Any]:
+    """The deployment's tokens as they last reported what they hold (worker.replication): keys per token, and the
+    keys not on every one of them."""
+    from sqlalchemy import select
+
+    from worker.storage.models import TokenKey
+
+    held: dict[str, set[str]] = {}
+    for row in db.scalars(select(TokenKey)):
+        held.setdefault(row.token, set()).add(row.label)
+    every = set.union(*held.values()) if held else set()
+    fewer = sorted(label for label in every if sum(label in labels for labels in held.values()) < len(held))
+    return {"keys": {name: len(labels) for name, labels in held.items()}, "on_fewer_than_all": fewer}
