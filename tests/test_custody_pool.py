@@ -94,6 +94,8 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 listing = json.loads(_ok(home_a, "hsm", "list", "--json", env=env_a))
                 for label, entry in listing["keys"].items():
                     assert len(set(entry["tokens"].values())) == 1 and len(entry["tokens"]) == 2, (label, entry)
+                anchors = listing["policy_anchor"]  # each token's anchor digest: B took A's
+                assert len(anchors) == 2 and len(set(anchors.values())) == 1, anchors
                 tokens = json.loads(_ok(home_a, "status", "--json", env=env_a))["tokens"]
                 assert len(tokens["keys"]) == 2 and len(set(tokens["keys"].values())) == 1, tokens
                 assert tokens["on_fewer_than_all"] == []

@@ -19,6 +19,7 @@ because no security officer trusted its key.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -112,15 +113,25 @@ def _held_mac(hsm: Hsm, token: str, label: str, kcv: str) -> str | None:
         return None
 
 
-def report_inventory(hsm: Hsm, db: Session) -> list[custody.TokenKey]:
-    """Records what this token holds (``token_keys``, each row MACed under the policy key) and returns it."""
+def report_inventory(hsm: Hsm, db: Session, scope: str | None = None) -> list[custody.TokenKey]:
+    """Records what this token holds (``token_keys``, each row MACed under the policy key), with a row for its
+    policy anchor of database ``scope`` (its value's digest: a source sends the anchor only when it differs), and
+    returns the keys."""
     name = hsm.token_serial()
     keys = custody.inventory(hsm)
     db.execute(delete(TokenKey).where(TokenKey.token == name))
     now = utcnow()
-    db.add_all(TokenKey(token=name, label=k.label, kind=k.kind, kcv=k.kcv, replicable=k.replicable, seen_at=now,
-                        mac=_held_mac(hsm, name, k.label, k.kcv)) for k in keys)  # fmt: skip
+    rows = [(k.label, k.kind, k.kcv, k.replicable) for k in keys]
+    anchor = _anchor_value(hsm, scope)
+    if scope is not None and anchor is not None:
+        rows.append((f"{ANCHOR}:{scope}", ANCHOR, _digest(anchor), False))
+    db.add_all(TokenKey(token=name, label=label, kind=kind, kcv=kcv, replicable=replicable, seen_at=now,
+                        mac=_held_mac(hsm, name, label, kcv)) for label, kind, kcv, replicable in rows)  # fmt: skip
     return keys
+
+
+def _digest(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()[:16]
 
 
 def held_by(hsm: Hsm, db: Session, token: str) -> set[tuple[str, str]]:
@@ -139,7 +150,7 @@ def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
     if not custody.takes_part(hsm):  # neither enrolled nor trusting another token: nothing to do
         return done
     _import(hsm, db, name, scope, done)
-    mine = report_inventory(hsm, db)
+    mine = report_inventory(hsm, db, scope)
     for target in custody.trusted_targets(hsm):
         held = held_by(hsm, db, target)
         waiting = set(db.scalars(select(KeyCopy.label).where(KeyCopy.target == target)))
@@ -149,7 +160,7 @@ def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
             db.merge(KeyCopy(target=target, label=copy.label, kind=copy.kind, mechanism=copy.mechanism,
                              wrapped=b64u(copy.wrapped), kcv=copy.kcv, public=json.dumps(copy.public), source=name,
                              created_at=utcnow()))  # fmt: skip
-        anchor = _anchor_copy(hsm, scope, target, name)
+        anchor = _anchor_copy(hsm, scope, target, name, held)
         if anchor is not None:
             db.merge(anchor)
         if copies:
@@ -161,12 +172,20 @@ def _anchor_mac(hsm: Hsm, scope: str, value: bytes) -> str:
     return hsm.policy_mac(_ANCHOR_LABEL + scope.encode() + b"\x00" + value).hex()
 
 
-def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str) -> KeyCopy | None:
+def _anchor_value(hsm: Hsm, scope: str | None) -> bytes | None:
+    """This token's policy anchor of ``scope`` (the confirmed one of the highest epoch), or None."""
     found = policy_anchor.anchors(hsm, scope)
     if scope is None or not found:
         return None
     confirmed = [a for a in found if a.previous is None] or found
-    value = confirmed[0].encode()
+    return confirmed[0].encode()
+
+
+def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str, held: set[tuple[str, str]]) -> KeyCopy | None:
+    """The copy of this token's anchor for ``target``, unless ``target`` reported holding the same one."""
+    value = _anchor_value(hsm, scope)
+    if scope is None or value is None or (f"{ANCHOR}:{scope}", _digest(value)) in held:
+        return None
     return KeyCopy(target=target, label=f"{ANCHOR}:{scope}", kind=ANCHOR, mechanism="hmac-sha256", wrapped=b64u(value),
                    kcv=_anchor_mac(hsm, scope, value), public="{}", source=source, created_at=utcnow())  # fmt: skip
 

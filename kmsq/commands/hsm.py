@@ -125,20 +125,23 @@ def hsm_list(as_json: bool) -> None:
     tokens that agree hold the same key."""
     from sqlalchemy import select
 
-    from worker import replication
+    from worker import policy_anchor, replication
     from worker.storage.db import transaction
     from worker.storage.models import HsmToken, TokenKey
 
     svc = service()
     token = _token(svc)
     with transaction(svc.sessions) as db:
-        replication.report_inventory(token, db)
+        replication.report_inventory(token, db, policy_anchor.deployment_id(db))
         tokens = list(db.scalars(select(HsmToken).order_by(HsmToken.name)))
         keys = list(db.scalars(select(TokenKey).order_by(TokenKey.label, TokenKey.token)))
     here = token.token_serial()
     names = sorted({t.name for t in tokens} | {k.token for k in keys})
     labels: dict[str, dict[str, Any]] = {}
+    anchors = {key.token: key.kcv for key in keys if key.kind == replication.ANCHOR}
     for key in keys:
+        if key.kind == replication.ANCHOR:
+            continue
         entry = labels.setdefault(key.label, {"kind": key.kind, "tokens": {}, "replicable": True})
         entry["tokens"][key.token] = key.kcv
         entry["replicable"] = entry["replicable"] and key.replicable
@@ -148,6 +151,7 @@ def hsm_list(as_json: bool) -> None:
             "tokens": [{"name": t.name, "fingerprint": t.fingerprint, "enrolled_at": t.enrolled_at.isoformat()}
                        for t in tokens],
             "keys": labels,
+            "policy_anchor": anchors,  # per token: its anchor's digest (the same on every token once replicated)
         })  # fmt: skip
         return
     print_table("tokens", ["name", "fingerprint", ""], [[t.name, t.fingerprint, "this one" if t.name == here else ""]
@@ -155,6 +159,8 @@ def hsm_list(as_json: bool) -> None:
     rows = [[label, entry["kind"], *(entry["tokens"].get(n, "-") for n in names),
              "" if entry["replicable"] else "cannot leave its token (made before key custody)"]
             for label, entry in sorted(labels.items())]  # fmt: skip
+    if anchors:
+        rows.append(["policy anchor", "(digest)", *(anchors.get(n, "-") for n in names), ""])
     print_table("keys (key check values)", ["key", "kind", *names, ""], rows)
 
 
