@@ -102,6 +102,7 @@ class PoolWorker:
                     service.hsm, service.sessions, self.pool, fleet, rows,
                     timedelta(seconds=self.settings.clock_skew_seconds),
                     timedelta(seconds=self.settings.reply_grace_seconds),
+                    _custody_gate(service.hsm, self.settings.min_tokens),
                 )  # fmt: skip
                 self._context_pid = os.getpid()
                 self._service = service
@@ -311,3 +312,12 @@ class QuietConsumer(CeleryConsumer):  # type: ignore[misc]
         self._drop(message, f"is not a valid task message ({type(exc).__name__})")
         message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
+def _custody_gate(keystore: Any, min_tokens: int) -> replication.CustodyGate | None:
+    """The worker's rule for KMSQ_MIN_TOKENS > 1 (worker.replication.CustodyGate), on a PKCS#11 token."""
+    from worker.hsm import Hsm
+
+    if min_tokens <= 1 or not isinstance(keystore, Hsm):
+        return None
+    return replication.CustodyGate(keystore, min_tokens)

@@ -45,6 +45,7 @@ _KEYS = (
     "prune_batch",
     "reply_queue_ttl_seconds",
     "replicate_interval_seconds",
+    "min_tokens",
 )
 # Retention (worker.retention): a request record is kept until its expiry + the clock skew + this grace, so that
 # get_result can still ask for its reply.
@@ -80,6 +81,7 @@ class Settings:
     prune_batch: int = DEFAULT_PRUNE_BATCH
     reply_queue_ttl_seconds: int = DEFAULT_REPLY_QUEUE_TTL_SECONDS
     replicate_interval_seconds: int = DEFAULT_REPLICATE_INTERVAL_SECONDS
+    min_tokens: int = 1  # workers wrap under a root key version only once it is on this many tokens
 
     @property
     def embedded_broker(self) -> bool:
@@ -242,6 +244,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         prune_batch=max(1, _int(values, "prune_batch", DEFAULT_PRUNE_BATCH)),
         reply_queue_ttl_seconds=max(1, _int(values, "reply_queue_ttl_seconds", DEFAULT_REPLY_QUEUE_TTL_SECONDS)),
         replicate_interval_seconds=_int(values, "replicate_interval_seconds", DEFAULT_REPLICATE_INTERVAL_SECONDS),
+        min_tokens=max(1, _int(values, "min_tokens", 1)),
     )
 
 

@@ -42,6 +42,11 @@ class HsmUnavailable(TransientError):
     default_message = "HSM temporarily unavailable"
 
 
+class NotReplicated(TransientError):
+    """A root key version is not yet on as many tokens as ``KMSQ_MIN_TOKENS`` asks (worker.replication): nothing is
+    wrapped under it until it is, so that losing one token cannot lose what it protects."""
+
+
 class DatabaseUnavailable(TransientError):
     """The database could not be reached or dropped the connection."""
 

@@ -74,7 +74,7 @@ from worker.keystore import KeyStore
 from worker.policy import PolicyNotAnchored, PolicyViolation, TrustedRows
 from worker.service import RootKeyAccess
 from worker.storage.db import transaction
-from worker.storage.models import Caller, RequestRecord, RootKey
+from worker.storage.models import Caller, RequestRecord, RootKey, RootKeyVersion
 from worker.storage.repo import RequestRepository
 
 log = logging.getLogger("kmsq.worker")
@@ -94,6 +94,8 @@ class WorkerContext:
     rows: TrustedRows
     clock_skew: timedelta = timedelta(seconds=DEFAULT_CLOCK_SKEW_SECONDS)
     reply_grace: timedelta = timedelta(seconds=DEFAULT_REPLY_GRACE_SECONDS)
+    # Checked before anything is wrapped under a root key version (KMSQ_MIN_TOKENS: worker.replication.CustodyGate).
+    gate: Callable[[Session, RootKeyVersion], None] | None = None
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     rejections: audit.RejectionCounter = field(init=False, repr=False)
     stamper: record_stamps.Stamper = field(init=False, repr=False)
@@ -388,7 +390,7 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
     if disabled is not None:
         raise _Refusal(disabled, store=True)
     operation = call.operation
-    keys = RootKeyAccess(ctx.rows, _root_key_check(ctx, caller))
+    keys = RootKeyAccess(ctx.rows, _root_key_check(ctx, caller), ctx.gate)
     done = handler_of(operation.name)(OpCall(ctx.hsm, db, ctx.pool, request, keys, _sealed_input(ctx, call)),
                                       request.params)  # fmt: skip
     result, secrets = _split(operation, request, done.reply)

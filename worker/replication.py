@@ -35,9 +35,10 @@ from sqlalchemy.orm import Session
 from schemas.wire import b64u, from_b64u
 from worker import hsm_custody as custody
 from worker import policy_anchor
-from worker.errors import ConfigError, IntegrityError
+from worker.errors import ConfigError, IntegrityError, NotReplicated
 from worker.hsm import Hsm
-from worker.storage.models import HsmToken, KeyCopy, TokenKey, utcnow
+from worker.keystore import root_key_label
+from worker.storage.models import HsmToken, KeyCopy, RootKeyVersion, TokenKey, utcnow
 
 log = logging.getLogger("kmsq.replication")
 
@@ -138,8 +139,11 @@ def held_by(hsm: Hsm, db: Session, token: str) -> set[tuple[str, str]]:
     """(label, kcv) of the keys ``token`` reported holding, by the rows whose MAC verifies here (a database
     writer's row cannot make a source believe a key is safe elsewhere when it is not)."""
     rows = db.scalars(select(TokenKey).where(TokenKey.token == token, TokenKey.mac.is_not(None)))
-    return {(row.label, row.kcv) for row in rows
-            if hmac.compare_digest(row.mac or "", _held_mac(hsm, token, row.label, row.kcv) or "-")}  # fmt: skip
+    return {(row.label, row.kcv) for row in rows if _verifies(hsm, row)}
+
+
+def _verifies(hsm: Hsm, row: TokenKey) -> bool:
+    return hmac.compare_digest(row.mac or "", _held_mac(hsm, row.token, row.label, row.kcv) or "-")
 
 
 def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
@@ -245,3 +249,33 @@ class Replicator(threading.Thread):
     def stop(self) -> None:
         """Stops after the current run."""
         self._stopped.set()
+
+
+class CustodyGate:
+    """A worker's :attr:`worker.service.RootKeyAccess.gate` when ``KMSQ_MIN_TOKENS`` asks for more than one token:
+    nothing is wrapped under a root key version until ``min_tokens`` tokens reported holding it (``token_keys``
+    rows whose MAC verifies under the policy key: a database writer cannot vouch for a copy that does not exist).
+    A version found on enough tokens is remembered by the process; one that is not is looked up again on the next
+    request (the request itself is retried: NotReplicated is transient)."""
+
+    def __init__(self, hsm: Hsm, min_tokens: int) -> None:
+        self.hsm = hsm
+        self.min_tokens = min_tokens
+        self._held: set[str] = set()
+
+    def holders(self, db: Session, label: str) -> set[str]:
+        """The tokens that reported holding ``label``, by rows whose MAC verifies."""
+        rows = db.scalars(select(TokenKey).where(TokenKey.label == label, TokenKey.mac.is_not(None)))
+        return {row.token for row in rows if _verifies(self.hsm, row)}
+
+    def __call__(self, db: Session, version: RootKeyVersion) -> None:
+        label = root_key_label(version.root_key_id, version.version)
+        if label in self._held:
+            return
+        found = len(self.holders(db, label))
+        if found < self.min_tokens:
+            raise NotReplicated(
+                f"root key {version.root_key_id} version {version.version} is on {found} of the {self.min_tokens} "
+                "tokens KMSQ_MIN_TOKENS asks for; it is used once replicated (kmsq hsm replicate)"
+            )
+        self._held.add(label)

@@ -68,10 +68,13 @@ class RootKeyAccess:
 
     rows: TrustedRows = field(default_factory=TrustedRows)
     check: RootKeyCheck | None = None
+    # Before anything is wrapped under a root key version: raises NotReplicated while it is on too few tokens
+    # (a worker's worker.replication.CustodyGate; None: no such rule).
+    gate: Callable[[Session, RootKeyVersion], None] | None = None
 
     def unchecked(self) -> RootKeyAccess:
-        """The same rows without the check (a root key chosen by kmsq, not named by the caller)."""
-        return RootKeyAccess(self.rows)
+        """The same rows and gate without the check (a root key chosen by kmsq, not named by the caller)."""
+        return RootKeyAccess(self.rows, gate=self.gate)
 
 
 DIRECT = RootKeyAccess()  # the database as it is, nothing checked: operator commands and tests
@@ -237,7 +240,7 @@ def list_root_keys(db: Session) -> list[RootKeyInfo]:
 def wrapping_version(db: Session, root_key_id: str | None, pool: str, keys: RootKeyAccess = DIRECT) -> RootKeyVersion:
     """The current version of the named root key (or of the pool's default one), ready to wrap.
 
-    Raises NotFound, InvalidRequest (disabled), or whatever ``keys.check`` raises.
+    Raises NotFound, InvalidRequest (disabled), or whatever ``keys.check`` and ``keys.gate`` raise.
     """
     key = keys.rows.default_root_key(db, pool) if root_key_id is None else keys.rows.root_key(db, root_key_id)
     if key is None:
@@ -249,6 +252,8 @@ def wrapping_version(db: Session, root_key_id: str | None, pool: str, keys: Root
     version = keys.rows.root_key_version(db, key.id, key.current_version)
     if version is None or version.state != "enabled":
         raise InvalidRequest(f"root key {key.id!r} has no enabled current version")
+    if keys.gate is not None:
+        keys.gate(db, version)
     return version
 
 

@@ -7,6 +7,7 @@ from schemas.operations import Family
 from schemas.replies import SignatureReply, StoredKeyReply
 from schemas.requests import GenerateSigningKey, Sign
 from worker import service
+from worker.errors import InvalidRequest
 from worker.handlers.registry import OpCall, Outcome, handles, refuse_if_recorded
 
 FAMILY: Family = "signing"
@@ -18,6 +19,11 @@ def generate_signing_key(call: OpCall, params: GenerateSigningKey) -> Outcome:
     exportable; the reply's ``pub`` is its xpub. A redelivered ``in_hsm`` request finds its record before the token
     is touched (a rollback does not remove a token key; one that rolls back anyway is destroyed by the service)."""
     if params.in_hsm:
+        if call.keys.gate is not None:  # KMSQ_MIN_TOKENS > 1: a token key would be on one token until replicated
+            raise InvalidRequest(
+                "in_hsm keys cannot be made while KMSQ_MIN_TOKENS asks for more than one token: a "
+                "new token key is on one token until it is replicated; make it without in_hsm"
+            )
         refuse_if_recorded(call)
     made = service.generate_signing_key(
         call.hsm, call.db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
