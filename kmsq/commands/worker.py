@@ -155,21 +155,40 @@ def _take_what_waits(config: Settings) -> None:
 
 
 def _preflight(config: Settings, pool: str) -> None:
-    """Opens the HSM and the pool's fleet key as a pool process would, in a spawned process (about 1.5 s), so that
-    a worker that could not serve never says "ready" and takes requests it cannot answer (a wrong
-    KMSQ_PKCS11_MODULE used to do that: callers waited their whole timeout). Raises ConfigError, or TransientError
-    when the token or the database does not answer now."""
-    import multiprocessing
+    """Opens the HSM and the pool's fleet key as a pool process would, in a process of its own (about 1.5 s; it
+    exits before the worker starts, so the worker's children are its pool processes only), so that a worker that
+    could not serve never says "ready" and takes requests it cannot answer (a wrong KMSQ_PKCS11_MODULE used to do
+    that: callers waited their whole timeout). Raises ConfigError, or TransientError when the token or the
+    database does not answer now."""
+    import json
+    import subprocess
+    import sys
 
     from worker.errors import ConfigError, TransientError
 
-    with multiprocessing.get_context("spawn").Pool(1) as spawned:
-        failed = spawned.apply(_open_as_a_pool_process, (config, pool))
-    if failed is None:
+    code = "import sys; from kmsq.commands.worker import preflight_main; preflight_main(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, pool], capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    try:
+        failed = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        failed = None
+    if done.returncode != 0 or not isinstance(failed, dict):
+        raise ConfigError(f"a worker of pool {pool!r} cannot serve: its check did not run ({done.returncode})")
+    if failed.get("ok"):
         return
-    kind, message = failed
-    error = TransientError if kind.endswith("Unavailable") else ConfigError
-    raise error(f"a worker of pool {pool!r} cannot serve: {message}")
+    error = TransientError if str(failed.get("kind", "")).endswith("Unavailable") else ConfigError
+    raise error(f"a worker of pool {pool!r} cannot serve: {failed.get('message')}")
+
+
+def preflight_main(pool: str) -> None:
+    """The check of :func:`_preflight`, in its own process: prints one JSON line, ``{"ok": true}`` or the error's
+    ``kind`` and ``message``."""
+    import json
+
+    failed = _open_as_a_pool_process(settings(), pool)
+    print(json.dumps({"ok": True} if failed is None else {"kind": failed[0], "message": failed[1]}))
 
 
 def _health(config: Settings) -> Callable[[], dict[str, str]]:
