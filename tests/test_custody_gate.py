@@ -29,12 +29,18 @@ def _data_key(unit: Unit, codec: KmsCodec) -> Delivery:
     return unit.deliver(codec, {"op": "generate_data_key", "root_key_id": unit.roots["aes"]}, final=True)
 
 
-def test_nothing_is_wrapped_under_a_version_on_fewer_tokens_than_the_rule(token_unit: Unit) -> None:
-    unit = token_unit
+def _two_token_rule(unit: Unit) -> tuple[Hsm, KmsCodec]:
+    """The unit's worker under KMSQ_MIN_TOKENS=2, and a caller allowed everything."""
     hsm = unit.service.hsm
     assert isinstance(hsm, Hsm)
     codec = unit.register("full")
     unit.ctx.gate = replication.CustodyGate(hsm, 2)
+    return hsm, codec
+
+
+def test_nothing_is_wrapped_under_a_version_on_fewer_tokens_than_the_rule(token_unit: Unit) -> None:
+    unit = token_unit
+    hsm, codec = _two_token_rule(unit)
     with unit.service.sessions() as db:
         root = db.get(RootKey, unit.roots["aes"])
         assert root is not None
@@ -54,10 +60,7 @@ def test_nothing_is_wrapped_under_a_version_on_fewer_tokens_than_the_rule(token_
 
 def test_token_keys_are_refused_while_the_rule_asks_for_more_than_one_token(token_unit: Unit) -> None:
     unit = token_unit
-    hsm = unit.service.hsm
-    assert isinstance(hsm, Hsm)
-    codec = unit.register("full")
-    unit.ctx.gate = replication.CustodyGate(hsm, 2)
+    _, codec = _two_token_rule(unit)
     params = {"op": "generate_signing_key", "coin": "hteth", "source": "user", "type": "independent", "in_hsm": True}
     code, message = refusal(codec, unit.deliver(codec, params))
     assert code == "invalid" and "KMSQ_MIN_TOKENS" in message and "without in_hsm" in message

@@ -4,7 +4,7 @@
   the request could still run, i.e. until ``expires_at`` + clock skew (after that every delivery is refused
   as ``expired`` before it does anything), and while ``get_result`` may still be asked for the reply: a
   *grace* period more (``KMSQ_REPLY_GRACE_SECONDS``). Then it is deleted; ``get_result`` answers
-  ``not_found``. That time is signed by the worker that wrote the record (:mod:`worker.record_stamps`): a
+  ``not_found``. That time is MACed by the worker that wrote the record (:mod:`worker.record_stamps`): a
   database writer who edits ``expires_at``, or a ``kmsq prune`` with shorter settings, cannot make a record
   go early (and with it the protection against the request running twice).
 - **Audit records** (the chain of :mod:`worker.audit_log`) and **rejection counts** are kept
@@ -86,7 +86,7 @@ class PruneCounts:
     audit_records: dict[str, int] = field(default_factory=dict)  # per chain
     rejection_counts: int = 0
     refused_chains: dict[str, str] = field(default_factory=dict)  # chain -> why it was not pruned
-    requests_refused: int = 0  # kept: their signed retention time does not verify (the row was changed)
+    requests_refused: int = 0  # kept: their retention stamp does not verify (the row was changed)
     requests_unchecked: int = 0  # kept: signed by a fleet key this HSM cannot check (another pool's)
     requests_signed_later: int = 0  # kept past this run's settings by their signed time (a longer skew + grace)
 
@@ -129,7 +129,7 @@ def prune_requests(
 ) -> tuple[int, int]:
     """Deletes, of the next ``limit`` request records that look expired (by ``expires_at``, and by
     ``keep_until`` where they have one), those whose signed pruning time (:mod:`worker.record_stamps`) has
-    passed; rows another pruner holds are skipped. A record whose signature does not verify is kept and counted
+    passed; rows another pruner holds are skipped. A record whose stamp does not verify is kept and counted
     in ``scan.refused``; one signed by a key this HSM cannot check, in ``scan.unchecked``.
 
     Returns (deleted, looked at): fewer looked at than ``limit`` means there are no more.

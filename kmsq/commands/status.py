@@ -108,10 +108,11 @@ def _tokens(db: Any) -> dict[str, Any]:
     keys not on every one of them."""
     from sqlalchemy import select
 
+    from worker.replication import ANCHOR
     from worker.storage.models import TokenKey
 
     held: dict[str, set[str]] = {}
-    for row in db.scalars(select(TokenKey).where(TokenKey.kind != "policy-anchor")):
+    for row in db.scalars(select(TokenKey).where(TokenKey.kind != ANCHOR)):
         held.setdefault(row.token, set()).add(row.label)
     every = set.union(*held.values()) if held else set()
     fewer = sorted(label for label in every if sum(label in labels for labels in held.values()) < len(held))
