@@ -6,6 +6,7 @@ import click
 
 from kmsq.commands import (
     audit,
+    backup,
     bench,
     broker,
     caller,
@@ -40,6 +41,7 @@ for command in (
     root_key.root_key,
     signing_key.signing_key,
     hsm.hsm_group,
+    backup.backup_group,
     caller.caller,
     fleet_key.fleet_key,
     pool.pool_group,

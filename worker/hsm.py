@@ -203,6 +203,18 @@ def _text(value: bytes | str) -> str:
     return (value.decode("ascii", "replace") if isinstance(value, bytes) else value).strip()
 
 
+# Bumped at every C_Finalize/C_Initialize of a library in this process. A session opened before it is gone, and
+# its handle may by then name a session another adapter opened on another token (SoftHSM2 hands out handles
+# again from 1): an adapter whose session is older than the current generation opens a new one.
+_generation = [0]
+
+
+def _reinitialize_library(lib: Any) -> None:
+    with _libraries_lock:
+        _generation[0] += 1
+        lib.reinitialize()
+
+
 def _load_library(path: str) -> Any:
     """Returns the process's ``pkcs11.lib`` for ``path``, re-initialized in a forked child."""
     with _libraries_lock:
@@ -210,6 +222,7 @@ def _load_library(path: str) -> Any:
         if cached is not None:
             lib, pid = cached
             if pid != os.getpid():
+                _generation[0] += 1
                 lib.reinitialize()
                 _libraries[path] = (lib, os.getpid())
             return lib
@@ -240,6 +253,7 @@ class Hsm:  # implements worker.keystore.KeyStore
         self._lock = threading.RLock()
         self._session: Any = None
         self._session_pid = 0
+        self._session_generation = 0
         self._keys: dict[tuple[bytes, ObjectClass], Any] = {}
         self._objects_created = 0
         self.recycled = 0  # how many times the library was re-initialized (for tests and metrics)
@@ -272,10 +286,11 @@ class Hsm:  # implements worker.keystore.KeyStore
             return token.open(rw=True)
 
     def _current(self) -> Any:
-        if self._session is None or self._session_pid != os.getpid():
+        if self._session is None or self._session_pid != os.getpid() or self._session_generation != _generation[0]:
             self._keys.clear()
             self._session = self._open()
             self._session_pid = os.getpid()
+            self._session_generation = _generation[0]
             self.sessions_opened += 1
         return self._session
 
@@ -284,7 +299,8 @@ class Hsm:  # implements worker.keystore.KeyStore
         with self._lock:
             session, self._session = self._session, None
             self._keys.clear()
-            if session is not None and self._session_pid == os.getpid():
+            current = self._session_pid == os.getpid() and self._session_generation == _generation[0]
+            if session is not None and current:  # a stale handle may be another adapter's session now
                 with contextlib.suppress(p11.PKCS11Error):
                     session.close()
 
@@ -371,7 +387,7 @@ class Hsm:  # implements worker.keystore.KeyStore
         again and what it kept for this process is released; the next call logs in again."""
         self.reset()
         with contextlib.suppress(p11.PKCS11Error):
-            self._library().reinitialize()  # the embedded token's configuration set first: it may be the first call
+            _reinitialize_library(self._library())  # the embedded configuration set first: it may be the first call
 
     @staticmethod
     @contextmanager

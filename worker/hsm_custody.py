@@ -28,6 +28,7 @@ pair's a hash of its public key. Each is the first 8 bytes, in hex.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ from worker.hsm import (
 TRANSPORT_LABEL = "kmsq-transport-v1"
 TRANSPORT_BITS = 3072
 TRUSTED_PREFIX = "kmsq-trusted-transport:"  # + the target token's name
+BACKUP_PREFIX = "kmsq-trusted-backup:"  # + "backup-" and the backup key's id (worker.backup)
 REPLICATION_PREFIX = "kmsq-replication:"  # + the target token's name
 ROOT_PREFIX = "kmsq:"  # root key labels (worker.keystore.root_key_label)
 EC_PREFIX = "kmsq-ec-"  # token signing keys (worker.token_keys)
@@ -153,15 +155,20 @@ def _rsa_numbers(public_der: bytes) -> tuple[bytes, bytes]:
     return numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"), numbers.e.to_bytes(3, "big").lstrip(b"\0")
 
 
-def trust_transport_key(hsm: Hsm, target: str, public_der: bytes, so_pin: str) -> bool:
+def _trusted_label(target: str, backup: bool) -> str:
+    return (BACKUP_PREFIX if backup else TRUSTED_PREFIX) + target
+
+
+def trust_transport_key(hsm: Hsm, target: str, public_der: bytes, so_pin: str, *, backup: bool = False) -> bool:
     """As the token's security officer: imports ``target``'s transport public key as trusted and generates the
-    trusted replication key for it. Returns False when both were already there for this same key.
+    trusted replication key for it. Returns False when both were already there for this same key. With
+    ``backup``, ``target`` is a backup key (worker.backup): not a token that replicates takes from the database.
 
     Raises ConfigError for a wrong SO PIN, or when another key is already trusted under ``target``'s name."""
     modulus, exponent = _rsa_numbers(public_der)
     with hsm.so_session(so_pin) as session:
         existing = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                                             Attribute.LABEL: TRUSTED_PREFIX + target}))  # fmt: skip
+                                             Attribute.LABEL: _trusted_label(target, backup)}))  # fmt: skip
         if existing and bytes(existing[0][Attribute.MODULUS]) != modulus:
             raise ConfigError(f"another transport key is already trusted for token {target!r}")
         made = False
@@ -170,7 +177,7 @@ def trust_transport_key(hsm: Hsm, target: str, public_der: bytes, so_pin: str) -
                 Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: modulus,
                 Attribute.PUBLIC_EXPONENT: exponent, Attribute.TOKEN: True, Attribute.PRIVATE: False,
                 Attribute.TRUSTED: True, Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False,
-                Attribute.MODIFIABLE: False, Attribute.LABEL: TRUSTED_PREFIX + target,
+                Attribute.MODIFIABLE: False, Attribute.LABEL: _trusted_label(target, backup),
             })  # fmt: skip
             made = True
         replication = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
@@ -286,19 +293,19 @@ def _oaep_wrap(transport: Any, key: Any) -> tuple[str, bytes]:
     raise ConfigError("the token wraps with no RSA-OAEP variant kmsq can use")
 
 
-def export_keys(hsm: Hsm, target: str, labels: set[str] | None = None) -> list[WrappedKey]:
-    """Wraps the token's keys (those in ``labels``; default: all) for the trusted token ``target``, and, when a
-    private key is among them, the replication key they are wrapped under. Keys that cannot leave (made before
-    custody) are skipped.
+def export_keys(hsm: Hsm, target: str, labels: set[str] | None = None, *, backup: bool = False) -> list[WrappedKey]:
+    """Wraps the token's keys (those in ``labels``; default: all) for the trusted token ``target`` (with
+    ``backup``: the trusted backup key ``target``), and, when a private key is among them, the replication key
+    they are wrapped under. Keys that cannot leave (made before custody) are skipped.
 
-    Raises ConfigError when ``target`` is not trusted here (``kmsq hsm trust``)."""
+    Raises ConfigError when ``target`` is not trusted here (``kmsq hsm trust``, ``kmsq backup trust``)."""
 
     def op(session: Any) -> list[WrappedKey]:
-        found = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: TRUSTED_PREFIX + target})
-        )
+        found = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                                          Attribute.LABEL: _trusted_label(target, backup)}))  # fmt: skip
         if not found:
-            raise ConfigError(f"token {target!r} is not trusted by this token (run: kmsq hsm trust {target})")
+            hint = f"kmsq backup trust, with the backup key file of {target}" if backup else f"kmsq hsm trust {target}"
+            raise ConfigError(f"{target!r} is not trusted by this token (run: {hint})")
         transport = found[0]
         if not transport[Attribute.TRUSTED]:
             raise ConfigError(f"the transport key of token {target!r} is not marked trusted")
@@ -417,6 +424,98 @@ def _unwrap(unwrapping: Any, copy: WrappedKey, object_class: ObjectClass, key_ty
     store = bool(template.get(Attribute.TOKEN, True))
     return unwrapping.unwrap_key(object_class, key_type, copy.wrapped, mechanism=mechanism, mechanism_param=param,
                                  store=store, capabilities=_NO_CAPABILITIES, template=template)  # fmt: skip
+
+
+# -- restoring a backup ------------------------------------------------------------------------------------------
+
+_SESSION_POLICY_KEY = {Attribute.TOKEN: False, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                       Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.VERIFY: False,
+                       Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.WRAP: False,
+                       Attribute.UNWRAP: False, Attribute.DERIVE: False}  # fmt: skip
+
+
+def _session_unwrapping_key(session: Any, private: rsa.RSAPrivateKey) -> Any:
+    """The backup's private key as a session object that can only unwrap (it goes with the session)."""
+    numbers = private.private_numbers()
+    public = numbers.public_numbers
+
+    def raw(value: int) -> bytes:
+        return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+    return session.create_object({
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA, Attribute.TOKEN: False,
+        Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.UNWRAP: True,
+        Attribute.DECRYPT: False, Attribute.SIGN: False, Attribute.DERIVE: False,
+        Attribute.MODULUS: raw(public.n), Attribute.PUBLIC_EXPONENT: raw(public.e),
+        Attribute.PRIVATE_EXPONENT: raw(numbers.d), Attribute.PRIME_1: raw(numbers.p),
+        Attribute.PRIME_2: raw(numbers.q),
+        Attribute.EXPONENT_1: raw(numbers.dmp1), Attribute.EXPONENT_2: raw(numbers.dmq1),
+        Attribute.COEFFICIENT: raw(numbers.iqmp),
+    })  # fmt: skip
+
+
+def _refuse_other_keys(session: Any, copies: list[WrappedKey]) -> dict[str, tuple[str, Any]]:
+    """Returns the kmsq keys in the token. Raises ConfigError when one has a copy's label but not its check value."""
+    present = {label: (kind, key) for label, kind, key in _kmsq_keys(session)}
+    for copy in copies:
+        if copy.label in present and _kcv(session, present[copy.label][0], copy.label,
+                                          present[copy.label][1]) != copy.kcv:  # fmt: skip
+            raise ConfigError(f"this token already holds another key labelled {copy.label!r}; nothing was restored")
+    return present
+
+
+def _import_all(session: Any, transport: Any, replication: list[Any], present: dict[str, tuple[str, Any]],
+                copies: list[WrappedKey]) -> list[str]:  # fmt: skip
+    """Imports every copy but the replication keys; on a failure removes what it imported. Returns the labels."""
+    restored: list[str] = []
+    try:
+        for copy in copies:
+            if copy.kind != REPLICATION and _import_one(session, transport, replication, present, copy):
+                restored.append(copy.label)
+    except Exception:
+        for label in restored:
+            for obj in list(session.get_objects({Attribute.LABEL: label})):
+                obj.destroy()
+        raise
+    return restored
+
+
+def restore_keys(
+    hsm: Hsm, private: rsa.RSAPrivateKey, copies: list[WrappedKey], verify: Callable[[Callable[[bytes], bytes]], None]
+) -> list[str]:
+    """Restores a backup's copies (worker.backup) into this token: ``private`` (the backup key, put together by
+    the custodians) becomes a session object that only unwraps; the policy key is unwrapped first as a session
+    key and handed to ``verify`` as an HMAC function, which raises when the backup does not verify; only then are
+    the keys unwrapped into token objects, each checked against its key check value, with the templates a
+    replicated key gets (so the token can pass them on). The session objects are destroyed. Returns the labels
+    restored (a key already here with the same check value is not restored again).
+
+    Raises ConfigError, before anything is written, when the token holds another key under a copy's label;
+    IntegrityError when a copy does not unwrap or does not check (what this call restored is removed again), or
+    what ``verify`` raises."""
+
+    def op(session: Any) -> list[str]:
+        present = _refuse_other_keys(session, copies)
+        policy = [copy for copy in copies if copy.kind == POLICY_KEY]
+        if len(policy) != 1:
+            raise IntegrityError()
+        transient = [_session_unwrapping_key(session, private)]
+        try:
+            policy_key = _unwrap(transient[0], policy[0], ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
+                                 _SESSION_POLICY_KEY)  # fmt: skip
+            transient.append(policy_key)
+            verify(lambda data: bytes(policy_key.sign(data, mechanism=Mechanism.SHA256_HMAC)))
+            replication = [
+                _unwrap(transient[0], copy, ObjectClass.SECRET_KEY, KeyType.AES, _REPLICATION_SESSION_KEY)
+                for copy in copies if copy.kind == REPLICATION
+            ]  # fmt: skip
+            transient.extend(replication)
+            return _import_all(session, transient[0], replication, present, copies)
+        finally:
+            for key in transient:
+                key.destroy()
+
+    return hsm.run(op, integrity=True)
 
 
 # -- what the token can do -------------------------------------------------------------------------------------

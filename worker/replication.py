@@ -123,7 +123,7 @@ def report_inventory(hsm: Hsm, db: Session, scope: str | None = None) -> list[cu
     db.execute(delete(TokenKey).where(TokenKey.token == name))
     now = utcnow()
     rows = [(k.label, k.kind, k.kcv, k.replicable) for k in keys]
-    anchor = _anchor_value(hsm, scope)
+    anchor = anchor_value(hsm, scope)
     if scope is not None and anchor is not None:
         rows.append((f"{ANCHOR}:{scope}", ANCHOR, _digest(anchor), False))
     db.add_all(TokenKey(token=name, label=label, kind=kind, kcv=kcv, replicable=replicable, seen_at=now,
@@ -176,7 +176,7 @@ def _anchor_mac(hsm: Hsm, scope: str, value: bytes) -> str:
     return hsm.policy_mac(_ANCHOR_LABEL + scope.encode() + b"\x00" + value).hex()
 
 
-def _anchor_value(hsm: Hsm, scope: str | None) -> bytes | None:
+def anchor_value(hsm: Hsm, scope: str | None) -> bytes | None:
     """This token's policy anchor of ``scope`` (the confirmed one of the highest epoch), or None."""
     found = policy_anchor.anchors(hsm, scope)
     if scope is None or not found:
@@ -187,7 +187,7 @@ def _anchor_value(hsm: Hsm, scope: str | None) -> bytes | None:
 
 def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str, held: set[tuple[str, str]]) -> KeyCopy | None:
     """The copy of this token's anchor for ``target``, unless ``target`` reported holding the same one."""
-    value = _anchor_value(hsm, scope)
+    value = anchor_value(hsm, scope)
     if scope is None or value is None or (f"{ANCHOR}:{scope}", _digest(value)) in held:
         return None
     return KeyCopy(target=target, label=f"{ANCHOR}:{scope}", kind=ANCHOR, mechanism="hmac-sha256", wrapped=b64u(value),
