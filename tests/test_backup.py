@@ -50,6 +50,7 @@ class Setup:
     custodians: list[CustodianKey]
     key: backup.BackupKey
     document: dict[str, Any]
+    spare: tuple[Hsm, Hsm]  # empty, for the test of two adapters in one process
 
 
 def _custodian(name: str) -> CustodianKey:
@@ -60,7 +61,7 @@ def _custodian(name: str) -> CustodianKey:
 @pytest.fixture(scope="module")
 def setup(hsm_settings: Settings, hsm: Hsm) -> Iterator[Setup]:
     suffix = secrets.token_hex(4)
-    a, b, c, d = (_new_token(hsm_settings, f"backup-{name}-{suffix}") for name in "abcd")
+    a, b, c, d, x, y = (_new_token(hsm_settings, f"backup-{name}-{suffix}") for name in "abcdxy")
     gc.collect()  # python-pkcs11's unfinished object searches end now, while their sessions are still open
     hsm.reread()
     aes, rsa = a.create_aes_root_key("rk-backup-aes", 1), a.create_rsa_root_key("rk-backup-rsa", 1, 2048)
@@ -72,8 +73,8 @@ def setup(hsm_settings: Settings, hsm: Hsm) -> Iterator[Setup]:
     key = backup.new_backup_key(a, [k.custodian for k in custodians], 2, "2026-12-02T00:00:00+00:00")
     custody.trust_transport_key(a, backup.target_name(key.key_id), key.public_der(), SO_PIN, backup=True)
     document, _ = backup.create(a, key, scope=None, anchor=None, created_at="2026-12-02T00:00:01+00:00")
-    yield Setup(a, b, c, d, aes, rsa, ec_id, point, custodians, key, document)
-    for token in (a, b, c, d):
+    yield Setup(a, b, c, d, aes, rsa, ec_id, point, custodians, key, document, (x, y))
+    for token in (a, b, c, d, x, y):
         token.reset()
 
 
@@ -214,3 +215,16 @@ def test_a_custodian_key_under_a_passphrase_opens_only_with_it() -> None:
         load_custodian_key(private, b"wrong horse")
     with pytest.raises(CustodianKeyError, match="name is 1-64 characters"):
         new_custodian_key("Dora Smith", None)
+
+
+def test_an_adapter_never_runs_on_another_tokens_session_after_the_library_is_read_again(setup: Setup) -> None:
+    # Found building this file: a key looked up and not found makes an adapter re-initialize the library (to see
+    # objects other processes made); another adapter's session from before then had a handle that named the new
+    # session, on the other token, and its keys went there. Now a session from before a re-initialization is
+    # never used.
+    x, y = setup.spare
+    x.create_aes_root_key("rk-backup-x", 1)
+    assert x.ensure_policy_key() and y.ensure_policy_key()  # each not found first: the library re-initialized
+    assert {k.kind for k in custody.inventory(x)} == {custody.AES_ROOT, custody.POLICY_KEY}
+    assert {k.kind for k in custody.inventory(y)} == {custody.POLICY_KEY}
+    assert x.policy_mac(b"x") != y.policy_mac(b"x")

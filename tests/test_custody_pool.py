@@ -2,7 +2,10 @@
 in token directories of their own (two KMSQ_HOMEs), sharing one Postgres database and Redis. Keys, data keys, a
 sealed signing key, a token signing key and the audit chain are made through a worker on A; B is enrolled,
 trusted by A's security officer and replicated with the ``kmsq hsm`` commands; then A's token directory is
-deleted and its worker killed, and a worker on B opens, signs and verifies everything."""
+deleted and its worker killed, and a worker on B opens, signs and verifies everything. Then the restore drill
+(item 3): B's keys are backed up for three custodians, two needed; B's token directory is deleted too, one
+custodian alone and an altered backup are refused, two custodians restore into a new token C, and a worker on C
+opens, signs and verifies everything again."""
 
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def _ok(home: Path, *args: str, env: dict[str, str]) -> str:
 
 def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path, redis_url: str) -> None:
     namespace = f"custody-{uuid.uuid4().hex[:10]}"
-    home_a, home_b = tmp_path / "host-a", tmp_path / "host-b"
+    home_a, home_b, home_c = tmp_path / "host-a", tmp_path / "host-b", tmp_path / "host-c"
     with fresh_database("kmsq_custody") as url:
         env_a, env_b = _env(home_a, url, redis_url, namespace), _env(home_b, url, redis_url, namespace)
         _ok(home_a, "init", env=env_a)
@@ -71,7 +74,7 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
         identity = CallerIdentity.load(home_a / "app.key.json")
         fleet = Fleet.from_document(json.loads(_ok(home_a, "fleet-key", "export", env=env_a)))
         worker_a = start_worker("default", 1, {**env_a, **FAST}, tmp_path / "worker-a.log")
-        worker_b = None
+        worker_b = worker_c = None
         try:
             with KmsClient(redis_url, identity, fleet, timeout=60, namespace=namespace) as client:
                 prv = "xprv9s21ZrQH143K" + secrets.token_urlsafe(60)
@@ -122,13 +125,70 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 after = client.sign(token_key["pub"], "user", digest)["signature"]
                 for signature in (before, after):  # the token key signs in B as it did in A
                     _recovers(token_key["pub"], digest, signature)
-                assert client.generate_data_key()["plaintextKey"]  # and B makes new ones
-            assert "intact" in _ok(home_b, "audit", "verify", env=env_b)
+                newer = client.generate_data_key()  # and B makes new ones
+                assert "intact" in _ok(home_b, "audit", "verify", env=env_b)
+
+                # The restore drill (item 3): B's keys backed up for three custodians, two needed; then B is lost
+                # too, and a new token C is restored from the backup by two custodians.
+                backup_file = _backed_up(tmp_path, home_b, env_b)
+                assert worker_b.stop() == 0
+                shutil.rmtree(home_b / "tokens")  # every token is gone
+                env_c = _env(home_c, url, redis_url, namespace)
+                _restore_refusals(tmp_path, home_c, env_c, backup_file)
+                restored = json.loads(_ok(home_c, "backup", "restore", str(backup_file), "--fingerprint",
+                                          (tmp_path / "backup-fingerprint").read_text(), "--custodian-key",
+                                          str(tmp_path / "custodians/alice.custodian-key.json"), "--custodian-key",
+                                          str(tmp_path / "custodians/carol.custodian-key.json"), "--json",
+                                          env=env_c))  # fmt: skip
+                assert restored["restored"] and not restored["already_here"], restored
+                worker_c = start_worker("default", 1, {**env_c, **FAST}, tmp_path / "worker-c.log")
+                assert client.get_key(pub, "user")["prv"] == prv
+                for data_key in (made, late, newer):
+                    assert client.decrypt_data_key(data_key["encryptedKey"])["plaintextKey"] == data_key["plaintextKey"]
+                for key, path in ((sealed_key, "backup"), (token_key, "user"), (late_key, "backup")):
+                    _recovers(key["pub"], digest, client.sign(key["pub"], path, digest)["signature"])
+            assert "intact" in _ok(home_c, "audit", "verify", env=env_c)
         finally:
-            worker_a.stop()
-            if worker_b is not None:
-                worker_b.stop()
+            for worker in (worker_a, worker_b, worker_c):
+                if worker is not None:
+                    worker.stop()
             delete_namespace(redis_url, namespace)
+
+
+def _backed_up(tmp_path: Path, home: Path, env: dict[str, str]) -> Path:
+    """Three custodians' keys, a backup key needing two of them (trusted by the token of ``home``) and a backup;
+    returns the backup file (the fingerprint is left in tmp_path/backup-fingerprint)."""
+    custodians = tmp_path / "custodians"
+    for name in ("alice", "bob", "carol"):
+        _ok(home, "backup", "custodian-key", name, "--dir", str(custodians), "--no-passphrase", env=env)
+    key = json.loads(_ok(home, "backup", "init", "--threshold", "2", "--out", str(tmp_path / "backup-key.json"),
+                         *(arg for name in ("alice", "bob", "carol")
+                           for arg in ("--custodian", str(custodians / f"{name}.custodian.json"))),
+                         "--json", env=env))  # fmt: skip
+    (tmp_path / "backup-fingerprint").write_text(key["fingerprint"])
+    made = json.loads(_ok(home, "backup", "create", "--key", str(tmp_path / "backup-key.json"), "--out",
+                          str(tmp_path / "pool.kmsq-backup"), "--json", env=env))  # fmt: skip
+    assert made["keys"] >= 5 and made["left_out"] == [], made  # 2 root key versions, the policy key, 2 token keys
+    return tmp_path / "pool.kmsq-backup"
+
+
+def _restore_refusals(tmp_path: Path, home: Path, env: dict[str, str], backup_file: Path) -> None:
+    """One custodian cannot restore; an altered backup is refused; neither leaves a key in the token."""
+    fingerprint = (tmp_path / "backup-fingerprint").read_text()
+    alice, bob = (str(tmp_path / f"custodians/{name}.custodian-key.json") for name in ("alice", "bob"))
+    alone = run_kmsq(home, "backup", "restore", str(backup_file), "--fingerprint", fingerprint, "--custodian-key",
+                     alice, env=env)  # fmt: skip
+    assert alone.returncode == 7 and "needs 2 of its 3 custodians; 1 opened a share" in alone.stderr, alone.stderr
+    document = json.loads(backup_file.read_text())
+    document["body"]["created_at"] = "2020-01-01T00:00:00+00:00"
+    altered = tmp_path / "altered.kmsq-backup"
+    altered.write_text(json.dumps(document))
+    refused = run_kmsq(home, "backup", "restore", str(altered), "--fingerprint", fingerprint, "--custodian-key",
+                       alice, "--custodian-key", bob, env=env)  # fmt: skip
+    assert refused.returncode == 7 and "the backup file does not verify" in refused.stderr, refused.stderr
+    listing = json.loads(_ok(home, "hsm", "list", "--json", env=env))
+    here = listing["this_token"]
+    assert not any(here in entry["tokens"] for entry in listing["keys"].values()), listing
 
 
 def _recovers(xpub: str, digest: str, signature: str) -> None:
