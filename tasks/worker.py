@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
 
 from schemas.operations import OPS
-from schemas.wire import task_name
+from schemas.wire import pool_queue, task_name
 from tasks import metrics
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
@@ -73,6 +74,10 @@ class PoolWorker:
         self._service: KeyService | None = None  # the context's HSM and database, closed when the process stops
         self._pruner: retention.Pruner | None = None
         self._replicator: replication.Replicator | None = None
+        self._token_watch: TokenWatch | None = None
+        # The Celery node name of this worker (kmsq worker sets it): the token watch tells that node to stop and
+        # start consuming, through Celery's remote control.
+        self.nodename: str | None = None
         self._metrics: metrics.WorkerMetrics | None = None
         for op in OPS:
             self._register(op)
@@ -118,6 +123,7 @@ class PoolWorker:
         if getattr(billiard.process.current_process(), "index", 0) == 0:
             self._start_pruner(ctx)
             self._start_replicator(ctx)
+            self._start_token_watch(ctx)
 
     def _start_pruner(self, ctx: WorkerContext) -> None:
         """Prunes in the background of one pool process per worker (the first): request records, the pool's
@@ -156,7 +162,27 @@ class PoolWorker:
         self._replicator = replication.Replicator(run, interval)
         self._replicator.start()
 
+    def _start_token_watch(self, ctx: WorkerContext) -> None:
+        """Watches the token from the first pool process (TokenWatch) when the worker has a node name."""
+        from worker.hsm import Hsm
+
+        nodename = self.nodename
+        if nodename is None or not isinstance(ctx.hsm, Hsm):
+            return
+        queue, control = pool_queue(self.pool), self.app.control
+
+        def consume(on: bool) -> None:
+            if on:
+                control.add_consumer(queue, destination=[nodename], reply=False)
+            else:
+                control.cancel_consumer(queue, destination=[nodename], reply=False)
+
+        self._token_watch = TokenWatch(ctx.hsm.check, consume, self.pool)
+        self._token_watch.start()
+
     def _close_in_child(self, **_: Any) -> None:
+        if self._token_watch is not None:
+            self._token_watch.stop()
         if self._replicator is not None:
             self._replicator.stop()
         if self._pruner is not None:
@@ -250,6 +276,55 @@ class PoolWorker:
         )  # fmt: skip
         def run(self: Task, *args: Any, **kwargs: Any) -> None:
             worker.run(self, () if kwargs else args)  # keyword arguments are not part of the protocol: malformed
+
+
+class TokenWatch(threading.Thread):
+    """Asks the token for an answer every ``interval`` seconds, from a worker's first pool process. After
+    ``failures`` failed checks in a row the worker stops taking requests of its pool (``consume(False)``: the
+    requests stay in the queue, for the pool's other workers, and those it had taken are retried, which puts them
+    back there); at the first check that passes again it takes them again (``consume(True)``). Each change is
+    logged with the reason. A task that meets the failure first retries as before: the watch only ends the
+    taking of new work, within ``interval * failures`` seconds."""
+
+    def __init__(self, check: Callable[[], None], consume: Callable[[bool], None], pool: str,
+                 interval: float = 2.0, failures: int = 2) -> None:  # fmt: skip
+        super().__init__(name="kmsq-token-watch", daemon=True)
+        self._check, self._consume, self._pool = check, consume, pool
+        self._interval, self._failures = interval, failures
+        self._stopped = threading.Event()
+        self.consuming = True
+
+    def run(self) -> None:
+        failed = 0
+        while not self._stopped.wait(self._interval):
+            try:
+                self._check()
+            except Exception as e:  # the token's failure, whatever its class: it is what the watch is for
+                failed += 1
+                if failed >= self._failures and self.consuming:
+                    reason = getattr(e, "message", type(e).__name__)
+                    if self._switch(False):
+                        log.error("the token does not answer (%s): this worker takes no requests of pool %s until it "
+                                  "does", reason, self._pool)  # fmt: skip
+                continue
+            failed = 0
+            if not self.consuming and self._switch(True):
+                log.warning("the token answers again: this worker takes requests of pool %s again", self._pool)
+
+    def _switch(self, on: bool) -> bool:
+        """Asks the worker to start or stop consuming; returns False when the broker did not take the order
+        (the next check tries again)."""
+        try:
+            self._consume(on)
+        except Exception as e:  # the broker may be down as well: the next check tries again
+            log.warning("could not %s consuming: %s", "resume" if on else "stop", type(e).__name__)
+            return False
+        self.consuming = on
+        return True
+
+    def stop(self) -> None:
+        """Stops after the current check."""
+        self._stopped.set()
 
 
 PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"  # Celery's remote control: one member per worker node

@@ -11,17 +11,22 @@ import uuid
 from collections.abc import Iterator
 from contextlib import suppress
 from datetime import timedelta
+from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from kmsq.chaos.environment import free_port
+from kmsq.chaos.hsm_faults import CKR_DEVICE_REMOVED, FaultSwitch, build_fault_module, fault_environment
 from schemas.messages import ReplyEnvelope
 from schemas.wire import seal_private_key
 from tasks.client import KmsClient
 from tasks.identity import Fleet
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
+from worker.config import SOFTHSM2_LIBRARY_PATHS
 from worker.errors import DatabaseUnavailable
 from worker.fleet import ensure_fleet_key, load_fleet_key
 from worker.pipeline import Inbound, WorkerContext, handle
@@ -150,3 +155,60 @@ def test_a_refused_connection_for_the_request_record_is_transient() -> None:
     with pytest.raises(DatabaseUnavailable), transaction(session_factory(engine)) as db:
         RequestRepository(db).record("c", str(uuid.uuid4()), "0" * 64, "generate_data_key", "{}")
     engine.dispose()
+
+
+def _handled(log: Path, request_ids: set[str]) -> set[str]:
+    """The requests among ``request_ids`` whose reply the worker logged."""
+    return {rid for rid in request_ids if f" {rid} -> " in log.read_text(errors="replace")}
+
+
+def _wait_for(log: Path, line: str, within: float) -> float:
+    """Waits until ``line`` is in the log; returns the seconds it took."""
+    started = time.monotonic()
+    while line not in log.read_text(errors="replace"):
+        assert time.monotonic() - started < within, f"no {line!r} in {within} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_a_worker_whose_token_stops_answering_takes_no_requests_until_it_answers(
+    deployment: Deployment, client: KmsClient, tmp_path: Path
+) -> None:
+    # A second worker of pool alpha, on the same token but through the fault-injecting module: when its token
+    # stops answering (CKR_DEVICE_REMOVED on every call), it stops taking requests within seconds (the pool's
+    # other worker answers them all, none fails), its /healthz says why, and it takes requests again once the
+    # token answers.
+    settings = deployment.settings
+    real = next(p for p in SOFTHSM2_LIBRARY_PATHS if Path(p).exists())
+    switch = FaultSwitch(tmp_path / "hsm-fault")
+    env = deployment.env(
+        KMSQ_PKCS11_MODULE=str(build_fault_module(tmp_path)), KMSQ_PKCS11_TOKEN_LABEL=settings.pkcs11_token_label,
+        KMSQ_PKCS11_PIN_FILE=str(settings.embedded_pin_file), SOFTHSM2_CONF=str(settings.softhsm2_conf),
+        **fault_environment(real, switch),
+    )  # fmt: skip
+    log, port = tmp_path / "worker-faulty.log", free_port()
+    worker = start_worker("alpha", 1, env, log, extra=("--metrics-port", str(port)))
+    try:
+        switch.fail(CKR_DEVICE_REMOVED)
+        stopped_in = _wait_for(log, "takes no requests of pool alpha", 15)
+        assert stopped_in < 8, stopped_in  # two failed checks, two seconds apart
+        with httpx.Client() as http:
+            health = http.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["hsm"].startswith("unavailable"), health.text
+        futures = [client.submit_generate_data_key() for _ in range(12)]
+        replies = [client.wait(future) for future in futures]
+        assert all(reply["encryptedKey"] for reply in replies)  # every one answered, by the other worker
+        assert _handled(log, {f.request_id for f in futures}) == set()
+        switch.clear()
+        _wait_for(log, "the token answers again", 15)
+        for _ in range(10):  # the two workers share the queue again: this one takes some of it
+            futures = [client.submit_generate_data_key() for _ in range(8)]
+            for future in futures:
+                client.wait(future)
+            if _handled(log, {f.request_id for f in futures}):
+                break
+        else:
+            raise AssertionError(f"the worker took no request after its token came back:\n{log.read_text()[-3000:]}")
+    finally:
+        switch.clear()
+        worker.stop()

@@ -305,8 +305,9 @@ class Hsm:  # implements worker.keystore.KeyStore
                     session.close()
 
     def check(self) -> None:
-        """Opens (or re-checks) the session. Raises ConfigError or HsmUnavailable."""
-        self._run(lambda s: s.token.label)
+        """Opens the session, or re-checks it with a call the token must answer (8 random bytes: a token that
+        stopped answering fails it, where a cached attribute would not). Raises ConfigError or HsmUnavailable."""
+        self._run(lambda s: s.generate_random(64))
 
     def run(self, op: Callable[[Any], T], *, integrity: bool = False) -> T:
         """Runs ``op`` with the logged-in user session (for worker.hsm_custody), as every method here does: errors

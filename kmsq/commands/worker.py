@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ def run_worker(
     from tasks.worker import PoolWorker
 
     pool_worker = PoolWorker(config, pool)
+    nodename = pool_worker.nodename = f"{pool}.{os.getpid()}@{socket.gethostname()}"
     if extend is not None:
         extend(pool_worker)
 
@@ -91,7 +93,7 @@ def run_worker(
         "--queues", pool_queue(pool),
         "--concurrency", str(concurrency),
         "--pool", "prefork",
-        "--hostname", f"{pool}.{os.getpid()}@%h",
+        "--hostname", nodename,
         "--loglevel", loglevel,
         "--without-gossip",
         "--without-mingle",
