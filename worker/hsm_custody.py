@@ -12,10 +12,12 @@ into a deployment whose keys token A holds:
    (AES-256, itself wrap-with-trusted): :func:`trust_transport_key`. Only the SO can set ``CKA_TRUSTED``; the
    objects are public ones, because an SO session sees no private object (and these hold nothing secret: the
    public key is public, and the replication key's value is sensitive).
-3. A wraps each key for B (:func:`export_keys`): secret keys (AES root keys, the policy key) and the replication
-   key under B's transport key with RSA-OAEP (SHA-256 where the token has it; SoftHSM2 2.6 implements OAEP with
-   SHA-1 only); private keys (RSA root keys, token signing keys) under the replication key with AES key wrap
-   with padding (RFC 5649: RSA-OAEP cannot carry a private key, and SoftHSM2 has no CKM_RSA_AES_KEY_WRAP).
+3. A wraps the replication key under B's transport key with RSA-OAEP (SHA-256 where the token has it; SoftHSM2
+   2.6 implements OAEP with SHA-1 only), and every key (AES and RSA root keys, the policy key, token signing
+   keys) under the replication key with AES key wrap with padding (RFC 5649: RSA-OAEP cannot carry a private
+   key, SoftHSM2 has no CKM_RSA_AES_KEY_WRAP, and one RSA operation per copy set instead of one per key took
+   SoftHSM2's import of 101 keys from 52-55 to 78 keys/s, ``python -m kmsq.bench_custody``; what is left is the
+   token writing each object). Copies wrapped with RSA-OAEP directly (made before) still import.
 4. B unwraps them (:func:`import_keys`) into token objects with the same ids and templates (so B can pass them
    on once its own SO trusts another token), checks each one's **key check value** against A's, and destroys
    the replication key's session copy.
@@ -317,16 +319,14 @@ def export_keys(hsm: Hsm, target: str, labels: set[str] | None = None, *, backup
             if not (key[Attribute.EXTRACTABLE] and key[Attribute.WRAP_WITH_TRUSTED]):
                 continue
             kcv = _kcv(session, kind, label, key)
-            if kind in (AES_ROOT, POLICY_KEY):
-                mechanism, wrapped = _oaep_wrap(transport, key)
-                copies.append(WrappedKey(label, kind, mechanism, wrapped, kcv))
-                continue
             if replication is None:
                 replication = session.get_key(object_class=ObjectClass.SECRET_KEY, label=REPLICATION_PREFIX + target)
                 mechanism, wrapped = _oaep_wrap(transport, replication)
                 copies.insert(0, WrappedKey(REPLICATION_PREFIX + target, REPLICATION, mechanism, wrapped, ""))
+            # Every key under the replication key: one RSA operation per copy set, not one per key.
             wrapped = bytes(replication.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD, mechanism_param=None))
-            copies.append(WrappedKey(label, kind, _KWP, wrapped, kcv, _public_half(session, kind, label)))
+            public = _public_half(session, kind, label) if kind in (RSA_ROOT, EC_SIGNING) else {}
+            copies.append(WrappedKey(label, kind, _KWP, wrapped, kcv, public))
         return copies
 
     return hsm.run(op)
@@ -501,15 +501,18 @@ def restore_keys(
             raise IntegrityError()
         transient = [_session_unwrapping_key(session, private)]
         try:
-            policy_key = _unwrap(transient[0], policy[0], ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
-                                 _SESSION_POLICY_KEY)  # fmt: skip
-            transient.append(policy_key)
-            verify(lambda data: bytes(policy_key.sign(data, mechanism=Mechanism.SHA256_HMAC)))
             replication = [
                 _unwrap(transient[0], copy, ObjectClass.SECRET_KEY, KeyType.AES, _REPLICATION_SESSION_KEY)
                 for copy in copies if copy.kind == REPLICATION
             ]  # fmt: skip
             transient.extend(replication)
+            if policy[0].mechanism == _KWP and not replication:
+                raise IntegrityError()
+            unwrapping = replication[0] if policy[0].mechanism == _KWP else transient[0]
+            policy_key = _unwrap(unwrapping, policy[0], ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
+                                 _SESSION_POLICY_KEY)  # fmt: skip
+            transient.append(policy_key)
+            verify(lambda data: bytes(policy_key.sign(data, mechanism=Mechanism.SHA256_HMAC)))
             return _import_all(session, transient[0], replication, present, copies)
         finally:
             for key in transient:
