@@ -2,7 +2,8 @@
 
 - **K1, keys replicated per second.** Token A wraps every root key for token B (``export``: AES key wrap with
   padding under a replication key that RSA-OAEP carries, inside A) and B unwraps and checks each one's key check
-  value (``import``); the baseline, measured in the same run on token A, is data keys generated per second (CKM_AES_KEY_WRAP_PAD of a fresh key under a root key).
+  value (``import``); the baseline, measured in the same run on token A, is data keys generated per second
+  (CKM_AES_KEY_WRAP_PAD of a fresh key under a root key).
 - **K2, backup and restore of every root key.** ``kmsq backup create``, then ``kmsq backup restore`` (each the
   command, in its own process, as an operator runs it) into a new token, with the deployment's database
   holding ``--stored`` private keys (1,000 and 100,000 by default), alternating, ``--repeat`` times each. The

@@ -24,6 +24,7 @@ from celery import Task, signals
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
+from sqlalchemy.orm import Session
 
 from schemas.operations import OPS
 from schemas.wire import pool_queue, task_name
@@ -100,7 +101,7 @@ class PoolWorker:
                 service = KeyService.from_settings(self.settings)
                 service.hsm.check()
                 # Every caller, root key and pool row this process acts on must verify (worker.policy).
-                rows = TrustedRows(service.hsm, self.settings.cache_seconds)
+                rows = TrustedRows(service.hsm, self.settings.cache_seconds, _anchor_catch_up(service.hsm))
                 with transaction(service.sessions) as db:
                     fleet = load_fleet_key(service.hsm, db, self.pool, RootKeyAccess(rows))
                 self._context = WorkerContext(
@@ -396,3 +397,13 @@ def _custody_gate(keystore: Any, min_tokens: int) -> replication.CustodyGate | N
     if min_tokens <= 1 or not isinstance(keystore, Hsm):
         return None
     return replication.CustodyGate(keystore, min_tokens)
+
+
+def _anchor_catch_up(keystore: Any) -> Callable[[Session], bool] | None:
+    """How the worker's rows catch up with an anchor another token moved (worker.replication.take_anchor), on a
+    PKCS#11 token."""
+    from worker.hsm import Hsm
+
+    if not isinstance(keystore, Hsm):
+        return None
+    return lambda db: replication.take_anchor(keystore, db, policy_anchor.deployment_id(db))

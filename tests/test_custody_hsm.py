@@ -21,13 +21,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.wire import b64u, from_b64u
+from tasks.identity import CallerIdentity
 from tests.unit_fixtures import UnitTemplate, copy_of_schema
+from worker import callers, policy_anchor, replication
 from worker import hsm_custody as custody
-from worker import replication
 from worker.config import Settings
 from worker.errors import ConfigError, HsmError, IntegrityError
 from worker.hsm import Hsm
 from worker.keystore import RootKeyHandle
+from worker.policy import PolicyNotAnchored, TrustedRows
 from worker.storage.db import session_factory, transaction
 from worker.storage.models import KeyCopy
 
@@ -218,3 +220,58 @@ def test_the_probe_finds_everything_kmsq_needs_on_softhsm2(pair: Pair) -> None:
     assert custody.missing(found, {"aes-256", "rsa-2048"}, custody=True) == []
     before = pair.a.run(lambda s: len(list(s.get_objects({Attribute.TOKEN: False}))))
     assert before == 0  # it left no session object behind
+
+
+def test_an_operator_change_on_a_reaches_the_workers_of_b_at_once(
+    pair: Pair, hsm_settings: Settings, unit_template: UnitTemplate, tmp_path: Path
+) -> None:
+    """Seen in `kmsq chaos`: after `kmsq caller add` on A's host, the workers on token B refused every request
+    (`policy rows not anchored`) until replication carried A's anchor over, up to two replication intervals.
+    Now the command leaves the anchor for B as it commits, and B's workers take it before refusing; a copy a
+    database writer altered is not taken."""
+    c = _new_token(hsm_settings, f"custody-p-{secrets.token_hex(4)}")
+    gc.collect()
+    c.reread()
+    for token in (pair.a, pair.b):
+        token.reset()
+    sessions = session_factory(copy_of_schema(unit_template, tmp_path / "anchor.db"))
+    with transaction(sessions) as db:
+        enrolled = replication.enroll(c, db)
+        assert replication.trust(pair.a, db, enrolled.name, enrolled.fingerprint, SO_PIN)
+        replication.replicate(pair.a, db, policy_anchor.deployment_id(db))
+    with transaction(sessions) as db:
+        replication.replicate(c, db, policy_anchor.deployment_id(db))  # C holds the policy key now
+    identity = CallerIdentity.generate("alice")
+    identity.write(tmp_path)
+    with transaction(sessions) as db:  # the operator command, on A's host
+        callers.add_caller(pair.a, db, "alice", callers.read_public_identity(tmp_path / "alice.pub.json"),
+                           ["generate_data_key"], None, False)  # fmt: skip
+    with sessions() as db:
+        scope = policy_anchor.deployment_id(db)
+        left = db.get(KeyCopy, (enrolled.name, f"{replication.ANCHOR}:{scope}"))
+        assert left is not None  # left for C when the command committed, no replication run since
+        genuine = left.wrapped
+    with sessions() as db, pytest.raises(PolicyNotAnchored):
+        TrustedRows(c).caller(db, "alice")  # C's own anchor is behind: without catching up, refused
+
+    def catch_up(db: Session) -> bool:
+        return replication.take_anchor(c, db, policy_anchor.deployment_id(db))
+
+    anchor = policy_anchor.Anchor.decode(from_b64u(genuine, max_len=4096))
+    assert anchor is not None
+    forged = policy_anchor.Anchor(anchor.epoch + 5, "00" * 32).encode()  # a database writer's own anchor
+    with transaction(sessions) as db:
+        row = db.get(KeyCopy, (enrolled.name, f"{replication.ANCHOR}:{scope}"))
+        assert row is not None
+        row.wrapped = b64u(forged)
+    with sessions() as db, pytest.raises(PolicyNotAnchored):
+        TrustedRows(c, catch_up=catch_up).caller(db, "alice")
+    with transaction(sessions) as db:
+        row = db.get(KeyCopy, (enrolled.name, f"{replication.ANCHOR}:{scope}"))
+        assert row is not None
+        row.wrapped = genuine
+    with sessions() as db:
+        found = TrustedRows(c, catch_up=catch_up).caller(db, "alice")
+        assert found is not None and found.state == "enabled"
+        assert policy_anchor.status(c, db).matches
+    c.reset()

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hmac
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import audit_log, policy_anchor
+from worker import audit_log, policy_anchor, replication
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
 from worker.storage.cache import TtlCache, detached_copy
@@ -87,7 +88,7 @@ def seal(hsm: KeyStore, db: Session, row: PolicyRow) -> None:
     hsm.ensure_policy_key()
     row.policy_mac = hsm.policy_mac(mac_input(row)).hex()
     try:
-        policy_anchor.arm(hsm, db, approve=db.info.get(_APPROVING, False))
+        policy_anchor.arm(hsm, db, approve=db.info.get(_APPROVING, False), then=replication.share_anchor)
     except policy_anchor.NotAnchored as e:
         raise PolicyNotAnchored(f"{e}; no operator change is made until then") from None
 
@@ -129,12 +130,18 @@ class TrustedRows:
     check each row they change with :func:`require`), rows are read as the database holds them. With
     ``cache_seconds``, rows (and their absence) are kept that long as detached copies, so that a request does not
     spend queries and HSM calls on rows that change a few times a year; a change then reaches this process
-    within that time.
+    within that time. When the rows stop matching the token's anchor, ``catch_up`` (a worker on a token of a
+    deployment with several: worker.replication.take_anchor) may move the anchor to the one another token left
+    for this one; it returns True when it did, and the rows are checked again before they are refused.
     """
 
-    def __init__(self, hsm: KeyStore | None = None, cache_seconds: float = 0.0) -> None:
+    def __init__(
+        self, hsm: KeyStore | None = None, cache_seconds: float = 0.0,
+        catch_up: Callable[[Session], bool] | None = None,
+    ) -> None:  # fmt: skip
         self.hsm = hsm
         self._cache = TtlCache(cache_seconds)
+        self._catch_up = catch_up
 
     def _anchored(self, db: Session, *, fresh: bool = False) -> policy_anchor.PolicyState:
         """The policy rows' identities and MACs, once the token's anchor vouches for them (read again at most
@@ -146,7 +153,10 @@ class TrustedRows:
 
         def load() -> policy_anchor.PolicyState:
             state = policy_anchor.policy_state(db)
-            if not policy_anchor.accepted(hsm, policy_anchor.deployment_id(db), state):
+            scope = policy_anchor.deployment_id(db)
+            if not policy_anchor.accepted(hsm, scope, state) and not (
+                self._catch_up is not None and self._catch_up(db) and policy_anchor.accepted(hsm, scope, state)
+            ):
                 log.error("refused every policy row: %s", policy_anchor.status(hsm, db).describe())
                 raise PolicyNotAnchored("the policy rows do not match the token's policy anchor")
             return state
@@ -250,7 +260,7 @@ def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[Ro
     statuses = []
     if seal_failing:
         db.info[_APPROVING] = True  # the operator approves the rows as they are: no anchor check before sealing
-        policy_anchor.arm(hsm, db, approve=True)
+        policy_anchor.arm(hsm, db, approve=True, then=replication.share_anchor)
     for row in rows:
         ok = verifies(hsm, row)
         statuses.append(RowStatus(describe(row), ok))

@@ -171,10 +171,14 @@ class NotAnchored(Exception):
     """The policy rows an operator command would change are not the anchored ones."""
 
 
-def arm(hsm: KeyStore, db: Session, *, approve: bool = False) -> None:
+Moved = Callable[[KeyStore, Any, str], None]  # (token, the session's bind, scope), after a confirmed move
+
+
+def arm(hsm: KeyStore, db: Session, *, approve: bool = False, then: Moved | None = None) -> None:
     """Makes the commit of ``db``'s transaction also move the token's anchor to the policy rows it leaves (see
-    the module docstring). Called when an operator command seals a row; once per transaction. On Postgres it
-    takes the advisory lock that serializes such transactions until this one ends.
+    the module docstring), then call ``then`` (worker.replication.share_anchor). Called when an operator command
+    seals a row; once per transaction. On Postgres it takes the advisory lock that serializes such transactions
+    until this one ends.
 
     Raises NotAnchored, unless ``approve`` (``kmsq policy seal``, whose job is to approve the rows as they are),
     when the rows as the transaction found them are not the anchored ones: an ordinary operator command must not
@@ -192,16 +196,17 @@ def arm(hsm: KeyStore, db: Session, *, approve: bool = False) -> None:
     if not approve and (state or anchors(hsm, scope)) and not accepted(hsm, scope, state):
         raise NotAnchored(status(hsm, db).describe())
     db.info[_ARMED] = True
-    _AnchorMove(hsm, scope).listen(db)
+    _AnchorMove(hsm, scope, then).listen(db)
 
 
 class _AnchorMove:
     """One transaction's move of the anchor: pending before its commit, confirmed after it, undone if it rolls
     back after the pending anchor was written."""
 
-    def __init__(self, hsm: KeyStore, scope: str) -> None:
+    def __init__(self, hsm: KeyStore, scope: str, then: Moved | None = None) -> None:
         self.hsm = hsm
         self.scope = scope
+        self.then = then
         self.pending: Anchor | None = None
         self.committed = False
         self.over = False  # the transaction ended: its listeners do nothing more (removing them while the
@@ -231,6 +236,8 @@ class _AnchorMove:
         self.committed = True
         if self.pending is not None:
             self._settle(self.pending.current, "confirmed")
+            if self.then is not None:
+                self.then(self.hsm, session.get_bind(), self.scope)
 
     def ended(self, session: Session, transaction: SessionTransaction) -> None:
         if self.over or transaction.parent is not None:  # over, or a savepoint

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, Engine, delete, select
 from sqlalchemy.orm import Session
 
 from schemas.wire import b64u, from_b64u
@@ -37,7 +37,7 @@ from worker import hsm_custody as custody
 from worker import policy_anchor
 from worker.errors import ConfigError, IntegrityError, NotReplicated
 from worker.hsm import Hsm
-from worker.keystore import root_key_label
+from worker.keystore import KeyStore, root_key_label
 from worker.storage.models import HsmToken, KeyCopy, RootKeyVersion, TokenKey, utcnow
 
 log = logging.getLogger("kmsq.replication")
@@ -194,6 +194,56 @@ def _anchor_copy(hsm: Hsm, scope: str | None, target: str, source: str, held: se
                    kcv=_anchor_mac(hsm, scope, value), public="{}", source=source, created_at=utcnow())  # fmt: skip
 
 
+def push_anchor(hsm: Hsm, db: Session, scope: str | None) -> list[str]:
+    """Leaves this token's policy anchor of ``scope`` for every token it trusts that did not report holding it
+    (what :func:`replicate` does for the anchor alone, cheaply: no key is wrapped). Returns those tokens' names."""
+    if scope is None or not custody.takes_part(hsm):
+        return []
+    name, pushed = hsm.token_serial(), []
+    for target in custody.trusted_targets(hsm):
+        anchor = _anchor_copy(hsm, scope, target, name, held_by(hsm, db, target))
+        if anchor is not None:
+            db.merge(anchor)
+            pushed.append(target)
+    return pushed
+
+
+def share_anchor(hsm: KeyStore, bind: Engine | Connection, scope: str) -> None:
+    """After an operator command moved the anchor of ``scope`` on this token: leaves it at once for the tokens
+    this one trusts (:func:`push_anchor`, in a transaction of its own on ``bind``), so that their workers, which
+    take it when the rows stop matching their own (:func:`take_anchor`), do not refuse requests until the next
+    replication. A failure is logged: the workers' replication leaves it within its interval."""
+    if not isinstance(hsm, Hsm):
+        return
+    try:
+        with Session(bind) as db, db.begin():
+            pushed = push_anchor(hsm, db, scope)
+    except Exception as e:  # the operator's change stands; replication carries the anchor later
+        log.warning("the policy anchor was not left for the other tokens now (%s): the workers' replication "
+                    "does it within KMSQ_REPLICATE_INTERVAL_SECONDS", type(e).__name__)  # fmt: skip
+        return
+    if pushed:
+        log.info("the policy anchor left for tokens %s", ", ".join(pushed))
+
+
+def _verified_anchor(hsm: Hsm, scope: str, row: KeyCopy) -> bytes | None:
+    """The anchor value an ANCHOR copy carries, when its MAC (under the policy key the tokens share) verifies."""
+    value = from_b64u(row.wrapped, max_len=4096)
+    return value if hmac.compare_digest(_anchor_mac(hsm, scope, value), row.kcv) else None
+
+
+def take_anchor(hsm: Hsm, db: Session, scope: str | None) -> bool:
+    """Takes the policy anchor of ``scope`` another token left for this one, when its MAC verifies and it is newer
+    than this token's own (a worker whose rows stop matching its token's anchor calls it before refusing: an
+    operator command on another token moved the anchor). The row stays for the next replication to remove.
+    Returns True when this token's anchor moved. Raises HsmUnavailable (transient)."""
+    if scope is None:
+        return False
+    row = db.get(KeyCopy, (hsm.token_serial(), f"{ANCHOR}:{scope}"))
+    value = _verified_anchor(hsm, scope, row) if row is not None and row.kind == ANCHOR else None
+    return value is not None and policy_anchor.adopt(hsm, scope, value)
+
+
 def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replication) -> None:
     rows = list(db.scalars(select(KeyCopy).where(KeyCopy.target == name)))
     keys = [row for row in rows if row.kind != ANCHOR]
@@ -211,8 +261,8 @@ def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replicati
                       ", ".join(done.refused))  # fmt: skip
     for row in rows:
         if row.kind == ANCHOR and scope is not None and row.label == f"{ANCHOR}:{scope}":
-            value = from_b64u(row.wrapped, max_len=4096)
-            if hmac.compare_digest(_anchor_mac(hsm, scope, value), row.kcv):
+            value = _verified_anchor(hsm, scope, row)
+            if value is not None:
                 done.anchor_adopted = policy_anchor.adopt(hsm, scope, value)
             else:
                 done.refused.append(row.label)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -171,6 +172,8 @@ class Deployment:
     postgres: Postgres
     switch: FaultSwitch
     env: dict[str, str]
+    # Host B: its own embedded token (no fault module), the same database and broker; worker 1 runs on it.
+    env_b: dict[str, str] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     restarts: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -181,9 +184,20 @@ class Deployment:
         """KMSQ_HOME of the run (token, callers, fleet file)."""
         return Path(self.env["KMSQ_HOME"])
 
-    def kmsq(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """Runs a ``kmsq`` command in the run's environment. Raises ChaosError when it fails."""
-        result = subprocess.run([sys.executable, "-m", "kmsq", *args], env=self.env, capture_output=True, text=True,
+    @property
+    def home_b(self) -> Path:
+        """KMSQ_HOME of host B (its token)."""
+        return Path(self.env_b["KMSQ_HOME"])
+
+    def env_of(self, number: int) -> dict[str, str]:
+        """The environment of worker ``number``: host B's for worker 1, host A's for the others."""
+        return self.env_b if number == 1 and self.env_b else self.env
+
+    def kmsq(self, *args: str, timeout: float = 300, on_b: bool = False) -> subprocess.CompletedProcess[str]:
+        """Runs a ``kmsq`` command in the run's environment (host B's with ``on_b``). Raises ChaosError when it
+        fails."""
+        env = self.env_b if on_b else self.env
+        result = subprocess.run([sys.executable, "-m", "kmsq", *args], env=env, capture_output=True, text=True,
                                 timeout=timeout, check=False)  # fmt: skip
         if result.returncode != 0:
             raise ChaosError(f"kmsq {' '.join(args[:2])} failed: {result.stderr.strip()[-500:]}")
@@ -194,11 +208,21 @@ class Deployment:
         log = self.work / f"worker-{number}.log"
         with log.open("ab") as out:
             process = subprocess.Popen([sys.executable, "-m", "kmsq", "worker", "--pool", POOL, "--concurrency", "2"],
-                                       env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                       env=self.env_of(number), stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # fmt: skip
         worker = Worker(number, process, log)
         wait_until(lambda: len(worker.children()) >= 2 or process.poll() is not None, 60, f"worker {number} start")
         return worker
+
+    def enroll_token_b(self) -> None:
+        """Puts host B's token into the deployment, as an operator does (docs/OPERATIONS.md, "Key custody"): B
+        enrolled, its transport key trusted by A's security officer, the keys wrapped on A and taken on B.
+        Raises ChaosError when a step fails."""
+        enrolled = json.loads(self.kmsq("hsm", "enroll", "--json", on_b=True).stdout)
+        self.kmsq("hsm", "trust", enrolled["name"], "--fingerprint", enrolled["fingerprint"], "--so-pin-file",
+                  str(self.home / "hsm-so.pin"))  # fmt: skip
+        self.kmsq("hsm", "replicate")
+        self.kmsq("hsm", "replicate", on_b=True)
 
     def supervise(self) -> None:
         """Restarts (after 1 s) every worker that exits while it is wanted, as systemd or compose would."""
@@ -286,8 +310,12 @@ def create(work: Path, workers: int) -> Deployment:
         "SOFTHSM2_CONF": str(settings.softhsm2_conf),
         **fault_environment(real_module, switch),
     }
-    deployment = Deployment(work, redis, postgres, switch, env)
+    host_b = {name: value for name, value in env.items() if not name.startswith(("KMSQ_PKCS11_", "KMSQ_FAULT_"))
+              and name != "SOFTHSM2_CONF"}  # fmt: skip
+    deployment = Deployment(work, redis, postgres, switch, env, host_b | {"KMSQ_HOME": str(work / "home-b")})
     deployment.kmsq("init")
+    if workers > 1:
+        deployment.enroll_token_b()
     deployment.workers = [deployment.start_worker(n) for n in range(workers)]
     deployment.supervise()
     return deployment

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import signal
 import time
 import uuid
@@ -66,6 +67,23 @@ def _hsm_window(code: int) -> Callable[[Deployment], None]:
     return inject
 
 
+def _hsm_lost(d: Deployment) -> None:
+    """Token B destroyed under load: its worker killed -9 and its token directory deleted; the pool runs on token
+    A alone for 5 s; then a new token takes B's place, enrolled and replicated as an operator does, and its worker
+    starts again (the supervisor restarts it)."""
+    worker = d.workers[1]
+    worker.wanted = False
+    d.signal_worker(1, signal.SIGKILL, whole_group=True)
+    worker.process.wait(timeout=30)
+    tokens = d.home_b / "tokens"
+    shutil.rmtree(tokens)
+    tokens.mkdir()
+    time.sleep(5)
+    d.enroll_token_b()
+    worker.wanted = True
+    wait_until(lambda: d.workers[1] is not worker and len(d.workers[1].children()) >= 2, 90, "worker 1 on a new token")
+
+
 def _flood(d: Deployment) -> None:
     """3,000 entries that are not kombu messages and 2,000 task messages from a caller nobody registered."""
     client = redis.Redis.from_url(d.redis.url)
@@ -98,6 +116,7 @@ FAULTS: dict[str, Callable[[Deployment], None]] = {
     "Postgres restarted (immediate)": _postgres_restart,
     "HSM: CKR_DEVICE_REMOVED for 5 s": _hsm_window(CKR_DEVICE_REMOVED),
     "HSM: CKR_SESSION_HANDLE_INVALID for 5 s": _hsm_window(CKR_SESSION_HANDLE_INVALID),
+    "one HSM lost (token B deleted, its worker killed -9), then replaced": _hsm_lost,
     "broker flood of invalid messages": _flood,
 }
 
