@@ -164,18 +164,25 @@ def test_a_tampered_or_misaddressed_copy_leaves_nothing(pair: Pair, hsm_settings
     c.reset()
 
 
+def _third_token(
+    pair: Pair, hsm_settings: Settings, unit_template: UnitTemplate, tmp_path: Path
+) -> tuple[Hsm, sessionmaker[Session]]:
+    """A new token C in the run's token directory (A and B log in again on next use), and a database of its own."""
+    c = _new_token(hsm_settings, f"custody-c-{secrets.token_hex(4)}")
+    gc.collect()
+    c.reread()
+    for token in (pair.a, pair.b):
+        token.reset()
+    return c, session_factory(copy_of_schema(unit_template, tmp_path / "custody.db"))
+
+
 def test_replication_through_the_database_refuses_a_changed_copy_and_makes_it_again(
     pair: Pair, hsm_settings: Settings, unit_template: UnitTemplate, tmp_path: Path
 ) -> None:
     """worker.replication on a database of its own (SQLite): enroll C, trust it (wrong fingerprint first),
     replicate from A; a database writer flips a byte of a copy: C refuses it and drops every copy, A makes them
     again, and then C takes them all with A's check values."""
-    c = _new_token(hsm_settings, f"custody-r-{secrets.token_hex(4)}")
-    gc.collect()
-    c.reread()
-    for token in (pair.a, pair.b):
-        token.reset()
-    sessions = session_factory(copy_of_schema(unit_template, tmp_path / "custody.db"))
+    c, sessions = _third_token(pair, hsm_settings, unit_template, tmp_path)
     with transaction(sessions) as db:
         enrolled = replication.enroll(c, db)
     with transaction(sessions) as db, pytest.raises(ConfigError, match="nothing was trusted"):
@@ -229,12 +236,7 @@ def test_an_operator_change_on_a_reaches_the_workers_of_b_at_once(
     (`policy rows not anchored`) until replication carried A's anchor over, up to two replication intervals.
     Now the command leaves the anchor for B as it commits, and B's workers take it before refusing; a copy a
     database writer altered is not taken."""
-    c = _new_token(hsm_settings, f"custody-p-{secrets.token_hex(4)}")
-    gc.collect()
-    c.reread()
-    for token in (pair.a, pair.b):
-        token.reset()
-    sessions = session_factory(copy_of_schema(unit_template, tmp_path / "anchor.db"))
+    c, sessions = _third_token(pair, hsm_settings, unit_template, tmp_path)
     with transaction(sessions) as db:
         enrolled = replication.enroll(c, db)
         assert replication.trust(pair.a, db, enrolled.name, enrolled.fingerprint, SO_PIN)
