@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.unit_fixtures import Unit
 from worker.hsm_custody import Capability, missing
+from worker.replication import record_check
+from worker.storage.db import transaction
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +36,19 @@ def test_what_is_missing_depends_on_the_root_keys_and_custody(types: set[str], c
 
 def test_nothing_is_missing_when_everything_is_there() -> None:
     assert missing([FINE, Capability("CKM_ECDSA", "--in-hsm signing keys", True)], {"rsa-4096"}, True) == []
+
+
+def test_the_last_check_of_each_token_is_recorded_for_kmsq_status(unit: Unit) -> None:
+    from kmsq.commands.status import _tokens
+
+    with transaction(unit.service.sessions) as db:
+        record_check(db, "token-a", [GCM, OAEP], "worker alpha")
+        record_check(db, "token-b", [], "kmsq hsm check")
+    with transaction(unit.service.sessions) as db:
+        record_check(db, "token-a", [OAEP], "kmsq hsm check")  # a second check replaces the first
+    with transaction(unit.service.sessions) as db:
+        checks = _tokens(db)["checks"]
+    assert {name: (c["checked_by"], c["missing"]) for name, c in checks.items()} == {
+        "token-a": ("kmsq hsm check", ["CKM_RSA_PKCS_OAEP (rsa-* root keys, key custody)"]),
+        "token-b": ("kmsq hsm check", []),
+    }

@@ -102,6 +102,12 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 tokens = json.loads(_ok(home_a, "status", "--json", env=env_a))["tokens"]
                 assert len(tokens["keys"]) == 2 and len(set(tokens["keys"].values())) == 1, tokens
                 assert tokens["on_fewer_than_all"] == []
+                checked = json.loads(_ok(home_b, "hsm", "check", "--json", env=env_b))
+                assert checked["missing"] == [] and checked["capabilities"], checked
+                checks = json.loads(_ok(home_a, "status", "--json", env=env_a))["tokens"]["checks"]
+                by = {name: check["checked_by"] for name, check in checks.items()}
+                assert by[enrolled["name"]] == "kmsq hsm check" and "worker default" in by.values(), checks
+                assert all(check["missing"] == [] for check in checks.values()), checks
 
                 # After the operator's replication, the workers replicate by themselves: a root key rotated on A
                 # (a new version, and the policy anchor moved), a data key under it and a new token key reach B

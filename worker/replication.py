@@ -38,7 +38,7 @@ from worker import policy_anchor
 from worker.errors import ConfigError, IntegrityError, NotReplicated
 from worker.hsm import Hsm
 from worker.keystore import KeyStore, root_key_label
-from worker.storage.models import HsmToken, KeyCopy, RootKeyVersion, TokenKey, utcnow
+from worker.storage.models import HsmToken, KeyCopy, RootKeyVersion, TokenCheck, TokenKey, utcnow
 
 log = logging.getLogger("kmsq.replication")
 
@@ -129,6 +129,17 @@ def report_inventory(hsm: Hsm, db: Session, scope: str | None = None) -> list[cu
     db.add_all(TokenKey(token=name, label=label, kind=kind, kcv=kcv, replicable=replicable, seen_at=now,
                         mac=_held_mac(hsm, name, label, kcv)) for label, kind, kcv, replicable in rows)  # fmt: skip
     return keys
+
+
+def record_check(db: Session, token: str, lacking: list[custody.Capability], checked_by: str) -> None:
+    """Records what ``token`` answered to the check of what kmsq needs of it (``token_checks``, one row per token,
+    the last check): ``lacking`` is what the deployment needs that the token lacks (empty when it has all)."""
+    names = json.dumps([f"{c.name} ({c.needed_for})" for c in lacking])
+    row = db.get(TokenCheck, token)
+    if row is None:
+        db.add(TokenCheck(token=token, checked_by=checked_by, missing=names))
+    else:
+        row.checked_at, row.checked_by, row.missing = utcnow(), checked_by, names
 
 
 def _digest(value: bytes) -> str:

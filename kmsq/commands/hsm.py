@@ -174,7 +174,7 @@ def hsm_check(as_json: bool) -> None:
     Workers run the same check before they serve."""
     from sqlalchemy import select
 
-    from worker import hsm_custody
+    from worker import hsm_custody, replication
     from worker.storage.db import transaction
     from worker.storage.models import RootKey
 
@@ -184,6 +184,8 @@ def hsm_check(as_json: bool) -> None:
     with transaction(svc.sessions) as db:
         types = set(db.scalars(select(RootKey.type).where(RootKey.state == "enabled")))
     lacking = hsm_custody.missing(found, types, hsm_custody.takes_part(token))
+    with transaction(svc.sessions) as db:
+        replication.record_check(db, token.token_serial(), lacking, "kmsq hsm check")
     if as_json:
         print_json({"capabilities": [asdict(c) for c in found], "missing": [c.name for c in lacking]})
     else:

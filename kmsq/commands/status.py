@@ -6,6 +6,7 @@ pool."""
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,6 +102,9 @@ def status(as_json: bool) -> None:
         short = len(tokens["on_fewer_than_all"])
         warning = f"; [red]{short} keys are not on every token[/red] (kmsq hsm list)" if short else ""
         console.print(f"tokens (keys held, as last reported): {held}{warning}")
+    for name, check in tokens["checks"].items():
+        verdict = ("[red]lacks[/red] " + ", ".join(check["missing"])) if check["missing"] else "has what kmsq needs"
+        console.print(f"token {name}: {verdict} ({check['checked_by']}, {check['checked_at'][:19]})")
 
 
 def _tokens(db: Any) -> dict[str, Any]:
@@ -109,11 +113,14 @@ def _tokens(db: Any) -> dict[str, Any]:
     from sqlalchemy import select
 
     from worker.replication import ANCHOR
-    from worker.storage.models import TokenKey
+    from worker.storage.models import TokenCheck, TokenKey
 
+    checks = {row.token: {"checked_at": row.checked_at.isoformat(), "checked_by": row.checked_by,
+                          "missing": json.loads(row.missing)}
+              for row in db.scalars(select(TokenCheck).order_by(TokenCheck.token))}  # fmt: skip
     held: dict[str, set[str]] = {}
     for row in db.scalars(select(TokenKey).where(TokenKey.kind != ANCHOR)):
         held.setdefault(row.token, set()).add(row.label)
     every = set.union(*held.values()) if held else set()
     fewer = sorted(label for label in every if sum(label in labels for labels in held.values()) < len(held))
-    return {"keys": {name: len(labels) for name, labels in held.items()}, "on_fewer_than_all": fewer}
+    return {"keys": {name: len(labels) for name, labels in held.items()}, "on_fewer_than_all": fewer, "checks": checks}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -120,8 +121,9 @@ def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | No
 def _needs(keystore: Any, sessions: Any, pool: str) -> None:
     """Raises ConfigError naming what the token lacks that the pool's root keys (or key custody) need."""
     from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from worker import hsm_custody
+    from worker import hsm_custody, replication
     from worker.errors import ConfigError
     from worker.hsm import Hsm
     from worker.storage.db import transaction
@@ -132,6 +134,11 @@ def _needs(keystore: Any, sessions: Any, pool: str) -> None:
     with transaction(sessions) as db:
         types = set(db.scalars(select(RootKey.type).where(RootKey.pool == pool, RootKey.state == "enabled")))
     lacking = hsm_custody.missing(hsm_custody.probe(keystore), types, hsm_custody.takes_part(keystore))
+    try:
+        with transaction(sessions) as db:
+            replication.record_check(db, keystore.token_serial(), lacking, f"worker {pool}"[:32])
+    except SQLAlchemyError as e:  # a record for kmsq status: not a reason to refuse, nor to hide what is missing
+        logging.getLogger("kmsq.worker").warning("the token check was not recorded: %s", type(e).__name__)
     if lacking:
         raise ConfigError("the token lacks " + ", ".join(f"{c.name} ({c.needed_for})" for c in lacking)
                           + " (kmsq hsm check)")  # fmt: skip

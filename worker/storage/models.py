@@ -364,3 +364,15 @@ class TokenKey(Base):
     # HMAC-SHA256 under the policy key the tokens share, over (token, label, kcv): a source believes a target
     # holds a key only by a row that verifies (None: reported before the token had the policy key).
     mac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class TokenCheck(Base):
+    """What a token last answered to the check of what kmsq needs of it (worker.hsm_custody.probe), run by
+    ``kmsq hsm check`` or by a worker before it serves: shown by ``kmsq status``."""
+
+    __tablename__ = "token_checks"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    checked_by: Mapped[str] = mapped_column(String(32))  # "kmsq hsm check" or "worker <pool>"
+    missing: Mapped[str] = mapped_column(Text)  # JSON list of "capability (needed for)"; [] when nothing is
