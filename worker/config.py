@@ -46,6 +46,7 @@ _KEYS = (
     "reply_queue_ttl_seconds",
     "replicate_interval_seconds",
     "min_tokens",
+    "require_sync_standby",
 )
 # Retention (worker.retention): a request record is kept until its expiry + the clock skew + this grace, so that
 # get_result can still ask for its reply.
@@ -82,6 +83,7 @@ class Settings:
     reply_queue_ttl_seconds: int = DEFAULT_REPLY_QUEUE_TTL_SECONDS
     replicate_interval_seconds: int = DEFAULT_REPLICATE_INTERVAL_SECONDS
     min_tokens: int = 1  # workers wrap under a root key version only once it is on this many tokens
+    require_sync_standby: bool = False  # workers refuse a Postgres primary without a synchronous standby
 
     @property
     def embedded_broker(self) -> bool:
@@ -245,6 +247,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         reply_queue_ttl_seconds=max(1, _int(values, "reply_queue_ttl_seconds", DEFAULT_REPLY_QUEUE_TTL_SECONDS)),
         replicate_interval_seconds=_int(values, "replicate_interval_seconds", DEFAULT_REPLICATE_INTERVAL_SECONDS),
         min_tokens=max(1, _int(values, "min_tokens", 1)),
+        require_sync_standby=_flag(values, "require_sync_standby"),
     )
 
 
@@ -254,6 +257,15 @@ def _namespace(value: str | None) -> str | None:
     except ValueError as e:
         raise ConfigError(f"KMSQ_NAMESPACE: {e}") from None
     return value
+
+
+def _flag(values: Mapping[str, str], key: str) -> bool:
+    raw = values.get(key, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{key} must be 1 or 0, got {raw!r}")
 
 
 def _int(values: Mapping[str, str], key: str, default: int) -> int:

@@ -1,6 +1,7 @@
 """A private deployment for a chaos run, in one work directory: its own redis-server (append-only file,
-fsync every second), its own PostgreSQL cluster, a SoftHSM2 token behind the fault-injecting PKCS#11 module,
-and worker processes under a small supervisor. Faults are done to these, never to shared services.
+fsync every second), its own PostgreSQL primary (with a synchronous or an asynchronous standby), a SoftHSM2
+token behind the fault-injecting PKCS#11 module, and worker processes under a small supervisor. Faults are done
+to these, never to shared services.
 """
 
 from __future__ import annotations
@@ -90,48 +91,174 @@ class Redis:
             self.process.wait(timeout=30)
 
 
-class Postgres:
-    """A private PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` user when this is root, in a directory
-    of its own under the system's temporary directory: the work directory's parents may be closed to it)."""
+STANDBY_MODES = ("sync", "async", "none")
 
-    def __init__(self, directory: Path) -> None:
+
+class Postgres:
+    """A private PostgreSQL primary on 127.0.0.1, with a streaming standby unless ``standby`` is ``none``
+    (``sync``: a commit waits until the standby has it, ``synchronous_standby_names = '*'``; ``async``: it does
+    not). Clients reach it through a multi-host URL (``target_session_attrs=read-write``), so that after
+    :meth:`fail_over` they find the promoted standby by themselves. Runs as the ``postgres`` user when this is
+    root, in a directory of its own under the system's temporary directory (the work directory's parents may be
+    closed to it); its nodes listen on TCP only."""
+
+    def __init__(self, directory: Path, standby: str = "none") -> None:
+        if standby not in STANDBY_MODES:
+            raise ChaosError(f"standby must be one of {', '.join(STANDBY_MODES)}")
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
             directory = Path(tempfile.mkdtemp(prefix="kmsq-chaos-pg-"))
-            os.chmod(directory, 0o711)  # noqa: S103 - traversable only: the cluster directory below is 0700
+            os.chmod(directory, 0o711)  # noqa: S103 - traversable only: the cluster directories below are 0700
         self.home = directory
-        self.directory = directory / "cluster"
-        self.port = free_port()
+        self.standby = standby
+        self.ports = [free_port() for _ in range(1 if standby == "none" else 2)]
+        self.primary = 0  # index of the node that is the primary now
+        self.failovers = 0
+
+    def node_dir(self, node: int) -> Path:
+        """The data directory of node ``node``."""
+        return self.home / f"node{node}"
+
+    @property
+    def directory(self) -> Path:
+        """The primary's data directory."""
+        return self.node_dir(self.primary)
+
+    @property
+    def port(self) -> int:
+        """The primary's port."""
+        return self.ports[self.primary]
 
     @property
     def url(self) -> str:
-        """The database URL of the cluster's ``kmsq`` database."""
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/kmsq"
+        """The database URL of the ``kmsq`` database: every node, the writable one chosen at connection."""
+        if len(self.ports) == 1:
+            return f"postgresql+psycopg://postgres@127.0.0.1:{self.ports[0]}/kmsq"
+        hosts = "&".join(f"host=127.0.0.1:{port}" for port in self.ports)
+        return f"postgresql+psycopg://postgres@/kmsq?{hosts}&target_session_attrs=read-write"
 
     def _run(self, *command: str) -> None:
         result = subprocess.run([*self.as_user, *command], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ChaosError(f"{Path(command[0]).name} failed: {(result.stderr or result.stdout)[-500:]}")
 
-    def create(self) -> None:
-        """initdb (trust authentication on 127.0.0.1 only), start, and create the ``kmsq`` database."""
-        self.directory.mkdir(parents=True)
+    def _empty_dir(self, node: int) -> Path:
+        directory = self.node_dir(node)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
         if self.as_user:
-            shutil.chown(self.directory, "postgres", "postgres")
-            os.chmod(self.directory, 0o700)
-        self._run(_tool("initdb"), "-D", str(self.directory), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self.start()
+            shutil.chown(directory, "postgres", "postgres")
+        os.chmod(directory, 0o700)
+        return directory
+
+    def create(self) -> None:
+        """initdb (trust authentication on 127.0.0.1 only), start, create the ``kmsq`` database, and the
+        standby when there is one. Raises ChaosError when a step fails."""
+        directory = self._empty_dir(0)
+        self._run(_tool("initdb"), "-D", str(directory), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._start(0)
         self._run(_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "kmsq")
+        if self.standby != "none":
+            self._make_standby(1)
+
+    def _start(self, node: int) -> None:
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.ports[node]} -c unix_socket_directories='' "
+                   f"-c cluster_name=node{node} -c wal_keep_size=512MB")  # fmt: skip
+        directory = self.node_dir(node)
+        self._run(_tool("pg_ctl"), "-D", str(directory), "-o", options, "-l", str(directory / "log"), "-w", "-t",
+                  "120", "start")  # fmt: skip
 
     def start(self) -> None:
-        """Starts the cluster and waits until it accepts connections."""
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory}"
-        self._run(_tool("pg_ctl"), "-D", str(self.directory), "-o", options, "-l", str(self.directory / "log"),
-                  "-w", "start")  # fmt: skip
+        """Starts the primary and waits until it accepts connections."""
+        self._start(self.primary)
 
     def stop(self, mode: str) -> None:
-        """Stops it: ``fast`` (clean) or ``immediate`` (a crash: recovery at the next start)."""
-        self._run(_tool("pg_ctl"), "-D", str(self.directory), "-m", mode, "-w", "stop")
+        """Stops the primary: ``fast`` (clean) or ``immediate`` (a crash: recovery at the next start)."""
+        self._stop(self.primary, mode)
+
+    def _stop(self, node: int, mode: str) -> None:
+        self._run(_tool("pg_ctl"), "-D", str(self.node_dir(node)), "-m", mode, "-w", "-t", "120", "stop")
+
+    def stop_all(self) -> None:
+        """Stops every node (fast); a node already down is left as it is."""
+        for node in range(len(self.ports)):
+            with contextlib.suppress(ChaosError):
+                self._stop(node, "fast")
+
+    def _sql(self, node: int, statement: str, *params: object) -> list[tuple[object, ...]]:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.ports[node], user="postgres", dbname="postgres",
+                             autocommit=True, connect_timeout=5) as conn:  # fmt: skip
+            cursor = conn.execute(statement, params or None)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def _answers(self, node: int, sql: str = "SELECT 1", *params: object) -> bool:
+        try:
+            return bool(self._sql(node, sql, *params))
+        except Exception:  # not up yet, whatever the reason
+            return False
+
+    def _make_standby(self, node: int) -> None:
+        """Makes ``node`` a streaming standby of the primary (pg_basebackup -R) and, for ``sync``, has the
+        primary wait for it at every commit. Raises ChaosError when it does not stream within 120 s."""
+        directory = self._empty_dir(node)
+        self._run(_tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-D",
+                  str(directory), "-R", "-X", "stream", "-c", "fast")  # fmt: skip
+        self._start(node)
+        streaming = "SELECT 1 FROM pg_stat_replication WHERE application_name = %s AND state = 'streaming'"
+        wait_until(lambda: self._answers(self.primary, streaming, f"node{node}"), 120, f"standby node{node} streaming")
+        # Only now: a primary told to wait for a standby that does not stream yet holds every commit.
+        wanted = "'*'" if self.standby == "sync" else "''"
+        self._sql(self.primary, f"ALTER SYSTEM SET synchronous_standby_names = {wanted}")
+        self._sql(self.primary, "SELECT pg_reload_conf()")
+
+    def _processes(self, node: int) -> list[int]:
+        """The node's postmaster and its children (pids)."""
+        try:
+            postmaster = int((self.node_dir(node) / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        pids = [postmaster]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                        pids.append(int(entry.name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return pids
+
+    def fail_over(self) -> float:
+        """The primary is lost while the standby lags: the standby's WAL receiver is stopped for 2 s under load
+        (with ``sync`` commits wait meanwhile; with ``async`` they are answered), then every process of the
+        primary and the receiver are killed -9 (what the receiver had not read is gone with it), the standby is
+        promoted, and the old primary's node is rebuilt as the new primary's standby. Returns the seconds from
+        the kill to the promoted node taking writes. Raises ChaosError when a step fails."""
+        if self.standby == "none":
+            raise ChaosError("no standby to fail over to (kmsq chaos --standby sync|async)")
+        old, new = self.primary, 1 - self.primary
+        receiver = self._sql(new, "SELECT pid FROM pg_stat_wal_receiver")
+        receiver_pid = int(str(receiver[0][0])) if receiver and receiver[0][0] is not None else None
+        if receiver_pid is not None:
+            os.kill(receiver_pid, signal.SIGSTOP)
+        time.sleep(2)
+        doomed = self._processes(old)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if receiver_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(receiver_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in doomed), 30, "the old primary's exit")
+        self._run(_tool("pg_ctl"), "-D", str(self.node_dir(new)), "-w", "-t", "120", "promote")
+        wait_until(lambda: self._answers(new, "SELECT 1 WHERE NOT pg_is_in_recovery()"), 120, "the promotion")
+        taken_over = time.monotonic() - killed
+        self.primary = new
+        self.failovers += 1
+        self._make_standby(old)
+        return taken_over
 
     def dump(self) -> bytes:
         """The whole ``kmsq`` database as pg_dump writes it (for the secrets scan)."""
@@ -270,13 +397,12 @@ class Deployment:
                     os.killpg(worker.process.pid, signal.SIGKILL)
         self.switch.clear()
         self.redis.shutdown()
-        with contextlib.suppress(ChaosError):
-            self.postgres.stop("fast")
+        self.postgres.stop_all()
         if self.postgres.home != self.work / "postgres":
             shutil.rmtree(self.postgres.home, ignore_errors=True)
 
 
-def create(work: Path, workers: int) -> Deployment:
+def create(work: Path, workers: int, standby: str = "none") -> Deployment:
     """Builds the run's deployment under ``work`` and starts it: services, token, ``kmsq init``, workers.
 
     Raises ChaosError when a tool is missing or something does not start.
@@ -296,7 +422,7 @@ def create(work: Path, workers: int) -> Deployment:
     module = build_fault_module(work)
     redis = Redis(work / "redis")
     redis.start()
-    postgres = Postgres(work / "postgres")
+    postgres = Postgres(work / "postgres", standby)
     postgres.create()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     env |= {

@@ -58,6 +58,10 @@ def _postgres_restart(d: Deployment) -> None:
     d.postgres.start()
 
 
+def _postgres_failover(d: Deployment) -> None:
+    d.postgres.fail_over()
+
+
 def _hsm_window(code: int) -> Callable[[Deployment], None]:
     def inject(d: Deployment) -> None:
         d.switch.fail(code)
@@ -119,19 +123,30 @@ FAULTS: dict[str, Callable[[Deployment], None]] = {
     "one HSM lost (token B deleted, its worker killed -9), then replaced": _hsm_lost,
     "broker flood of invalid messages": _flood,
 }
+# Faults that need a standby (kmsq chaos --standby sync|async).
+STANDBY_FAULTS: dict[str, Callable[[Deployment], None]] = {
+    "Postgres primary killed -9, standby promoted": _postgres_failover,
+}
 
 
-def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool]) -> list[FaultRecord]:
+def faults_of(d: Deployment) -> dict[str, Callable[[Deployment], None]]:
+    """The faults a run on ``d`` injects, in order: every fault, and the failover when there is a standby."""
+    return FAULTS | (STANDBY_FAULTS if d.postgres.standby != "none" else {})
+
+
+def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool],
+                 log: Callable[[str], None] = lambda _: None) -> list[FaultRecord]:  # fmt: skip
     """Injects every fault ``rounds`` times, ``gap`` seconds apart (after each one heals). Returns the
     records; stops early when ``stop()`` is true."""
     records: list[FaultRecord] = []
     for _ in range(rounds):
-        for name, inject in FAULTS.items():
+        for name, inject in faults_of(d).items():
             if stop():
                 return records
             time.sleep(gap)
             record = FaultRecord(name, time.time())
             records.append(record)
+            log(f"fault: {name}")
             inject(d)
             record.healed_at = time.time()
     return records

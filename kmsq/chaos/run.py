@@ -29,16 +29,17 @@ def _register(deployment: Any, names: tuple[str, ...]) -> None:
     deployment.kmsq("fleet-key", "export", "--out", str(deployment.home / "fleet.json"))
 
 
-def run(keys: int, schedule: str, work: Path, log: Any) -> dict[str, Any]:
-    """Runs the whole thing and returns the report. Raises ChaosError when the deployment cannot start."""
+def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync") -> dict[str, Any]:
+    """Runs the whole thing (the database with a ``standby``: sync, async or none) and returns the report.
+    Raises ChaosError when the deployment cannot start."""
     from kmsq.chaos import checker, environment, faults
     from kmsq.chaos.workload import History, ProvisionJob, Stream
     from tasks.client import KmsClient
 
     rounds, gap = SCHEDULES[schedule]
     started = time.time()
-    log(f"building the deployment in {work}")
-    deployment = environment.create(work, workers=2)
+    log(f"building the deployment in {work} (Postgres standby: {standby})")
+    deployment = environment.create(work, workers=2, standby=standby)
     try:
         _register(deployment, (*CALLERS, "provisioner"))
         history = History()
@@ -54,7 +55,7 @@ def run(keys: int, schedule: str, work: Path, log: Any) -> dict[str, Any]:
         for thread in (*streams, job):
             thread.start()
         log(f"faults: every fault {rounds}x, {gap:.0f} s apart")
-        injected = faults.run_schedule(deployment, rounds, gap, stop=lambda: False)
+        injected = faults.run_schedule(deployment, rounds, gap, stop=lambda: False, log=log)
         log(f"faults done ({len(injected)}); waiting for the job")
         job.finished.wait(timeout=3600)
         time.sleep(gap)  # a last stretch without faults
@@ -84,6 +85,8 @@ def run(keys: int, schedule: str, work: Path, log: Any) -> dict[str, Any]:
         job_seconds = (job.runs[-1].started + job.runs[-1].seconds - job.runs[0].started) if job.runs else 0
         return {
             "schedule": schedule,
+            "standby": standby,
+            "database_failovers": deployment.postgres.failovers,
             "keys": keys,
             "seconds": round(time.time() - started, 1),
             "requests": {k: v for k, v in figures.items() if k != "by_op"} | {"duplicated_effects": duplicates},

@@ -18,7 +18,9 @@ def _print(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     requests = report["requests"]
-    summary = Table(title=f"kmsq chaos ({report['schedule']}): {report['seconds']} s")
+    summary = Table(
+        title=f"kmsq chaos ({report['schedule']}, Postgres standby {report['standby']}): {report['seconds']} s"
+    )
     for column in ("sent", "answered", "retried", "lost", "duplicated effects", "job keys", "job runs",
                    "workers restarted"):  # fmt: skip
         summary.add_column(column)
@@ -47,10 +49,13 @@ def _print(report: dict[str, Any]) -> None:
               help="short: every fault once; long: twice.")  # fmt: skip
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the run's services and records go (default: a new temporary directory).")  # fmt: skip
+@click.option("--standby", type=click.Choice(["sync", "async", "none"]), default="sync", show_default=True,
+              help="The database's standby: sync (a commit waits for it), async, or none. With a standby the "
+                   "schedule has the fault 'Postgres primary killed -9, standby promoted'.")  # fmt: skip
 @click.option("--keep", is_flag=True, help="Keep the work directory (it is kept anyway when a check fails).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
-def chaos(keys: int, schedule: str, work_dir: Path | None, keep: bool, as_json: bool) -> None:
+def chaos(keys: int, schedule: str, work_dir: Path | None, standby: str, keep: bool, as_json: bool) -> None:
     """Run a workload against a private deployment (its own Redis, Postgres, SoftHSM2 token behind a
     fault-injecting PKCS#11 module, and workers) while injecting faults; report what was lost."""
     from kmsq.chaos.checker import write_report
@@ -58,14 +63,17 @@ def chaos(keys: int, schedule: str, work_dir: Path | None, keep: bool, as_json: 
     work = work_dir or Path(tempfile.mkdtemp(prefix="kmsq-chaos-"))
 
     def log(text: str) -> None:
-        if not as_json:
-            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        if as_json:  # the report alone on stdout; the progress on stderr
+            click.echo(line, err=True)
+        else:
+            console.print(f"[dim]{line[:8]}[/dim]{line[8:]}")
 
     from kmsq.chaos.hsm_faults import ChaosError
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
-        report = run(keys, schedule, work, log)
+        report = run(keys, schedule, work, log, standby)
     except ChaosError as e:
         fail(f"kmsq chaos cannot run here: {e}", EXIT_CONFIG)
     write_report(work / "report.json", report)

@@ -57,6 +57,7 @@ def status(as_json: bool) -> None:
     from worker import audit_log, callers
     from worker.storage.db import transaction
     from worker.storage.models import AuditHead
+    from worker.storage.standby import replication_of
 
     config = settings()
     keys = service()
@@ -66,6 +67,7 @@ def status(as_json: bool) -> None:
         heads = {h.pool: f"{h.seq}:{h.hash}" for h in db.scalars(select(AuditHead))}
         caller_list = callers.list_callers(db)
         tokens = _tokens(db)
+    database = replication_of(keys.engine)
     check_broker(config, BROKER_WAIT_SECONDS)  # KmsError unavailable (exit 4), saying what to start
     workers = _pings(config.effective_broker_url, config.namespace)
     report: list[PoolStatus] = []
@@ -85,7 +87,8 @@ def status(as_json: bool) -> None:
         report.append(entry)
     enabled = sum(c.state == "enabled" for c in caller_list)
     summary = {"pools": [asdict(p) for p in report], "callers": {"enabled": enabled, "total": len(caller_list)},
-               "audit_head_global": heads.get(audit_log.GLOBAL_CHAIN), "tokens": tokens}  # fmt: skip
+               "audit_head_global": heads.get(audit_log.GLOBAL_CHAIN), "tokens": tokens,
+               "database_replication": asdict(database)}  # fmt: skip
     if as_json:
         print_json(summary)
         return
@@ -97,6 +100,7 @@ def status(as_json: bool) -> None:
     print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)
     console.print(f"callers: {enabled} enabled of {len(caller_list)}; "
                   f"audit head of `*`: {summary['audit_head_global'] or '-'}")  # fmt: skip
+    console.print(database.line())
     if tokens["keys"]:
         held = ", ".join(f"{name} {count}" for name, count in sorted(tokens["keys"].items()))
         short = len(tokens["on_fewer_than_all"])

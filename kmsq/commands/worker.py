@@ -67,6 +67,7 @@ def run_worker(
         engine.dispose()
     if not has_fleet_key:
         raise ConfigError(f"pool {pool!r} has no fleet key (run: kmsq fleet-key create --pool {pool})")
+    _database_replication(config)
     _preflight(config, pool)
     if config.embedded_broker:
         from kmsq import broker
@@ -101,6 +102,29 @@ def run_worker(
         *(["--task-events"] if events else []),
     ]  # fmt: skip
     pool_worker.app.worker_main(argv)
+
+
+def _database_replication(config: Settings) -> None:
+    """Prints how the database is replicated (worker.storage.standby). Raises ConfigError when
+    KMSQ_REQUIRE_SYNC_STANDBY is set and the primary has no synchronous standby streaming."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker.errors import ConfigError
+    from worker.storage.db import create_db_engine
+    from worker.storage.standby import DatabaseReplication, replication_of
+
+    engine = create_db_engine(config.database_url)
+    try:
+        found = replication_of(engine)
+    except OperationalError as e:  # gone since the fleet key was read: the preflight says so next
+        found = DatabaseReplication("unknown", detail=type(e).__name__)
+    finally:
+        engine.dispose()
+    click.echo(found.line(), err=True)
+    if config.require_sync_standby and found.mode != "sync":
+        raise ConfigError(f"KMSQ_REQUIRE_SYNC_STANDBY is set and the database is not replicated synchronously "
+                          f"(mode {found.mode}): a commit could be lost with its primary (docs/OPERATIONS.md, "
+                          "'The database')")  # fmt: skip
 
 
 def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | None:
