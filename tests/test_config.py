@@ -114,3 +114,14 @@ def test_a_namespace_prefixes_every_redis_key_kombu_uses() -> None:
     assert dict(connection.transport_options or {})["global_keyprefix"] == "prod-eu:"
     with pytest.raises(ValueError, match="namespace"):
         transport_options("Bad:Name")
+
+
+@pytest.mark.parametrize(("raw", "wanted"), [("", False), ("0", False), ("no", False), ("1", True), ("true", True)])
+def test_require_sync_standby_is_a_flag(tmp_path: Path, raw: str, wanted: bool) -> None:
+    env = {"KMSQ_HOME": str(tmp_path), "KMSQ_REQUIRE_SYNC_STANDBY": raw}
+    assert load_settings(env).require_sync_standby is wanted
+
+
+def test_require_sync_standby_refuses_anything_else(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="require_sync_standby must be 1 or 0, got 'maybe'"):
+        load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_REQUIRE_SYNC_STANDBY": "maybe"})

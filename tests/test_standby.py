@@ -131,3 +131,13 @@ def test_status_and_worker_name_the_mode_and_a_worker_can_require_a_synchronous_
         assert "database replication: sync (node1:sync)" in (tmp_path / "worker.log").read_text()
     finally:
         delete_namespace(redis_url, namespace)
+
+
+def test_a_primary_without_a_standby_says_none(postgres_url: str) -> None:
+    engine = create_db_engine(postgres_url)
+    try:
+        found = replication_of(engine)
+    finally:
+        engine.dispose()
+    assert found.mode == "none" and found.standbys == ()
+    assert found.line().startswith("database replication: none: no standby")

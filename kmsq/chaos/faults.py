@@ -129,9 +129,15 @@ STANDBY_FAULTS: dict[str, Callable[[Deployment], None]] = {
 }
 
 
-def faults_of(d: Deployment) -> dict[str, Callable[[Deployment], None]]:
-    """The faults a run on ``d`` injects, in order: every fault, and the failover when there is a standby."""
-    return FAULTS | (STANDBY_FAULTS if d.postgres.standby != "none" else {})
+def schedule_of(standby: str) -> dict[str, Callable[[Deployment], None]]:
+    """The faults a run with a database ``standby`` (sync, async, none) injects, in order: every fault, and with a
+    standby the failover right after the Postgres restart (early, while the provisioning job still writes)."""
+    if standby == "none":
+        return dict(FAULTS)
+    names = list(FAULTS)
+    at = names.index("Postgres restarted (immediate)") + 1
+    ordered = [*names[:at], *STANDBY_FAULTS, *names[at:]]
+    return {name: (FAULTS | STANDBY_FAULTS)[name] for name in ordered}
 
 
 def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool],
@@ -140,7 +146,7 @@ def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool
     records; stops early when ``stop()`` is true."""
     records: list[FaultRecord] = []
     for _ in range(rounds):
-        for name, inject in faults_of(d).items():
+        for name, inject in schedule_of(d.postgres.standby).items():
             if stop():
                 return records
             time.sleep(gap)
