@@ -12,8 +12,8 @@ from kombu.connection import Connection
 
 import celeryconfig
 from schemas.wire import namespace_key_prefix
-from tasks import transport
-from worker.config import broker_url_problem
+from tasks import rabbitmq, transport
+from worker.config import broker_url_problem, is_rabbitmq
 
 transport.install()  # hostile queue entries are dropped, not fatal (tasks/transport.py)
 
@@ -43,8 +43,8 @@ def split_broker_url(broker_url: str) -> tuple[str, str | None]:
 
     A Sentinel broker is ``sentinel://HOST:PORT[;sentinel://HOST:PORT...]?master_name=NAME`` (kombu's URL for
     the sentinels, and the name they monitor the master under). Raises ValueError for a URL kmsq cannot use
-    (:func:`worker.config.broker_url_problem`: another transport than Redis, or a sentinel URL without a
-    master name), at once: kombu would take ``amqp://`` and retry a broker that is not kmsq's."""
+    (:func:`worker.config.broker_url_problem`: another transport than Redis or RabbitMQ, or a sentinel URL
+    without a master name), at once: kombu would take ``http://`` and retry a broker that is not kmsq's."""
     problem = broker_url_problem(broker_url)
     if problem:
         raise ValueError(problem)
@@ -63,6 +63,10 @@ def make_app(
     url, master_name = split_broker_url(broker_url)
     app = Celery(name, set_as_current=False)
     app.config_from_object(celeryconfig)
+    if is_rabbitmq(url):
+        app.conf.broker_url = rabbitmq.with_vhost(url, namespace)
+        rabbitmq.configure(app.conf)
+        return app
     app.conf.broker_url = url
     app.conf.broker_transport_options = transport_options(namespace, master_name, reply_queue_ttl_seconds)
     return app
@@ -72,6 +76,9 @@ def broker_connection(broker_url: str, namespace: str | None = None) -> Connecti
     """Returns a kombu connection (not yet connected) to ``broker_url`` in ``namespace``. Raises ValueError
     for a bad namespace or broker URL."""
     url, master_name = split_broker_url(broker_url)
+    if is_rabbitmq(url):
+        return Connection(rabbitmq.with_vhost(url, namespace),  # type: ignore[no-untyped-call]
+                          transport_options=dict(rabbitmq.TRANSPORT_OPTIONS))  # fmt: skip
     options = transport_options(namespace, master_name)
     return Connection(url, transport_options=options)  # type: ignore[no-untyped-call]
 

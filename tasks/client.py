@@ -45,6 +45,7 @@ from schemas.wire import (
     pool_queue,
     task_name,
 )
+from tasks import rabbitmq
 from tasks.app import broker_connection, make_app, reuse_redis_client
 from tasks.coalesce import CoalescePolicy, Coalescer
 from tasks.codec import Fields, KmsCodec, put_keys_fields
@@ -53,6 +54,7 @@ from tasks.codec import KmsTimeout as KmsTimeout
 from tasks.futures import LoopBridge, SentMessage
 from tasks.futures import RequestFuture as RequestFuture  # re-exported: callers type their futures with it
 from tasks.identity import CallerIdentity, Fleet
+from worker.config import is_rabbitmq
 
 log = logging.getLogger("kmsq.client")
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
@@ -113,6 +115,7 @@ class KmsClient(KmsCodec):
         self.timeout = timeout
         self.resend_after = resend_after
         self._broker_url = broker_url
+        self._rabbitmq = is_rabbitmq(broker_url)
         self._publisher: tuple[Connection, Producer] | None = None  # opened on first publish, under _send_lock
         # request_id -> (future, digest of the arguments sent, or None when unknown: see expect())
         self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
@@ -356,7 +359,15 @@ class KmsClient(KmsCodec):
                 connection = broker_connection(self._broker_url, self.namespace)
                 self._publisher = (connection, amqp.Producer(connection, auto_declare=False))
             producer = self._publisher[1]
-            amqp.send_task_message(producer, task, message, queue=pool_queue(pool))
+            # On RabbitMQ the pool's quorum queue is declared first (once per channel: kombu remembers it), the
+            # broker confirms the publish, and a message that reached no queue is an error, not a silent drop.
+            queue, extra = pool_queue(pool), {}
+            if self._rabbitmq:
+                known = amqp.queues.get(queue)  # (Celery made the default pool's, with a direct exchange)
+                if known is None or known.exchange.type != "topic":
+                    amqp.queues.add(rabbitmq.pool_queue_entity(queue))
+                extra = {"mandatory": True}
+            amqp.send_task_message(producer, task, message, queue=queue, **extra)
             # After a publish the channel exists; kombu replaces it after a connection error.
             reuse_redis_client(producer.channel)
 
@@ -438,7 +449,10 @@ class KmsClient(KmsCodec):
         return taken
 
     def _consume(self) -> None:
-        queue = Queue(self.reply_queue, durable=True, auto_delete=False, routing_key=self.reply_queue)
+        if self._rabbitmq:
+            queue = rabbitmq.reply_queue_entity(self.reply_queue)
+        else:
+            queue = Queue(self.reply_queue, durable=True, auto_delete=False, routing_key=self.reply_queue)
         while not self._stop.is_set():
             try:
                 with (

@@ -120,12 +120,15 @@ def process_dead(pid: int) -> None:
 
 def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callable[[], tuple[int, float | None]]:
     """Returns a function giving the queue's depth and the age in seconds of its oldest message (from the
-    signed request's ``issued_at``; None when the queue is empty or that message is not a kmsq request). It
-    keeps one broker connection, reopened after a failure."""
+    signed request's ``issued_at``; None when the queue is empty or that message is not a kmsq request, and
+    always on RabbitMQ). It keeps one broker connection, reopened after a failure."""
+    from tasks import rabbitmq
     from tasks.app import broker_connection
+    from worker.config import is_rabbitmq
 
     state: dict[str, Any] = {}
     lock = threading.Lock()
+    rabbit = is_rabbitmq(broker_url)
 
     def sample() -> tuple[int, float | None]:
         with lock:
@@ -134,6 +137,8 @@ def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callabl
                     state["connection"] = broker_connection(broker_url, namespace)
                     state["channel"] = state["connection"].default_channel
                 channel = state["channel"]
+                if rabbit:  # the depth only: RabbitMQ shows no message without delivering it
+                    return rabbitmq.queue_depth(channel, queue), None
                 depth = int(channel._size(queue))  # kombu sums the priority lists (keys prefixed for us)
                 raw = channel.client.lindex((channel.global_keyprefix or "") + queue, -1)  # oldest: BRPOP side
             except Exception:

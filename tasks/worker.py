@@ -21,18 +21,20 @@ from typing import Any
 import billiard.pool  # type: ignore[import-untyped]
 import billiard.process  # type: ignore[import-untyped]
 from celery import Task, signals
+from celery.exceptions import InvalidTaskError
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request as CeleryRequest
+from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session
 
 from schemas.operations import OPS
 from schemas.wire import pool_queue, task_name
-from tasks import metrics
+from tasks import metrics, rabbitmq
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
 from worker import audit_log, policy_anchor, replication, retention
-from worker.config import Settings
+from worker.config import Settings, is_rabbitmq
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
@@ -69,6 +71,8 @@ class PoolWorker:
             settings.effective_broker_url, namespace=settings.namespace,
             reply_queue_ttl_seconds=settings.reply_queue_ttl_seconds,
         )  # fmt: skip
+        if is_rabbitmq(settings.effective_broker_url):
+            self.app.conf.task_queues = [rabbitmq.pool_queue_entity(pool_queue(pool))]
         self._lock = threading.Lock()
         self._context: WorkerContext | None = None
         self._context_pid: int | None = None
@@ -199,7 +203,7 @@ class PoolWorker:
         once no worker has refreshed it for an hour, so while any worker runs, every worker ever started (each
         has a node name of its own: pool.pid@host) would otherwise stay in it."""
         hostname = getattr(sender, "hostname", None)
-        if not hostname:
+        if not hostname or is_rabbitmq(self.settings.effective_broker_url):  # RabbitMQ: auto-delete pidbox queues
             return
         suffix = f"{hostname}.celery.pidbox".encode()
         try:
@@ -216,19 +220,29 @@ class PoolWorker:
         ``KMSQ_REPLY_QUEUE_TTL_SECONDS`` after its last reply unless it is read (tasks.transport).
 
         Nothing is declared: on Redis a queue of the default exchange is just its list, and kombu would keep
-        every reply queue it ever declared in this process's memory (a CLI caller's random one each time)."""
+        every reply queue it ever declared in this process's memory (a CLI caller's random one each time). On
+        RabbitMQ the caller declared its reply queue (tasks.rabbitmq); the publish is confirmed and mandatory,
+        and a reply whose queue is gone (its caller left and the queue expired) is dropped with a line: the
+        request's record keeps it for ``get_result``."""
         if delivery.queue is None:
             return
+        rabbit = is_rabbitmq(self.settings.effective_broker_url)
         with self.app.producer_or_acquire() as producer:
-            producer.publish(
-                delivery.envelope,
-                exchange="",
-                routing_key=delivery.queue,
-                serializer="json",
-                delivery_mode=2,
-                retry=True,
-                retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
-            )
+            try:
+                producer.publish(
+                    delivery.envelope,
+                    exchange="",
+                    routing_key=delivery.queue,
+                    serializer="json",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
+                    **({"mandatory": True} if rabbit else {}),
+                )
+            except ChannelError as e:
+                if not rabbit or "NO_ROUTE" not in str(e):
+                    raise
+                log.info("the reply queue of %s is gone: reply not sent (get_result has it)", delivery.request_id)
 
     def _worker_metrics(self) -> metrics.WorkerMetrics | None:
         """This pool process's metrics, when the worker serves them (``kmsq worker --metrics-port``)."""
@@ -341,7 +355,17 @@ class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # A body that is not Celery's (args, kwargs, embed), such as bytes of a message without a content type
+        # (RabbitMQ hands those over undecoded), made Celery's __init__ raise out of the consumer and stop the
+        # worker: it is an invalid task message, which the consumer drops (QuietConsumer.on_invalid_task).
+        try:
+            super().__init__(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise InvalidTaskError(f"the body is not a task's arguments ({type(e).__name__})") from None
+        if not isinstance(self._request_dict.get("args"), list | tuple) or not isinstance(
+            self._request_dict.get("kwargs"), dict
+        ):
+            raise InvalidTaskError("the body is not a task's arguments")
         self.time_limits = (None, None)
         self._expires = None
         eta: datetime | None = getattr(self, "_eta", None)  # set by Celery's __init__

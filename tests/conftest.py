@@ -172,7 +172,17 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.
 from tests.gateway_fixtures import gateway, http  # noqa: E402,F401
-from tests.queue_fixtures import client, deployment, full_caller, queue_db_url, redis_url  # noqa: E402,F401
+from tests.queue_fixtures import (  # noqa: E402,F401
+    broker,
+    broker_url,
+    client,
+    deployment,
+    full_caller,
+    pytest_generate_tests,
+    queue_db_url,
+    rabbitmq_url,
+    redis_url,
+)
 from tests.unit_fixtures import copy_of_schema, full, token_unit, unit, unit_template  # noqa: E402,F401
 from tests.utxo_lib import utxo_lib  # noqa: E402,F401
 
@@ -188,6 +198,8 @@ _TIER_OF_FIXTURE = {
     "pg_engine": "db",
     "queue_db_url": "db",
     "redis_url": "queue",
+    "rabbitmq_url": "queue",
+    "broker_url": "queue",
     "deployment": "queue",
     "gateway": "queue",
     "utxo_lib": "process",

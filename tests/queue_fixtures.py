@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from worker.runtime import KeyService
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 
 REDIS_URL = os.environ.get("KMSQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# RabbitMQ's root URL (no vhost): each run, and each test that needs one, makes a vhost of its own and deletes it.
+RABBITMQ_URL = os.environ.get("KMSQ_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+BROKERS = ("redis", "rabbitmq")
 # This run's namespace: every Redis key of its workers and clients starts with "<NAMESPACE>:", so test runs
 # (and anything else) sharing the Redis database never take each other's messages.
 NAMESPACE = f"test-{uuid.uuid4().hex[:12]}"
@@ -70,6 +74,62 @@ def redis_url() -> Iterator[str]:
         client.close()
     yield REDIS_URL
     delete_namespace(REDIS_URL, NAMESPACE)
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@contextmanager
+def rabbitmq_vhost(name: str) -> Iterator[str]:
+    """Makes the RabbitMQ vhost ``name`` (guest may use it), yields the broker's URL, and deletes the vhost with
+    everything in it afterwards. Skips locally, fails on CI, when RabbitMQ or rabbitmqctl is missing."""
+    from kombu.connection import Connection
+
+    probe = Connection(RABBITMQ_URL, connect_timeout=3)
+    try:
+        probe.ensure_connection(max_retries=1)
+    except Exception:
+        missing_service("RabbitMQ at " + RABBITMQ_URL)
+    finally:
+        probe.release()
+    made = _rabbitmqctl("add_vhost", name)
+    if made.returncode != 0:
+        missing_service(f"rabbitmqctl (add_vhost: {(made.stderr or made.stdout).strip()[-200:]})")
+    try:
+        allowed = _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        assert allowed.returncode == 0, allowed.stderr
+        yield RABBITMQ_URL
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """RabbitMQ in this run's vhost (the run's namespace, :data:`NAMESPACE`), deleted afterwards."""
+    with rabbitmq_vhost(NAMESPACE) as url:
+        yield url
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``brokers`` run once per broker of :data:`BROKERS` (``brokers("rabbitmq")``: on those named);
+    others on Redis."""
+    if "broker" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("brokers")
+        brokers = (tuple(marker.args) or BROKERS) if marker else BROKERS[:1]
+        metafunc.parametrize("broker", brokers, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker a queue test runs on: ``redis`` or ``rabbitmq``."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture(scope="session")
+def broker_url(broker: str, request: pytest.FixtureRequest) -> str:
+    """The URL of :func:`broker` (for this run's namespace)."""
+    return str(request.getfixturevalue("rabbitmq_url" if broker == "rabbitmq" else "redis_url"))
 
 
 @pytest.fixture(scope="session")
@@ -212,9 +272,25 @@ class Deployment:
 
 @pytest.fixture(scope="session")
 def deployment(
-    hsm_settings: Settings, hsm: Hsm, redis_url: str, queue_db_url: str, tmp_path_factory: pytest.TempPathFactory
+    hsm_settings: Settings,
+    hsm: Hsm,
+    broker: str,
+    broker_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Deployment]:
-    """Root keys and fleet keys in two pools, and running workers for both."""
+    """Root keys and fleet keys in two pools, and running workers for both, on :func:`broker` (each broker's
+    deployment with a database of its own)."""
+    if broker == "redis":
+        yield from _deployment(hsm_settings, hsm, broker_url, request.getfixturevalue("queue_db_url"),
+                               tmp_path_factory)  # fmt: skip
+        return
+    with fresh_database("kmsq_queue_rmq") as url:
+        yield from _deployment(hsm_settings, hsm, broker_url, url, tmp_path_factory)
+
+
+def _deployment(hsm_settings: Settings, hsm: Hsm, broker_url: str, queue_db_url: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:  # fmt: skip
     directory = tmp_path_factory.mktemp("queue")
     engine: Engine = create_db_engine(queue_db_url)
     migrate(engine)
@@ -226,7 +302,7 @@ def deployment(
         with transaction(service.sessions) as db:
             ensure_fleet_key(hsm, db, pool)
     fleet = Fleet.from_document(service.fleet_document())
-    env = subprocess_env(hsm_settings, queue_db_url, redis_url)
+    env = subprocess_env(hsm_settings, queue_db_url, broker_url)
     caller_log = directory / "caller.log"
     handler = logging.FileHandler(caller_log)
     logger = logging.getLogger("kmsq")
@@ -236,7 +312,7 @@ def deployment(
     try:
         for pool, concurrency in POOLS.items():
             workers[pool] = start_worker(pool, concurrency, env, directory / f"worker-{pool}.log")
-        yield Deployment(hsm_settings, service, queue_db_url, redis_url, roots, fleet, workers, directory, caller_log)
+        yield Deployment(hsm_settings, service, queue_db_url, broker_url, roots, fleet, workers, directory, caller_log)
     finally:
         for worker in workers.values():
             worker.stop()

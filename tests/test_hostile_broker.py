@@ -51,6 +51,9 @@ HOSTILE: list[bytes | str] = [
     kombu_entry("e30=", body_encoding="rot13"),
     kombu_entry("e30=", delivery_info="nowhere"),
     json.dumps({"body": "e30=", "properties": {"delivery_tag": 7}}),
+    # Task headers and a body without a content type: kombu hands over the bytes, which Celery's request could
+    # not unpack (an error out of the consumer; found on RabbitMQ, tests/test_hostile_rabbitmq.py).
+    json.dumps(json.loads(kombu_entry(base64.b64encode(b"[[], {}, {}]").decode())) | {"content-type": None}),
 ]
 
 
@@ -67,7 +70,7 @@ def alive(deployment: Deployment) -> tuple[int | None, set[int]]:
 
 
 def test_decode_entry_accepts_only_kombu_messages() -> None:
-    for entry in HOSTILE[:8] + HOSTILE[9:]:
+    for entry in HOSTILE[:8] + HOSTILE[9:-1]:  # (the 9th and the last are well-formed envelopes)
         payload, reason = decode_entry(entry)
         assert payload is None and reason and "kmsq" not in reason and "!!!" not in reason
     payload, reason = decode_entry(kombu_entry("e30="))

@@ -8,6 +8,7 @@ import secrets
 import signal
 import time
 
+import pytest
 from sqlalchemy import func, select
 
 from tasks.client import KmsClient
@@ -17,6 +18,8 @@ from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
 from worker.fleet import ensure_fleet_key
 from worker.storage.db import transaction
 from worker.storage.models import AuditRecord, PrivateKey, RequestRecord
+
+pytestmark = pytest.mark.brokers
 
 POOL = "nu"
 REQUESTS = 300

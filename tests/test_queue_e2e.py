@@ -16,6 +16,8 @@ from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
 from worker.storage.models import PrivateKey, RequestRecord
 
+pytestmark = pytest.mark.brokers
+
 ROOT_TYPES = ("aes-256", "rsa-2048")
 
 

@@ -21,6 +21,8 @@ from worker.fleet import ensure_fleet_key
 from worker.storage.db import transaction
 from worker.storage.models import PrivateKey, RequestRecord
 
+pytestmark = pytest.mark.brokers
+
 POOL = "gamma"
 
 

@@ -34,6 +34,8 @@ from worker.policy import TrustedRows
 from worker.storage.db import create_db_engine, session_factory, transaction
 from worker.storage.models import PrivateKey, RequestRecord
 
+pytestmark = pytest.mark.brokers
+
 
 class Gate:
     """A TCP forwarder to Postgres that the test opens and closes: closed, it drops every connection."""

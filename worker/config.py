@@ -172,8 +172,15 @@ def _redact_one(url: str) -> str:
 
 # The brokers kmsq runs on (tasks.transport hardens kombu's Redis transport; nothing else is hardened, and
 # kmsq's reply queues and queue sampling are Redis lists): kombu's Redis URLs, and Sentinel.
-BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+AMQP_SCHEMES = ("amqp", "amqps")  # RabbitMQ (kombu's py-amqp transport)
+BROKER_SCHEMES = (*REDIS_SCHEMES, *AMQP_SCHEMES)
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def is_rabbitmq(url: str) -> bool:
+    """True when the broker URL ``url`` (checked by :func:`broker_url_problem`) is RabbitMQ's."""
+    return url.lower().startswith(AMQP_SCHEMES)
 
 
 def broker_url_problem(url: str) -> str | None:
@@ -181,13 +188,18 @@ def broker_url_problem(url: str) -> str | None:
 
     Each URL of a ``;``-separated list (kombu's failover) must be one of BROKER_SCHEMES; a Sentinel list
     needs ``?master_name=NAME``. Whether the broker answers is not checked here."""
-    supported = "kmsq's broker is Redis: redis://, rediss://, redis+socket://, or sentinel://...?master_name=NAME"
+    supported = ("kmsq's broker is Redis (redis://, rediss://, redis+socket://, or sentinel://...?master_name=NAME) "
+                 "or RabbitMQ (amqp://, amqps://)")  # fmt: skip
+    schemes = set()
     for part in _URL_LIST.split(url):
         scheme, sep, _ = part.partition("://")
         if not sep or not _SCHEME.fullmatch(scheme):
             return f"the broker URL is not a URL ({supported})"
         if scheme.lower() not in BROKER_SCHEMES:
             return f"unsupported broker URL scheme {scheme.lower()}:// ({supported})"
+        schemes.add(scheme.lower())
+    if schemes & set(AMQP_SCHEMES) and schemes - set(AMQP_SCHEMES):
+        return "a broker URL list mixes Redis and RabbitMQ URLs (one broker kind per deployment)"
     if url.lower().startswith("sentinel://"):
         names = parse_qs(url.partition("?")[2]).get("master_name", [])
         if not names or not names[0]:
