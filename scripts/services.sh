@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure Postgres (127.0.0.1:5432) and Redis (127.0.0.1:6379) are running for the tests. Idempotent: a
-# server that already answers is left alone. Install them first with KMSQ_SETUP_SERVICES=1 scripts/setup.sh.
+# Makes sure Postgres (127.0.0.1:5432), Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) are running for
+# the tests. Idempotent: a server that already answers is left alone. Install them first with KMSQ_SETUP_SERVICES=1 scripts/setup.sh.
 set -euo pipefail
 
 say() { printf 'services: %s\n' "$*"; }
@@ -13,18 +13,19 @@ fi
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = "PONG" ]; }
+rabbitmq_up() { $SUDO rabbitmqctl -q status >/dev/null 2>&1 && (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
-# wait_for NAME CHECK: polls CHECK once a second for up to 30 s.
+# wait_for NAME CHECK [SECONDS]: polls CHECK once a second for up to SECONDS (30).
 wait_for() {
     local name="$1" check="$2" i
-    for i in $(seq 1 30); do
+    for i in $(seq 1 "${3:-30}"); do
         if "$check"; then
             say "$name is up"
             return 0
         fi
         sleep 1
     done
-    die "$name did not answer within 30 s"
+    die "$name did not answer within ${3:-30} s"
 }
 
 # --- Postgres ----------------------------------------------------------------------------------------------
@@ -54,4 +55,14 @@ else
     say "starting redis-server on 127.0.0.1:6379"
     redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
     wait_for redis redis_up
+fi
+
+# --- RabbitMQ ----------------------------------------------------------------------------------------------
+command -v rabbitmqctl >/dev/null 2>&1 || die "rabbitmqctl not found (run: KMSQ_SETUP_SERVICES=1 scripts/setup.sh)"
+if rabbitmq_up; then
+    say "rabbitmq already running on 127.0.0.1:5672"
+else
+    say "starting rabbitmq-server"
+    $SUDO rabbitmq-server -detached >/dev/null 2>&1 || say "rabbitmq-server -detached failed (already starting?)"
+    wait_for rabbitmq rabbitmq_up 90
 fi

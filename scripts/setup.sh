@@ -4,7 +4,8 @@
 #
 #   KMSQ_VENV=DIR            virtualenv location (default: .venv in the repository root)
 #   KMSQ_PYTHON=EXE          interpreter for a new virtualenv (default: the first python3 >= 3.11 on PATH)
-#   KMSQ_SETUP_SERVICES=1    also install postgresql and a C compiler (needed by the tests; redis-server is always installed)
+#   KMSQ_SETUP_SERVICES=1    also install postgresql, rabbitmq-server and a C compiler (needed by the tests; redis-server
+#                            is always installed)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,6 +65,8 @@ fi
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if [ "${KMSQ_SETUP_SERVICES:-}" = 1 ]; then
     command -v pg_ctlcluster >/dev/null 2>&1 || packages+=(postgresql)
+    # The queue tests marked "brokers" run on RabbitMQ too.
+    command -v rabbitmq-server >/dev/null 2>&1 || packages+=(rabbitmq-server)
     # kmsq chaos (run by the tests) compiles a small fault-injecting PKCS#11 module.
     command -v cc >/dev/null 2>&1 || packages+=(gcc libc6-dev)
     # The PSBT interop tests drive BitGo's @bitgo/utxo-lib (tests/interop) with node.

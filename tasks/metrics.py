@@ -149,6 +149,7 @@ def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callabl
                 raise
         return depth, _age(raw)
 
+    sample.reports_age = not rabbit  # type: ignore[attr-defined]
     return sample
 
 
@@ -189,6 +190,8 @@ class QueueGauges:
         family = GaugeMetricFamily("kmsq_queue_depth", "Messages waiting in the pool's queue", labels=["pool"])
         family.add_metric([self.pool], depth)
         yield family
+        if not getattr(self.sample, "reports_age", True):  # RabbitMQ: unknown, not 0
+            return
         age = GaugeMetricFamily(
             "kmsq_queue_oldest_message_age_seconds",
             "Age of the oldest waiting message (from its request's issued_at); 0 when the queue is empty",

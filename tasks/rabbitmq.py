@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -20,6 +21,7 @@ from kombu.entity import Exchange, Queue
 
 from worker.config import DEFAULT_REPLY_QUEUE_TTL_SECONDS
 
+_URL_LIST = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")  # kombu's failover list, as worker.config splits it
 QUORUM = {"x-queue-type": "quorum"}
 # Every client declares its reply queue with this TTL: RabbitMQ refuses a second declaration with other arguments.
 REPLY_QUEUE_TTL_SECONDS = DEFAULT_REPLY_QUEUE_TTL_SECONDS
@@ -27,8 +29,13 @@ TRANSPORT_OPTIONS = {"confirm_publish": True}
 
 
 def with_vhost(url: str, namespace: str | None) -> str:
-    """Returns the RabbitMQ URL ``url`` with the vhost of ``namespace`` (the URL's own when None). Raises
-    ValueError when the URL names another vhost than the namespace."""
+    """Returns the RabbitMQ URL ``url`` (or ``;``-separated list of the cluster's nodes) with the vhost of
+    ``namespace`` (the URL's own when None). Raises ValueError when the URL names another vhost than the
+    namespace."""
+    return ";".join(_one_with_vhost(part, namespace) for part in _URL_LIST.split(url))
+
+
+def _one_with_vhost(url: str, namespace: str | None) -> str:
     parts = urlsplit(url)
     named = unquote(parts.path[1:]) if len(parts.path) > 1 else ""
     if namespace is None:

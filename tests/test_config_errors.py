@@ -30,8 +30,9 @@ MALFORMED_DATABASE_URLS = (
     f"postgresql+psycopg://user:{SECRET}@host:port/db",
     f"postgresql+psycopg://user:{SECRET}@ho st:abc/db",
 )
-UNSUPPORTED_BROKER_URLS = ("http://foo", f"http://user:{SECRET}@foo/0", "amqp://guest:guest@127.0.0.1:5672//",
-                           "memory://", f"redis//:{SECRET}@127.0.0.1:6379/0", "127.0.0.1:6379")  # fmt: skip
+UNSUPPORTED_BROKER_URLS = ("http://foo", f"http://user:{SECRET}@foo/0", "qpid://guest:guest@127.0.0.1:5672//",
+                           "memory://", f"redis//:{SECRET}@127.0.0.1:6379/0", "127.0.0.1:6379",
+                           f"redis://:{SECRET}@127.0.0.1:6379/0;amqp://guest:guest@127.0.0.1:5672")  # fmt: skip
 SAID_AT_ONCE_SECONDS = 10.0  # a process start and a one-line error (the issue: 35 s of retries)
 
 
@@ -135,7 +136,9 @@ def test_the_file_s_broker_url_is_checked_too(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "url",
     ["redis://127.0.0.1:6379/0", "rediss://:pw@redis.example:6380/1", "redis+socket:///run/kmsq/broker.sock",
-     "sentinel://h1:26379;sentinel://h2:26379?master_name=kmsq", "REDIS://127.0.0.1"],
+     "sentinel://h1:26379;sentinel://h2:26379?master_name=kmsq", "REDIS://127.0.0.1",
+     "amqp://guest:guest@127.0.0.1:5672", "amqps://kmsq:pw@mq.example:5671/prod",
+     "amqp://a:5672;amqp://b:5672"],
 )  # fmt: skip
 def test_the_supported_broker_urls_are_accepted(tmp_path: Path, url: str) -> None:
     from tasks.app import make_app
@@ -143,6 +146,18 @@ def test_the_supported_broker_urls_are_accepted(tmp_path: Path, url: str) -> Non
     settings = load_settings({"KMSQ_HOME": str(tmp_path), "KMSQ_BROKER_URL": url})
     assert settings.broker_url == url
     make_app(url)
+
+
+def test_with_rabbitmq_the_namespace_is_the_vhost() -> None:
+    from tasks.app import make_app
+
+    assert make_app("amqp://guest:guest@h:5672", namespace="blue").conf.broker_url.endswith("@h:5672/blue")
+    assert make_app("amqp://guest:guest@h:5672/blue", namespace="blue").conf.broker_url.endswith("/blue")
+    assert make_app("amqp://guest:guest@h:5672/prod").conf.broker_url.endswith("/prod")
+    nodes = make_app("amqp://guest:guest@a:5672;amqp://guest:guest@b:5672", namespace="blue").conf.broker_url
+    assert nodes == "amqp://guest:guest@a:5672/blue;amqp://guest:guest@b:5672/blue"
+    with pytest.raises(ValueError, match="names vhost 'prod' but KMSQ_NAMESPACE is 'blue'"):
+        make_app("amqp://guest:guest@h:5672/prod", namespace="blue")
 
 
 def test_a_sentinel_url_without_its_master_is_a_config_error(tmp_path: Path) -> None:
@@ -201,7 +216,7 @@ def test_the_commands_say_a_database_does_not_exist(tmp_path: Path, missing_data
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("url", ["http://foo", f"http://user:{SECRET}@foo/0", "amqp://guest:guest@127.0.0.1:5672//"])
+@pytest.mark.parametrize("url", ["http://foo", f"http://user:{SECRET}@foo/0", "qpid://guest:guest@127.0.0.1:5672//"])
 def test_an_unsupported_broker_url_is_exit_3_at_once_for_every_command(tmp_path: Path, url: str) -> None:
     identity = caller_identity(tmp_path)
     a_fleet_file(tmp_path / "fleet.json")

@@ -1,12 +1,13 @@
-"""Two deployments on one Redis database, each in its namespace: the same pool name, a caller of the same name
-and the same reply queue suffix, their own databases and fleet keys, real workers. Neither takes the other's
-requests or replies (without namespaces each would get the other's messages: "reply signed by an unknown
-key")."""
+"""Two deployments on one broker (a Redis database, or a RabbitMQ server), each in its namespace (a key prefix, or
+a vhost): the same pool name, a caller of the same name and the same reply queue suffix, their own databases and
+fleet keys, real workers. Neither takes the other's requests or replies (without namespaces each would get the
+other's messages: "reply signed by an unknown key")."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,20 @@ from schemas.operations import ALLOWABLE_OPS
 from tasks.client import KmsClient, KmsError
 from tasks.identity import CallerIdentity, Fleet
 from tests.conftest import fresh_database
-from tests.queue_fixtures import NAMESPACE, Deployment, delete_namespace, start_worker, subprocess_env
+from tests.queue_fixtures import (
+    NAMESPACE,
+    Deployment,
+    delete_namespace,
+    rabbitmq_vhost,
+    start_worker,
+    subprocess_env,
+)
 from worker import callers
 from worker.fleet import ensure_fleet_key
 from worker.runtime import KeyService
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 
+pytestmark = pytest.mark.brokers
 OTHER = NAMESPACE + "-b"
 
 
@@ -46,15 +55,19 @@ class Other:
 
 
 @pytest.fixture(scope="module")
-def other(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Other]:
-    with fresh_database("kmsq_namespace") as url:
+def other(deployment: Deployment, broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Other]:
+    with ExitStack() as stack:
+        if broker == "rabbitmq":
+            stack.enter_context(rabbitmq_vhost(OTHER))  # the second deployment's vhost, deleted afterwards
+        url = stack.enter_context(fresh_database("kmsq_namespace"))
         second = Other(deployment, url, tmp_path_factory.mktemp("namespace-b"))
         try:
             yield second
         finally:
             second.worker.stop()
             second.engine.dispose()
-            delete_namespace(deployment.broker_url, OTHER)
+            if broker == "redis":
+                delete_namespace(deployment.broker_url, OTHER)
 
 
 def test_each_namespace_serves_only_its_own_requests(
@@ -83,6 +96,7 @@ def test_each_namespace_serves_only_its_own_requests(
     assert len(served) == 32  # B's 30 keys and 2 decryptions, nothing of A's
 
 
+@pytest.mark.brokers("redis")
 def test_every_redis_key_of_a_namespace_carries_its_prefix(deployment: Deployment, other: Other) -> None:
     client = redis.Redis.from_url(deployment.broker_url)
     try:

@@ -1,5 +1,5 @@
 """``kmsq worker --metrics-port``: Prometheus metrics summed over the pool processes (multiprocess mode), the
-queue gauges read from Redis, and ``/healthz``; with ``--events``, Celery task events carry no secret."""
+queue gauges read from the broker, and ``/healthz``; with ``--events``, Celery task events carry no secret."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from tests.conftest import random_pub
 from tests.gateway_fixtures import free_port
 from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, kmsq_command, start_worker
 from worker.fleet import ensure_fleet_key
+from worker.config import is_rabbitmq
 from worker.storage.db import transaction
 
+pytestmark = pytest.mark.brokers
 POOL = "mu"
 
 
@@ -89,7 +91,10 @@ def test_metrics_add_up_over_the_pool_processes(mu: Mu) -> None:
     assert sample(scrape, "kmsq_request_queue_wait_seconds_count", pool=POOL) == 42
     assert sample(scrape, "kmsq_batch_items_sum", pool=POOL, op="generate_data_keys") == 7
     assert sample(scrape, "kmsq_queue_depth", pool=POOL) == 0
-    assert sample(scrape, "kmsq_queue_oldest_message_age_seconds", pool=POOL) == 0
+    if is_rabbitmq(mu.client._broker_url):  # RabbitMQ does not say: no value rather than a wrong 0
+        assert not any(key.startswith("kmsq_queue_oldest_message_age_seconds") for key in scrape)
+    else:
+        assert sample(scrape, "kmsq_queue_oldest_message_age_seconds", pool=POOL) == 0
     assert "kmsq_retries_total" not in " ".join(scrape) or sample(scrape, "kmsq_retries_total", pool=POOL) == 0
     health = httpx.get(mu.url + "/healthz", timeout=10)
     assert health.status_code == 200
@@ -110,7 +115,10 @@ def test_the_oldest_message_of_a_queue_nobody_serves(deployment: Deployment, ful
             kms.submit({"op": "get_key", "pub": random_pub(), "source": "user"}, "idle")
         time.sleep(1.2)
         depth, age = metrics.queue_sampler(deployment.broker_url, NAMESPACE, "kms.idle")()
-    assert depth == 3 and age is not None and 1.0 <= age < 60
+    if is_rabbitmq(deployment.broker_url):
+        assert depth == 3 and age is None
+    else:
+        assert depth == 3 and age is not None and 1.0 <= age < 60
 
 
 def test_task_events_carry_no_secret(deployment: Deployment, mu: Mu) -> None:
