@@ -23,8 +23,8 @@ from tasks.identity import Fleet
 from tests.conftest import random_pub
 from tests.gateway_fixtures import free_port
 from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, kmsq_command, start_worker
-from worker.fleet import ensure_fleet_key
 from worker.config import is_rabbitmq
+from worker.fleet import ensure_fleet_key
 from worker.storage.db import transaction
 
 pytestmark = pytest.mark.brokers
