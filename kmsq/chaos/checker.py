@@ -36,6 +36,7 @@ def request_figures(history: History) -> dict[str, Any]:
         "sent": len(records),
         "answered": sum(1 for r in records if r.outcome not in (None, "lost")),
         "retried": sum(1 for r in records if r.attempts > 1),
+        "resent": sum(1 for r in records if r.resent),
         "lost": sum(1 for r in records if r.outcome in (None, "lost")),
         "unexpected": sum(1 for r in records if r.outcome not in (None, "lost", r.expected)),
         "wrong_answers": sum(1 for r in records if r.wrong_answer),
@@ -157,6 +158,8 @@ def _forms(secret: bytes) -> list[bytes]:
 
 
 def _redis_dump(deployment: Deployment) -> bytes:
+    if deployment.redis is None:
+        return b""
     client: Any = redis.Redis.from_url(deployment.redis.url)
     out = bytearray()
     for key in client.scan_iter(count=1000):
@@ -177,13 +180,18 @@ def _redis_dump(deployment: Deployment) -> bytes:
 
 
 def scan_check(deployment: Deployment, history: History, job: ProvisionJob) -> Check:
-    """No plaintext private key (every one carries a marker) or sampled secret in Redis (its keys and its
-    append-only files), the database dump, the logs or any file of the run, but the job's own input."""
+    """No plaintext private key (every one carries a marker) or sampled secret in the broker (Redis's keys and
+    append-only files, or every file of the RabbitMQ nodes), the database dump, the logs or any file of the run,
+    but the job's own input."""
     places: dict[str, bytes] = {"redis": _redis_dump(deployment), "postgres": deployment.postgres.dump()}
     skip = {job.source.resolve()}
     for path in deployment.work.rglob("*"):
         if path.is_file() and path.resolve() not in skip and "tokens" not in path.parts:
             places[str(path.relative_to(deployment.work))] = path.read_bytes()
+    if deployment.rabbit is not None:  # every node's message stores, queue logs and its own log
+        for path in deployment.rabbit.directory.rglob("*"):
+            if path.is_file():
+                places["rabbitmq/" + str(path.relative_to(deployment.rabbit.directory))] = path.read_bytes()
     secrets = [PRV_MARKER.encode(), *(s.encode() for s in history.secrets)]
     found = [
         name for name, data in places.items() if any(form in data for secret in secrets for form in _forms(secret))

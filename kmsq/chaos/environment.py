@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kmsq.chaos.hsm_faults import ChaosError, FaultSwitch, build_fault_module, fault_environment
+from kmsq.chaos.rabbitmq import RabbitCluster
 
 POOL = "chaos"
 
@@ -295,16 +297,27 @@ class Deployment:
     """The run's services, its ``KMSQ_*`` environment and its supervised workers."""
 
     work: Path
-    redis: Redis
+    redis: Redis | None  # the broker: Redis, or
     postgres: Postgres
     switch: FaultSwitch
     env: dict[str, str]
     # Host B: its own embedded token (no fault module), the same database and broker; worker 1 runs on it.
     env_b: dict[str, str] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
+    rabbit: RabbitCluster | None = None  # a three-node RabbitMQ cluster (kmsq chaos --broker rabbitmq)
     restarts: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def broker_url(self) -> str:
+        """The URL workers and callers use (the run's namespace is in it for RabbitMQ: the vhost)."""
+        return self.rabbit.url if self.rabbit is not None else self.redis.url if self.redis is not None else ""
+
+    @property
+    def broker(self) -> str:
+        """``redis`` or ``rabbitmq``."""
+        return "rabbitmq" if self.rabbit is not None else "redis"
 
     @property
     def home(self) -> Path:
@@ -396,13 +409,16 @@ class Deployment:
                 except subprocess.TimeoutExpired:
                     os.killpg(worker.process.pid, signal.SIGKILL)
         self.switch.clear()
-        self.redis.shutdown()
+        if self.redis is not None:
+            self.redis.shutdown()
+        if self.rabbit is not None:
+            self.rabbit.close()
         self.postgres.stop_all()
         if self.postgres.home != self.work / "postgres":
             shutil.rmtree(self.postgres.home, ignore_errors=True)
 
 
-def create(work: Path, workers: int, standby: str = "none") -> Deployment:
+def create(work: Path, workers: int, standby: str = "none", broker: str = "redis") -> Deployment:
     """Builds the run's deployment under ``work`` and starts it: services, token, ``kmsq init``, workers.
 
     Raises ChaosError when a tool is missing or something does not start.
@@ -420,15 +436,36 @@ def create(work: Path, workers: int, standby: str = "none") -> Deployment:
     switch = FaultSwitch(work / "hsm-fault")
     switch.clear()
     module = build_fault_module(work)
-    redis = Redis(work / "redis")
-    redis.start()
+    redis, rabbit = None, None
     postgres = Postgres(work / "postgres", standby)
-    postgres.create()
+    try:
+        if broker == "rabbitmq":
+            rabbit = RabbitCluster()
+            rabbit.create()
+        else:
+            redis = Redis(work / "redis")
+            redis.start()
+        postgres.create()
+        return _deploy(work, settings, module, real_module, switch, redis, rabbit, postgres, workers)
+    except BaseException:  # nothing left running: the clusters live outside the work directory
+        if rabbit is not None:
+            rabbit.close()
+        if redis is not None:
+            redis.kill()
+        postgres.stop_all()
+        if postgres.home != work / "postgres":
+            shutil.rmtree(postgres.home, ignore_errors=True)
+        raise
+
+
+def _deploy(work: Path, settings: Any, module: Path, real_module: str, switch: FaultSwitch, redis: Redis | None,
+            rabbit: RabbitCluster | None, postgres: Postgres, workers: int) -> Deployment:  # fmt: skip
+    home = work / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     env |= {
         "KMSQ_HOME": str(home),
         "KMSQ_DATABASE_URL": postgres.url,
-        "KMSQ_BROKER_URL": redis.url,
+        "KMSQ_BROKER_URL": rabbit.url if rabbit is not None else redis.url if redis is not None else "",
         "KMSQ_DEFAULT_POOL": POOL,
         "KMSQ_PKCS11_MODULE": str(module),
         "KMSQ_PKCS11_TOKEN_LABEL": settings.pkcs11_token_label,
@@ -438,10 +475,17 @@ def create(work: Path, workers: int, standby: str = "none") -> Deployment:
     }
     host_b = {name: value for name, value in env.items() if not name.startswith(("KMSQ_PKCS11_", "KMSQ_FAULT_"))
               and name != "SOFTHSM2_CONF"}  # fmt: skip
-    deployment = Deployment(work, redis, postgres, switch, env, host_b | {"KMSQ_HOME": str(work / "home-b")})
-    deployment.kmsq("init")
-    if workers > 1:
-        deployment.enroll_token_b()
-    deployment.workers = [deployment.start_worker(n) for n in range(workers)]
+    deployment = Deployment(work, redis, postgres, switch, env, host_b | {"KMSQ_HOME": str(work / "home-b")},
+                            rabbit=rabbit)  # fmt: skip
+    try:
+        deployment.kmsq("init")
+        if workers > 1:
+            deployment.enroll_token_b()
+        deployment.workers = [deployment.start_worker(n) for n in range(workers)]
+    except BaseException:
+        for worker in deployment.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.process.pid, signal.SIGKILL)
+        raise
     deployment.supervise()
     return deployment

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import redis
 
-from kmsq.chaos.environment import Deployment, wait_until
-from kmsq.chaos.hsm_faults import CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID
+from kmsq.chaos.environment import POOL, Deployment, Redis, wait_until
+from kmsq.chaos.hsm_faults import CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID, ChaosError
+from kmsq.chaos.rabbitmq import RabbitCluster
+
+QUEUE = f"kms.{POOL}"
 
 
 @dataclass
@@ -40,16 +43,43 @@ def _terminate_worker(d: Deployment) -> None:
     time.sleep(3)
 
 
+def _redis(d: Deployment) -> Redis:
+    if d.redis is None:
+        raise ChaosError("a Redis fault in a run without Redis")
+    return d.redis
+
+
 def _redis_restart(d: Deployment) -> None:
-    d.redis.shutdown()
+    _redis(d).shutdown()
     time.sleep(2)
-    d.redis.start()
+    _redis(d).start()
 
 
 def _redis_crash(d: Deployment) -> None:
-    d.redis.kill()
+    _redis(d).kill()
     time.sleep(2)
-    d.redis.start()
+    _redis(d).start()
+
+
+def _rabbit(d: Deployment) -> RabbitCluster:
+    if d.rabbit is None:
+        raise ChaosError("a RabbitMQ fault in a run without RabbitMQ")
+    return d.rabbit
+
+
+def _rabbit_node_lost(leader: bool) -> Callable[[Deployment], None]:
+    """A node of the cluster killed -9 under load (the pool queue's leader, or another one), then started
+    again 5 s later; the fault heals once the node runs again (it rejoins the cluster and its queue replicas)."""
+
+    def inject(d: Deployment) -> None:
+        cluster = _rabbit(d)
+        lead = cluster.leader_of(QUEUE)
+        node = lead if leader else next(n for n in range(len(cluster.names)) if n != lead)
+        cluster.kill(node)
+        time.sleep(5)
+        cluster.start_node(node)
+
+    return inject
 
 
 def _postgres_restart(d: Deployment) -> None:
@@ -90,8 +120,11 @@ def _hsm_lost(d: Deployment) -> None:
 
 def _flood(d: Deployment) -> None:
     """3,000 entries that are not kombu messages and 2,000 task messages from a caller nobody registered."""
-    client = redis.Redis.from_url(d.redis.url)
-    queue = "kms.chaos"
+    if d.rabbit is not None:
+        _flood_rabbit(d)
+        return
+    client = redis.Redis.from_url(_redis(d).url)
+    queue = QUEUE
     garbage = ["not json", "[1,2,3]", '{"x": 1}', "[" * 5000 + "]" * 5000]
     client.lpush(queue, *(garbage[i % len(garbage)] for i in range(3000)))
     args = [["nobody", "ed25519:0000000000000000", "e30", "c2ln"], {}, {"callbacks": None, "errbacks": None}]
@@ -109,6 +142,30 @@ def _flood(d: Deployment) -> None:
     client.lpush(queue, *fake)
     wait_until(lambda: int(client.llen(queue)) == 0, 120, "the flood to drain")
     client.close()
+
+
+def _flood_rabbit(d: Deployment) -> None:
+    """The same on RabbitMQ: 3,000 messages that are not task messages and 2,000 task messages from a caller
+    nobody registered, published to the pool's quorum queue."""
+    from amqp.basic_message import Message
+    from kombu.connection import Connection
+
+    cluster = _rabbit(d)
+    args = [["nobody", "ed25519:0000000000000000", "e30", "c2ln"], {}, {"callbacks": None, "errbacks": None}]
+    garbage = [b"not json", b"[1,2,3]", b'{"x": 1}', b"[" * 5000 + b"]" * 5000]
+    with Connection(cluster.url) as conn:
+        channel = conn.default_channel
+        for i in range(3000):
+            channel.basic_publish(Message(garbage[i % len(garbage)], content_type="application/json"), exchange="",
+                                  routing_key=QUEUE)  # fmt: skip
+        for _ in range(2000):
+            task_id = str(uuid.uuid4())
+            headers = {"task": "kmsq.generate_data_key", "id": task_id, "lang": "py", "retries": 0}
+            channel.basic_publish(Message(json.dumps(args).encode(), content_type="application/json",
+                                          content_encoding="utf-8", application_headers=headers,
+                                          correlation_id=task_id, reply_to="kmsq.reply.nobody.x"),
+                                  exchange="", routing_key=QUEUE)  # fmt: skip
+    wait_until(lambda: cluster.depth(QUEUE) == 0, 120, "the flood to drain")
 
 
 FAULTS: dict[str, Callable[[Deployment], None]] = {
@@ -129,15 +186,29 @@ STANDBY_FAULTS: dict[str, Callable[[Deployment], None]] = {
 }
 
 
-def schedule_of(standby: str) -> dict[str, Callable[[Deployment], None]]:
-    """The faults a run with a database ``standby`` (sync, async, none) injects, in order: every fault, and with a
-    standby the failover right after the Postgres restart (early, while the provisioning job still writes)."""
-    if standby == "none":
-        return dict(FAULTS)
-    names = list(FAULTS)
-    at = names.index("Postgres restarted (immediate)") + 1
-    ordered = [*names[:at], *STANDBY_FAULTS, *names[at:]]
-    return {name: (FAULTS | STANDBY_FAULTS)[name] for name in ordered}
+# With RabbitMQ (kmsq chaos --broker rabbitmq) these take the place of the Redis faults.
+RABBITMQ_FAULTS: dict[str, Callable[[Deployment], None]] = {
+    "RabbitMQ node killed -9 (not the pool queue's leader), restarted": _rabbit_node_lost(leader=False),
+    "RabbitMQ node leading the pool queue killed -9, restarted": _rabbit_node_lost(leader=True),
+}
+REDIS_FAULTS = ("Redis restarted (clean shutdown)", "Redis killed (-9, AOF everysec)")
+
+
+def schedule_of(standby: str, broker: str = "redis") -> dict[str, Callable[[Deployment], None]]:
+    """The faults a run with a database ``standby`` (sync, async, none) and a ``broker`` (redis, rabbitmq)
+    injects, in order: every fault, with a standby the failover right after the Postgres restart (early, while
+    the provisioning job still writes), and with RabbitMQ its node faults in the place of Redis's."""
+    names: list[str] = []
+    for name in FAULTS:
+        if name in REDIS_FAULTS and broker == "rabbitmq":
+            if name == REDIS_FAULTS[0]:
+                names += list(RABBITMQ_FAULTS)
+            continue
+        names.append(name)
+        if name == "Postgres restarted (immediate)" and standby != "none":
+            names += list(STANDBY_FAULTS)
+    every = FAULTS | STANDBY_FAULTS | RABBITMQ_FAULTS
+    return {name: every[name] for name in names}
 
 
 def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool],
@@ -146,7 +217,7 @@ def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool
     records; stops early when ``stop()`` is true."""
     records: list[FaultRecord] = []
     for _ in range(rounds):
-        for name, inject in schedule_of(d.postgres.standby).items():
+        for name, inject in schedule_of(d.postgres.standby, d.broker).items():
             if stop():
                 return records
             time.sleep(gap)

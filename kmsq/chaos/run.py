@@ -29,23 +29,34 @@ def _register(deployment: Any, names: tuple[str, ...]) -> None:
     deployment.kmsq("fleet-key", "export", "--out", str(deployment.home / "fleet.json"))
 
 
-def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync") -> dict[str, Any]:
-    """Runs the whole thing (the database with a ``standby``: sync, async or none) and returns the report.
-    Raises ChaosError when the deployment cannot start."""
+def _rabbitmq_checks(broker: str, figures: dict[str, Any], job: Any) -> list[Any]:
+    """With RabbitMQ (confirmed publishes to quorum queues) no request may need its caller to send it again."""
+    from kmsq.chaos.checker import Check
+
+    if broker != "rabbitmq":
+        return []
+    resent = figures["resent"]
+    return [Check("no accepted request needed a resend", resent == 0 and len(job.runs) == 1,
+                  f"{resent} requests resent after no reply in 10 s; the job ran {len(job.runs)} times")]  # fmt: skip
+
+
+def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync", broker: str = "redis") -> dict[str, Any]:
+    """Runs the whole thing (the database with a ``standby``: sync, async or none; the ``broker``: redis, or a
+    three-node rabbitmq cluster) and returns the report. Raises ChaosError when the deployment cannot start."""
     from kmsq.chaos import checker, environment, faults
     from kmsq.chaos.workload import History, ProvisionJob, Stream
     from tasks.client import KmsClient
 
     rounds, gap = SCHEDULES[schedule]
     started = time.time()
-    log(f"building the deployment in {work} (Postgres standby: {standby})")
-    deployment = environment.create(work, workers=2, standby=standby)
+    log(f"building the deployment in {work} (Postgres standby: {standby}; broker: {broker})")
+    deployment = environment.create(work, workers=2, standby=standby, broker=broker)
     try:
         _register(deployment, (*CALLERS, "provisioner"))
         history = History()
         stop = threading.Event()
         fleet = deployment.home / "fleet.json"
-        clients = [KmsClient.from_files(deployment.redis.url, deployment.home / "callers" / f"{name}.key.json",
+        clients = [KmsClient.from_files(deployment.broker_url, deployment.home / "callers" / f"{name}.key.json",
                                         fleet, timeout=60, namespace=None) for name in CALLERS]  # fmt: skip
         streams = [Stream(client, history, stop) for client in clients]
         job_env = deployment.env | {"KMSQ_IDENTITY": str(deployment.home / "callers" / "provisioner.key.json"),
@@ -78,6 +89,7 @@ def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync") -
                 f"outcomes {figures['outcomes']}",
             ),
             *job_checks,
+            *_rabbitmq_checks(broker, figures, job),
             *checker.stream_checks(deployment, history, streams),
             checker.scan_check(deployment, history, job),
         ]
@@ -86,6 +98,7 @@ def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync") -
         return {
             "schedule": schedule,
             "standby": standby,
+            "broker": broker,
             "database_failovers": deployment.postgres.failovers,
             "keys": keys,
             "seconds": round(time.time() - started, 1),

@@ -42,6 +42,7 @@ class Record:
     outcome: str | None = None  # ok, an error code, or "lost"
     expected: str = "ok"
     attempts: int = 0
+    resent: int = 0  # sent again after a publish that succeeded had no reply within ATTEMPT_SECONDS
     wrong_answer: bool = False  # an outcome whose content contradicts what was sent earlier
 
 
@@ -122,6 +123,7 @@ class Stream(threading.Thread):
                 fields = future.result(timeout=ATTEMPT_SECONDS)
             except FutureTimeout:
                 future.cancel()
+                record.resent += 1
                 continue
             except KmsError as e:
                 if e.code == "unavailable":  # the worker gave up retrying: the same message again

@@ -52,10 +52,14 @@ def _print(report: dict[str, Any]) -> None:
 @click.option("--standby", type=click.Choice(["sync", "async", "none"]), default="sync", show_default=True,
               help="The database's standby: sync (a commit waits for it), async, or none. With a standby the "
                    "schedule has the fault 'Postgres primary killed -9, standby promoted'.")  # fmt: skip
+@click.option("--broker", type=click.Choice(["redis", "rabbitmq"]), default="redis", show_default=True,
+              help="redis: a private redis-server; rabbitmq: a private three-node RabbitMQ cluster (quorum queues), "
+                   "whose node faults take the place of Redis's.")  # fmt: skip
 @click.option("--keep", is_flag=True, help="Keep the work directory (it is kept anyway when a check fails).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
-def chaos(keys: int, schedule: str, work_dir: Path | None, standby: str, keep: bool, as_json: bool) -> None:
+def chaos(keys: int, schedule: str, work_dir: Path | None, standby: str, broker: str, keep: bool,
+          as_json: bool) -> None:  # fmt: skip
     """Run a workload against a private deployment (its own Redis, Postgres, SoftHSM2 token behind a
     fault-injecting PKCS#11 module, and workers) while injecting faults; report what was lost."""
     from kmsq.chaos.checker import write_report
@@ -73,7 +77,7 @@ def chaos(keys: int, schedule: str, work_dir: Path | None, standby: str, keep: b
     from kmsq.output import EXIT_CONFIG, fail
 
     try:
-        report = run(keys, schedule, work, log, standby)
+        report = run(keys, schedule, work, log, standby, broker)
     except ChaosError as e:
         fail(f"kmsq chaos cannot run here: {e}", EXIT_CONFIG)
     write_report(work / "report.json", report)

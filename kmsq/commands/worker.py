@@ -18,6 +18,7 @@ from schemas.wire import pool_queue
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.storage.standby import DatabaseReplication
 
 HEALTH_CACHE_SECONDS = 2.0
 
@@ -67,8 +68,9 @@ def run_worker(
         engine.dispose()
     if not has_fleet_key:
         raise ConfigError(f"pool {pool!r} has no fleet key (run: kmsq fleet-key create --pool {pool})")
-    _database_replication(config)
+    database = _database_replication(config)
     _preflight(config, pool)
+    click.echo(database.line(), err=True)  # once it can serve: a refusal stays one line
     if config.embedded_broker:
         from kmsq import broker
 
@@ -104,8 +106,8 @@ def run_worker(
     pool_worker.app.worker_main(argv)
 
 
-def _database_replication(config: Settings) -> None:
-    """Prints how the database is replicated (worker.storage.standby). Raises ConfigError when
+def _database_replication(config: Settings) -> DatabaseReplication:
+    """Returns how the database is replicated (worker.storage.standby). Raises ConfigError when
     KMSQ_REQUIRE_SYNC_STANDBY is set and the primary has no synchronous standby streaming."""
     from sqlalchemy.exc import OperationalError
 
@@ -120,11 +122,11 @@ def _database_replication(config: Settings) -> None:
         found = DatabaseReplication("unknown", detail=type(e).__name__)
     finally:
         engine.dispose()
-    click.echo(found.line(), err=True)
     if config.require_sync_standby and found.mode != "sync":
         raise ConfigError(f"KMSQ_REQUIRE_SYNC_STANDBY is set and the database is not replicated synchronously "
                           f"(mode {found.mode}): a commit could be lost with its primary (docs/OPERATIONS.md, "
                           "'The database')")  # fmt: skip
+    return found
 
 
 def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | None:
