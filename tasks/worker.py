@@ -24,6 +24,7 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from celery.worker.request import Request as CeleryRequest
 from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session
@@ -377,10 +378,44 @@ class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]
             self._eta = latest
 
 
+class ClusterDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
+    """Celery's native delayed delivery (RabbitMQ with quorum queues: a retry's countdown waits in the broker),
+    set up once per process through the first node of the cluster that answers.
+
+    Celery's step declares its exchanges and queues through every URL of the broker list, each up to four
+    times over 9 s, at every start of the consumer: after a reconnection (a node was lost) the worker took no
+    message for 17 s while it retried the dead node, and callers whose requests it had taken sent them again
+    (kmsq chaos --broker rabbitmq). The declarations are the cluster's, not a node's: one node suffices, and
+    they persist (durable exchanges, quorum queues), so a reconnection needs none."""
+
+    _done = False
+
+    def start(self, c: Any) -> None:
+        if ClusterDelayedDelivery._done:
+            return
+        self._validate_configuration(c.app)
+        for url in self._validate_broker_urls(c.app.conf.broker_url):
+            try:
+                self._setup_delayed_delivery(c, url)
+            except Exception as e:  # this node is down: the next one
+                log.warning("delayed delivery not set up through a node (%s); trying the next", type(e).__name__)
+                continue
+            ClusterDelayedDelivery._done = True
+            return
+        log.error("delayed delivery could not be set up: retries with a countdown hold a worker's slot")
+
+
 class QuietConsumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, except that a message it cannot use is dropped with one line that quotes nothing of
     it (Celery logs the body, which anyone with broker access chooses: a 10,000-level nesting is 20 KB of
-    log) and counted with the transport's drops (tasks/transport.py)."""
+    log) and counted with the transport's drops (tasks/transport.py); and with :class:`ClusterDelayedDelivery`
+    in the place of Celery's delayed delivery step."""
+
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
+        default_steps = tuple(
+            "tasks.worker:ClusterDelayedDelivery" if step.endswith(":DelayedDelivery") else step
+            for step in CeleryConsumer.Blueprint.default_steps
+        )
 
     def connect(self) -> Any:
         """Celery's connection for consuming, whose channel runs its acknowledgement bookkeeping through one

@@ -194,10 +194,18 @@ RABBITMQ_FAULTS: dict[str, Callable[[Deployment], None]] = {
 REDIS_FAULTS = ("Redis restarted (clean shutdown)", "Redis killed (-9, AOF everysec)")
 
 
-def schedule_of(standby: str, broker: str = "redis") -> dict[str, Callable[[Deployment], None]]:
+BROKER_FAULTS = (*REDIS_FAULTS, *RABBITMQ_FAULTS, "broker flood of invalid messages")
+
+
+def schedule_of(
+    standby: str, broker: str = "redis", broker_only: bool = False
+) -> dict[str, Callable[[Deployment], None]]:
     """The faults a run with a database ``standby`` (sync, async, none) and a ``broker`` (redis, rabbitmq)
     injects, in order: every fault, with a standby the failover right after the Postgres restart (early, while
-    the provisioning job still writes), and with RabbitMQ its node faults in the place of Redis's."""
+    the provisioning job still writes), and with RabbitMQ its node faults in the place of Redis's. With
+    ``broker_only``, the broker's faults alone."""
+    if broker_only:
+        return {name: inject for name, inject in schedule_of(standby, broker).items() if name in BROKER_FAULTS}
     names: list[str] = []
     for name in FAULTS:
         if name in REDIS_FAULTS and broker == "rabbitmq":
@@ -212,12 +220,13 @@ def schedule_of(standby: str, broker: str = "redis") -> dict[str, Callable[[Depl
 
 
 def run_schedule(d: Deployment, rounds: int, gap: float, stop: Callable[[], bool],
-                 log: Callable[[str], None] = lambda _: None) -> list[FaultRecord]:  # fmt: skip
-    """Injects every fault ``rounds`` times, ``gap`` seconds apart (after each one heals). Returns the
-    records; stops early when ``stop()`` is true."""
+                 log: Callable[[str], None] = lambda _: None,
+                 broker_only: bool = False) -> list[FaultRecord]:  # fmt: skip
+    """Injects every fault of :func:`schedule_of` ``rounds`` times, ``gap`` seconds apart (after each one heals).
+    Returns the records; stops early when ``stop()`` is true."""
     records: list[FaultRecord] = []
     for _ in range(rounds):
-        for name, inject in schedule_of(d.postgres.standby, d.broker).items():
+        for name, inject in schedule_of(d.postgres.standby, d.broker, broker_only).items():
             if stop():
                 return records
             time.sleep(gap)

@@ -135,13 +135,13 @@ class RabbitCluster:
         raise ChaosError(f"no leader known for queue {queue}")
 
     def depth(self, queue: str) -> int:
-        """Messages ready and unacknowledged in ``queue`` (0 when it does not exist)."""
+        """Messages ready in ``queue``, not yet delivered to a consumer (0 when it does not exist)."""
         for node in range(len(self.names)):
             if self.pid(node) is None:
                 continue
-            rows = json.loads(self.ctl(node, "list_queues", "-p", self.VHOST, "name", "messages", "--formatter",
-                                       "json"))  # fmt: skip
-            return sum(int(row.get("messages") or 0) for row in rows if row.get("name") == queue)
+            rows = json.loads(self.ctl(node, "list_queues", "-p", self.VHOST, "name", "messages_ready",
+                                       "--formatter", "json"))  # fmt: skip
+            return sum(int(row.get("messages_ready") or 0) for row in rows if row.get("name") == queue)
         return 0
 
     def close(self) -> None:

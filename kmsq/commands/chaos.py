@@ -46,7 +46,7 @@ def _print(report: dict[str, Any]) -> None:
 @click.command("chaos")
 @click.option("--keys", type=click.IntRange(1), default=5000, show_default=True, help="Keys the job stores.")
 @click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="short", show_default=True,
-              help="short: every fault once; long: twice.")  # fmt: skip
+              help="short: every fault once; long: twice; broker: the broker's faults once.")  # fmt: skip
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the run's services and records go (default: a new temporary directory).")  # fmt: skip
 @click.option("--standby", type=click.Choice(["sync", "async", "none"]), default="sync", show_default=True,
