@@ -159,7 +159,9 @@ class NoopChannel:
         from kombu.entity import Queue
         from kombu.messaging import Consumer
 
+        from tasks import rabbitmq
         from tasks.app import broker_connection, make_app
+        from worker.config import is_rabbitmq
 
         self.app = make_app(broker_url, "kmsq-bench", namespace)
         self.queue = reply_queue_for(caller, f"noop-{secrets.token_hex(4)}")
@@ -167,7 +169,11 @@ class NoopChannel:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.conn = broker_connection(broker_url, namespace)
-        queue = Queue(self.queue, durable=True, auto_delete=False, routing_key=self.queue)
+        if is_rabbitmq(broker_url):  # the queues as kmsq's workers and callers declare them there
+            self.app.amqp.queues.add(rabbitmq.pool_queue_entity(pool_queue(POOL)))
+            queue = rabbitmq.reply_queue_entity(self.queue)
+        else:
+            queue = Queue(self.queue, durable=True, auto_delete=False, routing_key=self.queue)
         self.consumer = Consumer(self.conn, [queue], callbacks=[self._on_message], accept=["json"], no_ack=True)
         self.consumer.consume()
         self.thread = threading.Thread(target=self._drain, daemon=True)
@@ -601,10 +607,55 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_bench(
-    quick: bool, worker_counts: list[int], rss_keys: int, out_dir: Path, log: Callable[[str], None]
+def compare_broker(
+    other_url: str, redis_figures: dict[str, Any], workers: int, parts: tuple[Any, ...], log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Sets up the bench pool, caller and root key, measures A-F, writes bench.json and bench.png."""
+    """B, C, D and G again with the workers and callers on the broker ``other_url`` (RabbitMQ), in this run; returns
+    its figures and, per figure, its items/s over the first broker's (``redis_figures``, measured just before)."""
+    from kmsq.bench_gateway import measure_gateway
+    from tasks.client import KmsClient
+    from worker.config import redact_url
+
+    settings, identity, fleet, root_id, sizes, env, files, out_dir = parts
+    env = env | {"KMSQ_BROKER_URL": other_url}
+    log(f"B, C, D and G on {redact_url(other_url)} with {workers} worker process(es)")
+    process = start_worker(workers, out_dir / "bench-worker-other.log", env, other_url, settings.namespace)
+    try:
+        with KmsClient(other_url, identity, fleet, timeout=120, namespace=settings.namespace) as client:
+            measured = queue_measurements(client, other_url, sizes, root_id, process)
+            measured["G_gateway"] = measure_gateway(client, root_id, process, other_url, files, env, out_dir,
+                                                    sizes.gateway_requests, log)  # fmt: skip
+    finally:
+        stop_worker(process)
+    kept = {key: measured[key] for key in ("B_noop_round_trip", "C_generate_data_key", "D_generate_data_keys",
+                                           "G_gateway")}  # fmt: skip
+
+    def ratio(new: dict[str, Any], old: dict[str, Any]) -> float | None:
+        return round(new["per_s"] / old["per_s"], 3) if old.get("per_s") else None
+
+    ratios = {"B": ratio(kept["B_noop_round_trip"], redis_figures["B_noop_round_trip"]),
+              "C": ratio(kept["C_generate_data_key"], redis_figures["C_generate_data_key"])}  # fmt: skip
+    for size, figures in kept["D_generate_data_keys"].items():
+        ratios[f"D{size}"] = ratio(figures, redis_figures["D_generate_data_keys"][size])
+    for mode, endpoints in kept["G_gateway"].items():
+        for endpoint, cells in endpoints.items():
+            for clients, figures in cells.items():
+                ratios[f"G_{mode}_{endpoint}_{clients}"] = ratio(
+                    figures, redis_figures["G_gateway"][mode][endpoint][clients]
+                )
+    return {"broker": redact_url(other_url), "workers": workers, "figures": kept, "over_first_broker": ratios}
+
+
+def run_bench(
+    quick: bool,
+    worker_counts: list[int],
+    rss_keys: int,
+    out_dir: Path,
+    log: Callable[[str], None],
+    other_broker: str | None = None,
+) -> dict[str, Any]:
+    """Sets up the bench pool, caller and root key, measures A-F, writes bench.json and bench.png. With
+    ``other_broker``, B, C, D and G are measured again on that broker (:func:`compare_broker`)."""
     import json
 
     from kmsq.bench_gateway import measure_gateway
@@ -669,6 +720,11 @@ def run_bench(
                 report["workers"][str(count)] = measured
         finally:
             stop_worker(process)
+    if other_broker:
+        parts = (settings, identity, fleet, root_id, sizes, env, (identity_file, fleet_file), out_dir)
+        most = str(max(worker_counts))
+        report["broker_comparison"] = compare_broker(other_broker, report["workers"][most], max(worker_counts),
+                                                     parts, log)  # fmt: skip
     log("R: rewrap every stored row of the bench root key after a rotation")
     report["R_rewrap"] = measure_rewrap(svc, root_id)
     svc.engine.dispose()

@@ -77,8 +77,9 @@ def _redis_port(broker_url: str | None) -> str | None:
 
 class CpuMeter:
     """CPU time (user + system) by process group: the client (this process: the SDK, or the HTTP load for G),
-    the worker's main process and its pool processes, extra groups (the gateway), and Redis (the server on the
-    broker's port) and Postgres (its server and every backend, this run's or not) where /proc shows them."""
+    the worker's main process and its pool processes, extra groups (the gateway), the broker (Redis: the server
+    on the broker's port; RabbitMQ: its Erlang VMs) and Postgres (its server and every backend, this run's or
+    not) where /proc shows them."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class CpuMeter:
     ) -> None:
         self.worker = worker
         self.redis_port = _redis_port(broker_url)
+        self.rabbitmq = bool(broker_url) and str(broker_url).startswith(("amqp://", "amqps://"))
         self.extra = extra or {}
 
     def _groups(self) -> dict[str, list[int]]:
@@ -97,6 +99,8 @@ class CpuMeter:
         groups |= self.extra
         if self.redis_port is not None:
             groups["redis"] = _processes("redis-server", f":{self.redis_port}")
+        if self.rabbitmq:  # the Erlang VMs of RabbitMQ on this host
+            groups["rabbitmq"] = _processes("beam.smp", "rabbit")
         groups["postgres"] = _processes("postgres")
         return groups
 

@@ -1,5 +1,5 @@
 """`kmsq bench --quick` runs on real Redis, Postgres, SoftHSM2 and worker processes, and its JSON has every
-figure the performance report needs."""
+figure the performance report needs; with ``--compare-broker`` B, C, D and G again on RabbitMQ, over Redis's."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from tests.queue_fixtures import Deployment, kmsq_command
 FIGURE = {"items", "elapsed_s", "per_s", "p50_ms", "p99_ms"}
 
 
-def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path) -> None:
+def test_bench_quick_reports_every_figure(deployment: Deployment, rabbitmq_url: str, tmp_path: Path) -> None:
     out_dir = tmp_path / "bench"
     result = subprocess.run(
-        [*kmsq_command(), "bench", "--quick", "--rss-job", "2000", "--out-dir", str(out_dir), "--json"],
+        [*kmsq_command(), "bench", "--quick", "--rss-job", "2000", "--out-dir", str(out_dir), "--compare-broker",
+         rabbitmq_url, "--json"],
         env=deployment.env(), capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,3 +84,10 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, tmp_path: Path
     assert report["R_rewrap"]["items"] >= stored and report["R_rewrap"]["failed"] == 0
     assert report["R_rewrap"]["per_s"] > 0 and report["ratios"]["R_over_A"] > 0
     assert report["machine"]["cores"] >= 1
+    # B, C, D and G on RabbitMQ in the same run (this run's vhost), each over its Redis figure.
+    other = report["broker_comparison"]
+    assert other["workers"] == 2 and other["broker"].startswith("amqp://")
+    assert set(other["figures"]) == {"B_noop_round_trip", "C_generate_data_key", "D_generate_data_keys", "G_gateway"}
+    assert other["figures"]["B_noop_round_trip"]["cpu_ms_per_item"]["rabbitmq"] > 0  # the broker's own CPU
+    assert {"B", "C", "D1", "D1000", "G_on_generateDataKey_64"} <= set(other["over_first_broker"])
+    assert all(v is not None and v > 0 for v in other["over_first_broker"].values())

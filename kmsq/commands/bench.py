@@ -51,9 +51,13 @@ def _print_gateway(report: dict[str, Any]) -> None:
 @click.option("--rss-job", "rss_keys", type=click.IntRange(0), default=0, help="Also provision N keys, sampling RSS.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True)  # fmt: skip
+@click.option("--compare-broker", "other_broker", default=None, metavar="URL",
+              help="Also measure B, C, D and G on this broker (amqp://... for RabbitMQ, KMSQ_NAMESPACE its vhost) "
+                   "and report each figure over KMSQ_BROKER_URL's.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
-def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json: bool) -> None:
+def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, other_broker: str | None,
+          as_json: bool) -> None:  # fmt: skip
     """Measure A-F side by side (see docs/PERFORMANCE.md); writes OUT_DIR/bench.json and bench.png."""
     from kmsq.bench import BATCH_SIZES, run_bench
 
@@ -63,7 +67,7 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
         if not as_json:
             console.print(f"[dim]{message}[/dim]")
 
-    report = run_bench(quick, counts, rss_keys, out_dir, log)
+    report = run_bench(quick, counts, rss_keys, out_dir, log, other_broker)
     if as_json:
         print_json(report)
         return
@@ -88,6 +92,10 @@ def bench(quick: bool, worker_counts: str, rss_keys: int, out_dir: Path, as_json
     for workers, r in report["ratios"].items():
         if workers.isdigit():
             console.print(f"{workers} worker(s): " + ", ".join(f"{k} = {v}" for k, v in r.items() if k != "G"))
+    comparison = report.get("broker_comparison")
+    if comparison:
+        console.print(f"on {comparison['broker']} over the first broker (items/s, {comparison['workers']} workers): "
+                      + ", ".join(f"{k} = {v}" for k, v in comparison["over_first_broker"].items()))  # fmt: skip
     console.print(f"R_over_A = {report['ratios'].get('R_over_A')} (rows rewrapped per data key generated)")
     console.print(f"targets: {report['ratios']['targets']}")
     console.print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'} and {out_dir / 'bench-gateway.png'}")
