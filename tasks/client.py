@@ -28,6 +28,7 @@ from typing import Any, Concatenate, ParamSpec
 import pydantic
 from kombu.connection import Connection
 from kombu.entity import Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
@@ -367,7 +368,14 @@ class KmsClient(KmsCodec):
                 if known is None or known.exchange.type != "topic":
                     amqp.queues.add(rabbitmq.pool_queue_entity(queue))
                 extra = {"mandatory": True}
-            amqp.send_task_message(producer, task, message, queue=queue, **extra)
+            for attempt in range(rabbitmq.NACK_ATTEMPTS):
+                try:
+                    amqp.send_task_message(producer, task, message, queue=queue, **extra)
+                    break
+                except KombuOperationalError as e:  # a nack (the queue electing a leader): not taken, send again
+                    if not rabbitmq.nacked(e) or attempt == rabbitmq.NACK_ATTEMPTS - 1:
+                        raise
+                    time.sleep(rabbitmq.nack_backoff(attempt))
             # After a publish the channel exists; kombu replaces it after a connection error.
             reuse_redis_client(producer.channel)
 

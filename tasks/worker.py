@@ -27,6 +27,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from celery.worker.request import Request as CeleryRequest
 from kombu.exceptions import ChannelError
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.orm import Session
 
 from schemas.operations import OPS
@@ -228,22 +229,32 @@ class PoolWorker:
         if delivery.queue is None:
             return
         rabbit = is_rabbitmq(self.settings.effective_broker_url)
-        with self.app.producer_or_acquire() as producer:
+        for attempt in range(rabbitmq.NACK_ATTEMPTS):
             try:
-                producer.publish(
-                    delivery.envelope,
-                    exchange="",
-                    routing_key=delivery.queue,
-                    serializer="json",
-                    delivery_mode=2,
-                    retry=True,
-                    retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
-                    **({"mandatory": True} if rabbit else {}),
-                )
+                with self.app.producer_or_acquire() as producer:
+                    producer.publish(
+                        delivery.envelope,
+                        exchange="",
+                        routing_key=delivery.queue,
+                        serializer="json",
+                        delivery_mode=2,
+                        retry=True,
+                        retry_policy=REPLY_RETRY_POLICY,
+                        **({"mandatory": True} if rabbit else {}),
+                    )
+                return
             except ChannelError as e:
                 if not rabbit or "NO_ROUTE" not in str(e):
                     raise
                 log.info("the reply queue of %s is gone: reply not sent (get_result has it)", delivery.request_id)
+                return
+            except KombuOperationalError as e:
+                # A nack: the reply queue was electing a new leader (its node was lost); the broker did not take
+                # the reply, and kombu's retries are for connection errors only.
+                if not rabbitmq.nacked(e) or attempt == rabbitmq.NACK_ATTEMPTS - 1:
+                    raise
+                log.warning("the broker refused the reply to %s (nack); sending it again", delivery.request_id)
+                time.sleep(rabbitmq.nack_backoff(attempt))
 
     def _worker_metrics(self) -> metrics.WorkerMetrics | None:
         """This pool process's metrics, when the worker serves them (``kmsq worker --metrics-port``)."""
@@ -269,7 +280,11 @@ class PoolWorker:
                 measured.retried(self.pool, task.name)
                 self._hsm_counts(measured)
             raise task.retry(countdown=countdown, max_retries=MAX_RETRIES) from None
-        self.publish(delivery)
+        try:
+            self.publish(delivery)
+        except KombuOperationalError as e:  # the broker did not take the reply: the stored reply goes on a retry
+            log.warning("%s %s: the reply was not sent (%s); retry in 1 s", task.name, request.id, type(e).__name__)
+            raise task.retry(countdown=1, max_retries=MAX_RETRIES) from None
         if measured is not None:
             measured.handled(ctx.pool, task.name, delivery.code, delivery.issued_at, delivery.items, started,
                              time.monotonic() - started)  # fmt: skip
@@ -343,6 +358,7 @@ class TokenWatch(threading.Thread):
         self._stopped.set()
 
 
+REPLY_RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"  # Celery's remote control: one member per worker node
 
 

@@ -15,8 +15,6 @@ from tests.conftest import random_pub
 from tests.queue_fixtures import Deployment
 from worker.storage.models import PrivateKey, RequestRecord
 
-pytestmark = pytest.mark.brokers
-
 
 @pytest.mark.parametrize("key_type", ["aes-256", "rsa-2048"])
 def test_generate_and_decrypt_batches(deployment: Deployment, client: KmsClient, key_type: str) -> None:

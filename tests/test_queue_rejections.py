@@ -24,8 +24,6 @@ from worker import callers
 from worker.storage.db import transaction
 from worker.storage.models import AuditRecord, PrivateKey, RejectionCount, RequestRecord
 
-pytestmark = pytest.mark.brokers
-
 
 def signed_args(identity: CallerIdentity, body: dict[str, Any] | bytes, task: str) -> list[str]:
     """Task arguments for ``body`` signed by ``identity`` for ``task``."""

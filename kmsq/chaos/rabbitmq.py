@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,11 +26,12 @@ _CLI_PORTS = range(35600, 35800)
 
 
 def _port() -> int:
-    from kmsq.chaos.environment import free_port
-
+    """A TCP port nobody listens on now, outside rabbitmqctl's own."""
     while True:
-        port = free_port()
-        if port not in _CLI_PORTS and port + 1 not in _CLI_PORTS:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _CLI_PORTS:
             return port
 
 
@@ -85,6 +87,10 @@ class RabbitCluster:
 
     def start_node(self, node: int) -> None:
         """Starts node ``node`` (its data kept from before: a restarted node rejoins) and waits until it runs."""
+        self._launch(node)
+        self._wait(node)
+
+    def _launch(self, node: int) -> None:
         base = self.directory / f"node{node}"
         base.mkdir(exist_ok=True)
         (base / "rabbitmq.conf").touch()
@@ -92,12 +98,17 @@ class RabbitCluster:
             shutil.chown(base, "rabbitmq", "rabbitmq")
         subprocess.run([_tool("rabbitmq-server"), "-detached"], env=self._env(node), capture_output=True, timeout=60,
                        check=False)  # fmt: skip
-        self.ctl(node, "wait", str(base / "pid"), "--timeout", "120", timeout=150)
+
+    def _wait(self, node: int) -> None:
+        self.ctl(node, "wait", str(self.directory / f"node{node}" / "pid"), "--timeout", "120", timeout=150)
 
     def create(self) -> None:
-        """Starts the nodes, joins them into one cluster and makes the vhost. Raises ChaosError when a step fails."""
+        """Starts the nodes (at once), joins them into one cluster and makes the vhost. Raises ChaosError when a
+        step fails."""
         for node in range(len(self.names)):
-            self.start_node(node)
+            self._launch(node)
+        for node in range(len(self.names)):
+            self._wait(node)
         for node in range(1, len(self.names)):
             self.ctl(node, "stop_app")
             self.ctl(node, "join_cluster", self.names[0])
