@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmsq.procfs import children_of, cpu_seconds, processes_named
+
 
 def summarize(count: int, elapsed: float, latencies: list[float]) -> dict[str, Any]:
     """Throughput (items/s) and latency percentiles (ms) of one measurement."""
@@ -30,41 +32,6 @@ def summarize(count: int, elapsed: float, latencies: list[float]) -> dict[str, A
         "p99_ms": pct(0.99),
         "median_ms": round(statistics.median(ordered) * 1000, 3) if ordered else None,
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    return found
-
-
-def _processes(name: str, argument: str | None = None) -> list[int]:
-    """Processes called ``name`` (with ``argument`` in their command line, when given)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() != name:
-                    continue
-                if argument is None or argument in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def _redis_port(broker_url: str | None) -> str | None:
@@ -95,18 +62,18 @@ class CpuMeter:
     def _groups(self) -> dict[str, list[int]]:
         groups = {"client": [os.getpid()]}
         if self.worker is not None:
-            groups |= {"worker_main": [self.worker.pid], "worker_children": _children(self.worker.pid)}
+            groups |= {"worker_main": [self.worker.pid], "worker_children": children_of(self.worker.pid)}
         groups |= self.extra
         if self.redis_port is not None:
-            groups["redis"] = _processes("redis-server", f":{self.redis_port}")
+            groups["redis"] = processes_named("redis-server", f":{self.redis_port}")
         if self.rabbitmq:  # the Erlang VMs of RabbitMQ on this host
-            groups["rabbitmq"] = _processes("beam.smp", "rabbit")
-        groups["postgres"] = _processes("postgres")
+            groups["rabbitmq"] = processes_named("beam.smp", "rabbit")
+        groups["postgres"] = processes_named("postgres")
         return groups
 
     def snapshot(self) -> dict[str, dict[int, float]]:
         """Seconds of CPU so far, per group and process."""
-        return {name: {pid: _cpu_seconds(pid) for pid in pids} for name, pids in self._groups().items()}
+        return {name: {pid: cpu_seconds(pid) for pid in pids} for name, pids in self._groups().items()}
 
     def measure(self, items: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Runs ``run`` and adds ``cpu_ms_per_item`` (per group and in total) to its result. A process that

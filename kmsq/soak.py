@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsq.bench_common import CpuMeter, _children, set_up_pool, stop_worker
+from kmsq.bench_common import CpuMeter, set_up_pool, stop_worker
+from kmsq.procfs import children_of
 
 POOL = "soak"
 
@@ -90,7 +91,7 @@ class Sampler(threading.Thread):
                 "pg_database_size(current_database())"
             )).one()  # fmt: skip
         keys = sum(1 for _ in self.redis.scan_iter(match=self.prefix + "*", count=1000)) if self.prefix else None
-        pids = [self.worker.pid, *_children(self.worker.pid)]
+        pids = [self.worker.pid, *children_of(self.worker.pid)]
         return {
             "t": round(time.monotonic() - self.begin, 1),
             "requests_done": self.done(),

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from kmsq.procfs import children_of
 from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
@@ -171,17 +172,7 @@ class WorkerProcess:
 
     def children(self) -> list[int]:
         """The pids of the worker's pool processes (prefork children)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                pids.append(int(entry.name))
-        return pids
+        return children_of(self.process.pid)
 
     def stop(self) -> int:
         """Warm shutdown; returns the exit code."""

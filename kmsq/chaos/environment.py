@@ -25,6 +25,7 @@ from typing import Any
 
 from kmsq.chaos.hsm_faults import ChaosError, FaultSwitch, build_fault_module, fault_environment
 from kmsq.chaos.rabbitmq import RabbitCluster
+from kmsq.procfs import alive, children_of
 
 POOL = "chaos"
 
@@ -221,15 +222,7 @@ class Postgres:
             postmaster = int((self.node_dir(node) / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return []
-        pids = [postmaster]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                        pids.append(int(entry.name))
-                except (OSError, ValueError, IndexError):
-                    continue
-        return pids
+        return [postmaster, *children_of(postmaster)]
 
     def fail_over(self) -> float:
         """The primary is lost while the standby lags: the standby's WAL receiver is stopped for 2 s under load
@@ -253,7 +246,7 @@ class Postgres:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(receiver_pid, signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in doomed), 30, "the old primary's exit")
+        wait_until(lambda: not any(alive(pid) for pid in doomed), 30, "the old primary's exit")
         self._run(_tool("pg_ctl"), "-D", str(self.node_dir(new)), "-w", "-t", "120", "promote")
         wait_until(lambda: self._answers(new, "SELECT 1 WHERE NOT pg_is_in_recovery()"), 120, "the promotion")
         taken_over = time.monotonic() - killed
@@ -280,16 +273,7 @@ class Worker:
 
     def children(self) -> list[int]:
         """The pool processes' pids."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                    pids.append(int(entry.name))
-        return pids
+        return children_of(self.process.pid)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from kmsq.chaos.hsm_faults import ChaosError
+from kmsq.procfs import alive
 
 # rabbitmqctl's own distribution ports are NODE_PORT + 30000 .. + 30010 of the node it talks to (35672-35682 for
 # a default node): an AMQP port there fails with eaddrinuse while a rabbitmqctl runs.
@@ -122,7 +123,7 @@ class RabbitCluster:
             pid = int((self.directory / f"node{node}" / "pid").read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if Path(f"/proc/{pid}").exists() else None
+        return pid if alive(pid) else None
 
     def kill(self, node: int) -> None:
         """SIGKILL to the node's VM (a crash: what it had not written is gone)."""
@@ -131,7 +132,7 @@ class RabbitCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
 
     def leader_of(self, queue: str) -> int:
