@@ -120,6 +120,7 @@ def _exit_code(error: Exception) -> int:
 def _describe(error: Exception) -> tuple[str, int]:
     """The one-line message and exit code for an error escaping a command."""
     # Imported here: only a failing command pays for them.
+    from schemas.quorum import QuorumError
     from tasks.client import KmsError, KmsTimeout
     from tasks.identity import IdentityError
     from worker.errors import ServiceError
@@ -130,7 +131,7 @@ def _describe(error: Exception) -> tuple[str, int]:
         return f"{error.code}: {error.message} (request {error.request_id}): {NO_REPLY_HINT}", EXIT_UNAVAILABLE
     if isinstance(error, KmsError):  # a reply's error
         return f"{error.code}: {error.message}", CODE_EXIT.get(error.code, EXIT_INTERNAL)
-    if isinstance(error, IdentityError | FileNotFoundError):
+    if isinstance(error, IdentityError | QuorumError | FileNotFoundError):
         return str(error), EXIT_CONFIG
     return f"internal error ({type(error).__name__}); set KMSQ_DEBUG=1 for details", EXIT_INTERNAL
 

@@ -20,6 +20,7 @@ from schemas.quorum import (
     read_operator,
     tally,
 )
+from tests.conftest import run_kmsq
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -126,3 +127,16 @@ def test_an_approval_survives_its_json_form(three: tuple[list[OperatorIdentity],
         Approval.from_document({"operator": "alice"})
     with pytest.raises(QuorumError, match="time zone"):
         expiry_of(_change(expires_at="2026-12-04T00:00:00"))
+
+
+@pytest.mark.process
+def test_kmsq_operator_keygen_writes_the_pair_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    result = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"), "--json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)
+    identity = OperatorIdentity.load(Path(written["identity"]))
+    assert written["key_id"] == identity.public.key_id == read_operator(Path(written["public"])).key_id
+    again = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"))
+    assert again.returncode == 3 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    bad = run_kmsq(tmp_path, "operator", "keygen", "Alice")
+    assert bad.returncode == 3 and "operator names" in bad.stderr

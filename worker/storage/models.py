@@ -66,6 +66,7 @@ class RootKey(Base):
     min_decryption_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
 
 
 class Deployment(Base):
@@ -88,6 +89,7 @@ class Pool(Base):
     state: Mapped[str] = mapped_column(String(16))  # enabled | disabled
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
 
 
 class RootKeyVersion(Base):
@@ -103,6 +105,7 @@ class RootKeyVersion(Base):
     state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | destroyed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
 
 
 class PrivateKey(Base):
@@ -151,6 +154,7 @@ class Caller(Base):
     state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | disabled
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
 
 
 class RequestRecord(Base):
@@ -201,6 +205,13 @@ class FleetKey(Base):
     """
 
     __tablename__ = "fleet_keys"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["root_key", "root_key_version"],
+            ["root_key_versions.root_key_id", "root_key_versions.version"],
+            name="fk_fleet_keys_root_key_version",
+        ),
+    )
 
     pool: Mapped[str] = mapped_column(String(64), primary_key=True)
     signing_key: Mapped[str] = mapped_column(String(64))
@@ -376,3 +387,44 @@ class TokenCheck(Base):
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     checked_by: Mapped[str] = mapped_column(String(32))  # "kmsq hsm check" or "worker <pool>"
     missing: Mapped[str] = mapped_column(Text)  # JSON list of "capability (needed for)"; [] when nothing is
+
+
+class OperatorSetRecord(Base):
+    """One operator set of the deployment's chain (docs/DUAL_CONTROL.md): the genesis (``seq`` 0), whose digest
+    the workers pin, then each set that M operators of the one before approved."""
+
+    __tablename__ = "operator_sets"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # schemas.quorum.OperatorSet.digest
+    document: Mapped[str] = mapped_column(Text)  # the set as canonical JSON
+    change: Mapped[str] = mapped_column(Text)  # the change document that made it (canonical JSON)
+    approvals: Mapped[str] = mapped_column(Text)  # JSON list of schemas.quorum.Approval documents
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Proposal(Base):
+    """A proposed change awaiting the operators' approvals (``kmsq propose``, ``approve``, ``apply``)."""
+
+    __tablename__ = "proposals"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))  # of ``document``: what approvals sign
+    document: Mapped[str] = mapped_column(Text)  # the change document, canonical JSON
+    state: Mapped[str] = mapped_column(String(16))  # pending | applied | cancelled
+    proposed_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    closed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ProposalApproval(Base):
+    """One operator's approval of a proposal (each operator at most once)."""
+
+    __tablename__ = "proposal_approvals"
+
+    proposal_id: Mapped[str] = mapped_column(ForeignKey("proposals.id"), primary_key=True)
+    operator: Mapped[str] = mapped_column(String(64), primary_key=True)
+    approval: Mapped[str] = mapped_column(Text)  # schemas.quorum.Approval as JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
