@@ -35,6 +35,7 @@ from worker.storage.repo import RootKeyRepository
 log = logging.getLogger("kmsq.policy")
 _ABSENT = object()
 _APPROVING = "kmsq.policy_approving"
+AUTHORIZER = "kmsq.authorizer"  # db.info key: what gives a sealed row its evidence of approval
 PolicyRow = Caller | RootKey | RootKeyVersion | Pool
 R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool)
 
@@ -107,8 +108,13 @@ def mac_input(row: PolicyRow) -> bytes:
 def seal(hsm: KeyStore, db: Session, row: PolicyRow) -> None:
     """Sets ``row.policy_mac`` for its current values (operator commands, after every change of the row),
     creating the token's policy key on first use; the commit of ``db``'s transaction then anchors the rows it
-    leaves in the token (worker.policy_anchor)."""
+    leaves in the token (worker.policy_anchor). With an authorizer in ``db.info[AUTHORIZER]`` (the operators'
+    keys a command holds, or an applied proposal: worker.approvals, worker.proposals) the row also gets its
+    evidence of approval, or the authorizer raises (the change needs the quorum)."""
     hsm.ensure_policy_key()
+    authorizer = db.info.get(AUTHORIZER)
+    if authorizer is not None:
+        row.approval = authorizer.evidence_for(db, row, row.approval)
     row.policy_mac = hsm.policy_mac(mac_input(row)).hex()
     try:
         policy_anchor.arm(hsm, db, approve=db.info.get(_APPROVING, False), then=replication.share_anchor)
