@@ -47,6 +47,8 @@ _KEYS = (
     "replicate_interval_seconds",
     "min_tokens",
     "require_sync_standby",
+    "operator_set",
+    "operator_key",
 )
 # Retention (worker.retention): a request record is kept until its expiry + the clock skew + this grace, so that
 # get_result can still ask for its reply.
@@ -84,6 +86,21 @@ class Settings:
     replicate_interval_seconds: int = DEFAULT_REPLICATE_INTERVAL_SECONDS
     min_tokens: int = 1  # workers wrap under a root key version only once it is on this many tokens
     require_sync_standby: bool = False  # workers refuse a Postgres primary without a synchronous standby
+    operator_set: Path | None = None  # the pinned genesis operator set (default $KMSQ_HOME/operator-set.json)
+    operator_key: tuple[Path, ...] = ()  # operator commands: the operators' keys they may sign with
+
+    @property
+    def operator_set_file(self) -> Path:
+        """The file holding the genesis operator set this host pins (docs/DUAL_CONTROL.md)."""
+        return self.operator_set or self.home / "operator-set.json"
+
+    @property
+    def operator_key_files(self) -> tuple[Path, ...]:
+        """The operator keys an operator command signs with: ``KMSQ_OPERATOR_KEY`` (comma-separated), else every
+        ``$KMSQ_HOME/operators/*.operator.json`` (``kmsq init``'s 1-of-1 key)."""
+        if self.operator_key:
+            return self.operator_key
+        return tuple(sorted((self.home / "operators").glob("*.operator.json")))
 
     @property
     def embedded_broker(self) -> bool:
@@ -260,7 +277,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         replicate_interval_seconds=_int(values, "replicate_interval_seconds", DEFAULT_REPLICATE_INTERVAL_SECONDS),
         min_tokens=max(1, _int(values, "min_tokens", 1)),
         require_sync_standby=_flag(values, "require_sync_standby"),
+        operator_set=Path(values["operator_set"]).expanduser() if values.get("operator_set") else None,
+        operator_key=tuple(Path(p).expanduser() for p in _split(values.get("operator_key", ""))),
     )
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _namespace(value: str | None) -> str | None:
