@@ -34,6 +34,9 @@ PROTOCOL_VERSION = 1
 TASK_PREFIX = "kmsq."
 QUEUE_PREFIX = "kms."
 REPLY_QUEUE_PREFIX = "kmsq.reply."
+# The publisher's clock (epoch seconds) in a request message's headers: unsigned, read only for the estimate of how
+# long a RabbitMQ queue's oldest message waits (tasks.metrics.HeadAges); never for a decision.
+SENT_AT_HEADER = "kmsq_sent_at"
 MAX_REQUEST_TTL_SECONDS = 3600
 DEFAULT_REQUEST_TTL_SECONDS = 600  # longer than the broker's visibility timeout, so a redelivery is fresh
 DEFAULT_CLOCK_SKEW_SECONDS = 300

@@ -40,6 +40,7 @@ from schemas.messages import Reply, ReplyEnvelope, Request
 from schemas.operations import OPERATIONS, Operation
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
+    SENT_AT_HEADER,
     WireError,
     args_digest,
     canonical_json,
@@ -354,6 +355,7 @@ class KmsClient(KmsCodec):
         message = amqp.create_task_message(
             message_id, task, args, {}, reply_to=reply_to, ignore_result=True, argsrepr=_argsrepr(args)
         )
+        message.headers[SENT_AT_HEADER] = time.time()
         with self._send_lock:
             if self._publisher is None:
                 # connects on first use, inside kombu's retries

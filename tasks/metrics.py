@@ -118,10 +118,52 @@ def process_dead(pid: int) -> None:
 # -- the main process's endpoint ----------------------------------------------------------------------------
 
 
+class HeadAges:
+    """How long the oldest message of a RabbitMQ queue has waited, at most, from what this process saw: RabbitMQ
+    shows no message of a quorum queue without delivering it (no ``head_message_timestamp`` either).
+
+    Queues are first in, first out: every message still waiting was sent after the last one this process took
+    from the queue (:meth:`taken`, its publisher's ``kmsq_sent_at``), and after the last moment the queue was seen
+    empty. So its age is at most the time since the later of the two: exact when the workers are taking messages,
+    growing when they are not. A worker's main process records what its consumer receives; with several workers,
+    the smallest of their figures is the tightest bound. A message sent again (after a worker's loss) can be
+    older than the bound says; the header is unsigned, so it serves the metric only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._after: dict[str, float] = {}  # queue -> a time every waiting message was sent after (epoch s)
+
+    def taken(self, queue: str, sent_at: object) -> None:
+        """Notes that a message sent at ``sent_at`` (epoch seconds; anything else, or a time ahead of this
+        clock, is ignored) was taken from ``queue``."""
+        if not isinstance(sent_at, int | float) or isinstance(sent_at, bool) or sent_at > time.time() + 5:
+            return
+        self._later(queue, float(sent_at))
+
+    def seen(self, queue: str, depth: int) -> float | None:
+        """Returns the bound in seconds for ``queue`` with ``depth`` messages waiting now: 0.0 when it is empty,
+        None when nothing was seen yet to bound it."""
+        now = time.time()
+        if depth == 0:
+            self._later(queue, now)
+            return 0.0
+        with self._lock:
+            after = self._after.get(queue)
+        return None if after is None else max(0.0, now - after)
+
+    def _later(self, queue: str, moment: float) -> None:
+        with self._lock:
+            self._after[queue] = max(moment, self._after.get(queue, moment))
+
+
+HEADS = HeadAges()  # this process's (a worker's main process: its consumer and its /metrics share it)
+
+
 def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callable[[], tuple[int, float | None]]:
-    """Returns a function giving the queue's depth and the age in seconds of its oldest message (from the
-    signed request's ``issued_at``; None when the queue is empty or that message is not a kmsq request, and
-    always on RabbitMQ). It keeps one broker connection, reopened after a failure."""
+    """Returns a function giving the queue's depth and the age in seconds of its oldest message. On Redis the
+    age is read from that message's signed ``issued_at`` (None when the queue is empty or the message is not a
+    kmsq request: the gauge shows 0); on RabbitMQ it is :data:`HEADS`'s bound (0.0 when the queue is empty, None
+    when unknown: the gauge is left out). It keeps one broker connection, reopened after a failure."""
     from tasks import rabbitmq
     from tasks.app import broker_connection
     from worker.config import is_rabbitmq
@@ -137,8 +179,9 @@ def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callabl
                     state["connection"] = broker_connection(broker_url, namespace)
                     state["channel"] = state["connection"].default_channel
                 channel = state["channel"]
-                if rabbit:  # the depth only: RabbitMQ shows no message without delivering it
-                    return rabbitmq.queue_depth(channel, queue), None
+                if rabbit:  # RabbitMQ shows no message without delivering it: the depth, and a bound of the age
+                    depth = rabbitmq.queue_depth(channel, queue)
+                    return depth, HEADS.seen(queue, depth)
                 depth = int(channel._size(queue))  # kombu sums the priority lists (keys prefixed for us)
                 raw = channel.client.lindex((channel.global_keyprefix or "") + queue, -1)  # oldest: BRPOP side
             except Exception:
@@ -149,7 +192,7 @@ def queue_sampler(broker_url: str, namespace: str | None, queue: str) -> Callabl
                 raise
         return depth, _age(raw)
 
-    sample.reports_age = not rabbit  # type: ignore[attr-defined]
+    sample.age_may_be_unknown = rabbit  # type: ignore[attr-defined]
     return sample
 
 
@@ -172,8 +215,8 @@ def _age(raw: bytes | None) -> float | None:
 
 
 class QueueGauges:
-    """Collects, at each scrape, the pool queue's depth and the age of its oldest message (read from Redis by
-    the worker's main process)."""
+    """Collects, at each scrape, the pool queue's depth and the age of its oldest message (read from the broker
+    by the worker's main process)."""
 
     def __init__(self, pool: str, sample: Callable[[], tuple[int, float | None]]) -> None:
         self.pool = pool
@@ -190,11 +233,12 @@ class QueueGauges:
         family = GaugeMetricFamily("kmsq_queue_depth", "Messages waiting in the pool's queue", labels=["pool"])
         family.add_metric([self.pool], depth)
         yield family
-        if not getattr(self.sample, "reports_age", True):  # RabbitMQ: unknown, not 0
+        if oldest is None and getattr(self.sample, "age_may_be_unknown", False):  # RabbitMQ: unknown, not 0
             return
         age = GaugeMetricFamily(
             "kmsq_queue_oldest_message_age_seconds",
-            "Age of the oldest waiting message (from its request's issued_at); 0 when the queue is empty",
+            "Age of the oldest waiting message (Redis: from its request's issued_at; RabbitMQ: at most this, from "
+            "the messages this worker took); 0 when the queue is empty",
             labels=["pool"],
         )
         age.add_metric([self.pool], oldest or 0.0)

@@ -90,5 +90,6 @@ def configure(conf: Any) -> None:
 
 
 def queue_depth(channel: Any, queue: str) -> int:
-    """The messages ready in ``queue`` (RabbitMQ does not say how old the oldest one is without taking it)."""
+    """The messages ready in ``queue`` (how old the oldest one is RabbitMQ does not say without delivering it:
+    tasks.metrics.HeadAges bounds it)."""
     return int(channel.queue_declare(queue=queue, passive=True).message_count)

@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.orm import Session
 
 from schemas.operations import OPS
-from schemas.wire import pool_queue, task_name
+from schemas.wire import SENT_AT_HEADER, pool_queue, task_name
 from tasks import metrics, rabbitmq
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
@@ -385,6 +385,10 @@ class SignedOnlyRequest(CeleryRequest):  # type: ignore[misc]
             raise InvalidTaskError("the body is not a task's arguments")
         self.time_limits = (None, None)
         self._expires = None
+        if not self._request_dict.get("retries"):  # (a retry waited on purpose)
+            queue = (self._message.delivery_info or {}).get("routing_key")
+            if isinstance(queue, str):
+                metrics.HEADS.taken(queue, self._request_dict.get(SENT_AT_HEADER))
         eta: datetime | None = getattr(self, "_eta", None)  # set by Celery's __init__
         latest = datetime.now(UTC) + timedelta(seconds=MAX_ETA_SECONDS)
         retries = self._request_dict.get("retries")
