@@ -1,6 +1,7 @@
 """What anyone with broker access can push onto a pool's queue, against the real workers: entries that are
 not kombu messages are dropped (counted, logged without their content) and the pool keeps serving; unsigned
-Celery headers (time limits, expiry, eta) do not change how a signed request runs."""
+Celery headers (time limits, expiry, eta) do not change how a signed request runs, and Celery's own tasks are not
+served (these two on every broker; RabbitMQ's own hostile messages are in tests/test_hostile_rabbitmq.py)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from typing import Any
 import pytest
 import redis
 
-from schemas.wire import namespace_key_prefix
+from schemas.wire import namespace_key_prefix, pool_queue
+from tasks import rabbitmq
 from tasks.app import broker_connection, make_app
 from tasks.client import KmsClient
 from tasks.transport import decode_entry
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
+from worker.config import is_rabbitmq
 
-ALPHA = namespace_key_prefix(NAMESPACE) + "kms.alpha"
+ALPHA_QUEUE = pool_queue("alpha")
+ALPHA = namespace_key_prefix(NAMESPACE) + ALPHA_QUEUE  # the Redis list behind it
 
 
 def kombu_entry(body: str, **properties: Any) -> str:
@@ -99,6 +103,16 @@ def test_entries_that_are_not_messages_do_not_stop_the_pool(
     assert "not json" not in written and 'kmsq"' not in written and "!!!" not in written
 
 
+def _publisher(deployment: Deployment) -> Any:
+    """A Celery app of someone who may publish to the broker, routing to the pool's queue as kmsq does (on
+    RabbitMQ: its quorum queue)."""
+    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
+    if is_rabbitmq(deployment.broker_url):
+        app.amqp.queues.add(rabbitmq.pool_queue_entity(ALPHA_QUEUE))
+    return app
+
+
+@pytest.mark.brokers
 def test_unsigned_headers_do_not_change_how_a_request_runs(deployment: Deployment, client: KmsClient) -> None:
     """A signed put_key republished with a 1 ms time limit, an expiry in the past and an eta a day away."""
     before = alive(deployment)
@@ -108,14 +122,14 @@ def test_unsigned_headers_do_not_change_how_a_request_runs(deployment: Deploymen
                                             "type": "tss"}], None, request_id)  # fmt: skip
     _, args = client.build_request(params, pool, request_id)
     future = client.expect(request_id, args)
-    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
+    app = _publisher(deployment)
     now = datetime.now(UTC)
     message = app.amqp.create_task_message(
         str(request_id), "kmsq.put_keys", args, {}, reply_to=client.reply_queue, ignore_result=True,
         time_limit=0.001, soft_time_limit=0.001, expires=now - timedelta(hours=1), eta=now + timedelta(days=1),
     )  # fmt: skip
     with broker_connection(deployment.broker_url, NAMESPACE) as conn:
-        app.amqp.send_task_message(app.amqp.Producer(conn), "kmsq.put_keys", message, queue="kms.alpha")
+        app.amqp.send_task_message(app.amqp.Producer(conn), "kmsq.put_keys", message, queue=ALPHA_QUEUE)
     deployment.secrets.append(prv.encode())
     items = client.wait(future)["items"]  # within the client's 60 s, not a day
     assert items == [{"pub": pub, "coin": "btc", "source": "user", "type": "tss"}]
@@ -143,9 +157,10 @@ def test_a_pickled_message_is_never_unpickled(deployment: Deployment, client: Km
     assert not marker.exists()
 
 
+@pytest.mark.brokers
 def test_celery_built_in_tasks_are_not_served(deployment: Deployment, client: KmsClient) -> None:
     """celery.group, celery.chain and the rest need no signature: a worker serves only kmsq.* tasks."""
-    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
+    app = _publisher(deployment)
     log = deployment.workers["alpha"].log
     offset = log.stat().st_size
     names = ["celery.accumulate", "celery.backend_cleanup", "celery.chain", "celery.chord", "celery.chord_unlock",
@@ -154,7 +169,7 @@ def test_celery_built_in_tasks_are_not_served(deployment: Deployment, client: Km
         producer = app.amqp.Producer(conn)
         for name in names:
             message = app.amqp.create_task_message(str(uuid.uuid4()), name, [1, 2], {}, ignore_result=True)
-            app.amqp.send_task_message(producer, name, message, queue="kms.alpha")
+            app.amqp.send_task_message(producer, name, message, queue=ALPHA_QUEUE)
     assert client.generate_data_key(with_plaintext=False)["encryptedKey"]
     written = log.read_text(errors="replace")[offset:]
     assert not any(f"Task {name}[" in written for name in names)  # none was received as a task, none ran

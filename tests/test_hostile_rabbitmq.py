@@ -2,7 +2,8 @@
 (the Redis counterparts are in tests/test_hostile_broker.py): messages that are not kmsq task messages (not JSON,
 a 10,000-level nesting, no headers, an unknown content type, a pickle that would run a command, a body that
 claims compression) are dropped with a line that quotes none of them, and the pool keeps serving with the same
-processes; Celery's own tasks are not served; unsigned headers do not change how a signed request runs."""
+processes; a request sent before any worker of its pool started waits in its quorum queue. Unsigned headers and
+Celery's own tasks are tested on both brokers in tests/test_hostile_broker.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import pickle
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,8 @@ from amqp.basic_message import Message
 
 from schemas.wire import pool_queue
 from tasks import rabbitmq
-from tasks.app import broker_connection, make_app
+from tasks.app import broker_connection
 from tasks.client import KmsClient
-from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
 
 pytestmark = pytest.mark.brokers("rabbitmq")
@@ -105,52 +104,6 @@ def test_messages_that_are_not_task_messages_do_not_stop_the_pool(
     assert "dropped" in written and "Unrecoverable error" not in written
     assert "Trying to re-establish" not in written and "Traceback" not in written
     assert "not json" not in written and "x-gzip" not in written and "[[[[" not in written
-
-
-def _publisher(deployment: Deployment) -> Any:
-    """A Celery app of someone who may publish to the vhost, routing to the pool's quorum queue as kmsq does."""
-    app = make_app(deployment.broker_url, "hostile", NAMESPACE)
-    app.amqp.queues.add(rabbitmq.pool_queue_entity(ALPHA))
-    return app
-
-
-def test_unsigned_headers_do_not_change_how_a_request_runs(deployment: Deployment, client: KmsClient) -> None:
-    """A signed put_keys republished with a 1 ms time limit, an expiry in the past and an eta a day away."""
-    before = alive(deployment)
-    pub, prv = random_pub(), "xprv-" + uuid.uuid4().hex
-    request_id = uuid.uuid4()
-    params, pool = client.put_keys_params([{"pub": pub, "prv": prv, "coin": "btc", "source": "user",
-                                            "type": "tss"}], None, request_id)  # fmt: skip
-    _, args = client.build_request(params, pool, request_id)
-    future = client.expect(request_id, args)
-    app = _publisher(deployment)
-    now = datetime.now(UTC)
-    message = app.amqp.create_task_message(
-        str(request_id), "kmsq.put_keys", args, {}, reply_to=client.reply_queue, ignore_result=True,
-        time_limit=0.001, soft_time_limit=0.001, expires=now - timedelta(hours=1), eta=now + timedelta(days=1),
-    )  # fmt: skip
-    with broker_connection(deployment.broker_url, NAMESPACE) as conn:
-        app.amqp.send_task_message(app.amqp.Producer(conn), "kmsq.put_keys", message, queue=ALPHA)
-    deployment.secrets.append(prv.encode())
-    items = client.wait(future)["items"]  # within the client's 60 s, not a day
-    assert items == [{"pub": pub, "coin": "btc", "source": "user", "type": "tss"}]
-    assert client.get_key(pub, "user")["prv"] == prv
-    assert alive(deployment) == before  # no pool process was killed by a time limit
-
-
-def test_celery_built_in_tasks_are_not_served(deployment: Deployment, client: KmsClient) -> None:
-    app = _publisher(deployment)
-    log = deployment.workers["alpha"].log
-    offset = log.stat().st_size
-    names = ["celery.accumulate", "celery.backend_cleanup", "celery.chain", "celery.chord", "celery.group"]
-    with broker_connection(deployment.broker_url, NAMESPACE) as conn:
-        producer = app.amqp.Producer(conn)
-        for name in names:
-            message = app.amqp.create_task_message(str(uuid.uuid4()), name, [1, 2], {}, ignore_result=True)
-            app.amqp.send_task_message(producer, name, message, queue=ALPHA)
-    assert client.generate_data_key(with_plaintext=False)["encryptedKey"]
-    written = log.read_text(errors="replace")[offset:]
-    assert not any(f"Task {name}[" in written for name in names)
 
 
 def test_a_request_to_a_pool_no_worker_ever_served_waits_in_its_quorum_queue(deployment: Deployment,
