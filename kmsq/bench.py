@@ -330,9 +330,11 @@ def start_worker(
 
 
 def queue_measurements(
-    client: Any, broker_url: str, sizes: Sizes, root_key: str, worker: subprocess.Popen[bytes] | None = None
-) -> dict[str, Any]:
-    """B-E with whatever workers are running (B and C with their CPU per round trip when ``worker`` is given)."""
+    client: Any, broker_url: str, sizes: Sizes, root_key: str, worker: subprocess.Popen[bytes] | None = None,
+    *, b_to_d_only: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """B-E and S with whatever workers are running (B and C with their CPU per round trip when ``worker`` is given);
+    with ``b_to_d_only``, B, C and D alone (the broker comparison)."""
     meter = CpuMeter(worker, broker_url)
     noop = NoopChannel(broker_url, client.identity.caller, client.namespace)
     try:
@@ -347,7 +349,9 @@ def queue_measurements(
 
     run_window(20, sizes.in_flight, generate)
     c = meter.measure(sizes.round_trips, lambda: run_window(sizes.round_trips, sizes.in_flight, generate))
-    shed = meter.measure(sizes.round_trips, lambda: shed_bad_signatures(client, sizes.round_trips, root_key))
+    shed = None
+    if not b_to_d_only:
+        shed = meter.measure(sizes.round_trips, lambda: shed_bad_signatures(client, sizes.round_trips, root_key))
     d = {}
     for size in BATCH_SIZES:
         calls = max(2, min(sizes.round_trips, sizes.batch_keys // size))
@@ -360,6 +364,8 @@ def queue_measurements(
             return run_window(c, sizes.in_flight, b, n)
 
         d[str(size)] = meter.measure(calls * size, window)
+    if b_to_d_only:
+        return {"B_noop_round_trip": b, "C_generate_data_key": c, "D_generate_data_keys": d}
     pubs = f"bench-{secrets.token_hex(4)}"
 
     def put_one(i: int) -> Future[Any]:
@@ -622,7 +628,7 @@ def compare_broker(
     process = start_worker(workers, out_dir / "bench-worker-other.log", env, other_url, settings.namespace)
     try:
         with KmsClient(other_url, identity, fleet, timeout=120, namespace=settings.namespace) as client:
-            measured = queue_measurements(client, other_url, sizes, root_id, process)
+            measured = queue_measurements(client, other_url, sizes, root_id, process, b_to_d_only=True)
             measured["G_gateway"] = measure_gateway(client, root_id, process, other_url, files, env, out_dir,
                                                     sizes.gateway_requests, log)  # fmt: skip
     finally:

@@ -402,8 +402,11 @@ class Deployment:
             shutil.rmtree(self.postgres.home, ignore_errors=True)
 
 
-def create(work: Path, workers: int, standby: str = "none", broker: str = "redis") -> Deployment:
-    """Builds the run's deployment under ``work`` and starts it: services, token, ``kmsq init``, workers.
+def create(
+    work: Path, workers: int, standby: str = "none", broker: str = "redis", two_tokens: bool = True
+) -> Deployment:
+    """Builds the run's deployment under ``work`` and starts it: services, token, ``kmsq init``, workers (with
+    ``two_tokens`` and more than one worker, worker 1 on host B's token, enrolled as an operator does).
 
     Raises ChaosError when a tool is missing or something does not start.
     """
@@ -430,7 +433,7 @@ def create(work: Path, workers: int, standby: str = "none", broker: str = "redis
             redis = Redis(work / "redis")
             redis.start()
         postgres.create()
-        return _deploy(work, settings, module, real_module, switch, redis, rabbit, postgres, workers)
+        return _deploy(work, settings, module, real_module, switch, redis, rabbit, postgres, workers, two_tokens)
     except BaseException:  # nothing left running: the clusters live outside the work directory
         if rabbit is not None:
             rabbit.close()
@@ -443,7 +446,8 @@ def create(work: Path, workers: int, standby: str = "none", broker: str = "redis
 
 
 def _deploy(work: Path, settings: Any, module: Path, real_module: str, switch: FaultSwitch, redis: Redis | None,
-            rabbit: RabbitCluster | None, postgres: Postgres, workers: int) -> Deployment:  # fmt: skip
+            rabbit: RabbitCluster | None, postgres: Postgres, workers: int,
+            two_tokens: bool) -> Deployment:  # fmt: skip
     home = work / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     env |= {
@@ -459,11 +463,12 @@ def _deploy(work: Path, settings: Any, module: Path, real_module: str, switch: F
     }
     host_b = {name: value for name, value in env.items() if not name.startswith(("KMSQ_PKCS11_", "KMSQ_FAULT_"))
               and name != "SOFTHSM2_CONF"}  # fmt: skip
-    deployment = Deployment(work, redis, postgres, switch, env, host_b | {"KMSQ_HOME": str(work / "home-b")},
-                            rabbit=rabbit)  # fmt: skip
+    two_tokens = two_tokens and workers > 1
+    env_b = host_b | {"KMSQ_HOME": str(work / "home-b")} if two_tokens else {}
+    deployment = Deployment(work, redis, postgres, switch, env, env_b, rabbit=rabbit)
     try:
         deployment.kmsq("init")
-        if workers > 1:
+        if two_tokens:
             deployment.enroll_token_b()
         deployment.workers = [deployment.start_worker(n) for n in range(workers)]
     except BaseException:

@@ -51,7 +51,8 @@ def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync", b
     rounds, gap = SCHEDULES[schedule]
     started = time.time()
     log(f"building the deployment in {work} (Postgres standby: {standby}; broker: {broker})")
-    deployment = environment.create(work, workers=2, standby=standby, broker=broker)
+    # The broker's schedule loses no token: its second worker shares the first one's (no enrollment to wait for).
+    deployment = environment.create(work, workers=2, standby=standby, broker=broker, two_tokens=schedule != "broker")
     try:
         _register(deployment, (*CALLERS, "provisioner"))
         history = History()
