@@ -193,6 +193,18 @@ def document_of(sessions: Callable[[], Session], proposal_id: str) -> dict[str, 
     return document
 
 
+def _pending(db: Session, proposal_id: str) -> tuple[Proposal, dict[str, Any]]:
+    """The pending proposal and its document, locked for this transaction. Raises NotFound or Conflict (applied,
+    cancelled or expired)."""
+    row = db.get(Proposal, proposal_id, with_for_update=True)
+    if row is None:
+        raise NotFound(f"no proposal {proposal_id!r}")
+    state = _state(row)
+    if state != "pending":
+        raise Conflict(f"proposal {proposal_id} is {state}")
+    return row, json.loads(row.document)
+
+
 def add_approval(
     hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, proposal_id: str, approval: Approval
 ) -> ProposalInfo:
@@ -200,13 +212,7 @@ def add_approval(
     pending, or this operator approved already) or Forbidden (expired, or an approval that does not count: for
     another digest, by an operator outside the set, a signature that does not verify)."""
     with sessions() as db, db.begin():
-        row = db.get(Proposal, proposal_id, with_for_update=True)
-        if row is None:
-            raise NotFound(f"no proposal {proposal_id!r}")
-        state = _state(row)
-        if state != "pending":
-            raise Conflict(f"proposal {proposal_id} is {state}")
-        document = json.loads(row.document)
+        row, document = _pending(db, proposal_id)
         operators = sets.named(document["operator_set"])
         result = tally(row.digest, expiry_of(document), [approval], operators)
         if not result.counted:
@@ -228,13 +234,7 @@ def apply(
     Conflict (not pending), Forbidden (too few approvals, expired, or the operator set changed) or ApprovalError
     (the database changed since the proposal)."""
     with sessions() as db, db.begin():
-        row = db.get(Proposal, proposal_id, with_for_update=True)
-        if row is None:
-            raise NotFound(f"no proposal {proposal_id!r}")
-        state = _state(row)
-        if state != "pending":
-            raise Conflict(f"proposal {proposal_id} is {state}")
-        document = json.loads(row.document)
+        row, document = _pending(db, proposal_id)
         if document["operator_set"] != sets.current.digest:
             raise Forbidden("the operator set changed since the proposal: propose it again")
         approvals = _stored_approvals(db, proposal_id)
