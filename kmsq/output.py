@@ -98,6 +98,7 @@ def _exit_code(error: Exception) -> int:
     from worker.errors import (
         ConfigError,
         Conflict,
+        Forbidden,
         IntegrityError,
         InvalidRequest,
         NotFound,
@@ -111,6 +112,7 @@ def _exit_code(error: Exception) -> int:
         (Conflict, EXIT_CONFLICT),
         (InvalidRequest, EXIT_INVALID),
         (IntegrityError, EXIT_INVALID),
+        (Forbidden, EXIT_FORBIDDEN),
     ):
         if isinstance(error, cls):
             return code

@@ -54,7 +54,7 @@ _STEP_DOMAIN = b"kmsq/policy-step/v1\x00"
 STEP_KINDS = ("restrict", "act")
 
 
-class ApprovalError(ValueError):
+class ApprovalError(Forbidden):
     """Evidence, an operator set or its chain does not verify (the text says why, never a secret)."""
 
 
@@ -501,3 +501,20 @@ def write_genesis(
                              change=canonical_json(dict(document)).decode(),
                              approvals=json.dumps([a.document() for a in approvals])))  # fmt: skip
     db.flush()
+
+
+def row_named(db: Session, name: str) -> PolicyRow | None:
+    """The policy row called ``name`` (``caller:alice``, ``root_key_version:rk-1:2``, ...), or None."""
+    from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+
+    kind, _, identity = name.partition(":")
+    if kind == "caller":
+        return db.get(Caller, identity)
+    if kind == "root_key":
+        return db.get(RootKey, identity)
+    if kind == "pool":
+        return db.get(Pool, identity)
+    if kind == "root_key_version":
+        key, _, version = identity.rpartition(":")
+        return db.get(RootKeyVersion, (key, int(version))) if version.isdigit() else None
+    return None

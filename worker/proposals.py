@@ -19,17 +19,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from schemas.quorum import Approval, QuorumError, change_digest, expiry_of, tally
+from schemas.quorum import Approval, OperatorSet, QuorumError, change_digest, expiry_of, tally
 from schemas.wire import canonical_json
 from worker import audit_log, policy
 from worker.approvals import (
+    ADOPT,
     ApprovalError,
     OperatorSets,
     _last_seq,
+    adoption_document,
     change_document,
     evidence_document,
     row_content,
     row_name,
+    row_named,
+    write_genesis,
 )
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
@@ -89,6 +93,8 @@ class _Applier:
 
 
 def _run(hsm: KeyStore, db: Session, name: str, arguments: Mapping[str, Any], authorizer: object) -> object:
+    import worker.actions  # noqa: F401  (registers the actions; it imports this module)
+
     run = ACTIONS.get(name)
     if run is None:
         raise InvalidRequest(f"unknown action {name!r} (known: {', '.join(sorted(ACTIONS))})")
@@ -152,6 +158,53 @@ def propose(
     return describe(sessions, document["id"], sets)
 
 
+def _needed(document: Mapping[str, Any], operators: OperatorSet) -> OperatorSet:
+    """The set whose quorum a document needs: every operator of the set it adopts (the genesis), else the set's
+    own quorum."""
+    if document.get("action") == ADOPT:
+        return OperatorSet(operators.operators, len(operators.operators))
+    return operators
+
+
+def genesis_sets(genesis: OperatorSet) -> OperatorSets:
+    """The operator sets of a deployment that the pinned ``genesis`` has not adopted yet: the genesis alone (what
+    its adoption proposal is approved under)."""
+    return OperatorSets({genesis.digest: genesis}, genesis)
+
+
+def deployment_sets(db: Session, genesis: OperatorSet) -> OperatorSets:
+    """The deployment's verified operator sets, or, before the genesis adopted it, :func:`genesis_sets`. Raises
+    ApprovalError when the chain does not verify."""
+    from worker.approvals import load_operator_sets
+    from worker.storage.models import OperatorSetRecord
+
+    if db.scalar(select(OperatorSetRecord.seq).limit(1)) is None:
+        return genesis_sets(genesis)
+    return load_operator_sets(db, genesis.digest)
+
+
+def propose_adoption(
+    hsm: KeyStore, sessions: Callable[[], Session], genesis: OperatorSet, proposed_by: str,
+    *, ttl_hours: float = DEFAULT_TTL_HOURS,
+) -> ProposalInfo:  # fmt: skip
+    """Stores the genesis proposal: ``genesis`` adopts the deployment and every policy row as it is, once every
+    one of its operators approved. Raises Conflict when the deployment has an operator set already."""
+    from worker.storage.models import OperatorSetRecord
+
+    with sessions() as db, db.begin():
+        if db.scalar(select(OperatorSetRecord.seq).limit(1)) is not None:
+            raise Conflict("the deployment has an operator set already: it changes only by quorum")
+        document = adoption_document(db, genesis, proposed_by, ttl_hours=ttl_hours)
+        digest = change_digest(document)
+        db.add(Proposal(id=document["id"], digest=digest, document=canonical_json(document).decode(), state="pending",
+                        proposed_by=proposed_by, expires_at=expiry_of(document)))  # fmt: skip
+        db.flush()
+        audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal",
+                                  detail=f"{document['id']} {ADOPT} digest {digest} by {proposed_by}: "
+                                         f"{genesis.describe()}")  # fmt: skip
+    return describe(sessions, document["id"], genesis_sets(genesis))
+
+
 def describe(sessions: Callable[[], Session], proposal_id: str, sets: OperatorSets) -> ProposalInfo:
     """The proposal ``proposal_id``. Raises NotFound."""
     with sessions() as db:
@@ -160,7 +213,7 @@ def describe(sessions: Callable[[], Session], proposal_id: str, sets: OperatorSe
             raise NotFound(f"no proposal {proposal_id!r}")
         approvals = _stored_approvals(db, proposal_id)
     document = json.loads(row.document)
-    operators = sets.by_digest.get(document["operator_set"], sets.current)
+    operators = _needed(document, sets.by_digest.get(document["operator_set"], sets.current))
     counted = tally(row.digest, expiry_of(document), approvals, operators).counted
     return ProposalInfo(row.id, document["action"], row.digest, _state(row), row.proposed_by, expiry_of(document),
                         counted, operators.quorum, tuple(document["rows"]), document.get("arguments", {}))  # fmt: skip
@@ -213,7 +266,7 @@ def add_approval(
     another digest, by an operator outside the set, a signature that does not verify)."""
     with sessions() as db, db.begin():
         row, document = _pending(db, proposal_id)
-        operators = sets.named(document["operator_set"])
+        operators = _needed(document, sets.named(document["operator_set"]))
         result = tally(row.digest, expiry_of(document), [approval], operators)
         if not result.counted:
             raise Forbidden(f"the approval does not count: {result.refused[0][1]}")
@@ -238,21 +291,44 @@ def apply(
         if document["operator_set"] != sets.current.digest:
             raise Forbidden("the operator set changed since the proposal: propose it again")
         approvals = _stored_approvals(db, proposal_id)
-        result = tally(row.digest, expiry_of(document), approvals, sets.current)
+        needed = _needed(document, sets.current)
+        result = tally(row.digest, expiry_of(document), approvals, needed)
         if not result.met:
-            raise Forbidden(f"proposal {proposal_id} has {len(result.counted)} of the {sets.current.quorum} "
+            raise Forbidden(f"proposal {proposal_id} has {len(result.counted)} of the {needed.quorum} "
                             "approvals it needs")  # fmt: skip
-        applier = _Applier(document, [a for a in approvals if a.operator in result.counted])
-        _run(hsm, db, document["action"], document.get("arguments", {}), applier)
-        missing = {e["row"] for e in document["rows"]} - applier.sealed
-        if missing:
-            raise ApprovalError(f"the database changed since the proposal ({', '.join(sorted(missing))} not sealed): "
-                                "propose it again")  # fmt: skip
+        counted = [a for a in approvals if a.operator in result.counted]
+        if document["action"] == ADOPT:
+            write_genesis(db, sets.current, document, counted)
+        else:
+            _apply_action(hsm, db, document, counted)
         row.state, row.closed_at, row.closed_by = "applied", datetime.now(UTC), applied_by
         audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal applied",
                                   detail=f"{proposal_id} {document['action']} approved by "
                                          f"{', '.join(sorted(result.counted))}")  # fmt: skip
     return describe(sessions, proposal_id, sets)
+
+
+def _apply_action(hsm: KeyStore, db: Session, document: Mapping[str, Any], approvals: Sequence[Approval]) -> None:
+    applier = _Applier(document, approvals)
+    _run(hsm, db, document["action"], document.get("arguments", {}), applier)
+    missing = {e["row"] for e in document["rows"]} - applier.sealed
+    if missing:
+        raise ApprovalError(f"the database changed since the proposal ({', '.join(sorted(missing))} not sealed): "
+                            "propose it again")  # fmt: skip
+
+
+def differences(sessions: Callable[[], Session], document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What the change document does to each row it lists, against the database now: ``{"row", "new",
+    "fields": {name: [before, after]}}`` with the fields that differ (every field of a new row)."""
+    out = []
+    with sessions() as db:
+        for entry in document["rows"]:
+            row = row_named(db, entry["row"])
+            before = dict(row_content(row)[1]) if row is not None else {}
+            after = dict(tuple(f) for f in entry["fields"])
+            changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v}
+            out.append({"row": entry["row"], "new": row is None, "fields": changed})
+    return out
 
 
 def parse_approval(text: str) -> Approval:

@@ -31,10 +31,21 @@ def settings() -> Settings:
 
 
 def service() -> KeyService:
-    """Returns the key service of the configured HSM and database. Raises ConfigError or HsmUnavailable."""
+    """Returns the key service of the configured HSM and database. Raises ConfigError or HsmUnavailable.
+
+    When this host pins an operator set and the command holds operator keys (worker.operators), the rows the
+    command seals get their evidence of approval from those keys, or the command says the change needs the
+    quorum (docs/DUAL_CONTROL.md)."""
+    from worker.operators import local_operators
+    from worker.policy import AUTHORIZER
     from worker.runtime import KeyService
 
-    return KeyService.from_settings(settings())
+    config = settings()
+    keys = KeyService.from_settings(config)
+    operators = local_operators(config)
+    if operators is not None:
+        keys.sessions.configure(info={AUTHORIZER: operators})
+    return keys
 
 
 def caller_options(func: Callable[..., Any]) -> Callable[..., Any]:

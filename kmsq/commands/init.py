@@ -3,8 +3,10 @@ fleet file ``$KMSQ_HOME/fleet.json`` that the caller commands read by default.""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,13 +14,23 @@ from kmsq.commands.common import write_fleet_file
 from kmsq.output import console, one_line_errors, print_json
 
 if TYPE_CHECKING:
+    from schemas.quorum import OperatorSet
+    from worker.config import Settings
     from worker.runtime import KeyService
 
 
 @click.command()
+@click.option(
+    "--operators",
+    "operator_files",
+    default=None,
+    help="The operators' NAME.operator.pub.json files, comma-separated: the operator set this deployment "
+    "adopts (default: one developer, `admin`, whose key init writes).",
+)
+@click.option("--quorum", type=click.IntRange(1), default=None, help="How many operators a sensitive change needs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def init(as_json: bool) -> None:
+def init(operator_files: str | None, quorum: int | None, as_json: bool) -> None:
     """Create the embedded token (if no HSM is configured), migrate the database, create a default root key
     and the default pool's fleet keys, and write the fleet file $KMSQ_HOME/fleet.json (every pool, as
     `kmsq fleet-key export` prints it).
@@ -36,6 +48,7 @@ def init(as_json: bool) -> None:
     service.hsm.check()
     policy_key_created = service.hsm.ensure_policy_key()
     before = migrate(service.engine)
+    operators, operators_created = _operators(service, settings, operator_files, quorum)
     keys = service.list_root_keys()
     created_key = None
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
@@ -45,6 +58,7 @@ def init(as_json: bool) -> None:
     anchor = _anchor(service)
     fleet_path = settings.home / "fleet.json"
     fleet_written = write_fleet_file(fleet_path, service.fleet_document())
+    adoption = _adoption(service, settings, operators)
     report = {
         "home": str(settings.home),
         "hsm": "embedded SoftHSM2" if settings.embedded_hsm else settings.pkcs11_module,
@@ -58,6 +72,13 @@ def init(as_json: bool) -> None:
         "policy_rows_failing": failing,
         "policy_anchor": anchor,
         "fleet_file": {"path": str(fleet_path), "written": fleet_written},
+        "operators": {
+            "set": operators.document(),
+            "digest": operators.digest,
+            "created": operators_created,
+            "pinned": str(settings.operator_set_file),
+            "adoption_proposal": adoption,
+        },
     }
     if as_json:
         print_json(report)
@@ -78,7 +99,77 @@ def init(as_json: bool) -> None:
         + (f"; {len(failing)} rows are not sealed: review them, then run `kmsq policy seal`" if failing else "")
     )  # fmt: skip
     console.print(f"policy anchor  {anchor}")
+    single = operators.quorum == 1 and len(operators.operators) == 1
+    console.print(
+        f"operators      {operators.describe()}" + (" (created)" if operators_created else "")
+        + (f": one developer's quorum, its key in {settings.home / 'operators'}; a fleet needs operators of its own"
+           " (docs/DUAL_CONTROL.md)" if single else "")
+    )  # fmt: skip
+    if adoption:
+        console.print(f"               not adopted yet: every operator runs `kmsq approve {adoption}` (their own key)")
     console.print(f"fleet file     {fleet_path}" + (" (written)" if fleet_written else " (up to date)"))
+
+
+def _operators(
+    service: KeyService, settings: Settings, operator_files: str | None, quorum: int | None
+) -> tuple[OperatorSet, bool]:
+    """The pinned operator set (``--operators`` and ``--quorum``, else the embedded default's 1-of-1), and whether
+    it was pinned now; when this command holds every operator's key the deployment is adopted at once, and the
+    sessions approve with the keys it holds. Raises InvalidRequest for a set that differs from the pinned one."""
+    from schemas.quorum import OperatorSet, read_operator
+    from worker.errors import InvalidRequest
+    from worker.operators import ensure_developer_set, local_operators, read_pinned, write_pinned
+    from worker.policy import AUTHORIZER
+    from worker.storage.db import transaction
+
+    if operator_files is None:
+        if quorum is not None:
+            raise InvalidRequest("--quorum goes with --operators")
+        operators, created = ensure_developer_set(settings)
+    else:
+        members = tuple(read_operator(Path(p.strip())) for p in operator_files.split(",") if p.strip())
+        operators, created = OperatorSet(members, quorum or len(members)), False
+        path = settings.operator_set_file
+        if path.exists():
+            if read_pinned(path) != operators:
+                raise InvalidRequest(f"{path} pins another operator set; it changes only by quorum")
+        else:
+            write_pinned(path, operators)
+            created = True
+    local = local_operators(settings)
+    if local is not None and local.holds_genesis():
+        service.sessions.configure(info={AUTHORIZER: local})
+        with transaction(service.sessions) as db:
+            local.sets(db)  # adopts the rows there are, once
+    return operators, created
+
+
+def _adoption(service: KeyService, settings: Settings, operators: OperatorSet) -> str | None:
+    """The id of the pending proposal by which every operator adopts the deployment (made now when there is none),
+    or None once it is adopted."""
+    from sqlalchemy import select
+
+    from worker import proposals
+    from worker.approvals import ADOPT, adoption_document
+    from worker.storage.models import OperatorSetRecord, Proposal
+
+    with service.sessions() as db:
+        if db.scalar(select(OperatorSetRecord.seq).limit(1)) is not None:
+            return None
+
+        def listed(document: dict[str, Any]) -> list[tuple[Any, ...]]:
+            return [(e["row"], e["seq"], e["fields"]) for e in document["rows"]]
+
+        wanted = listed(adoption_document(db, operators, "init"))
+        documents = [
+            (p.id, json.loads(p.document)) for p in db.scalars(select(Proposal).where(Proposal.state == "pending"))
+        ]
+        pending = [i for i, d in documents if d.get("action") == ADOPT and d.get("operator_set") == operators.digest
+                   and listed(d) == wanted]  # fmt: skip
+    for proposal_id in pending:  # the rows are still as it lists them: the same proposal
+        if proposals.describe(service.sessions, proposal_id, proposals.genesis_sets(operators)).state == "pending":
+            return proposal_id
+    return proposals.propose_adoption(service.hsm, service.sessions, operators, "init").id
 
 
 def _unsealed(service: KeyService) -> list[str]:

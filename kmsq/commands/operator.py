@@ -14,7 +14,7 @@ from kmsq.output import console, one_line_errors, print_json
 
 @click.group("operator")
 def operator_group() -> None:
-    """Operator identities (keygen)."""
+    """Operator identities (keygen) and approvals made off the HSM hosts (sign)."""
 
 
 @operator_group.command("keygen")
@@ -35,3 +35,42 @@ def operator_keygen(name: str, directory: Path, as_json: bool) -> None:
         return
     console.print(f"wrote {private_path} (private, 0600: keep it off the HSM hosts) and {public_path}")
     console.print(f"key id {key_id}")
+
+
+@operator_group.command("sign")
+@click.argument("document", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--operator-key",
+    "operator_key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Your NAME.operator.json.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the approval here (default: stdout).",
+)
+@one_line_errors
+def operator_sign(document: Path, operator_key: Path, out: Path | None) -> None:
+    """Approve a change document (from `kmsq proposals show ID --document FILE`) on your own machine: prints the
+    approval for `kmsq approve ID --approval FILE`. Read the document first: you sign exactly it."""
+    import json
+
+    from schemas.quorum import OperatorIdentity, QuorumError, approve, change_digest
+
+    identity = OperatorIdentity.load(operator_key)
+    try:
+        data = json.loads(document.read_text(encoding="utf-8"))
+    except ValueError:
+        raise QuorumError(f"{document} is not JSON") from None
+    if not isinstance(data, dict) or data.get("kind") != "kmsq-change":
+        raise QuorumError(f"{document} is not a kmsq change document")
+    text = json.dumps(approve(identity, change_digest(data)).document(), indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out}: {identity.name}'s approval of {data.get('action')} {data.get('id')}")

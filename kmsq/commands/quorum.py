@@ -1,0 +1,244 @@
+"""``kmsq propose``, ``kmsq proposals``, ``kmsq approve``, ``kmsq apply``: changes that need a quorum of operators
+(dual control, docs/DUAL_CONTROL.md).
+
+A proposal is made from the same arguments as the direct command; the proposer's approval is recorded with it.
+Each operator reviews it (``kmsq proposals show ID``: the rows it changes, field by field) and approves, on this
+host with their key (``kmsq approve ID --operator-key FILE``) or elsewhere (``kmsq operator sign`` on the change
+document, then ``kmsq approve ID --approval FILE`` here). The last approval a quorum needs applies it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kmsq.commands.common import service, settings
+from kmsq.output import console, one_line_errors, print_json, print_table
+
+if TYPE_CHECKING:
+    from schemas.quorum import OperatorIdentity
+    from worker.approvals import LocalOperators, OperatorSets
+    from worker.proposals import ProposalInfo
+    from worker.runtime import KeyService
+
+_KEY_OPTION = click.option(
+    "--operator-key", "operator_key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="Your NAME.operator.json (default: KMSQ_OPERATOR_KEY, or the key in $KMSQ_HOME/operators/).",
+)  # fmt: skip
+
+
+def _context(operator_key: Path | None) -> tuple[KeyService, LocalOperators, OperatorSets]:
+    """The key service, the operator keys this command signs with, and the verified operator sets. Raises
+    ConfigError when this host pins no set or no key is given."""
+    from dataclasses import replace
+
+    from worker import proposals
+    from worker.errors import ConfigError
+    from worker.operators import local_operators
+    from worker.policy import AUTHORIZER
+
+    config = settings()
+    if operator_key is not None:
+        config = replace(config, operator_key=(operator_key,))
+    local = local_operators(config)
+    if local is None:
+        raise ConfigError(f"no operator key: give --operator-key (this host pins {config.operator_set_file})")
+    keys = service()
+    keys.sessions.configure(info={AUTHORIZER: local})
+    with keys.sessions.begin() as db:
+        sets = local.sets(db) if local.holds_genesis() else proposals.deployment_sets(db, local.genesis)
+    return keys, local, sets
+
+
+def _reader() -> tuple[KeyService, OperatorSets]:
+    """The key service and the verified operator sets, for commands that only read (no operator key needed)."""
+    from worker import proposals
+    from worker.operators import read_pinned
+
+    keys = service()
+    with keys.sessions() as db:
+        return keys, proposals.deployment_sets(db, read_pinned(settings().operator_set_file))
+
+
+def _signer(local: LocalOperators, sets: OperatorSets) -> OperatorIdentity:
+    """The first of ``local``'s keys that is an operator of the current set. Raises Forbidden."""
+    from worker.errors import Forbidden
+
+    for identity in local.identities:
+        operator = sets.current.get(identity.name)
+        if operator is not None and operator == identity.public:
+            return identity
+    raise Forbidden(f"none of the keys given is an operator of the current set ({sets.current.describe()})")
+
+
+def _print(info: ProposalInfo, as_json: bool, said: str) -> None:
+    if as_json:
+        print_json(asdict(info) | {"expires_at": info.expires_at.isoformat()})
+        return
+    console.print(said)
+    who = ", ".join(info.approved_by) or "nobody yet"
+    console.print(f"proposal {info.id}: {info.action}, {info.state}, approved by {len(info.approved_by)} of "
+                  f"{info.quorum} ({who}), expires {info.expires_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+
+
+def _propose(operator_key: Path | None, action: str, arguments: dict[str, Any], hours: float, as_json: bool) -> None:
+    from schemas.quorum import approve
+    from worker import proposals
+
+    keys, local, sets = _context(operator_key)
+    signer = _signer(local, sets)
+    info = proposals.propose(keys.hsm, keys.sessions, sets, action, arguments, signer.name, ttl_hours=hours)
+    info = proposals.add_approval(keys.hsm, keys.sessions, sets, info.id, approve(signer, info.digest))
+    _print(info, as_json, f"proposed {action} (your approval is recorded); the other operators run "
+                          f"`kmsq approve {info.id}`")  # fmt: skip
+
+
+@click.group("propose")
+def propose_group() -> None:
+    """Propose a change that needs a quorum of operators."""
+
+
+@propose_group.group("caller")
+def propose_caller() -> None:
+    """Caller registry changes."""
+
+
+_HOURS = click.option("--expires-in", "hours", type=click.FloatRange(0.01, 720), default=72.0, show_default=True,
+                      help="Hours the proposal may be approved in.")  # fmt: skip
+
+
+@propose_caller.command("add")
+@click.argument("name")
+@click.option("--public-key", "public_key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--allow", required=True, help="Operations, comma-separated.")
+@click.option("--root-keys", default=None, help="Root key ids the caller may use, comma-separated.")
+@click.option("--all-root-keys", is_flag=True, help="Allow every root key, including future ones.")
+@click.option("--plaintext", is_flag=True, help="Allow operations that return plaintext secrets.")
+@_HOURS
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def propose_caller_add(
+    name: str, public_key: Path, allow: str, root_keys: str | None, all_root_keys: bool, plaintext: bool,
+    hours: float, operator_key: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Propose registering a caller from its NAME.pub.json (as `kmsq caller add`)."""
+    from worker import callers
+    from worker.errors import InvalidRequest
+
+    if all_root_keys == (root_keys is not None):
+        raise InvalidRequest("give exactly one of --root-keys and --all-root-keys")
+    identity = callers.read_public_identity(public_key)
+    if identity.caller != name:
+        raise InvalidRequest(f"{public_key} is the identity of {identity.caller!r}, not {name!r}")
+    split = [v.strip() for v in allow.split(",") if v.strip()]
+    roots = None if all_root_keys else [v.strip() for v in (root_keys or "").split(",") if v.strip()]
+    arguments = {"name": name, "signing_key": identity.signing_key, "reply_key": identity.reply_key,
+                 "allowed_ops": split, "root_keys": roots, "plaintext": plaintext}  # fmt: skip
+    _propose(operator_key, "caller.add", arguments, hours, as_json)
+
+
+@propose_caller.command("enable")
+@click.argument("name")
+@_HOURS
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def propose_caller_enable(name: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
+    """Propose enabling a disabled caller again."""
+    _propose(operator_key, "caller.enable", {"name": name}, hours, as_json)
+
+
+@click.group("proposals", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@one_line_errors
+def proposals_group(ctx: click.Context, as_json: bool) -> None:
+    """List the proposals (newest first); `kmsq proposals show ID` for one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from worker import proposals
+
+    keys, sets = _reader()
+    infos = proposals.list_proposals(keys.sessions, sets)
+    if as_json:
+        print_json([asdict(i) | {"expires_at": i.expires_at.isoformat()} for i in infos])
+        return
+    print_table("proposals", ["id", "action", "state", "approved", "proposed by", "expires (UTC)"],
+                [[i.id, i.action, i.state, f"{len(i.approved_by)}/{i.quorum} {','.join(i.approved_by)}",
+                  i.proposed_by, f"{i.expires_at:%Y-%m-%d %H:%M}"] for i in infos])  # fmt: skip
+
+
+@proposals_group.command("show")
+@click.argument("proposal_id")
+@click.option("--document", "document_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the change document (what `kmsq operator sign` signs) to this file.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def proposals_show(proposal_id: str, document_out: Path | None, as_json: bool) -> None:
+    """Show what a proposal changes, row by row and field by field."""
+    from worker import proposals
+
+    keys, sets = _reader()
+    info = proposals.describe(keys.sessions, proposal_id, sets)
+    document = proposals.document_of(keys.sessions, proposal_id)
+    if document_out is not None:
+        document_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    changes = proposals.differences(keys.sessions, document)
+    if as_json:
+        print_json(asdict(info) | {"expires_at": info.expires_at.isoformat(), "changes": changes,
+                                   "document": document})  # fmt: skip
+        return
+    _print(info, False, f"digest {info.digest}")
+    for change in changes:
+        console.print(f"{change['row']} ({'new' if change['new'] else 'changed'}):")
+        for field, (before, after) in change["fields"].items():
+            console.print(f"  {field}: {after}" if change["new"] else f"  {field}: {before} -> {after}")
+
+
+@click.command("approve")
+@click.argument("proposal_id")
+@_KEY_OPTION
+@click.option(
+    "--approval",
+    "approval_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="An approval made elsewhere (`kmsq operator sign`), instead of signing here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def approve_command(proposal_id: str, operator_key: Path | None, approval_file: Path | None, as_json: bool) -> None:
+    """Approve a proposal (the one that completes the quorum applies it)."""
+    from schemas.quorum import approve
+    from worker import proposals
+
+    if approval_file is not None:
+        approval = proposals.parse_approval(approval_file.read_text(encoding="utf-8"))
+        keys, sets = _reader()
+    else:
+        keys, local, sets = _context(operator_key)
+        signer = _signer(local, sets)
+        approval = approve(signer, proposals.describe(keys.sessions, proposal_id, sets).digest)
+    info = proposals.add_approval(keys.hsm, keys.sessions, sets, proposal_id, approval)
+    if len(info.approved_by) >= info.quorum:
+        info = proposals.apply(keys.hsm, keys.sessions, sets, proposal_id, approval.operator)
+    _print(info, as_json, f"approved by {approval.operator}" + (" and applied" if info.state == "applied" else ""))
+
+
+@click.command("apply")
+@click.argument("proposal_id")
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def apply_command(proposal_id: str, operator_key: Path | None, as_json: bool) -> None:
+    """Apply a proposal a quorum approved (if the last approval did not already)."""
+    from worker import proposals
+
+    keys, local, sets = _context(operator_key)
+    info = proposals.apply(keys.hsm, keys.sessions, sets, proposal_id, _signer(local, sets).name)
+    _print(info, as_json, "applied")

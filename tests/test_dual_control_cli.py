@@ -1,0 +1,81 @@
+"""Dual control through the commands, on the embedded default (SoftHSM2, SQLite): a deployment adopted by 2 of 3
+operators (every one of them approves the adoption, one from a machine of their own), where one operator alone
+cannot add a caller but two can, one alone disables it, and every step verifies in the audit chain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_kmsq, softhsm_library
+
+pytestmark = [pytest.mark.hsm, pytest.mark.process]
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if result.stdout.strip().startswith(("{", "[")) else {}
+
+
+def _refused(result: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+
+
+def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
+    softhsm_library()
+    home, keys = tmp_path / "home", tmp_path / "operators"
+    for name in ("alice", "bob", "carol"):
+        _ok(run_kmsq(home, "operator", "keygen", name, "--dir", str(keys / name)))
+    key = {name: str(keys / name / f"{name}.operator.json") for name in ("alice", "bob", "carol")}
+    public = ",".join(str(keys / n / f"{n}.operator.pub.json") for n in ("alice", "bob", "carol"))
+    report = _ok(run_kmsq(home, "init", "--operators", public, "--quorum", "2", "--json"))
+    operators = report["operators"]
+    assert isinstance(operators, dict) and operators["set"]["quorum"] == 2
+    adoption = str(operators["adoption_proposal"])
+    again = _ok(run_kmsq(home, "init", "--operators", public, "--quorum", "2", "--json"))  # idempotent
+    assert again["operators"]["adoption_proposal"] == adoption  # type: ignore[index]
+    _ok(run_kmsq(home, "caller", "keygen", "wallet", "--dir", str(tmp_path / "callers")))
+    identity = str(tmp_path / "callers" / "wallet.pub.json")
+    add = ("caller", "add", "wallet", "--public-key", identity, "--allow", "generate_data_key", "--all-root-keys")
+    _refused(run_kmsq(home, *add, env={"KMSQ_OPERATOR_KEY": key["alice"]}), 9, "no operator set")
+
+    # The adoption needs every operator: two are not enough; carol signs on a machine of her own.
+    for name in ("alice", "bob"):
+        _ok(run_kmsq(home, "approve", adoption, "--operator-key", key[name]))
+    shown = _ok(run_kmsq(home, "proposals", "show", adoption, "--document", str(tmp_path / "change.json"), "--json"))
+    assert shown["state"] == "pending" and set(shown["approved_by"]) == {"alice", "bob"}  # type: ignore[arg-type]
+    signed = run_kmsq(tmp_path, "operator", "sign", str(tmp_path / "change.json"), "--operator-key", key["carol"])
+    (tmp_path / "carol.approval.json").write_text(_ok_text(signed))
+    applied = _ok(run_kmsq(home, "approve", adoption, "--approval", str(tmp_path / "carol.approval.json"), "--json"))
+    assert applied["state"] == "applied"
+
+    # One operator cannot add a caller; a proposal and a second operator can.
+    _refused(run_kmsq(home, *add, env={"KMSQ_OPERATOR_KEY": key["alice"]}), 9, "needs 2 of the 3 operators")
+    proposal = _ok(run_kmsq(home, "propose", *add, "--operator-key", key["alice"], "--json"))
+    assert proposal["state"] == "pending" and proposal["approved_by"] == ["alice"]
+    proposal_id = str(proposal["id"])
+    _refused(run_kmsq(home, "approve", proposal_id, "--operator-key", key["alice"]), 6, "already")
+    assert "wallet" not in run_kmsq(home, "caller", "list").stdout
+    diff = run_kmsq(home, "proposals", "show", proposal_id)
+    assert "caller:wallet (new)" in diff.stdout and "allowed_ops: generate_data_key" in diff.stdout
+    done = _ok(run_kmsq(home, "approve", proposal_id, "--operator-key", key["bob"], "--json"))
+    assert done["state"] == "applied" and set(done["approved_by"]) == {"alice", "bob"}  # type: ignore[arg-type]
+    listed = _ok(run_kmsq(home, "caller", "list", "--json"))
+    assert [c["name"] for c in listed if c["state"] == "enabled"] == ["wallet"]  # type: ignore[index,union-attr]
+
+    # One operator takes away at once, and cannot give back alone.
+    _ok(run_kmsq(home, "caller", "disable", "wallet", env={"KMSQ_OPERATOR_KEY": key["carol"]}))
+    _refused(run_kmsq(home, "caller", "enable", "wallet", env={"KMSQ_OPERATOR_KEY": key["carol"]}), 9, "propose it")
+    table = run_kmsq(home, "proposals").stdout
+    assert proposal_id in table and adoption in table
+    verified = run_kmsq(home, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _ok_text(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
