@@ -236,14 +236,17 @@ def measure_request_work(svc: Any, client: Any, root_key: str, count: int, cache
 
     from schemas.messages import ReplyEnvelope
     from schemas.wire import task_name
+    from worker.config import load_settings
     from worker.fleet import load_fleet_key
+    from worker.operators import read_pinned
     from worker.pipeline import Inbound, WorkerContext, handle
     from worker.policy import TrustedRows
     from worker.storage.db import transaction
 
     with transaction(svc.sessions) as db:
         fleet = load_fleet_key(svc.hsm, db, POOL)
-    rows = TrustedRows(svc.hsm, cache_seconds)  # as in a worker process
+    pinned = read_pinned(load_settings().operator_set_file).digest
+    rows = TrustedRows(svc.hsm, cache_seconds, operators=pinned)  # as in a worker process
     ctx = WorkerContext(svc.hsm, svc.sessions, POOL, fleet, rows, timedelta(seconds=300))
     params = {"op": "generate_data_key", "root_key_id": root_key, "key_spec": "AES-256"}
 

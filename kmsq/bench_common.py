@@ -121,6 +121,7 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
     from worker import callers
     from worker.config import load_settings
     from worker.errors import ConfigError
+    from worker.operators import authorize_process
     from worker.runtime import KeyService
     from worker.softhsm import ensure_embedded_token
     from worker.storage.db import migrate, transaction
@@ -133,6 +134,7 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
         ensure_embedded_token(settings)
     svc = KeyService.from_settings(settings)
     migrate(svc.engine)
+    authorize_process(settings)  # the rows it makes are approved by this host's operator keys (kmsq init's)
     roots = [k for k in svc.list_root_keys() if k.pool == pool and k.state == "enabled" and k.type == "aes-256"]
     root = roots[0] if roots else svc.create_root_key("aes-256", pool)
     svc.ensure_fleet_key(pool)

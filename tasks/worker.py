@@ -39,6 +39,7 @@ from worker import audit_log, policy_anchor, replication, retention
 from worker.config import Settings, is_rabbitmq
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
+from worker.operators import read_pinned
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.policy import TrustedRows
 from worker.record_stamps import StampVerifier
@@ -107,7 +108,8 @@ class PoolWorker:
                 service = KeyService.from_settings(self.settings)
                 service.hsm.check()
                 # Every caller, root key and pool row this process acts on must verify (worker.policy).
-                rows = TrustedRows(service.hsm, self.settings.cache_seconds, _anchor_catch_up(service.hsm))
+                rows = TrustedRows(service.hsm, self.settings.cache_seconds, _anchor_catch_up(service.hsm),
+                                   operators=read_pinned(self.settings.operator_set_file).digest)  # fmt: skip
                 with transaction(service.sessions) as db:
                     fleet = load_fleet_key(service.hsm, db, self.pool, RootKeyAccess(rows))
                 self._context = WorkerContext(

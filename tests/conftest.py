@@ -18,14 +18,41 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from schemas.quorum import OperatorIdentity, OperatorSet
+from worker.approvals import LocalOperators
 from worker.config import SOFTHSM2_LIBRARY_PATHS, Settings
 from worker.hsm import Hsm
+from worker.operators import write_pinned
+from worker.policy import set_process_authorizer
 from worker.runtime import KeyService
 from worker.softhsm import ensure_embedded_token
 from worker.storage.db import create_db_engine, migrate, session_factory
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The test run's operator (dual control, docs/DUAL_CONTROL.md): a 1-of-1 set every test deployment is adopted by.
+# This process approves the rows it makes with it; workers and commands find it in their KMSQ_HOME
+# (install_test_operator).
+TEST_OPERATOR = OperatorIdentity.generate("test-operator")
+TEST_OPERATORS = OperatorSet((TEST_OPERATOR.public,), 1)
 POSTGRES_ADMIN_URL = os.environ.get("KMSQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def install_test_operator(home: Path) -> None:
+    """Pins the test run's operator set in ``home`` and puts the operator's key there, for the workers and the
+    operator commands that run with ``KMSQ_HOME=home`` (idempotent)."""
+    if not (home / "operator-set.json").exists():
+        write_pinned(home / "operator-set.json", TEST_OPERATORS)
+    if not (home / "operators" / f"{TEST_OPERATOR.name}.operator.json").exists():
+        TEST_OPERATOR.write(home / "operators")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_operator() -> Iterator[LocalOperators]:
+    """Every row this test process seals is approved by the test run's operator (whatever database it is in)."""
+    operators = LocalOperators([TEST_OPERATOR], TEST_OPERATORS)
+    set_process_authorizer(operators)
+    yield operators
+    set_process_authorizer(None)
 
 
 def missing_service(what: str) -> None:
@@ -72,6 +99,7 @@ def hsm_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     softhsm_library()
     settings = embedded_settings(tmp_path_factory.mktemp("hsm"))
     ensure_embedded_token(settings)
+    install_test_operator(settings.home)
     return settings
 
 

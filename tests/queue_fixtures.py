@@ -29,7 +29,7 @@ from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet
-from tests.conftest import fresh_database, missing_service
+from tests.conftest import fresh_database, install_test_operator, missing_service
 from worker import callers
 from worker.config import Settings
 from worker.fleet import ensure_fleet_key
@@ -142,6 +142,7 @@ def queue_db_url() -> Iterator[str]:
 
 def subprocess_env(settings: Settings, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
     """The environment of a ``kmsq`` subprocess on the test token, database and broker."""
+    install_test_operator(settings.home)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     env.update(
         {

@@ -21,7 +21,7 @@ from worker.approvals import (
     sign_step,
     verify_evidence,
 )
-from worker.policy import policy_fields
+from worker.policy_rows import policy_fields
 from worker.storage.db import migrate
 from worker.storage.models import Caller, OperatorSetRecord, Pool, RootKey, RootKeyVersion
 

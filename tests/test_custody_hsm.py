@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.wire import b64u, from_b64u
 from tasks.identity import CallerIdentity
+from tests.conftest import TEST_OPERATORS
 from tests.unit_fixtures import UnitTemplate, copy_of_schema
 from worker import callers, policy_anchor, replication
 from worker import hsm_custody as custody
@@ -254,7 +255,8 @@ def test_an_operator_change_on_a_reaches_the_workers_of_b_at_once(
         assert left is not None  # left for C when the command committed, no replication run since
         genuine = left.wrapped
     with sessions() as db, pytest.raises(PolicyNotAnchored):
-        TrustedRows(c).caller(db, "alice")  # C's own anchor is behind: without catching up, refused
+        # C's own anchor is behind: without catching up, refused
+        TrustedRows(c, operators=TEST_OPERATORS.digest).caller(db, "alice")
 
     def catch_up(db: Session) -> bool:
         return replication.take_anchor(c, db, policy_anchor.deployment_id(db))
@@ -267,13 +269,13 @@ def test_an_operator_change_on_a_reaches_the_workers_of_b_at_once(
         assert row is not None
         row.wrapped = b64u(forged)
     with sessions() as db, pytest.raises(PolicyNotAnchored):
-        TrustedRows(c, catch_up=catch_up).caller(db, "alice")
+        TrustedRows(c, catch_up=catch_up, operators=TEST_OPERATORS.digest).caller(db, "alice")
     with transaction(sessions) as db:
         row = db.get(KeyCopy, (enrolled.name, f"{replication.ANCHOR}:{scope}"))
         assert row is not None
         row.wrapped = genuine
     with sessions() as db:
-        found = TrustedRows(c, catch_up=catch_up).caller(db, "alice")
+        found = TrustedRows(c, catch_up=catch_up, operators=TEST_OPERATORS.digest).caller(db, "alice")
         assert found is not None and found.state == "enabled"
         assert policy_anchor.status(c, db).matches
     c.reset()

@@ -68,6 +68,9 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
     with fresh_database("kmsq_custody") as url:
         env_a, env_b = _env(home_a, url, redis_url, namespace), _env(home_b, url, redis_url, namespace)
         _ok(home_a, "init", env=env_a)
+        for host in (home_b, home_c):  # every HSM host pins the deployment's operator set (docs/DUAL_CONTROL.md)
+            host.mkdir(parents=True, exist_ok=True)
+            shutil.copy(home_a / "operator-set.json", host / "operator-set.json")
         _ok(home_a, "caller", "keygen", "app", "--dir", str(home_a), env=env_a)
         _ok(home_a, "caller", "add", "app", "--public-key", str(home_a / "app.pub.json"),
             "--allow", ",".join(ALLOWABLE_OPS), "--all-root-keys", "--plaintext", env=env_a)  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.conftest import run_kmsq, softhsm_library
 pytestmark = [pytest.mark.hsm, pytest.mark.process]
 
 
-def _ok(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+def _ok(result: subprocess.CompletedProcess[str]) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout) if result.stdout.strip().startswith(("{", "[")) else {}
 
@@ -37,17 +38,24 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     assert isinstance(operators, dict) and operators["set"]["quorum"] == 2
     adoption = str(operators["adoption_proposal"])
     again = _ok(run_kmsq(home, "init", "--operators", public, "--quorum", "2", "--json"))  # idempotent
-    assert again["operators"]["adoption_proposal"] == adoption  # type: ignore[index]
+    assert again["operators"]["adoption_proposal"] == adoption
     _ok(run_kmsq(home, "caller", "keygen", "wallet", "--dir", str(tmp_path / "callers")))
     identity = str(tmp_path / "callers" / "wallet.pub.json")
     add = ("caller", "add", "wallet", "--public-key", identity, "--allow", "generate_data_key", "--all-root-keys")
     _refused(run_kmsq(home, *add, env={"KMSQ_OPERATOR_KEY": key["alice"]}), 9, "no operator set")
 
+    # No worker serves a deployment its operators have not adopted, nor on a host that pins no operator set.
+    _refused(run_kmsq(home, "worker", "--concurrency", "1"), 3, "the database has no operator set")
+    pinned = (home / "operator-set.json").read_text()
+    (home / "operator-set.json").unlink()
+    _refused(run_kmsq(home, "worker", "--concurrency", "1"), 3, "no pinned operator set at")
+    (home / "operator-set.json").write_text(pinned)
+
     # The adoption needs every operator: two are not enough; carol signs on a machine of her own.
     for name in ("alice", "bob"):
         _ok(run_kmsq(home, "approve", adoption, "--operator-key", key[name]))
     shown = _ok(run_kmsq(home, "proposals", "show", adoption, "--document", str(tmp_path / "change.json"), "--json"))
-    assert shown["state"] == "pending" and set(shown["approved_by"]) == {"alice", "bob"}  # type: ignore[arg-type]
+    assert shown["state"] == "pending" and set(shown["approved_by"]) == {"alice", "bob"}
     signed = run_kmsq(tmp_path, "operator", "sign", str(tmp_path / "change.json"), "--operator-key", key["carol"])
     (tmp_path / "carol.approval.json").write_text(_ok_text(signed))
     applied = _ok(run_kmsq(home, "approve", adoption, "--approval", str(tmp_path / "carol.approval.json"), "--json"))
@@ -63,13 +71,20 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     diff = run_kmsq(home, "proposals", "show", proposal_id)
     assert "caller:wallet (new)" in diff.stdout and "allowed_ops: generate_data_key" in diff.stdout
     done = _ok(run_kmsq(home, "approve", proposal_id, "--operator-key", key["bob"], "--json"))
-    assert done["state"] == "applied" and set(done["approved_by"]) == {"alice", "bob"}  # type: ignore[arg-type]
+    assert done["state"] == "applied" and set(done["approved_by"]) == {"alice", "bob"}
     listed = _ok(run_kmsq(home, "caller", "list", "--json"))
-    assert [c["name"] for c in listed if c["state"] == "enabled"] == ["wallet"]  # type: ignore[index,union-attr]
+    assert [c["name"] for c in listed if c["state"] == "enabled"] == ["wallet"]
 
     # One operator takes away at once, and cannot give back alone.
     _ok(run_kmsq(home, "caller", "disable", "wallet", env={"KMSQ_OPERATOR_KEY": key["carol"]}))
     _refused(run_kmsq(home, "caller", "enable", "wallet", env={"KMSQ_OPERATOR_KEY": key["carol"]}), 9, "propose it")
+    carol = {"KMSQ_OPERATOR_KEY": key["carol"]}
+    _ok(run_kmsq(home, "pool", "disable", "default", env=carol))  # an incident stopped by one operator
+    _refused(run_kmsq(home, "pool", "enable", "default", env=carol), 9, "propose it")
+    enable = _ok(run_kmsq(home, "propose", "pool", "enable", "default", "--operator-key", key["carol"], "--json"))
+    approved = _ok(run_kmsq(home, "approve", str(enable["id"]), "--operator-key", key["bob"], "--json"))
+    assert approved["state"] == "applied"
+    assert "enabled" in run_kmsq(home, "pool", "list").stdout
     table = run_kmsq(home, "proposals").stdout
     assert proposal_id in table and adoption in table
     verified = run_kmsq(home, "audit", "verify")

@@ -22,6 +22,7 @@ from tasks.identity import CallerIdentity
 from tests.conftest import run_kmsq
 from tests.queue_fixtures import Deployment, kmsq_command
 from worker import policy
+from worker.policy import set_process_authorizer
 from worker.storage.db import transaction
 from worker.storage.models import Caller, RejectionCount, RootKey
 
@@ -247,3 +248,32 @@ def test_a_caller_row_put_back_after_disable_is_refused_by_the_workers(deploymen
             put(anchored_row)
         time.sleep(CACHE)
         assert bystander.generate_data_key()["plaintextKey"]  # the anchored rows are back: served again
+
+
+def test_a_caller_row_with_a_valid_mac_and_anchor_but_no_approval_is_refused(
+    deployment: Deployment, test_operator: object
+) -> None:
+    """Issue 25: whoever holds the token's PIN and the database can MAC a row and anchor it, as the operator
+    commands do, but not approve it: without the operators' approval of exactly its content workers refuse it."""
+    identity = CallerIdentity.generate("pol-pin-" + uuid.uuid4().hex[:6])
+    public = identity.public_document()
+    set_process_authorizer(None)  # this test process holds the PIN, and no operator key
+    try:
+        with transaction(deployment.sessions) as db:
+            row = Caller(name=identity.caller, signing_key=public["signing_key"], signing_key_id=identity.key_id,
+                         reply_key=public["reply_key"], allowed_ops="generate_data_key", root_keys="*",
+                         plaintext=True, state="enabled")  # fmt: skip
+            policy.seal(deployment.service.hsm, db, row)  # a valid MAC, and the anchor moves at the commit
+            db.add(row)
+    finally:
+        set_process_authorizer(test_operator)
+    with deployment.sessions() as db:
+        sealed = db.get(Caller, identity.caller)
+        assert sealed is not None and policy.verifies(deployment.service.hsm, sealed) and sealed.approval is None
+    time.sleep(CACHE)
+    with deployment.client(identity, timeout=10) as kms, expecting_no_reply(kms):
+        kms.generate_data_key()
+    assert counted_above(deployment, identity.caller, 0)
+    approved = deployment.register("pol-ok-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+    with deployment.client(approved, timeout=30) as kms:  # the same row, approved by the operator: served
+        assert kms.generate_data_key()["plaintextKey"]

@@ -5,26 +5,45 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-import worker.actions  # noqa: F401  (registers the actions)
 from schemas.quorum import OperatorIdentity, OperatorSet, approve
 from tasks.identity import CallerIdentity
-from tests.unit_fixtures import Unit
+from tests.fake_hsm import FakeHsm
+from tests.unit_fixtures import UnitTemplate, copy_of_schema
 from worker import audit_log, proposals
+from worker.actions import ACTIONS
 from worker.approvals import ApprovalError, LocalOperators, OperatorSets, load_operator_sets, verify_evidence
 from worker.errors import Conflict, Forbidden
 from worker.policy import AUTHORIZER
-from worker.storage.db import transaction
+from worker.runtime import KeyService
+from worker.storage.db import session_factory, transaction
 from worker.storage.models import AuditRecord, Caller, Proposal
 
 ALICE, BOB, CAROL = (OperatorIdentity.generate(n) for n in ("alice", "bob", "carol"))
 TRIO = OperatorSet((ALICE.public, BOB.public, CAROL.public), 2)
 
 
-def _adopted(unit: Unit) -> OperatorSets:
+@pytest.fixture
+def unit(tmp_path: Path, unit_template: UnitTemplate) -> Iterator[Trio]:
+    """An empty deployment of its own (not the test run's operator's): the three operators adopt it."""
+    engine = copy_of_schema(unit_template, tmp_path / "trio.db")
+    service = KeyService(FakeHsm(), session_factory(engine), default_pool="alpha")
+    yield Trio(service)
+    engine.dispose()
+
+
+@dataclass
+class Trio:
+    service: KeyService
+
+
+def _adopted(unit: Trio) -> OperatorSets:
     with transaction(unit.service.sessions) as db:
         LocalOperators([ALICE, BOB, CAROL], TRIO).sets(db)
     with unit.service.sessions() as db:
@@ -37,11 +56,11 @@ def _caller_add(name: str) -> dict[str, object]:
             "allowed_ops": ["generate_data_key"], "root_keys": None, "plaintext": False}  # fmt: skip
 
 
-def _approve(unit: Unit, sets: OperatorSets, proposal: proposals.ProposalInfo, who: OperatorIdentity) -> None:
+def _approve(unit: Trio, sets: OperatorSets, proposal: proposals.ProposalInfo, who: OperatorIdentity) -> None:
     proposals.add_approval(unit.service.hsm, unit.service.sessions, sets, proposal.id, approve(who, proposal.digest))
 
 
-def test_two_of_three_add_a_caller_one_cannot(unit: Unit) -> None:
+def test_two_of_three_add_a_caller_one_cannot(unit: Trio) -> None:
     sets = _adopted(unit)
     hsm, sessions = unit.service.hsm, unit.service.sessions
     proposal = proposals.propose(hsm, sessions, sets, "caller.add", _caller_add("wallet"), "alice")
@@ -66,7 +85,7 @@ def test_two_of_three_add_a_caller_one_cannot(unit: Unit) -> None:
         proposals.apply(hsm, sessions, sets, proposal.id, "bob")
 
 
-def test_approvals_that_do_not_count_are_refused(unit: Unit) -> None:
+def test_approvals_that_do_not_count_are_refused(unit: Trio) -> None:
     sets = _adopted(unit)
     hsm, sessions = unit.service.hsm, unit.service.sessions
     proposal = proposals.propose(hsm, sessions, sets, "caller.add", _caller_add("w2"), "carol")
@@ -85,7 +104,7 @@ def test_approvals_that_do_not_count_are_refused(unit: Unit) -> None:
     assert proposals.describe(sessions, short.id, sets).state == "expired"
 
 
-def test_a_proposal_the_database_overtook_is_not_applied(unit: Unit) -> None:
+def test_a_proposal_the_database_overtook_is_not_applied(unit: Trio) -> None:
     sets = _adopted(unit)
     hsm, sessions = unit.service.hsm, unit.service.sessions
     arguments = _caller_add("raced")
@@ -95,7 +114,7 @@ def test_a_proposal_the_database_overtook_is_not_applied(unit: Unit) -> None:
     changed = dict(arguments, allowed_ops=["generate_data_key", "put_key"])
     with transaction(sessions) as db:  # the same caller, otherwise, added meanwhile by two operators at once
         db.info[AUTHORIZER] = LocalOperators([ALICE, BOB], TRIO)
-        proposals.ACTIONS["caller.add"](hsm, db, changed)
+        ACTIONS["caller.add"](hsm, db, changed)
     with pytest.raises(Conflict, match="already exists"):
         proposals.apply(hsm, sessions, sets, proposal.id, "alice")
     assert proposals.describe(sessions, proposal.id, sets).state == "pending"
@@ -105,12 +124,12 @@ def test_a_proposal_the_database_overtook_is_not_applied(unit: Unit) -> None:
         _approve(unit, sets, disable, who)
     with transaction(sessions) as db:
         db.info[AUTHORIZER] = LocalOperators([BOB], TRIO)
-        proposals.ACTIONS["caller.disable"](hsm, db, {"name": "raced"})  # disabled by one meanwhile
+        ACTIONS["caller.disable"](hsm, db, {"name": "raced"})  # disabled by one meanwhile
     with pytest.raises(ApprovalError, match="changed since the proposal"):
         proposals.apply(hsm, sessions, sets, disable.id, "alice")
 
 
-def test_every_step_is_in_the_audit_chain(unit: Unit) -> None:
+def test_every_step_is_in_the_audit_chain(unit: Trio) -> None:
     sets = _adopted(unit)
     hsm, sessions = unit.service.hsm, unit.service.sessions
     proposal = proposals.propose(hsm, sessions, sets, "caller.add", _caller_add("audited"), "bob")

@@ -24,7 +24,7 @@ from schemas.messages import ReplyEnvelope
 from schemas.wire import seal_private_key
 from tasks.client import KmsClient
 from tasks.identity import Fleet
-from tests.conftest import random_pub
+from tests.conftest import TEST_OPERATORS, random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment, start_worker
 from worker.config import SOFTHSM2_LIBRARY_PATHS
 from worker.errors import DatabaseUnavailable
@@ -132,7 +132,7 @@ def test_the_final_attempt_answers_unavailable(deployment: Deployment, client: K
         fleet = load_fleet_key(deployment.service.hsm, db, "alpha")
     url = make_url(deployment.database_url).set(host="127.0.0.1", port=gate.port)
     engine = create_db_engine(url.render_as_string(hide_password=False))
-    rows = TrustedRows(deployment.service.hsm)
+    rows = TrustedRows(deployment.service.hsm, operators=TEST_OPERATORS.digest)
     ctx = WorkerContext(deployment.service.hsm, session_factory(engine), "alpha", fleet, rows, timedelta(minutes=5))
     request_id = uuid.uuid4()
     sealed = seal_private_key(fleet.transport.public_key(), client.identity.caller, request_id, b"xprv")

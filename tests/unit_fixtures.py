@@ -21,6 +21,7 @@ from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import task_name
 from tasks.codec import KmsCodec, KmsError
 from tasks.identity import CallerIdentity, Fleet
+from tests.conftest import TEST_OPERATORS
 from tests.fake_hsm import FakeHsm
 from worker import callers
 from worker.fleet import FleetSecrets, load_fleet_key
@@ -224,7 +225,9 @@ def _unit(
         prepared = (fleet_secrets, Fleet.from_document(service.fleet_document()))  # a transaction of its own
     fleet_secrets, fleet = prepared
     clock = [datetime.now(UTC)]
-    rows = TrustedRows(hsm)  # every caller, root key and pool row the worker acts on must pass its MAC check
+    # Every caller, root key and pool row the worker acts on must pass its MAC check and carry the operators'
+    # approval (the test run's operator: tests.conftest.TEST_OPERATOR).
+    rows = TrustedRows(hsm, operators=TEST_OPERATORS.digest)
     ctx = WorkerContext(hsm, service.sessions, "alpha", fleet_secrets, rows, timedelta(seconds=300),
                         now=lambda: clock[0])  # fmt: skip
     yield Unit(service, ctx, roots, fleet, tmp_path, clock)

@@ -3,7 +3,7 @@ transaction. Each returns a description of what it did."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -11,7 +11,19 @@ from sqlalchemy.orm import Session
 from worker import callers
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
-from worker.proposals import action
+
+Action = Callable[[KeyStore, Session, Mapping[str, Any]], object]
+ACTIONS: dict[str, Action] = {}
+
+
+def action(name: str) -> Callable[[Action], Action]:
+    """Registers ``func`` as the action ``name`` that proposals may carry."""
+
+    def register(func: Action) -> Action:
+        ACTIONS[name] = func
+        return func
+
+    return register
 
 
 def _text_list(arguments: Mapping[str, Any], name: str) -> list[str]:
@@ -48,3 +60,30 @@ def caller_enable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> c
 def caller_disable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> callers.CallerInfo:
     """Disables the caller ``name`` (one operator may do it alone; a proposal is not needed)."""
     return callers.set_caller_state(hsm, db, str(arguments.get("name")), "disabled")
+
+
+@action("root-key.enable")
+def root_key_enable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
+    """Enables the root key ``root_key_id`` again."""
+    from worker import lifecycle
+
+    return lifecycle.set_root_key_state(hsm, db, str(arguments.get("root_key_id")), "enabled")
+
+
+@action("root-key.min-decryption-version")
+def root_key_min_decryption_version(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
+    """Sets the minimum decryption version of ``root_key_id`` to ``version`` (lowering it needs the quorum)."""
+    from worker import lifecycle
+
+    version = arguments.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidRequest("version must be an integer")
+    return lifecycle.set_min_decryption_version(hsm, db, str(arguments.get("root_key_id")), version)
+
+
+@action("pool.enable")
+def pool_enable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
+    """Enables the pool ``name`` again."""
+    from worker import lifecycle
+
+    return lifecycle.set_pool_state(hsm, db, str(arguments.get("name")), "enabled")

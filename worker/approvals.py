@@ -44,7 +44,7 @@ from schemas.quorum import (
 from schemas.wire import WireError, canonical_json, sign, signing_public, verify
 from worker import policy_anchor
 from worker.errors import Forbidden
-from worker.policy import Fields, PolicyRow, encode_fields, policy_fields
+from worker.policy_rows import Fields, PolicyRow, encode_fields, policy_fields
 from worker.storage.models import OperatorSetRecord
 
 EVIDENCE_VERSION = 1
@@ -200,7 +200,10 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
     approved by all its operators, each later set by a quorum of the one before. Raises ApprovalError."""
     records = list(db.scalars(select(OperatorSetRecord).order_by(OperatorSetRecord.seq)))
     if not records:
-        raise ApprovalError("the database has no operator set (kmsq init, or kmsq operator adopt)")
+        raise ApprovalError(
+            "the database has no operator set (kmsq init; with --operators, every operator approves "
+            "its adoption: kmsq proposals)"
+        )
     by_digest: dict[str, OperatorSet] = {}
     previous: OperatorSet | None = None
     for index, record in enumerate(records):
@@ -355,16 +358,18 @@ class LocalOperators:
     identities: Sequence[OperatorIdentity]
     genesis: OperatorSet  # the pinned one
     action: str = "seal"
-    _sets: OperatorSets | None = field(default=None, repr=False)
+    _sets: dict[str, OperatorSets] = field(default_factory=dict, repr=False)  # by database
 
     def sets(self, db: Session) -> OperatorSets:
-        """The verified operator sets (read once per command). A database without any is adopted by the pinned
-        genesis when this command holds every one of its operators' keys (``kmsq init``'s 1-of-1)."""
-        if self._sets is None:
+        """The verified operator sets of ``db``'s deployment (read once per command and database). A database
+        without any is adopted by the pinned genesis when this command holds every one of its operators' keys
+        (``kmsq init``'s 1-of-1)."""
+        scope = policy_anchor.deployment_id(db) or str(db.get_bind().engine.url)
+        if scope not in self._sets:
             if db.scalar(select(OperatorSetRecord.seq).limit(1)) is None and self.holds_genesis():
                 self.adopt(db)
-            self._sets = load_operator_sets(db, self.genesis.digest)
-        return self._sets
+            self._sets[scope] = load_operator_sets(db, self.genesis.digest)
+        return self._sets[scope]
 
     def holds_genesis(self) -> bool:
         """True when this command holds the key of every operator of the genesis."""

@@ -74,3 +74,14 @@ def local_operators(settings: Settings) -> LocalOperators | None:
         except QuorumError as e:
             raise ConfigError(str(e)) from None
     return LocalOperators(identities, genesis) if identities else None
+
+
+def authorize_process(settings: Settings) -> LocalOperators | None:
+    """Makes the operator keys this host gives (:func:`local_operators`) approve every row this process seals (an
+    operator tool: kmsq bench's and kmsq demo's set-up). Returns them, or None when there are none."""
+    from worker.policy import set_process_authorizer
+
+    local = local_operators(settings)
+    if local is not None:
+        set_process_authorizer(local)
+    return local

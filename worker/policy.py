@@ -9,25 +9,24 @@ with each such row an HMAC-SHA256 (CKM_SHA256_HMAC, inside the token) of its can
 token's policy key, and workers check it on every load (:class:`TrustedRows`): a row that fails is refused as if
 absent, and logged.
 
-The encoding is a domain label, then for each field its name and value, each length-prefixed (u16 name,
-u32 value, UTF-8), in a fixed order.
+The encoding is worker.policy_rows'.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import audit_log, policy_anchor, replication
+from worker import approvals, audit_log, policy_anchor, replication
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
+from worker.policy_rows import PolicyRow, mac_input
 from worker.storage.cache import TtlCache, detached_copy
 from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
 from worker.storage.repo import RootKeyRepository
@@ -36,7 +35,7 @@ log = logging.getLogger("kmsq.policy")
 _ABSENT = object()
 _APPROVING = "kmsq.policy_approving"
 AUTHORIZER = "kmsq.authorizer"  # db.info key: what gives a sealed row its evidence of approval
-PolicyRow = Caller | RootKey | RootKeyVersion | Pool
+_PROCESS_AUTHORIZER: list[Any] = [None]  # set_process_authorizer: the operator keys this whole process signs with
 R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool)
 
 
@@ -49,60 +48,10 @@ class PolicyNotAnchored(PolicyViolation):
     commands, or no anchor yet): no policy row is trusted."""
 
 
-def _encode(label: bytes, fields: tuple[tuple[str, str], ...]) -> bytes:
-    out = bytearray(label)
-    for name, value in fields:
-        n, v = name.encode("ascii"), value.encode("utf-8")
-        out += struct.pack(">H", len(n)) + n + struct.pack(">I", len(v)) + v
-    return bytes(out)
-
-
-LABELS = {
-    "caller": b"kmsq/policy/caller/v1\x00",
-    "root_key": b"kmsq/policy/root-key/v1\x00",
-    "pool": b"kmsq/policy/pool/v1\x00",
-    "root_key_version": b"kmsq/policy/root-key-version/v1\x00",
-}
-Fields = tuple[tuple[str, str], ...]
-
-
-def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
-    """Returns the row's kind (a key of :data:`LABELS`) and its policy fields as text, in their fixed order:
-    what its MAC, and the operators' approvals, cover."""
-    kind: str
-    fields: tuple[tuple[str, object], ...]
-    if isinstance(row, Caller):
-        kind, fields = "caller", (
-            ("name", row.name), ("signing_key", row.signing_key), ("signing_key_id", row.signing_key_id),
-            ("reply_key", row.reply_key), ("allowed_ops", row.allowed_ops), ("root_keys", row.root_keys),
-            ("plaintext", int(bool(row.plaintext))), ("state", row.state),
-        )  # fmt: skip
-    elif isinstance(row, RootKey):
-        kind, fields = "root_key", (
-            ("id", row.id), ("type", row.type), ("pool", row.pool), ("state", row.state),
-            ("current_version", row.current_version),
-        )  # fmt: skip
-        # Covered once set: the rows sealed before it existed (all 1) keep their MACs.
-        if row.min_decryption_version not in (None, 1):
-            fields += (("min_decryption_version", row.min_decryption_version),)
-    elif isinstance(row, Pool):
-        kind, fields = "pool", (("name", row.name), ("state", row.state))
-    else:
-        kind, fields = "root_key_version", (
-            ("root_key_id", row.root_key_id), ("version", row.version), ("hsm_id", row.hsm_id),
-            ("hsm_label", row.hsm_label), ("wrap_algorithm", row.wrap_algorithm), ("state", row.state),
-        )  # fmt: skip
-    return kind, tuple((name, str(value)) for name, value in fields)
-
-
-def encode_fields(kind: str, fields: Fields) -> bytes:
-    """Returns the canonical encoding of a row of ``kind`` with ``fields`` (KeyError for an unknown kind)."""
-    return _encode(LABELS[kind], fields)
-
-
-def mac_input(row: PolicyRow) -> bytes:
-    """Returns the canonical encoding of a row's policy fields (what its MAC covers)."""
-    return encode_fields(*policy_fields(row))
+def set_process_authorizer(authorizer: object) -> None:
+    """Makes ``authorizer`` (worker.approvals.LocalOperators) give evidence to every row this process seals whose
+    session names none: an operator tool that holds operator keys. Workers never hold any."""
+    _PROCESS_AUTHORIZER[0] = authorizer
 
 
 def seal(hsm: KeyStore, db: Session, row: PolicyRow) -> None:
@@ -112,7 +61,7 @@ def seal(hsm: KeyStore, db: Session, row: PolicyRow) -> None:
     keys a command holds, or an applied proposal: worker.approvals, worker.proposals) the row also gets its
     evidence of approval, or the authorizer raises (the change needs the quorum)."""
     hsm.ensure_policy_key()
-    authorizer = db.info.get(AUTHORIZER)
+    authorizer = db.info.get(AUTHORIZER) or _PROCESS_AUTHORIZER[0]
     if authorizer is not None:
         row.approval = authorizer.evidence_for(db, row, row.approval)
     row.policy_mac = hsm.policy_mac(mac_input(row)).hex()
@@ -166,11 +115,28 @@ class TrustedRows:
 
     def __init__(
         self, hsm: KeyStore | None = None, cache_seconds: float = 0.0,
-        catch_up: Callable[[Session], bool] | None = None,
+        catch_up: Callable[[Session], bool] | None = None, *, operators: str | None = None,
     ) -> None:  # fmt: skip
+        if hsm is not None and operators is None:
+            raise ValueError("a reader that checks rows needs the pinned operator set's digest (worker.operators)")
         self.hsm = hsm
+        self.operators = operators
         self._cache = TtlCache(cache_seconds)
         self._catch_up = catch_up
+
+    def _approved(self, db: Session, row: PolicyRow) -> bool:
+        """True when ``row`` carries evidence that the operators approved exactly its content (worker.approvals),
+        from the operator sets' chain that the pinned genesis verifies (read once per cache period); logged when
+        not."""
+        assert self.operators is not None
+        pinned = self.operators
+        try:
+            sets = self._cache.get(("operator_sets",), lambda: approvals.load_operator_sets(db, pinned))
+            approvals.verify_evidence(row, row.approval, sets)
+        except approvals.ApprovalError as e:
+            log.error("refused %s: not approved by the operators (%s)", describe(row), e)
+            return False
+        return True
 
     def _anchored(self, db: Session, *, fresh: bool = False) -> policy_anchor.PolicyState:
         """The policy rows' identities and MACs, once the token's anchor vouches for them (read again at most
@@ -204,7 +170,7 @@ class TrustedRows:
         if state.get(key, _ABSENT) != row.policy_mac:  # changed since the rows were last anchored: read them again
             state = self._anchored(db, fresh=True)
         if state.get(key, _ABSENT) == row.policy_mac and verifies(self.hsm, row):
-            return row
+            return row if self._approved(db, row) else None
         log.error("refused %s: its policy MAC is missing, wrong or not the anchored one (changed outside the "
                   "operator commands?)", describe(row))  # fmt: skip
         return None

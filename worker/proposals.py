@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from schemas.quorum import Approval, OperatorSet, QuorumError, change_digest, expiry_of, tally
 from schemas.wire import canonical_json
 from worker import audit_log, policy
+from worker.actions import ACTIONS
 from worker.approvals import (
     ADOPT,
     ApprovalError,
@@ -37,23 +38,11 @@ from worker.approvals import (
 )
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
-from worker.policy import Fields, PolicyRow
+from worker.policy_rows import Fields, PolicyRow
 from worker.storage.models import Proposal, ProposalApproval
 
-Action = Callable[[KeyStore, Session, Mapping[str, Any]], object]
-ACTIONS: dict[str, Action] = {}
 DEFAULT_TTL_HOURS = 72.0
 MAX_TTL_HOURS = 24 * 30.0
-
-
-def action(name: str) -> Callable[[Action], Action]:
-    """Registers ``func`` as the action ``name`` that proposals may carry."""
-
-    def register(func: Action) -> Action:
-        ACTIONS[name] = func
-        return func
-
-    return register
 
 
 @dataclass
@@ -93,8 +82,6 @@ class _Applier:
 
 
 def _run(hsm: KeyStore, db: Session, name: str, arguments: Mapping[str, Any], authorizer: object) -> object:
-    import worker.actions  # noqa: F401  (registers the actions; it imports this module)
-
     run = ACTIONS.get(name)
     if run is None:
         raise InvalidRequest(f"unknown action {name!r} (known: {', '.join(sorted(ACTIONS))})")

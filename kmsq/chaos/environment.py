@@ -468,7 +468,9 @@ def _deploy(work: Path, settings: Any, module: Path, real_module: str, switch: F
     deployment = Deployment(work, redis, postgres, switch, env, env_b, rabbit=rabbit)
     try:
         deployment.kmsq("init")
-        if two_tokens:
+        if two_tokens:  # host B pins the deployment's operator set too (docs/DUAL_CONTROL.md)
+            Path(env_b["KMSQ_HOME"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(home / "operator-set.json", Path(env_b["KMSQ_HOME"]) / "operator-set.json")
             deployment.enroll_token_b()
         deployment.workers = [deployment.start_worker(n) for n in range(workers)]
     except BaseException:

@@ -170,10 +170,12 @@ def demo(as_json: bool) -> None:
     from tasks.client import KmsClient
     from tasks.identity import CallerIdentity, Fleet
     from worker.config import load_settings
+    from worker.operators import authorize_process
     from worker.runtime import KeyService
 
     settings = load_settings()
     service = KeyService.from_settings(settings)
+    authorize_process(settings)  # the demo caller is approved by this host's operator key (kmsq init's 1-of-1)
     started_broker = broker.start(settings.home) if settings.embedded_broker else False
     identity_file = _ensure_demo_caller(service, settings.home / "callers")
     document = service.fleet_document()

@@ -116,12 +116,22 @@ def _operators(
     """The pinned operator set (``--operators`` and ``--quorum``, else the embedded default's 1-of-1), and whether
     it was pinned now; when this command holds every operator's key the deployment is adopted at once, and the
     sessions approve with the keys it holds. Raises InvalidRequest for a set that differs from the pinned one."""
+    from sqlalchemy import select
+
     from schemas.quorum import OperatorSet, read_operator
-    from worker.errors import InvalidRequest
+    from worker.errors import ConfigError, InvalidRequest
     from worker.operators import ensure_developer_set, local_operators, read_pinned, write_pinned
     from worker.policy import AUTHORIZER
     from worker.storage.db import transaction
+    from worker.storage.models import OperatorSetRecord
 
+    if not settings.operator_set_file.exists():
+        with service.sessions() as db:
+            governed = db.scalar(select(OperatorSetRecord.seq).limit(1)) is not None
+        if governed:
+            raise ConfigError(f"this database has its operator set, which this host does not pin: copy the "
+                              f"deployment's operator-set.json to {settings.operator_set_file} (or set "
+                              "KMSQ_OPERATOR_SET)")  # fmt: skip
     if operator_files is None:
         if quorum is not None:
             raise InvalidRequest("--quorum goes with --operators")

@@ -153,6 +153,52 @@ def propose_caller_enable(name: str, hours: float, operator_key: Path | None, as
     _propose(operator_key, "caller.enable", {"name": name}, hours, as_json)
 
 
+@propose_group.group("root-key")
+def propose_root_key() -> None:
+    """Root key changes."""
+
+
+@propose_root_key.command("enable")
+@click.argument("root_key_id")
+@_HOURS
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def propose_root_key_enable(root_key_id: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
+    """Propose enabling a disabled root key again."""
+    _propose(operator_key, "root-key.enable", {"root_key_id": root_key_id}, hours, as_json)
+
+
+@propose_root_key.command("set")
+@click.argument("root_key_id")
+@click.option("--min-decryption-version", "version", type=click.IntRange(1), required=True)
+@_HOURS
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def propose_root_key_set(root_key_id: str, version: int, hours: float, operator_key: Path | None,
+                         as_json: bool) -> None:  # fmt: skip
+    """Propose lowering a root key's minimum decryption version (raising it needs one operator)."""
+    _propose(operator_key, "root-key.min-decryption-version", {"root_key_id": root_key_id, "version": version},
+             hours, as_json)  # fmt: skip
+
+
+@propose_group.group("pool")
+def propose_pool() -> None:
+    """Pool changes."""
+
+
+@propose_pool.command("enable")
+@click.argument("name")
+@_HOURS
+@_KEY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def propose_pool_enable(name: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
+    """Propose enabling a disabled pool again."""
+    _propose(operator_key, "pool.enable", {"name": name}, hours, as_json)
+
+
 @click.group("proposals", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context

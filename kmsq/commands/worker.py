@@ -134,14 +134,54 @@ def _open_as_a_pool_process(config: Settings, pool: str) -> tuple[str, str] | No
     error's class and message, or None. Run in a spawned process: this parent must not open the token."""
     from tasks.worker import PoolWorker
     from worker.errors import ServiceError
+    from worker.operators import read_pinned
 
     try:
         _take_what_waits(config)
-        ctx = PoolWorker(config, pool).context()
+        read_pinned(config.operator_set_file)  # before the token and the database: the pin is this host's own
+        try:
+            ctx = PoolWorker(config, pool).context()
+        except ServiceError:  # (no row verifies without the operators: say that, when it is why)
+            _operators_verify_if_reachable(config)
+            raise
+        _operators_verify(config, ctx.sessions)
         _needs(ctx.hsm, ctx.sessions, pool)
     except ServiceError as e:
         return type(e).__name__, e.message
     return None
+
+
+def _operators_verify(config: Settings, sessions: Any) -> None:
+    """Raises ConfigError unless the database's chain of operator sets verifies from the set this host pins
+    (docs/DUAL_CONTROL.md): without, the worker would refuse every policy row."""
+    from worker.approvals import ApprovalError, load_operator_sets
+    from worker.errors import ConfigError
+    from worker.operators import read_pinned
+
+    pinned = read_pinned(config.operator_set_file)
+    try:
+        with sessions() as db:
+            load_operator_sets(db, pinned.digest)
+    except ApprovalError as e:
+        raise ConfigError(f"the operators ({pinned.describe()}, pinned in {config.operator_set_file}): {e}") from None
+
+
+def _operators_verify_if_reachable(config: Settings) -> None:
+    """:func:`_operators_verify` on a database connection of its own; nothing when the database cannot be used."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker.storage.db import create_db_engine, session_factory
+
+    try:
+        engine = create_db_engine(config.database_url)
+    except Exception:  # the original error says why
+        return
+    try:
+        _operators_verify(config, session_factory(engine))
+    except SQLAlchemyError:
+        return
+    finally:
+        engine.dispose()
 
 
 def _needs(keystore: Any, sessions: Any, pool: str) -> None:
