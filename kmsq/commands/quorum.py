@@ -20,6 +20,8 @@ from kmsq.commands.common import service, settings
 from kmsq.output import console, one_line_errors, print_json, print_table
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from schemas.quorum import OperatorIdentity
     from worker.approvals import LocalOperators, OperatorSets
     from worker.proposals import ProposalInfo
@@ -111,6 +113,14 @@ _HOURS = click.option("--expires-in", "hours", type=click.FloatRange(0.01, 720),
                       help="Hours the proposal may be approved in.")  # fmt: skip
 
 
+def _proposal_options(func: Callable[..., None]) -> Callable[..., None]:
+    """``--expires-in``, ``--operator-key`` and ``--json``, and one-line errors: what every proposal command takes."""
+    for option in (one_line_errors, click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+                   _KEY_OPTION, _HOURS):  # fmt: skip
+        func = option(func)
+    return func
+
+
 @propose_caller.command("add")
 @click.argument("name")
 @click.option("--public-key", "public_key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -118,10 +128,7 @@ _HOURS = click.option("--expires-in", "hours", type=click.FloatRange(0.01, 720),
 @click.option("--root-keys", default=None, help="Root key ids the caller may use, comma-separated.")
 @click.option("--all-root-keys", is_flag=True, help="Allow every root key, including future ones.")
 @click.option("--plaintext", is_flag=True, help="Allow operations that return plaintext secrets.")
-@_HOURS
-@_KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
+@_proposal_options
 def propose_caller_add(
     name: str, public_key: Path, allow: str, root_keys: str | None, all_root_keys: bool, plaintext: bool,
     hours: float, operator_key: Path | None, as_json: bool,
@@ -144,10 +151,7 @@ def propose_caller_add(
 
 @propose_caller.command("enable")
 @click.argument("name")
-@_HOURS
-@_KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
+@_proposal_options
 def propose_caller_enable(name: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
     """Propose enabling a disabled caller again."""
     _propose(operator_key, "caller.enable", {"name": name}, hours, as_json)
@@ -160,10 +164,7 @@ def propose_root_key() -> None:
 
 @propose_root_key.command("enable")
 @click.argument("root_key_id")
-@_HOURS
-@_KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
+@_proposal_options
 def propose_root_key_enable(root_key_id: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
     """Propose enabling a disabled root key again."""
     _propose(operator_key, "root-key.enable", {"root_key_id": root_key_id}, hours, as_json)
@@ -172,10 +173,7 @@ def propose_root_key_enable(root_key_id: str, hours: float, operator_key: Path |
 @propose_root_key.command("set")
 @click.argument("root_key_id")
 @click.option("--min-decryption-version", "version", type=click.IntRange(1), required=True)
-@_HOURS
-@_KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
+@_proposal_options
 def propose_root_key_set(root_key_id: str, version: int, hours: float, operator_key: Path | None,
                          as_json: bool) -> None:  # fmt: skip
     """Propose lowering a root key's minimum decryption version (raising it needs one operator)."""
@@ -190,10 +188,7 @@ def propose_pool() -> None:
 
 @propose_pool.command("enable")
 @click.argument("name")
-@_HOURS
-@_KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@one_line_errors
+@_proposal_options
 def propose_pool_enable(name: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
     """Propose enabling a disabled pool again."""
     _propose(operator_key, "pool.enable", {"name": name}, hours, as_json)
