@@ -49,3 +49,15 @@ def test_counts_wait_out_a_database_outage(sessions: sessionmaker[Session]) -> N
     counter.sessions = sessions  # the database is back
     counter.flush()
     assert [(r.reason, r.count) for r in rows(sessions)] == [("oversized body", 3)]
+
+
+def test_a_closed_counter_writes_once_and_leaves_no_timer(sessions: sessionmaker[Session]) -> None:
+    """A context that is done closes its counter: the counts are written then, and nothing is retried later on
+    another test's (or process's) time: a unit test's counter whose database was gone used to log a failed write
+    every 5 s into the tests after it (a fresh-clone CI run of tests/test_rejection_cost.py)."""
+    counter = RejectionCounter(sessions, interval=60)
+    counter.add("alpha", "c", "generate_data_key", "unauthenticated", "unknown caller", uuid.uuid4())
+    counter.close()
+    assert [(r.reason, r.count) for r in rows(sessions)] == [("unknown caller", 1)]
+    counter.add("alpha", "c", "generate_data_key", "unauthenticated", "unknown caller", uuid.uuid4())
+    assert counter._timer is None  # nothing will write, or fail, later

@@ -39,7 +39,9 @@ def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment
     assert steady["bytes_per_request_row"] > 0 and steady["expected_request_rows"] > 0
     # Records live 1 s (TTL) + 0 (skew) + 1 s (grace), pruned every 0.5-1.5 s: far fewer than were made.
     peak = max(s["request_rows"] for s in report["samples"])
-    assert peak < 2 * steady["expected_request_rows"] + 50 and peak < 700, (peak, steady)
+    # (Without pruning all 1,000 would be there; the rows alive at once grow with the machine's speed: 730 on a
+    # fast run, against a cap of 700 this used to have.)
+    assert peak < 2 * steady["expected_request_rows"] + 50 and peak < 900, (peak, steady)
 
 
 def test_soak_refuses_a_database_with_other_pools(deployment: Deployment, tmp_path: Path) -> None:

@@ -85,7 +85,17 @@ class RejectionCounter:
         self._lock = threading.Lock()
         self._pending: dict[tuple[Any, ...], _Pending] = {}
         self._timer: threading.Timer | None = None
+        self._closed = False
         self._minute: tuple[int, datetime] = (-1, datetime.min.replace(tzinfo=UTC))
+
+    def close(self) -> None:
+        """Writes what is pending, once, and starts no timer after (a context that is done: its database may go
+        away, and a timer left behind would try it forever)."""
+        with self._lock:
+            timer, self._timer, self._closed = self._timer, None, True
+        if timer is not None:
+            timer.cancel()
+        self.flush()
 
     def _current_minute(self) -> datetime:
         number = int(time.time() // 60)
@@ -106,7 +116,7 @@ class RejectionCounter:
                 entry = self._pending[key] = _Pending(0, "")
             entry.count += 1
             entry.last_request_id = str(request_id)
-            if self._timer is None:
+            if self._timer is None and not self._closed:
                 self._timer = threading.Timer(self.interval, self.flush)
                 self._timer.daemon = True
                 self._timer.start()
@@ -134,7 +144,7 @@ class RejectionCounter:
                 for key, p in pending.items():
                     entry = self._pending.setdefault(key, _Pending(0, p.last_request_id))
                     entry.count += p.count
-                if self._timer is None:
+                if self._timer is None and not self._closed:
                     self._timer = threading.Timer(max(self.interval, 5.0), self.flush)
                     self._timer.daemon = True
                     self._timer.start()
