@@ -91,6 +91,9 @@ def hsm_trust(name: str, fingerprint: str, so_pin_file: Path | None, as_json: bo
                   f"then on {name}'s host")  # fmt: skip
 
 
+REPLICATE_ATTEMPTS = 4  # the workers of this token replicate every KMSQ_REPLICATE_INTERVAL_SECONDS too
+
+
 @hsm_group.command("replicate")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
@@ -98,12 +101,23 @@ def hsm_replicate(as_json: bool) -> None:
     """Take the keys waiting for this token (each checked against its key check value), then wrap for every token
     this one trusts the keys it lacks; record what this token holds. Exits 7 when a copy did not verify (it is
     dropped and made again by the next replicate on its source)."""
+    import time
+
+    from sqlalchemy.exc import IntegrityError
+
     from worker import policy_anchor, replication
     from worker.storage.db import transaction
 
     svc = service()
-    with transaction(svc.sessions) as db:
-        done = replication.replicate(_token(svc), db, policy_anchor.deployment_id(db))
+    for attempt in range(REPLICATE_ATTEMPTS):
+        try:
+            with transaction(svc.sessions) as db:
+                done = replication.replicate(_token(svc), db, policy_anchor.deployment_id(db))
+            break
+        except IntegrityError:  # a worker's replicator wrote the same rows at the same moment: again, seeing them
+            if attempt == REPLICATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.3 * (attempt + 1))
     if as_json:
         print_json(asdict(done))
     else:
