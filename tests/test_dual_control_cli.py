@@ -87,6 +87,22 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     assert "enabled" in run_kmsq(home, "pool", "list").stdout
     table = run_kmsq(home, "proposals").stdout
     assert proposal_id in table and adoption in table
+
+    # The set changes by quorum (carol leaves, dave joins): then carol can do nothing, dave what an operator does.
+    _ok(run_kmsq(home, "operator", "keygen", "dave", "--dir", str(keys / "dave")))
+    dave = {"KMSQ_OPERATOR_KEY": str(keys / "dave" / "dave.operator.json")}
+    new_set = ",".join(str(keys / n / f"{n}.operator.pub.json") for n in ("alice", "bob", "dave"))
+    change = _ok(run_kmsq(home, "propose", "operators", "--operators", new_set, "--quorum", "2",
+                          "--operator-key", key["alice"], "--json"))  # fmt: skip
+    shown_change = run_kmsq(home, "proposals", "show", str(change["id"]))
+    assert "-> 2 of 3 (alice, bob, dave)" in shown_change.stdout, shown_change.stdout
+    assert "needs 2 of 3 (alice, bob, carol) and, of the new set, 2 of 3 (alice, bob, dave)" in shown_change.stdout
+    assert (
+        _ok(run_kmsq(home, "approve", str(change["id"]), "--operator-key", key["bob"], "--json"))["state"] == "applied"
+    )
+    _refused(run_kmsq(home, "caller", "disable", "wallet", env=carol), 9, "no operator key of the current operator set")
+    _ok(run_kmsq(home, "pool", "disable", "default", env=dave))
+    _refused(run_kmsq(home, "pool", "enable", "default", env=dave), 9, "needs 2 of the 3 operators")
     verified = run_kmsq(home, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
 

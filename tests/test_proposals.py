@@ -71,7 +71,7 @@ def test_two_of_three_add_a_caller_one_cannot(unit: Trio) -> None:
     _approve(unit, sets, proposal, ALICE)
     with pytest.raises(Conflict, match=r"approved proposal .* already"):
         _approve(unit, sets, proposal, ALICE)  # the same operator twice counts once
-    with pytest.raises(Forbidden, match="2 approvals it needs"):
+    with pytest.raises(Forbidden, match=r"has the approvals of alice; it needs 2 of 3"):
         proposals.apply(hsm, sessions, sets, proposal.id, "alice")
     with sessions() as db:
         assert db.get(Caller, "wallet") is None
@@ -147,3 +147,123 @@ def test_every_step_is_in_the_audit_chain(unit: Trio) -> None:
     assert BOB.public.key_id in mine[0].detail and CAROL.public.key_id in mine[2].detail
     assert "bob, carol" in mine[3].detail
     assert any(r.action == "caller add" and "audited" in r.detail for r in records)
+
+
+DAVE, ERIN = (OperatorIdentity.generate(n) for n in ("dave", "erin"))
+NEW_SET = OperatorSet((ALICE.public, DAVE.public, ERIN.public), 2)  # bob and carol leave, dave and erin join
+
+
+def _with_wallet(unit: Trio, sets: OperatorSets) -> None:
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    proposal = proposals.propose(hsm, sessions, sets, "caller.add", _caller_add("wallet"), "alice")
+    for who in (ALICE, BOB):
+        _approve(unit, sets, proposal, who)
+    proposals.apply(hsm, sessions, sets, proposal.id, "bob")
+
+
+def _changed(unit: Trio, sets: OperatorSets) -> OperatorSets:
+    """Applies the change to NEW_SET (alice and bob of the old set, alice and dave of the new); returns the sets."""
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    change = proposals.propose_operator_change(hsm, sessions, sets, NEW_SET, "bob")
+    for who in (ALICE, BOB):
+        _approve(unit, sets, change, who)
+    with pytest.raises(Forbidden, match=r"of the new set, 2 of 3 \(alice, dave, erin\)"):
+        proposals.apply(hsm, sessions, sets, change.id, "alice")  # two of the old set, but one of the new
+    assert not proposals.describe(sessions, change.id, sets).met
+    _approve(unit, sets, change, DAVE)
+    assert proposals.describe(sessions, change.id, sets).met
+    proposals.apply(hsm, sessions, sets, change.id, "dave")
+    with sessions() as db:
+        return load_operator_sets(db, TRIO.digest)
+
+
+def test_an_operator_set_changes_by_a_quorum_of_the_old_and_of_the_new(unit: Trio) -> None:
+    sets = _adopted(unit)
+    _with_wallet(unit, sets)
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    with pytest.raises(Forbidden, match="the approval does not count: not in the operator set"):
+        change = proposals.propose_operator_change(hsm, sessions, sets, NEW_SET, "alice")
+        _approve(unit, sets, change, OperatorIdentity.generate("mallory"))
+    pending = proposals.propose(hsm, sessions, sets, "caller.add", _caller_add("late"), "carol")
+    _approve(unit, sets, pending, BOB)  # a quorum of the old set, not applied before the change
+    from worker.policy import TrustedRows
+
+    reader = TrustedRows(hsm, cache_seconds=600, operators=TRIO.digest)  # as a worker reads: the chain cached
+    with sessions() as db:
+        assert reader.caller(db, "wallet") is not None
+    after = _changed(unit, sets)
+    assert after.current == NEW_SET and after.length == 2 and set(after.made_by_operators) == {"alice", "bob", "dave"}
+    with sessions() as db:
+        for name in ("wallet", "admin"):  # every row, the adopted ones too, is approved under the new set
+            row = db.get(Caller, name)
+            if row is not None:
+                assert verify_evidence(row, row.approval, after).approved_by == after.made_by_operators
+    with pytest.raises(Forbidden, match="operator set changed"):
+        proposals.apply(hsm, sessions, after, pending.id, "alice")
+    with pytest.raises(Forbidden, match="not an operator"):
+        proposals.propose(hsm, sessions, after, "caller.add", _caller_add("x"), "carol")
+    # The new set governs: alice and erin add a caller; bob and carol together no longer can.
+    proposal = proposals.propose(hsm, sessions, after, "caller.add", _caller_add("next"), "erin")
+    with pytest.raises(Forbidden, match="not in the operator set"):
+        _approve(unit, after, proposal, BOB)
+    for who in (ERIN, ALICE):
+        _approve(unit, after, proposal, who)
+    proposals.apply(hsm, sessions, after, proposal.id, "alice")
+    with sessions() as db:
+        assert reader.caller(db, "next") is not None  # the worker read the chain again: the new set approved it
+        row = db.get(Caller, "next")
+        assert row is not None and set(verify_evidence(row, row.approval, after).approved_by) == {"erin", "alice"}
+
+
+def test_what_the_old_set_signs_after_a_change_counts_for_nothing(unit: Trio) -> None:
+    sets = _adopted(unit)
+    _with_wallet(unit, sets)
+    with unit.service.sessions() as db:
+        row = db.get(Caller, "wallet")
+        assert row is not None
+        old_evidence = row.approval
+    after = _changed(unit, sets)
+    with transaction(unit.service.sessions) as db:
+        row = db.get(Caller, "wallet")
+        assert row is not None
+        with pytest.raises(ApprovalError, match="earlier operator set"):
+            verify_evidence(row, old_evidence, after)  # put back: approved by bob and alice under the old set
+        # Bob and carol (a quorum of the old set) approve a widening under the old set's digest.
+        row.allowed_ops = "generate_data_key,put_key"
+        forged = LocalOperators([BOB, CAROL], TRIO)
+        forged._sets[str(db.get_bind().engine.url)] = sets  # they sign as if the change had not happened
+        from worker.policy_anchor import deployment_id
+
+        forged._sets[deployment_id(db) or ""] = sets
+        evidence = forged.evidence_for(db, row, None)
+        with pytest.raises(ApprovalError, match="earlier operator set"):
+            verify_evidence(row, evidence, after)
+        # On the evidence the change gave the row, carol (of the old set only) signs a step disabling it.
+        row.allowed_ops, row.state = "generate_data_key", "disabled"
+        from worker.approvals import content_digest, row_content, sign_step, verify_chain
+
+        current = json.loads(db.get(Caller, "wallet").approval or "null")  # type: ignore[union-attr]
+        before = verify_chain("caller", "caller:wallet", json.dumps(current), after)
+        kind, fields, _ = row_content(row)
+        step = sign_step(CAROL, "restrict", "caller:wallet", before.seq + 1, content_digest(kind, before.fields),
+                         fields, TRIO.digest)  # fmt: skip
+        with pytest.raises(ApprovalError, match="a step signed under an earlier operator set"):
+            verify_evidence(row, json.dumps(dict(current, steps=[step])), after)
+        alice = sign_step(ALICE, "restrict", "caller:wallet", before.seq + 1, content_digest(kind, before.fields),
+                          fields, NEW_SET.digest)  # fmt: skip
+        assert verify_evidence(row, json.dumps(dict(current, steps=[alice])), after).approved_by[-1] == "alice"
+        db.rollback()
+
+
+def test_an_operator_set_without_the_new_quorum_breaks_the_chain(unit: Trio) -> None:
+    sets = _adopted(unit)
+    _with_wallet(unit, sets)
+    _changed(unit, sets)
+    with transaction(unit.service.sessions) as db:
+        from worker.storage.models import OperatorSetRecord
+
+        record = db.get(OperatorSetRecord, 1)
+        assert record is not None
+        record.approvals = json.dumps([a for a in json.loads(record.approvals) if a["operator"] != "dave"])
+    with unit.service.sessions() as db, pytest.raises(ApprovalError, match="1 of the 2 operators of the new set"):
+        load_operator_sets(db, TRIO.digest)

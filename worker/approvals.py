@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas.quorum import (
@@ -36,6 +36,7 @@ from schemas.quorum import (
     OperatorIdentity,
     OperatorSet,
     QuorumError,
+    Tally,
     approve,
     change_digest,
     expiry_of,
@@ -154,6 +155,9 @@ class OperatorSets:
 
     by_digest: Mapping[str, OperatorSet]
     current: OperatorSet
+    made_by: str = ""  # digest of the change document that made the current set (its adoption or last change)
+    made_by_operators: tuple[str, ...] = ()  # who approved that change
+    length: int = 0  # how many sets the chain holds
 
     def named(self, digest: object) -> OperatorSet:
         """The set with ``digest``. Raises ApprovalError when it is not in the chain."""
@@ -206,6 +210,7 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
         )
     by_digest: dict[str, OperatorSet] = {}
     previous: OperatorSet | None = None
+    made_by, approvers = "", tuple[str, ...]()
     for index, record in enumerate(records):
         if record.seq != index:
             raise ApprovalError("the operator sets' chain has a gap")
@@ -221,6 +226,7 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
             if operators.digest != pinned:
                 raise ApprovalError("the database's genesis operator set is not the one this host pins")
             check_adoption(document, approvals, operators)
+            approvers = tuple(a.operator for a in approvals)
         else:
             if (
                 document.get("action") != CHANGE_OPERATORS
@@ -228,12 +234,50 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
                 or (document.get("new_operator_set") != operators.digest)
             ):
                 raise ApprovalError("an operator set was not made by a change of the set before it")
-            if not tally(change_digest(document), _expiry(document), approvals, previous).met:
-                raise ApprovalError("an operator set was not approved by a quorum of the set before it")
+            approvers = check_operator_change(document, approvals, previous, operators)
         by_digest[operators.digest] = operators
-        previous = operators
+        previous, made_by = operators, change_digest(document)
     assert previous is not None
-    return OperatorSets(by_digest, previous)
+    return OperatorSets(by_digest, previous, made_by, approvers, len(records))
+
+
+def chain_length(db: Session) -> int:
+    """How many operator sets the deployment's chain holds (0 before its adoption)."""
+    return int(db.scalar(select(func.count()).select_from(OperatorSetRecord)) or 0)
+
+
+def proposed_set(document: Mapping[str, Any]) -> OperatorSet:
+    """The operator set that an ``operators.change`` document makes. Raises ApprovalError."""
+    try:
+        new = OperatorSet.from_document(document["arguments"]["operator_set"])
+    except (KeyError, TypeError, QuorumError) as e:
+        raise ApprovalError(f"the change names no valid operator set ({e})") from None
+    if document.get("new_operator_set") != new.digest:
+        raise ApprovalError("the change's operator set does not match its digest")
+    return new
+
+
+def operator_change_tallies(
+    document: Mapping[str, Any], approvals: Sequence[Approval], previous: OperatorSet, new: OperatorSet
+) -> tuple[Tally, Tally]:
+    """How ``approvals`` of an ``operators.change`` count under the set it replaces and the set it makes."""
+    digest, expires = change_digest(document), _expiry(document)
+    return tally(digest, expires, approvals, previous), tally(digest, expires, approvals, new)
+
+
+def check_operator_change(
+    document: Mapping[str, Any], approvals: Sequence[Approval], previous: OperatorSet, new: OperatorSet
+) -> tuple[str, ...]:
+    """Returns who approved the change from ``previous`` to ``new``; raises ApprovalError unless a quorum of each
+    did (as TUF rotates its root: the set being replaced consents, and the new one shows it holds its keys)."""
+    before, after = operator_change_tallies(document, approvals, previous, new)
+    if not before.met:
+        raise ApprovalError(f"an operator set change approved by {len(before.counted)} of the {previous.quorum} "
+                            "operators of the set before it that it needs")  # fmt: skip
+    if not after.met:
+        raise ApprovalError(f"an operator set change approved by {len(after.counted)} of the {new.quorum} "
+                            "operators of the new set that it needs")  # fmt: skip
+    return tuple(dict.fromkeys(before.counted + after.counted))
 
 
 # -- evidence ---------------------------------------------------------------------------------------------
@@ -288,15 +332,19 @@ def _verify_base(name: str, base: object, sets: OperatorSets) -> Verified:
     if not isinstance(base, dict) or not isinstance(base.get("change"), dict):
         raise ApprovalError("malformed evidence")
     document = base["change"]
-    operators = sets.named(document.get("operator_set"))
-    approvals = _approvals(base.get("approvals"))
-    if document.get("action") == ADOPT:
-        check_adoption(document, approvals, operators)
-        counted = tuple(a.operator for a in approvals)
+    if document.get("action") in (ADOPT, CHANGE_OPERATORS):
+        # Only the change that made the current set vouches for rows: it listed every one, and the chain's check
+        # (load_operator_sets) verified its approvals.
+        if change_digest(document) != sets.made_by:
+            raise ApprovalError("approved by an earlier operator set (superseded by a change of the set)")
+        counted = sets.made_by_operators
     else:
-        result = tally(change_digest(document), _expiry(document), approvals, operators)
+        if document.get("operator_set") != sets.current.digest:
+            sets.named(document.get("operator_set"))
+            raise ApprovalError("approved under an earlier operator set (superseded by a change of the set)")
+        result = tally(change_digest(document), _expiry(document), _approvals(base.get("approvals")), sets.current)
         if not result.met:
-            raise ApprovalError(f"approved by {len(result.counted)} of the {operators.quorum} operators needed")
+            raise ApprovalError(f"approved by {len(result.counted)} of the {sets.current.quorum} operators needed")
         counted = result.counted
     rows = document.get("rows")
     entries = [e for e in rows if isinstance(e, dict) and e.get("row") == name] if isinstance(rows, list) else []
@@ -310,7 +358,10 @@ def _verify_step(kind: str, name: str, step: object, before: Fields | None, seq:
     if not isinstance(step, dict) or step.get("kind") not in STEP_KINDS or step.get("row") != name:
         raise ApprovalError("malformed step")
     after = _fields(step.get("fields"))
-    operator = sets.named(step.get("operator_set")).get(str(step.get("operator")))
+    if step.get("operator_set") != sets.current.digest:
+        sets.named(step.get("operator_set"))
+        raise ApprovalError("a step signed under an earlier operator set (superseded by a change of the set)")
+    operator = sets.current.get(str(step.get("operator")))
     if operator is None:
         raise ApprovalError("a step by an operator outside its set")
     try:
@@ -493,16 +544,63 @@ def write_genesis(
     check_adoption(document, approvals, operators)
     if db.scalar(select(OperatorSetRecord.seq).limit(1)) is not None:
         raise ApprovalError("the deployment already has an operator set: it changes only by quorum")
+    _rebase(db, document, approvals, "the adoption")
+    _append_set(db, 0, operators, document, approvals)
+
+
+def operator_change_document(
+    db: Session, sets: OperatorSets, new: OperatorSet, proposed_by: str, *, ttl_hours: float = 24
+) -> dict[str, Any]:
+    """The change of the current operator set to ``new``: it lists every policy row as it is now (each at the
+    sequence number after its current evidence's), which the change then vouches for under ``new``. Raises
+    ApprovalError when ``new`` is the current set."""
+    if new == sets.current:
+        raise ApprovalError("that is the current operator set")
+    rows = [(name, _last_seq(row.approval, name) + 1, policy_fields(row)[1])
+            for row in policy_rows(db) for name in (row_name(row),)]  # fmt: skip
+    document = change_document(CHANGE_OPERATORS, rows, sets.current.digest, proposed_by,
+                               arguments={"operator_set": new.document()}, ttl_hours=ttl_hours)  # fmt: skip
+    document["new_operator_set"] = new.digest
+    return document
+
+
+def write_operator_change(
+    db: Session, sets: OperatorSets, document: Mapping[str, Any], approvals: Sequence[Approval]
+) -> OperatorSet:
+    """Appends the set that ``document`` (from :func:`operator_change_document`) makes to the chain, once a quorum
+    of the current set and one of the new set approved it, and gives every policy row the document as its
+    evidence (what an earlier set approved no longer counts). Returns the new set. Raises ApprovalError."""
+    if document.get("action") != CHANGE_OPERATORS or document.get("operator_set") != sets.current.digest:
+        raise ApprovalError("not a change of the current operator set: propose it again")
+    new = proposed_set(document)
+    check_operator_change(document, approvals, sets.current, new)
+    if chain_length(db) != sets.length:
+        raise ApprovalError("the operator set changed meanwhile: propose it again")
+    _rebase(db, document, approvals, "the change of the operator set")
+    _append_set(db, sets.length, new, document, approvals)
+    return new
+
+
+def _rebase(db: Session, document: Mapping[str, Any], approvals: Sequence[Approval], what: str) -> None:
+    """Gives every policy row ``document`` (listing each one exactly as it is) and ``approvals`` as its evidence.
+    Raises ApprovalError when the rows differ from the listed ones."""
     listed = {e["row"]: e for e in document["rows"]}
     rows = {row_name(row): row for row in policy_rows(db)}
     if set(listed) != set(rows):
-        raise ApprovalError("the policy rows changed since the adoption was proposed: propose it again")
+        raise ApprovalError(f"the policy rows changed since {what} was proposed: propose it again")
     base = {"change": dict(document), "approvals": [a.document() for a in approvals]}
     for name, row in rows.items():
         if _fields(listed[name]["fields"]) != policy_fields(row)[1]:
-            raise ApprovalError(f"{name} changed since the adoption was proposed: propose it again")
+            raise ApprovalError(f"{name} changed since {what} was proposed: propose it again")
+        if listed[name]["seq"] != _last_seq(row.approval, name) + 1:
+            raise ApprovalError(f"{name} changed since {what} was proposed: propose it again")
         row.approval = evidence_document(base, [])
-    db.add(OperatorSetRecord(seq=0, digest=operators.digest, document=canonical_json(operators.document()).decode(),
+
+
+def _append_set(
+    db: Session, seq: int, operators: OperatorSet, document: Mapping[str, Any], approvals: Sequence[Approval]
+) -> None:
+    db.add(OperatorSetRecord(seq=seq, digest=operators.digest, document=canonical_json(operators.document()).decode(),
                              change=canonical_json(dict(document)).decode(),
                              approvals=json.dumps([a.document() for a in approvals])))  # fmt: skip
     db.flush()

@@ -132,7 +132,15 @@ class TrustedRows:
         pinned = self.operators
         try:
             sets = self._cache.get(("operator_sets",), lambda: approvals.load_operator_sets(db, pinned))
-            approvals.verify_evidence(row, row.approval, sets)
+            try:
+                approvals.verify_evidence(row, row.approval, sets)
+            except approvals.ApprovalError:
+                if approvals.chain_length(db) == sets.length:
+                    raise
+                # The operator set changed since the chain was read, and the rows were re-approved with it.
+                self._cache.forget(("operator_sets",))
+                sets = self._cache.get(("operator_sets",), lambda: approvals.load_operator_sets(db, pinned))
+                approvals.verify_evidence(row, row.approval, sets)
         except approvals.ApprovalError as e:
             log.error("refused %s: not approved by the operators (%s)", describe(row), e)
             return False

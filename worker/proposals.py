@@ -25,16 +25,21 @@ from worker import audit_log, policy
 from worker.actions import ACTIONS
 from worker.approvals import (
     ADOPT,
+    CHANGE_OPERATORS,
     ApprovalError,
     OperatorSets,
     _last_seq,
     adoption_document,
     change_document,
     evidence_document,
+    operator_change_document,
+    operator_change_tallies,
+    proposed_set,
     row_content,
     row_name,
     row_named,
     write_genesis,
+    write_operator_change,
 )
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
@@ -110,6 +115,26 @@ class ProposalInfo:
     quorum: int
     rows: tuple[Mapping[str, Any], ...]
     arguments: Mapping[str, Any]
+    met: bool = False  # the approvals it needs are there
+    needs: str = ""  # whose approvals it needs, in words
+
+
+def _check_proposal(sets: OperatorSets, proposed_by: str, ttl_hours: float) -> None:
+    """Raises Forbidden unless ``proposed_by`` is an operator of the current set, InvalidRequest for a bad expiry."""
+    if sets.current.get(proposed_by) is None:
+        raise Forbidden(f"{proposed_by} is not an operator of the current set ({sets.current.describe()})")
+    if not 0 < ttl_hours <= MAX_TTL_HOURS:
+        raise InvalidRequest(f"a proposal expires within 0 to {MAX_TTL_HOURS:g} hours")
+
+
+def _store(hsm: KeyStore, db: Session, document: Mapping[str, Any], said: str) -> None:
+    """Stores the proposal of ``document`` and its audit record (``said``: what it proposes, in words)."""
+    digest = change_digest(document)
+    db.add(Proposal(id=document["id"], digest=digest, document=canonical_json(dict(document)).decode(),
+                    state="pending", proposed_by=document["proposed_by"], expires_at=expiry_of(document)))  # fmt: skip
+    db.flush()
+    audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal",
+                              detail=f"{document['id']} {document['action']} digest {digest} by {said}")  # fmt: skip
 
 
 def propose(
@@ -118,10 +143,7 @@ def propose(
 ) -> ProposalInfo:  # fmt: skip
     """Stores the proposal of action ``name`` with ``arguments``, by the operator ``proposed_by``. Returns it;
     raises InvalidRequest (unknown action, bad arguments or expiry, nothing to change) or what the action raises."""
-    if sets.current.get(proposed_by) is None:
-        raise Forbidden(f"{proposed_by} is not an operator of the current set ({sets.current.describe()})")
-    if not 0 < ttl_hours <= MAX_TTL_HOURS:
-        raise InvalidRequest(f"a proposal expires within 0 to {MAX_TTL_HOURS:g} hours")
+    _check_proposal(sets, proposed_by, ttl_hours)
     recorder = _Recorder()
     with sessions() as dry:
         try:
@@ -132,25 +154,42 @@ def propose(
         raise InvalidRequest(f"{name} would change no policy row")
     document = change_document(name, recorder.rows, sets.current.digest, proposed_by, arguments=arguments,
                                ttl_hours=ttl_hours)  # fmt: skip
-    digest = change_digest(document)
+    operator = sets.current.get(proposed_by)
+    assert operator is not None
     with sessions() as db, db.begin():
-        db.add(Proposal(id=document["id"], digest=digest, document=canonical_json(document).decode(), state="pending",
-                        proposed_by=proposed_by, expires_at=expiry_of(document)))  # fmt: skip
-        db.flush()
-        operator = sets.current.get(proposed_by)
-        assert operator is not None
-        audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal",
-                                  detail=f"{document['id']} {name} digest {digest} by {proposed_by} "
-                                         f"({operator.key_id})")  # fmt: skip
+        _store(hsm, db, document, f"{proposed_by} ({operator.key_id})")
     return describe(sessions, document["id"], sets)
 
 
 def _needed(document: Mapping[str, Any], operators: OperatorSet) -> OperatorSet:
     """The set whose quorum a document needs: every operator of the set it adopts (the genesis), else the set's
-    own quorum."""
+    own quorum (a change of the set also needs a quorum of the new one: :func:`_count`)."""
     if document.get("action") == ADOPT:
         return OperatorSet(operators.operators, len(operators.operators))
     return operators
+
+
+@dataclass(frozen=True)
+class _Count:
+    counted: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]
+    met: bool
+    quorum: int
+    needs: str
+
+
+def _count(document: Mapping[str, Any], digest: str, approvals: Sequence[Approval], operators: OperatorSet) -> _Count:
+    """How ``approvals`` count for ``document``, approved under ``operators``."""
+    needed = _needed(document, operators)
+    if document.get("action") == CHANGE_OPERATORS:
+        new = proposed_set(document)
+        before, after = operator_change_tallies(document, approvals, needed, new)
+        counted = tuple(dict.fromkeys(before.counted + after.counted))
+        refused = tuple(r for r in before.refused if r[0] not in counted)
+        needs = f"{needed.describe()} and, of the new set, {new.describe()}"
+        return _Count(counted, refused, before.met and after.met, needed.quorum, needs)
+    result = tally(digest, expiry_of(document), approvals, needed)
+    return _Count(result.counted, result.refused, result.met, needed.quorum, needed.describe())
 
 
 def genesis_sets(genesis: OperatorSet) -> OperatorSets:
@@ -182,14 +221,25 @@ def propose_adoption(
         if db.scalar(select(OperatorSetRecord.seq).limit(1)) is not None:
             raise Conflict("the deployment has an operator set already: it changes only by quorum")
         document = adoption_document(db, genesis, proposed_by, ttl_hours=ttl_hours)
-        digest = change_digest(document)
-        db.add(Proposal(id=document["id"], digest=digest, document=canonical_json(document).decode(), state="pending",
-                        proposed_by=proposed_by, expires_at=expiry_of(document)))  # fmt: skip
-        db.flush()
-        audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal",
-                                  detail=f"{document['id']} {ADOPT} digest {digest} by {proposed_by}: "
-                                         f"{genesis.describe()}")  # fmt: skip
+        _store(hsm, db, document, f"{proposed_by}: {genesis.describe()}")
     return describe(sessions, document["id"], genesis_sets(genesis))
+
+
+def propose_operator_change(
+    hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, new: OperatorSet, proposed_by: str,
+    *, ttl_hours: float = DEFAULT_TTL_HOURS,
+) -> ProposalInfo:  # fmt: skip
+    """Stores the proposal that ``new`` replaces the current operator set: it applies once a quorum of the current
+    set and a quorum of ``new`` approved, and vouches then for every policy row as it is. Raises Forbidden
+    (``proposed_by`` is not an operator) or InvalidRequest (``new`` is the current set)."""
+    _check_proposal(sets, proposed_by, ttl_hours)
+    with sessions() as db, db.begin():
+        try:
+            document = operator_change_document(db, sets, new, proposed_by, ttl_hours=ttl_hours)
+        except ApprovalError as e:
+            raise InvalidRequest(str(e)) from None
+        _store(hsm, db, document, f"{proposed_by}: {sets.current.describe()} -> {new.describe()}")
+    return describe(sessions, document["id"], sets)
 
 
 def describe(sessions: Callable[[], Session], proposal_id: str, sets: OperatorSets) -> ProposalInfo:
@@ -200,10 +250,10 @@ def describe(sessions: Callable[[], Session], proposal_id: str, sets: OperatorSe
             raise NotFound(f"no proposal {proposal_id!r}")
         approvals = _stored_approvals(db, proposal_id)
     document = json.loads(row.document)
-    operators = _needed(document, sets.by_digest.get(document["operator_set"], sets.current))
-    counted = tally(row.digest, expiry_of(document), approvals, operators).counted
+    count = _count(document, row.digest, approvals, sets.by_digest.get(document["operator_set"], sets.current))
     return ProposalInfo(row.id, document["action"], row.digest, _state(row), row.proposed_by, expiry_of(document),
-                        counted, operators.quorum, tuple(document["rows"]), document.get("arguments", {}))  # fmt: skip
+                        count.counted, count.quorum, tuple(document["rows"]), document.get("arguments", {}),
+                        count.met, count.needs)  # fmt: skip
 
 
 def list_proposals(sessions: Callable[[], Session], sets: OperatorSets) -> list[ProposalInfo]:
@@ -253,8 +303,7 @@ def add_approval(
     another digest, by an operator outside the set, a signature that does not verify)."""
     with sessions() as db, db.begin():
         row, document = _pending(db, proposal_id)
-        operators = _needed(document, sets.named(document["operator_set"]))
-        result = tally(row.digest, expiry_of(document), [approval], operators)
+        result = _count(document, row.digest, [approval], sets.named(document["operator_set"]))
         if not result.counted:
             raise Forbidden(f"the approval does not count: {result.refused[0][1]}")
         if db.get(ProposalApproval, (proposal_id, approval.operator)) is not None:
@@ -278,14 +327,15 @@ def apply(
         if document["operator_set"] != sets.current.digest:
             raise Forbidden("the operator set changed since the proposal: propose it again")
         approvals = _stored_approvals(db, proposal_id)
-        needed = _needed(document, sets.current)
-        result = tally(row.digest, expiry_of(document), approvals, needed)
+        result = _count(document, row.digest, approvals, sets.current)
         if not result.met:
-            raise Forbidden(f"proposal {proposal_id} has {len(result.counted)} of the {needed.quorum} "
-                            "approvals it needs")  # fmt: skip
+            raise Forbidden(f"proposal {proposal_id} has the approvals of {', '.join(result.counted) or 'nobody'}; "
+                            f"it needs {result.needs}")  # fmt: skip
         counted = [a for a in approvals if a.operator in result.counted]
         if document["action"] == ADOPT:
             write_genesis(db, sets.current, document, counted)
+        elif document["action"] == CHANGE_OPERATORS:
+            write_operator_change(db, sets, document, counted)
         else:
             _apply_action(hsm, db, document, counted)
         row.state, row.closed_at, row.closed_by = "applied", datetime.now(UTC), applied_by

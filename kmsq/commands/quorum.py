@@ -83,8 +83,8 @@ def _print(info: ProposalInfo, as_json: bool, said: str) -> None:
         return
     console.print(said)
     who = ", ".join(info.approved_by) or "nobody yet"
-    console.print(f"proposal {info.id}: {info.action}, {info.state}, approved by {len(info.approved_by)} of "
-                  f"{info.quorum} ({who}), expires {info.expires_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    console.print(f"proposal {info.id}: {info.action}, {info.state}, approved by {who}; needs {info.needs}; "
+                  f"expires {info.expires_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
 
 
 def _propose(operator_key: Path | None, action: str, arguments: dict[str, Any], hours: float, as_json: bool) -> None:
@@ -194,6 +194,33 @@ def propose_pool_enable(name: str, hours: float, operator_key: Path | None, as_j
     _propose(operator_key, "pool.enable", {"name": name}, hours, as_json)
 
 
+@propose_group.command("operators")
+@click.option(
+    "--operators",
+    "operator_files",
+    required=True,
+    help="The new set's NAME.operator.pub.json files, comma-separated (every operator, kept or added).",
+)
+@click.option("--quorum", type=click.IntRange(1), required=True, help="How many of them a sensitive change needs.")
+@_proposal_options
+def propose_operators(operator_files: str, quorum: int, hours: float, operator_key: Path | None,
+                      as_json: bool) -> None:  # fmt: skip
+    """Propose a new operator set (add or remove operators, change the quorum): a quorum of the current set and a
+    quorum of the new one approve it. Applied, it vouches for every policy row as it is; what the old set approved
+    and did not apply no longer counts. Each worker host keeps its pinned genesis file."""
+    from schemas.quorum import OperatorSet, approve, read_operator
+    from worker import proposals
+
+    members = tuple(read_operator(Path(p.strip())) for p in operator_files.split(",") if p.strip())
+    new = OperatorSet(members, quorum)
+    keys, local, sets = _context(operator_key)
+    signer = _signer(local, sets)
+    info = proposals.propose_operator_change(keys.hsm, keys.sessions, sets, new, signer.name, ttl_hours=hours)
+    info = proposals.add_approval(keys.hsm, keys.sessions, sets, info.id, approve(signer, info.digest))
+    _print(info, as_json, f"proposed the operator set {new.describe()} (your approval is recorded); the others run "
+                          f"`kmsq approve {info.id}`")  # fmt: skip
+
+
 @click.group("proposals", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -235,6 +262,15 @@ def proposals_show(proposal_id: str, document_out: Path | None, as_json: bool) -
                                    "document": document})  # fmt: skip
         return
     _print(info, False, f"digest {info.digest}")
+    if info.action == "operators.change":
+        from schemas.quorum import OperatorSet
+
+        new = OperatorSet.from_document(document["arguments"]["operator_set"])
+        console.print(f"operator set: {sets.named(document['operator_set']).describe()} -> {new.describe()}")
+        for operator in sorted(new.operators, key=lambda o: o.name):
+            console.print(f"  {operator.name}: {operator.key_id}")
+        console.print(f"and every policy row as it is now ({len(changes)}) is approved again under the new set")
+        return
     for change in changes:
         console.print(f"{change['row']} ({'new' if change['new'] else 'changed'}):")
         for field, (before, after) in change["fields"].items():
@@ -266,7 +302,7 @@ def approve_command(proposal_id: str, operator_key: Path | None, approval_file: 
         signer = _signer(local, sets)
         approval = approve(signer, proposals.describe(keys.sessions, proposal_id, sets).digest)
     info = proposals.add_approval(keys.hsm, keys.sessions, sets, proposal_id, approval)
-    if len(info.approved_by) >= info.quorum:
+    if info.met:
         info = proposals.apply(keys.hsm, keys.sessions, sets, proposal_id, approval.operator)
     _print(info, as_json, f"approved by {approval.operator}" + (" and applied" if info.state == "applied" else ""))
 
