@@ -35,7 +35,7 @@ from schemas.wire import SENT_AT_HEADER, pool_queue, task_name
 from tasks import metrics, rabbitmq
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
-from worker import audit_log, policy_anchor, replication, retention
+from worker import audit_log, policy_anchor, replication, retention, schedule
 from worker.config import Settings, is_rabbitmq
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
@@ -82,6 +82,7 @@ class PoolWorker:
         self._service: KeyService | None = None  # the context's HSM and database, closed when the process stops
         self._pruner: retention.Pruner | None = None
         self._replicator: replication.Replicator | None = None
+        self._scheduler: schedule.Scheduler | None = None
         self._token_watch: TokenWatch | None = None
         # The Celery node name of this worker (kmsq worker sets it): the token watch tells that node to stop and
         # start consuming, through Celery's remote control.
@@ -132,6 +133,7 @@ class PoolWorker:
         if getattr(billiard.process.current_process(), "index", 0) == 0:
             self._start_pruner(ctx)
             self._start_replicator(ctx)
+            self._start_scheduler(ctx)
             self._start_token_watch(ctx)
 
     def _start_pruner(self, ctx: WorkerContext) -> None:
@@ -171,6 +173,21 @@ class PoolWorker:
         self._replicator = replication.Replicator(run, interval)
         self._replicator.start()
 
+    def _start_scheduler(self, ctx: WorkerContext) -> None:
+        """Carries out what falls due (worker.schedule: destructions after their wait) in the background of one
+        pool process per worker (the first)."""
+        interval = self.settings.schedule_interval_seconds
+        pinned = ctx.rows.operators
+        if interval <= 0 or pinned is None:
+            return
+        removed: set[str] = set()
+
+        def run() -> schedule.ScheduleRun:
+            return schedule.run(ctx.hsm, ctx.sessions, pinned, pool=ctx.pool, removed=removed)
+
+        self._scheduler = schedule.Scheduler(run, interval)
+        self._scheduler.start()
+
     def _start_token_watch(self, ctx: WorkerContext) -> None:
         """Watches the token from the first pool process (TokenWatch) when the worker has a node name."""
         from worker.hsm import Hsm
@@ -194,6 +211,8 @@ class PoolWorker:
             self._token_watch.stop()
         if self._replicator is not None:
             self._replicator.stop()
+        if self._scheduler is not None:
+            self._scheduler.stop()
         if self._pruner is not None:
             self._pruner.stop()
         if self._context is not None:

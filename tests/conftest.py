@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,17 @@ def test_operator() -> Iterator[LocalOperators]:
     set_process_authorizer(operators)
     yield operators
     set_process_authorizer(None)
+
+
+@contextmanager
+def approved_at(moment: datetime) -> Iterator[None]:
+    """Within it, this process's operator approves what it seals as of ``moment`` (a destruction approved days
+    ago, so that its wait has passed: the workers check the signed time against their clock)."""
+    set_process_authorizer(LocalOperators([TEST_OPERATOR], TEST_OPERATORS, clock=lambda: moment))
+    try:
+        yield
+    finally:
+        set_process_authorizer(LocalOperators([TEST_OPERATOR], TEST_OPERATORS))
 
 
 def missing_service(what: str) -> None:

@@ -10,6 +10,7 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,22 +18,23 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, KeyType, ObjectClass
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.wire import b64u, from_b64u
 from tasks.identity import CallerIdentity
-from tests.conftest import TEST_OPERATORS
+from tests.conftest import TEST_OPERATORS, approved_at
 from tests.unit_fixtures import UnitTemplate, copy_of_schema
-from worker import callers, policy_anchor, replication
+from worker import callers, policy_anchor, replication, schedule
 from worker import hsm_custody as custody
 from worker.config import Settings
 from worker.errors import ConfigError, HsmError, IntegrityError
 from worker.hsm import Hsm
 from worker.keystore import RootKeyHandle
 from worker.policy import PolicyNotAnchored, TrustedRows
+from worker.runtime import KeyService
 from worker.storage.db import session_factory, transaction
-from worker.storage.models import KeyCopy
+from worker.storage.models import KeyCopy, RootKeyVersion
 
 PIN, SO_PIN = "1234-user", "5678-officer"
 
@@ -279,3 +281,54 @@ def test_an_operator_change_on_a_reaches_the_workers_of_b_at_once(
         assert found is not None and found.state == "enabled"
         assert policy_anchor.status(c, db).matches
     c.reset()
+
+
+def test_a_destroyed_version_leaves_every_token_and_is_passed_on_to_none(
+    pair: Pair, hsm_settings: Settings, unit_template: UnitTemplate, tmp_path: Path
+) -> None:
+    """A version's destruction (worker.schedule) on a deployment of tokens A, C and D: while it waits no token
+    passes it on (D, enrolled late, gets the current version only); once due, A's run destroys it and C's run
+    removes C's copy."""
+    c, sessions = _third_token(pair, hsm_settings, unit_template, tmp_path)
+    d = _new_token(hsm_settings, f"custody-d-{secrets.token_hex(4)}")
+    gc.collect()
+    d.reread()
+    for token in (pair.a, c):
+        token.reset()
+    with transaction(sessions) as db:
+        for token in (c, d):
+            enrolled = replication.enroll(token, db)
+            assert replication.trust(pair.a, db, enrolled.name, enrolled.fingerprint, SO_PIN)
+    service = KeyService(pair.a, sessions, default_pool="alpha")
+    root = service.create_root_key("aes-256", "alpha").id
+    service.rotate_root_key(root)
+    service.set_min_decryption_version(root, 2)
+    with sessions() as db:
+        old, new = (db.get(RootKeyVersion, (root, v)) for v in (1, 2))
+        assert old is not None and new is not None
+        labels = (old.hsm_label, new.hsm_label)
+    with transaction(sessions) as db:
+        replication.replicate(pair.a, db, policy_anchor.deployment_id(db))
+    with transaction(sessions) as db:
+        replication.replicate(c, db, policy_anchor.deployment_id(db))
+        db.execute(delete(KeyCopy).where(KeyCopy.target == d.token_serial()))  # D as if enrolled later
+    assert {k.label for k in custody.inventory(c)} >= set(labels)
+    with approved_at(datetime.now(UTC) - timedelta(days=8)):  # approved with a wait of 7, 8 days ago: due
+        service.destroy_root_key_version(root, 1, 7)
+    with transaction(sessions) as db:
+        replication.replicate(pair.a, db, policy_anchor.deployment_id(db))
+        waiting = set(db.scalars(select(KeyCopy.label).where(KeyCopy.target == d.token_serial())))
+    assert labels[1] in waiting and labels[0] not in waiting  # the version waiting for destruction is not passed on
+    done = schedule.run(pair.a, sessions, TEST_OPERATORS.digest)
+    assert done.destroyed == [f"{root}:1"] and labels[0] not in {k.label for k in custody.inventory(pair.a)}
+    on_c = schedule.run(c, sessions, TEST_OPERATORS.digest)
+    assert on_c.destroyed == [] and on_c.removed_from_token == [f"{root}:1"]
+    assert labels[0] not in {k.label for k in custody.inventory(c)} and labels[1] in {
+        k.label for k in custody.inventory(c)
+    }
+    with transaction(sessions) as db:
+        replication.replicate(d, db, policy_anchor.deployment_id(db))
+    held = {k.label for k in custody.inventory(d)}
+    assert labels[1] in held and labels[0] not in held
+    for token in (c, d):
+        token.reset()

@@ -103,6 +103,22 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     _refused(run_kmsq(home, "caller", "disable", "wallet", env=carol), 9, "no operator key of the current operator set")
     _ok(run_kmsq(home, "pool", "disable", "default", env=dave))
     _refused(run_kmsq(home, "pool", "enable", "default", env=dave), 9, "needs 2 of the 3 operators")
+
+    # Destroying a version needs the quorum; it then waits, and one operator cancels it.
+    root = _ok(run_kmsq(home, "root-key", "list", "--json"))[0]["id"]
+    _ok(run_kmsq(home, "root-key", "rotate", root, env=dave))  # one operator rotates
+    _ok(run_kmsq(home, "root-key", "set", root, "--min-decryption-version", "2", env=dave))  # and raises the minimum
+    _ok(run_kmsq(home, "root-key", "rewrap", root, env=dave))
+    _refused(run_kmsq(home, "root-key", "destroy-version", root, "1", env=dave), 9, "needs 2 of the 3 operators")
+    destroy = _ok(run_kmsq(home, "propose", "root-key", "destroy-version", root, "1", "--wait-days", "3",
+                           "--operator-key", str(keys / "dave" / "dave.operator.json"), "--json"))  # fmt: skip
+    assert _ok(run_kmsq(home, "approve", str(destroy["id"]), "--operator-key", key["alice"], "--json"))["state"] == (
+        "applied")  # fmt: skip
+    [listed_key] = _ok(run_kmsq(home, "root-key", "list", "--json"))
+    assert [v for v, _ in listed_key["pending_destruction"]] == [1] and listed_key["destroyed_versions"] == []
+    _ok(run_kmsq(home, "root-key", "cancel-destroy", root, "1", env={"KMSQ_OPERATOR_KEY": key["bob"]}))
+    [listed_key] = _ok(run_kmsq(home, "root-key", "list", "--json"))
+    assert listed_key["pending_destruction"] == [] and listed_key["versions"] == [1, 2]
     verified = run_kmsq(home, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
 

@@ -5,15 +5,21 @@ tests/test_queue_lifecycle.py."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
+
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tasks.codec import KmsCodec
+from tests.conftest import TEST_OPERATORS, approved_at
 from tests.fake_hsm import FakeHsm
 from tests.unit_fixtures import Unit, answer, refusal
+from worker import schedule
+from worker.approvals import ApprovalError, TimeMade, load_operator_sets, verify_evidence
 from worker.errors import Conflict, InvalidRequest
 from worker.storage.db import transaction
-from worker.storage.models import Pool, RootKey
+from worker.storage.models import AuditRecord, Pool, RootKey, RootKeyVersion
 
 
 def _below(root: str, version: int, minimum: int) -> tuple[str, str]:
@@ -67,10 +73,19 @@ def test_a_version_is_destroyed_only_below_the_minimum_and_unused(unit: Unit, fu
     with pytest.raises(Conflict, match=r"stored row\(s\) still use version 1: run `kmsq root-key rewrap"):
         unit.service.destroy_root_key_version(root, 1)
     unit.service.rewrap_stored(root)
+    with pytest.raises(InvalidRequest, match="1 to 90 days"):
+        unit.service.destroy_root_key_version(root, 1, 0)
     hsm = unit.service.hsm
     assert isinstance(hsm, FakeHsm)
     before = len(hsm._aes)
-    info = unit.service.destroy_root_key_version(root, 1)
+    # Approved 8 days ago with a wait of 7: due now; the workers' run destroys it.
+    with approved_at(datetime.now(UTC) - timedelta(days=8)):
+        info = unit.service.destroy_root_key_version(root, 1, 7)
+    [(version, due)] = info.pending_destruction
+    assert version == 1 and due is not None and due < datetime.now(UTC)
+    done = schedule.run(hsm, unit.service.sessions, TEST_OPERATORS.digest)
+    assert done.destroyed == [f"{root}:1"] and not done.kept
+    info = next(k for k in unit.service.list_root_keys() if k.id == root)
     assert (info.versions, info.destroyed_versions, info.min_decryption_version) == ((2,), (1,), 2)
     assert len(hsm._aes) == before - 1  # the HSM object is gone
     with pytest.raises(InvalidRequest, match="destroyed already"):
@@ -80,6 +95,54 @@ def test_a_version_is_destroyed_only_below_the_minimum_and_unused(unit: Unit, fu
     decrypt = {"op": "decrypt_data_key", "encrypted_key": old["encryptedKey"]}
     assert refusal(full, unit.deliver(full, decrypt)) == _below(root, 1, 2)
     assert answer(full, unit.deliver(full, {"op": "get_key", "pub": "xpub-d", "source": "user"}))["prv"] == "xprv-d"
+    with unit.service.sessions() as db:
+        row = db.get(RootKeyVersion, (root, 1))
+        assert row is not None and unit.ctx.rows.root_key_version(db, root, 1) is not None  # a worker trusts it
+        steps = json.loads(row.approval or "{}")["steps"]
+        assert steps[-1]["kind"] == "due" and "signature" not in steps[-1]
+        records = list(db.scalars(select(AuditRecord).where(AuditRecord.action == "root-key version destroyed")))
+        assert [(r.actor, r.root_key_version) for r in records] == [("kmsq:schedule", 1)]
+
+
+def test_a_destruction_waits_and_one_operator_cancels_it(unit: Unit) -> None:
+    root = unit.roots["aes"]
+    unit.service.rotate_root_key(root)
+    unit.service.set_min_decryption_version(root, 2)
+    unit.service.rewrap_stored(root)
+    hsm = unit.service.hsm
+    assert isinstance(hsm, FakeHsm)
+    before = len(hsm._aes)
+    info = unit.service.destroy_root_key_version(root, 1)
+    [(version, due)] = info.pending_destruction
+    assert version == 1 and due is not None
+    assert timedelta(days=6, hours=23) < due - datetime.now(UTC) <= timedelta(days=7)
+    assert info.versions == (1, 2)  # still there, for the wait
+    done = schedule.run(hsm, unit.service.sessions, TEST_OPERATORS.digest)
+    assert done.destroyed == [] and len(hsm._aes) == before  # not due: nothing happens
+    with pytest.raises(InvalidRequest, match=r"waits for destruction \(cancel it first"):
+        unit.service.set_min_decryption_version(root, 1)
+    with pytest.raises(InvalidRequest, match="pending destroy already"):
+        unit.service.destroy_root_key_version(root, 1)
+    # A due step written before its time (with the PIN, say) is refused by every reader.
+    with transaction(unit.service.sessions) as db:
+        row = db.get(RootKeyVersion, (root, 1))
+        assert row is not None
+        sets = load_operator_sets(db, TEST_OPERATORS.digest)
+        row.state = "destroyed"
+        with pytest.raises(ApprovalError, match="not a change that has fallen due"):
+            TimeMade(sets, datetime.now(UTC)).evidence_for(db, row, row.approval)
+        forged = TimeMade(sets, datetime.now(UTC) + timedelta(days=8)).evidence_for(db, row, row.approval)
+        with pytest.raises(ApprovalError, match="before the change fell due"):
+            verify_evidence(row, forged, sets)  # its claimed time is in this reader's future
+        db.rollback()
+    # Cancelled by one operator (a restriction of nothing: the version back as it was), then lowered again.
+    kept = unit.service.cancel_destroy(root, 1)
+    assert kept.pending_destruction == () and kept.versions == (1, 2)
+    with pytest.raises(InvalidRequest, match="not waiting for destruction"):
+        unit.service.cancel_destroy(root, 1)
+    assert unit.service.set_min_decryption_version(root, 1).min_decryption_version == 1
+    with unit.service.sessions() as db:
+        assert unit.ctx.rows.root_key_version(db, root, 1) is not None
 
 
 def test_a_disabled_root_key_wraps_and_unwraps_nothing(unit: Unit, full: KmsCodec) -> None:

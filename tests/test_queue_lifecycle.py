@@ -8,14 +8,17 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tasks.client import KmsClient, KmsError
 from tasks.identity import Fleet
+from tests.conftest import approved_at
 from tests.queue_fixtures import NAMESPACE, Deployment, WorkerProcess, kmsq_command, start_worker
 from worker.fleet import ensure_fleet_key
 from worker.storage.db import transaction
+from worker.storage.models import RootKeyVersion
 
 POOL = "lambda"
 CACHE_SECONDS = 1  # tests.queue_fixtures.subprocess_env
@@ -34,7 +37,9 @@ def lam(deployment: Deployment) -> Iterator[Lambda]:
     with transaction(deployment.sessions) as db:
         ensure_fleet_key(deployment.service.hsm, db, POOL)
     fleet = Fleet.from_document(deployment.service.fleet_document() | {"default_pool": POOL})
-    worker = start_worker(POOL, 1, deployment.env(), deployment.directory / "worker-lambda.log")
+    # Its scheduler looks every second for what fell due (a version's destruction after its wait).
+    worker = start_worker(POOL, 1, deployment.env(KMSQ_SCHEDULE_INTERVAL_SECONDS="1"),
+                          deployment.directory / "worker-lambda.log")  # fmt: skip
     client = KmsClient(deployment.broker_url, deployment.register("operator-watch"), fleet, timeout=60,
                        namespace=NAMESPACE)  # fmt: skip
     try:
@@ -47,6 +52,22 @@ def lam(deployment: Deployment) -> Iterator[Lambda]:
 def kmsq(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*kmsq_command(), *args], env=deployment.env(), capture_output=True, text=True,
                           timeout=120, check=False)  # fmt: skip
+
+
+def _version(deployment: Deployment, root: str, version: int) -> RootKeyVersion:
+    with deployment.sessions() as db:
+        row = db.get(RootKeyVersion, (root, version))
+        assert row is not None
+        db.expunge(row)
+        return row
+
+
+def _on_token(deployment: Deployment, label: str) -> bool:
+    """Whether the token holds ``label`` now (read by a new process: kmsq hsm list)."""
+    listed = kmsq(deployment, "hsm", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    report = json.loads(listed.stdout)
+    return report["this_token"] in report["keys"].get(label, {}).get("tokens", {})
 
 
 def outcome(call: Callable[[], object]) -> str:
@@ -100,12 +121,43 @@ def test_a_version_is_retired_and_destroyed_through_the_commands(deployment: Dep
     assert used.returncode == 6 and f"run `kmsq root-key rewrap {lam.root}` first" in used.stderr
     rewrapped = kmsq(deployment, "root-key", "rewrap", lam.root, "--json")
     assert rewrapped.returncode == 0 and json.loads(rewrapped.stdout)["rewrapped"] == 2  # the key and fleet keys
-    destroyed = kmsq(deployment, "root-key", "destroy-version", lam.root, "1", "--json")
-    assert destroyed.returncode == 0, destroyed.stderr
-    info = json.loads(destroyed.stdout)
-    assert (info["versions"], info["destroyed_versions"], info["min_decryption_version"]) == ([2], [1], 2)
+    scheduled = kmsq(deployment, "root-key", "destroy-version", lam.root, "1", "--json")
+    assert scheduled.returncode == 0, scheduled.stderr
+    info = json.loads(scheduled.stdout)
+    assert (info["versions"], info["destroyed_versions"], info["min_decryption_version"]) == ([1, 2], [], 2)
+    [(version, due)] = info["pending_destruction"]
+    waited = datetime.fromisoformat(due) - datetime.now(UTC)
+    assert version == 1 and timedelta(days=6, hours=23) < waited <= timedelta(days=7), waited  # the default wait
+    status = json.loads(kmsq(deployment, "status", "--json").stdout)
+    [mine] = [k for p in status["pools"] if p["pool"] == POOL for k in p["root_keys"]]
+    assert mine["pending_destruction"] == [{"version": 1, "due": due}]
+    time.sleep(2.5)  # two runs of the worker's scheduler: nothing is due, nothing destroyed
+    assert json.loads(kmsq(deployment, "root-key", "list", "--json").stdout)[-1]["destroyed_versions"] == []
+    again = kmsq(deployment, "root-key", "destroy-version", lam.root, "1")
+    assert again.returncode == 7 and "pending destroy already" in again.stderr, again.stderr
+    lowered = kmsq(deployment, "root-key", "set", lam.root, "--min-decryption-version", "1")
+    assert lowered.returncode == 7 and "waits for destruction (cancel it first" in lowered.stderr, lowered.stderr
+    cancelled = kmsq(deployment, "root-key", "cancel-destroy", lam.root, "1", "--json")  # one operator keeps it
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["pending_destruction"] == []
+
+    # Approved 8 days ago with a wait of 7 (the operator's approval is dated then): the worker destroys it.
+    label = _version(deployment, lam.root, 1).hsm_label
+    assert _on_token(deployment, label)
+    with approved_at(datetime.now(UTC) - timedelta(days=8)):
+        deployment.service.destroy_root_key_version(lam.root, 1, 7)
+    deadline = time.monotonic() + 20
+    while _version(deployment, lam.root, 1).state != "destroyed":
+        assert time.monotonic() < deadline, "the worker did not destroy the version that fell due"
+        time.sleep(0.2)
+    listed = json.loads(kmsq(deployment, "root-key", "list", "--json").stdout)
+    info = next(k for k in listed if k["id"] == lam.root)
+    assert (info["versions"], info["destroyed_versions"], info["pending_destruction"]) == ([2], [1], [])
+    assert not _on_token(deployment, label)  # its HSM object is gone from the token
     assert lam.client.get_key("xpub-lambda", "user", pool=POOL)["prv"] == "xprv-lambda"
     assert outcome(decrypt) == below
+    records = json.loads(kmsq(deployment, "audit", "tail", "--pool", POOL, "-n", "50", "--json").stdout)
+    done = [r for r in records if r["action"] == "root-key version destroyed"]
+    assert len(done) == 1 and done[0]["actor"] == "kmsq:schedule" and done[0]["root_key_version"] == 1
 
 
 def test_adding_a_pool_and_a_worker_restarts_nothing(deployment: Deployment, lam: Lambda) -> None:

@@ -87,3 +87,15 @@ def pool_enable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> obj
     from worker import lifecycle
 
     return lifecycle.set_pool_state(hsm, db, str(arguments.get("name")), "enabled")
+
+
+@action("root-key.destroy-version")
+def root_key_destroy_version(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
+    """Schedules the destruction of version ``version`` of ``root_key_id`` after ``wait_days`` (default 7)."""
+    from worker import lifecycle
+
+    version, wait = arguments.get("version"), arguments.get("wait_days", lifecycle.DEFAULT_DESTROY_WAIT_DAYS)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (version, wait)):
+        raise InvalidRequest("version and wait_days must be integers")
+    assert isinstance(version, int) and isinstance(wait, int)
+    return lifecycle.destroy_root_key_version(hsm, db, str(arguments.get("root_key_id")), version, wait)

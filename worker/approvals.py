@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -52,7 +52,9 @@ EVIDENCE_VERSION = 1
 ADOPT = "operators.adopt"  # the genesis: every operator of the new set approves, and every policy row is listed
 CHANGE_OPERATORS = "operators.change"
 _STEP_DOMAIN = b"kmsq/policy-step/v1\x00"
-STEP_KINDS = ("restrict", "act")
+DUE = "due"  # a change that time makes (a destruction after its wait, a rotation by its period): nobody signs it
+STEP_KINDS = ("restrict", "act", DUE)
+CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of this host's clock a due step's time may be
 
 
 class ApprovalError(Forbidden):
@@ -124,22 +126,22 @@ def narrower(kind: str, before: Fields, after: Fields) -> bool:
         return all(old.get(k) == new.get(k) for k in same) and lowest[1] >= lowest[0] and state_ok
     if kind == "pool":
         return old.get("name") == new.get("name") and state_ok
-    if kind == "root_key_version":
-        same = ("root_key_id", "version", "hsm_id", "hsm_label", "wrap_algorithm")
-        return all(old.get(k) == new.get(k) for k in same) and state_ok
+    # A version changes only by the quorum (scheduling its destruction), a cancel or time (worker.schedule).
     return False
 
 
 def one_operator_act(kind: str, before: Fields | None, after: Fields) -> bool:
     """True for the changes one operator makes alone because they grant nobody anything: a new root key (enabled,
-    version 1), a new version of one, a new pool row, and a rotation (the current version one higher, nothing
-    else changed)."""
+    version 1), a new version of one, a new pool row, a rotation (the current version one higher, nothing else
+    changed), and a pending destruction cancelled (the version back as it was)."""
     new = _as_dict(after)
     if before is None:
         if kind == "root_key":
             return new.get("state") == "enabled" and new.get("current_version") == "1"
         return kind in ("root_key_version", "pool") and new.get("state") == "enabled"
     old = _as_dict(before)
+    if kind == "root_key_version" and old.get("state") == "pending_destroy":  # a destruction cancelled
+        return new == {k: v for k, v in old.items() if k != "destroy_wait_days"} | {"state": "enabled"}
     if kind != "root_key" or not old.get("current_version", "").isdigit():
         return False
     rotated = dict(old, current_version=str(int(old["current_version"]) + 1))
@@ -157,6 +159,7 @@ class OperatorSets:
     current: OperatorSet
     made_by: str = ""  # digest of the change document that made the current set (its adoption or last change)
     made_by_operators: tuple[str, ...] = ()  # who approved that change
+    made_at: datetime | None = None  # when the last of them approved it
     length: int = 0  # how many sets the chain holds
 
     def named(self, digest: object) -> OperatorSet:
@@ -210,7 +213,7 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
         )
     by_digest: dict[str, OperatorSet] = {}
     previous: OperatorSet | None = None
-    made_by, approvers = "", tuple[str, ...]()
+    made_by, approvers, made_at = "", tuple[str, ...](), None
     for index, record in enumerate(records):
         if record.seq != index:
             raise ApprovalError("the operator sets' chain has a gap")
@@ -226,7 +229,7 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
             if operators.digest != pinned:
                 raise ApprovalError("the database's genesis operator set is not the one this host pins")
             check_adoption(document, approvals, operators)
-            approvers = tuple(a.operator for a in approvals)
+            approvers = tuple(dict.fromkeys(a.operator for a in approvals))
         else:
             if (
                 document.get("action") != CHANGE_OPERATORS
@@ -236,9 +239,18 @@ def load_operator_sets(db: Session, pinned: str) -> OperatorSets:
                 raise ApprovalError("an operator set was not made by a change of the set before it")
             approvers = check_operator_change(document, approvals, previous, operators)
         by_digest[operators.digest] = operators
-        previous, made_by = operators, change_digest(document)
+        previous, made_by, made_at = operators, change_digest(document), approved_at(approvals, approvers)
     assert previous is not None
-    return OperatorSets(by_digest, previous, made_by, approvers, len(records))
+    return OperatorSets(by_digest, previous, made_by, approvers, made_at, len(records))
+
+
+def approved_at(approvals: Sequence[Approval], counted: Sequence[str]) -> datetime:
+    """When the last of the ``counted`` operators approved (each one's first approval: the one a tally counts)."""
+    first: dict[str, datetime] = {}
+    for approval in approvals:
+        if approval.operator in counted and approval.operator not in first:
+            first[approval.operator] = datetime.fromisoformat(approval.approved_at)
+    return max(first.values())
 
 
 def chain_length(db: Session) -> int:
@@ -295,6 +307,7 @@ class Verified:
     seq: int
     approved_by: tuple[str, ...]  # the base's operators, then each step's
     fields: Fields
+    approved_at: datetime | None = None  # when the content it ends at was approved (or changed when due)
 
 
 def verify_evidence(row: PolicyRow, evidence: str | None, sets: OperatorSets) -> Verified:
@@ -317,14 +330,15 @@ def verify_chain(kind: str, name: str, evidence: str | None, sets: OperatorSets)
         raise ApprovalError("malformed evidence")
     state = Verified(0, (), ()) if data.get("base") is None else _verify_base(name, data["base"], sets)
     fields: Fields | None = state.fields if data.get("base") is not None else None
-    seq, approved_by = state.seq, list(state.approved_by)
+    seq, approved_by, at = state.seq, list(state.approved_by), state.approved_at
     for step in data["steps"]:
-        operator = _verify_step(kind, name, step, fields, seq, sets)
+        operator, at = _verify_step(kind, name, step, fields, seq, at, sets)
         fields, seq = _fields(step["fields"]), seq + 1
-        approved_by.append(operator)
+        if operator is not None:
+            approved_by.append(operator)
     if fields is None:
         raise ApprovalError("no operator approval")
-    return Verified(seq, tuple(approved_by), fields)
+    return Verified(seq, tuple(approved_by), fields, at)
 
 
 def _verify_base(name: str, base: object, sets: OperatorSets) -> Verified:
@@ -337,27 +351,35 @@ def _verify_base(name: str, base: object, sets: OperatorSets) -> Verified:
         # (load_operator_sets) verified its approvals.
         if change_digest(document) != sets.made_by:
             raise ApprovalError("approved by an earlier operator set (superseded by a change of the set)")
-        counted = sets.made_by_operators
+        counted, at = sets.made_by_operators, sets.made_at
     else:
         if document.get("operator_set") != sets.current.digest:
             sets.named(document.get("operator_set"))
             raise ApprovalError("approved under an earlier operator set (superseded by a change of the set)")
-        result = tally(change_digest(document), _expiry(document), _approvals(base.get("approvals")), sets.current)
+        approvals = _approvals(base.get("approvals"))
+        result = tally(change_digest(document), _expiry(document), approvals, sets.current)
         if not result.met:
             raise ApprovalError(f"approved by {len(result.counted)} of the {sets.current.quorum} operators needed")
-        counted = result.counted
+        counted, at = result.counted, approved_at(approvals, result.counted)
     rows = document.get("rows")
     entries = [e for e in rows if isinstance(e, dict) and e.get("row") == name] if isinstance(rows, list) else []
     if len(entries) != 1 or not isinstance(entries[0].get("seq"), int):
         raise ApprovalError("the approved change does not list this row")
-    return Verified(entries[0]["seq"], counted, _fields(entries[0].get("fields")))
+    return Verified(entries[0]["seq"], counted, _fields(entries[0].get("fields")), at)
 
 
-def _verify_step(kind: str, name: str, step: object, before: Fields | None, seq: int, sets: OperatorSets) -> str:
-    """Returns the operator who signed ``step``, once it verifies and follows ``before`` by the rules."""
+def _verify_step(
+    kind: str, name: str, step: object, before: Fields | None, seq: int, at: datetime | None, sets: OperatorSets
+) -> tuple[str | None, datetime | None]:
+    """Returns the operator who signed ``step`` (None for a ``due`` step, which nobody signs) and when the content
+    it makes was approved, once it verifies and follows ``before`` (approved at ``at``) by the rules."""
     if not isinstance(step, dict) or step.get("kind") not in STEP_KINDS or step.get("row") != name:
         raise ApprovalError("malformed step")
     after = _fields(step.get("fields"))
+    if step.get("from") != (content_digest(kind, before) if before is not None else None) or step.get("seq") != seq + 1:
+        raise ApprovalError("a step does not follow the content before it")
+    if step["kind"] == DUE:
+        return None, _verify_due(kind, before, after, at, step.get("at"))
     if step.get("operator_set") != sets.current.digest:
         sets.named(step.get("operator_set"))
         raise ApprovalError("a step signed under an earlier operator set (superseded by a change of the set)")
@@ -368,15 +390,52 @@ def _verify_step(kind: str, name: str, step: object, before: Fields | None, seq:
         verify(signing_public(operator.signing_key), str(step.get("signature")), _step_input(step))
     except WireError:
         raise ApprovalError("a step's signature does not verify") from None
-    if step.get("from") != (content_digest(kind, before) if before is not None else None) or step.get("seq") != seq + 1:
-        raise ApprovalError("a step does not follow the content before it")
     if step["kind"] == "restrict":
         allowed = before is not None and narrower(kind, before, after)
     else:
         allowed = one_operator_act(kind, before, after)
     if not allowed:
         raise ApprovalError(f"a {step['kind']} step that one operator may not make")
-    return operator.name
+    return operator.name, _step_time(step.get("at"))
+
+
+def _step_time(value: object) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ApprovalError("a step without a valid time") from None
+    if moment.tzinfo is None:
+        raise ApprovalError("a step without a valid time")
+    return moment
+
+
+def due_at(kind: str, before: Fields, after: Fields, approved: datetime | None) -> datetime | None:
+    """When the change from ``before`` (approved at ``approved``) to ``after`` falls due by itself, or None when it
+    is not one that time makes: a version waiting for destruction destroyed ``destroy_wait_days`` after its
+    approval; a root key with a rotation period rotated that long after its last change."""
+    if approved is None:
+        return None
+    old, new = _as_dict(before), _as_dict(after)
+    if kind == "root_key_version" and old.get("state") == "pending_destroy":
+        days = old.get("destroy_wait_days", "")
+        if days.isdigit() and new == dict(old, state="destroyed"):
+            return approved + timedelta(days=int(days))
+    if kind == "root_key" and old.get("state") == "enabled" and old.get("current_version", "").isdigit():
+        days = old.get("rotation_period_days", "")
+        if days.isdigit() and new == dict(old, current_version=str(int(old["current_version"]) + 1)):
+            return approved + timedelta(days=int(days))
+    return None
+
+
+def _verify_due(kind: str, before: Fields | None, after: Fields, approved: datetime | None, at: object) -> datetime:
+    """The time of a ``due`` step, once the change is one that time makes and it fell due by this host's clock."""
+    due = due_at(kind, before, after, approved) if before is not None else None
+    if due is None:
+        raise ApprovalError("a due step that is not a change time makes")
+    moment = _step_time(at)
+    if moment < due or moment > datetime.now(UTC) + CLOCK_SKEW:
+        raise ApprovalError("a due step made before the change fell due")
+    return moment
 
 
 def evidence_document(base: Mapping[str, Any] | None, steps: Sequence[Mapping[str, Any]]) -> str:
@@ -409,6 +468,7 @@ class LocalOperators:
     identities: Sequence[OperatorIdentity]
     genesis: OperatorSet  # the pinned one
     action: str = "seal"
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC), repr=False)  # when they sign
     _sets: dict[str, OperatorSets] = field(default_factory=dict, repr=False)  # by database
 
     def sets(self, db: Session) -> OperatorSets:
@@ -465,7 +525,7 @@ class LocalOperators:
         seq = (before.seq if before is not None else 0) + 1
         if step_kind is not None:
             prior = content_digest(kind, before.fields) if before is not None else None
-            step = sign_step(mine[0], step_kind, name, seq, prior, fields, current.digest)
+            step = sign_step(mine[0], step_kind, name, seq, prior, fields, current.digest, self.clock())
             base = data.get("base") if data is not None and before is not None else None
             steps = [*(data or {}).get("steps", []), step] if before is not None else [step]
             return evidence_document(base, steps)
@@ -474,9 +534,33 @@ class LocalOperators:
                 f"{name}: this change needs {current.quorum} of the {len(current.operators)} operators "
                 f"({current.describe()}): propose it (kmsq propose ...)"
             )
-        document = change_document(self.action, [(name, seq, fields)], current.digest, mine[0].name)
+        now = self.clock()
+        document = change_document(self.action, [(name, seq, fields)], current.digest, mine[0].name, now=now)
         digest = change_digest(document)
-        return evidence_document({"change": document, "approvals": [approve(i, digest).document() for i in mine]}, [])
+        approvals = [approve(i, digest, now).document() for i in mine]
+        return evidence_document({"change": document, "approvals": approvals}, [])
+
+
+@dataclass
+class TimeMade:
+    """Gives evidence to a change that time makes (worker.schedule: a version destroyed after its wait): a ``due``
+    step that nobody signs, which every reader checks against the approved content before it and its own clock.
+    Raises ApprovalError for any other change, or one not due yet."""
+
+    sets: OperatorSets
+    now: datetime
+
+    def evidence_for(self, db: Session, row: PolicyRow, previous: str | None) -> str:
+        kind, fields, _ = row_content(row)
+        name = row_name(row)
+        before = verify_chain(kind, name, previous, self.sets)
+        due = due_at(kind, before.fields, fields, before.approved_at)
+        if due is None or due > self.now:
+            raise ApprovalError(f"{name}: not a change that has fallen due")
+        step = {"kind": DUE, "row": name, "seq": before.seq + 1, "from": content_digest(kind, before.fields),
+                "fields": [list(f) for f in fields], "at": self.now.isoformat()}  # fmt: skip
+        data = json.loads(previous or "{}")
+        return evidence_document(data.get("base"), [*data.get("steps", []), step])
 
 
 def change_document(
@@ -533,6 +617,19 @@ def _last_seq(evidence: str | None, name: str) -> int:
         return max((int(e["seq"]) for e in data["base"]["change"]["rows"] if e["row"] == name), default=0)
     except (ValueError, AttributeError, TypeError, KeyError):
         return 0
+
+
+def claimed_approval_time(evidence: str | None) -> datetime | None:
+    """When the content that ``evidence`` ends at was approved, as it claims (for display: readers verify it with
+    :func:`verify_chain`), or None when it says nothing readable."""
+    try:
+        data = json.loads(evidence or "null")
+        steps = data.get("steps") or []
+        if steps:
+            return datetime.fromisoformat(steps[-1]["at"])
+        return max(datetime.fromisoformat(a["approved_at"]) for a in data["base"]["approvals"])
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return None
 
 
 def write_genesis(

@@ -45,6 +45,7 @@ _KEYS = (
     "prune_batch",
     "reply_queue_ttl_seconds",
     "replicate_interval_seconds",
+    "schedule_interval_seconds",
     "min_tokens",
     "require_sync_standby",
     "operator_set",
@@ -61,6 +62,7 @@ DEFAULT_PRUNE_BATCH = 500
 DEFAULT_REPLY_QUEUE_TTL_SECONDS = 1800
 # Workers replicate keys between the deployment's tokens (worker.replication) this often; 0: only kmsq hsm replicate.
 DEFAULT_REPLICATE_INTERVAL_SECONDS = 30
+DEFAULT_SCHEDULE_INTERVAL_SECONDS = 300  # how often a worker looks for destructions that fell due
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Settings:
     prune_batch: int = DEFAULT_PRUNE_BATCH
     reply_queue_ttl_seconds: int = DEFAULT_REPLY_QUEUE_TTL_SECONDS
     replicate_interval_seconds: int = DEFAULT_REPLICATE_INTERVAL_SECONDS
+    schedule_interval_seconds: int = DEFAULT_SCHEDULE_INTERVAL_SECONDS
     min_tokens: int = 1  # workers wrap under a root key version only once it is on this many tokens
     require_sync_standby: bool = False  # workers refuse a Postgres primary without a synchronous standby
     operator_set: Path | None = None  # the pinned genesis operator set (default $KMSQ_HOME/operator-set.json)
@@ -275,6 +278,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         prune_batch=max(1, _int(values, "prune_batch", DEFAULT_PRUNE_BATCH)),
         reply_queue_ttl_seconds=max(1, _int(values, "reply_queue_ttl_seconds", DEFAULT_REPLY_QUEUE_TTL_SECONDS)),
         replicate_interval_seconds=_int(values, "replicate_interval_seconds", DEFAULT_REPLICATE_INTERVAL_SECONDS),
+        schedule_interval_seconds=_int(values, "schedule_interval_seconds", DEFAULT_SCHEDULE_INTERVAL_SECONDS),
         min_tokens=max(1, _int(values, "min_tokens", 1)),
         require_sync_standby=_flag(values, "require_sync_standby"),
         operator_set=Path(values["operator_set"]).expanduser() if values.get("operator_set") else None,

@@ -18,8 +18,8 @@ from worker import audit_log, policy
 from worker.errors import Conflict, InvalidRequest, NotFound
 from worker.keystore import KeyStore
 from worker.rewrap import SEALED_TABLES
-from worker.service import RootKeyInfo, hsm_handle, root_key_info
-from worker.storage.models import Pool, RootKey
+from worker.service import RootKeyInfo, root_key_info
+from worker.storage.models import Pool, RootKey, RootKeyVersion
 from worker.storage.repo import RootKeyRepository
 
 STATES = ("enabled", "disabled")
@@ -53,9 +53,15 @@ def set_min_decryption_version(hsm: KeyStore, db: Session, root_key_id: str, min
     key = _root_key_for_update(hsm, db, root_key_id)
     if not 1 <= minimum <= key.current_version:
         raise InvalidRequest(f"the minimum decryption version must be 1-{key.current_version} (the current version)")
-    destroyed = [v.version for v in RootKeyRepository(db).versions(key.id) if v.state == "destroyed"]
-    if destroyed and minimum <= max(destroyed):
-        raise InvalidRequest(f"version {max(destroyed)} is destroyed: the minimum must stay above it")
+    retired = [v for v in RootKeyRepository(db).versions(key.id) if v.state != "enabled"]
+    if retired and minimum <= max(v.version for v in retired):
+        last = max(retired, key=lambda v: v.version)
+        said = (
+            "is destroyed"
+            if last.state == "destroyed"
+            else (f"waits for destruction (cancel it first: kmsq root-key cancel-destroy {key.id} {last.version})")
+        )
+        raise InvalidRequest(f"version {last.version} {said}: the minimum must stay above it")
     key.min_decryption_version = minimum
     policy.seal(hsm, db, key)
     db.flush()
@@ -73,20 +79,26 @@ def rows_using(db: Session, root_key_id: str, version: int) -> int:
     return total
 
 
-def destroy_root_key_version(hsm: KeyStore, db: Session, root_key_id: str, version: int) -> RootKeyInfo:
-    """Destroys a version's HSM object, for good: only a version below the minimum decryption version that
-    no stored row uses. Its row stays, marked ``destroyed``. Returns the description.
+DEFAULT_DESTROY_WAIT_DAYS = 7
+MAX_DESTROY_WAIT_DAYS = 90
 
-    Raises NotFound, InvalidRequest (not below the minimum, still used, already destroyed; the message says
-    what to do), PolicyViolation.
+
+def destroy_root_key_version(
+    hsm: KeyStore, db: Session, root_key_id: str, version: int, wait_days: int = DEFAULT_DESTROY_WAIT_DAYS
+) -> RootKeyInfo:
+    """Schedules the destruction of a version's HSM objects, for good: only a version below the minimum
+    decryption version that no stored row uses. It waits ``wait_days`` (1-90) after the operators' approval in
+    state ``pending_destroy``, when any one operator can cancel it (:func:`cancel_destroy`); then the workers
+    destroy it (worker.schedule). Its row stays, marked ``destroyed``. Returns the description.
+
+    Raises NotFound, InvalidRequest (not below the minimum, already destroyed or waiting, a wait out of range;
+    the message says what to do), Conflict (still used), PolicyViolation, QuorumRequired.
     """
-    key = _root_key_for_update(hsm, db, root_key_id)
-    row = RootKeyRepository(db).get_version(root_key_id, version)
-    if row is None:
-        raise NotFound(f"root key {root_key_id} has no version {version}")
-    policy.require(hsm, row)
-    if row.state == "destroyed":
-        raise InvalidRequest(f"version {version} of {root_key_id} is destroyed already")
+    if not 1 <= wait_days <= MAX_DESTROY_WAIT_DAYS:
+        raise InvalidRequest(f"the wait before a destruction is 1 to {MAX_DESTROY_WAIT_DAYS} days")
+    key, row = _version_for_update(hsm, db, root_key_id, version)
+    if row.state != "enabled":
+        raise InvalidRequest(f"version {version} of {root_key_id} is {row.state.replace('_', ' ')} already")
     if version >= key.min_decryption_version:
         raise InvalidRequest(
             f"version {version} is not below the minimum decryption version {key.min_decryption_version}: "
@@ -97,13 +109,36 @@ def destroy_root_key_version(hsm: KeyStore, db: Session, root_key_id: str, versi
         raise Conflict(
             f"{used} stored row(s) still use version {version}: run `kmsq root-key rewrap {root_key_id}` first"
         )
-    row.state = "destroyed"
+    row.state, row.destroy_wait_days = "pending_destroy", wait_days
     policy.seal(hsm, db, row)
     db.flush()
     audit_log.operator_action(hsm, db, key.pool, "root-key destroy-version", root_key_id=key.id,
-                              root_key_version=version)  # fmt: skip
-    hsm.destroy_root_key(hsm_handle(row))  # last: if it fails, the transaction rolls the row and record back
+                              root_key_version=version,
+                              detail=f"scheduled: after a wait of {wait_days} days")  # fmt: skip
     return root_key_info(db, key)
+
+
+def cancel_destroy(hsm: KeyStore, db: Session, root_key_id: str, version: int) -> RootKeyInfo:
+    """Cancels a version's pending destruction (one operator may, alone): the version is as it was. Returns the
+    description. Raises NotFound, InvalidRequest (not waiting for destruction), PolicyViolation."""
+    key, row = _version_for_update(hsm, db, root_key_id, version)
+    if row.state != "pending_destroy":
+        raise InvalidRequest(f"version {version} of {root_key_id} is not waiting for destruction ({row.state})")
+    row.state, row.destroy_wait_days = "enabled", None
+    policy.seal(hsm, db, row)
+    db.flush()
+    audit_log.operator_action(hsm, db, key.pool, "root-key cancel-destroy", root_key_id=key.id,
+                              root_key_version=version)  # fmt: skip
+    return root_key_info(db, key)
+
+
+def _version_for_update(hsm: KeyStore, db: Session, root_key_id: str, version: int) -> tuple[RootKey, RootKeyVersion]:
+    key = _root_key_for_update(hsm, db, root_key_id)
+    row = RootKeyRepository(db).get_version(root_key_id, version)
+    if row is None:
+        raise NotFound(f"root key {root_key_id} has no version {version}")
+    policy.require(hsm, row)
+    return key, row
 
 
 # -- pools ----------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
         # Covered once set: the rows sealed before it existed (all 1) keep their MACs.
         if row.min_decryption_version not in (None, 1):
             fields += (("min_decryption_version", row.min_decryption_version),)
+        if row.rotation_period_days is not None:
+            fields += (("rotation_period_days", row.rotation_period_days),)
     elif isinstance(row, Pool):
         kind, fields = "pool", (("name", row.name), ("state", row.state))
     else:
@@ -57,6 +59,8 @@ def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
             ("root_key_id", row.root_key_id), ("version", row.version), ("hsm_id", row.hsm_id),
             ("hsm_label", row.hsm_label), ("wrap_algorithm", row.wrap_algorithm), ("state", row.state),
         )  # fmt: skip
+        if row.destroy_wait_days is not None:
+            fields += (("destroy_wait_days", row.destroy_wait_days),)
     return kind, tuple((name, str(value)) for name, value in fields)
 
 

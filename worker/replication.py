@@ -23,9 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +36,7 @@ from worker import policy_anchor
 from worker.errors import ConfigError, IntegrityError, NotReplicated
 from worker.hsm import Hsm
 from worker.keystore import KeyStore, root_key_label
+from worker.periodic import Periodic
 from worker.storage.models import HsmToken, KeyCopy, RootKeyVersion, TokenCheck, TokenKey, utcnow
 
 log = logging.getLogger("kmsq.replication")
@@ -164,12 +163,14 @@ def replicate(hsm: Hsm, db: Session, scope: str | None) -> Replication:
     done = Replication(name)
     if not custody.takes_part(hsm):  # neither enrolled nor trusting another token: nothing to do
         return done
-    _import(hsm, db, name, scope, done)
+    retired = retired_labels(hsm, db)
+    _import(hsm, db, name, scope, done, retired)
     mine = report_inventory(hsm, db, scope)
     for target in custody.trusted_targets(hsm):
         held = held_by(hsm, db, target)
         waiting = set(db.scalars(select(KeyCopy.label).where(KeyCopy.target == target)))
         missing = {k.label for k in mine if (k.label, k.kcv) not in held and k.label not in waiting and k.replicable}
+        missing -= retired
         copies = custody.export_keys(hsm, target, missing) if missing else []
         for copy in copies:
             db.merge(KeyCopy(target=target, label=copy.label, kind=copy.kind, mechanism=copy.mechanism,
@@ -255,9 +256,21 @@ def take_anchor(hsm: Hsm, db: Session, scope: str | None) -> bool:
     return value is not None and policy_anchor.adopt(hsm, scope, value)
 
 
-def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replication) -> None:
+def retired_labels(hsm: Hsm, db: Session) -> set[str]:
+    """The labels of root key versions destroyed or waiting for destruction (rows whose MAC verifies): no token
+    passes them on, so a copy cannot bring back what a destruction removed (worker.schedule)."""
+    from worker.policy import verifies
+
+    rows = list(db.scalars(select(RootKeyVersion).where(RootKeyVersion.state.in_(("pending_destroy", "destroyed")))))
+    try:
+        return {row.hsm_label for row in rows if verifies(hsm, row)}
+    except ConfigError:  # no policy key yet (a new token): not taken now, passed on again once it can check
+        return {row.hsm_label for row in rows}
+
+
+def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replication, retired: set[str]) -> None:
     rows = list(db.scalars(select(KeyCopy).where(KeyCopy.target == name)))
-    keys = [row for row in rows if row.kind != ANCHOR]
+    keys = [row for row in rows if row.kind != ANCHOR and row.label not in retired]
     copies = [
         custody.WrappedKey(row.label, row.kind, row.mechanism, from_b64u(row.wrapped, max_len=1 << 16), row.kcv,
                            json.loads(row.public))
@@ -281,35 +294,21 @@ def _import(hsm: Hsm, db: Session, name: str, scope: str | None, done: Replicati
         db.delete(row)
 
 
-class Replicator(threading.Thread):
+class Replicator(Periodic[Replication]):
     """Replicates every ``interval`` seconds (with jitter) in the background of a worker process, until
     :meth:`stop`: what waits for this token is taken and what the tokens it trusts lack is wrapped for them, so
     a new root key or version, a token signing key and the policy anchor reach every enrolled token without an
     operator. A failed run is logged and retried at the next interval."""
 
     def __init__(self, run: Callable[[], Replication], interval: float) -> None:
-        super().__init__(name="kmsq-replicator", daemon=True)
-        self._run_once = run
-        self._interval = interval
-        self._stopped = threading.Event()
-        self.runs = 0
+        super().__init__("kmsq-replicator", run, interval, log, "replication", _report)
 
-    def run(self) -> None:
-        while not self._stopped.wait(self._interval * random.uniform(0.5, 1.5)):  # noqa: S311 - jitter only
-            try:
-                done = self._run_once()
-            except Exception as e:  # never let the thread die: the next run tries again
-                log.warning("replication failed (%s)", getattr(e, "message", type(e).__name__))
-                continue
-            self.runs += 1
-            if done.imported or done.exported or done.anchor_adopted:
-                adopted = ", the policy anchor taken" if done.anchor_adopted else ""
-                log.info("replication: %d keys taken, %s wrapped for other tokens%s", len(done.imported),
-                         sum(done.exported.values()), adopted)  # fmt: skip
 
-    def stop(self) -> None:
-        """Stops after the current run."""
-        self._stopped.set()
+def _report(done: Replication) -> None:
+    if done.imported or done.exported or done.anchor_adopted:
+        adopted = ", the policy anchor taken" if done.anchor_adopted else ""
+        log.info("replication: %d keys taken, %s wrapped for other tokens%s", len(done.imported),
+                 sum(done.exported.values()), adopted)  # fmt: skip
 
 
 class CustodyGate:

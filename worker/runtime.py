@@ -86,9 +86,15 @@ class KeyService:
         """See :func:`worker.lifecycle.set_min_decryption_version`."""
         return self._run(lambda db: lifecycle.set_min_decryption_version(self.hsm, db, root_key_id, minimum))
 
-    def destroy_root_key_version(self, root_key_id: str, version: int) -> service.RootKeyInfo:
-        """See :func:`worker.lifecycle.destroy_root_key_version`."""
-        return self._run(lambda db: lifecycle.destroy_root_key_version(self.hsm, db, root_key_id, version))
+    def destroy_root_key_version(
+        self, root_key_id: str, version: int, wait_days: int = lifecycle.DEFAULT_DESTROY_WAIT_DAYS
+    ) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.destroy_root_key_version` (it schedules the destruction)."""
+        return self._run(lambda db: lifecycle.destroy_root_key_version(self.hsm, db, root_key_id, version, wait_days))
+
+    def cancel_destroy(self, root_key_id: str, version: int) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.cancel_destroy`."""
+        return self._run(lambda db: lifecycle.cancel_destroy(self.hsm, db, root_key_id, version))
 
     def set_pool_state(self, pool: str, state: str) -> lifecycle.PoolInfo:
         """See :func:`worker.lifecycle.set_pool_state`."""

@@ -11,7 +11,7 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
@@ -95,6 +95,8 @@ class RootKeyInfo:
     created_at: datetime
     min_decryption_version: int = 1
     destroyed_versions: tuple[int, ...] = ()
+    # Versions waiting for destruction, with when it falls due (as their approval claims; workers verify it).
+    pending_destruction: tuple[tuple[int, datetime | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,20 @@ def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
         versions=tuple(v.version for v in versions if v.state != "destroyed"),
         min_decryption_version=key.min_decryption_version,
         destroyed_versions=tuple(v.version for v in versions if v.state == "destroyed"),
+        pending_destruction=tuple((v.version, _destruction_due(v)) for v in versions if v.state == "pending_destroy"),
         wrap_algorithm=WrapAlgorithm(current.wrap_algorithm).name,
         hsm_label=current.hsm_label,
         created_at=key.created_at if key.created_at.tzinfo else key.created_at.replace(tzinfo=UTC),
     )
+
+
+def _destruction_due(version: RootKeyVersion) -> datetime | None:
+    from worker.approvals import claimed_approval_time
+
+    approved = claimed_approval_time(version.approval)
+    if approved is None or version.destroy_wait_days is None:
+        return None
+    return approved + timedelta(days=version.destroy_wait_days)
 
 
 def _create_hsm_version(hsm: KeyStore, key_type: str, key_id: str, version: int) -> RootKeyHandle:

@@ -181,6 +181,25 @@ def propose_root_key_set(root_key_id: str, version: int, hours: float, operator_
              hours, as_json)  # fmt: skip
 
 
+@propose_root_key.command("destroy-version")
+@click.argument("root_key_id")
+@click.argument("version", type=click.IntRange(1))
+@click.option(
+    "--wait-days",
+    "wait_days",
+    type=click.IntRange(1, 90),
+    default=7,
+    show_default=True,
+    help="Days between the last approval and the destruction, when any one operator can cancel it.",
+)
+@_proposal_options
+def propose_root_key_destroy_version(root_key_id: str, version: int, wait_days: int, hours: float,
+                                     operator_key: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Propose destroying a version (below the minimum decryption version, used by no stored row) after a wait."""
+    _propose(operator_key, "root-key.destroy-version",
+             {"root_key_id": root_key_id, "version": version, "wait_days": wait_days}, hours, as_json)  # fmt: skip
+
+
 @propose_group.group("pool")
 def propose_pool() -> None:
     """Pool changes."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kmsq.commands.common import service
+from kmsq.commands.common import service, settings
 from kmsq.output import EXIT_INVALID, console, one_line_errors, print_json, print_result, print_table
 from schemas.limits import ROOT_KEY_TYPES
 
@@ -30,13 +30,21 @@ def _print_root_keys(keys: list[RootKeyInfo], as_json: bool) -> None:
         return
     print_table(
         "root keys",
-        ["id", "type", "pool", "state", "version", "decrypts", "destroyed", "wrap", "created"],
+        ["id", "type", "pool", "state", "version", "decrypts", "destroyed", "destroying", "wrap", "created"],
         [
             [k.id, k.type, k.pool, k.state, k.version, f"v{k.min_decryption_version}-v{k.version}",
-             ",".join(map(str, k.destroyed_versions)) or "-", k.wrap_algorithm, k.created_at.strftime("%Y-%m-%d %H:%M")]
+             ",".join(map(str, k.destroyed_versions)) or "-", _pending(k), k.wrap_algorithm,
+             k.created_at.strftime("%Y-%m-%d %H:%M")]
             for k in keys
         ],
     )  # fmt: skip
+
+
+def _pending(key: RootKeyInfo) -> str:
+    """``v1 after 2026-12-10 18:00`` for each version waiting for destruction, or ``-``."""
+    return (
+        ", ".join(f"v{v} after {due:%Y-%m-%d %H:%M}" if due else f"v{v}" for v, due in key.pending_destruction) or "-"
+    )
 
 
 @root_key.command("create")
@@ -156,10 +164,48 @@ def root_key_enable(root_key_id: str, as_json: bool) -> None:
 @root_key.command("destroy-version")
 @click.argument("root_key_id")
 @click.argument("version", type=click.IntRange(1))
+@click.option("--wait-days", "wait_days", type=click.IntRange(1, 90), default=7, show_default=True,
+              help="Days between the approval and the destruction, when any one operator can cancel it.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def root_key_destroy_version(root_key_id: str, version: int, as_json: bool) -> None:
-    """Destroy a version's HSM object for good. Refused, with the reason, unless the version is below the
-    minimum decryption version and no stored row uses it (rewrap first)."""
-    key = service().destroy_root_key_version(root_key_id, version)
-    _print_key(key, as_json, f"version {version} destroyed")
+def root_key_destroy_version(root_key_id: str, version: int, wait_days: int, as_json: bool) -> None:
+    """Schedule the destruction of a version's HSM objects, for good, after a wait (a quorum's change: `kmsq
+    propose root-key destroy-version` when this command's keys are not one). Refused, with the reason, unless the
+    version is below the minimum decryption version and no stored row uses it (rewrap first). The pool's workers
+    destroy it once the wait has passed; until then `kmsq root-key cancel-destroy` (one operator) keeps it."""
+    key = service().destroy_root_key_version(root_key_id, version, wait_days)
+    due = dict(key.pending_destruction).get(version)
+    when = f"after {due:%Y-%m-%d %H:%M} UTC" if due is not None else f"in {wait_days} days"
+    said = (f"version {version} will be destroyed {when} by the pool's workers; any one operator can cancel it "
+            f"until then: kmsq root-key cancel-destroy {root_key_id} {version}")  # fmt: skip
+    _print_key(key, as_json, said)
+
+
+@root_key.command("cancel-destroy")
+@click.argument("root_key_id")
+@click.argument("version", type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_cancel_destroy(root_key_id: str, version: int, as_json: bool) -> None:
+    """Cancel a version's pending destruction (one operator, alone)."""
+    _print_key(service().cancel_destroy(root_key_id, version), as_json, f"version {version} is kept")
+
+
+@root_key.command("destroy-due")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def root_key_destroy_due(as_json: bool) -> None:
+    """Destroy now what the workers would at their next run: the versions whose wait has passed, and this
+    token's objects of destroyed versions."""
+    from worker import schedule
+    from worker.operators import read_pinned
+
+    keys = service()
+    done = schedule.run(keys.hsm, keys.sessions, read_pinned(settings().operator_set_file).digest)
+    if as_json:
+        print_json(done)
+        return
+    console.print(f"destroyed: {', '.join(done.destroyed) or 'none'}; removed from this token: "
+                  f"{', '.join(done.removed_from_token) or 'none'}")  # fmt: skip
+    for name, reason in done.kept.items():
+        console.print(f"kept {name}: {reason}")

@@ -80,7 +80,9 @@ def status(as_json: bool) -> None:
             entry.oldest_message_age_s = round(age, 3) if age is not None else None
         entry.root_keys = [
             {"id": k.id, "type": k.type, "state": k.state, "version": k.version,
-             "decrypts": [k.min_decryption_version, k.version], "destroyed": list(k.destroyed_versions)}
+             "decrypts": [k.min_decryption_version, k.version], "destroyed": list(k.destroyed_versions),
+             "pending_destruction": [{"version": v, "due": due.isoformat() if due else None}
+                                     for v, due in k.pending_destruction]}
             for k in roots if k.pool == info.name
         ]  # fmt: skip
         entry.audit_head = heads.get(info.name)
@@ -95,6 +97,8 @@ def status(as_json: bool) -> None:
     rows = [[p.pool, p.state, len(p.workers), "?" if p.queue_depth is None else p.queue_depth,
              "-" if p.oldest_message_age_s is None else f"{p.oldest_message_age_s:.1f} s",
              ", ".join(f"{k['id']} v{k['version']}" + ("" if k["state"] == "enabled" else f" ({k['state']})")
+                       + "".join(f" (v{d['version']} destroyed after {str(d['due'])[:16]})"
+                                 for d in k["pending_destruction"])
                        for k in p.root_keys) or "-",
              (p.audit_head or "-")[:24]] for p in report]  # fmt: skip
     print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)

@@ -64,6 +64,7 @@ class RootKey(Base):
     current_version: Mapped[int] = mapped_column(Integer)
     # Ciphertexts under an older version are refused (kmsq root-key set --min-decryption-version).
     min_decryption_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    rotation_period_days: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rotated by its pool when due
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
     approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
@@ -102,7 +103,8 @@ class RootKeyVersion(Base):
     hsm_id: Mapped[str] = mapped_column(String(128))  # CKA_ID, hex
     hsm_label: Mapped[str] = mapped_column(String(128))  # CKA_LABEL
     wrap_algorithm: Mapped[int] = mapped_column(Integer)  # schemas.envelope.WrapAlgorithm
-    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | destroyed
+    state: Mapped[str] = mapped_column(String(16), default="enabled")  # enabled | pending_destroy | destroyed
+    destroy_wait_days: Mapped[int | None] = mapped_column(Integer, nullable=True)  # with pending_destroy
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
     approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
