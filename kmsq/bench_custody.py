@@ -153,6 +153,8 @@ def run(root_keys: int, stored: list[int], repeat: int, work: Path, log: Any) ->
         shutil.copyfile(home / "kmsq.db", databases[size])
     restore_home = work / "restore-home"
     restore_home.mkdir()
+    shutil.copy(home / "operator-set.json", restore_home / "operator-set.json")  # it pins the operator set
+    operator_key = str(home / "operators" / "admin.operator.json")  # the restore needs the operators' quorum
     seconds: dict[int, list[float]] = {size: [] for size in stored}
     tokens = iter(restores)
     for _ in range(repeat):
@@ -163,7 +165,8 @@ def run(root_keys: int, stored: list[int], repeat: int, work: Path, log: Any) ->
                                   "SOFTHSM2_CONF": str(next(tokens))}  # fmt: skip
             wall, out = _kmsq(restore_env, "backup", "restore", str(work / "all.kmsq-backup"), "--fingerprint",
                               fingerprint, "--custodian-key", str(custodians / "alice.custodian-key.json"),
-                              "--custodian-key", str(custodians / "carol.custodian-key.json"), "--json")  # fmt: skip
+                              "--custodian-key", str(custodians / "carol.custodian-key.json"), "--operator-key",
+                              operator_key, "--json")  # fmt: skip
             if len(json.loads(out)["restored"]) != keys:
                 raise RuntimeError(f"the restore put back {len(json.loads(out)['restored'])} of {keys} keys")
             seconds[size].append(wall)

@@ -148,6 +148,7 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                                           (tmp_path / "backup-fingerprint").read_text(), "--custodian-key",
                                           str(tmp_path / "custodians/alice.custodian-key.json"), "--custodian-key",
                                           str(tmp_path / "custodians/carol.custodian-key.json"), "--json",
+                                          "--operator-key", str(home_a / "operators" / "admin.operator.json"),
                                           env=env_c))  # fmt: skip
                 assert restored["restored"] and not restored["already_here"], restored
                 worker_c = start_worker("default", 1, {**env_c, **FAST}, tmp_path / "worker-c.log")
@@ -182,9 +183,15 @@ def _backed_up(tmp_path: Path, home: Path, env: dict[str, str]) -> Path:
 
 
 def _restore_refusals(tmp_path: Path, home: Path, env: dict[str, str], backup_file: Path) -> None:
-    """One custodian cannot restore; an altered backup is refused; neither leaves a key in the token."""
+    """Without the operators' approval nothing is restored; one custodian cannot restore; an altered backup is
+    refused; none of them leaves a key in the token."""
     fingerprint = (tmp_path / "backup-fingerprint").read_text()
     alice, bob = (str(tmp_path / f"custodians/{name}.custodian-key.json") for name in ("alice", "bob"))
+    unapproved = run_kmsq(home, "backup", "restore", str(backup_file), "--fingerprint", fingerprint,
+                          "--custodian-key", alice, "--custodian-key", bob, env=env)  # fmt: skip
+    assert unapproved.returncode == 9, unapproved.stderr
+    assert "backup.restore needs 1 of 1 (admin): propose it (kmsq propose backup restore" in unapproved.stderr
+    env = env | {"KMSQ_OPERATOR_KEY": str(home.parent / "host-a" / "operators" / "admin.operator.json")}
     alone = run_kmsq(home, "backup", "restore", str(backup_file), "--fingerprint", fingerprint, "--custodian-key",
                      alice, env=env)  # fmt: skip
     assert alone.returncode == 7 and "needs 2 of its 3 custodians; 1 opened a share" in alone.stderr, alone.stderr

@@ -117,6 +117,20 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     [listed_key] = _ok(run_kmsq(home, "root-key", "list", "--json"))
     assert [v for v, _ in listed_key["pending_destruction"]] == [1] and listed_key["destroyed_versions"] == []
     _ok(run_kmsq(home, "root-key", "cancel-destroy", root, "1", env={"KMSQ_OPERATOR_KEY": key["bob"]}))
+
+    # Trusting a token needs the quorum too, and the approval is for exactly that token and fingerprint.
+    trust = ("hsm", "trust", "hsm-b", "--fingerprint", "ab" * 32)
+    _refused(run_kmsq(home, *trust, env=dave), 9, "hsm.trust needs 2 of 3 (alice, bob, dave): propose it")
+    proposed = _ok(run_kmsq(home, "propose", *trust, "--operator-key", key["bob"], "--json"))
+    shown_trust = run_kmsq(home, "proposals", "show", str(proposed["id"])).stdout
+    assert '"token": "hsm-b"' in shown_trust and "kmsq hsm trust NAME --fingerprint F --proposal" in shown_trust
+    approved = run_kmsq(home, "approve", str(proposed["id"]), "--operator-key", key["alice"])
+    assert approved.returncode == 0 and "approved: now kmsq hsm trust" in approved.stdout, approved.stderr
+    _refused(run_kmsq(home, "hsm", "trust", "hsm-b", "--fingerprint", "cd" * 32, "--proposal", str(proposed["id"])),
+             9, "approved another operation")  # fmt: skip
+    # (no token hsm-b is enrolled here: the trust itself fails, and the approved proposal stays for a retry)
+    _refused(run_kmsq(home, *trust, "--proposal", str(proposed["id"])), 3, "hsm-b")
+    assert _ok(run_kmsq(home, "proposals", "show", str(proposed["id"]), "--json"))["state"] == "pending"
     [listed_key] = _ok(run_kmsq(home, "root-key", "list", "--json"))
     assert listed_key["pending_destruction"] == [] and listed_key["versions"] == [1, 2]
     verified = run_kmsq(home, "audit", "verify")

@@ -184,3 +184,39 @@ def test_a_database_writer_cannot_undo_the_operator(unit: Unit, full: KmsCodec) 
         db.execute(update(Pool).where(Pool.name == "alpha").values(state="disabled"))  # its MAC now fails
     assert refusal(full, unit.deliver(full, {"op": "generate_data_key"})) == (
         "invalid", "pool alpha failed its policy check")  # fmt: skip
+
+
+def test_a_root_key_with_a_rotation_period_is_rotated_when_it_falls_due(unit: Unit, full: KmsCodec) -> None:
+    root = unit.roots["aes"]
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    with pytest.raises(InvalidRequest, match="1 to 3650 days"):
+        unit.service.set_rotation_period(root, 0)
+    info = unit.service.set_rotation_period(root, 30)  # set now: due in 30 days
+    assert info.rotation_period_days == 30 and info.next_rotation is not None
+    assert timedelta(days=29, hours=23) < info.next_rotation - datetime.now(UTC) <= timedelta(days=30)
+    assert schedule.run(hsm, sessions, TEST_OPERATORS.digest).rotated == []
+    assert unit.service.set_rotation_period(root, None).next_rotation is None
+    with approved_at(datetime.now(UTC) - timedelta(days=31)):  # set 31 days ago: due
+        unit.service.set_rotation_period(root, 30)
+    done = schedule.run(hsm, sessions, TEST_OPERATORS.digest)
+    assert done.rotated == [f"{root}:2"] and not done.kept
+    assert schedule.run(hsm, sessions, TEST_OPERATORS.digest).rotated == []  # the next one is 30 days away
+    key = next(k for k in unit.service.list_root_keys() if k.id == root)
+    assert key.version == 2 and key.next_rotation is not None and key.next_rotation > datetime.now(UTC)
+    with sessions() as db:  # a worker trusts both rows the rotation made, and wraps under the new version
+        assert unit.ctx.rows.root_key(db, root) is not None
+        assert unit.ctx.rows.root_key_version(db, root, 2) is not None
+        records = list(db.scalars(select(AuditRecord).where(AuditRecord.action == "root-key rotate")))
+        assert [(r.actor, r.root_key_version) for r in records][-1] == ("kmsq:schedule", 2)
+    made = answer(full, unit.deliver(full, {"op": "generate_data_key", "root_key_id": root}))
+    assert made["encryptedKey"]
+    # A rotation written before it fell due (with the PIN, say) is refused by every reader.
+    with transaction(sessions) as db:
+        row = db.get(RootKey, root)
+        assert row is not None
+        sets = load_operator_sets(db, TEST_OPERATORS.digest)
+        row.current_version = 3
+        with pytest.raises(ApprovalError, match="not a change that has fallen due"):
+            TimeMade(sets, datetime.now(UTC)).evidence_for(db, row, row.approval)
+        db.rollback()
+    assert unit.service.set_rotation_period(root, None).next_rotation is None

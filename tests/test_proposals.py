@@ -18,8 +18,15 @@ from tests.fake_hsm import FakeHsm
 from tests.unit_fixtures import UnitTemplate, copy_of_schema
 from worker import audit_log, proposals
 from worker.actions import ACTIONS
-from worker.approvals import ApprovalError, LocalOperators, OperatorSets, load_operator_sets, verify_evidence
-from worker.errors import Conflict, Forbidden
+from worker.approvals import (
+    ApprovalError,
+    LocalOperators,
+    OperatorSets,
+    QuorumRequired,
+    load_operator_sets,
+    verify_evidence,
+)
+from worker.errors import Conflict, Forbidden, InvalidRequest
 from worker.policy import AUTHORIZER
 from worker.runtime import KeyService
 from worker.storage.db import session_factory, transaction
@@ -267,3 +274,39 @@ def test_an_operator_set_without_the_new_quorum_breaks_the_chain(unit: Trio) -> 
         record.approvals = json.dumps([a for a in json.loads(record.approvals) if a["operator"] != "dave"])
     with unit.service.sessions() as db, pytest.raises(ApprovalError, match="1 of the 2 operators of the new set"):
         load_operator_sets(db, TRIO.digest)
+
+
+def test_an_operation_needs_a_quorum_and_is_carried_out_once(unit: Trio) -> None:
+    sets = _adopted(unit)
+    _with_wallet(unit, sets)  # (the token's policy key is made with the first row)
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    trust = {"token": "hsm-b", "fingerprint": "ab" * 32}
+    alone = LocalOperators([ALICE], TRIO)
+    with pytest.raises(QuorumRequired, match=r"hsm.trust needs 2 of 3 .*: propose it \(kmsq propose hsm trust"):
+        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, None, alone)
+    proposal = proposals.propose_operation(hsm, sessions, sets, "hsm.trust", trust, "alice")
+    assert proposal.rows == () and proposal.arguments == trust
+    _approve(unit, sets, proposal, ALICE)
+    with pytest.raises(Forbidden, match="has the approvals of alice; it needs 2 of 3"):
+        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, alone)
+    _approve(unit, sets, proposal, CAROL)
+    with pytest.raises(InvalidRequest, match="carry it out with kmsq hsm trust"):
+        proposals.apply(hsm, sessions, sets, proposal.id, "carol")
+    other = dict(trust, fingerprint="cd" * 32)
+    with pytest.raises(Forbidden, match="approved another operation"):
+        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", other, proposal.id, None)
+    with pytest.raises(Forbidden, match="approved another operation"):
+        proposals.approved_operation(hsm, sessions, sets, "backup.restore", trust, proposal.id, None)
+    assert proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, None) == proposal.id
+    proposals.close_operation(hsm, sessions, proposal.id, "carol", "token hsm-b trusted")
+    with pytest.raises(Conflict, match="is applied"):  # carried out once
+        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, None)
+    # A command holding a quorum's keys approves its own operation at once (recorded as a proposal all the same).
+    held = proposals.approved_operation(
+        hsm, sessions, sets, "hsm.trust", other, None, LocalOperators([BOB, CAROL], TRIO)
+    )
+    assert set(proposals.describe(sessions, held, sets).approved_by) == {"bob", "carol"}
+    proposals.close_operation(hsm, sessions, held, "bob", "token hsm-b trusted")
+    with sessions() as db:
+        details = [r.detail for r in db.scalars(select(AuditRecord).where(AuditRecord.action == "proposal applied"))]
+    assert sum(proposal.id in d or held in d for d in details) == 2

@@ -160,6 +160,30 @@ def test_a_version_is_retired_and_destroyed_through_the_commands(deployment: Dep
     assert len(done) == 1 and done[0]["actor"] == "kmsq:schedule" and done[0]["root_key_version"] == 1
 
 
+def test_a_rotation_period_is_applied_by_the_pools_worker(deployment: Deployment, lam: Lambda) -> None:
+    def current() -> dict[str, object]:
+        return next(k for k in json.loads(kmsq(deployment, "root-key", "list", "--json").stdout) if k["id"] == lam.root)
+
+    before = int(str(current()["version"]))
+    with approved_at(datetime.now(UTC) - timedelta(days=2)):  # a period of one day, set two days ago: due
+        deployment.service.set_rotation_period(lam.root, 1)
+    deadline = time.monotonic() + 20
+    while int(str(current()["version"])) == before:
+        assert time.monotonic() < deadline, "the worker did not rotate the root key that fell due"
+        time.sleep(0.2)
+    time.sleep(2.5)  # two more runs of its scheduler: once only
+    key = current()
+    assert key["version"] == before + 1 and key["rotation_period_days"] == 1
+    assert datetime.fromisoformat(str(key["next_rotation"])) - datetime.now(UTC) > timedelta(hours=23)
+    made = lam.client.generate_data_key(lam.root, with_plaintext=True)
+    assert lam.client.decrypt_data_key(made["encryptedKey"])["plaintextKey"] == made["plaintextKey"]
+    records = json.loads(kmsq(deployment, "audit", "tail", "--pool", POOL, "-n", "50", "--json").stdout)
+    rotations = [r for r in records if r["action"] == "root-key rotate" and r["actor"] == "kmsq:schedule"]
+    assert [r["root_key_version"] for r in rotations] == [before + 1]
+    shown = kmsq(deployment, "root-key", "set", lam.root, "--no-rotation-period")
+    assert shown.returncode == 0 and "rotated only by an operator" in shown.stdout, shown.stderr
+
+
 def test_adding_a_pool_and_a_worker_restarts_nothing(deployment: Deployment, lam: Lambda) -> None:
     """A new pool with its worker, and a second worker on an existing pool, while the others keep their
     processes and keep answering. The root key and fleet key are created in this process after a subprocess

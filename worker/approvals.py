@@ -428,11 +428,23 @@ def due_at(kind: str, before: Fields, after: Fields, approved: datetime | None) 
 
 
 def _verify_due(kind: str, before: Fields | None, after: Fields, approved: datetime | None, at: object) -> datetime:
-    """The time of a ``due`` step, once the change is one that time makes and it fell due by this host's clock."""
-    due = due_at(kind, before, after, approved) if before is not None else None
+    """The time of a ``due`` step, once the change is one that time makes and it fell due by this host's clock. A
+    new version of a root key is one (a rotation by its period makes it; it grants nothing until the root key's
+    own row, by an approved change or its rotation period, names it)."""
+    moment = _step_time(at)
+    if before is None:
+        if (
+            kind != "root_key_version"
+            or _as_dict(after).get("state") != "enabled"
+            or "destroy_wait_days" in dict(after)
+        ):
+            raise ApprovalError("a due step that is not a change time makes")
+        if moment > datetime.now(UTC) + CLOCK_SKEW:
+            raise ApprovalError("a due step made before the change fell due")
+        return moment
+    due = due_at(kind, before, after, approved)
     if due is None:
         raise ApprovalError("a due step that is not a change time makes")
-    moment = _step_time(at)
     if moment < due or moment > datetime.now(UTC) + CLOCK_SKEW:
         raise ApprovalError("a due step made before the change fell due")
     return moment
@@ -543,9 +555,10 @@ class LocalOperators:
 
 @dataclass
 class TimeMade:
-    """Gives evidence to a change that time makes (worker.schedule: a version destroyed after its wait): a ``due``
-    step that nobody signs, which every reader checks against the approved content before it and its own clock.
-    Raises ApprovalError for any other change, or one not due yet."""
+    """Gives evidence to a change that time makes (worker.schedule: a version destroyed after its wait, a root key
+    rotated by its period, with its new version): a ``due`` step that nobody signs, which every reader checks
+    against the approved content before it and its own clock. Raises ApprovalError for any other change, or one
+    not due yet."""
 
     sets: OperatorSets
     now: datetime
@@ -553,6 +566,10 @@ class TimeMade:
     def evidence_for(self, db: Session, row: PolicyRow, previous: str | None) -> str:
         kind, fields, _ = row_content(row)
         name = row_name(row)
+        if not previous and kind == "root_key_version":  # the new version a rotation by its period makes
+            step = {"kind": DUE, "row": name, "seq": 1, "from": None, "fields": [list(f) for f in fields],
+                    "at": self.now.isoformat()}  # fmt: skip
+            return evidence_document(None, [step])
         before = verify_chain(kind, name, previous, self.sets)
         due = due_at(kind, before.fields, fields, before.approved_at)
         if due is None or due > self.now:

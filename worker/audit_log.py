@@ -169,10 +169,12 @@ def operator_action(
     root_key_id: str | None = None,
     root_key_version: int | None = None,
     detail: str = "",
+    actor: str | None = None,
 ) -> AuditRecord:
-    """Appends an operator command's record (actor ``operator:<user>``, outcome ``ok``): see :func:`append`."""
+    """Appends an operator command's record (actor ``operator:<user>`` unless ``actor`` names another, such as
+    the workers' schedule; outcome ``ok``): see :func:`append`."""
     return append(
-        hsm, db, pool, actor=operator(), action=action, outcome="ok", root_key_id=root_key_id,
+        hsm, db, pool, actor=actor or operator(), action=action, outcome="ok", root_key_id=root_key_id,
         root_key_version=root_key_version, detail=detail,
     )  # fmt: skip
 

@@ -70,6 +70,24 @@ def set_min_decryption_version(hsm: KeyStore, db: Session, root_key_id: str, min
     return root_key_info(db, key)
 
 
+MAX_ROTATION_PERIOD_DAYS = 3650
+
+
+def set_rotation_period(hsm: KeyStore, db: Session, root_key_id: str, days: int | None) -> RootKeyInfo:
+    """Gives a root key a rotation period (1-3650 days; None: none): its pool's workers rotate it that long after
+    its last change (worker.schedule). One operator may (a rotation grants nobody anything). Returns the
+    description. Raises NotFound, InvalidRequest, PolicyViolation."""
+    if days is not None and not 1 <= days <= MAX_ROTATION_PERIOD_DAYS:
+        raise InvalidRequest(f"a rotation period is 1 to {MAX_ROTATION_PERIOD_DAYS} days")
+    key = _root_key_for_update(hsm, db, root_key_id)
+    key.rotation_period_days = days
+    policy.seal(hsm, db, key)
+    db.flush()
+    audit_log.operator_action(hsm, db, key.pool, "root-key set", root_key_id=key.id,
+                              detail=f"rotation period {days} days" if days else "no rotation period")  # fmt: skip
+    return root_key_info(db, key)
+
+
 def rows_using(db: Session, root_key_id: str, version: int) -> int:
     """Returns how many stored rows (private keys, fleet keys, kept legacy names) are wrapped by the version."""
     total = 0

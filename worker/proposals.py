@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from schemas.quorum import Approval, OperatorSet, QuorumError, change_digest, expiry_of, tally
+from schemas.quorum import Approval, OperatorSet, QuorumError, approve, change_digest, expiry_of, tally
 from schemas.wire import canonical_json
 from worker import audit_log, policy
 from worker.actions import ACTIONS
@@ -27,7 +27,9 @@ from worker.approvals import (
     ADOPT,
     CHANGE_OPERATORS,
     ApprovalError,
+    LocalOperators,
     OperatorSets,
+    QuorumRequired,
     _last_seq,
     adoption_document,
     change_document,
@@ -323,14 +325,10 @@ def apply(
     Conflict (not pending), Forbidden (too few approvals, expired, or the operator set changed) or ApprovalError
     (the database changed since the proposal)."""
     with sessions() as db, db.begin():
-        row, document = _pending(db, proposal_id)
-        if document["operator_set"] != sets.current.digest:
-            raise Forbidden("the operator set changed since the proposal: propose it again")
-        approvals = _stored_approvals(db, proposal_id)
-        result = _count(document, row.digest, approvals, sets.current)
-        if not result.met:
-            raise Forbidden(f"proposal {proposal_id} has the approvals of {', '.join(result.counted) or 'nobody'}; "
-                            f"it needs {result.needs}")  # fmt: skip
+        row, document, result, approvals = _approved(db, proposal_id, sets)
+        if document["action"] in OPERATIONS:
+            raise InvalidRequest(f"proposal {proposal_id} is approved: carry it out with "
+                                 f"{OPERATIONS[document['action']]} --proposal {proposal_id}")  # fmt: skip
         counted = [a for a in approvals if a.operator in result.counted]
         if document["action"] == ADOPT:
             write_genesis(db, sets.current, document, counted)
@@ -343,6 +341,85 @@ def apply(
                                   detail=f"{proposal_id} {document['action']} approved by "
                                          f"{', '.join(sorted(result.counted))}")  # fmt: skip
     return describe(sessions, proposal_id, sets)
+
+
+def _approved(db: Session, proposal_id: str, sets: OperatorSets) -> tuple[Proposal, dict[str, Any], _Count,
+                                                                        list[Approval]]:  # fmt: skip
+    """The pending proposal (locked), its document, how its approvals count and the approvals, once a quorum of the
+    current set approved it. Raises NotFound, Conflict or Forbidden."""
+    row, document = _pending(db, proposal_id)
+    if document["operator_set"] != sets.current.digest:
+        raise Forbidden("the operator set changed since the proposal: propose it again")
+    approvals = _stored_approvals(db, proposal_id)
+    result = _count(document, row.digest, approvals, sets.current)
+    if not result.met:
+        raise Forbidden(f"proposal {proposal_id} has the approvals of {', '.join(result.counted) or 'nobody'}; "
+                        f"it needs {result.needs}")  # fmt: skip
+    return row, document, result, approvals
+
+
+# -- operations: what needs a quorum but changes no policy row ----------------------------------------------
+
+# Each, with the command that carries it out once approved.
+OPERATIONS = {
+    "backup.restore": "kmsq backup restore FILE --fingerprint F --custodian-key ...",
+    "hsm.trust": "kmsq hsm trust NAME --fingerprint F",
+}
+
+
+def propose_operation(
+    hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, action: str, arguments: Mapping[str, Any],
+    proposed_by: str, *, ttl_hours: float = DEFAULT_TTL_HOURS,
+) -> ProposalInfo:  # fmt: skip
+    """Stores the proposal of operation ``action`` (one of :data:`OPERATIONS`) with exactly ``arguments``; once a
+    quorum approved it, its command carries it out once (:func:`approved_operation`). Raises InvalidRequest or
+    Forbidden."""
+    if action not in OPERATIONS:
+        raise InvalidRequest(f"unknown operation {action!r} (known: {', '.join(sorted(OPERATIONS))})")
+    _check_proposal(sets, proposed_by, ttl_hours)
+    document = change_document(action, [], sets.current.digest, proposed_by, arguments=arguments,
+                               ttl_hours=ttl_hours)  # fmt: skip
+    with sessions() as db, db.begin():
+        _store(hsm, db, document, proposed_by)
+    return describe(sessions, document["id"], sets)
+
+
+def approved_operation(
+    hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, action: str, arguments: Mapping[str, Any],
+    proposal_id: str | None, local: LocalOperators | None,
+) -> str:  # fmt: skip
+    """Returns the id of the proposal that lets a command carry out ``action`` with ``arguments`` now: the pending
+    ``proposal_id``, of exactly this operation, that a quorum approved before its expiry; without one, a proposal
+    made and approved at once by the operator keys the command holds (``local``), when they are a quorum (the
+    embedded default's 1-of-1). The command closes it with :func:`close_operation` once done.
+
+    Raises QuorumRequired (no proposal, and too few keys: the message says what to propose), NotFound, Conflict
+    (already carried out, cancelled, expired) or Forbidden (another operation, too few approvals)."""
+    if proposal_id is None:
+        mine = [i for i in (local.identities if local else ()) if sets.current.get(i.name) == i.public]
+        if len(mine) < sets.current.quorum:
+            raise QuorumRequired(f"{action} needs {sets.current.describe()}: propose it (kmsq propose "
+                                 f"{action.replace('.', ' ')} ...), then run this with --proposal ID")  # fmt: skip
+        proposal_id = propose_operation(hsm, sessions, sets, action, arguments, mine[0].name, ttl_hours=1).id
+        digest = describe(sessions, proposal_id, sets).digest
+        for identity in mine:
+            add_approval(hsm, sessions, sets, proposal_id, approve(identity, digest))
+    with sessions() as db:
+        _, document, _, _ = _approved(db, proposal_id, sets)
+    if document["action"] != action or document.get("arguments") != dict(arguments):
+        raise Forbidden(f"proposal {proposal_id} approved another operation ({document['action']} "
+                        f"{json.dumps(document.get('arguments'), sort_keys=True)})")  # fmt: skip
+    return proposal_id
+
+
+def close_operation(hsm: KeyStore, sessions: Callable[[], Session], proposal_id: str, done_by: str, said: str) -> None:
+    """Records that the operation of ``proposal_id`` was carried out (``said``: what it did), so that it is not
+    carried out again. Raises NotFound or Conflict."""
+    with sessions() as db, db.begin():
+        row, document = _pending(db, proposal_id)
+        row.state, row.closed_at, row.closed_by = "applied", datetime.now(UTC), done_by
+        audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal applied",
+                                  detail=f"{proposal_id} {document['action']}: {said}")  # fmt: skip
 
 
 def _apply_action(hsm: KeyStore, db: Session, document: Mapping[str, Any], approvals: Sequence[Approval]) -> None:

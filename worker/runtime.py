@@ -92,6 +92,10 @@ class KeyService:
         """See :func:`worker.lifecycle.destroy_root_key_version` (it schedules the destruction)."""
         return self._run(lambda db: lifecycle.destroy_root_key_version(self.hsm, db, root_key_id, version, wait_days))
 
+    def set_rotation_period(self, root_key_id: str, days: int | None) -> service.RootKeyInfo:
+        """See :func:`worker.lifecycle.set_rotation_period`."""
+        return self._run(lambda db: lifecycle.set_rotation_period(self.hsm, db, root_key_id, days))
+
     def cancel_destroy(self, root_key_id: str, version: int) -> service.RootKeyInfo:
         """See :func:`worker.lifecycle.cancel_destroy`."""
         return self._run(lambda db: lifecycle.cancel_destroy(self.hsm, db, root_key_id, version))

@@ -97,6 +97,8 @@ class RootKeyInfo:
     destroyed_versions: tuple[int, ...] = ()
     # Versions waiting for destruction, with when it falls due (as their approval claims; workers verify it).
     pending_destruction: tuple[tuple[int, datetime | None], ...] = ()
+    rotation_period_days: int | None = None  # rotated by its pool's workers that long after its last change
+    next_rotation: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
         min_decryption_version=key.min_decryption_version,
         destroyed_versions=tuple(v.version for v in versions if v.state == "destroyed"),
         pending_destruction=tuple((v.version, _destruction_due(v)) for v in versions if v.state == "pending_destroy"),
+        rotation_period_days=key.rotation_period_days,
+        next_rotation=_after(key.approval, key.rotation_period_days),
         wrap_algorithm=WrapAlgorithm(current.wrap_algorithm).name,
         hsm_label=current.hsm_label,
         created_at=key.created_at if key.created_at.tzinfo else key.created_at.replace(tzinfo=UTC),
@@ -164,12 +168,15 @@ def _info(repo: RootKeyRepository, key: RootKey) -> RootKeyInfo:
 
 
 def _destruction_due(version: RootKeyVersion) -> datetime | None:
+    return _after(version.approval, version.destroy_wait_days)
+
+
+def _after(evidence: str | None, days: int | None) -> datetime | None:
+    """``days`` after the approval ``evidence`` claims (for display: workers verify it), or None."""
     from worker.approvals import claimed_approval_time
 
-    approved = claimed_approval_time(version.approval)
-    if approved is None or version.destroy_wait_days is None:
-        return None
-    return approved + timedelta(days=version.destroy_wait_days)
+    approved = claimed_approval_time(evidence)
+    return None if approved is None or days is None else approved + timedelta(days=days)
 
 
 def _create_hsm_version(hsm: KeyStore, key_type: str, key_id: str, version: int) -> RootKeyHandle:
@@ -218,8 +225,9 @@ def create_root_key(hsm: KeyStore, db: Session, key_type: str = "aes-256", pool:
     return _info(repo, key)
 
 
-def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str) -> RootKeyInfo:
-    """Adds a new version to a root key; it wraps from now on, older versions keep unwrapping.
+def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str, *, actor: str | None = None) -> RootKeyInfo:
+    """Adds a new version to a root key; it wraps from now on, older versions keep unwrapping. ``actor`` names who
+    rotates in the audit record when it is not the operator running the command (worker.schedule).
 
     Returns the updated description. Raises NotFound.
     """
@@ -236,7 +244,8 @@ def rotate_root_key(hsm: KeyStore, db: Session, root_key_id: str) -> RootKeyInfo
         repo.add_version(key, row)
         policy.seal(hsm, db, key)  # its current version changed
         db.flush()
-        audit_log.operator_action(hsm, db, key.pool, "root-key rotate", root_key_id=key.id, root_key_version=version)
+        audit_log.operator_action(hsm, db, key.pool, "root-key rotate", root_key_id=key.id, root_key_version=version,
+                                  actor=actor)  # fmt: skip
     except BaseException:
         hsm.destroy_root_key(handle)
         raise

@@ -16,6 +16,7 @@ import click
 
 from kmsq.commands.common import service, settings
 from kmsq.commands.hsm import _so_pin, _token
+from kmsq.commands.quorum import GATE_OPTIONS, backup_arguments, close_gate, operation_gate
 from kmsq.output import console, one_line_errors, print_json
 
 if TYPE_CHECKING:
@@ -211,11 +212,16 @@ def _custodian_keys(paths: tuple[Path, ...]) -> list[CustodianKey]:
 @click.option("--custodian-key", "custodian_keys", type=_PATH, multiple=True, required=True,
               help="A custodian's NAME.custodian-key.json (repeat: at least the backup's threshold).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@GATE_OPTIONS[0]
+@GATE_OPTIONS[1]
 @one_line_errors
-def backup_restore(backup_file: Path, fingerprint: str, custodian_keys: tuple[Path, ...], as_json: bool) -> None:
+def backup_restore(backup_file: Path, fingerprint: str, custodian_keys: tuple[Path, ...], as_json: bool,
+                   proposal_id: str | None, operator_key: Path | None) -> None:  # fmt: skip
     """Restore BACKUP_FILE into this host's token (a new one: a token holding other keys under the backup's labels
-    is refused). Needs the keys of at least M custodians; nothing is written to the token unless every check
-    passes. Exits 7 when the backup or a share does not verify or too few custodians opened it."""
+    is refused). Needs the keys of at least M custodians, and a quorum of operators (an approved `kmsq propose
+    backup restore` of this very file, or this command's operator keys); nothing is written to the token unless
+    every check passes. Exits 7 when the backup or a share does not verify or too few custodians opened it, 9
+    without the operators' approval."""
     from worker import backup
     from worker.softhsm import ensure_embedded_token
 
@@ -223,7 +229,10 @@ def backup_restore(backup_file: Path, fingerprint: str, custodian_keys: tuple[Pa
     if config.embedded_hsm:
         ensure_embedded_token(config)
     keys = _custodian_keys(custodian_keys)
-    done = backup.restore(_token(service()), backup_file.read_bytes(), fingerprint, keys)
+    svc, proposal = operation_gate("backup.restore", backup_arguments(backup_file, fingerprint), proposal_id,
+                                   operator_key)  # fmt: skip
+    done = backup.restore(_token(svc), backup_file.read_bytes(), fingerprint, keys)
+    close_gate(svc, proposal, f"{len(done.restored)} keys restored from backup key {done.key_id}")
     if as_json:
         print_json(asdict(done))
         return

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmsq.commands.common import service, settings
+from kmsq.commands.quorum import GATE_OPTIONS, close_gate, operation_gate, trust_arguments
 from kmsq.output import EXIT_CONFIG, EXIT_INVALID, console, one_line_errors, print_json, print_table
 
 if TYPE_CHECKING:
@@ -74,16 +75,22 @@ def _so_pin(pin_file: Path | None) -> str:
 @click.option("--so-pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="This token's security officer PIN (default: the embedded token's, else asked).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@GATE_OPTIONS[0]
+@GATE_OPTIONS[1]
 @one_line_errors
-def hsm_trust(name: str, fingerprint: str, so_pin_file: Path | None, as_json: bool) -> None:
+def hsm_trust(name: str, fingerprint: str, so_pin_file: Path | None, as_json: bool, proposal_id: str | None,
+              operator_key: Path | None) -> None:  # fmt: skip
     """As this token's security officer, trust the transport key of the enrolled token NAME: from then on this
-    token wraps its keys for NAME (kmsq hsm replicate). Nothing is trusted when the fingerprint differs."""
+    token wraps its keys for NAME (kmsq hsm replicate). Nothing is trusted when the fingerprint differs. Needs a
+    quorum of operators (an approved `kmsq propose hsm trust` of this token and fingerprint, or this command's
+    operator keys): exit 9 without."""
     from worker import replication
     from worker.storage.db import transaction
 
-    svc = service()
+    svc, proposal = operation_gate("hsm.trust", trust_arguments(name, fingerprint), proposal_id, operator_key)
     with transaction(svc.sessions) as db:
         made = replication.trust(_token(svc), db, name, fingerprint, _so_pin(so_pin_file))
+    close_gate(svc, proposal, f"token {name} trusted")
     if as_json:
         print_json({"token": name, "trusted": True, "made": made})
         return

@@ -240,6 +240,98 @@ def propose_operators(operator_files: str, quorum: int, hours: float, operator_k
                           f"`kmsq approve {info.id}`")  # fmt: skip
 
 
+def backup_arguments(backup_file: Path, fingerprint: str) -> dict[str, Any]:
+    """What a proposal to restore ``backup_file`` approves: the file's SHA-256 and the backup key's fingerprint."""
+    import hashlib
+    import re
+
+    return {"backup_sha256": hashlib.sha256(backup_file.read_bytes()).hexdigest(),
+            "fingerprint": re.sub(r"[^0-9a-f]", "", fingerprint.lower())}  # fmt: skip
+
+
+def trust_arguments(name: str, fingerprint: str) -> dict[str, Any]:
+    """What a proposal to trust the enrolled token ``name`` approves: its name and transport key fingerprint."""
+    import re
+
+    return {"token": name, "fingerprint": re.sub(r"[^0-9a-f]", "", fingerprint.lower())}
+
+
+def operation_gate(action: str, arguments: dict[str, Any], proposal_id: str | None,
+                   operator_key: Path | None) -> tuple[KeyService, str]:  # fmt: skip
+    """The key service and the approved proposal that lets this command carry out ``action`` (see
+    worker.proposals.approved_operation); close it with :func:`close_gate` once done. Raises QuorumRequired (exit
+    9, saying what to propose), Forbidden, Conflict, NotFound, ConfigError."""
+    from dataclasses import replace
+
+    from worker import proposals
+    from worker.operators import local_operators
+
+    config = settings()
+    if operator_key is not None:
+        config = replace(config, operator_key=(operator_key,))
+    keys, sets = _reader()
+    local = local_operators(config)
+    return keys, proposals.approved_operation(keys.hsm, keys.sessions, sets, action, arguments, proposal_id, local)
+
+
+def close_gate(keys: KeyService, proposal_id: str, said: str) -> None:
+    """Records that the operation of ``proposal_id`` was carried out."""
+    from worker import audit_log, proposals
+
+    proposals.close_operation(keys.hsm, keys.sessions, proposal_id, audit_log.operator(), said)
+
+
+_PROPOSAL_HELP = (
+    "The approved proposal of exactly this (kmsq propose ...); not needed when this command's "
+    "operator keys are a quorum."
+)
+GATE_OPTIONS = (click.option("--proposal", "proposal_id", default=None, help=_PROPOSAL_HELP), _KEY_OPTION)
+
+
+def _propose_operation(operator_key: Path | None, action: str, arguments: dict[str, Any], hours: float,
+                       as_json: bool) -> None:  # fmt: skip
+    from schemas.quorum import approve
+    from worker import proposals
+
+    keys, local, sets = _context(operator_key)
+    signer = _signer(local, sets)
+    info = proposals.propose_operation(keys.hsm, keys.sessions, sets, action, arguments, signer.name,
+                                       ttl_hours=hours)  # fmt: skip
+    info = proposals.add_approval(keys.hsm, keys.sessions, sets, info.id, approve(signer, info.digest))
+    then = f"{proposals.OPERATIONS[action]} --proposal {info.id}"
+    _print(info, as_json, f"proposed {action} (your approval is recorded); the other operators run "
+                          f"`kmsq approve {info.id}`, then {then}")  # fmt: skip
+
+
+@propose_group.group("backup")
+def propose_backup() -> None:
+    """Backups."""
+
+
+@propose_backup.command("restore")
+@click.argument("backup_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--fingerprint", required=True, help="The backup key's fingerprint, as kmsq backup init showed it.")
+@_proposal_options
+def propose_backup_restore(backup_file: Path, fingerprint: str, hours: float, operator_key: Path | None,
+                           as_json: bool) -> None:  # fmt: skip
+    """Propose restoring exactly BACKUP_FILE (by its SHA-256) into a token."""
+    _propose_operation(operator_key, "backup.restore", backup_arguments(backup_file, fingerprint), hours, as_json)
+
+
+@propose_group.group("hsm")
+def propose_hsm() -> None:
+    """Tokens."""
+
+
+@propose_hsm.command("trust")
+@click.argument("name")
+@click.option("--fingerprint", required=True, help="The fingerprint kmsq hsm enroll showed on that token's host.")
+@_proposal_options
+def propose_hsm_trust(name: str, fingerprint: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
+    """Propose trusting the enrolled token NAME (its keys then reach it)."""
+    _propose_operation(operator_key, "hsm.trust", trust_arguments(name, fingerprint), hours, as_json)
+
+
 @click.group("proposals", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -281,6 +373,10 @@ def proposals_show(proposal_id: str, document_out: Path | None, as_json: bool) -
                                    "document": document})  # fmt: skip
         return
     _print(info, False, f"digest {info.digest}")
+    if info.action in proposals.OPERATIONS:
+        console.print(f"operation {info.action}: {json.dumps(dict(info.arguments), sort_keys=True)}")
+        console.print(f"carried out, once approved, by {proposals.OPERATIONS[info.action]} --proposal {info.id}")
+        return
     if info.action == "operators.change":
         from schemas.quorum import OperatorSet
 
@@ -321,9 +417,14 @@ def approve_command(proposal_id: str, operator_key: Path | None, approval_file: 
         signer = _signer(local, sets)
         approval = approve(signer, proposals.describe(keys.sessions, proposal_id, sets).digest)
     info = proposals.add_approval(keys.hsm, keys.sessions, sets, proposal_id, approval)
-    if info.met:
+    then = ""
+    if info.met and info.action in proposals.OPERATIONS:
+        then = f"; approved: now {proposals.OPERATIONS[info.action]} --proposal {proposal_id}"
+    elif info.met:
         info = proposals.apply(keys.hsm, keys.sessions, sets, proposal_id, approval.operator)
-    _print(info, as_json, f"approved by {approval.operator}" + (" and applied" if info.state == "applied" else ""))
+    _print(
+        info, as_json, f"approved by {approval.operator}" + (" and applied" if info.state == "applied" else "") + then
+    )
 
 
 @click.command("apply")

@@ -30,10 +30,11 @@ def _print_root_keys(keys: list[RootKeyInfo], as_json: bool) -> None:
         return
     print_table(
         "root keys",
-        ["id", "type", "pool", "state", "version", "decrypts", "destroyed", "destroying", "wrap", "created"],
+        ["id", "type", "pool", "state", "version", "decrypts", "destroyed", "destroying", "rotates", "wrap",
+         "created"],
         [
             [k.id, k.type, k.pool, k.state, k.version, f"v{k.min_decryption_version}-v{k.version}",
-             ",".join(map(str, k.destroyed_versions)) or "-", _pending(k), k.wrap_algorithm,
+             ",".join(map(str, k.destroyed_versions)) or "-", _pending(k), _rotates(k), k.wrap_algorithm,
              k.created_at.strftime("%Y-%m-%d %H:%M")]
             for k in keys
         ],
@@ -45,6 +46,14 @@ def _pending(key: RootKeyInfo) -> str:
     return (
         ", ".join(f"v{v} after {due:%Y-%m-%d %H:%M}" if due else f"v{v}" for v, due in key.pending_destruction) or "-"
     )
+
+
+def _rotates(key: RootKeyInfo) -> str:
+    """``every 90 d, next 2027-03-01`` or ``-``."""
+    if key.rotation_period_days is None:
+        return "-"
+    nxt = f", next {key.next_rotation:%Y-%m-%d}" if key.next_rotation else ""
+    return f"every {key.rotation_period_days} d{nxt}"
 
 
 @root_key.command("create")
@@ -132,15 +141,28 @@ def _print_key(key: RootKeyInfo, as_json: bool, what: str) -> None:
 
 @root_key.command("set")
 @click.argument("root_key_id")
-@click.option("--min-decryption-version", "minimum", type=click.IntRange(1), required=True,
+@click.option("--min-decryption-version", "minimum", type=click.IntRange(1), default=None,
               help="Refuse ciphertexts under older versions (1 to the current version).")  # fmt: skip
+@click.option("--rotation-period-days", "period", type=click.IntRange(1, 3650), default=None,
+              help="Rotate it by itself that many days after its last change (its pool's workers do).")  # fmt: skip
+@click.option("--no-rotation-period", "no_period", is_flag=True, help="Rotate it only when an operator does.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def root_key_set(root_key_id: str, minimum: int, as_json: bool) -> None:
-    """Set a root key's minimum decryption version: older ciphertexts are refused from then on (workers
-    within KMSQ_CACHE_SECONDS). Rewrap stored keys first (kmsq root-key rewrap), or get_key refuses them."""
-    key = service().set_min_decryption_version(root_key_id, minimum)
-    _print_key(key, as_json, f"decrypts versions {key.min_decryption_version}-{key.version}")
+def root_key_set(root_key_id: str, minimum: int | None, period: int | None, no_period: bool, as_json: bool) -> None:
+    """Set a root key's minimum decryption version (older ciphertexts are refused from then on, by workers within
+    KMSQ_CACHE_SECONDS; rewrap stored keys first, or get_key refuses them) or its rotation period."""
+    from worker.errors import InvalidRequest
+
+    if (minimum is not None) + (period is not None) + no_period != 1:
+        raise InvalidRequest("give one of --min-decryption-version, --rotation-period-days, --no-rotation-period")
+    if minimum is not None:
+        key = service().set_min_decryption_version(root_key_id, minimum)
+        _print_key(key, as_json, f"decrypts versions {key.min_decryption_version}-{key.version}")
+        return
+    key = service().set_rotation_period(root_key_id, period)
+    _print_key(key, as_json, f"rotated every {period} days by its pool's workers, next after "
+                             f"{key.next_rotation:%Y-%m-%d %H:%M} UTC" if period and key.next_rotation
+                             else "no rotation period: rotated only by an operator")  # fmt: skip
 
 
 @root_key.command("disable")
@@ -191,12 +213,12 @@ def root_key_cancel_destroy(root_key_id: str, version: int, as_json: bool) -> No
     _print_key(service().cancel_destroy(root_key_id, version), as_json, f"version {version} is kept")
 
 
-@root_key.command("destroy-due")
+@root_key.command("run-due")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def root_key_destroy_due(as_json: bool) -> None:
-    """Destroy now what the workers would at their next run: the versions whose wait has passed, and this
-    token's objects of destroyed versions."""
+def root_key_run_due(as_json: bool) -> None:
+    """Do now what the workers would at their next run: rotate the root keys whose rotation period has passed,
+    destroy the versions whose wait has passed, and this token's objects of destroyed versions."""
     from worker import schedule
     from worker.operators import read_pinned
 
@@ -205,7 +227,7 @@ def root_key_destroy_due(as_json: bool) -> None:
     if as_json:
         print_json(done)
         return
-    console.print(f"destroyed: {', '.join(done.destroyed) or 'none'}; removed from this token: "
-                  f"{', '.join(done.removed_from_token) or 'none'}")  # fmt: skip
+    console.print(f"rotated: {', '.join(done.rotated) or 'none'}; destroyed: {', '.join(done.destroyed) or 'none'}; "
+                  f"removed from this token: {', '.join(done.removed_from_token) or 'none'}")  # fmt: skip
     for name, reason in done.kept.items():
         console.print(f"kept {name}: {reason}")

@@ -82,7 +82,9 @@ def status(as_json: bool) -> None:
             {"id": k.id, "type": k.type, "state": k.state, "version": k.version,
              "decrypts": [k.min_decryption_version, k.version], "destroyed": list(k.destroyed_versions),
              "pending_destruction": [{"version": v, "due": due.isoformat() if due else None}
-                                     for v, due in k.pending_destruction]}
+                                     for v, due in k.pending_destruction],
+             "rotation_period_days": k.rotation_period_days,
+             "next_rotation": k.next_rotation.isoformat() if k.next_rotation else None}
             for k in roots if k.pool == info.name
         ]  # fmt: skip
         entry.audit_head = heads.get(info.name)
@@ -99,6 +101,7 @@ def status(as_json: bool) -> None:
              ", ".join(f"{k['id']} v{k['version']}" + ("" if k["state"] == "enabled" else f" ({k['state']})")
                        + "".join(f" (v{d['version']} destroyed after {str(d['due'])[:16]})"
                                  for d in k["pending_destruction"])
+                       + (f" (rotates after {str(k['next_rotation'])[:16]})" if k["next_rotation"] else "")
                        for k in p.root_keys) or "-",
              (p.audit_head or "-")[:24]] for p in report]  # fmt: skip
     print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)
