@@ -50,6 +50,7 @@ for command in (
     quorum.proposals_group,
     quorum.approve_command,
     quorum.apply_command,
+    quorum.break_glass_command,
     fleet_key.fleet_key,
     pool.pool_group,
     policy.policy_group,

@@ -3,6 +3,7 @@ and SQLite files. Locally a missing service skips its tests; with ``CI=true`` it
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -208,6 +209,18 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
     full_env.update({"KMSQ_HOME": str(home), **(env or {})})
     return subprocess.run([kmsq, *args], env=full_env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def kmsq_ok(result: subprocess.CompletedProcess[str]) -> Any:
+    """The JSON a ``kmsq`` command printed (``{}`` when it printed none), once it exited 0 (else fails)."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if result.stdout.strip().startswith(("{", "[")) else {}
+
+
+def kmsq_refused(result: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    """Fails unless the command exited ``code`` with one line on stderr that says ``needle``."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
 
 
 # The queue fixtures (Redis, workers) live in their own module; importing them here registers them.

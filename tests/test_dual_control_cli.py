@@ -4,26 +4,16 @@ cannot add a caller but two can, one alone disables it, and every step verifies 
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.conftest import kmsq_ok as _ok
+from tests.conftest import kmsq_refused as _refused
 from tests.conftest import run_kmsq, softhsm_library
 
 pytestmark = [pytest.mark.hsm, pytest.mark.process]
-
-
-def _ok(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout) if result.stdout.strip().startswith(("{", "[")) else {}
-
-
-def _refused(result: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
 
 
 def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from kmsq.output import console, one_line_errors, print_json, print_table
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from schemas.quorum import OperatorIdentity
+    from schemas.quorum import OperatorIdentity, OperatorSet
     from worker.approvals import LocalOperators, OperatorSets
     from worker.proposals import ProposalInfo
     from worker.runtime import KeyService
@@ -33,9 +33,11 @@ _KEY_OPTION = click.option(
 )  # fmt: skip
 
 
-def _context(operator_key: Path | None) -> tuple[KeyService, LocalOperators, OperatorSets]:
-    """The key service, the operator keys this command signs with, and the verified operator sets. Raises
-    ConfigError when this host pins no set or no key is given."""
+def _context(operator_key: Path | None, *, adopt: bool = True) -> tuple[KeyService, LocalOperators, OperatorSets]:
+    """The key service, the operator keys this command signs with, and the verified operator sets (a deployment
+    nobody adopted yet is adopted at once when these keys are every operator's, unless not ``adopt``: the
+    command approves the adoption proposal itself). Raises ConfigError when this host pins no set or no key is
+    given."""
     from dataclasses import replace
 
     from worker import proposals
@@ -52,7 +54,7 @@ def _context(operator_key: Path | None) -> tuple[KeyService, LocalOperators, Ope
     keys = service()
     keys.sessions.configure(info={AUTHORIZER: local})
     with keys.sessions.begin() as db:
-        sets = local.sets(db) if local.holds_genesis() else proposals.deployment_sets(db, local.genesis)
+        sets = local.sets(db) if adopt and local.holds_genesis() else proposals.deployment_sets(db, local.genesis)
     return keys, local, sets
 
 
@@ -213,25 +215,35 @@ def propose_pool_enable(name: str, hours: float, operator_key: Path | None, as_j
     _propose(operator_key, "pool.enable", {"name": name}, hours, as_json)
 
 
+def _new_set_options(func: Callable[..., None]) -> Callable[..., None]:
+    """``--operators`` and ``--quorum``: the operator set a command makes."""
+    for option in (
+        click.option("--quorum", type=click.IntRange(1), required=True, help="How many of them a change needs."),
+        click.option("--operators", "operator_files", required=True,
+                     help="The new set's NAME.operator.pub.json files, comma-separated (every operator of it)."),
+    ):  # fmt: skip
+        func = option(func)
+    return func
+
+
+def _new_set(operator_files: str, quorum: int) -> OperatorSet:
+    from schemas.quorum import OperatorSet, read_operator
+
+    return OperatorSet(tuple(read_operator(Path(p.strip())) for p in operator_files.split(",") if p.strip()), quorum)
+
+
 @propose_group.command("operators")
-@click.option(
-    "--operators",
-    "operator_files",
-    required=True,
-    help="The new set's NAME.operator.pub.json files, comma-separated (every operator, kept or added).",
-)
-@click.option("--quorum", type=click.IntRange(1), required=True, help="How many of them a sensitive change needs.")
+@_new_set_options
 @_proposal_options
 def propose_operators(operator_files: str, quorum: int, hours: float, operator_key: Path | None,
                       as_json: bool) -> None:  # fmt: skip
     """Propose a new operator set (add or remove operators, change the quorum): a quorum of the current set and a
     quorum of the new one approve it. Applied, it vouches for every policy row as it is; what the old set approved
     and did not apply no longer counts. Each worker host keeps its pinned genesis file."""
-    from schemas.quorum import OperatorSet, approve, read_operator
+    from schemas.quorum import approve
     from worker import proposals
 
-    members = tuple(read_operator(Path(p.strip())) for p in operator_files.split(",") if p.strip())
-    new = OperatorSet(members, quorum)
+    new = _new_set(operator_files, quorum)
     keys, local, sets = _context(operator_key)
     signer = _signer(local, sets)
     info = proposals.propose_operator_change(keys.hsm, keys.sessions, sets, new, signer.name, ttl_hours=hours)
@@ -413,7 +425,7 @@ def approve_command(proposal_id: str, operator_key: Path | None, approval_file: 
         approval = proposals.parse_approval(approval_file.read_text(encoding="utf-8"))
         keys, sets = _reader()
     else:
-        keys, local, sets = _context(operator_key)
+        keys, local, sets = _context(operator_key, adopt=False)
         signer = _signer(local, sets)
         approval = approve(signer, proposals.describe(keys.sessions, proposal_id, sets).digest)
     info = proposals.add_approval(keys.hsm, keys.sessions, sets, proposal_id, approval)
@@ -439,3 +451,47 @@ def apply_command(proposal_id: str, operator_key: Path | None, as_json: bool) ->
     keys, local, sets = _context(operator_key)
     info = proposals.apply(keys.hsm, keys.sessions, sets, proposal_id, _signer(local, sets).name)
     _print(info, as_json, "applied")
+
+
+@click.command("break-glass")
+@_new_set_options
+@click.option(
+    "--so-pin-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="This token's security officer PIN (default: the embedded token's, else asked).",
+)
+@click.option("--yes", "confirmed", is_flag=True, help="Confirm: the current operators lose every power.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def break_glass_command(operator_files: str, quorum: int, so_pin_file: Path | None, confirmed: bool,
+                        as_json: bool) -> None:  # fmt: skip
+    """When fewer than a quorum of the operators remain: as the token's security officer, replace the deployment's
+    operator sets with a new genesis (audited), pin it on this host and propose its adoption, which every new
+    operator approves. Every worker host's administrators then replace its operator-set.json with this host's;
+    until they do, its workers refuse the policy rows. See docs/DUAL_CONTROL.md, "Break glass"."""
+    from kmsq.commands.hsm import _so_pin, _token
+    from worker import proposals
+    from worker.break_glass import break_glass
+    from worker.errors import InvalidRequest
+    from worker.operators import write_pinned
+    from worker.storage.db import transaction
+
+    if not confirmed:
+        raise InvalidRequest("break glass takes every power from the current operators: run it again with --yes")
+    genesis = _new_set(operator_files, quorum)
+    config, keys = settings(), service()
+    with transaction(keys.sessions) as db:
+        done = break_glass(_token(keys), db, genesis, _so_pin(so_pin_file))
+    write_pinned(config.operator_set_file, genesis)
+    adoption = proposals.propose_adoption(keys.hsm, keys.sessions, genesis, "break-glass")
+    if as_json:
+        print_json(asdict(done) | {"adoption_proposal": adoption.id, "pinned": str(config.operator_set_file)})
+        return
+    console.print(
+        f"break glass: {done.replaced_sets} operator set(s) replaced by {genesis.describe()} (genesis "
+        f"{genesis.digest}); {len(done.cancelled_proposals)} pending proposal(s) cancelled; audited"
+    )
+    console.print(f"pinned on this host in {config.operator_set_file}; next: every new operator runs `kmsq approve "
+                  f"{adoption.id}`, and every worker host's administrators put this file in place of theirs and "
+                  "restart the workers (until then they refuse the policy rows)")  # fmt: skip
