@@ -14,7 +14,6 @@ The encoding is worker.policy_rows'.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import approvals, audit_log, policy_anchor, replication
+from worker import approvals, audit_log, policy_anchor, policy_rows, replication
 from worker.errors import InvalidRequest
 from worker.keystore import KeyStore
 from worker.policy_rows import PolicyRow, mac_input
@@ -82,8 +81,7 @@ def require(hsm: KeyStore, row: PolicyRow) -> None:
 
 def verifies(hsm: KeyStore, row: PolicyRow) -> bool:
     """True when ``row`` carries the MAC of its current values under this token's policy key."""
-    stored = row.policy_mac
-    return stored is not None and hmac.compare_digest(hsm.policy_mac(mac_input(row)).hex(), stored)
+    return policy_rows.verifies(hsm, row)
 
 
 def describe(row: PolicyRow) -> str:

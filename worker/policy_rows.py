@@ -7,7 +7,9 @@ value, UTF-8), in a fixed order.
 
 from __future__ import annotations
 
+import hmac
 import struct
+from typing import Protocol
 
 from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
 
@@ -72,3 +74,14 @@ def encode_fields(kind: str, fields: Fields) -> bytes:
 def mac_input(row: PolicyRow) -> bytes:
     """Returns the canonical encoding of a row's policy fields (what its MAC covers)."""
     return encode_fields(*policy_fields(row))
+
+
+class _Macs(Protocol):
+    def policy_mac(self, data: bytes) -> bytes: ...
+
+
+def verifies(hsm: _Macs, row: PolicyRow) -> bool:
+    """True when ``row`` carries the MAC of its current values under ``hsm``'s policy key (worker.policy). Raises
+    what ``hsm.policy_mac`` raises (ConfigError when the token has no policy key)."""
+    stored = row.policy_mac
+    return stored is not None and hmac.compare_digest(hsm.policy_mac(mac_input(row)).hex(), stored)

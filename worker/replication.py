@@ -259,7 +259,7 @@ def take_anchor(hsm: Hsm, db: Session, scope: str | None) -> bool:
 def retired_labels(hsm: Hsm, db: Session) -> set[str]:
     """The labels of root key versions destroyed or waiting for destruction (rows whose MAC verifies): no token
     passes them on, so a copy cannot bring back what a destruction removed (worker.schedule)."""
-    from worker.policy import verifies
+    from worker.policy_rows import verifies
 
     rows = list(db.scalars(select(RootKeyVersion).where(RootKeyVersion.state.in_(("pending_destroy", "destroyed")))))
     try:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kmsq.commands.common import service, settings
-from kmsq.commands.hsm import _so_pin, _token
+from kmsq.commands.common import service, settings, so_pin, token_of
 from kmsq.commands.quorum import GATE_OPTIONS, backup_arguments, close_gate, operation_gate
 from kmsq.output import console, one_line_errors, print_json
 
@@ -122,9 +121,9 @@ def backup_init(custodians: tuple[Path, ...], threshold: int, out: Path, so_pin_
         found = [Custodian.from_document(json.loads(path.read_text())) for path in custodians]
     except (CustodianKeyError, ValueError) as e:
         raise _config_errors(e) from None
-    token = _token(service())
+    token = token_of(service())
     key = backup.new_backup_key(token, found, threshold, _now())
-    hsm_custody.trust_transport_key(token, backup.target_name(key.key_id), key.public_der(), _so_pin(so_pin_file),
+    hsm_custody.trust_transport_key(token, backup.target_name(key.key_id), key.public_der(), so_pin(so_pin_file),
                                     backup=True)  # fmt: skip
     _write_new(out, (json.dumps(key.document(), indent=2) + "\n").encode())
     if as_json:
@@ -150,10 +149,10 @@ def backup_trust(key_file: Path, fingerprint: str, so_pin_file: Path | None, as_
     from worker import backup, hsm_custody
 
     key = _load_backup_key(key_file)
-    token = _token(service())
+    token = token_of(service())
     backup.check_for_this_deployment(token, key, fingerprint)
     made = hsm_custody.trust_transport_key(token, backup.target_name(key.key_id), key.public_der(),
-                                           _so_pin(so_pin_file), backup=True)  # fmt: skip
+                                           so_pin(so_pin_file), backup=True)  # fmt: skip
     if as_json:
         print_json({"id": key.key_id, "trusted": True, "made": made})
     else:
@@ -175,7 +174,7 @@ def backup_create(key_file: Path, out: Path, as_json: bool) -> None:
 
     key = _load_backup_key(key_file)
     svc = service()
-    token = _token(svc)
+    token = token_of(svc)
     with transaction(svc.sessions) as db:
         scope = policy_anchor.deployment_id(db)
     document, made = backup.create(token, key, scope=scope, anchor=replication.anchor_value(token, scope),
@@ -231,7 +230,7 @@ def backup_restore(backup_file: Path, fingerprint: str, custodian_keys: tuple[Pa
     keys = _custodian_keys(custodian_keys)
     svc, proposal = operation_gate("backup.restore", backup_arguments(backup_file, fingerprint), proposal_id,
                                    operator_key)  # fmt: skip
-    done = backup.restore(_token(svc), backup_file.read_bytes(), fingerprint, keys)
+    done = backup.restore(token_of(svc), backup_file.read_bytes(), fingerprint, keys)
     close_gate(svc, proposal, f"{len(done.restored)} keys restored from backup key {done.key_id}")
     if as_json:
         print_json(asdict(done))

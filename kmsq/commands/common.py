@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from tasks.client import KmsClient
     from worker.config import Settings
+    from worker.hsm import Hsm
     from worker.runtime import KeyService
 
 
@@ -159,3 +160,25 @@ def open_client(identity: Path | None, fleet: Path | None, timeout: float, **opt
     return KmsClient.from_files(
         config.effective_broker_url, identity, fleet, timeout=timeout, namespace=config.namespace, **options
     )
+
+
+def token_of(svc: KeyService) -> Hsm:
+    """The service's PKCS#11 token. Raises ConfigError when it has none (the commands that need the security officer
+    or the token's own keys)."""
+    from worker.errors import ConfigError
+    from worker.hsm import Hsm
+
+    if not isinstance(svc.hsm, Hsm):
+        raise ConfigError("this command needs a PKCS#11 token")
+    return svc.hsm
+
+
+def so_pin(pin_file: Path | None) -> str:
+    """The token's security officer PIN: from ``pin_file``, the embedded token's, or asked on the terminal."""
+    if pin_file is not None:
+        return pin_file.read_text().strip()
+    config = settings()
+    embedded = config.home / "hsm-so.pin"
+    if config.embedded_hsm and embedded.exists():
+        return embedded.read_text().strip()
+    return str(click.prompt("security officer PIN of this token", hide_input=True))

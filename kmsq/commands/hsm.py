@@ -10,27 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kmsq.commands.common import service, settings
+from kmsq.commands.common import service, settings, so_pin, token_of
 from kmsq.commands.quorum import GATE_OPTIONS, close_gate, operation_gate, trust_arguments
 from kmsq.output import EXIT_CONFIG, EXIT_INVALID, console, one_line_errors, print_json, print_table
 
 if TYPE_CHECKING:
-    from worker.hsm import Hsm
-    from worker.runtime import KeyService
+    pass
 
 
 @click.group("hsm")
 def hsm_group() -> None:
     """The HSMs (tokens) that hold the deployment's keys."""
-
-
-def _token(svc: KeyService) -> Hsm:
-    from worker.errors import ConfigError
-    from worker.hsm import Hsm
-
-    if not isinstance(svc.hsm, Hsm):
-        raise ConfigError("this command needs a PKCS#11 token")
-    return svc.hsm
 
 
 @hsm_group.command("enroll")
@@ -49,7 +39,7 @@ def hsm_enroll(as_json: bool) -> None:
     svc = service()
     migrate(svc.engine)
     with transaction(svc.sessions) as db:
-        enrolled = replication.enroll(_token(svc), db)
+        enrolled = replication.enroll(token_of(svc), db)
     if as_json:
         print_json(asdict(enrolled))
         return
@@ -57,16 +47,6 @@ def hsm_enroll(as_json: bool) -> None:
     console.print(f"fingerprint  {enrolled.fingerprint}")
     console.print(f"next, on a host whose token holds the keys: kmsq hsm trust {enrolled.name} --fingerprint "
                   f"{enrolled.fingerprint}")  # fmt: skip
-
-
-def _so_pin(pin_file: Path | None) -> str:
-    if pin_file is not None:
-        return pin_file.read_text().strip()
-    config = settings()
-    embedded = config.home / "hsm-so.pin"
-    if config.embedded_hsm and embedded.exists():
-        return embedded.read_text().strip()
-    return str(click.prompt("security officer PIN of this token", hide_input=True))
 
 
 @hsm_group.command("trust")
@@ -89,7 +69,7 @@ def hsm_trust(name: str, fingerprint: str, so_pin_file: Path | None, as_json: bo
 
     svc, proposal = operation_gate("hsm.trust", trust_arguments(name, fingerprint), proposal_id, operator_key)
     with transaction(svc.sessions) as db:
-        made = replication.trust(_token(svc), db, name, fingerprint, _so_pin(so_pin_file))
+        made = replication.trust(token_of(svc), db, name, fingerprint, so_pin(so_pin_file))
     close_gate(svc, proposal, f"token {name} trusted")
     if as_json:
         print_json({"token": name, "trusted": True, "made": made})
@@ -119,7 +99,7 @@ def hsm_replicate(as_json: bool) -> None:
     for attempt in range(REPLICATE_ATTEMPTS):
         try:
             with transaction(svc.sessions) as db:
-                done = replication.replicate(_token(svc), db, policy_anchor.deployment_id(db))
+                done = replication.replicate(token_of(svc), db, policy_anchor.deployment_id(db))
             break
         except IntegrityError:  # a worker's replicator wrote the same rows at the same moment: again, seeing them
             if attempt == REPLICATE_ATTEMPTS - 1:
@@ -151,7 +131,7 @@ def hsm_list(as_json: bool) -> None:
     from worker.storage.models import HsmToken, TokenKey
 
     svc = service()
-    token = _token(svc)
+    token = token_of(svc)
     with transaction(svc.sessions) as db:
         replication.report_inventory(token, db, policy_anchor.deployment_id(db))
         tokens = list(db.scalars(select(HsmToken).order_by(HsmToken.name)))
@@ -200,7 +180,7 @@ def hsm_check(as_json: bool) -> None:
     from worker.storage.models import RootKey
 
     svc = service()
-    token = _token(svc)
+    token = token_of(svc)
     found = hsm_custody.probe(token)
     with transaction(svc.sessions) as db:
         types = set(db.scalars(select(RootKey.type).where(RootKey.state == "enabled")))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kmsq.commands.common import service, settings
+from kmsq.commands.common import service, settings, so_pin, token_of
 from kmsq.output import console, one_line_errors, print_json, print_table
 
 if TYPE_CHECKING:
@@ -470,7 +470,6 @@ def break_glass_command(operator_files: str, quorum: int, so_pin_file: Path | No
     operator sets with a new genesis (audited), pin it on this host and propose its adoption, which every new
     operator approves. Every worker host's administrators then replace its operator-set.json with this host's;
     until they do, its workers refuse the policy rows. See docs/DUAL_CONTROL.md, "Break glass"."""
-    from kmsq.commands.hsm import _so_pin, _token
     from worker import proposals
     from worker.break_glass import break_glass
     from worker.errors import InvalidRequest
@@ -482,7 +481,7 @@ def break_glass_command(operator_files: str, quorum: int, so_pin_file: Path | No
     genesis = _new_set(operator_files, quorum)
     config, keys = settings(), service()
     with transaction(keys.sessions) as db:
-        done = break_glass(_token(keys), db, genesis, _so_pin(so_pin_file))
+        done = break_glass(token_of(keys), db, genesis, so_pin(so_pin_file))
     write_pinned(config.operator_set_file, genesis)
     adoption = proposals.propose_adoption(keys.hsm, keys.sessions, genesis, "break-glass")
     if as_json:
