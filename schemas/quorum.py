@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.limits import NAME
@@ -76,14 +77,22 @@ class OperatorIdentity:
         """The public half, as the operator set holds it."""
         return Operator(self.name, b64u(self.signing.public_key().public_bytes_raw()))
 
-    def write(self, directory: Path) -> tuple[Path, Path]:
-        """Writes ``NAME.operator.json`` (0600, created exclusively) and ``NAME.operator.pub.json``. Returns both
-        paths. Raises QuorumError when the private file exists."""
+    def write(self, directory: Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
+        """Writes ``NAME.operator.json`` (0600, created exclusively; the key encrypted under ``passphrase`` when
+        one is given: PKCS#8 with the best encryption the cryptography library has) and ``NAME.operator.pub.json``.
+        Returns both paths. Raises QuorumError when the private file exists."""
         directory.mkdir(parents=True, exist_ok=True)
         private_path = directory / f"{self.name}.operator.json"
         public_path = directory / f"{self.name}.operator.pub.json"
-        document = {"kind": OPERATOR_IDENTITY_KIND, "v": 1, "operator": self.name,
-                    "signing_key": b64u(self.signing.private_bytes_raw())}  # fmt: skip
+        document: dict[str, Any] = {"kind": OPERATOR_IDENTITY_KIND, "v": 1, "operator": self.name}
+        if passphrase:
+            document["encrypted"] = True
+            document["private_key"] = self.signing.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(passphrase),
+            ).decode()  # fmt: skip
+        else:
+            document["signing_key"] = b64u(self.signing.private_bytes_raw())
         try:
             fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -94,15 +103,60 @@ class OperatorIdentity:
         return private_path, public_path
 
     @classmethod
-    def load(cls, path: Path) -> OperatorIdentity:
-        """Reads ``NAME.operator.json``. Raises QuorumError."""
+    def load(cls, path: Path, passphrase: Callable[[Path], bytes] | None = None) -> OperatorIdentity:
+        """Reads ``NAME.operator.json``; an encrypted one asks ``passphrase`` for its passphrase. Raises
+        QuorumError (malformed, encrypted without a way to ask, or a wrong passphrase)."""
         data = _read(path, OPERATOR_IDENTITY_KIND)
         try:
             name = str(data["operator"])
             _check_name(name)
-            return cls(name, Ed25519PrivateKey.from_private_bytes(from_b64u(data["signing_key"], max_len=32)))
+            if not data.get("encrypted"):
+                return cls(name, Ed25519PrivateKey.from_private_bytes(from_b64u(data["signing_key"], max_len=32)))
+            pem = str(data["private_key"]).encode()
         except (KeyError, ValueError, WireError) as e:
             raise QuorumError(f"{path}: malformed operator identity ({type(e).__name__})") from None
+        if passphrase is None:
+            raise QuorumError(f"{path} is encrypted: give its passphrase (KMSQ_OPERATOR_PASSPHRASE_FILE, or on a "
+                              "terminal when asked)")  # fmt: skip
+        secret = passphrase(path)  # (its QuorumError is not a wrong passphrase)
+        try:
+            key = serialization.load_pem_private_key(pem, secret)
+        except (ValueError, TypeError):
+            raise QuorumError(f"{path}: wrong passphrase, or not a key") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise QuorumError(f"{path}: an operator key is Ed25519")
+        return cls(name, key)
+
+
+PASSPHRASE_FILE_VARIABLE = "KMSQ_OPERATOR_PASSPHRASE_FILE"  # noqa: S105 - the variable's name, not a secret
+
+
+def passphrase_from_environment(path: Path) -> bytes:
+    """The passphrase of the encrypted operator key ``path``, from the file ``KMSQ_OPERATOR_PASSPHRASE_FILE``
+    names. Raises QuorumError when it names none or cannot be read."""
+    named = os.environ.get(PASSPHRASE_FILE_VARIABLE)
+    if not named:
+        raise QuorumError(f"{path} is encrypted: give its passphrase ({PASSPHRASE_FILE_VARIABLE}, or on a terminal "
+                          "when asked)")  # fmt: skip
+    try:
+        return Path(named).read_text(encoding="utf-8").strip().encode()
+    except OSError as e:
+        raise QuorumError(f"cannot read {PASSPHRASE_FILE_VARIABLE} {named}: {type(e).__name__}") from None
+
+
+def asking_passphrase(path: Path) -> bytes:
+    """:func:`passphrase_from_environment`, else, on a terminal, the passphrase asked there (hidden)."""
+    import sys
+    from getpass import getpass
+
+    if os.environ.get(PASSPHRASE_FILE_VARIABLE) or not sys.stdin.isatty():
+        return passphrase_from_environment(path)
+    return getpass(f"passphrase of {path.name}: ").encode()
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether the operator identity in ``path`` needs a passphrase. Raises QuorumError."""
+    return bool(_read(path, OPERATOR_IDENTITY_KIND).get("encrypted"))
 
 
 def read_operator(path: Path) -> Operator:

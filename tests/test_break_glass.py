@@ -27,7 +27,7 @@ def test_the_security_officer_replaces_a_lost_quorum(tmp_path: Path) -> None:
     home, keys = tmp_path / "home", tmp_path / "operators"
     names = ("alice", "bob", "carol", "dave")
     for name in names:
-        _ok(run_kmsq(home, "operator", "keygen", name, "--dir", str(keys)))
+        _ok(run_kmsq(home, "operator", "keygen", name, "--dir", str(keys), "--no-passphrase"))
     key = {n: str(keys / f"{n}.operator.json") for n in names}
     trio = ",".join(str(keys / f"{n}.operator.pub.json") for n in ("alice", "bob", "carol"))
     adoption = _ok(run_kmsq(home, "init", "--operators", trio, "--quorum", "2", "--json"))["operators"]

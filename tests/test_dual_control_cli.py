@@ -20,7 +20,7 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     softhsm_library()
     home, keys = tmp_path / "home", tmp_path / "operators"
     for name in ("alice", "bob", "carol"):
-        _ok(run_kmsq(home, "operator", "keygen", name, "--dir", str(keys / name)))
+        _ok(run_kmsq(home, "operator", "keygen", name, "--dir", str(keys / name), "--no-passphrase"))
     key = {name: str(keys / name / f"{name}.operator.json") for name in ("alice", "bob", "carol")}
     public = ",".join(str(keys / n / f"{n}.operator.pub.json") for n in ("alice", "bob", "carol"))
     report = _ok(run_kmsq(home, "init", "--operators", public, "--quorum", "2", "--json"))
@@ -79,7 +79,7 @@ def test_two_of_three_operators_through_the_commands(tmp_path: Path) -> None:
     assert proposal_id in table and adoption in table
 
     # The set changes by quorum (carol leaves, dave joins): then carol can do nothing, dave what an operator does.
-    _ok(run_kmsq(home, "operator", "keygen", "dave", "--dir", str(keys / "dave")))
+    _ok(run_kmsq(home, "operator", "keygen", "dave", "--dir", str(keys / "dave"), "--no-passphrase"))
     dave = {"KMSQ_OPERATOR_KEY": str(keys / "dave" / "dave.operator.json")}
     new_set = ",".join(str(keys / n / f"{n}.operator.pub.json") for n in ("alice", "bob", "dave"))
     change = _ok(run_kmsq(home, "propose", "operators", "--operators", new_set, "--quorum", "2",

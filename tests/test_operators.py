@@ -50,3 +50,21 @@ def test_a_missing_or_broken_pin_is_a_clear_error(tmp_path: Path) -> None:
     write_pinned(settings.operator_set_file, OperatorSet((OperatorIdentity.generate("x").public,), 1))
     with pytest.raises(ConfigError, match="cannot read"):
         local_operators(settings)
+
+
+def test_an_encrypted_operator_key_opens_with_its_passphrase_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = OperatorIdentity.generate("alice")
+    alice.write(tmp_path / "alice", b"s3cret passphrase")
+    pinned = tmp_path / "operator-set.json"
+    write_pinned(pinned, OperatorSet((alice.public,), 1))
+    settings = embedded_settings(tmp_path / "home", KMSQ_OPERATOR_SET=str(pinned),
+                                 KMSQ_OPERATOR_KEY=str(tmp_path / "alice" / "alice.operator.json"))  # fmt: skip
+    monkeypatch.delenv("KMSQ_OPERATOR_PASSPHRASE_FILE", raising=False)
+    with pytest.raises(ConfigError, match="is encrypted: give its passphrase"):
+        local_operators(settings)  # (no terminal here)
+    (tmp_path / "pass").write_text("s3cret passphrase\n")
+    monkeypatch.setenv("KMSQ_OPERATOR_PASSPHRASE_FILE", str(tmp_path / "pass"))
+    local = local_operators(settings)
+    assert local is not None and local.identities[0].public == alice.public and local.holds_genesis()

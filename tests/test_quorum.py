@@ -131,12 +131,46 @@ def test_an_approval_survives_its_json_form(three: tuple[list[OperatorIdentity],
 
 @pytest.mark.process
 def test_kmsq_operator_keygen_writes_the_pair_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    result = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"), "--json")
+    result = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"), "--no-passphrase",
+                      "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     written = json.loads(result.stdout)
     identity = OperatorIdentity.load(Path(written["identity"]))
     assert written["key_id"] == identity.public.key_id == read_operator(Path(written["public"])).key_id
-    again = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"))
+    again = run_kmsq(tmp_path, "operator", "keygen", "alice", "--dir", str(tmp_path / "ops"), "--no-passphrase")
     assert again.returncode == 3 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
-    bad = run_kmsq(tmp_path, "operator", "keygen", "Alice")
+    bad = run_kmsq(tmp_path, "operator", "keygen", "Alice", "--no-passphrase")
     assert bad.returncode == 3 and "operator names" in bad.stderr
+
+
+@pytest.mark.process
+def test_an_operator_key_encrypted_under_a_passphrase(tmp_path: Path) -> None:
+    """keygen encrypts the key unless told not to; the file holds no key in the clear; signing needs the
+    passphrase (KMSQ_OPERATOR_PASSPHRASE_FILE here; a terminal asks), and a wrong one opens nothing."""
+    (tmp_path / "pass").write_text("correct horse battery staple\n")
+    (tmp_path / "wrong").write_text("tr0ub4dor&3\n")
+    made = run_kmsq(tmp_path, "operator", "keygen", "bob", "--dir", str(tmp_path / "ops"), "--passphrase-file",
+                    str(tmp_path / "pass"), "--json")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    written = json.loads(made.stdout)
+    private = Path(written["identity"])
+    document = json.loads(private.read_text())
+    assert written["encrypted"] and document["encrypted"] and "signing_key" not in document
+    assert "ENCRYPTED PRIVATE KEY" in document["private_key"] and private.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(QuorumError, match="is encrypted: give its passphrase"):
+        OperatorIdentity.load(private)
+    with pytest.raises(QuorumError, match="wrong passphrase"):
+        OperatorIdentity.load(private, lambda _: b"tr0ub4dor&3")
+    identity = OperatorIdentity.load(private, lambda _: b"correct horse battery staple")
+    assert identity.public.key_id == written["key_id"]
+    change = tmp_path / "change.json"
+    change.write_text(json.dumps(_change()))
+    sign = ("operator", "sign", str(change), "--operator-key", str(private))
+    refused = run_kmsq(tmp_path, *sign)  # no terminal, no passphrase file
+    assert refused.returncode == 3 and "is encrypted: give its passphrase" in refused.stderr, refused.stderr
+    wrong = run_kmsq(tmp_path, *sign, env={"KMSQ_OPERATOR_PASSPHRASE_FILE": str(tmp_path / "wrong")})
+    assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr, wrong.stderr
+    signed = run_kmsq(tmp_path, *sign, env={"KMSQ_OPERATOR_PASSPHRASE_FILE": str(tmp_path / "pass")})
+    assert signed.returncode == 0, signed.stderr
+    approval = Approval.from_document(json.loads(signed.stdout))
+    assert approval.operator == "bob" and approval.key_id == written["key_id"]

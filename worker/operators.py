@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from schemas.quorum import OperatorIdentity, OperatorSet, QuorumError
+from schemas.quorum import OperatorIdentity, OperatorSet, QuorumError, asking_passphrase
 from worker.approvals import LocalOperators
 from worker.config import Settings
 from worker.errors import ConfigError
@@ -61,16 +62,19 @@ def ensure_developer_set(settings: Settings) -> tuple[OperatorSet, bool]:
     return operators, True
 
 
-def local_operators(settings: Settings) -> LocalOperators | None:
-    """The operator keys this command may sign with, for the pinned set; None when this host pins no set or holds
-    no key. Raises ConfigError for a key file that cannot be read."""
+def local_operators(
+    settings: Settings, passphrase: Callable[[Path], bytes] = asking_passphrase
+) -> LocalOperators | None:
+    """The operator keys this command may sign with, for the pinned set (an encrypted key file's passphrase from
+    ``passphrase``); None when this host pins no set or holds no key. Raises ConfigError for a key file that
+    cannot be read or opened."""
     if not settings.operator_set_file.exists():
         return None
     genesis = read_pinned(settings.operator_set_file)
     identities = []
     for path in settings.operator_key_files:
         try:
-            identities.append(OperatorIdentity.load(path))
+            identities.append(OperatorIdentity.load(path, passphrase))
         except QuorumError as e:
             raise ConfigError(str(e)) from None
     return LocalOperators(identities, genesis) if identities else None

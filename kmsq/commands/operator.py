@@ -20,18 +20,31 @@ def operator_group() -> None:
 @operator_group.command("keygen")
 @click.argument("name")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True)
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Encrypt the private key under this file's passphrase.")  # fmt: skip
+@click.option("--no-passphrase", is_flag=True, help="Leave the private key unencrypted (its file is all it takes).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def operator_keygen(name: str, directory: Path, as_json: bool) -> None:
+def operator_keygen(name: str, directory: Path, passphrase_file: Path | None, no_passphrase: bool,
+                    as_json: bool) -> None:  # fmt: skip
     """Write a new operator identity: NAME.operator.json (0600, private: keep it off the HSM hosts) and
-    NAME.operator.pub.json (for the operator set)."""
+    NAME.operator.pub.json (for the operator set). The private key is encrypted under a passphrase (asked twice,
+    or --passphrase-file) unless --no-passphrase; the commands that sign with it ask for it (or read
+    KMSQ_OPERATOR_PASSPHRASE_FILE)."""
     from schemas.quorum import OperatorIdentity
 
     identity = OperatorIdentity.generate(name)
-    private_path, public_path = identity.write(directory)
+    if no_passphrase:
+        passphrase = None
+    elif passphrase_file is not None:
+        passphrase = passphrase_file.read_text(encoding="utf-8").strip().encode()
+    else:
+        passphrase = str(click.prompt("passphrase", hide_input=True, confirmation_prompt=True)).encode()
+    private_path, public_path = identity.write(directory, passphrase or None)
     key_id = identity.public.key_id
     if as_json:
-        print_json({"operator": name, "key_id": key_id, "identity": str(private_path), "public": str(public_path)})
+        print_json({"operator": name, "key_id": key_id, "identity": str(private_path), "public": str(public_path),
+                    "encrypted": bool(passphrase)})  # fmt: skip
         return
     console.print(f"wrote {private_path} (private, 0600: keep it off the HSM hosts) and {public_path}")
     console.print(f"key id {key_id}")
@@ -59,9 +72,9 @@ def operator_sign(document: Path, operator_key: Path, out: Path | None) -> None:
     approval for `kmsq approve ID --approval FILE`. Read the document first: you sign exactly it."""
     import json
 
-    from schemas.quorum import OperatorIdentity, QuorumError, approve, change_digest
+    from schemas.quorum import OperatorIdentity, QuorumError, approve, asking_passphrase, change_digest
 
-    identity = OperatorIdentity.load(operator_key)
+    identity = OperatorIdentity.load(operator_key, asking_passphrase)
     try:
         data = json.loads(document.read_text(encoding="utf-8"))
     except ValueError:
