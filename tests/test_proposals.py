@@ -283,30 +283,34 @@ def test_an_operation_needs_a_quorum_and_is_carried_out_once(unit: Trio) -> None
     trust = {"token": "hsm-b", "fingerprint": "ab" * 32}
     alone = LocalOperators([ALICE], TRIO)
     with pytest.raises(QuorumRequired, match=r"hsm.trust needs 2 of 3 .*: propose it \(kmsq propose hsm trust"):
-        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, None, alone)
+        proposals.approved_operation(sets, sessions, "hsm.trust", trust, None, alone)
     proposal = proposals.propose_operation(hsm, sessions, sets, "hsm.trust", trust, "alice")
     assert proposal.rows == () and proposal.arguments == trust
     _approve(unit, sets, proposal, ALICE)
     with pytest.raises(Forbidden, match="has the approvals of alice; it needs 2 of 3"):
-        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, alone)
+        proposals.approved_operation(sets, sessions, "hsm.trust", trust, proposal.id, alone)
     _approve(unit, sets, proposal, CAROL)
     with pytest.raises(InvalidRequest, match="carry it out with kmsq hsm trust"):
         proposals.apply(hsm, sessions, sets, proposal.id, "carol")
     other = dict(trust, fingerprint="cd" * 32)
     with pytest.raises(Forbidden, match="approved another operation"):
-        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", other, proposal.id, None)
+        proposals.approved_operation(sets, sessions, "hsm.trust", other, proposal.id, None)
     with pytest.raises(Forbidden, match="approved another operation"):
-        proposals.approved_operation(hsm, sessions, sets, "backup.restore", trust, proposal.id, None)
-    assert proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, None) == proposal.id
-    proposals.close_operation(hsm, sessions, proposal.id, "carol", "token hsm-b trusted")
+        proposals.approved_operation(sets, sessions, "backup.restore", trust, proposal.id, None)
+    grant = proposals.approved_operation(sets, sessions, "hsm.trust", trust, proposal.id, None)
+    assert grant == proposals.Grant(proposal.id)
+    proposals.close_operation(hsm, sessions, grant, "carol", "token hsm-b trusted")
     with pytest.raises(Conflict, match="is applied"):  # carried out once
-        proposals.approved_operation(hsm, sessions, sets, "hsm.trust", trust, proposal.id, None)
-    # A command holding a quorum's keys approves its own operation at once (recorded as a proposal all the same).
-    held = proposals.approved_operation(
-        hsm, sessions, sets, "hsm.trust", other, None, LocalOperators([BOB, CAROL], TRIO)
-    )
-    assert set(proposals.describe(sessions, held, sets).approved_by) == {"bob", "carol"}
+        proposals.approved_operation(sets, sessions, "hsm.trust", trust, proposal.id, None)
+    # A command holding a quorum's keys approves its own operation at once, recorded once it is done.
+    pair = LocalOperators([BOB, CAROL], TRIO)
+    held = proposals.approved_operation(sets, sessions, "hsm.trust", other, None, pair)
+    with sessions() as db:
+        assert db.get(Proposal, held.proposal_id) is None  # nothing written before the operation is done
     proposals.close_operation(hsm, sessions, held, "bob", "token hsm-b trusted")
+    recorded = proposals.describe(sessions, held.proposal_id, sets)
+    assert set(recorded.approved_by) == {"bob", "carol"} and recorded.state == "applied"
     with sessions() as db:
         details = [r.detail for r in db.scalars(select(AuditRecord).where(AuditRecord.action == "proposal applied"))]
-    assert sum(proposal.id in d or held in d for d in details) == 2
+        assert audit_log.verify(hsm, db, audit_log.GLOBAL_CHAIN).ok
+    assert sum(proposal.id in d or held.proposal_id in d for d in details) == 2

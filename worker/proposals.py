@@ -384,14 +384,25 @@ def propose_operation(
     return describe(sessions, document["id"], sets)
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What lets a command carry out an operation: an approved proposal (``proposal_id``), or the approvals of a
+    quorum whose keys the command holds (``document`` and ``approvals``, stored when the operation is done: the
+    token may get its policy key, which audit records need, only from the operation itself)."""
+
+    proposal_id: str
+    document: Mapping[str, Any] | None = None
+    approvals: tuple[Approval, ...] = ()
+
+
 def approved_operation(
-    hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, action: str, arguments: Mapping[str, Any],
+    sets: OperatorSets, sessions: Callable[[], Session], action: str, arguments: Mapping[str, Any],
     proposal_id: str | None, local: LocalOperators | None,
-) -> str:  # fmt: skip
-    """Returns the id of the proposal that lets a command carry out ``action`` with ``arguments`` now: the pending
-    ``proposal_id``, of exactly this operation, that a quorum approved before its expiry; without one, a proposal
-    made and approved at once by the operator keys the command holds (``local``), when they are a quorum (the
-    embedded default's 1-of-1). The command closes it with :func:`close_operation` once done.
+) -> Grant:  # fmt: skip
+    """What lets a command carry out ``action`` with ``arguments`` now: the pending ``proposal_id``, of exactly this
+    operation, that a quorum approved before its expiry; without one, the approvals of the operator keys the
+    command holds (``local``), when they are a quorum (the embedded default's 1-of-1). The command records it with
+    :func:`close_operation` once done. Writes nothing.
 
     Raises QuorumRequired (no proposal, and too few keys: the message says what to propose), NotFound, Conflict
     (already carried out, cancelled, expired) or Forbidden (another operation, too few approvals)."""
@@ -400,26 +411,37 @@ def approved_operation(
         if len(mine) < sets.current.quorum:
             raise QuorumRequired(f"{action} needs {sets.current.describe()}: propose it (kmsq propose "
                                  f"{action.replace('.', ' ')} ...), then run this with --proposal ID")  # fmt: skip
-        proposal_id = propose_operation(hsm, sessions, sets, action, arguments, mine[0].name, ttl_hours=1).id
-        digest = describe(sessions, proposal_id, sets).digest
-        for identity in mine:
-            add_approval(hsm, sessions, sets, proposal_id, approve(identity, digest))
+        if action not in OPERATIONS:
+            raise InvalidRequest(f"unknown operation {action!r}")
+        document = change_document(action, [], sets.current.digest, mine[0].name, arguments=arguments, ttl_hours=1)
+        digest = change_digest(document)
+        return Grant(document["id"], document, tuple(approve(i, digest) for i in mine))
     with sessions() as db:
         _, document, _, _ = _approved(db, proposal_id, sets)
     if document["action"] != action or document.get("arguments") != dict(arguments):
         raise Forbidden(f"proposal {proposal_id} approved another operation ({document['action']} "
                         f"{json.dumps(document.get('arguments'), sort_keys=True)})")  # fmt: skip
-    return proposal_id
+    return Grant(proposal_id)
 
 
-def close_operation(hsm: KeyStore, sessions: Callable[[], Session], proposal_id: str, done_by: str, said: str) -> None:
-    """Records that the operation of ``proposal_id`` was carried out (``said``: what it did), so that it is not
-    carried out again. Raises NotFound or Conflict."""
+def close_operation(hsm: KeyStore, sessions: Callable[[], Session], grant: Grant, done_by: str, said: str) -> None:
+    """Records that the operation ``grant`` allowed was carried out (``said``: what it did), so that it is not
+    carried out again: the proposal applied (a quorum's own approvals stored first, with their audit records).
+    Raises NotFound or Conflict."""
     with sessions() as db, db.begin():
-        row, document = _pending(db, proposal_id)
+        if grant.document is not None:
+            _store(hsm, db, grant.document, grant.document["proposed_by"])
+            for approval in grant.approvals:
+                db.add(ProposalApproval(proposal_id=grant.proposal_id, operator=approval.operator,
+                                        approval=json.dumps(approval.document())))  # fmt: skip
+                audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "approval",
+                                          detail=f"{grant.proposal_id} by {approval.operator} "
+                                                 f"({approval.key_id})")  # fmt: skip
+            db.flush()
+        row, document = _pending(db, grant.proposal_id)
         row.state, row.closed_at, row.closed_by = "applied", datetime.now(UTC), done_by
         audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "proposal applied",
-                                  detail=f"{proposal_id} {document['action']}: {said}")  # fmt: skip
+                                  detail=f"{grant.proposal_id} {document['action']}: {said}")  # fmt: skip
 
 
 def _apply_action(hsm: KeyStore, db: Session, document: Mapping[str, Any], approvals: Sequence[Approval]) -> None:

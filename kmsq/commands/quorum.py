@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from schemas.quorum import OperatorIdentity, OperatorSet
     from worker.approvals import LocalOperators, OperatorSets
-    from worker.proposals import ProposalInfo
+    from worker.proposals import Grant, ProposalInfo
     from worker.runtime import KeyService
 
 _KEY_OPTION = click.option(
@@ -269,7 +269,7 @@ def trust_arguments(name: str, fingerprint: str) -> dict[str, Any]:
 
 
 def operation_gate(action: str, arguments: dict[str, Any], proposal_id: str | None,
-                   operator_key: Path | None) -> tuple[KeyService, str]:  # fmt: skip
+                   operator_key: Path | None) -> tuple[KeyService, Grant]:  # fmt: skip
     """The key service and the approved proposal that lets this command carry out ``action`` (see
     worker.proposals.approved_operation); close it with :func:`close_gate` once done. Raises QuorumRequired (exit
     9, saying what to propose), Forbidden, Conflict, NotFound, ConfigError."""
@@ -283,14 +283,14 @@ def operation_gate(action: str, arguments: dict[str, Any], proposal_id: str | No
         config = replace(config, operator_key=(operator_key,))
     keys, sets = _reader()
     local = local_operators(config)
-    return keys, proposals.approved_operation(keys.hsm, keys.sessions, sets, action, arguments, proposal_id, local)
+    return keys, proposals.approved_operation(sets, keys.sessions, action, arguments, proposal_id, local)
 
 
-def close_gate(keys: KeyService, proposal_id: str, said: str) -> None:
-    """Records that the operation of ``proposal_id`` was carried out."""
+def close_gate(keys: KeyService, grant: Grant, said: str) -> None:
+    """Records that the operation ``grant`` allowed was carried out."""
     from worker import audit_log, proposals
 
-    proposals.close_operation(keys.hsm, keys.sessions, proposal_id, audit_log.operator(), said)
+    proposals.close_operation(keys.hsm, keys.sessions, grant, audit_log.operator(), said)
 
 
 _PROPOSAL_HELP = (
