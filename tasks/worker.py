@@ -39,6 +39,7 @@ from worker import audit_log, policy_anchor, replication, retention, schedule
 from worker.config import Settings, is_rabbitmq
 from worker.errors import ServiceError
 from worker.fleet import load_fleet_key
+from worker.high_water import HighWater
 from worker.operators import read_pinned
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.policy import TrustedRows
@@ -110,7 +111,8 @@ class PoolWorker:
                 service.hsm.check()
                 # Every caller, root key and pool row this process acts on must verify (worker.policy).
                 rows = TrustedRows(service.hsm, self.settings.cache_seconds, _anchor_catch_up(service.hsm),
-                                   operators=read_pinned(self.settings.operator_set_file).digest)  # fmt: skip
+                                   operators=read_pinned(self.settings.operator_set_file).digest,
+                                   high_water=HighWater(self.settings.home / "state" / HIGH_WATER_FILE))  # fmt: skip
                 with transaction(service.sessions) as db:
                     fleet = load_fleet_key(service.hsm, db, self.pool, RootKeyAccess(rows))
                 self._context = WorkerContext(
@@ -379,6 +381,7 @@ class TokenWatch(threading.Thread):
         self._stopped.set()
 
 
+HIGH_WATER_FILE = "policy-high-water.json"  # in $KMSQ_HOME/state: worker.high_water
 REPLY_RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"  # Celery's remote control: one member per worker node
 

@@ -21,7 +21,7 @@ from tasks.client import KmsClient, KmsError, KmsTimeout
 from tasks.identity import CallerIdentity
 from tests.conftest import run_kmsq
 from tests.queue_fixtures import Deployment, kmsq_command
-from worker import policy
+from worker import policy, policy_anchor
 from worker.policy import set_process_authorizer
 from worker.storage.db import transaction
 from worker.storage.models import Caller, RejectionCount, RootKey
@@ -277,3 +277,47 @@ def test_a_caller_row_with_a_valid_mac_and_anchor_but_no_approval_is_refused(
     approved = deployment.register("pol-ok-" + uuid.uuid4().hex[:6], ("generate_data_key",))
     with deployment.client(approved, timeout=30) as kms:  # the same row, approved by the operator: served
         assert kms.generate_data_key()["plaintextKey"]
+
+
+def test_an_approved_row_put_back_and_re_anchored_with_the_pin_is_refused(
+    deployment: Deployment, test_operator: object
+) -> None:
+    """Issue 25's rollback: whoever holds the token's PIN and the database puts back the caller row from before
+    `kmsq caller disable` (approved by the operators then: its evidence verifies) and moves the policy anchor to
+    it, as the operator commands do. The workers that honoured the disabled row refuse the older copy
+    (worker.high_water); everyone else is still served."""
+    identity = deployment.register("pol-hw-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+    other = deployment.register("pol-hw-other-" + uuid.uuid4().hex[:6], ("generate_data_key",))
+    with deployment.sessions() as db:
+        row = db.get(Caller, identity.caller)
+        assert row is not None
+        enabled = {c.key: getattr(row, c.key) for c in Caller.__table__.columns}
+    with deployment.client(identity, timeout=10) as kms, deployment.client(other, timeout=10) as bystander:
+        assert kms.generate_data_key()["plaintextKey"]
+        disabled = subprocess.run([*kmsq_command(), "caller", "disable", identity.caller], env=deployment.env(),
+                                  capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert disabled.returncode == 0, disabled.stderr
+        time.sleep(CACHE)
+        with pytest.raises(KmsError) as refused:  # every worker of the pool honours the disabled row
+            for _ in range(4):
+                kms.generate_data_key()
+        assert refused.value.code == "unauthenticated"
+        before = refusal_counted(deployment, identity.caller)
+        set_process_authorizer(None)  # this test process holds the PIN, and no operator key
+        try:
+            with transaction(deployment.sessions) as db:
+                db.execute(update(Caller).where(Caller.name == identity.caller).values(**enabled))
+                put_back = db.get(Caller, identity.caller)
+                assert put_back is not None
+                policy.seal(deployment.service.hsm, db, put_back)  # the same MAC, and the anchor moves to it
+        finally:
+            set_process_authorizer(test_operator)
+        with deployment.sessions() as db:
+            row = db.get(Caller, identity.caller)
+            assert row is not None and row.state == "enabled" and row.approval == enabled["approval"]
+            assert policy_anchor.status(deployment.service.hsm, db).matches  # the anchor vouches for it
+        time.sleep(CACHE)
+        with expecting_no_reply(kms):
+            kms.generate_data_key()
+        assert counted_above(deployment, identity.caller, before)
+        assert bystander.generate_data_key()["plaintextKey"]  # the anchor holds: nobody else is refused

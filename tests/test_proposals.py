@@ -314,3 +314,46 @@ def test_an_operation_needs_a_quorum_and_is_carried_out_once(unit: Trio) -> None
         details = [r.detail for r in db.scalars(select(AuditRecord).where(AuditRecord.action == "proposal applied"))]
         assert audit_log.verify(hsm, db, audit_log.GLOBAL_CHAIN).ok
     assert sum(proposal.id in d or held.proposal_id in d for d in details) == 2
+
+
+def test_a_quorum_reapproves_the_rows_of_a_restored_database(unit: Trio) -> None:
+    """A database put back to an older state holds rows older than what a worker honoured (worker.high_water):
+    refused, until a quorum approves every row as it is; then served, with a newer approval time."""
+    from worker.high_water import HighWater
+    from worker.policy_anchor import deployment_id
+
+    sets = _adopted(unit)
+    _with_wallet(unit, sets)
+    hsm, sessions = unit.service.hsm, unit.service.sessions
+    marks = HighWater()
+    with sessions() as db:
+        row = db.get(Caller, "wallet")
+        assert row is not None
+        older = verify_evidence(row, row.approval, sets)
+        scope, kept = deployment_id(db), row.approval
+    with transaction(sessions) as db:
+        db.info[AUTHORIZER] = LocalOperators([CAROL], TRIO)
+        ACTIONS["caller.disable"](hsm, db, {"name": "wallet"})
+    with sessions() as db:
+        row = db.get(Caller, "wallet")
+        assert row is not None
+        newer = verify_evidence(row, row.approval, sets)
+    assert marks.admits(scope, "caller:wallet", newer.seq, newer.approved_at)  # a worker honoured the disabled row
+    with transaction(sessions) as db:  # the restore: the enabled row, with its evidence of then
+        row = db.get(Caller, "wallet")
+        assert row is not None
+        row.state, row.approval = "enabled", kept
+    assert not marks.admits(scope, "caller:wallet", older.seq, older.approved_at)
+    with pytest.raises(Forbidden, match="not an operator"):
+        proposals.propose_reapproval(hsm, sessions, sets, "mallory")
+    proposal = proposals.propose_reapproval(hsm, sessions, sets, "alice")
+    assert "caller:wallet" in [r["row"] for r in proposal.rows]
+    for who in (ALICE, BOB):
+        _approve(unit, sets, proposal, who)
+    assert proposals.apply(hsm, sessions, sets, proposal.id, "bob").state == "applied"
+    with sessions() as db:
+        row = db.get(Caller, "wallet")
+        assert row is not None and row.state == "enabled"
+        again = verify_evidence(row, row.approval, sets)
+    assert set(again.approved_by) == {"alice", "bob"} and again.seq == older.seq + 1
+    assert marks.admits(scope, "caller:wallet", again.seq, again.approved_at)  # newer in time: served again

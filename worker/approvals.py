@@ -51,6 +51,7 @@ from worker.storage.models import OperatorSetRecord
 EVIDENCE_VERSION = 1
 ADOPT = "operators.adopt"  # the genesis: every operator of the new set approves, and every policy row is listed
 CHANGE_OPERATORS = "operators.change"
+REAPPROVE = "policy.reapprove"  # a quorum approves every policy row as it is (after a database restore, say)
 _STEP_DOMAIN = b"kmsq/policy-step/v1\x00"
 DUE = "due"  # a change that time makes (a destruction after its wait, a rotation by its period): nobody signs it
 STEP_KINDS = ("restrict", "act", DUE)
@@ -693,6 +694,27 @@ def write_operator_change(
     _rebase(db, document, approvals, "the change of the operator set")
     _append_set(db, sets.length, new, document, approvals)
     return new
+
+
+def reapproval_document(db: Session, sets: OperatorSets, proposed_by: str, *, ttl_hours: float = 24) -> dict[str, Any]:
+    """The change by which a quorum of the current set approves every policy row as it is now (each at the
+    sequence number after its current evidence's): after a database restored from a backup, the workers that
+    honoured newer rows (worker.high_water) accept these once approved, with a newer approval time."""
+    rows = [(name, _last_seq(row.approval, name) + 1, policy_fields(row)[1])
+            for row in policy_rows(db) for name in (row_name(row),)]  # fmt: skip
+    return change_document(REAPPROVE, rows, sets.current.digest, proposed_by, ttl_hours=ttl_hours)
+
+
+def write_reapproval(
+    db: Session, sets: OperatorSets, document: Mapping[str, Any], approvals: Sequence[Approval]
+) -> None:
+    """Gives every policy row ``document`` (from :func:`reapproval_document`) and a quorum's ``approvals`` as its
+    evidence. Raises ApprovalError (not a quorum of the current set, or the rows changed since)."""
+    if document.get("action") != REAPPROVE or document.get("operator_set") != sets.current.digest:
+        raise ApprovalError("not a re-approval under the current operator set: propose it again")
+    if not tally(change_digest(document), _expiry(document), approvals, sets.current).met:
+        raise ApprovalError("a re-approval needs a quorum of the current operator set")
+    _rebase(db, document, approvals, "the re-approval")
 
 
 def _rebase(db: Session, document: Mapping[str, Any], approvals: Sequence[Approval], what: str) -> None:

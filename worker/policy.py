@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from worker import approvals, audit_log, policy_anchor, policy_rows, replication
 from worker.errors import InvalidRequest
+from worker.high_water import HighWater
 from worker.keystore import KeyStore
 from worker.policy_rows import PolicyRow, mac_input
 from worker.storage.cache import TtlCache, detached_copy
@@ -114,11 +115,13 @@ class TrustedRows:
     def __init__(
         self, hsm: KeyStore | None = None, cache_seconds: float = 0.0,
         catch_up: Callable[[Session], bool] | None = None, *, operators: str | None = None,
+        high_water: HighWater | None = None,
     ) -> None:  # fmt: skip
         if hsm is not None and operators is None:
             raise ValueError("a reader that checks rows needs the pinned operator set's digest (worker.operators)")
         self.hsm = hsm
         self.operators = operators
+        self.high_water = high_water  # a worker's (worker.high_water): refuses an older approved copy of a row
         self._cache = TtlCache(cache_seconds)
         self._catch_up = catch_up
 
@@ -131,16 +134,24 @@ class TrustedRows:
         try:
             sets = self._cache.get(("operator_sets",), lambda: approvals.load_operator_sets(db, pinned))
             try:
-                approvals.verify_evidence(row, row.approval, sets)
+                verified = approvals.verify_evidence(row, row.approval, sets)
             except approvals.ApprovalError:
                 if approvals.chain_length(db) == sets.length:
                     raise
                 # The operator set changed since the chain was read, and the rows were re-approved with it.
                 self._cache.forget(("operator_sets",))
                 sets = self._cache.get(("operator_sets",), lambda: approvals.load_operator_sets(db, pinned))
-                approvals.verify_evidence(row, row.approval, sets)
+                verified = approvals.verify_evidence(row, row.approval, sets)
         except approvals.ApprovalError as e:
             log.error("refused %s: not approved by the operators (%s)", describe(row), e)
+            return False
+        name = approvals.row_name(row)
+        if self.high_water is not None and not self.high_water.admits(
+            policy_anchor.deployment_id(db), name, verified.seq, verified.approved_at
+        ):
+            log.error("refused %s: an older approved copy (change %d) than this host honoured before (%s): put "
+                      "back?", describe(row), verified.seq, self.high_water.mark(policy_anchor.deployment_id(db),
+                                                                                   name))  # fmt: skip
             return False
         return True
 

@@ -26,6 +26,7 @@ from worker.actions import ACTIONS
 from worker.approvals import (
     ADOPT,
     CHANGE_OPERATORS,
+    REAPPROVE,
     ApprovalError,
     LocalOperators,
     OperatorSets,
@@ -37,11 +38,13 @@ from worker.approvals import (
     operator_change_document,
     operator_change_tallies,
     proposed_set,
+    reapproval_document,
     row_content,
     row_name,
     row_named,
     write_genesis,
     write_operator_change,
+    write_reapproval,
 )
 from worker.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from worker.keystore import KeyStore
@@ -244,6 +247,21 @@ def propose_operator_change(
     return describe(sessions, document["id"], sets)
 
 
+def propose_reapproval(
+    hsm: KeyStore, sessions: Callable[[], Session], sets: OperatorSets, proposed_by: str,
+    *, ttl_hours: float = DEFAULT_TTL_HOURS,
+) -> ProposalInfo:  # fmt: skip
+    """Stores the proposal that a quorum approves every policy row as it is now (worker.approvals.REAPPROVE).
+    Raises Forbidden or InvalidRequest."""
+    _check_proposal(sets, proposed_by, ttl_hours)
+    with sessions() as db, db.begin():
+        document = reapproval_document(db, sets, proposed_by, ttl_hours=ttl_hours)
+        if not document["rows"]:
+            raise InvalidRequest("there is no policy row to approve")
+        _store(hsm, db, document, f"{proposed_by}: {len(document['rows'])} rows as they are")
+    return describe(sessions, document["id"], sets)
+
+
 def describe(sessions: Callable[[], Session], proposal_id: str, sets: OperatorSets) -> ProposalInfo:
     """The proposal ``proposal_id``. Raises NotFound."""
     with sessions() as db:
@@ -334,6 +352,8 @@ def apply(
             write_genesis(db, sets.current, document, counted)
         elif document["action"] == CHANGE_OPERATORS:
             write_operator_change(db, sets, document, counted)
+        elif document["action"] == REAPPROVE:
+            write_reapproval(db, sets, document, counted)
         else:
             _apply_action(hsm, db, document, counted)
         row.state, row.closed_at, row.closed_by = "applied", datetime.now(UTC), applied_by

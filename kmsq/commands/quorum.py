@@ -315,6 +315,30 @@ def _propose_operation(operator_key: Path | None, action: str, arguments: dict[s
                           f"`kmsq approve {info.id}`, then {then}")  # fmt: skip
 
 
+@propose_group.group("policy")
+def propose_policy() -> None:
+    """The policy rows as a whole."""
+
+
+@propose_policy.command("reapprove")
+@_proposal_options
+def propose_policy_reapprove(hours: float, operator_key: Path | None, as_json: bool) -> None:
+    """Propose that the quorum approve every policy row as it is now: after a database restored from a backup
+    (and `kmsq policy seal`), the workers that honoured newer rows serve these once it is applied."""
+    from schemas.quorum import approve
+    from worker import proposals
+
+    keys, local, sets = _context(operator_key)
+    signer = _signer(local, sets)
+    info = proposals.propose_reapproval(keys.hsm, keys.sessions, sets, signer.name, ttl_hours=hours)
+    info = proposals.add_approval(keys.hsm, keys.sessions, sets, info.id, approve(signer, info.digest))
+    if info.met:
+        info = proposals.apply(keys.hsm, keys.sessions, sets, info.id, signer.name)
+    _print(info, as_json, f"proposed approving the {len(info.rows)} policy rows as they are" + (
+        " and applied (your approval is a quorum)" if info.state == "applied"
+        else f"; the other operators run `kmsq approve {info.id}`"))  # fmt: skip
+
+
 @propose_group.group("backup")
 def propose_backup() -> None:
     """Backups."""
