@@ -211,6 +211,15 @@ def run_kmsq(home: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     return subprocess.run([kmsq, *args], env=full_env, capture_output=True, text=True, timeout=300, check=False)
 
 
+def host_env(home: Path, database_url: str, broker_address: str, namespace: str) -> dict[str, str]:
+    """The environment of a host's ``kmsq`` commands and workers: its KMSQ_HOME, a shared database and broker, the
+    test's queue namespace, and a policy cache of 1 s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
+    env.update({"KMSQ_HOME": str(home), "KMSQ_DATABASE_URL": database_url, "KMSQ_BROKER_URL": broker_address,
+                "KMSQ_NAMESPACE": namespace, "KMSQ_CACHE_SECONDS": "1"})  # fmt: skip
+    return env
+
+
 def kmsq_ok(result: subprocess.CompletedProcess[str]) -> Any:
     """The JSON a ``kmsq`` command printed (``{}`` when it printed none), once it exited 0 (else fails)."""
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,6 @@ opens, signs and verifies everything again."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import time
@@ -25,7 +24,7 @@ from sqlalchemy import create_engine, text
 from schemas.operations import ALLOWABLE_OPS
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet
-from tests.conftest import fresh_database, run_kmsq
+from tests.conftest import fresh_database, host_env, run_kmsq
 from tests.queue_fixtures import delete_namespace, start_worker
 
 pytestmark = pytest.mark.process
@@ -49,13 +48,6 @@ def _wait_for_copies(url: str, target: str, prefixes: tuple[str, ...], within: f
         engine.dispose()
 
 
-def _env(home: Path, database_url: str, broker_url: str, namespace: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSQ_", "SOFTHSM2_"))}
-    env.update({"KMSQ_HOME": str(home), "KMSQ_DATABASE_URL": database_url, "KMSQ_BROKER_URL": broker_url,
-                "KMSQ_NAMESPACE": namespace, "KMSQ_CACHE_SECONDS": "1"})  # fmt: skip
-    return env
-
-
 def _ok(home: Path, *args: str, env: dict[str, str]) -> str:
     result = run_kmsq(home, *args, env=env)
     assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
@@ -66,7 +58,7 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
     namespace = f"custody-{uuid.uuid4().hex[:10]}"
     home_a, home_b, home_c = tmp_path / "host-a", tmp_path / "host-b", tmp_path / "host-c"
     with fresh_database("kmsq_custody") as url:
-        env_a, env_b = _env(home_a, url, redis_url, namespace), _env(home_b, url, redis_url, namespace)
+        env_a, env_b = host_env(home_a, url, redis_url, namespace), host_env(home_b, url, redis_url, namespace)
         _ok(home_a, "init", env=env_a)
         for host in (home_b, home_c):  # every HSM host pins the deployment's operator set (docs/DUAL_CONTROL.md)
             host.mkdir(parents=True, exist_ok=True)
@@ -142,7 +134,7 @@ def test_a_pool_survives_the_loss_of_the_token_that_made_its_keys(tmp_path: Path
                 backup_file = _backed_up(tmp_path, home_b, env_b)
                 assert worker_b.stop() == 0
                 shutil.rmtree(home_b / "tokens")  # every token is gone
-                env_c = _env(home_c, url, redis_url, namespace)
+                env_c = host_env(home_c, url, redis_url, namespace)
                 _restore_refusals(tmp_path, home_c, env_c, backup_file)
                 restored = json.loads(_ok(home_c, "backup", "restore", str(backup_file), "--fingerprint",
                                           (tmp_path / "backup-fingerprint").read_text(), "--custodian-key",

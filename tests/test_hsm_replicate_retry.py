@@ -28,7 +28,7 @@ def _no_database(_: object) -> Iterator[object]:
 def patched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     monkeypatch.setattr(hsm_command, "service", lambda: type("Svc", (), {"sessions": None})())
-    monkeypatch.setattr(hsm_command, "_token", lambda svc: object())
+    monkeypatch.setattr(hsm_command, "token_of", lambda svc: object())
     monkeypatch.setattr(storage_db, "transaction", _no_database)
     monkeypatch.setattr(policy_anchor, "deployment_id", lambda db: "d")
     monkeypatch.setattr("time.sleep", lambda seconds: None)  # (the command waits between attempts)

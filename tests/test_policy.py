@@ -307,9 +307,7 @@ def test_an_approved_row_put_back_and_re_anchored_with_the_pin_is_refused(
         try:
             with transaction(deployment.sessions) as db:
                 db.execute(update(Caller).where(Caller.name == identity.caller).values(**enabled))
-                put_back = db.get(Caller, identity.caller)
-                assert put_back is not None
-                policy.seal(deployment.service.hsm, db, put_back)  # the same MAC, and the anchor moves to it
+                policy.review(deployment.service.hsm, db, seal_failing=True)  # `kmsq policy seal`: the anchor moves
         finally:
             set_process_authorizer(test_operator)
         with deployment.sessions() as db:

@@ -37,11 +37,12 @@ def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment
     steady = report["steady"]
     assert steady["request_rows"]["max"] >= 1 and steady["worker_rss_kib"]["min"] > 10_000
     assert steady["bytes_per_request_row"] > 0 and steady["expected_request_rows"] > 0
-    # Records live 1 s (TTL) + 0 (skew) + 1 s (grace), pruned every 0.5-1.5 s: far fewer than were made.
+    # Records live 1 s (TTL) + 0 (skew) + 1 s (grace), pruned every 0.5-1.5 s. How many are alive at once grows
+    # with the machine's speed (852 and 730 of the 1,000 on two runs, all 1,001 on a fresh-clone CI run whose
+    # requests took about a record's life): the bound is twice the expected steady state (the request rate times
+    # a record's life); pruning under load is asserted by tests/test_queue_retention.py.
     peak = max(s["request_rows"] for s in report["samples"])
-    # (Without pruning all 1,000 would be there; the rows alive at once grow with the machine's speed: 730 on a
-    # fast run, against a cap of 700 this used to have.)
-    assert peak < 2 * steady["expected_request_rows"] + 50 and peak < 900, (peak, steady)
+    assert peak < 2 * steady["expected_request_rows"] + 50, (peak, steady)
 
 
 def test_soak_refuses_a_database_with_other_pools(deployment: Deployment, tmp_path: Path) -> None:
