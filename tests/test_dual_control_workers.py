@@ -7,7 +7,9 @@ step is in the audit chain and `kmsq audit verify` passes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -101,17 +103,28 @@ def test_two_of_three_operators_against_a_real_worker(tmp_path: Path, redis_url:
 
 def _short_proposal(env: dict[str, str], public_key: Path) -> str:
     """Carol's proposal of the same caller, expiring a second after it is made (the command's shortest expiry is
-    36 s): made through worker.proposals on the deployment's own database and token. Returns its id."""
+    36 s), made through worker.proposals on the deployment's own database and token in a process of its own: the
+    PKCS#11 library reads SOFTHSM2_CONF once per process, and this one may already have read another test's.
+    Returns its id."""
+    made = subprocess.run([sys.executable, "-c", f"from {__name__} import _propose_short; _propose_short()",
+                           str(public_key)], env=env, cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+def _propose_short() -> None:
+    """_short_proposal's process: proposes, approves as carol, prints the proposal's id."""
     from schemas.quorum import approve
     from worker import callers, proposals
     from worker.config import load_settings
     from worker.operators import read_pinned
     from worker.runtime import KeyService
 
-    settings = load_settings(env)
+    settings = load_settings(dict(os.environ))
     service = KeyService.from_settings(settings)
-    carol = OperatorIdentity.load(Path(env["KMSQ_HOME"]).parent / "operators" / "carol.operator.json")
-    identity = callers.read_public_identity(public_key)
+    carol = OperatorIdentity.load(Path(os.environ["KMSQ_HOME"]).parent / "operators" / "carol.operator.json")
+    identity = callers.read_public_identity(Path(sys.argv[1]))
     arguments = {"name": "wallet", "signing_key": identity.signing_key, "reply_key": identity.reply_key,
                  "allowed_ops": [OPERATION], "root_keys": None, "plaintext": False}  # fmt: skip
     try:
@@ -120,6 +133,6 @@ def _short_proposal(env: dict[str, str], public_key: Path) -> str:
         made = proposals.propose(service.hsm, service.sessions, sets, "caller.add", arguments, "carol",
                                  ttl_hours=1 / 3600)  # fmt: skip
         proposals.add_approval(service.hsm, service.sessions, sets, made.id, approve(carol, made.digest))
-        return made.id
+        print(made.id)
     finally:
         service.engine.dispose()
