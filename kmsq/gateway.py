@@ -57,7 +57,8 @@ from tasks.client import AsyncKmsClient, KmsClient, KmsError, KmsTimeout
 
 log = logging.getLogger("kmsq.gateway")
 
-STATUS_OF_CODE = {"invalid": 400, "not_exportable": 403, "not_found": 404, "conflict": 409, "unavailable": 503}
+STATUS_OF_CODE = {"invalid": 400, "not_exportable": 403, "policy_denied": 403, "not_found": 404, "conflict": 409,
+                  "unavailable": 503}  # fmt: skip
 
 
 class Message_(BaseModel):

@@ -34,6 +34,7 @@ EXIT_FORBIDDEN = 9
 EXIT_EXPIRED = 10
 EXIT_REPLAYED = 11
 EXIT_NOT_EXPORTABLE = 12
+EXIT_POLICY_DENIED = 13
 # A queue reply's error code -> exit code (the caller commands).
 CODE_EXIT = {
     "unavailable": EXIT_UNAVAILABLE,
@@ -45,6 +46,7 @@ CODE_EXIT = {
     "expired": EXIT_EXPIRED,
     "replayed": EXIT_REPLAYED,
     "not_exportable": EXIT_NOT_EXPORTABLE,
+    "policy_denied": EXIT_POLICY_DENIED,
     "internal": EXIT_INTERNAL,
 }
 

@@ -152,6 +152,9 @@ class PrivateKeyContext:
     # False for a key generated inside kmsq (never exported). It is part of the associated data only then, so
     # every other row's stays as it was; a row whose ``exportable`` column was set to true does not open.
     exportable: bool = True
+    # The caller that generated a signing key (it alone signs with it, unless rules grant others): part of the
+    # associated data only when set, so a row whose owner was changed or emptied does not open.
+    owner: str | None = None
 
     def encode(self) -> bytes:
         """Returns the canonical encoding: a label, then each field as u16 name length, name, u32 value
@@ -164,6 +167,7 @@ class PrivateKeyContext:
             ("root_key_id", self.root_key_id),
             ("root_key_version", str(self.root_key_version)),
             *((("exportable", "false"),) if not self.exportable else ()),
+            *((("owner", self.owner),) if self.owner is not None else ()),
         )
         out = bytearray(_AAD_LABEL)
         for name, value in fields:

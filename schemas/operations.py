@@ -145,6 +145,12 @@ def _sjcl_goes_alone(params: Mapping[str, Any]) -> bool:
     return not _kmsq_key(params)
 
 
+def _psbt_goes_alone(params: Mapping[str, Any]) -> bool:
+    # A PSBT costs a worker up to a quarter of a second to sign and may be 2 MiB: coalescing is for hashes.
+    return len(str(params.get("payload", ""))) > _COALESCED_PAYLOAD_CHARS
+
+
+_COALESCED_PAYLOAD_CHARS = 4096
 _DATA_KEY_SHARED = ("root_key_id", "key_spec")
 _PRIVATE_KEY_FIELDS = ("pub", "coin", "source", "type")
 
@@ -199,7 +205,15 @@ _ROWS = (
     Operation(
         "sign", "a signature by a generated key: a wallet PSBT (UTXO coins) or a 32-byte hash (ETH-like)",
         requests.Sign, replies.SignatureReply, "signing", "sign",
+        batch=Batching("sign_many", "items", ("pub", "source", "payload", "algorithm"), alone=_psbt_goes_alone),
         audit=lambda params, reply: f"key {params.pub[:32]}, payload sha256 {_sha256(params.payload)}",
+    ),
+    Operation(
+        "sign_operation", "a signature of a wallet operation (ETH-like: sendMultiSig's fields) whose hash kmsq "
+        "computes, so that its signing rules judge it", requests.SignOperation, replies.SignedOperationReply,
+        "signing", "sign_operation",
+        audit=lambda params, reply: f"key {params.pub[:32]}, to {params.to}, value {params.value}"
+        + ("" if reply is None else f", operation hash {reply.operation_hash}"),
     ),
     Operation(
         "get_result", "the stored reply of one of the caller's earlier requests", requests.GetResult,
@@ -213,6 +227,10 @@ _ROWS = (
     Operation(
         "generate_data_keys", "count new data keys, with plaintext or without", requests.GenerateDataKeys,
         replies.DataKeysReply, "data_keys", None, pool_from="root_key_id", audit=_counts,
+    ),
+    Operation(
+        "sign_many", "sign for many payloads, each judged by the signing rules", requests.SignMany,
+        replies.SignaturesReply, "signing", None, audit=_counts,
     ),
     Operation(
         "get_keys", "get_key for many keys", requests.GetKeys, replies.PrivateKeysReply, "private_keys", None,
@@ -241,7 +259,9 @@ BATCH_ITEMS: Mapping[str, tuple[Operation, ...]] = MappingProxyType(
 )
 BATCH_OPS = frozenset(BATCH_ITEMS)
 # The permissions a caller may be given (``kmsq caller add --allow``), and those that return plaintext.
-ALLOWABLE_OPS: tuple[str, ...] = tuple(row.permission for row in _ROWS if row.permission is not None)
+# ``sign_hash``: signing a bare 32-byte hash with ``sign`` (ETH-like coins), which no rule can judge.
+SIGN_HASH = "sign_hash"
+ALLOWABLE_OPS: tuple[str, ...] = (*(row.permission for row in _ROWS if row.permission is not None), SIGN_HASH)
 PLAINTEXT_OPS = frozenset(row.name for row in _ROWS if row.plaintext)
 
 

@@ -76,6 +76,13 @@ class SignatureReply(Frozen):
     signature: str
 
 
+class SignedOperationReply(Frozen):
+    """The operation hash kmsq computed and its signature (``0x`` + r + s + v)."""
+
+    operation_hash: str
+    signature: str
+
+
 class StoredResultReply(Frozen):
     """The stored reply envelope of an earlier request (JSON text), and that request's id."""
 
@@ -88,6 +95,12 @@ class ItemError(Frozen):
 
     error: ErrorCode
     message: str
+
+
+class SignaturesReply(Frozen):
+    """``sign_many``: each payload's signature, or its error."""
+
+    items: list[SignatureReply | ItemError]
 
 
 class DataKeysReply(Frozen):

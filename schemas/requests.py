@@ -126,6 +126,30 @@ class Sign(RequestParams):
     algorithm: Literal["ecdsa", "eddsa"]
 
 
+MAX_OPERATION_DATA_BYTES = 65_536
+EthAddress = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+Wei = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,76})$")]  # decimal, below 10**77 < 2**256
+CallData = Annotated[
+    str, StringConstraints(max_length=2 + 2 * MAX_OPERATION_DATA_BYTES, pattern=r"^0x([0-9a-fA-F]{2})*$")
+]
+Uint64 = Annotated[int, Field(ge=0, lt=2**64)]
+
+
+class SignOperation(RequestParams):
+    """Signs a BitGo multisig wallet operation (``sendMultiSig``: to, value in wei, call data, expire time,
+    sequence id) with a generated ETH-like key: kmsq computes the operation hash, so the signing rules judge the
+    destination and the value instead of a bare hash."""
+
+    op: Literal["sign_operation"]
+    pub: Pub
+    source: Source
+    to: EthAddress
+    value: Wei
+    data: CallData = "0x"
+    expire_time: Uint64
+    sequence_id: Uint64
+
+
 class GetResult(RequestParams):
     """Fetches the stored reply of one of the caller's earlier requests."""
 
@@ -189,6 +213,25 @@ class KeyRef(Frozen):
 
     pub: str
     source: str
+
+
+class SignItem(Frozen):
+    """One payload of a ``sign_many`` batch (checked as ``sign``'s fields; an item with a bad payload fails alone
+    only when it parses here: the message is one signed whole)."""
+
+    pub: Pub
+    source: Source
+    payload: SignablePayload
+    algorithm: Literal["ecdsa", "eddsa"]
+
+
+class SignMany(RequestParams):
+    """Signs many payloads; needs the ``sign`` permission (and ``sign_hash`` for bare hashes). Each item is
+    checked and judged by the signing rules on its own, in order (a window counts the items before it), and comes
+    back as its signature or its error; a key is opened once for all of its items."""
+
+    op: Literal["sign_many"]
+    items: Annotated[list[SignItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
 class GetKeys(RequestParams):

@@ -52,6 +52,7 @@ NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ErrorCode = Literal[
     "unauthenticated",
     "forbidden",
+    "policy_denied",
     "expired",
     "replayed",
     "invalid",

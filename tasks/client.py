@@ -239,6 +239,17 @@ class KmsClient(KmsCodec):
         """Starts ``sign`` with the generated key (pub, source); the future gives ``signature``."""
         return self.call("sign", {"pub": pub, "source": source, "payload": payload, "algorithm": algorithm}, pool)
 
+    def submit_sign_operation(
+        self, pub: str, source: str, to: str, value: int | str, *, data: str = "0x", expire_time: int,
+        sequence_id: int, pool: str | None = None,
+    ) -> RequestFuture:  # fmt: skip
+        """Starts ``sign_operation``: kmsq hashes a BitGo multisig wallet's ``sendMultiSig`` operation (``to``,
+        ``value`` in wei, call ``data``, ``expire_time``, ``sequence_id``) and signs the hash with the generated
+        ETH-like key; the future gives ``operation_hash`` and ``signature``."""
+        fields = {"pub": pub, "source": source, "to": to, "value": str(value), "data": data,
+                  "expire_time": expire_time, "sequence_id": sequence_id}  # fmt: skip
+        return self.call("sign_operation", fields, pool)
+
     def submit_get_result(self, request_id: str, pool: str | None = None) -> RequestFuture:
         """Starts ``get_result``: the stored outcome of an earlier request of this caller."""
         return self.call("get_result", {"request_id": request_id}, pool)
@@ -275,6 +286,15 @@ class KmsClient(KmsCodec):
         together to the pool's transport key. Items come back as public fields or ``{"error", "message"}``."""
         return self.call("put_keys", put_keys_fields(items, root_key_id), pool)
 
+    def submit_sign_many(
+        self, items: Sequence[tuple[str, str, str]], algorithm: str = "ecdsa", pool: str | None = None
+    ) -> RequestFuture:
+        """Starts ``sign_many`` for ``(pub, source, payload)`` triples; items are ``{"signature"}`` or
+        ``{"error", "message"}`` (``policy_denied``...), in order."""
+        batch = [{"pub": pub, "source": source, "payload": payload, "algorithm": algorithm}
+                 for pub, source, payload in items]  # fmt: skip
+        return self.call("sign_many", {"items": batch}, pool)
+
     def submit_get_keys(self, keys: Sequence[tuple[str, str]], pool: str | None = None) -> RequestFuture:
         """Starts ``get_keys`` for ``(pub, source)`` pairs; items are ``{"prv", "pub", "coin", "source",
         "type"}`` or ``{"error", "message"}`` (``not_found``...)."""
@@ -289,12 +309,14 @@ class KmsClient(KmsCodec):
     get_key = _blocking(submit_get_key)
     generate_signing_key = _blocking(submit_generate_signing_key)
     sign = _blocking(submit_sign)
+    sign_operation = _blocking(submit_sign_operation)
     get_result = _blocking(submit_get_result)
     generate_data_keys = _blocking(submit_generate_data_keys)
     decrypt_data_keys = _blocking(submit_decrypt_data_keys)
     rewrap_data_keys = _blocking(submit_rewrap_data_keys)
     put_keys = _blocking(submit_put_keys)
     get_keys = _blocking(submit_get_keys)
+    sign_many = _blocking(submit_sign_many)
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -595,12 +617,14 @@ class AsyncKmsClient:
     get_key = _awaiting(KmsClient.submit_get_key)
     generate_signing_key = _awaiting(KmsClient.submit_generate_signing_key)
     sign = _awaiting(KmsClient.submit_sign)
+    sign_operation = _awaiting(KmsClient.submit_sign_operation)
     get_result = _awaiting(KmsClient.submit_get_result)
     generate_data_keys = _awaiting(KmsClient.submit_generate_data_keys)
     decrypt_data_keys = _awaiting(KmsClient.submit_decrypt_data_keys)
     rewrap_data_keys = _awaiting(KmsClient.submit_rewrap_data_keys)
     put_keys = _awaiting(KmsClient.submit_put_keys)
     get_keys = _awaiting(KmsClient.submit_get_keys)
+    sign_many = _awaiting(KmsClient.submit_sign_many)
 
     def close(self) -> None:
         """Closes the underlying client."""

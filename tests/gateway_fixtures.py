@@ -16,7 +16,9 @@ import pytest
 
 from tests.queue_fixtures import Deployment, kmsq_command
 
-GATEWAY_OPS = ("generate_data_key", "decrypt_data_key", "put_key", "get_key", "generate_signing_key", "sign")
+# What the gateway's caller needs: sign_hash too, since the key-provider API signs ETH-like coins' bare hashes.
+GATEWAY_OPS = ("generate_data_key", "decrypt_data_key", "put_key", "get_key", "generate_signing_key", "sign",
+               "sign_hash")  # fmt: skip
 
 
 @dataclass

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kmsq.procfs import children_of
 from schemas.operations import ALLOWABLE_OPS
+from schemas.signing_rules import SigningRules
 from schemas.wire import namespace_key_prefix
 from tasks.client import KmsClient
 from tasks.identity import CallerIdentity, Fleet
@@ -35,6 +36,7 @@ from worker.config import Settings
 from worker.fleet import ensure_fleet_key
 from worker.hsm import Hsm
 from worker.runtime import KeyService
+from worker.signing_rule_rows import set_rules
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 
 REDIS_URL = os.environ.get("KMSQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -293,6 +295,8 @@ def _deployment(hsm_settings: Settings, hsm: Hsm, broker_url: str, queue_db_url:
             roots[(pool, key_type)] = service.create_root_key(key_type, pool).id
         with transaction(service.sessions) as db:
             ensure_fleet_key(hsm, db, pool)
+    with transaction(service.sessions) as db:  # as kmsq init does for one developer; tests set key rules on top
+        set_rules(hsm, db, "default", SigningRules(none=True))
     fleet = Fleet.from_document(service.fleet_document())
     env = subprocess_env(hsm_settings, queue_db_url, broker_url)
     caller_log = directory / "caller.log"

@@ -102,7 +102,7 @@ def test_a_wallet_psbt_signed_through_the_gateway_by_user_then_backup_finalizes(
 
 
 def test_a_gateway_with_eth_keys_in_hsm_keeps_them_in_the_token(deployment: Deployment) -> None:
-    deployment.register("gateway-token", ("generate_signing_key", "sign", "get_key"))
+    deployment.register("gateway-token", ("generate_signing_key", "sign", "sign_hash", "get_key"))
     running = start_gateway(deployment, "gateway-token", deployment.service.fleet_document(), "--eth-keys-in-hsm")
     try:
         with httpx.Client(base_url=running.url, timeout=60) as http:

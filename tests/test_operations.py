@@ -21,6 +21,7 @@ from schemas.operations import (
     OPERATIONS,
     OPS,
     PLAINTEXT_OPS,
+    SIGN_HASH,
     item_operation,
     item_sealed_field,
     permission_of,
@@ -51,7 +52,7 @@ def test_each_row_names_its_own_request_model_and_a_reply_model() -> None:
 
 def test_permissions_come_from_the_rows() -> None:
     singles = [row for row in OPERATIONS.values() if row.name not in BATCH_OPS and row.permission is not None]
-    assert tuple(row.name for row in singles) == ALLOWABLE_OPS and all(r.permission == r.name for r in singles)
+    assert (*(row.name for row in singles), SIGN_HASH) == ALLOWABLE_OPS and all(r.permission == r.name for r in singles)
     assert {"generate_data_key", "decrypt_data_key", "get_key"} == PLAINTEXT_OPS
     assert permission_of({"op": "get_result"}) is None
     assert permission_of({"op": "generate_data_keys", "count": 2}) == "generate_data_key"
@@ -66,7 +67,8 @@ def test_permissions_come_from_the_rows() -> None:
 
 
 def test_each_batch_form_fits_both_models() -> None:
-    assert {"generate_data_keys", "decrypt_data_keys", "rewrap_data_keys", "put_keys", "get_keys"} == BATCH_OPS
+    batches = {"generate_data_keys", "decrypt_data_keys", "rewrap_data_keys", "put_keys", "get_keys", "sign_many"}
+    assert batches == BATCH_OPS
     for batch, singles in BATCH_ITEMS.items():
         assert OPERATIONS[batch].permission is None and batch not in ALLOWABLE_OPS
         for row in singles:

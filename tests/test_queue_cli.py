@@ -43,7 +43,7 @@ def caller_env(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory)
     assert stat.S_IMODE((directory / "cli.key.json").stat().st_mode) == 0o600
     added = run(env, "caller", "add", "cli", "--public-key", str(directory / "cli.pub.json"), "--allow",
                 "generate_data_key,generate_data_key_without_plaintext,decrypt_data_key,put_key,get_key,"
-                "generate_signing_key,sign",
+                "generate_signing_key,sign,sign_hash",
                 "--all-root-keys", "--plaintext", "--json")  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["key_id"] == json.loads(made.stdout)["key_id"]

@@ -4,6 +4,7 @@ conftest), and how a caller reads a delivery (``answer``, ``refusal``)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import sqlite3
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, func, select
 
 from schemas.messages import ReplyEnvelope
 from schemas.operations import ALLOWABLE_OPS
+from schemas.signing_rules import SigningRules, parse_rules
 from schemas.wire import task_name
 from tasks.codec import KmsCodec, KmsError
 from tasks.identity import CallerIdentity, Fleet
@@ -29,6 +31,7 @@ from worker.keystore import KeyStore
 from worker.pipeline import Delivery, Inbound, WorkerContext, handle
 from worker.policy import TrustedRows
 from worker.runtime import KeyService
+from worker.signing_rule_rows import set_rules
 from worker.storage.db import create_db_engine, migrate, session_factory, transaction
 from worker.storage.models import RejectionCount
 
@@ -67,6 +70,11 @@ class Unit:
             args,
         )
         return handle(self.ctx, inbound, final_attempt=message.get("final", False))
+
+    def set_rules(self, scope: str, rules: dict[str, Any], members: str = "") -> None:
+        """Sets ``scope``'s signing rules (as ``kmsq signing-rules set`` with the test run's operator)."""
+        with transaction(self.service.sessions) as db:
+            set_rules(self.service.hsm, db, scope, parse_rules(json.dumps(rules)), members)
 
     def count(self, model: Any) -> int:
         with self.service.sessions() as db:
@@ -205,6 +213,8 @@ def _populate(service: KeyService) -> dict[str, str]:
     }
     service.ensure_fleet_key("alpha")
     service.ensure_fleet_key("beta")
+    with transaction(service.sessions) as db:  # as kmsq init does for one developer
+        set_rules(service.hsm, db, "default", SigningRules(none=True))
     return roots
 
 

@@ -38,9 +38,17 @@ class UtxoLib:
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
 
-    def build(self, network: str, xpubs: list[str], inputs: list[dict[str, Any]]) -> str:
-        """Returns the hex of an unsigned wallet PSBT spending ``inputs``."""
-        return str(self.run("build", {"network": network, "xpubs": xpubs, "inputs": inputs})["psbt"])
+    def build(
+        self, network: str, xpubs: list[str], inputs: list[dict[str, Any]],
+        outputs: list[dict[str, Any]] | None = None, *, global_xpubs: bool = False,
+    ) -> str:  # fmt: skip
+        """Returns the hex of an unsigned wallet PSBT spending ``inputs`` to ``outputs`` (wallet outputs
+        ``{scriptType, chain?, index, value}`` or payments ``{address, value}``; default one change output less a
+        small fee), naming the wallet's keys as global xpubs when ``global_xpubs``, as BitGo's platform does."""
+        request: dict[str, Any] = {"network": network, "xpubs": xpubs, "inputs": inputs, "globalXpubs": global_xpubs}
+        if outputs is not None:
+            request["outputs"] = outputs
+        return str(self.run("build", request)["psbt"])
 
     def signed_by(self, network: str, xpubs: list[str], psbt: str) -> list[set[str]]:
         """Returns, per input, which of user/backup/bitgo signed it validly. Raises UtxoLibError when any

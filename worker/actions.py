@@ -99,3 +99,20 @@ def root_key_destroy_version(hsm: KeyStore, db: Session, arguments: Mapping[str,
         raise InvalidRequest("version and wait_days must be integers")
     assert isinstance(version, int) and isinstance(wait, int)
     return lifecycle.destroy_root_key_version(hsm, db, str(arguments.get("root_key_id")), version, wait)
+
+
+@action("signing-rules.set")
+def signing_rules_set(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
+    """Sets the signing rules of ``scope`` to ``rules`` (a document), with ``members`` for a wallet scope."""
+    from schemas.signing_rules import RulesError, parse_rules
+    from schemas.wire import canonical_json
+    from worker import signing_rule_rows
+
+    try:
+        rules = parse_rules(canonical_json(arguments.get("rules")))
+    except (RulesError, TypeError, ValueError) as e:
+        raise InvalidRequest(str(e)) from None
+    members = arguments.get("members", "")
+    if not isinstance(members, str):
+        raise InvalidRequest("members must be text")
+    return signing_rule_rows.set_rules(hsm, db, str(arguments.get("scope")), rules, members)

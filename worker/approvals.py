@@ -127,8 +127,23 @@ def narrower(kind: str, before: Fields, after: Fields) -> bool:
         return all(old.get(k) == new.get(k) for k in same) and lowest[1] >= lowest[0] and state_ok
     if kind == "pool":
         return old.get("name") == new.get("name") and state_ok
+    if kind == "signing_rules":
+        return _rules_tightened(old, new)
     # A version changes only by the quorum (scheduling its destruction), a cancel or time (worker.schedule).
     return False
+
+
+def _rules_tightened(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
+    """True when a signing rules row's new document allows nothing its old one did not, for the same scope and
+    wallet keys."""
+    from schemas.signing_rules import RulesError, looser, parse_rules
+
+    if set(old) != set(new) or old.get("scope") != new.get("scope") or old.get("members") != new.get("members"):
+        return False
+    try:
+        return not looser(parse_rules(old["rules"]), parse_rules(new["rules"]))
+    except (RulesError, KeyError):
+        return False
 
 
 def one_operator_act(kind: str, before: Fields | None, after: Fields) -> bool:
@@ -137,6 +152,8 @@ def one_operator_act(kind: str, before: Fields | None, after: Fields) -> bool:
     changed), and a pending destruction cancelled (the version back as it was)."""
     new = _as_dict(after)
     if before is None:
+        if kind == "signing_rules":  # rules for a wallet, coin or caller bind on top of a key's: they only add
+            return new.get("scope", "").startswith(("wallet:", "coin:", "caller:"))
         if kind == "root_key":
             return new.get("state") == "enabled" and new.get("current_version") == "1"
         return kind in ("root_key_version", "pool") and new.get("state") == "enabled"
@@ -601,13 +618,14 @@ def change_document(
 
 def policy_rows(db: Session) -> list[PolicyRow]:
     """Every policy row, in a fixed order (callers, root keys, versions, pools)."""
-    from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+    from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion, SigningRulesRow
 
     return [
         *db.scalars(select(Caller).order_by(Caller.name)),
         *db.scalars(select(RootKey).order_by(RootKey.id)),
         *db.scalars(select(RootKeyVersion).order_by(RootKeyVersion.root_key_id, RootKeyVersion.version)),
         *db.scalars(select(Pool).order_by(Pool.name)),
+        *db.scalars(select(SigningRulesRow).order_by(SigningRulesRow.scope)),
     ]
 
 
@@ -744,11 +762,13 @@ def _append_set(
 
 def row_named(db: Session, name: str) -> PolicyRow | None:
     """The policy row called ``name`` (``caller:alice``, ``root_key_version:rk-1:2``, ...), or None."""
-    from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+    from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion, SigningRulesRow
 
     kind, _, identity = name.partition(":")
     if kind == "caller":
         return db.get(Caller, identity)
+    if kind == "signing_rules":
+        return db.get(SigningRulesRow, identity)
     if kind == "root_key":
         return db.get(RootKey, identity)
     if kind == "pool":

@@ -173,3 +173,38 @@ def _existing(db: Session, idents: list[tuple[str, str]]) -> set[tuple[str, str]
         stmt = select(PrivateKey.pub, PrivateKey.source).where(tuple_(PrivateKey.pub, PrivateKey.source).in_(chunk))
         found.update((pub, source) for pub, source in db.execute(stmt))
     return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignItem:
+    """One payload of a ``sign_many`` batch."""
+
+    pub: str
+    source: str
+    payload: str
+    algorithm: str
+
+
+def sign_payloads(
+    hsm: KeyStore, db: Session, items: Sequence[SignItem], *, caller: str, hash_allowed: bool,
+    keys: service.RootKeyAccess = service.DIRECT,
+) -> list[service.Signature | ServiceError]:  # fmt: skip
+    """Signs each payload like :func:`worker.service.sign_payload`, in order (a window of the signing rules counts
+    the items signed before it), opening each key once for all of its items and dropping them after.
+
+    Returns each item's signature or its error (``policy_denied``, ``forbidden``, ``invalid``, ``not_found``...):
+    an item's error never fails the others."""
+    opened: dict[tuple[str, str], service.PrivateKeyRecord] = {}
+    out: list[service.Signature | ServiceError] = []
+    try:
+        for item in items:
+            try:
+                out.append(service.sign_payload(
+                    hsm, db, pub=item.pub, source=item.source, payload=item.payload, algorithm=item.algorithm,
+                    caller=caller, keys=keys, hash_allowed=hash_allowed, opened=opened,
+                ))  # fmt: skip
+            except PermanentError as e:
+                out.append(e)
+    finally:
+        opened.clear()
+    return out

@@ -148,6 +148,14 @@ class Forbidden(PermanentError):
     default_message = "not allowed"
 
 
+class PolicyDenied(PermanentError):
+    """A signing rule refused the payload (schemas.signing_rules): the message names the rule and its scope, never
+    the payload."""
+
+    code = "policy_denied"
+    default_message = "a signing rule refused this payload"
+
+
 class Expired(PermanentError):
     """The request is outside its validity window (allowing for the configured clock skew)."""
 

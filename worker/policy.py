@@ -28,7 +28,7 @@ from worker.high_water import HighWater
 from worker.keystore import KeyStore
 from worker.policy_rows import PolicyRow, mac_input
 from worker.storage.cache import TtlCache, detached_copy
-from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion, SigningRulesRow
 from worker.storage.repo import RootKeyRepository
 
 log = logging.getLogger("kmsq.policy")
@@ -36,7 +36,7 @@ _ABSENT = object()
 _APPROVING = "kmsq.policy_approving"
 AUTHORIZER = "kmsq.authorizer"  # db.info key: what gives a sealed row its evidence of approval
 _PROCESS_AUTHORIZER: list[Any] = [None]  # set_process_authorizer: the operator keys this whole process signs with
-R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool)
+R = TypeVar("R", Caller, RootKey, RootKeyVersion, Pool, SigningRulesRow)
 
 
 class PolicyViolation(InvalidRequest):
@@ -93,6 +93,8 @@ def describe(row: PolicyRow) -> str:
         return f"root key {row.id}"
     if isinstance(row, Pool):
         return f"pool {row.name}"
+    if isinstance(row, SigningRulesRow):
+        return f"signing rules {row.scope[:60]}"
     return f"root key {row.root_key_id} version {row.version}"
 
 
@@ -230,6 +232,21 @@ class TrustedRows:
 
         return self._cache.get(("default_root_key", pool), load)
 
+    def signing_rules(self, db: Session) -> dict[str, SigningRulesRow]:
+        """Returns every signing rules row by scope. Raises PolicyViolation when one fails its check: a rule
+        someone changed or slipped in cannot be told from one that was loosened, so nothing signs then."""
+
+        def load() -> dict[str, SigningRulesRow]:
+            rows = {}
+            for row in db.scalars(select(SigningRulesRow)):
+                trusted = self._kept(self._trusted(db, row))
+                if trusted is None:
+                    raise PolicyViolation(f"{describe(row)} failed its policy check")
+                rows[row.scope] = trusted
+            return rows
+
+        return self._cache.get(("signing_rules",), load)
+
     def pool_refusal(self, db: Session, pool: str) -> InvalidRequest | None:
         """Why a worker of ``pool`` must refuse requests now, or None. A pool is served only while its row is
         there, enabled, and passes its check: a row that fails counts as disabled (someone may have re-enabled it
@@ -268,6 +285,7 @@ def review(hsm: KeyStore, db: Session, *, seal_failing: bool = False) -> list[Ro
         *db.scalars(select(RootKey).order_by(RootKey.id)),
         *db.scalars(select(RootKeyVersion).order_by(RootKeyVersion.root_key_id, RootKeyVersion.version)),
         *db.scalars(select(Pool).order_by(Pool.name)),
+        *db.scalars(select(SigningRulesRow).order_by(SigningRulesRow.scope)),
     ]
     statuses = []
     if seal_failing:

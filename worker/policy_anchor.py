@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from schemas.wire import canonical_json
 from worker.keystore import KeyStore
-from worker.storage.models import Caller, Deployment, Pool, RootKey, RootKeyVersion
+from worker.storage.models import Caller, Deployment, Pool, RootKey, RootKeyVersion, SigningRulesRow
 
 log = logging.getLogger("kmsq.policy")
 _ARMED = "kmsq.policy_anchor"
@@ -75,10 +75,12 @@ class Anchor:
         return anchor
 
 
-def row_key(row: Caller | RootKey | RootKeyVersion | Pool) -> RowKey:
+def row_key(row: Caller | RootKey | RootKeyVersion | Pool | SigningRulesRow) -> RowKey:
     """The identity of a policy row in the anchored state."""
     if isinstance(row, Caller):
         return ("caller", row.name)
+    if isinstance(row, SigningRulesRow):
+        return ("signing_rules", row.scope)
     if isinstance(row, RootKey):
         return ("root_key", row.id)
     if isinstance(row, Pool):
@@ -99,6 +101,8 @@ def policy_state(db: Session) -> PolicyState:
         state[("root_key_version", f"{key_id}:{version}")] = mac
     for name, mac in db.execute(select(Pool.name, Pool.policy_mac)):
         state[("pool", name)] = mac
+    for scope, mac in db.execute(select(SigningRulesRow.scope, SigningRulesRow.policy_mac)):
+        state[("signing_rules", scope)] = mac
     return state
 
 

@@ -1,5 +1,5 @@
-"""The policy rows' canonical encoding: the fields of a caller, root key, root key version or pool row that its
-HSM MAC (worker.policy) and its operators' approval (worker.approvals) cover.
+"""The policy rows' canonical encoding: the fields of a caller, root key, root key version, pool or signing rules
+row that its HSM MAC (worker.policy) and its operators' approval (worker.approvals) cover.
 
 The encoding is a domain label, then for each field its name and value, each length-prefixed (u16 name, u32
 value, UTF-8), in a fixed order.
@@ -11,9 +11,9 @@ import hmac
 import struct
 from typing import Protocol
 
-from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion
+from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion, SigningRulesRow
 
-PolicyRow = Caller | RootKey | RootKeyVersion | Pool
+PolicyRow = Caller | RootKey | RootKeyVersion | Pool | SigningRulesRow
 
 
 def _encode(label: bytes, fields: tuple[tuple[str, str], ...]) -> bytes:
@@ -29,6 +29,7 @@ LABELS = {
     "root_key": b"kmsq/policy/root-key/v1\x00",
     "pool": b"kmsq/policy/pool/v1\x00",
     "root_key_version": b"kmsq/policy/root-key-version/v1\x00",
+    "signing_rules": b"kmsq/policy/signing-rules/v1\x00",
 }
 Fields = tuple[tuple[str, str], ...]
 
@@ -56,6 +57,8 @@ def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
             fields += (("rotation_period_days", row.rotation_period_days),)
     elif isinstance(row, Pool):
         kind, fields = "pool", (("name", row.name), ("state", row.state))
+    elif isinstance(row, SigningRulesRow):
+        kind, fields = "signing_rules", (("scope", row.scope), ("rules", row.rules), ("members", row.members or ""))
     else:
         kind, fields = "root_key_version", (
             ("root_key_id", row.root_key_id), ("version", row.version), ("hsm_id", row.hsm_id),

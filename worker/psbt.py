@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from embit.script import Script
     from embit.transaction import Transaction
 
+# The chains of a BitGo wallet's derivation paths m/0/0/<chain>/<index>: external and internal (change) per script
+# type (p2sh 0/1, p2shP2wsh 10/11, p2wsh 20/21, p2tr 30/31, p2trMusig2 40/41).
+WALLET_CHAINS = frozenset({0, 1, 10, 11, 20, 21, 30, 31, 40, 41})
 _SIGHASH_DEFAULT = 0x00
 _SIGHASH_ALL = 0x01
 _TAPSCRIPT_LEAF_VERSION = 0xC0
@@ -291,9 +294,20 @@ def _plan(psbt: PSBT, fingerprint: bytes) -> Iterator[_Plan]:
         if inp.utxo is None:
             raise InvalidRequest(f"input {i} carries no previous output (witnessUtxo or nonWitnessUtxo)")
         for pub, der in ours:
-            yield _Plan(i, pub, tuple(der.derivation), taproot=False)
+            yield _Plan(i, pub, _wallet_path(i, der.derivation), taproot=False)
         for pub, der in ours_taproot:
-            yield _Plan(i, pub, tuple(der.derivation), taproot=True)
+            yield _Plan(i, pub, _wallet_path(i, der.derivation), taproot=True)
+
+
+def _wallet_path(index: int, derivation: list[int]) -> tuple[int, ...]:
+    """Returns ``derivation`` when it is a BitGo wallet path, ``m/0/0/<chain>/<index>``. Raises InvalidRequest for
+    any other (the root itself, a hardened step, another chain): a wallet key signs only where its wallet spends."""
+    path = tuple(derivation)
+    if len(path) != 4 or path[:2] != (0, 0) or path[2] not in WALLET_CHAINS or path[3] >= 0x80000000:
+        shown = "m" + "".join(f"/{p & 0x7FFFFFFF}" + ("'" if p >= 0x80000000 else "") for p in path)
+        raise InvalidRequest(f"input {index}: the derivation path {shown} of this key is not a BitGo wallet path "
+                             "(m/0/0/<chain>/<index>, chains 0, 1, 10, 11, 20, 21, 30, 31, 40, 41)")  # fmt: skip
+    return path
 
 
 def _derive(keys: _Derivations, plan: _Plan) -> HDKey:

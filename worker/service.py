@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
-from schemas.coins import signing_family
+from schemas.coins import operation_prefix, signing_family
 from schemas.envelope import (
     FORMAT_VERSION,
     GCM_NONCE_LEN,
@@ -42,8 +42,16 @@ from schemas.limits import (
     check_prv,
     check_pub,
 )
-from worker import audit_log, policy, signing
-from worker.errors import IntegrityError, InvalidRequest, NotExportable, NotFound, PermanentError, VersionBelowMinimum
+from worker import audit_log, eth_operation, policy, signing, signing_policy, signing_rules
+from worker.errors import (
+    Forbidden,
+    IntegrityError,
+    InvalidRequest,
+    NotExportable,
+    NotFound,
+    PermanentError,
+    VersionBelowMinimum,
+)
 from worker.keystore import KeyStore, RootKeyHandle
 from worker.policy import TrustedRows
 from worker.secret import SecretBytes
@@ -437,6 +445,7 @@ def _add_private_key(
     source: str,
     type: str,
     exportable: bool = True,
+    owner: str | None = None,
 ) -> StoredPrivateKey:
     """Adds the row of a checked private key sealed under ``version``. Returns its public fields. Raises
     Conflict when (pub, source) is already stored."""
@@ -444,7 +453,7 @@ def _add_private_key(
     if repo.exists(pub, source):
         raise PrivateKeyRepository.conflict()
     repo.add(sealed_private_key_row(
-        hsm, version, pub=pub, prv=prv, coin=coin, source=source, type=type, exportable=exportable
+        hsm, version, pub=pub, prv=prv, coin=coin, source=source, type=type, exportable=exportable, owner=owner
     ))  # fmt: skip
     return StoredPrivateKey(
         pub=pub, source=source, coin=coin, type=type, root_key_id=version.root_key_id, root_key_version=version.version
@@ -504,13 +513,14 @@ def sealed_private_key_row(
     source: str,
     type: str,
     exportable: bool = True,
+    owner: str | None = None,
 ) -> PrivateKey:
     """Returns a new ``private_keys`` row: ``prv`` sealed with AES-256-GCM inside the HSM under a fresh data
-    key wrapped by ``version``, with the row's fields (``exportable`` included) as associated data. Adds
-    nothing to a session."""
+    key wrapped by ``version``, with the row's fields (``exportable`` and ``owner`` included) as associated data.
+    Adds nothing to a session."""
     context = PrivateKeyContext(
         pub=pub, source=source, coin=coin, type=type, root_key_id=version.root_key_id,
-        root_key_version=version.version, exportable=exportable,
+        root_key_version=version.version, exportable=exportable, owner=owner,
     )  # fmt: skip
     with SecretBytes.from_str(prv) as plaintext:
         encrypted_prv, encrypted_data_key = seal_under_root_key(hsm, version, plaintext, context.associated_data)
@@ -526,6 +536,7 @@ def sealed_private_key_row(
         encrypted_prv=encrypted_prv,
         encrypted_data_key=encrypted_data_key,
         exportable=exportable,
+        owner=owner,
     )
 
 
@@ -566,12 +577,17 @@ def private_key_row(db: Session, pub: str, source: str, *, for_signing: bool = F
     return row
 
 
+def context_of(row: PrivateKey) -> PrivateKeyContext:
+    """The associated data context of a stored row (what its ciphertext was sealed with, if the row is intact)."""
+    return PrivateKeyContext(
+        pub=row.pub, source=row.source, coin=row.coin, type=row.type,
+        root_key_id=row.root_key, root_key_version=aad_version(row), exportable=row.exportable, owner=row.owner,
+    )  # fmt: skip
+
+
 def open_private_key(hsm: KeyStore, db: Session, row: PrivateKey, keys: RootKeyAccess = DIRECT) -> PrivateKeyRecord:
     """Returns the opened private key of ``row``. Raises IntegrityError when it does not authenticate."""
-    context = PrivateKeyContext(
-        pub=row.pub, source=row.source, coin=row.coin, type=row.type,
-        root_key_id=row.root_key, root_key_version=aad_version(row), exportable=row.exportable,
-    )  # fmt: skip
+    context = context_of(row)
     with open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_prv, row.encrypted_data_key,
         context.associated_data, keys,
@@ -600,6 +616,7 @@ def generate_signing_key(
     in_hsm: bool = False,
     pool: str = "default",
     keys: RootKeyAccess = DIRECT,
+    owner: str | None = None,
 ) -> StoredPrivateKey:
     """Generates a BIP32 root key from 64 bytes of the HSM's random generator and stores its xprv sealed like
     a stored private key, never exportable; ``pub`` is its xpub. With ``in_hsm`` (ETH-like coins) the key is
@@ -626,12 +643,30 @@ def generate_signing_key(
         reference = signing.token_key_reference(key_id)
         validate_private_key(pub=xpub, prv=reference, coin=coin, source=source, type=type)
         return _add_private_key(
-            hsm, db, version, pub=xpub, prv=reference, coin=coin, source=source, type=type, exportable=False
+            hsm,
+            db,
+            version,
+            pub=xpub,
+            prv=reference,
+            coin=coin,
+            source=source,
+            type=type,
+            exportable=False,
+            owner=owner,
         )
     key = signing.bip32_root(hsm.random(signing.SEED_BYTES))
     validate_private_key(pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type)
     return _add_private_key(
-        hsm, db, version, pub=key.xpub, prv=key.xprv, coin=coin, source=source, type=type, exportable=False
+        hsm,
+        db,
+        version,
+        pub=key.xpub,
+        prv=key.xprv,
+        coin=coin,
+        source=source,
+        type=type,
+        exportable=False,
+        owner=owner,
     )
 
 
@@ -699,17 +734,33 @@ def sign_payload(
     source: str,
     payload: str,
     algorithm: str,
+    caller: str,
     keys: RootKeyAccess = DIRECT,
+    hash_allowed: bool = True,
+    opened: dict[tuple[str, str], PrivateKeyRecord] | None = None,
 ) -> Signature:
-    """Signs ``payload`` with the generated key (pub, source) (see :mod:`worker.signing`). The payload is checked
-    against the key's coin before the key is opened.
+    """Signs ``payload`` with the generated key (pub, source) (see :mod:`worker.signing`) for ``caller``. The
+    payload is checked against the key's coin, and against the signing rules that bind the key
+    (worker.signing_policy), before the key is opened; the signature's signing log entry joins ``db``'s
+    transaction. ``opened`` keeps the keys a batch opened, for its next items (the batch clears it).
 
-    Raises NotFound, InvalidRequest (a stored key, a coin kmsq does not sign for, a malformed payload) or
-    IntegrityError (a tampered row).
+    Raises NotFound, InvalidRequest (a stored key, a coin kmsq does not sign for, a malformed payload),
+    Forbidden (a bare hash, unless ``hash_allowed``: the caller's sign_hash permission), PolicyDenied (a signing
+    rule) or IntegrityError (a tampered row).
     """
     row = private_key_row(db, pub, source, for_signing=True)
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
-    key = open_private_key(hsm, db, row, keys)
+    documents = signing_policy.applicable(keys.rows.signing_rules(db), pub=row.pub, coin=row.coin, caller=caller)
+    signing_policy.check_owner(row.owner, caller, documents)
+    if signable.digest is not None and not hash_allowed:
+        raise Forbidden("signing a bare hash needs the sign_hash permission; sign_operation signs what rules can judge")
+    spend = None if signable.psbt is None else signing_rules.analyse(signable.psbt, row.coin, row.pub)
+    signing_policy.judge(db, documents, spend, pub=row.pub, coin=row.coin, caller=caller)
+    key = opened.get((pub, source)) if opened is not None else None
+    if key is None:
+        key = open_private_key(hsm, db, row, keys)
+        if opened is not None:
+            opened[(pub, source)] = key
     token_key = signing.token_key_of(key.prv)
     if token_key is None:
         signature = signing.sign(key.prv, signable)
@@ -717,4 +768,41 @@ def sign_payload(
         signature = signing.eth_signature_of(hsm.sign_ecdsa(token_key, signable.digest), signable.digest, key.pub)
     else:
         raise IntegrityError()  # a token key is made for ETH-like coins only
+    signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=signing.payload_digest(payload),
+                          spend=spend)  # fmt: skip
     return Signature(signature, key.coin, key.root_key_id, key.root_key_version)
+
+
+def sign_operation(
+    hsm: KeyStore,
+    db: Session,
+    *,
+    pub: str,
+    source: str,
+    operation: eth_operation.Operation,
+    caller: str,
+    keys: RootKeyAccess = DIRECT,
+) -> tuple[str, Signature]:
+    """Computes the operation hash of a BitGo multisig wallet's ``sendMultiSig`` (worker.eth_operation) for the
+    generated ETH-like key (pub, source), judges the operation by the signing rules that bind the key, and signs the
+    hash. Returns the hash (``0x`` hex) and the signature.
+
+    Raises NotFound, InvalidRequest (a stored key, a coin whose operations kmsq does not hash), PolicyDenied or
+    IntegrityError."""
+    row = private_key_row(db, pub, source, for_signing=True)
+    prefix = operation_prefix(row.coin)
+    if prefix is None or signing_family(row.coin) != "eth":
+        raise InvalidRequest(f"kmsq does not hash the wallet operations of coin {row.coin[:32]!r}")
+    documents = signing_policy.applicable(keys.rows.signing_rules(db), pub=row.pub, coin=row.coin, caller=caller)
+    signing_policy.check_owner(row.owner, caller, documents)
+    digest = eth_operation.operation_hash(prefix, operation)
+    spend = signing_rules.operation_spend(operation.destination, operation.value, bool(operation.data))
+    signing_policy.judge(db, documents, spend, pub=row.pub, coin=row.coin, caller=caller)
+    key = open_private_key(hsm, db, row, keys)
+    token_key = signing.token_key_of(key.prv)
+    if token_key is None:
+        signature = signing.sign(key.prv, signing.Signable(digest=digest))
+    else:
+        signature = signing.eth_signature_of(hsm.sign_ecdsa(token_key, digest), digest, key.pub)
+    signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=digest.hex(), spend=spend)
+    return "0x" + digest.hex(), Signature(signature, key.coin, key.root_key_id, key.root_key_version)

@@ -26,12 +26,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.coins import signing_family
-from schemas.envelope import FORMAT_VERSION, PrivateKeyContext
+from schemas.envelope import FORMAT_VERSION
 from worker import audit_log, policy_anchor, service, signing
 from worker.errors import Conflict, IntegrityError, InvalidRequest, NotFound, VersionBelowMinimum
 from worker.keystore import KeyStore
 from worker.storage.db import transaction
-from worker.storage.models import PrivateKey, aad_version
+from worker.storage.models import PrivateKey
 
 LABEL_PREFIX = "kmsq-ec-"  # the labels signing.token_key_id makes; the token's other EC keys are not kmsq's
 DEFAULT_GRACE_SECONDS = 30
@@ -125,10 +125,7 @@ def _reference(hsm: KeyStore, db: Session, row: PrivateKey) -> str | None:
     that does not authenticate) or what opening it under its root key raises (NotFound, VersionBelowMinimum)."""
     if row.format_version != FORMAT_VERSION:
         raise IntegrityError()
-    context = PrivateKeyContext(
-        pub=row.pub, source=row.source, coin=row.coin, type=row.type,
-        root_key_id=row.root_key, root_key_version=aad_version(row), exportable=row.exportable,
-    )  # fmt: skip
+    context = service.context_of(row)
     with service.open_under_root_key(
         hsm, db, row.root_key, row.root_key_version, row.encrypted_prv, row.encrypted_data_key,
         context.associated_data,

@@ -28,9 +28,12 @@ if TYPE_CHECKING:
     "adopts (default: one developer, `admin`, whose key init writes).",
 )
 @click.option("--quorum", type=click.IntRange(1), default=None, help="How many operators a sensitive change needs.")
+@click.option("--signing-rules", "signing_rules", default=None, metavar="none|FILE",
+              help="The default signing rules (a rules document, or none on purpose); default: none for the "
+              "embedded developer's 1-of-1, else no default (no key signs until the operators set rules).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @one_line_errors
-def init(operator_files: str | None, quorum: int | None, as_json: bool) -> None:
+def init(operator_files: str | None, quorum: int | None, signing_rules: str | None, as_json: bool) -> None:
     """Create the embedded token (if no HSM is configured), migrate the database, create a default root key
     and the default pool's fleet keys, and write the fleet file $KMSQ_HOME/fleet.json (every pool, as
     `kmsq fleet-key export` prints it).
@@ -54,6 +57,7 @@ def init(operator_files: str | None, quorum: int | None, as_json: bool) -> None:
     if not any(k.pool == settings.default_pool and k.state == "enabled" for k in keys):
         created_key = service.create_root_key("aes-256", settings.default_pool)
     fleet, fleet_created = service.ensure_fleet_key(settings.default_pool)
+    rules = _default_rules(service, signing_rules, developer=operator_files is None)
     failing = _unsealed(service)
     anchor = _anchor(service)
     fleet_path = settings.home / "fleet.json"
@@ -72,6 +76,7 @@ def init(operator_files: str | None, quorum: int | None, as_json: bool) -> None:
         "policy_rows_failing": failing,
         "policy_anchor": anchor,
         "fleet_file": {"path": str(fleet_path), "written": fleet_written},
+        "signing_rules_default": rules,
         "operators": {
             "set": operators.document(),
             "digest": operators.digest,
@@ -108,6 +113,7 @@ def init(operator_files: str | None, quorum: int | None, as_json: bool) -> None:
     if adoption:
         console.print(f"               not adopted yet: every operator runs `kmsq approve {adoption}` (their own key)")
     console.print(f"fleet file     {fleet_path}" + (" (written)" if fleet_written else " (up to date)"))
+    console.print(f"signing rules  default: {rules}")
 
 
 def _operators(
@@ -198,3 +204,30 @@ def _anchor(service: KeyService) -> str:
 
     with service.sessions() as db:
         return policy_anchor.status(service.hsm, db).describe()
+
+
+def _default_rules(service: KeyService, option: str | None, *, developer: bool) -> str:
+    """Sets the default signing rules when there are none yet: ``option`` (``none`` or a rules file), else none for
+    the embedded developer's 1-of-1. Returns what the default is, in words."""
+    from schemas.signing_rules import RulesError, parse_rules
+    from worker.errors import InvalidRequest
+    from worker.signing_rule_rows import set_rules
+    from worker.storage.db import transaction
+    from worker.storage.models import SigningRulesRow
+
+    with service.sessions() as db:
+        existing = db.get(SigningRulesRow, "default")
+    if existing is not None:
+        return "none (exists)" if parse_rules(existing.rules).none else "rules (exist; kmsq signing-rules list)"
+    if option is None and not developer:
+        return "not set: no key signs until the operators set rules (kmsq signing-rules set --default)"
+    try:
+        rules = parse_rules('{"none": true}' if option in (None, "none") else Path(str(option)).read_bytes())
+    except (OSError, RulesError) as e:
+        raise InvalidRequest(f"--signing-rules {option}: {e}") from None
+    with transaction(service.sessions) as db:
+        set_rules(service.hsm, db, "default", rules)
+    if rules.none:
+        chosen = "by --signing-rules none" if option else "for one developer"
+        return f"none, {chosen} (every payload a key can sign is signed; kmsq signing-rules set --default)"
+    return "rules set (kmsq signing-rules list)"

@@ -83,6 +83,15 @@ COMMANDS = (
         "UTXO coins (- reads it from standard input: a PSBT may not fit on a command line). Prints {signature}.",
         arguments=("pub", "payload"), from_stdin=("payload",), defaults={"algorithm": "ecdsa"}, pool_option=True,
     ),
+    CallerCommand(
+        "sign-operation", "sign_operation",
+        "Sign a BitGo multisig wallet operation (sendMultiSig) with a generated ETH-like key: kmsq computes its hash "
+        "from the fields, so its signing rules judge them. Prints {operation_hash, signature}.",
+        arguments=("pub",), pool_option=True,
+        help_of={"to": "Destination address (0x and 40 hex digits).", "value": "Value in wei (decimal).",
+                 "data": "Call data (0x hex; default none).", "expire_time": "Expire time (Unix seconds).",
+                 "sequence_id": "The wallet contract's sequence id."},
+    ),
 )  # fmt: skip
 
 

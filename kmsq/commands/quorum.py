@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kmsq.commands import signing_rules
 from kmsq.commands.common import service, settings, so_pin, token_of
 from kmsq.output import console, one_line_errors, print_json, print_table
 
@@ -200,6 +201,23 @@ def propose_root_key_destroy_version(root_key_id: str, version: int, wait_days: 
     """Propose destroying a version (below the minimum decryption version, used by no stored row) after a wait."""
     _propose(operator_key, "root-key.destroy-version",
              {"root_key_id": root_key_id, "version": version, "wait_days": wait_days}, hours, as_json)  # fmt: skip
+
+
+@propose_group.group("signing-rules")
+def propose_signing_rules() -> None:
+    """Signing rules changes."""
+
+
+@propose_signing_rules.command("set")
+@signing_rules.scope_options
+@_proposal_options
+def propose_signing_rules_set(
+    default_scope: bool, key: str | None, wallet: str | None, coin: str | None, caller_name: str | None,
+    rules_file: Path | None, no_rules: bool, hours: float, operator_key: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Propose one scope's signing rules (as `kmsq signing-rules set`): what a change that allows more needs."""
+    arguments = signing_rules.scope_arguments(default_scope, key, wallet, coin, caller_name, rules_file, no_rules)
+    _propose(operator_key, "signing-rules.set", arguments, hours, as_json)
 
 
 @propose_group.group("pool")

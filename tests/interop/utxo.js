@@ -9,7 +9,7 @@
 //
 //   build    {network, xpubs: [user, backup, bitgo], inputs: [{scriptType, signer,
 //             cosigner, index, value, nonWitnessUtxo?}], outputs?: [{scriptType,
-//             chain?, index, value}], globalXpubs?}                -> {psbt}
+//             chain?, index, value} | {address, value}], globalXpubs?}   -> {psbt}
 //   verify   {network, xpubs, psbt} -> {inputs: [{index, signedBy: {user, backup, bitgo}}]}
 //   finalize {network, psbt}        -> {tx, txid}
 //   sign     {network, psbt, xprv}  -> {psbt}
@@ -130,6 +130,12 @@ function build(req) {
   if (!Array.isArray(outputs) || outputs.length === 0) fail('outputs must be a non-empty array');
   outputs.forEach((out, i) => {
     const what = `outputs[${i}]`;
+    if (out.address !== undefined) {
+      // A payment: any address of the network, outside the wallet.
+      const script = utxolib.address.toOutputScript(out.address, network);
+      psbt.addOutput({ script, value: toSats(out.value, `${what}.value`) });
+      return;
+    }
     checkScriptType(network, out.scriptType, what);
     let chain = out.chain;
     if (chain === undefined) {

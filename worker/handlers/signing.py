@@ -3,11 +3,12 @@ The audit record names the key and the payload's SHA-256, never the payload (``s
 
 from __future__ import annotations
 
-from schemas.operations import Family
-from schemas.replies import SignatureReply, StoredKeyReply
-from schemas.requests import GenerateSigningKey, Sign
-from worker import service
-from worker.errors import InvalidRequest
+from schemas.operations import SIGN_HASH, Family
+from schemas.replies import ItemError, SignatureReply, SignaturesReply, SignedOperationReply, StoredKeyReply
+from schemas.requests import GenerateSigningKey, Sign, SignMany, SignOperation
+from worker import batch, eth_operation, service
+from worker.errors import InvalidRequest, ServiceError
+from worker.handlers.data_keys import item_error
 from worker.handlers.registry import OpCall, Outcome, handles, refuse_if_recorded
 
 FAMILY: Family = "signing"
@@ -27,7 +28,7 @@ def generate_signing_key(call: OpCall, params: GenerateSigningKey) -> Outcome:
         refuse_if_recorded(call)
     made = service.generate_signing_key(
         call.hsm, call.db, coin=params.coin, source=params.source, type=params.type, root_key_id=params.root_key_id,
-        in_hsm=params.in_hsm, pool=call.pool, keys=call.keys,
+        in_hsm=params.in_hsm, pool=call.pool, keys=call.keys, owner=call.request.caller,
     )  # fmt: skip
     reply = StoredKeyReply(pub=made.pub, coin=made.coin, source=made.source, type=made.type)
     return Outcome(reply, made.root_key_id, made.root_key_version)
@@ -35,9 +36,43 @@ def generate_signing_key(call: OpCall, params: GenerateSigningKey) -> Outcome:
 
 @handles(FAMILY, "sign")
 def sign(call: OpCall, params: Sign) -> Outcome:
-    """The payload signed by the generated key (pub, source)."""
+    """The payload signed by the generated key (pub, source); a bare hash only for a caller with sign_hash."""
     signed = service.sign_payload(
         call.hsm, call.db, pub=params.pub, source=params.source, payload=params.payload, algorithm=params.algorithm,
-        keys=call.keys,
+        caller=call.request.caller, keys=call.keys, hash_allowed=_hash_allowed(call),
     )  # fmt: skip
     return Outcome(SignatureReply(signature=signed.signature), signed.root_key_id, signed.root_key_version)
+
+
+@handles(FAMILY, "sign_many")
+def sign_many(call: OpCall, params: SignMany) -> Outcome:
+    """Each payload's signature or its error, judged one after another."""
+    items = [batch.SignItem(pub=i.pub, source=i.source, payload=i.payload, algorithm=i.algorithm) for i in params.items]
+    signed = batch.sign_payloads(call.hsm, call.db, items, caller=call.request.caller,
+                                 hash_allowed=_hash_allowed(call), keys=call.keys)  # fmt: skip
+    replies: list[SignatureReply | ItemError] = [
+        item_error(s) if isinstance(s, ServiceError) else SignatureReply(signature=s.signature) for s in signed
+    ]
+    first = next((s for s in signed if not isinstance(s, ServiceError)), None)
+    reply = SignaturesReply(items=replies)
+    return Outcome(reply) if first is None else Outcome(reply, first.root_key_id, first.root_key_version)
+
+
+def _hash_allowed(call: OpCall) -> bool:
+    caller = call.keys.rows.caller(call.db, call.request.caller)
+    return caller is not None and SIGN_HASH in caller.allowed_ops.split(",")
+
+
+@handles(FAMILY, "sign_operation")
+def sign_operation(call: OpCall, params: SignOperation) -> Outcome:
+    """The operation hash of a wallet's sendMultiSig, computed here, and its signature by the generated key."""
+    operation = eth_operation.Operation(
+        to=params.to, value=int(params.value), data=bytes.fromhex(params.data[2:]), expire_time=params.expire_time,
+        sequence_id=params.sequence_id,
+    )  # fmt: skip
+    digest, signed = service.sign_operation(
+        call.hsm, call.db, pub=params.pub, source=params.source, operation=operation, caller=call.request.caller,
+        keys=call.keys,
+    )  # fmt: skip
+    reply = SignedOperationReply(operation_hash=digest, signature=signed.signature)
+    return Outcome(reply, signed.root_key_id, signed.root_key_version)

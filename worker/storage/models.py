@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -16,12 +18,15 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
     true,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from schemas.limits import MAX_COIN_CHARS, MAX_PUB_CHARS
 
@@ -37,6 +42,25 @@ NAMING = {
 def utcnow() -> datetime:
     """Returns the current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+class BaseUnits(TypeDecorator[int]):
+    """An amount in a coin's base unit, up to 2**256 (wei): NUMERIC(78, 0) on Postgres, its decimal text on SQLite
+    (whose integers stop at 2**63)."""
+
+    impl = Numeric(78, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(String(80) if dialect.name == "sqlite" else Numeric(78, 0))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return str(value) if dialect.name == "sqlite" else Decimal(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
 
 
 class Base(DeclarativeBase):
@@ -139,6 +163,9 @@ class PrivateKey(Base):
     # False for a key generated inside kmsq for signing (generate_signing_key): get_key refuses it. Bound into
     # the ciphertext's associated data (schemas.envelope.PrivateKeyContext), so changing it breaks the row.
     exportable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # The caller that generated a signing key (bound into the associated data too); None for stored keys and for
+    # keys generated before owners were kept.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Caller(Base):
@@ -430,3 +457,35 @@ class ProposalApproval(Base):
     operator: Mapped[str] = mapped_column(String(64), primary_key=True)
     approval: Mapped[str] = mapped_column(Text)  # schemas.quorum.Approval as JSON
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SigningRulesRow(Base):
+    """One scope's signing rules (schemas.signing_rules): a policy row, MACed and approved like the others. A
+    wallet scope lists its keys (``members``, xpubs), so that its rules bind each of them whatever a PSBT says."""
+
+    __tablename__ = "signing_rules"
+
+    scope: Mapped[str] = mapped_column(String(160), primary_key=True)  # default | key:X | wallet:ID | coin:C | caller:N
+    rules: Mapped[str] = mapped_column(Text)  # the document, canonical JSON
+    members: Mapped[str] = mapped_column(Text, default="")  # comma-separated xpubs of a wallet scope
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
+    approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
+
+
+class SigningLogEntry(Base):
+    """One signed payload (docs/PROTOCOL.md, "Signing rules"): written in the transaction of its request record, so
+    a redelivery does not count twice; the windows of the rules sum these."""
+
+    __tablename__ = "signing_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    caller: Mapped[str] = mapped_column(String(64))
+    pub: Mapped[str] = mapped_column(String(MAX_PUB_CHARS), index=True)
+    coin: Mapped[str] = mapped_column(String(MAX_COIN_CHARS))
+    wallet: Mapped[str | None] = mapped_column(String(32), nullable=True)  # worker.signing_rules.wallet_id
+    payload_digest: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of the payload as sent
+    payment: Mapped[int] = mapped_column(BaseUnits)  # what left the wallet, in the coin's base unit
+    fee: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))  # psbt | hash

@@ -1,0 +1,246 @@
+"""Signing rules (issue 26, docs/PROTOCOL.md "Signing rules") on PSBTs that BitGo's own ``@bitgo/utxo-lib`` builds:
+what leaves the wallet (change is proved, never taken on a PSBT's word), the destination lists, the per-transaction,
+fee and window caps, input and output limits, and what a refusal does (``policy_denied`` naming the rule, audited
+with the payload's digest, nothing signed, nothing logged). The unit tier: the real pipeline on SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from embit import bip32, script
+from embit.networks import NETWORKS
+from sqlalchemy import select
+
+from schemas.signing_rules import RulesError, looser, parse_rules
+from tasks.codec import KmsCodec
+from tests.test_signing_psbt import Wallet
+from tests.unit_fixtures import Unit, answer, refusal
+from tests.utxo_lib import UtxoLib
+from worker import psbt as wallet_psbt
+from worker import signing_rules
+from worker.signing_rule_rows import wallet_scope
+from worker.storage.models import AuditRecord, SigningLogEntry
+
+BTC = 100_000_000
+
+
+def _address(seed: int) -> str:
+    """A testnet p2wpkh address outside every wallet."""
+    key = bip32.HDKey.from_seed(bytes([seed]) * 32)
+    return str(script.p2wpkh(key.key.get_public_key()).address(NETWORKS["test"]))
+
+
+def _input(index: int, value: int, kind: str = "p2wsh") -> dict[str, Any]:
+    return {"scriptType": kind, "signer": "user", "cosigner": "bitgo", "index": index, "value": value}
+
+
+@pytest.fixture
+def wallet(unit: Unit, full: KmsCodec, utxo_lib: UtxoLib) -> Wallet:
+    return Wallet(unit, full, utxo_lib)
+
+
+def _pay(utxo_lib: UtxoLib, wallet: Wallet, to: str, amount: int, change: int, fee: int = 1_000,
+         *, global_xpubs: bool = True) -> str:  # fmt: skip
+    """A PSBT spending one wallet input of amount + change + fee: ``amount`` to ``to``, ``change`` back to the
+    wallet's internal chain."""
+    outputs = [{"address": to, "value": amount}] + (
+        [{"scriptType": "p2wsh", "index": 5, "value": change}] if change else []
+    )
+    return utxo_lib.build("testnet", wallet.xpubs, [_input(0, amount + change + fee)], outputs,
+                          global_xpubs=global_xpubs)  # fmt: skip
+
+
+# -- what a PSBT does -------------------------------------------------------------------------------------
+
+
+def test_change_is_recognized_only_when_the_wallet_is_proved(wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    payee = _address(1)
+    named = signing_rules.analyse(wallet_psbt.parse(_pay(utxo_lib, wallet, payee, 80_000, 60_000)), "tbtc", wallet.user)
+    assert (named.outputs[0].address, named.outputs[0].value, named.outputs[0].change) == (payee, 80_000, False)
+    assert named.outputs[1].change and named.payment == 80_000 and named.fee == 1_000
+    assert named.wallet_id == signing_rules.wallet_id(wallet.xpubs)
+    # Without the wallet's keys in the PSBT nothing proves the change output is the wallet's: all of it is payment.
+    unnamed = signing_rules.analyse(
+        wallet_psbt.parse(_pay(utxo_lib, wallet, payee, 80_000, 60_000, global_xpubs=False)), "tbtc", wallet.user
+    )
+    assert unnamed.payment == 140_000 and unnamed.wallet_id is None
+
+
+def test_a_change_output_to_keys_of_someone_elses_naming_is_a_payment(wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """The PSBT names this key and two keys of the attacker's as "the wallet", and sends the rest to their 2-of-3 as
+    change: the inputs are not that wallet's, so nothing is proved change."""
+    _xprvs, theirs = utxo_lib.keys()
+    forged = [wallet.user, theirs[1], theirs[2]]
+    real_inputs = wallet_psbt.parse(_pay(utxo_lib, wallet, _address(2), 10_000, 0))
+    to_attacker = wallet_psbt.parse(
+        utxo_lib.build(
+            "testnet",
+            forged,
+            [_input(0, 200_000)],
+            [{"scriptType": "p2wsh", "index": 1, "value": 199_000}],
+            global_xpubs=True,
+        )
+    )
+    to_attacker.inputs[0] = real_inputs.inputs[0]  # the real wallet's input, the attacker's output and "wallet"
+    spend = signing_rules.analyse(to_attacker, "tbtc", wallet.user)
+    assert spend.wallet_id is None and spend.payment == 199_000
+
+
+def test_the_rules_document_and_what_loosens_it() -> None:
+    rules = parse_rules('{"max_payment": 100, "deny_destinations": ["tb1qx"], "window": {"seconds": 86400, '
+                        '"max_payment": 1000}}')  # fmt: skip
+    assert rules.canonical() == parse_rules(rules.canonical()).canonical()
+    for bad in ('{"none": true, "max_payment": 1}', '{"max_payment": -1}', '{"surprise": 1}', '[]', "{",
+                '{"window": {"seconds": 1, "max_payment": 5}}', '{"max_payment": "100"}'):  # fmt: skip
+        with pytest.raises(RulesError):
+            parse_rules(bad)
+    tighter = parse_rules('{"max_payment": 50, "deny_destinations": ["tb1qx", "tb1qy"], "window": {"seconds": '
+                          '172800, "max_payment": 900}, "max_inputs": 10}')  # fmt: skip
+    assert looser(rules, tighter) == []
+    assert looser(tighter, rules) == ["deny_destinations shortened", "max_payment raised", "max_inputs raised",
+                                      "window raised"]  # fmt: skip
+    assert looser(rules, parse_rules('{"none": true}')) == ["rules replaced by none"]
+    assert looser(None, rules) and looser(parse_rules('{"none": true}'), rules) == []
+
+
+# -- through the worker -----------------------------------------------------------------------------------
+
+
+def _refused(wallet: Wallet, psbt: str, rule: str) -> str:
+    code, message = refusal(wallet.codec, wallet.sign(psbt, "user"))
+    assert code == "policy_denied", (code, message)
+    assert f"signing rule {rule} " in message, message
+    return message
+
+
+def _log(unit: Unit) -> list[SigningLogEntry]:
+    with unit.service.sessions() as db:
+        return list(db.scalars(select(SigningLogEntry).order_by(SigningLogEntry.id)))
+
+
+def test_destinations_caps_and_limits_are_checked_before_signing(unit: Unit, wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    allowed, denied, stranger = _address(3), _address(4), _address(5)
+    rules = {"allow_destinations": [allowed, denied], "deny_destinations": [denied], "max_payment": BTC,
+             "max_fee": 5_000, "max_fee_share_bps": 100, "max_inputs": 2}  # fmt: skip
+    unit.set_rules("default", rules)
+    signed = wallet.signed(_pay(utxo_lib, wallet, allowed, BTC, 50_000), "user")
+    assert signed and [e.payment for e in _log(unit)] == [BTC]
+
+    before = len(_log(unit))
+    _refused(wallet, _pay(utxo_lib, wallet, denied, 1_000, 0), "deny_destinations")
+    _refused(wallet, _pay(utxo_lib, wallet, stranger, 1_000, 0), "allow_destinations")
+    _refused(wallet, _pay(utxo_lib, wallet, allowed, BTC + 1, 0), "max_payment")
+    _refused(wallet, _pay(utxo_lib, wallet, allowed, 1_000_000, 0, fee=6_000), "max_fee")
+    _refused(wallet, _pay(utxo_lib, wallet, allowed, 100_000, 0, fee=1_001), "max_fee_share_bps")
+    three = utxo_lib.build("testnet", wallet.xpubs, [_input(i, 10_000) for i in range(3)],
+                           [{"address": allowed, "value": 29_000}], global_xpubs=True)  # fmt: skip
+    _refused(wallet, three, "max_inputs")
+    assert len(_log(unit)) == before  # nothing refused was logged
+
+    # Change comes back: only what leaves counts against the cap.
+    wallet.signed(_pay(utxo_lib, wallet, allowed, 100_000, 5 * BTC), "user")
+    assert _log(unit)[-1].payment == 100_000 and _log(unit)[-1].fee == 1_000
+
+
+def test_a_fee_rule_refuses_a_psbt_whose_inputs_carry_no_value(unit: Unit, wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    unit.set_rules("default", {"max_fee": 5_000})
+    parsed = wallet_psbt.parse(_pay(utxo_lib, wallet, _address(6), 10_000, 0))
+    # An input of someone else's, with no previous output.
+    parsed.inputs.append(type(parsed.inputs[0])(vin=type(parsed.tx.vin[0])(b"\x11" * 32, 0)))
+    assert signing_rules.analyse(parsed, "tbtc", wallet.user).fee is None
+    _refused(wallet, parsed.serialize().hex(), "max_fee")
+
+
+def test_the_window_adds_up_across_transactions_and_refusals_are_audited(
+    unit: Unit, wallet: Wallet, utxo_lib: UtxoLib
+) -> None:
+    payee = _address(7)
+    unit.set_rules("default", {"window": {"seconds": 86400, "max_payment": 3 * BTC}})
+    for _ in range(3):
+        wallet.signed(_pay(utxo_lib, wallet, payee, BTC, 10_000), "user")
+    over = _pay(utxo_lib, wallet, payee, 1, 10_000)
+    message = _refused(wallet, over, "window")
+    assert "300000000 already left" in message
+    with unit.service.sessions() as db:
+        record = db.scalars(select(AuditRecord).where(AuditRecord.outcome == "policy_denied")).one()
+    digest = hashlib.sha256(over.encode()).hexdigest()
+    assert digest in record.detail and "window" in record.detail and over[:64] not in record.detail
+    # Another key of another wallet has its own window under the default.
+    other = Wallet(unit, wallet.codec, utxo_lib)
+    other.signed(_pay(utxo_lib, other, payee, BTC, 10_000), "user")
+
+
+def test_a_wallet_scope_binds_both_of_its_keys(unit: Unit, wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """The window of a wallet scope counts what its user and its backup key signed: two keys, one cap."""
+    payee = _address(8)
+    scope, members = wallet_scope(wallet.xpubs)
+    unit.set_rules(scope, {"window": {"seconds": 3600, "max_payment": 2 * BTC}}, members)
+    wallet.signed(_pay(utxo_lib, wallet, payee, BTC, 1_000), "user")
+    backup_spend = utxo_lib.build("testnet", wallet.xpubs, [{**_input(0, BTC + 2_000), "signer": "backup"}],
+                                  [{"address": payee, "value": BTC}], global_xpubs=False)  # fmt: skip
+    answer(wallet.codec, wallet.sign(backup_spend, "backup"))  # the wallet is not named: all of it is payment
+    code, message = refusal(wallet.codec, wallet.sign(_pay(utxo_lib, wallet, payee, 1, 0), "user"))
+    assert code == "policy_denied" and f"signing rule window of {scope}" in message
+
+
+def test_no_rules_at_all_signs_nothing_and_a_bare_hash_needs_none(
+    unit: Unit, full: KmsCodec, utxo_lib: UtxoLib
+) -> None:
+    from sqlalchemy import delete
+
+    from worker import policy_anchor
+    from worker.storage.db import transaction
+    from worker.storage.models import SigningRulesRow
+
+    wallet = Wallet(unit, full, utxo_lib)
+    eth = answer(full, unit.deliver(full, {"op": "generate_signing_key", "coin": "hteth", "source": "user",
+                                           "type": "independent"}))["pub"]  # fmt: skip
+    unit.set_rules("coin:hteth", {"max_payment": 1})  # a rule a bare hash cannot be judged by
+    sign_hash = {"op": "sign", "pub": eth, "source": "user", "payload": "0x" + "ab" * 32, "algorithm": "ecdsa"}
+    code, message = refusal(full, unit.deliver(full, sign_hash))
+    assert code == "policy_denied" and "bare hash" in message
+    with transaction(unit.service.sessions) as db:  # an operator removes every rule, and re-anchors
+        db.execute(delete(SigningRulesRow))
+        policy_anchor.arm(unit.service.hsm, db, approve=True)
+    code, message = refusal(full, wallet.sign(_pay(utxo_lib, wallet, _address(9), 1_000, 0), "user"))
+    assert code == "policy_denied" and "no signing rules apply" in message
+
+
+# -- who may sign with which key --------------------------------------------------------------------------
+
+
+def test_a_key_signs_for_the_caller_that_made_it_unless_its_rules_grant_another(
+    unit: Unit, full: KmsCodec, utxo_lib: UtxoLib
+) -> None:
+    from sqlalchemy import update
+
+    from worker.storage.db import transaction
+    from worker.storage.models import PrivateKey
+
+    wallet = Wallet(unit, full, utxo_lib)
+    other = unit.register("other")
+    psbt = _pay(utxo_lib, wallet, _address(10), 10_000, 0)
+    params = {"op": "sign", "pub": wallet.user, "source": "user", "payload": psbt, "algorithm": "ecdsa"}
+    code, message = refusal(other, unit.deliver(other, params))
+    assert code == "forbidden" and "generated by another caller" in message
+    unit.set_rules(f"key:{wallet.user}", {"grant_callers": ["other"]})
+    assert answer(other, unit.deliver(other, params))["signature"]
+    # The owner is bound into the key's ciphertext: a row whose owner was changed in the database does not open.
+    with transaction(unit.service.sessions) as db:
+        db.execute(update(PrivateKey).where(PrivateKey.pub == wallet.backup).values(owner="other"))
+    backup = {**params, "pub": wallet.backup, "source": "backup"}
+    code, message = refusal(other, unit.deliver(other, backup))
+    assert (code, message) == ("invalid", "ciphertext failed integrity check")
+
+
+@pytest.mark.parametrize("path", [[], [0, 0, 99, 0], [0, 0, 0, 0x80000000], [1, 0, 0, 0], [0, 0, 0]])
+def test_a_key_signs_only_on_its_wallets_paths(wallet: Wallet, utxo_lib: UtxoLib, path: list[int]) -> None:
+    parsed = wallet_psbt.parse(_pay(utxo_lib, wallet, _address(11), 10_000, 0))
+    fingerprint = bip32.HDKey.from_string(wallet.user).my_fingerprint
+    derivations = parsed.inputs[0].bip32_derivations
+    (ours,) = [d for d in derivations.values() if d.fingerprint == fingerprint]
+    ours.derivation = path
+    code, message = refusal(wallet.codec, wallet.sign(parsed.serialize().hex(), "user"))
+    assert code == "invalid" and "is not a BitGo wallet path" in message, message
