@@ -476,7 +476,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("R_rewrap", {}).get("per_s"):
         out["R_over_A"] = round(report["R_rewrap"]["per_s"] / a, 3)
     for workers, m in report["workers"].items():
-        out[workers] |= _cpu_ratios(report["A_raw_hsm"], m)
+        out[workers] |= _cpu_ratios(report["A_raw_hsm"], m, report.get("K_raw_signing"))
     out["targets"] = {"C_over_B": ">= 0.7", "D1000_over_A": ">= 1.0", "E_batched_over_F": ">= 5",
                       "D1000_cpu_over_A_cpu": "<= 1.5", "C_cpu_over_B_cpu": "<= 1.3",
                       "G generateDataKey 256 on_over_off": ">= 8", "G generateDataKey 256 on_over_D100": ">= 0.5",
@@ -484,9 +484,9 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cpu_ratios(a: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+def _cpu_ratios(a: dict[str, Any], m: dict[str, Any], k_raw: dict[str, Any] | None = None) -> dict[str, Any]:
     """CPU per item against the baselines (noise moves them far less than wall-clock ratios), C coalesced
-    against C, and G's ratios, for one worker count."""
+    against C, G's ratios, and the gateway's ETH signatures against K's raw loop, for one worker count."""
 
     def cpu(figures: dict[str, Any]) -> float | None:
         total = figures.get("cpu_ms_per_item", {}).get("total")
@@ -494,6 +494,7 @@ def _cpu_ratios(a: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     a_cpu, b_cpu, c_cpu = cpu(a), cpu(m["B_noop_round_trip"]), cpu(m["C_generate_data_key"])
+    raw_signing = cpu(k_raw) if k_raw else None
     d_cpu = cpu(m["D_generate_data_keys"]["1000"])
     if a_cpu and d_cpu:
         out["D1000_cpu_over_A_cpu"] = round(d_cpu / a_cpu, 3)
@@ -509,6 +510,9 @@ def _cpu_ratios(a: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
                            if isinstance(cell, dict)}  # fmt: skip
     if "G_gateway" in m:
         out["G"] = _gateway_ratios(m["G_gateway"], m["D_generate_data_keys"]["100"]["per_s"])
+        signing = m["G_gateway"]["on"].get("signEth", {}).get("256")
+        if raw_signing and signing:  # what one signature costs the whole path, beside the raw loop
+            out["K_signEth256_cpu_over_raw"] = round((cpu(signing) or 0) / raw_signing, 3)
     return out
 
 
@@ -526,6 +530,9 @@ def _gateway_ratios(g: dict[str, Any], d100: float) -> dict[str, Any]:
             )
     most = max(g["on"]["generateDataKey"], key=int)
     out[f"generateDataKey {most} on_over_D100"] = round(g["on"]["generateDataKey"][most]["per_s"] / d100, 3)
+    signing = g["on"].get("signEth", {})
+    if "1" in signing and "256" in signing:  # issue 26: 256 concurrent BitGo clients >= 8x one
+        out["signEth 256_over_1"] = round(signing["256"]["per_s"] / signing["1"]["per_s"], 3)
     return out
 
 
@@ -668,7 +675,7 @@ def run_bench(
     import json
 
     from kmsq.bench_gateway import measure_gateway
-    from kmsq.bench_signing import measure_signing
+    from kmsq.bench_signing import measure_raw_signing, measure_signing
     from tasks.client import KmsClient
     from worker import service
     from worker.storage.db import transaction
@@ -682,6 +689,8 @@ def run_bench(
     report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "root_key": root_id, "workers": {}}
     log(f"A raw HSM loop ({sizes.raw} keys)")
     report["A_raw_hsm"] = measure_raw_hsm(svc.hsm, service.hsm_handle(version), sizes.raw)
+    log(f"K raw ETH hash signatures in this process ({sizes.raw // 4})")
+    report["K_raw_signing"] = measure_raw_signing(svc, root_id, POOL, max(50, sizes.raw // 4))
     log(f"F PBKDF2-HMAC-SHA256 x10000 + AES-CCM ({sizes.pbkdf2} encryptions)")
     report["F_pbkdf2_aes_ccm"] = measure_pbkdf2_ccm(sizes.pbkdf2)
     svc.engine.dispose()

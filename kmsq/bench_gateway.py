@@ -22,9 +22,11 @@ from typing import Any
 from kmsq.bench_common import CpuMeter, stop_worker, summarize
 from kmsq.bench_http import closed_loop, http_request
 
-ENDPOINTS = ("generateDataKey", "decryptDataKey", "putKey", "getKey")
-# generateDataKey at more levels, for the plot of throughput against concurrent clients.
-CLIENTS = {"generateDataKey": (1, 16, 64, 256), "decryptDataKey": (64, 256), "putKey": (64, 256), "getKey": (64, 256)}
+ENDPOINTS = ("generateDataKey", "decryptDataKey", "putKey", "getKey", "signEth")
+# generateDataKey at more levels, for the plot of throughput against concurrent clients; signEth (POST /sign of an
+# ETH-like key's operation hash, as BitGo's client sends it) at one client and at 256 (issue 26: >= 8x).
+CLIENTS = {"generateDataKey": (1, 16, 64, 256), "decryptDataKey": (64, 256), "putKey": (64, 256), "getKey": (64, 256),
+           "signEth": (1, 256)}  # fmt: skip
 MODES = ("off", "on")
 
 
@@ -73,6 +75,8 @@ class Material:
         for start in range(0, count, 500):
             client.put_keys([{"pub": pub, "prv": "xprv" + secrets.token_hex(50), "coin": "btc", "source": "user",
                               "type": "independent"} for pub in self.stored[start:start + 500]], root_key)  # fmt: skip
+        # The gateway's own caller signs: the key must be its own (a generated key signs for the caller that made it).
+        self.eth_pub: str | None = None
 
     def request(self, endpoint: str, host: str, cell: str) -> Callable[[int], bytes]:
         """The i-th request of a cell (``cell`` keeps POST /key's pubs unique across cells)."""
@@ -90,7 +94,27 @@ class Material:
                 return http_request("POST", "/key", host, json.dumps(body).encode())
 
             return put
+        if endpoint == "signEth":
+            assert self.eth_pub is not None
+            pub = self.eth_pub
+
+            def sign(i: int) -> bytes:
+                body = {"pub": pub, "source": "user", "signablePayload": "0x" + secrets.token_hex(32),
+                        "algorithm": "ecdsa"}  # fmt: skip
+                return http_request("POST", "/sign", host, json.dumps(body).encode())
+
+            return sign
         return lambda i: http_request("GET", f"/key/{self.stored[i % len(self.stored)]}?source=user", host)
+
+    def eth_key(self, host: str) -> None:
+        """Generates the ETH-like key signEth signs with, through the gateway (so that it is the gateway's own)."""
+        if self.eth_pub is None:
+            asked = urllib.request.Request(
+                f"http://{host}/key/generate", data=b'{"coin":"hteth","source":"user","type":"independent"}',
+                headers={"Content-Type": "application/json"}, method="POST",
+            )  # fmt: skip
+            with urllib.request.urlopen(asked, timeout=60) as answer:  # noqa: S310 (http://127.0.0.1 only)
+                self.eth_pub = str(json.loads(answer.read())["pub"])
 
 
 class Load:
@@ -130,6 +154,7 @@ def measure_gateway(
         meter = CpuMeter(worker, broker_url, {"gateway": [process.pid]})
         try:
             out[mode] = {}
+            material.eth_key(f"127.0.0.1:{port}")
             for endpoint in ENDPOINTS:
                 out[mode][endpoint] = {}
                 for clients in CLIENTS[endpoint]:

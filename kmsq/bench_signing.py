@@ -86,3 +86,34 @@ def measure_signing(
         out[name] = run_window(total, in_flight, start, per_call) | {"signatures_per_call": per_call}
     out["psbt_bytes"] = len(psbt) // 2
     return out
+
+
+def measure_raw_signing(svc: Any, root_key: str, pool: str, count: int) -> dict[str, Any]:
+    """K raw: what one ETH hash signature costs without a queue, in this process: the sealed xprv opened in the
+    HSM, its key taken, the hash signed with libsecp256k1 (``worker.signing``), one key at a time, as A is to a
+    data key. The key is generated here (its row stays, owned by no caller)."""
+    import time
+
+    from kmsq.bench_common import summarize
+    from worker import service, signing
+    from worker.storage.db import transaction
+
+    with transaction(svc.sessions) as db:
+        pub = service.generate_signing_key(svc.hsm, db, coin="hteth", source="user", type="independent",
+                                           root_key_id=root_key, pool=pool).pub  # fmt: skip
+    with svc.sessions() as db:
+        row = service.private_key_row(db, pub, "user", for_signing=True)
+        for _ in range(10):
+            signing.sign(
+                service.open_private_key(svc.hsm, db, row).prv, signing.Signable(digest=secrets.token_bytes(32))
+            )
+        latencies = []
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            t = time.perf_counter()
+            key = service.open_private_key(svc.hsm, db, row)
+            signing.sign(key.prv, signing.Signable(digest=secrets.token_bytes(32)))
+            latencies.append(time.perf_counter() - t)
+        cpu_ms = round((time.process_time() - cpu) * 1000 / count, 4)
+    per_item = {"client": cpu_ms, "total": cpu_ms}
+    return {**summarize(count, time.perf_counter() - start, latencies), "cpu_ms_per_item": per_item}

@@ -138,3 +138,22 @@ def recovered_address(signature: str, digest: bytes) -> str:
 
 def address_of_xpub(xpub: str) -> str:
     return str(PublicKey.from_compressed_bytes(bip32.HDKey.from_string(xpub).key.sec()).to_checksum_address())
+
+
+def test_a_signing_rule_refusal_is_a_403_with_its_message(
+    deployment: Deployment, http: httpx.Client, utxo_lib: UtxoLib
+) -> None:
+    """What BitGo's KeyProviderClient turns into `... returned unexpected response [403]: <message>`."""
+    import json
+
+    from schemas.signing_rules import parse_rules
+    from worker.signing_rule_rows import set_rules
+    from worker.storage.db import transaction
+
+    user = _generate(http, "tbtc", "user")
+    xpubs = [user["pub"], *utxo_lib.keys()[1][1:]]
+    with transaction(deployment.sessions) as db:
+        set_rules(deployment.service.hsm, db, f"key:{user['pub']}", parse_rules(json.dumps({"max_payment": 1_000})))
+    refused = _sign(http, user["pub"], "user", utxo_lib.build("testnet", xpubs, EVERY_TESTNET_TYPE[:1]))
+    assert refused.headers["content-type"] == "application/json"
+    assert message_of(refused, 403).startswith("signing rule max_payment of key:xpub")

@@ -235,3 +235,60 @@ def test_an_input_naming_this_key_twice_is_refused(wallet_key: str) -> None:
     with pytest.raises(InvalidRequest, match="input 0 names this key's fingerprint in 2 derivations"):
         psbt_signing.sign(root.to_string(), _hex(psbt))
     assert psbt_signing.sign(root.to_string(), _hex(_wallet_psbt(root.to_public().to_string(), 2))).signatures == 2
+
+
+_PARSE_UNDER_2_GIB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+from worker import psbt
+from worker.errors import InvalidRequest
+try:
+    psbt.parse(sys.stdin.read())
+except InvalidRequest as e:
+    print("refused:", e)
+"""
+
+
+def _declaring(where: str) -> bytes:
+    """A small PSBT that declares 2**32 of something: leaf hashes in an output's taproot derivation, or PSBTv2
+    inputs in its global map. embit builds that many objects before it sees the data is not there."""
+    from embit import compact, ec, script
+
+    key = ec.PrivateKey(bytes(range(1, 33))).get_public_key()
+    tx = Transaction(vin=[TransactionInput(bytes(32), 0)], vout=[TransactionOutput(1000, script.p2wpkh(key))])
+    raw = bytes(PSBT(tx).serialize())
+    huge = b"\xfe\xff\xff\xff\xff"
+    if where == "leaf hashes":  # the output map's last byte is its end: add key 0x07 before it
+        value = huge + bytes(8)
+        return bytes(raw[:-1] + compact.to_bytes(33) + b"\x07" + key.xonly() + compact.to_bytes(len(value)) + value
+                     + b"\x00")  # fmt: skip
+    unsigned = tx.serialize()
+    globals_end = 5 + 2 + len(compact.to_bytes(len(unsigned))) + len(unsigned)  # the global map's end, after the tx
+    assert raw[globals_end] == 0
+    return bytes(raw[:globals_end] + b"\x01\x04" + compact.to_bytes(len(huge)) + huge + raw[globals_end:])
+
+
+@pytest.mark.parametrize("where", ["leaf hashes", "PSBTv2 inputs"])
+def test_a_psbt_declaring_billions_of_items_is_refused_without_the_memory(where: str) -> None:
+    """Found by the fresh-clone CI: a mutated PSBT made tests/test_signing_psbt.py's fuzzing allocate 23 GiB, and
+    the run was killed. The same payload would have killed a worker on every redelivery. Parsed here in a process
+    allowed 2 GiB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    payload = _declaring(where).hex()
+    done = subprocess.run([sys.executable, "-c", _PARSE_UNDER_2_GIB], input=payload, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused:"), done.stdout
+    assert "more" in done.stdout, done.stdout
+
+
+def test_an_empty_tap_leaf_script_is_refused(unit: Unit, full: KmsCodec, wallet_key: str) -> None:
+    """Found by fuzzing: an empty tapLeafScript was an IndexError (an internal error)."""
+    psbt = _with_leaves(wallet_key, 1)
+    (control,) = psbt.inputs[0].taproot_scripts
+    psbt.inputs[0].taproot_scripts[control] = b""
+    code, message = refusal(full, _sign(unit, full, wallet_key, _hex(psbt)))
+    assert (code, message) == ("invalid", "input 0 carries an empty tapLeafScript")

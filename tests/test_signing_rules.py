@@ -244,3 +244,62 @@ def test_a_key_signs_only_on_its_wallets_paths(wallet: Wallet, utxo_lib: UtxoLib
     ours.derivation = path
     code, message = refusal(wallet.codec, wallet.sign(parsed.serialize().hex(), "user"))
     assert code == "invalid" and "is not a BitGo wallet path" in message, message
+
+
+# -- signing in batches -----------------------------------------------------------------------------------
+
+
+def test_a_batch_answers_each_item_and_opens_each_key_once(
+    unit: Unit, wallet: Wallet, utxo_lib: UtxoLib, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import service
+
+    payee, denied = _address(12), _address(13)
+    unit.set_rules("default", {"deny_destinations": [denied], "window": {"seconds": 3600, "max_payment": 3 * BTC}})
+    opened: list[str] = []
+    real_open = service.open_private_key
+
+    def counting(hsm: Any, db: Any, row: Any, keys: Any = service.DIRECT) -> Any:
+        opened.append(row.pub)
+        return real_open(hsm, db, row, keys)
+
+    monkeypatch.setattr(service, "open_private_key", counting)
+    psbts = [_pay(utxo_lib, wallet, payee, BTC, 1_000), _pay(utxo_lib, wallet, denied, 1_000, 0),
+             _pay(utxo_lib, wallet, payee, BTC, 2_000), "0x" + "ab" * 32, _pay(utxo_lib, wallet, payee, BTC, 3_000),
+             _pay(utxo_lib, wallet, payee, 1, 4_000)]  # fmt: skip
+    items = [{"pub": wallet.user, "source": "user", "payload": p, "algorithm": "ecdsa"} for p in psbts]
+    reply = answer(wallet.codec, unit.deliver(wallet.codec, {"op": "sign_many", "items": items}))["items"]
+    assert [sorted(item) for item in reply] == [["signature"], ["error", "message"], ["signature"],
+                                                ["error", "message"], ["signature"], ["error", "message"]]  # fmt: skip
+    assert reply[1]["error"] == "policy_denied" and "deny_destinations" in reply[1]["message"]
+    assert reply[3]["error"] == "invalid"  # a hash is not a payload of a UTXO key
+    assert reply[5]["error"] == "policy_denied" and "window" in reply[5]["message"]  # the items before it counted
+    assert opened == [wallet.user]  # one key, opened once for its three signatures
+    assert [e.payment for e in _log(unit)] == [BTC, BTC, BTC]
+
+
+def test_rules_changed_outside_the_commands_stop_every_signature(unit: Unit, wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """A database writer who loosens the default (its MAC no longer verifies), or a holder of the PIN who reseals it
+    without the operators' approval, stops signing instead of loosening it."""
+    from sqlalchemy import update
+
+    from worker import policy_anchor
+    from worker.policy_rows import mac_input
+    from worker.storage.db import transaction
+    from worker.storage.models import SigningRulesRow
+
+    unit.set_rules("default", {"max_payment": 1_000})
+    psbt = _pay(utxo_lib, wallet, _address(14), 5_000, 0)
+    _refused(wallet, psbt, "max_payment")
+    with transaction(unit.service.sessions) as db:
+        db.execute(update(SigningRulesRow).where(SigningRulesRow.scope == "default").values(rules='{"none":true}'))
+    code, message = refusal(wallet.codec, wallet.sign(psbt, "user"))
+    assert (code, message) == ("invalid", "signing rules default failed its policy check")
+    with transaction(unit.service.sessions) as db:  # resealed with the PIN, its evidence of approval left behind
+        row = db.get(SigningRulesRow, "default")
+        assert row is not None
+        row.policy_mac = unit.service.hsm.policy_mac(mac_input(row)).hex()
+        policy_anchor.arm(unit.service.hsm, db, approve=True)
+    code, message = refusal(wallet.codec, wallet.sign(psbt, "user"))
+    assert (code, message) == ("invalid", "signing rules default failed its policy check")
+    assert _log(unit) == []

@@ -30,7 +30,7 @@ PAYEE = str(script.p2wpkh(bip32.HDKey.from_seed(b"\x07" * 32).key.get_public_key
 
 @pytest.fixture(scope="module")
 def signer(deployment: Deployment) -> CallerIdentity:
-    return deployment.register("rules-signer", ("generate_signing_key", "sign"))
+    return deployment.register("rules-signer", ("generate_signing_key", "sign", "sign_hash"))
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,38 @@ def test_the_exit_code_of_a_refusal(deployment: Deployment, signer: CallerIdenti
     )  # fmt: skip
     assert done.returncode == 13, done.stdout + done.stderr
     assert "policy_denied" in done.stderr and "signing rule max_payment of key:" in done.stderr
+
+
+def test_concurrent_signs_coalesce_into_batches_and_the_log_lists_them(
+    deployment: Deployment, signer: CallerIdentity, tmp_path: Path
+) -> None:
+    """Through a coalescing client, 40 concurrent ETH hash signatures travel as sign_many batches (a key opened
+    once per batch); each is logged, and ``kmsq signing-log`` lists them."""
+    import subprocess
+
+    from tests.queue_fixtures import kmsq_command
+    from worker.storage.models import AuditRecord
+
+    with deployment.client(signer, coalesce=True) as client:
+        pub = client.generate_signing_key("hteth", "user", pool=POOL)["pub"]
+        futures = [client.submit_sign(pub, "user", "0x" + uuid.uuid4().hex * 2, pool=POOL) for _ in range(40)]
+        signatures = [client.wait(f)["signature"] for f in futures]
+    assert len(set(signatures)) == 40 and all(s.startswith("0x") and len(s) == 132 for s in signatures)
+    with deployment.sessions() as db:
+        actions = list(
+            db.scalars(
+                select(AuditRecord.action).where(
+                    AuditRecord.actor == "rules-signer", AuditRecord.action.in_(("sign", "sign_many"))
+                )
+            )
+        )
+    assert "sign_many" in actions, actions  # at least one batch
+    listed = subprocess.run([*kmsq_command(), "signing-log", "--key", pub, "--limit", "100", "--json"],
+                            env=deployment.env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert (
+        len(entries) == 40
+        and {e["kind"] for e in entries} == {"hash"}
+        and {e["caller"] for e in entries} == {"rules-signer"}
+    )

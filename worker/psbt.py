@@ -76,6 +76,7 @@ def parse(payload: str) -> PSBT:
         raise InvalidRequest("signablePayload must be the hex of a PSBT for this coin") from None
     if not raw.startswith(b"psbt\xff"):
         raise InvalidRequest("signablePayload is not a PSBT (it does not start with the PSBT magic bytes)")
+    check_declared_counts(raw)
     try:
         psbt = PSBT.parse(raw)
     except Exception:  # embit raises several types (PSBTError, ValueError, IndexError...) on malformed input
@@ -100,6 +101,69 @@ def parse(payload: str) -> PSBT:
             f"{MAX_PSBT_LEGACY_SIGHASH_BYTES}: send fewer inputs or outputs per PSBT"
         )
     return psbt
+
+
+def check_declared_counts(raw: bytes) -> None:
+    """Raises InvalidRequest when a count the PSBT declares would make embit build that many objects before it
+    sees the data is not there: PSBTv2's input and output counts (global keys 0x04, 0x05) and the number of leaf
+    hashes of a taproot derivation (input key 0x16, output key 0x07). A mutated PSBT of 4 KiB declaring 2**32 leaf
+    hashes made the parser allocate 23 GiB. Walks the maps (``<keylen><key><vallen><value>``, each map ended by a
+    zero key length) without parsing the values otherwise."""
+    from io import BytesIO
+
+    from embit.transaction import Transaction
+
+    stream = BytesIO(raw[5:])
+    global_map = _read_map(stream)
+    for key, value in global_map:
+        if key[:1] in (b"\x04", b"\x05") and _compact(value) > max(MAX_PSBT_INPUTS, MAX_PSBT_OUTPUTS):
+            raise InvalidRequest("the PSBT declares more inputs or outputs than a PSBT may have")
+    unsigned = next((value for key, value in global_map if key == b"\x00"), None)
+    if unsigned is None:
+        return  # PSBTv2 (its counts are checked above) or malformed: embit says which
+    try:
+        tx = Transaction.parse(unsigned)
+    except Exception:  # embit raises several types on a malformed transaction
+        raise InvalidRequest("signablePayload is not a well-formed PSBT") from None
+    for count, leaf_key in ((len(tx.vin), 0x16), (len(tx.vout), 0x07)):
+        for _ in range(count):
+            for key, value in _read_map(stream):
+                if key[:1] == bytes([leaf_key]):
+                    value_stream = BytesIO(value)
+                    if _read_compact(value_stream) * 32 > len(value) - value_stream.tell():
+                        raise InvalidRequest("a taproot derivation of the PSBT declares more leaf hashes than it holds")
+
+
+def _read_map(stream: Any) -> list[tuple[bytes, bytes]]:
+    """The key-value pairs of one PSBT map. Raises InvalidRequest when the data ends inside it."""
+    pairs: list[tuple[bytes, bytes]] = []
+    while True:
+        length = _read_compact(stream)
+        if length == 0:
+            return pairs
+        key = stream.read(length)
+        if len(key) != length:
+            raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)")
+        size = _read_compact(stream)
+        value = stream.read(size)
+        if len(value) != size:
+            raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)")
+        pairs.append((key, value))
+
+
+def _read_compact(stream: Any) -> int:
+    from embit import compact
+
+    try:
+        return int(compact.read_from(stream))
+    except (RuntimeError, TypeError):
+        raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)") from None
+
+
+def _compact(value: bytes) -> int:
+    from io import BytesIO
+
+    return _read_compact(BytesIO(value))
 
 
 def legacy_sighash_bytes(psbt: PSBT) -> int:
@@ -375,6 +439,8 @@ def _sign_taproot(sighashes: _Sighashes, index: int, inp: InputScope, child: HDK
     sighash = inp.sighash_type if inp.sighash_type is not None else _SIGHASH_DEFAULT
     signed = 0
     for leaf in inp.taproot_scripts.values():
+        if not leaf:
+            raise InvalidRequest(f"input {index} carries an empty tapLeafScript")
         leaf_version, script = leaf[-1], Script(leaf[:-1])
         if leaf_version != _TAPSCRIPT_LEAF_VERSION or xonly not in script.data:
             continue
