@@ -262,10 +262,10 @@ def _declaring(where: str) -> bytes:
         value = huge + bytes(8)
         return bytes(raw[:-1] + compact.to_bytes(33) + b"\x07" + key.xonly() + compact.to_bytes(len(value)) + value
                      + b"\x00")  # fmt: skip
-    unsigned = tx.serialize()
-    globals_end = 5 + 2 + len(compact.to_bytes(len(unsigned))) + len(unsigned)  # the global map's end, after the tx
-    assert raw[globals_end] == 0
-    return bytes(raw[:globals_end] + b"\x01\x04" + compact.to_bytes(len(huge)) + huge + raw[globals_end:])
+    # PSBTv2: no unsigned transaction; the global map says how many inputs (0x04) and outputs (0x05) follow.
+    return bytes(
+        b"psbt\xff" + b"\x01\xfb\x04\x02\x00\x00\x00" + b"\x01\x04" + compact.to_bytes(len(huge)) + huge + b"\x00"
+    )
 
 
 @pytest.mark.parametrize("where", ["leaf hashes", "PSBTv2 inputs"])
