@@ -144,7 +144,7 @@ if sys.argv[1] == "make":
 else:
     with transaction(keys.sessions) as db:
         signed = service.sign_payload(keys.hsm, db, pub=sys.argv[2], source="user", payload="0x" + "22" * 32,
-                                      algorithm="ecdsa")
+                                      algorithm="ecdsa", caller="operator")
     out = {"signature": signed.signature}
 out["labels"] = keys.hsm.ec_signing_keys()
 print(json.dumps(out))

@@ -32,6 +32,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from schemas.limits import (
@@ -109,8 +110,6 @@ def check_declared_counts(raw: bytes) -> None:
     hashes of a taproot derivation (input key 0x16, output key 0x07). A mutated PSBT of 4 KiB declaring 2**32 leaf
     hashes made the parser allocate 23 GiB. Walks the maps (``<keylen><key><vallen><value>``, each map ended by a
     zero key length) without parsing the values otherwise."""
-    from io import BytesIO
-
     from embit.transaction import Transaction
 
     stream = BytesIO(raw[5:])
@@ -134,24 +133,25 @@ def check_declared_counts(raw: bytes) -> None:
                         raise InvalidRequest("a taproot derivation of the PSBT declares more leaf hashes than it holds")
 
 
-def _read_map(stream: Any) -> list[tuple[bytes, bytes]]:
+def _read_map(stream: BytesIO) -> list[tuple[bytes, bytes]]:
     """The key-value pairs of one PSBT map. Raises InvalidRequest when the data ends inside it."""
     pairs: list[tuple[bytes, bytes]] = []
+    with stream.getbuffer() as view:
+        total = len(view)
     while True:
         length = _read_compact(stream)
         if length == 0:
             return pairs
+        if length > total - stream.tell():
+            raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)")
         key = stream.read(length)
-        if len(key) != length:
-            raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)")
         size = _read_compact(stream)
-        value = stream.read(size)
-        if len(value) != size:
+        if size > total - stream.tell():
             raise InvalidRequest("signablePayload is not a well-formed PSBT (it ends inside a map)")
-        pairs.append((key, value))
+        pairs.append((key, stream.read(size)))
 
 
-def _read_compact(stream: Any) -> int:
+def _read_compact(stream: BytesIO) -> int:
     from embit import compact
 
     try:
@@ -161,8 +161,6 @@ def _read_compact(stream: Any) -> int:
 
 
 def _compact(value: bytes) -> int:
-    from io import BytesIO
-
     return _read_compact(BytesIO(value))
 
 
