@@ -276,6 +276,15 @@ def test_a_batch_answers_each_item_and_opens_each_key_once(
     assert reply[5]["error"] == "policy_denied" and "window" in reply[5]["message"]  # the items before it counted
     assert opened == [wallet.user]  # one key, opened once for its three signatures
     assert [e.payment for e in _log(unit)] == [BTC, BTC, BTC]
+    # Each refused item has its own audit record, after the batch's: its key, its payload's digest, the rule.
+    with unit.service.sessions() as db:
+        records = list(db.scalars(select(AuditRecord).order_by(AuditRecord.seq)))
+    expected = [("sign_many", "ok"), ("sign", "policy_denied"), ("sign", "invalid"), ("sign", "policy_denied")]
+    assert [(r.action, r.outcome) for r in records[-4:]] == expected
+    for record, index in zip(records[-3:], (1, 3, 5), strict=True):
+        digest = hashlib.sha256(psbts[index].encode()).hexdigest()
+        assert record.detail.startswith(f"item {index}: key {wallet.user[:32]}, payload sha256 {digest}: ")
+    assert "deny_destinations" in records[-3].detail and "window" in records[-1].detail
 
 
 def test_rules_changed_outside_the_commands_stop_every_signature(unit: Unit, wallet: Wallet, utxo_lib: UtxoLib) -> None:

@@ -418,6 +418,9 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
         request_id=str(request.request_id),
         detail=operation.audit(request.params, done.reply),
     )  # fmt: skip  (the transaction's last step: it locks the chain's head until the commit)
+    for action, outcome, detail in done.item_audits:
+        audit_log.append(ctx.hsm, db, ctx.pool, actor=request.caller, action=action, outcome=outcome,
+                         request_id=str(request.request_id), detail=detail)  # fmt: skip
     return _delivered(request, envelope, None)
 
 

@@ -39,6 +39,9 @@ class Outcome:
     reply: BaseModel
     root_key_id: str | None = None
     root_key_version: int | None = None
+    # Items of a batch refused on their own that the audit names one by one (``sign_many``: each refused signature,
+    # with its key, payload digest and rule): (operation, outcome code, detail), recorded after the batch's record.
+    item_audits: tuple[tuple[str, str, str], ...] = ()
 
 
 class Recorded(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from schemas.operations import SIGN_HASH, Family
 from schemas.replies import ItemError, SignatureReply, SignaturesReply, SignedOperationReply, StoredKeyReply
 from schemas.requests import GenerateSigningKey, Sign, SignMany, SignOperation
-from worker import batch, eth_operation, service
+from worker import batch, eth_operation, service, signing
 from worker.errors import InvalidRequest, ServiceError
 from worker.handlers.data_keys import item_error
 from worker.handlers.registry import OpCall, Outcome, handles, refuse_if_recorded
@@ -54,8 +54,15 @@ def sign_many(call: OpCall, params: SignMany) -> Outcome:
         item_error(s) if isinstance(s, ServiceError) else SignatureReply(signature=s.signature) for s in signed
     ]
     first = next((s for s in signed if not isinstance(s, ServiceError)), None)
+    refused = tuple(
+        ("sign", s.code, f"item {i}: key {item.pub[:32]}, payload sha256 {signing.payload_digest(item.payload)}: "
+                         f"{s.message}"[:255])
+        for i, (item, s) in enumerate(zip(items, signed, strict=True)) if isinstance(s, ServiceError)
+    )  # fmt: skip
     reply = SignaturesReply(items=replies)
-    return Outcome(reply) if first is None else Outcome(reply, first.root_key_id, first.root_key_version)
+    if first is None:
+        return Outcome(reply, item_audits=refused)
+    return Outcome(reply, first.root_key_id, first.root_key_version, item_audits=refused)
 
 
 def _hash_allowed(call: OpCall) -> bool:
