@@ -198,8 +198,9 @@ def test_every_error_class_has_a_wire_code() -> None:
                if issubclass(c, errors.ServiceError)]  # fmt: skip
     assert len(classes) >= 10
     assert {c.code for c in classes} <= set(ERROR_CODES)
-    assert set(ERROR_CODES) == {"unauthenticated", "forbidden", "expired", "replayed", "invalid", "conflict",
-                                "not_found", "not_exportable", "too_large", "unavailable", "internal"}  # fmt: skip
+    assert set(ERROR_CODES) == {"unauthenticated", "forbidden", "policy_denied", "expired", "replayed", "invalid",
+                                "conflict", "not_found", "not_exportable", "too_large", "unavailable",
+                                "internal"}  # fmt: skip
 
 
 def test_root_key_types_are_one_list() -> None:
