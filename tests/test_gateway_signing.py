@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from urllib.parse import quote
 
 import httpx
@@ -21,6 +22,8 @@ from tests.test_signing_psbt import EVERY_TESTNET_TYPE
 from tests.utxo_lib import UtxoLib
 from worker.hsm import Hsm
 from worker.storage.models import AuditRecord, PrivateKey
+
+CACHE_SECONDS = 1  # KMSQ_CACHE_SECONDS of the deployment's workers (tests.queue_fixtures.subprocess_env)
 
 
 def _generate(http: httpx.Client, coin: str = "hteth", source: str = "user") -> dict[str, str]:
@@ -154,6 +157,7 @@ def test_a_signing_rule_refusal_is_a_403_with_its_message(
     xpubs = [user["pub"], *utxo_lib.keys()[1][1:]]
     with transaction(deployment.sessions) as db:
         set_rules(deployment.service.hsm, db, f"key:{user['pub']}", parse_rules(json.dumps({"max_payment": 1_000})))
+    time.sleep(CACHE_SECONDS + 0.5)  # the workers read the rules again (the fresh-clone CI signed within the second)
     refused = _sign(http, user["pub"], "user", utxo_lib.build("testnet", xpubs, EVERY_TESTNET_TYPE[:1]))
     assert refused.headers["content-type"] == "application/json"
     assert message_of(refused, 403).startswith("signing rule max_payment of key:xpub")

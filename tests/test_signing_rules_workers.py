@@ -5,6 +5,7 @@ per scope); a redelivered sign counts once; a refusal is ``policy_denied`` and l
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from worker.storage.models import RequestRecord, SigningLogEntry
 pytestmark = [pytest.mark.hsm, pytest.mark.process]
 BTC = 100_000_000
 POOL = "alpha"
+CACHE_SECONDS = 1  # KMSQ_CACHE_SECONDS of the deployment's workers (tests.queue_fixtures.subprocess_env)
 PAYEE = str(script.p2wpkh(bip32.HDKey.from_seed(b"\x07" * 32).key.get_public_key()).address(NETWORKS["test"]))
 
 
@@ -61,6 +63,7 @@ def _key_rules(deployment: Deployment, pub: str, rules: dict[str, object]) -> No
 
     with transaction(deployment.sessions) as db:
         set_rules(deployment.service.hsm, db, f"key:{pub}", parse_rules(json.dumps(rules)))
+    time.sleep(CACHE_SECONDS + 0.5)  # every worker reads the rules again
 
 
 def _logged(deployment: Deployment, pub: str) -> int:
