@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from Crypto.Hash import keccak
+
 from worker.errors import InvalidRequest
 
 _UINT256 = 32
@@ -35,8 +37,6 @@ class Operation:
 def operation_hash(prefix: str, operation: Operation) -> bytes:
     """Returns the 32-byte operation hash of ``operation`` for a network whose prefix is ``prefix``. Raises
     InvalidRequest for a field out of range."""
-    from Crypto.Hash import keccak
-
     if not 0 <= operation.value < 2**256 or not all(0 <= v < 2**256 for v in (operation.expire_time,
                                                                               operation.sequence_id)):  # fmt: skip
         raise InvalidRequest("value, expire_time and sequence_id must be unsigned 256-bit integers")
