@@ -1,22 +1,27 @@
 """Signing rules (issue 26, docs/PROTOCOL.md "Signing rules") on PSBTs that BitGo's own ``@bitgo/utxo-lib`` builds:
 what leaves the wallet (change is proved, never taken on a PSBT's word), the destination lists, the per-transaction,
 fee and window caps, input and output limits, and what a refusal does (``policy_denied`` naming the rule, audited
-with the payload's digest, nothing signed, nothing logged). The unit tier: the real pipeline on SQLite."""
+with the payload's digest, nothing signed, nothing logged). The unit tier: the real pipeline on SQLite, and on
+Postgres where two transactions meet."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from embit import bip32, script
 from embit.networks import NETWORKS
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 
 from schemas.signing_rules import RulesError, looser, parse_rules
 from tasks.codec import KmsCodec
+from tests.fake_hsm import FakeHsm
 from tests.test_signing_psbt import Wallet
-from tests.unit_fixtures import Unit, answer, refusal
+from tests.unit_fixtures import Unit, answer, refusal, units
 from tests.utxo_lib import UtxoLib
 from worker import psbt as wallet_psbt
 from worker import signing_rules
@@ -312,3 +317,50 @@ def test_rules_changed_outside_the_commands_stop_every_signature(unit: Unit, wal
     code, message = refusal(wallet.codec, wallet.sign(psbt, "user"))
     assert (code, message) == ("invalid", "signing rules default failed its policy check")
     assert _log(unit) == []
+
+
+# -- two batches at once (Postgres) ------------------------------------------------------------------------
+
+
+def test_a_batch_takes_all_of_its_window_locks_first_in_sorted_order(tmp_path: Path, pg_engine: Engine) -> None:
+    """A batch whose items name key B then key A takes A's window lock before B's, and both before its first item:
+    with another transaction holding A's (as a batch of A then B would, on its way to B's), it holds nothing while
+    it waits, so that transaction takes B's at once instead of the two waiting on each other until Postgres kills
+    one as a deadlock."""
+    from worker.signing_policy import lock
+
+    unit = next(units(tmp_path, FakeHsm(), url=pg_engine.url.render_as_string(hide_password=False)))
+    codec = unit.register("batcher")
+    pubs = sorted(_eth_key(unit, codec) for _ in range(2))  # key:A < key:B, the order the locks are taken in
+    unit.set_rules("default", {"max_hashes": {"seconds": 3600, "count": 10}})
+    items = [
+        {"pub": pub, "source": "user", "payload": "0x" + "cd" * 32, "algorithm": "ecdsa"} for pub in reversed(pubs)
+    ]
+    holder = unit.service.sessions()
+    holder.begin()
+    lock(holder, {f"key:{pubs[0]}"})
+    replies: list[Any] = []
+    batch = threading.Thread(target=lambda: replies.append(unit.deliver(codec, {"op": "sign_many", "items": items})))
+    batch.start()
+    try:
+        waiting = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid <> pg_backend_pid()"
+        deadline = time.monotonic() + 30
+        while not (blocked := holder.execute(text(waiting)).scalars().all()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(blocked) == 1, "the batch never waited on key A's lock"
+        held = holder.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                                   "pid = :pid"), {"pid": blocked[0]}).scalar()  # fmt: skip
+        assert held == 0  # not key B's: it waits on A before it takes B
+        holder.execute(text("SET LOCAL lock_timeout = '5s'"))
+        lock(holder, {f"key:{pubs[1]}"})  # the other batch's next lock: free, no cycle
+    finally:
+        holder.rollback()
+        holder.close()
+        batch.join(timeout=60)
+    assert [sorted(item) for item in answer(codec, replies[0])["items"]] == [["signature"], ["signature"]]
+    assert [entry.pub for entry in _log(unit)] == list(reversed(pubs))
+
+
+def _eth_key(unit: Unit, codec: KmsCodec) -> str:
+    params = {"op": "generate_signing_key", "coin": "hteth", "source": "user", "type": "independent"}
+    return str(answer(codec, unit.deliver(codec, params))["pub"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,6 +50,7 @@ from worker.errors import (
     NotExportable,
     NotFound,
     PermanentError,
+    ServiceError,
     VersionBelowMinimum,
 )
 from worker.keystore import KeyStore, RootKeyHandle
@@ -771,6 +772,25 @@ def sign_payload(
     signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=signing.payload_digest(payload),
                           spend=spend)  # fmt: skip
     return Signature(signature, key.coin, key.root_key_id, key.root_key_version)
+
+
+def lock_signing_scopes(
+    db: Session, keys_of_items: Sequence[tuple[str, str]], *, caller: str, keys: RootKeyAccess = DIRECT
+) -> None:
+    """Takes, in one sorted pass, the signing-rule locks that signing with each generated key (pub, source) of
+    ``keys_of_items`` for ``caller`` would take one by one (worker.signing_policy.lock): a batch whose items
+    take them in their own order could wait in a cycle with another batch. A key that does not resolve is left to
+    its item, whose error it is."""
+    rules = keys.rows.signing_rules(db)
+    subjects: set[str] = set()
+    for pub, source in dict.fromkeys(keys_of_items):
+        try:
+            row = private_key_row(db, pub, source, for_signing=True)
+        except ServiceError:
+            continue
+        documents = signing_policy.applicable(rules, pub=row.pub, coin=row.coin, caller=caller)
+        subjects |= signing_policy.subjects(documents, pub=row.pub, coin=row.coin, caller=caller)
+    signing_policy.lock(db, subjects)
 
 
 def sign_operation(

@@ -133,11 +133,27 @@ def _subject(document: Applied, *, pub: str, coin: str, caller: str) -> str:
 
 
 def _lock(db: Session, documents: Sequence[Applied], *, pub: str, coin: str, caller: str) -> None:
-    """Takes a transaction lock per windowed scope (Postgres advisory locks, sorted: no deadlock). SQLite has one
-    writer at a time already."""
+    """Takes a transaction lock per scope of ``documents`` (see :func:`lock`)."""
+    lock(db, subjects(documents, pub=pub, coin=coin, caller=caller))
+
+
+def subjects(documents: Sequence[Applied], *, pub: str, coin: str, caller: str) -> set[str]:
+    """Returns the lock subjects of the documents that count what they let through (a window or max_hashes): what
+    :func:`judge` locks for a key of ``pub``."""
+    return {
+        _subject(d, pub=pub, coin=coin, caller=caller)
+        for d in documents
+        if not d.rules.none and (d.rules.window is not None or d.rules.max_hashes is not None)
+    }
+
+
+def lock(db: Session, subjects: set[str]) -> None:
+    """Takes a transaction lock per subject (Postgres advisory locks, which a session may take again without
+    waiting), in sorted order: two transactions that take their locks here never wait on each other in a cycle. A
+    batch takes all of its items' locks at once before its first item. SQLite has one writer at a time already."""
     if db.get_bind().dialect.name != "postgresql":
         return
-    for subject in sorted({_subject(d, pub=pub, coin=coin, caller=caller) for d in documents}):
+    for subject in sorted(subjects):
         db.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:subject, 0))"),
                    {"subject": "kmsq/signing/" + subject})  # fmt: skip
 
