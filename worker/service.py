@@ -739,17 +739,19 @@ def sign_payload(
     keys: RootKeyAccess = DIRECT,
     hash_allowed: bool = True,
     opened: dict[tuple[str, str], PrivateKeyRecord] | None = None,
+    found: dict[tuple[str, str], PrivateKey] | None = None,
 ) -> Signature:
     """Signs ``payload`` with the generated key (pub, source) (see :mod:`worker.signing`) for ``caller``. The
     payload is checked against the key's coin, and against the signing rules that bind the key
     (worker.signing_policy), before the key is opened; the signature's signing log entry joins ``db``'s
-    transaction. ``opened`` keeps the keys a batch opened, for its next items (the batch clears it).
+    transaction. ``opened`` keeps the keys a batch opened, for its next items (the batch clears it); ``found``, the
+    rows it read (:func:`lock_signing_scopes`).
 
     Raises NotFound, InvalidRequest (a stored key, a coin kmsq does not sign for, a malformed payload),
     Forbidden (a bare hash, unless ``hash_allowed``: the caller's sign_hash permission), PolicyDenied (a signing
     rule) or IntegrityError (a tampered row).
     """
-    row = private_key_row(db, pub, source, for_signing=True)
+    row = (found or {}).get((pub, source)) or private_key_row(db, pub, source, for_signing=True)
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
     documents = signing_policy.applicable(keys.rows.signing_rules(db), pub=row.pub, coin=row.coin, caller=caller)
     signing_policy.check_owner(row.owner, caller, documents)
@@ -776,21 +778,24 @@ def sign_payload(
 
 def lock_signing_scopes(
     db: Session, keys_of_items: Sequence[tuple[str, str]], *, caller: str, keys: RootKeyAccess = DIRECT
-) -> None:
+) -> dict[tuple[str, str], PrivateKey]:
     """Takes, in one sorted pass, the signing-rule locks that signing with each generated key (pub, source) of
     ``keys_of_items`` for ``caller`` would take one by one (worker.signing_policy.lock): a batch whose items
-    take them in their own order could wait in a cycle with another batch. A key that does not resolve is left to
-    its item, whose error it is."""
+    take them in their own order could wait in a cycle with another batch. Returns the rows of the keys that
+    resolved, for the batch's items; a key that does not is left to its item, whose error it is."""
     rules = keys.rows.signing_rules(db)
     subjects: set[str] = set()
+    found: dict[tuple[str, str], PrivateKey] = {}
     for pub, source in dict.fromkeys(keys_of_items):
         try:
             row = private_key_row(db, pub, source, for_signing=True)
         except ServiceError:
             continue
+        found[(pub, source)] = row
         documents = signing_policy.applicable(rules, pub=row.pub, coin=row.coin, caller=caller)
         subjects |= signing_policy.subjects(documents, pub=row.pub, coin=row.coin, caller=caller)
     signing_policy.lock(db, subjects)
+    return found
 
 
 def sign_operation(

@@ -186,10 +186,10 @@ def record(
     db: Session, *, caller: str, pub: str, coin: str, payload_digest: str, spend: Spend | None,
     now: datetime | None = None,
 ) -> None:  # fmt: skip
-    """Adds the signing log entry of a payload just signed (flushed, in ``db``'s transaction)."""
+    """Adds the signing log entry of a payload just signed to ``db``'s transaction. Not flushed here: a batch's
+    entries go in one INSERT at its commit, or at the next query (autoflush), which a window's sum is."""
     db.add(SigningLogEntry(
         signed_at=now or datetime.now(UTC), caller=caller, pub=pub, coin=coin.split(":", 1)[0].lower(),
         wallet=spend.wallet_id if spend else None, payload_digest=payload_digest,
         payment=spend.payment if spend else 0, fee=spend.fee if spend else None, kind=spend.kind if spend else "hash",
     ))  # fmt: skip
-    db.flush()
