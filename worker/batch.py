@@ -191,23 +191,21 @@ def sign_payloads(
 ) -> list[service.Signature | ServiceError]:  # fmt: skip
     """Signs each payload like :func:`worker.service.sign_payload`, in order (a window of the signing rules counts
     the items signed before it), reading and opening each key once for all of its items and dropping them after.
-    The window locks of every item's scopes are taken first, in one sorted pass (service.lock_signing_scopes).
+    The window locks of every item's scopes are taken first, in one sorted pass (service.begin_signing_batch).
 
     Returns each item's signature or its error (``policy_denied``, ``forbidden``, ``invalid``, ``not_found``...):
     an item's error never fails the others."""
-    opened: dict[tuple[str, str], service.PrivateKeyRecord] = {}
     out: list[service.Signature | ServiceError] = []
-    found = service.lock_signing_scopes(db, [(i.pub, i.source) for i in items], caller=caller, keys=keys)
+    batch = service.begin_signing_batch(db, [(i.pub, i.source) for i in items], caller=caller, keys=keys)
     try:
         for item in items:
             try:
                 out.append(service.sign_payload(
                     hsm, db, pub=item.pub, source=item.source, payload=item.payload, algorithm=item.algorithm,
-                    caller=caller, keys=keys, hash_allowed=hash_allowed, opened=opened,
-                    found=found,
+                    caller=caller, keys=keys, hash_allowed=hash_allowed, batch=batch,
                 ))  # fmt: skip
             except PermanentError as e:
                 out.append(e)
     finally:
-        opened.clear()
+        batch.opened.clear()
     return out

@@ -56,7 +56,7 @@ from worker.errors import (
 from worker.keystore import KeyStore, RootKeyHandle
 from worker.policy import TrustedRows
 from worker.secret import SecretBytes
-from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, aad_version
+from worker.storage.models import PrivateKey, RootKey, RootKeyVersion, SigningRulesRow, aad_version
 from worker.storage.repo import PrivateKeyRepository, RootKeyRepository
 
 log = logging.getLogger("kmsq.worker")
@@ -738,32 +738,33 @@ def sign_payload(
     caller: str,
     keys: RootKeyAccess = DIRECT,
     hash_allowed: bool = True,
-    opened: dict[tuple[str, str], PrivateKeyRecord] | None = None,
-    found: dict[tuple[str, str], PrivateKey] | None = None,
+    batch: SigningBatch | None = None,
 ) -> Signature:
     """Signs ``payload`` with the generated key (pub, source) (see :mod:`worker.signing`) for ``caller``. The
     payload is checked against the key's coin, and against the signing rules that bind the key
     (worker.signing_policy), before the key is opened; the signature's signing log entry joins ``db``'s
-    transaction. ``opened`` keeps the keys a batch opened, for its next items (the batch clears it); ``found``, the
-    rows it read (:func:`lock_signing_scopes`).
+    transaction. ``batch`` is what a batch read once for all of its items (:func:`begin_signing_batch`).
 
     Raises NotFound, InvalidRequest (a stored key, a coin kmsq does not sign for, a malformed payload),
     Forbidden (a bare hash, unless ``hash_allowed``: the caller's sign_hash permission), PolicyDenied (a signing
     rule) or IntegrityError (a tampered row).
     """
-    row = (found or {}).get((pub, source)) or private_key_row(db, pub, source, for_signing=True)
+    row = (batch.found.get((pub, source)) if batch is not None else None) or private_key_row(
+        db, pub, source, for_signing=True
+    )
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
-    documents = signing_policy.applicable(keys.rows.signing_rules(db), pub=row.pub, coin=row.coin, caller=caller)
+    rules = batch.rules if batch is not None else keys.rows.signing_rules(db)
+    documents = signing_policy.applicable(rules, pub=row.pub, coin=row.coin, caller=caller)
     signing_policy.check_owner(row.owner, caller, documents)
     if signable.digest is not None and not hash_allowed:
         raise Forbidden("signing a bare hash needs the sign_hash permission; sign_operation signs what rules can judge")
     spend = None if signable.psbt is None else signing_rules.analyse(signable.psbt, row.coin, row.pub)
     signing_policy.judge(db, documents, spend, pub=row.pub, coin=row.coin, caller=caller)
-    key = opened.get((pub, source)) if opened is not None else None
+    key = batch.opened.get((pub, source)) if batch is not None else None
     if key is None:
         key = open_private_key(hsm, db, row, keys)
-        if opened is not None:
-            opened[(pub, source)] = key
+        if batch is not None:
+            batch.opened[(pub, source)] = key
     token_key = signing.token_key_of(key.prv)
     if token_key is None:
         signature = signing.sign(key.prv, signable)
@@ -776,26 +777,36 @@ def sign_payload(
     return Signature(signature, key.coin, key.root_key_id, key.root_key_version)
 
 
-def lock_signing_scopes(
+@dataclass
+class SigningBatch:
+    """What a batch of signatures reads once for all of its items: the signing rules, the rows of its keys, and the
+    keys it opened (which the batch drops when it ends)."""
+
+    rules: dict[str, SigningRulesRow]
+    found: dict[tuple[str, str], PrivateKey] = field(default_factory=dict)
+    opened: dict[tuple[str, str], PrivateKeyRecord] = field(default_factory=dict)
+
+
+def begin_signing_batch(
     db: Session, keys_of_items: Sequence[tuple[str, str]], *, caller: str, keys: RootKeyAccess = DIRECT
-) -> dict[tuple[str, str], PrivateKey]:
-    """Takes, in one sorted pass, the signing-rule locks that signing with each generated key (pub, source) of
-    ``keys_of_items`` for ``caller`` would take one by one (worker.signing_policy.lock): a batch whose items
-    take them in their own order could wait in a cycle with another batch. Returns the rows of the keys that
-    resolved, for the batch's items; a key that does not is left to its item, whose error it is."""
-    rules = keys.rows.signing_rules(db)
+) -> SigningBatch:
+    """Reads the signing rules and the rows of the generated keys (pub, source) of ``keys_of_items`` once, and
+    takes, in one sorted pass, the signing-rule locks that signing with each of them for ``caller`` would take one
+    by one (worker.signing_policy.lock): a batch whose items took them in their own order could wait in a cycle
+    with another batch. A key that does not resolve is left to its item, whose error it is. Raises
+    PolicyViolation when a rules row fails its check."""
+    batch = SigningBatch(keys.rows.signing_rules(db))
     subjects: set[str] = set()
-    found: dict[tuple[str, str], PrivateKey] = {}
     for pub, source in dict.fromkeys(keys_of_items):
         try:
             row = private_key_row(db, pub, source, for_signing=True)
         except ServiceError:
             continue
-        found[(pub, source)] = row
-        documents = signing_policy.applicable(rules, pub=row.pub, coin=row.coin, caller=caller)
+        batch.found[(pub, source)] = row
+        documents = signing_policy.applicable(batch.rules, pub=row.pub, coin=row.coin, caller=caller)
         subjects |= signing_policy.subjects(documents, pub=row.pub, coin=row.coin, caller=caller)
     signing_policy.lock(db, subjects)
-    return found
+    return batch
 
 
 def sign_operation(
