@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,14 +324,21 @@ def test_rules_changed_outside_the_commands_stop_every_signature(unit: Unit, wal
 # -- two batches at once (Postgres) ------------------------------------------------------------------------
 
 
-def test_a_batch_takes_all_of_its_window_locks_first_in_sorted_order(tmp_path: Path, pg_engine: Engine) -> None:
+@pytest.fixture
+def pg_unit(tmp_path: Path, pg_engine: Engine) -> Iterator[Unit]:
+    """A Unit on a fresh Postgres database, where the window locks are taken (its rejection counter closed and its
+    engine disposed after the test)."""
+    yield from units(tmp_path, FakeHsm(), url=pg_engine.url.render_as_string(hide_password=False))
+
+
+def test_a_batch_takes_all_of_its_window_locks_first_in_sorted_order(pg_unit: Unit) -> None:
     """A batch whose items name key B then key A takes A's window lock before B's, and both before its first item:
     with another transaction holding A's (as a batch of A then B would, on its way to B's), it holds nothing while
     it waits, so that transaction takes B's at once instead of the two waiting on each other until Postgres kills
     one as a deadlock."""
     from worker.signing_policy import lock
 
-    unit = next(units(tmp_path, FakeHsm(), url=pg_engine.url.render_as_string(hide_password=False)))
+    unit = pg_unit
     codec = unit.register("batcher")
     pubs = sorted(_eth_key(unit, codec) for _ in range(2))  # key:A < key:B, the order the locks are taken in
     unit.set_rules("default", {"max_hashes": {"seconds": 3600, "count": 10}})
@@ -367,14 +375,12 @@ def _eth_key(unit: Unit, codec: KmsCodec) -> str:
     return str(answer(codec, unit.deliver(codec, params))["pub"])
 
 
-def test_a_batch_of_many_items_of_a_key_takes_no_more_statements_than_one_of_two(
-    tmp_path: Path, pg_engine: Engine
-) -> None:
+def test_a_batch_of_many_items_of_a_key_takes_no_more_statements_than_one_of_two(pg_unit: Unit) -> None:
     """On Postgres, a batch reads its key and the signing rules once and writes its signing log in one INSERT: 40
     items cost the database what 2 do. Before, each item read the key's row and the rules and flushed its own entry:
     ETH hash signing through the gateway at 256 in flight ran at half the rate (docs/PERFORMANCE.md, "Signing at
     batch speed"). (SQLite gets an INSERT per entry: SQLAlchemy cannot batch its inserts in order.)"""
-    unit = next(units(tmp_path, FakeHsm(), url=pg_engine.url.render_as_string(hide_password=False)))
+    unit = pg_unit
     full = unit.register("batcher")
     pub = _eth_key(unit, full)
     engine = unit.service.sessions.kw["bind"]

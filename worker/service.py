@@ -749,9 +749,9 @@ def sign_payload(
     Forbidden (a bare hash, unless ``hash_allowed``: the caller's sign_hash permission), PolicyDenied (a signing
     rule) or IntegrityError (a tampered row).
     """
-    row = (batch.found.get((pub, source)) if batch is not None else None) or private_key_row(
-        db, pub, source, for_signing=True
-    )
+    row = batch.found.get((pub, source)) if batch is not None else None
+    if row is None:
+        row = private_key_row(db, pub, source, for_signing=True)
     signable = signing.check_signable(row.coin, payload, algorithm)  # before the key is opened
     rules = batch.rules if batch is not None else keys.rows.signing_rules(db)
     documents = signing_policy.applicable(rules, pub=row.pub, coin=row.coin, caller=caller)
