@@ -3,11 +3,16 @@
 An operation coalesces when its row in ``schemas.operations`` has a batch form (:class:`Batching`) that allows
 it: the batch operation, which fields make an item, which the batch shares (the root key) and which it sets.
 A request that finds nothing of its kind in flight is sent at once, alone, on the caller's thread, exactly as
-without coalescing (same latency, same errors). While one is in flight, the next ones of that kind wait at
-most ``linger`` seconds for company, then go from the coalescer's sender thread as one batch of at most
-``max_items`` items and ``max_bytes`` of items; a group of one goes as the single operation. Each caller
-gets its own item's fields, or its own item's error, or the error of the batch as a whole. The batch is one
-message with one request id: the worker's idempotency and a resend (``resend_after``) cover it as a whole.
+without coalescing (same latency, same errors). While one is in flight, the next ones of that kind wait for
+company, as Nagle's algorithm does for TCP segments: at least ``linger`` seconds, and on while ``max_in_flight``
+sends of their kind are out, until one of those lands, at most ``max_wait`` seconds; a group that reaches
+``max_items`` items or ``max_bytes`` of items goes at once. Groups go from the coalescer's sender thread as
+one batch message; a group of one goes as the single operation. So a batch holds what arrived during the
+previous one: under load, batches grow to what the workers take, instead of many small ones going out every
+``linger`` (each message has a fixed cost in the worker: its verification, transaction, audit record and
+reply). Each caller gets its own item's fields, or its own item's error, or the error of the batch as a
+whole. The batch is one message with one request id: the worker's idempotency and a resend (``resend_after``)
+cover it as a whole.
 
 Imports no HSM or database code.
 """
@@ -38,18 +43,22 @@ MAX_COALESCED_BYTES = MAX_REQUEST_BYTES - 64 * 1024
 
 @dataclass(frozen=True)
 class CoalescePolicy:
-    """How long a request may wait for others (seconds), and how large one batch message may grow."""
+    """How long a request waits for others (seconds: at least ``linger``; while ``max_in_flight`` sends of its
+    kind are out, until one lands, at most ``max_wait``), and how large one batch message may grow."""
 
     linger: float = 0.002
     max_items: int = 256
     max_bytes: int = 1024 * 1024
+    max_in_flight: int = 1
+    max_wait: float = 0.1
 
     def __post_init__(self) -> None:
         if not (0 <= self.linger <= 1 and 1 <= self.max_items <= MAX_BATCH_ITEMS
-                and 1024 <= self.max_bytes <= MAX_COALESCED_BYTES):  # fmt: skip
+                and 1024 <= self.max_bytes <= MAX_COALESCED_BYTES
+                and 1 <= self.max_in_flight <= 1024 and 0 <= self.max_wait <= 10):  # fmt: skip
             raise ValueError(
-                f"coalescing needs 0 <= linger <= 1 s, 1 <= max_items <= {MAX_BATCH_ITEMS} and "
-                f"1024 <= max_bytes <= {MAX_COALESCED_BYTES}"
+                f"coalescing needs 0 <= linger <= 1 s, 1 <= max_items <= {MAX_BATCH_ITEMS}, "
+                f"1024 <= max_bytes <= {MAX_COALESCED_BYTES}, 1 <= max_in_flight <= 1024 and 0 <= max_wait <= 10 s"
             )
 
 
@@ -66,7 +75,8 @@ class _Item:
 class _Group:
     batching: Batching
     shared: dict[str, Any]
-    deadline: float
+    deadline: float  # when its linger is over
+    last_call: float  # when it goes even while its kind has max_in_flight sends out
     items: list[_Item] = field(default_factory=list)
     cost: int = 0
     retry: bool = False  # items sent alone again, after their batch could not answer them
@@ -144,7 +154,10 @@ class Coalescer:
             self._dispatch(key, self._groups.pop(key))
             group = None
         if group is None:
-            group = self._groups[key] = _Group(batching, shared, time.monotonic() + self.policy.linger)
+            now, policy = time.monotonic(), self.policy
+            group = self._groups[key] = _Group(
+                batching, shared, now + policy.linger, now + max(policy.linger, policy.max_wait)
+            )
         group.items.append(item)
         group.cost += item.cost
         if batching.dedupe:
@@ -166,19 +179,28 @@ class Coalescer:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
+            if key in self._groups:  # a group waiting for a free send may go now
+                self._lock.notify()
+
+    def _due(self, key: _Key, group: _Group, now: float) -> float:
+        """When ``group`` is to go: its linger's end, or, while its kind has ``max_in_flight`` sends out, its
+        last call (the sender thread is woken when one lands). Call with the lock held."""
+        if self._in_flight.get(key, 0) < self.policy.max_in_flight:
+            return group.deadline
+        return group.last_call
 
     def _flush_when_due(self) -> None:
-        """The sender thread: sends what is ready, and each group when its linger is over."""
+        """The sender thread: sends what is ready, and each group when it is due (:meth:`_due`)."""
         while True:
             with self._lock:
                 while not self._closed:
                     now = time.monotonic()
-                    for key in [k for k, g in self._groups.items() if g.deadline <= now]:
+                    for key in [k for k, g in self._groups.items() if self._due(k, g, now) <= now]:
                         self._dispatch(key, self._groups.pop(key))
                     if self._ready:
                         break
-                    next_deadline = min((g.deadline for g in self._groups.values()), default=None)
-                    self._lock.wait(None if next_deadline is None else next_deadline - now)
+                    next_due = min((self._due(k, g, now) for k, g in self._groups.items()), default=None)
+                    self._lock.wait(None if next_due is None else next_due - now)
                 if self._closed:
                     return
                 ready, self._ready = self._ready, []
@@ -261,7 +283,8 @@ class Coalescer:
             if self._closed:
                 _settle(item, error=KmsTimeout(item.futures[0].request_id))
                 return
-            self._dispatch(key, _Group(group.batching, group.shared, time.monotonic(), [item], retry=True))
+            now = time.monotonic()
+            self._dispatch(key, _Group(group.batching, group.shared, now, now, [item], retry=True))
             self._lock.notify()
 
     def close(self) -> None:

@@ -41,6 +41,10 @@ def _host_port(listen: str) -> tuple[str, int]:
               help="How long a call may wait for others while one of its kind is in flight.")  # fmt: skip
 @click.option("--max-batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Most calls in one coalesced message.")  # fmt: skip
+@click.option("--max-in-flight", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Coalesced messages of one kind out at once before the next waits for one to land.")  # fmt: skip
+@click.option("--max-wait-ms", type=click.FloatRange(0, 10_000), default=100.0, show_default=True,
+              help="Longest a call waits for a message of its kind to land.")  # fmt: skip
 @click.option(
     "--eth-keys-in-hsm",
     is_flag=True,
@@ -66,6 +70,8 @@ def gateway(
     coalesce: bool,
     linger_ms: float,
     max_batch: int,
+    max_in_flight: int,
+    max_wait_ms: float,
     eth_keys_in_hsm: bool,
     processes: int,
     max_connections: int,
@@ -107,7 +113,11 @@ def gateway(
     tls = TlsFiles(tls_cert, tls_key, client_ca) if tls_cert is not None and tls_key is not None else None
     from tasks.coalesce import CoalescePolicy
 
-    policy = CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch) if coalesce else False
+    policy = (
+        CoalescePolicy(linger=linger_ms / 1000, max_items=max_batch, max_in_flight=max_in_flight,
+                       max_wait=max_wait_ms / 1000)
+        if coalesce else False
+    )  # fmt: skip
     limits = HttpLimits(max_connections=max_connections, body_memory=body_memory_mib << 20, head_seconds=header_timeout)
     warn_if_exposed(host, port, tls)  # once, before any process starts
 
