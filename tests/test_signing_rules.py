@@ -95,6 +95,51 @@ def test_a_change_output_to_keys_of_someone_elses_naming_is_a_payment(wallet: Wa
     assert spend.wallet_id is None and spend.payment == 199_000
 
 
+def _taproot_pay(utxo_lib: UtxoLib, xpubs: list[str], payee: str, change_index: int = 7) -> str:
+    """A PSBT spending a p2tr (user+bitgo leaf) and a p2trMusig2 (user+backup leaf) input: 80,000 to ``payee``, and
+    change to both taproot internal chains (31 and 41), as BitGo's platform builds it."""
+    inputs = [
+        {"scriptType": "p2tr", "signer": "user", "cosigner": "bitgo", "index": 3, "value": 100_000},
+        {"scriptType": "p2trMusig2", "signer": "user", "cosigner": "backup", "index": 4, "value": 50_000},
+    ]
+    outputs = [
+        {"address": payee, "value": 80_000},
+        {"scriptType": "p2tr", "index": change_index, "value": 40_000},
+        {"scriptType": "p2trMusig2", "index": change_index + 1, "value": 29_000},
+    ]
+    return utxo_lib.build("testnet", xpubs, inputs, outputs, global_xpubs=True)
+
+
+def test_taproot_change_is_recognized_when_its_output_key_is_the_wallets(wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """BitGo's p2tr and p2trMusig2 change (chains 31 and 41): the output key rebuilt from the wallet's three keys at
+    the output's path (legacy MuSig and BIP327 internal keys, BitGo's script trees) is the output's, so only the
+    payee's 80,000 leave the wallet; a window counts only that."""
+    payee = _address(3)
+    spend = signing_rules.analyse(wallet_psbt.parse(_taproot_pay(utxo_lib, wallet.xpubs, payee)), "tbtc", wallet.user)
+    assert [(o.address == payee, o.value, o.change) for o in spend.outputs] == [
+        (True, 80_000, False), (False, 40_000, True), (False, 29_000, True)
+    ]
+    assert spend.payment == 80_000 and spend.fee == 1_000 and spend.wallet_id == signing_rules.wallet_id(wallet.xpubs)
+
+
+def test_taproot_change_to_other_keys_or_on_a_rewritten_path_is_a_payment(wallet: Wallet, utxo_lib: UtxoLib) -> None:
+    """A taproot output of the attacker's keys named as this wallet's change, and a real change output whose
+    derivation path was rewritten (index 7 said to be 8), are payments: nothing of the PSBT's word is taken."""
+    _xprvs, theirs = utxo_lib.keys()
+    real = wallet_psbt.parse(_taproot_pay(utxo_lib, wallet.xpubs, _address(4)))
+    forged = wallet_psbt.parse(_taproot_pay(utxo_lib, [wallet.user, theirs[1], theirs[2]], _address(4)))
+    for i in (1, 2):  # the attacker's taproot outputs, with their derivations, in the real wallet's PSBT
+        real.tx.vout[i] = forged.tx.vout[i]
+        real.outputs[i] = forged.outputs[i]
+    spend = signing_rules.analyse(real, "tbtc", wallet.user)
+    assert spend.wallet_id == signing_rules.wallet_id(wallet.xpubs) and spend.payment == 149_000
+    rewritten = wallet_psbt.parse(_taproot_pay(utxo_lib, wallet.xpubs, _address(4)))
+    for _leaves, derivation in rewritten.outputs[1].taproot_bip32_derivations.values():
+        derivation.derivation[3] += 1
+    spend = signing_rules.analyse(rewritten, "tbtc", wallet.user)
+    assert [o.change for o in spend.outputs] == [False, False, True] and spend.payment == 120_000
+
+
 def test_the_rules_document_and_what_loosens_it() -> None:
     rules = parse_rules('{"max_payment": 100, "deny_destinations": ["tb1qx"], "window": {"seconds": 86400, '
                         '"max_payment": 1000}}')  # fmt: skip

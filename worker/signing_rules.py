@@ -5,9 +5,10 @@ it provably stays in the wallet being spent: the PSBT names the wallet's three r
 BitGo's PSBTs carry them), one of them is the signing key, every input's script is the 2-of-3 multisig of those
 three keys derived at the input's path, and the output's script is the 2-of-3 of the same three keys at its own
 ``m/0/0/<chain>/<index>`` path (its ``bip32Derivation`` entries say which, and its redeem or witness script is
-checked against its scriptPubKey). A derivation entry alone proves nothing (anyone can write one naming two keys of
-their own beside this one), so an output that is not proved change is a *payment*. Taproot inputs and outputs are
-never proved change: their script trees are not checked here, so they count as payments.
+checked against its scriptPubKey). A taproot input or output (BitGo's p2tr, chains 30/31, and p2trMusig2, 40/41)
+is the wallet's when its output key is the one worker.bitgo_taproot rebuilds from the three keys at the one path
+its ``tapBip32Derivation`` entries name. A derivation entry alone proves nothing (anyone can write one naming two
+keys of their own beside this one), so an output that is not proved change is a *payment*.
 
 **Amounts.** The payment is the sum of the payments' values; the fee is the inputs' values minus the outputs'.
 An input without its previous output has no known value: a rule that needs the fee refuses such a PSBT.
@@ -18,9 +19,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from schemas.signing_rules import SigningRules
+from worker.bitgo_taproot import TAPROOT_CHAINS, wallet_roles
 
 if TYPE_CHECKING:
     from embit.bip32 import HDKey
@@ -114,10 +116,11 @@ def _address(script: Script, network: dict[str, object]) -> str | None:
         return None  # OP_RETURN and other scripts without an address: a payment with no destination
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Wallet:
     id: str
     keys: tuple[HDKey, ...]
+    taproot_roles: tuple[int, ...] = (0, 1, 2)  # the keys' roles in its last proved taproot output: tried first
 
 
 def _wallet(psbt: PSBT, own_xpub: str) -> _Wallet | None:
@@ -135,15 +138,39 @@ def _wallet(psbt: PSBT, own_xpub: str) -> _Wallet | None:
         return None
     wallet = _Wallet(wallet_id([k.to_string() for k in mainnet]), tuple(mainnet))
     for inp in psbt.inputs:
+        spk = inp.utxo.script_pubkey if inp.utxo else None
+        if spk is not None and spk.script_type() == "p2tr":
+            if not _taproot_of_wallet(spk, inp.taproot_bip32_derivations, wallet):
+                return None
+            continue
         path = _wallet_path(inp.bip32_derivations)
-        script = _multisig_script(inp.utxo.script_pubkey if inp.utxo else None, inp.redeem_script, inp.witness_script)
+        script = _multisig_script(spk, inp.redeem_script, inp.witness_script)
         if path is None or script is None or _multisig_keys(script) != _keys_at(wallet, path):
             return None
     return wallet
 
 
+def _taproot_of_wallet(spk: Script, derivations: dict[Any, Any], wallet: _Wallet) -> bool:
+    """Whether the p2tr script ``spk`` is the wallet's own output at the path its taproot derivations name."""
+    paths = {tuple(d.derivation) for _leaves, d in derivations.values()}
+    if not 1 <= len(derivations) <= 3 or len(paths) != 1:
+        return False
+    path = paths.pop()
+    if len(path) != 4 or path[:2] != (0, 0) or path[2] not in TAPROOT_CHAINS or path[3] >= 0x80000000:
+        return False
+    keys = tuple(key.derive(list(path)).key.sec() for key in wallet.keys)
+    roles = wallet_roles(TAPROOT_CHAINS[path[2]], keys, bytes(spk.data[2:]), wallet.taproot_roles)
+    if roles is None:
+        return False
+    wallet.taproot_roles = roles
+    return True
+
+
 def _pays_wallet(psbt: PSBT, index: int, wallet: _Wallet) -> bool:
     scope = psbt.outputs[index]
+    spk = psbt.tx.vout[index].script_pubkey
+    if spk.script_type() == "p2tr":
+        return _taproot_of_wallet(spk, scope.taproot_bip32_derivations, wallet)
     path = _wallet_path(scope.bip32_derivations)
     if path is None:
         return False
