@@ -117,9 +117,28 @@ def test_taproot_change_is_recognized_when_its_output_key_is_the_wallets(wallet:
     payee = _address(3)
     spend = signing_rules.analyse(wallet_psbt.parse(_taproot_pay(utxo_lib, wallet.xpubs, payee)), "tbtc", wallet.user)
     assert [(o.address == payee, o.value, o.change) for o in spend.outputs] == [
-        (True, 80_000, False), (False, 40_000, True), (False, 29_000, True)
+        (True, 80_000, False),
+        (False, 40_000, True),
+        (False, 29_000, True),
     ]
     assert spend.payment == 80_000 and spend.fee == 1_000 and spend.wallet_id == signing_rules.wallet_id(wallet.xpubs)
+
+
+def test_the_taproot_output_keys_kmsq_rebuilds_are_utxo_libs(utxo_lib: UtxoLib) -> None:
+    """worker.bitgo_taproot against @bitgo/utxo-lib's createOutputScript2of3, for random wallets: the same output
+    key for p2tr and p2trMusig2, found whatever the order the keys come in, and never the other type's."""
+    from coincurve import PrivateKey
+
+    from worker.bitgo_taproot import wallet_roles
+
+    for _ in range(8):
+        keys = tuple(PrivateKey(secrets.token_bytes(32)).public_key.format() for _ in range(3))
+        for kind, other in (("p2tr", "p2trMusig2"), ("p2trMusig2", "p2tr")):
+            script_pubkey = utxo_lib.script_pubkey(kind, list(keys))
+            assert script_pubkey[:2] == b"\x51\x20"  # OP_1 <32-byte output key>
+            assert wallet_roles(kind, keys, script_pubkey[2:]) == (0, 1, 2)
+            assert wallet_roles(kind, (keys[2], keys[0], keys[1]), script_pubkey[2:]) == (1, 2, 0)
+            assert wallet_roles(other, keys, script_pubkey[2:]) is None
 
 
 def test_taproot_change_to_other_keys_or_on_a_rewritten_path_is_a_payment(wallet: Wallet, utxo_lib: UtxoLib) -> None:

@@ -64,6 +64,11 @@ class UtxoLib:
         """Returns ``psbt`` signed by ``xprv`` with BitGo's own signer."""
         return str(self.run("sign", {"network": network, "psbt": psbt, "xprv": xprv})["psbt"])
 
+    def script_pubkey(self, script_type: str, pubkeys: list[bytes]) -> bytes:
+        """Returns BitGo's ``script_type`` output script of the compressed keys ``pubkeys`` = (user, backup, bitgo)."""
+        answer = self.run("script", {"scriptType": script_type, "pubkeys": [key.hex() for key in pubkeys]})
+        return bytes.fromhex(answer["scriptPubKey"])
+
     def keys(self) -> tuple[list[str], list[str]]:
         """Returns three random depth-0 roots: (xprvs, xpubs)."""
         answer = self.run("keys", {})

@@ -14,6 +14,7 @@
 //   finalize {network, psbt}        -> {tx, txid}
 //   sign     {network, psbt, xprv}  -> {psbt}
 //   keys     {}                     -> {xprvs: [3], xpubs: [3]}
+//   script   {pubkeys: [user, backup, bitgo] (compressed, hex), scriptType} -> {scriptPubKey}
 //
 // network: bitcoin | testnet | litecoin | litecoinTest. Keys are depth-0 BIP32
 // roots in base58 (xpub/xprv version bytes on every network). PSBTs are hex.
@@ -277,9 +278,18 @@ function keys() {
   return { xprvs: nodes.map((n) => n.toBase58()), xpubs: nodes.map((n) => n.neutered().toBase58()) };
 }
 
+// ---------------------------------------------------------------- script
+
+function script(req) {
+  if (!Array.isArray(req.pubkeys) || req.pubkeys.length !== 3) fail('pubkeys: three compressed keys (hex)');
+  if (!bitgo.outputScripts.isScriptType2Of3(req.scriptType)) fail(`unknown scriptType ${JSON.stringify(req.scriptType)}`);
+  const pubkeys = req.pubkeys.map((hex) => Buffer.from(String(hex), 'hex'));
+  return { scriptPubKey: bitgo.outputScripts.createOutputScript2of3(pubkeys, req.scriptType).scriptPubKey.toString('hex') };
+}
+
 // ---------------------------------------------------------------- main
 
-const COMMANDS = { build, verify, finalize, sign, keys };
+const COMMANDS = { build, verify, finalize, sign, keys, script };
 
 function main() {
   const cmd = process.argv[2];
