@@ -148,12 +148,15 @@ def fail(message: str, code: int) -> NoReturn:
 
 def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turns kmsq errors into one line on stderr and an exit code per class; no traceback unless
-    ``KMSQ_DEBUG`` is set."""
+    ``KMSQ_DEBUG`` is set. Click's own errors (a usage error: exit 2) are left to click."""
+    import click
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
+        except click.ClickException:
+            raise
         except Exception as e:
             if os.environ.get("KMSQ_DEBUG"):
                 raise

@@ -125,3 +125,15 @@ def test_init_never_touches_an_external_token(tmp_path: Path, home: Path) -> Non
     assert not (tmp_path / "external-home" / "tokens").exists()
     missing = run_kmsq(tmp_path / "other", "init", env={**env, "KMSQ_PKCS11_TOKEN_LABEL": "absent"})
     _one_line_error(missing, 3, "token 'absent' not found")
+
+
+def test_a_usage_error_inside_a_command_is_a_usage_error_not_an_internal_one(home: Path) -> None:
+    """click's UsageError raised by a command's own checks (after its options parsed) exits 2 with click's message;
+    one_line_errors once turned it into "internal error (UsageError)", exit 1."""
+    cases = [
+        (("gateway", "--tls-cert", str(home / "hsm-user.pin")), "--tls-cert and --tls-key go together"),
+        (("signing-key", "adopt", "--owner", "wm"), "name the keys (--key XPUB ...) or --all"),
+    ]
+    for args, needle in cases:
+        result = run_kmsq(home, *args)
+        assert result.returncode == 2 and needle in result.stderr and "internal error" not in result.stderr, result

@@ -59,6 +59,16 @@ def test_rules_change_by_quorum_and_tighten_by_one_operator(tmp_path: Path) -> N
     _ok(as_("carol", "signing-rules", "set", "--coin", "btc", "--rules", str(tighter)))
     assert {r["scope"] for r in _ok(run_kmsq(home, "signing-rules", "list", "--json"))} == {"default", "coin:btc"}
 
+    # kmsq signing-key adopt: keys named or --all, a registered owner; with no ownerless key it changes nothing.
+    _refused(run_kmsq(home, "signing-key", "adopt", "--owner", "nobody", "--all"), 5, "no caller 'nobody'")
+    _ok(run_kmsq(home, "caller", "keygen", "wm", "--dir", str(tmp_path)))
+    added = _ok(run_kmsq(home, "propose", "caller", "add", "wm", "--public-key", str(tmp_path / "wm.pub.json"),
+                         "--allow", "sign", "--all-root-keys", "--operator-key", key["alice"], "--json"))  # fmt: skip
+    approved = _ok(run_kmsq(home, "approve", str(added["id"]), "--operator-key", key["bob"], "--json"))
+    assert approved["state"] == "applied"
+    adopted = _ok(run_kmsq(home, "signing-key", "adopt", "--owner", "wm", "--all", "--json"))
+    assert (adopted["owner"], adopted["adopted"], adopted["left"]) == ("wm", [], [])
+
     records = _ok(run_kmsq(home, "audit", "tail", "-n", "500", "--json"))
     assert [r["action"] for r in records].count("signing rules set") == 3
     verified = run_kmsq(home, "audit", "verify")

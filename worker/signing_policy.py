@@ -60,7 +60,7 @@ def applicable(rows: dict[str, SigningRulesRow], *, pub: str, coin: str, caller:
 def check_owner(owner: str | None, caller: str, documents: Sequence[Applied]) -> None:
     """Raises Forbidden unless ``caller`` may sign with a key of ``owner``: its owner, or a caller a key or wallet
     document grants it to (``grant_callers``). A key without an owner (generated before owners were kept) signs for
-    every caller allowed to sign."""
+    every caller allowed to sign, until an operator gives it one (worker.key_owners)."""
     if owner is None or owner == caller:
         return
     granted = {name for d in documents if d.scope.startswith(("key:", "wallet:")) for name in d.rules.grant_callers}

@@ -1,5 +1,6 @@
 """``kmsq signing-key orphans``: the token's signing keys (``generate_signing_key`` with ``in_hsm``) that no row
-names, listed and, with ``--remove``, destroyed."""
+names, listed and, with ``--remove``, destroyed. ``kmsq signing-key adopt``: an owner for keys generated before
+owners were kept."""
 
 from __future__ import annotations
 
@@ -13,7 +14,32 @@ from kmsq.output import console, one_line_errors, print_json, print_table
 
 @click.group("signing-key")
 def signing_key() -> None:
-    """The signing keys kept in the token (generate-key --in-hsm)."""
+    """Keys generated for signing: their owners, and the ones kept in the token (generate-key --in-hsm)."""
+
+
+@signing_key.command("adopt")
+@click.option("--owner", required=True, help="The registered caller that is to own the keys.")
+@click.option("--key", "pubs", multiple=True, help="Only this key (its xpub; repeatable).")
+@click.option("--all", "every", is_flag=True, help="Every generated key that has no owner.")
+@click.option("--pool", default=None, help="Audit chain of the changes (default: the configured default pool).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def signing_key_adopt(owner: str, pubs: tuple[str, ...], every: bool, pool: str | None, as_json: bool) -> None:
+    """Give keys generated before owners were kept (which sign for every caller allowed to sign) an owner: then
+    they sign only for it and the callers their signing rules grant (grant_callers). A tightening: one operator's.
+    Each key is sealed again with its owner and recorded in the audit chain; a key that has an owner keeps it."""
+    from worker import key_owners
+
+    if every == bool(pubs):
+        raise click.UsageError("name the keys (--key XPUB ...) or --all")
+    keys = service()
+    report = key_owners.adopt(keys.hsm, keys.sessions, pool or keys.default_pool, owner, list(pubs) or None)
+    if as_json:
+        print_json(asdict(report))
+        return
+    for pub, source, reason in report.left:
+        console.print(f"left {pub[:32]}… {source}: {reason}")
+    console.print(f"{len(report.adopted)} key(s) now owned by {owner}")
 
 
 @signing_key.command("orphans")
