@@ -391,8 +391,9 @@ def _serve(ctx: WorkerContext, db: Session, call: _Call, caller: Caller) -> Deli
         raise _Refusal(disabled, store=True)
     operation = call.operation
     keys = RootKeyAccess(ctx.rows, _root_key_check(ctx, caller), ctx.gate)
-    done = handler_of(operation.name)(OpCall(ctx.hsm, db, ctx.pool, request, keys, _sealed_input(ctx, call)),
-                                      request.params)  # fmt: skip
+    permissions = frozenset(caller.allowed_ops.split(","))
+    done = handler_of(operation.name)(OpCall(ctx.hsm, db, ctx.pool, request, keys, _sealed_input(ctx, call),
+                                             permissions), request.params)  # fmt: skip
     result, secrets = _split(operation, request, done.reply)
     reply_key = sealing_public(caller.reply_key)
     sealed = {name: seal_reply_secret(reply_key, request.request_id, name, value) for name, value in secrets.items()}

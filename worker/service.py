@@ -765,15 +765,25 @@ def sign_payload(
         key = open_private_key(hsm, db, row, keys)
         if batch is not None:
             batch.opened[(pub, source)] = key
+    return _sign_and_record(hsm, db, key, signable, caller=caller, row=row,
+                            payload_digest=signing.payload_digest(payload), spend=spend)  # fmt: skip
+
+
+def _sign_and_record(
+    hsm: KeyStore, db: Session, key: PrivateKeyRecord, signable: signing.Signable, *, caller: str, row: PrivateKey,
+    payload_digest: str, spend: signing_rules.Spend | None,
+) -> Signature:  # fmt: skip
+    """Signs ``signable`` with the opened ``key`` (its xprv here, or its token key with CKM_ECDSA in the HSM) and
+    adds the signature's signing log entry to ``db``'s transaction. Returns the signature. Raises IntegrityError
+    for a token key asked to sign anything but a hash (a token key is made for ETH-like coins only)."""
     token_key = signing.token_key_of(key.prv)
     if token_key is None:
         signature = signing.sign(key.prv, signable)
     elif signable.digest is not None:  # kept in the token: CKM_ECDSA there, v by recovery here
         signature = signing.eth_signature_of(hsm.sign_ecdsa(token_key, signable.digest), signable.digest, key.pub)
     else:
-        raise IntegrityError()  # a token key is made for ETH-like coins only
-    signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=signing.payload_digest(payload),
-                          spend=spend)  # fmt: skip
+        raise IntegrityError()
+    signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=payload_digest, spend=spend)
     return Signature(signature, key.coin, key.root_key_id, key.root_key_version)
 
 
@@ -835,10 +845,6 @@ def sign_operation(
     spend = signing_rules.operation_spend(operation.destination, operation.value, bool(operation.data))
     signing_policy.judge(db, documents, spend, pub=row.pub, coin=row.coin, caller=caller)
     key = open_private_key(hsm, db, row, keys)
-    token_key = signing.token_key_of(key.prv)
-    if token_key is None:
-        signature = signing.sign(key.prv, signing.Signable(digest=digest))
-    else:
-        signature = signing.eth_signature_of(hsm.sign_ecdsa(token_key, digest), digest, key.pub)
-    signing_policy.record(db, caller=caller, pub=row.pub, coin=row.coin, payload_digest=digest.hex(), spend=spend)
-    return "0x" + digest.hex(), Signature(signature, key.coin, key.root_key_id, key.root_key_version)
+    signature = _sign_and_record(hsm, db, key, signing.Signable(digest=digest), caller=caller, row=row,
+                                 payload_digest=digest.hex(), spend=spend)  # fmt: skip
+    return "0x" + digest.hex(), signature

@@ -15,7 +15,6 @@ from schemas.operations import Family
 from schemas.replies import (
     DataKeyReply,
     DataKeysReply,
-    ItemError,
     PlaintextKeyReply,
     PlaintextKeysReply,
     WrappedDataKeyReply,
@@ -32,16 +31,11 @@ from schemas.requests import (
 )
 from worker import batch, rewrap, service
 from worker.errors import ServiceError
-from worker.handlers.registry import OpCall, Outcome, handles
+from worker.handlers.registry import OpCall, Outcome, handles, item_error
 from worker.legacy import root_key_names
 from worker.legacy.root_key_names import looks_like_sjcl
 
 FAMILY: Family = "data_keys"
-
-
-def item_error(error: ServiceError) -> ItemError:
-    """The item of a batch reply for an item that failed."""
-    return ItemError(error=error.code, message=error.message)
 
 
 def key_of(encrypted_key: object) -> tuple[str | None, int | None]:

@@ -13,8 +13,7 @@ from schemas.replies import ItemError, PrivateKeyReply, PrivateKeysReply, Stored
 from schemas.requests import GetKey, GetKeys, PutKey, PutKeys
 from worker import batch, service
 from worker.errors import InvalidRequest, ServiceError
-from worker.handlers.data_keys import item_error
-from worker.handlers.registry import OpCall, Outcome, handles
+from worker.handlers.registry import OpCall, Outcome, handles, item_error
 
 FAMILY: Family = "private_keys"
 

@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from schemas.messages import Request
 from schemas.operations import OPERATIONS, Family
+from schemas.replies import ItemError
+from worker.errors import ServiceError
 from worker.keystore import KeyStore
 from worker.service import RootKeyAccess
 from worker.storage.repo import RequestRepository
@@ -21,7 +23,8 @@ class OpCall:
     """One authenticated, authorized request as its handler sees it: the HSM, the open transaction (the handler
     adds and flushes rows, never commits), the worker's pool, the request, how it reaches root keys (the
     worker's trusted rows and the caller's root key permissions), and its sealed input opened (the bytes the
-    operation's ``sealed_input`` field sealed to this pool, or None)."""
+    operation's ``sealed_input`` field sealed to this pool, or None), and the caller's permissions (its row's
+    ``allowed_ops``, as the pipeline authorized it)."""
 
     hsm: KeyStore
     db: Session
@@ -29,6 +32,7 @@ class OpCall:
     request: Request
     keys: RootKeyAccess
     sealed_input: bytes | None = field(default=None, repr=False)
+    permissions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,8 @@ def handles(family: Family, *ops: str) -> Callable[[H], H]:
         return handler
 
     return register
+
+
+def item_error(error: ServiceError) -> ItemError:
+    """The item of a batch reply for an item that failed."""
+    return ItemError(error=error.code, message=error.message)

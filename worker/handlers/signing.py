@@ -8,8 +8,7 @@ from schemas.replies import ItemError, SignatureReply, SignaturesReply, SignedOp
 from schemas.requests import GenerateSigningKey, Sign, SignMany, SignOperation
 from worker import batch, eth_operation, service, signing
 from worker.errors import InvalidRequest, ServiceError
-from worker.handlers.data_keys import item_error
-from worker.handlers.registry import OpCall, Outcome, handles, refuse_if_recorded
+from worker.handlers.registry import OpCall, Outcome, handles, item_error, refuse_if_recorded
 
 FAMILY: Family = "signing"
 
@@ -66,8 +65,7 @@ def sign_many(call: OpCall, params: SignMany) -> Outcome:
 
 
 def _hash_allowed(call: OpCall) -> bool:
-    caller = call.keys.rows.caller(call.db, call.request.caller)
-    return caller is not None and SIGN_HASH in caller.allowed_ops.split(",")
+    return SIGN_HASH in call.permissions
 
 
 @handles(FAMILY, "sign_operation")
