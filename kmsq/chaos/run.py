@@ -30,15 +30,30 @@ def _register(deployment: Any, names: tuple[str, ...]) -> None:
     deployment.kmsq("fleet-key", "export", "--out", str(deployment.home / "fleet.json"))
 
 
-def _rabbitmq_checks(broker: str, figures: dict[str, Any], job: Any) -> list[Any]:
-    """With RabbitMQ (confirmed publishes to quorum queues) no request may need its caller to send it again."""
+def _rabbitmq_checks(broker: str, figures: dict[str, Any], job: Any, history: Any, injected: list[Any]) -> list[Any]:
+    """With RabbitMQ (confirmed publishes to quorum queues) no request may need its caller to send it again. The
+    detail names each resent request: its operation, when it was sent and resent, when it was answered, and the
+    fault that was under way."""
     from kmsq.chaos.checker import Check
+    from kmsq.chaos.workload import ATTEMPT_SECONDS
 
     if broker != "rabbitmq":
         return []
     resent = figures["resent"]
-    return [Check("no accepted request needed a resend", resent == 0 and len(job.runs) == 1,
-                  f"{resent} requests resent after no reply in 10 s; the job ran {len(job.runs)} times")]  # fmt: skip
+    detail = f"{resent} requests resent after no reply in {ATTEMPT_SECONDS:.0f} s; the job ran {len(job.runs)} times"
+    for record in [r for r in history.records if r.resent][:5]:
+        detail += f"; {_resend_story(record, injected)}"
+    return [Check("no accepted request needed a resend", resent == 0 and len(job.runs) == 1, detail)]
+
+
+def _resend_story(record: Any, injected: list[Any]) -> str:
+    """One resent request in a line: its operation and times (s, wall clock), and the fault it met, if any."""
+    until = record.resent_at[0] if record.resent_at else record.sent
+    during = [f.name for f in injected if f.injected_at <= until and (f.healed_at or until) >= record.sent]
+    answered = "never" if record.done is None else f"{record.done - record.sent:.1f} s after"
+    resends = ", ".join(f"{t - record.sent:.1f}" for t in record.resent_at)
+    return (f"{record.op} {record.request_id} sent at {record.sent:.1f}, resent {resends} s after, answered "
+            f"{answered}, during {during or 'no fault'}")  # fmt: skip
 
 
 def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync", broker: str = "redis") -> dict[str, Any]:
@@ -92,7 +107,7 @@ def run(keys: int, schedule: str, work: Path, log: Any, standby: str = "sync", b
                 f"outcomes {figures['outcomes']}",
             ),
             *job_checks,
-            *_rabbitmq_checks(broker, figures, job),
+            *_rabbitmq_checks(broker, figures, job, history, injected),
             *checker.stream_checks(deployment, history, streams),
             checker.scan_check(deployment, history, job),
         ]

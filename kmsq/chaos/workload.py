@@ -43,6 +43,7 @@ class Record:
     expected: str = "ok"
     attempts: int = 0
     resent: int = 0  # sent again after a publish that succeeded had no reply within ATTEMPT_SECONDS
+    resent_at: list[float] = field(default_factory=list)  # when (time.time()) each of those was sent again
     wrong_answer: bool = False  # an outcome whose content contradicts what was sent earlier
 
 
@@ -124,6 +125,7 @@ class Stream(threading.Thread):
             except FutureTimeout:
                 future.cancel()
                 record.resent += 1
+                record.resent_at.append(time.time())
                 continue
             except KmsError as e:
                 if e.code == "unavailable":  # the worker gave up retrying: the same message again
