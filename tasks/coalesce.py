@@ -5,7 +5,8 @@ it: the batch operation, which fields make an item, which the batch shares (the 
 A request that finds nothing of its kind in flight is sent at once, alone, on the caller's thread, exactly as
 without coalescing (same latency, same errors). While one is in flight, the next ones of that kind wait for
 company, as Nagle's algorithm does for TCP segments: at least ``linger`` seconds, and on while ``max_in_flight``
-sends of their kind are out, until one of those lands, at most ``max_wait`` seconds; a group that reaches
+batch messages (of two items or more) of their kind are out, until one of those lands, at most ``max_wait``
+seconds (single messages hold nothing back: a few concurrent callers go in parallel, as before); a group that reaches
 ``max_items`` items or ``max_bytes`` of items goes at once. Groups go from the coalescer's sender thread as
 one batch message; a group of one goes as the single operation. So a batch holds what arrived during the
 previous one: under load, batches grow to what the workers take, instead of many small ones going out every
@@ -43,8 +44,8 @@ MAX_COALESCED_BYTES = MAX_REQUEST_BYTES - 64 * 1024
 
 @dataclass(frozen=True)
 class CoalescePolicy:
-    """How long a request waits for others (seconds: at least ``linger``; while ``max_in_flight`` sends of its
-    kind are out, until one lands, at most ``max_wait``), and how large one batch message may grow."""
+    """How long a request waits for others (seconds: at least ``linger``; while ``max_in_flight`` batch messages
+    of its kind are out, until one lands, at most ``max_wait``), and how large one batch message may grow."""
 
     linger: float = 0.002
     max_items: int = 256
@@ -76,7 +77,7 @@ class _Group:
     batching: Batching
     shared: dict[str, Any]
     deadline: float  # when its linger is over
-    last_call: float  # when it goes even while its kind has max_in_flight sends out
+    last_call: float  # when it goes even while its kind has max_in_flight batch messages out
     items: list[_Item] = field(default_factory=list)
     cost: int = 0
     retry: bool = False  # items sent alone again, after their batch could not answer them
@@ -101,7 +102,8 @@ class Coalescer:
         self.policy = policy
         self.batches_sent = 0  # batch messages sent for coalesced requests
         self.items_coalesced = 0  # requests that went out in one of those
-        self._in_flight: dict[_Key, int] = {}
+        self._in_flight: dict[_Key, int] = {}  # sends of each kind out (a request finding none goes alone)
+        self._batches_out: dict[_Key, int] = {}  # of those, batch messages (what max_in_flight bounds)
         self._groups: dict[_Key, _Group] = {}
         self._ready: list[tuple[_Key, _Group]] = []  # groups to send now, in order
         self._lock = threading.Condition()
@@ -169,23 +171,23 @@ class Coalescer:
 
     def _dispatch(self, key: _Key, group: _Group) -> None:
         """Queues a group for the sender thread; it is in flight from now on. Call with the lock held."""
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        _count(self._in_flight, key, 1)
+        if len(group.items) > 1:
+            _count(self._batches_out, key, 1)
         self._ready.append((key, group))
 
-    def _landed(self, key: _Key) -> None:
+    def _landed(self, key: _Key, batch: bool = False) -> None:
         with self._lock:
-            left = self._in_flight.get(key, 1) - 1
-            if left > 0:
-                self._in_flight[key] = left
-            else:
-                self._in_flight.pop(key, None)
-            if key in self._groups:  # a group waiting for a free send may go now
-                self._lock.notify()
+            _count(self._in_flight, key, -1)
+            if batch:
+                _count(self._batches_out, key, -1)
+                if key in self._groups:  # a group waiting for a free send may go now
+                    self._lock.notify()
 
     def _due(self, key: _Key, group: _Group, now: float) -> float:
-        """When ``group`` is to go: its linger's end, or, while its kind has ``max_in_flight`` sends out, its
-        last call (the sender thread is woken when one lands). Call with the lock held."""
-        if self._in_flight.get(key, 0) < self.policy.max_in_flight:
+        """When ``group`` is to go: its linger's end, or, while its kind has ``max_in_flight`` batch messages out,
+        its last call (the sender thread is woken when one lands). Call with the lock held."""
+        if self._batches_out.get(key, 0) < self.policy.max_in_flight:
             return group.deadline
         return group.last_call
 
@@ -240,7 +242,7 @@ class Coalescer:
             future.add_done_callback(item_done)
 
     def _refuse(self, key: _Key, group: _Group, error: KmsError) -> None:
-        self._landed(key)
+        self._landed(key, len(group.items) > 1)
         for item in group.items:
             for future in item.futures:
                 if not future.done():
@@ -257,7 +259,7 @@ class Coalescer:
         """Hands each caller its item of the reply, or the error of the whole. An item the batch could not answer
         (``too_large``, or the batch refused as a whole for a reason its items may not share) is sent again,
         alone, once: everyone gets the answer it would have had alone."""
-        self._landed(key)
+        self._landed(key, batch)
         whole = sent.exception() if not sent.cancelled() else None
         for index, item in enumerate(group.items):
             if all(future.done() for future in item.futures):
@@ -299,6 +301,15 @@ class Coalescer:
                 _settle(item, error=KmsTimeout(item.futures[0].request_id))
         if threading.current_thread() is not self._flusher:
             self._flusher.join(timeout=5)
+
+
+def _count(counts: dict[_Key, int], key: _Key, step: int) -> None:
+    """Adds ``step`` to ``counts[key]``, dropping the key at zero."""
+    left = counts.get(key, 0) + step
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _send_alone_again(error: KmsError, whole: BaseException | None) -> bool:

@@ -168,52 +168,69 @@ def test_policy_bounds() -> None:
         CoalescePolicy(max_wait=11)
 
 
-def test_while_a_send_is_out_the_next_group_waits_for_it_to_land_not_just_its_linger() -> None:
+def test_while_a_batch_is_out_the_next_group_waits_for_it_to_land_not_just_its_linger() -> None:
     sender = Sender()
     c = coalescer(sender, linger=0.01, max_in_flight=1, max_wait=5)
     submit(c, sender, "first")  # alone, in flight
     submit(c, sender, "k0")
-    time.sleep(0.2)  # twenty lingers: still waiting, and gathering
     submit(c, sender, "k1")
-    assert len(sender.sent) == 1 and len(c._groups[KEY].items) == 2
-    sender.answer(0, {"plaintextKey": "p"})  # the send lands: the group goes at once
-    sender.wait_for(2)
+    sender.wait_for(2)  # no batch out: after its linger, as a batch
     assert sender.sent[1][:2] == ("decrypt_data_keys", ["k0", "k1"])
     submit(c, sender, "k2")
+    time.sleep(0.2)  # twenty lingers: still waiting for the batch, and gathering
     submit(c, sender, "k3")
-    time.sleep(0.1)
-    assert len(sender.sent) == 2  # the batch is out: the next group waits for it in turn
-    sender.answer(1, {"items": [{"plaintextKey": "p0"}, {"plaintextKey": "p1"}]})
+    assert len(sender.sent) == 2 and len(c._groups[KEY].items) == 2
+    sender.answer(1, {"items": [{"plaintextKey": "p0"}, {"plaintextKey": "p1"}]})  # it lands: the group goes
     sender.wait_for(3)
     assert sender.sent[2][:2] == ("decrypt_data_keys", ["k2", "k3"])
+    c.close()
+
+
+def test_single_messages_hold_nothing_back() -> None:
+    """Two or three concurrent callers go in parallel as before: only batch messages make a group wait."""
+    sender = Sender()
+    c = coalescer(sender, linger=0.01, max_in_flight=1, max_wait=5)
+    submit(c, sender, "first")  # alone, never answered
+    began = time.monotonic()
+    submit(c, sender, "second")
+    sender.wait_for(2)
+    assert sender.sent[1][:2] == ("decrypt_data_key", "second") and time.monotonic() - began < 2
+    submit(c, sender, "third")  # two singles out: still no batch
+    sender.wait_for(3)
+    assert sender.sent[2][:2] == ("decrypt_data_key", "third")
     c.close()
 
 
 def test_a_group_goes_at_max_wait_when_nothing_lands_and_at_once_when_full() -> None:
     sender = Sender()
     c = coalescer(sender, linger=0.001, max_in_flight=1, max_wait=0.3, max_items=3)
-    submit(c, sender, "first")  # never answered: a stuck worker
-    began = time.monotonic()
+    submit(c, sender, "first")
     submit(c, sender, "k0")
-    sender.wait_for(2)
+    submit(c, sender, "k1")
+    sender.wait_for(2)  # a batch, never answered: a stuck worker
+    began = time.monotonic()
+    submit(c, sender, "k2")
+    sender.wait_for(3)
     waited = time.monotonic() - began
-    assert sender.sent[1][:2] == ("decrypt_data_key", "k0") and waited >= 0.3  # alone, at its last call
-    [submit(c, sender, f"k{i}") for i in (1, 2, 3)]
-    sender.wait_for(3)  # full: at once, busy or not
-    assert sender.sent[2][:2] == ("decrypt_data_keys", ["k1", "k2", "k3"])
+    assert sender.sent[2][:2] == ("decrypt_data_key", "k2") and waited >= 0.25  # alone, at its last call
+    [submit(c, sender, f"k{i}") for i in (3, 4, 5)]
+    sender.wait_for(4)  # full: at once, busy or not
+    assert sender.sent[3][:2] == ("decrypt_data_keys", ["k3", "k4", "k5"])
     c.close()
 
 
-def test_max_in_flight_sends_go_out_before_a_group_waits() -> None:
+def test_max_in_flight_batches_go_out_before_a_group_waits() -> None:
     sender = Sender()
     c = coalescer(sender, linger=0.01, max_in_flight=2, max_wait=5)
     submit(c, sender, "first")
-    submit(c, sender, "k0")
-    sender.wait_for(2)  # one out, below two: after its linger
-    submit(c, sender, "k1")
+    for pair in (("k0", "k1"), ("k2", "k3")):  # two batches out, one after the other
+        for key in pair:
+            submit(c, sender, key)
+        sender.wait_for(len(sender.sent) + 1)
+    submit(c, sender, "k4")
     time.sleep(0.2)
-    assert len(sender.sent) == 2  # two out: it waits
-    sender.answer(0, {"plaintextKey": "p"})
-    sender.wait_for(3)
-    assert sender.sent[2][:2] == ("decrypt_data_key", "k1")
+    assert len(sender.sent) == 3  # two batches out: it waits
+    sender.answer(1, {"items": [{"plaintextKey": "p0"}, {"plaintextKey": "p1"}]})
+    sender.wait_for(4)
+    assert sender.sent[3][:2] == ("decrypt_data_key", "k4")
     c.close()

@@ -42,7 +42,7 @@ def _host_port(listen: str) -> tuple[str, int]:
 @click.option("--max-batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Most calls in one coalesced message.")  # fmt: skip
 @click.option("--max-in-flight", type=click.IntRange(1, 1024), default=1, show_default=True,
-              help="Coalesced messages of one kind out at once before the next waits for one to land.")  # fmt: skip
+              help="Batch messages of one kind out at once before the next waits for one to land.")  # fmt: skip
 @click.option("--max-wait-ms", type=click.FloatRange(0, 10_000), default=100.0, show_default=True,
               help="Longest a call waits for a message of its kind to land.")  # fmt: skip
 @click.option(
