@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import fresh_database
-from tests.queue_fixtures import Deployment, kmsq_command
+from tests.queue_fixtures import REDIS_URL, Deployment, delete_namespace, kmsq_command
 
 SAMPLE = {"t", "requests_done", "request_rows", "request_bytes", "audit_rows", "audit_bytes", "database_bytes",
           "redis_used_bytes", "redis_keys", "worker_rss_kib"}  # fmt: skip
 
 
+@contextmanager
+def _deleted_afterwards(namespace: str) -> Iterator[None]:
+    """Deletes ``namespace``'s Redis keys (the soak's queue bindings) when the block ends."""
+    try:
+        yield
+    finally:
+        delete_namespace(REDIS_URL, namespace)
+
+
 def test_soak_samples_and_prunes_in_a_database_of_its_own(deployment: Deployment, tmp_path: Path) -> None:
     out_dir = tmp_path / "soak"
-    with fresh_database("kmsq_soak") as url:
-        env = deployment.env(KMSQ_DATABASE_URL=url, KMSQ_NAMESPACE=deployment.env()["KMSQ_NAMESPACE"] + "-soak")
+    namespace = deployment.env()["KMSQ_NAMESPACE"] + "-soak"  # its own: the run's cleanup does not cover it
+    with fresh_database("kmsq_soak") as url, _deleted_afterwards(namespace):
+        env = deployment.env(KMSQ_DATABASE_URL=url, KMSQ_NAMESPACE=namespace)
         result = subprocess.run(
             [*kmsq_command(), "soak", "--requests", "1000", "--in-flight", "32", "--ttl", "1",
              "--skew", "0", "--grace", "1", "--audit-retention", "3", "--sample-seconds", "0.5",
