@@ -152,11 +152,8 @@ def _wallet(psbt: PSBT, own_xpub: str) -> _Wallet | None:
 
 def _taproot_of_wallet(spk: Script, derivations: dict[Any, Any], wallet: _Wallet) -> bool:
     """Whether the p2tr script ``spk`` is the wallet's own output at the path its taproot derivations name."""
-    paths = {tuple(d.derivation) for _leaves, d in derivations.values()}
-    if not 1 <= len(derivations) <= 3 or len(paths) != 1:
-        return False
-    path = paths.pop()
-    if len(path) != 4 or path[:2] != (0, 0) or path[2] not in TAPROOT_CHAINS or path[3] >= 0x80000000:
+    path = _one_wallet_path([d for _leaves, d in derivations.values()]) if 1 <= len(derivations) <= 3 else None
+    if path is None or path[2] not in TAPROOT_CHAINS:
         return False
     keys = tuple(key.derive(list(path)).key.sec() for key in wallet.keys)
     roles = wallet_roles(TAPROOT_CHAINS[path[2]], keys, bytes(spk.data[2:]), wallet.taproot_roles)
@@ -183,8 +180,13 @@ def _pays_wallet(psbt: PSBT, index: int, wallet: _Wallet) -> bool:
 
 def _wallet_path(derivations: dict[object, object]) -> tuple[int, ...] | None:
     """The one ``m/0/0/<chain>/<index>`` path all three entries name, or None."""
-    paths = {tuple(d.derivation) for d in derivations.values()}  # type: ignore[attr-defined]
-    if len(derivations) != 3 or len(paths) != 1:
+    return _one_wallet_path(list(derivations.values())) if len(derivations) == 3 else None
+
+
+def _one_wallet_path(derivations: Sequence[Any]) -> tuple[int, ...] | None:
+    """The one unhardened ``m/0/0/<chain>/<index>`` path all of ``derivations`` name, or None."""
+    paths = {tuple(d.derivation) for d in derivations}
+    if len(paths) != 1:
         return None
     path = paths.pop()
     if len(path) != 4 or path[:2] != (0, 0) or any(step >= 0x80000000 for step in path):
