@@ -374,6 +374,9 @@ class _Calls:
 
 
 def _http_error(error: KmsError) -> GatewayError:
+    if error.code == "rate_limited":  # the gateway's caller is over its quota: the HTTP client may come back
+        wait = max(1, math.ceil(error.retry_after or 1.0))
+        return GatewayError(429, "rate limited: retry later", {"Retry-After": str(wait)})
     status = STATUS_OF_CODE.get(error.code)
     if status is not None:
         return GatewayError(status, error.message)

@@ -30,6 +30,7 @@ from typing import Any
 from tasks.client import KmsClient, KmsError, RequestFuture
 
 JOURNAL_SUFFIX = ".job"
+MAX_BACKOFF_SECONDS = 30.0  # the longest a rate_limited batch waits before it is sent again
 
 
 class ProvisionError(Exception):
@@ -84,6 +85,7 @@ class Stats:
     keys: int = 0
     errors: int = 0
     resumed_keys: int = 0
+    rate_limited: int = 0  # batches the caller's quota refused, and that were sent again after the wait
     started: float = field(default_factory=time.monotonic)
 
     def summary(self, job: Job, out: Path) -> dict[str, Any]:
@@ -95,6 +97,7 @@ class Stats:
             "keys": self.keys,
             "errors": self.errors,
             "already_done": self.resumed_keys,
+            "rate_limited": self.rate_limited,
             "elapsed_s": round(elapsed, 3),
             "keys_per_s": round(self.keys / elapsed, 1) if elapsed > 0 else None,
         }
@@ -198,9 +201,8 @@ class Provisioner:
     def _resend(self, entry: dict[str, Any]) -> RequestFuture:
         rid = uuid.UUID(entry["request_id"])
         future = self.client.expect(rid, entry["args"])
-        self.client.publish(
-            f"kmsq.{entry['op']}", entry["args"], entry["request_id"], entry["pool"], entry["reply_queue"]
-        )
+        self.client.publish(f"kmsq.{entry['op']}", entry["args"], entry["request_id"], entry["pool"],
+                            entry["reply_queue"], self.client.lane_for(entry["op"]))  # fmt: skip
         return future
 
     def _start(self, index: int) -> RequestFuture:
@@ -247,6 +249,11 @@ class Provisioner:
                 try:
                     items = future.result()["items"]
                 except KmsError as e:
+                    if e.code == "rate_limited":  # over the caller's quota, nothing done: the same request later
+                        self.stats.rate_limited += 1
+                        time.sleep(min(e.retry_after or 1.0, MAX_BACKOFF_SECONDS))
+                        outstanding[self._resend(self.job.journaled[index])] = index
+                        continue
                     if e.code != "expired":
                         raise
                     attempt = int(self.job.journaled[index]["attempt"]) + 1  # sent too long ago, never run

@@ -24,6 +24,14 @@ MAX_PUB_CHARS = 1024
 MAX_COIN_CHARS = 128  # token names such as "hteth:bgerchv2" or an ERC-20 contract address
 MAX_ENCRYPTED_KEY_CHARS = 8192  # a kmsq encryptedKey (RSA-4096: ~700) or an SJCL envelope of the old API
 MAX_BATCH_ITEMS = 1000
+# Quotas (docs/OPERATIONS.md, "Sharing a pool"): a caller's rates, per second, and the longest wait a rate_limited
+# reply names (a batch of MAX_BATCH_ITEMS against the lowest items rate).
+MIN_RATE_PER_SECOND = 0.001
+MAX_RATE_PER_SECOND = 1_000_000.0
+MAX_RETRY_AFTER_SECONDS = 3600.0
+# A caller's lane in its registry entry: auto (its client picks: batch operations bulk) or bulk (every request).
+DEFAULT_LANE = "auto"
+CALLER_LANES = (DEFAULT_LANE, "bulk")
 MAX_SIGNABLE_PAYLOAD_CHARS = 2 * 1024 * 1024  # a PSBT in hex (a 10-input wallet PSBT is ~10 KB) or a 0x hash
 # The inputs and outputs of one PSBT ``sign`` takes. BitGo builds at most 200 unspents into a transaction (bulk
 # consolidation and fan-out split at 200 per transaction, the custody web app selects up to 200) and fans out to

@@ -16,11 +16,18 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
-from schemas.limits import MAX_REPLY_BYTES, NAME_PATTERN
+from schemas.limits import MAX_REPLY_BYTES, MAX_RETRY_AFTER_SECONDS, NAME_PATTERN
 from schemas.operations import Params
 from schemas.requests import Frozen
 from schemas.wire import REPLY_QUEUE_PREFIX, ErrorCode, b64u_length
@@ -66,10 +73,20 @@ def reply_queue_belongs_to(queue: str, caller: str) -> bool:
 
 
 class ErrorBody(Frozen):
-    """A failure: a stable ``code`` (``schemas.wire.ErrorCode``) and a caller-safe message."""
+    """A failure: a stable ``code`` (``schemas.wire.ErrorCode``) and a caller-safe message; for ``rate_limited``,
+    ``retry_after``: the seconds to wait before the caller's quota takes the request (absent otherwise, so that
+    other error replies are as before)."""
 
     code: ErrorCode
     message: str
+    retry_after: float | None = Field(default=None, ge=0, le=MAX_RETRY_AFTER_SECONDS)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_wait(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("retry_after") is None:
+            data.pop("retry_after", None)
+        return data
 
 
 # Batch replies carry ``items``: one object per item, its fields or ``{"error": code, "message": ...}``.

@@ -33,6 +33,9 @@ from schemas.limits import MAX_REPLY_SECRET_BYTES, MAX_REQUEST_BYTES
 PROTOCOL_VERSION = 1
 TASK_PREFIX = "kmsq."
 QUEUE_PREFIX = "kms."
+# Each pool has two queues, its lanes (docs/OPERATIONS.md, "Sharing a pool"): interactive work and bulk work.
+LANES = ("interactive", "bulk")
+BULK_SUFFIX = ".bulk"
 REPLY_QUEUE_PREFIX = "kmsq.reply."
 # The publisher's clock (epoch seconds) in a request message's headers: unsigned, read only for the estimate of how
 # long a RabbitMQ queue's oldest message waits (tasks.metrics.HeadAges); never for a decision.
@@ -60,6 +63,7 @@ ErrorCode = Literal[
     "not_found",
     "not_exportable",
     "too_large",
+    "rate_limited",
     "unavailable",
     "internal",
 ]
@@ -141,9 +145,19 @@ def task_name(op: str) -> str:
     return TASK_PREFIX + op
 
 
-def pool_queue(pool: str) -> str:
-    """Returns the queue of an HSM pool."""
-    return QUEUE_PREFIX + pool
+def pool_queue(pool: str, lane: str = "interactive") -> str:
+    """Returns the queue of an HSM pool's lane: ``kms.<pool>`` for interactive work, ``kms.<pool>.bulk`` for bulk
+    work (a pool name has no dot, so no pool's queue is another's bulk lane). Raises ValueError for another lane."""
+    if lane == "interactive":
+        return QUEUE_PREFIX + pool
+    if lane == "bulk":
+        return QUEUE_PREFIX + pool + BULK_SUFFIX
+    raise ValueError(f"no lane {lane!r} (lanes: {', '.join(LANES)})")
+
+
+def lane_of_queue(queue: str) -> str:
+    """Returns the lane a pool queue serves (``bulk`` for ``kms.<pool>.bulk``, else ``interactive``)."""
+    return "bulk" if queue.endswith(BULK_SUFFIX) else "interactive"
 
 
 # -- keys ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from schemas.limits import (
     MAX_REQUEST_BYTES,
 )
 from schemas.messages import Reply, ReplyEnvelope, Request
-from schemas.operations import OPERATIONS, Operation
+from schemas.operations import BATCH_OPS, OPERATIONS, Operation
 from schemas.wire import (
     DEFAULT_REQUEST_TTL_SECONDS,
     SENT_AT_HEADER,
@@ -59,6 +59,8 @@ from tasks.identity import CallerIdentity, Fleet
 from worker.config import is_rabbitmq
 
 log = logging.getLogger("kmsq.client")
+CLIENT_LANES = ("auto", "interactive", "bulk")
+MAX_BACK_OFF_SECONDS = 60.0  # the longest a rate_limited reply keeps this client from sending to its pool
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
 
 
@@ -95,6 +97,7 @@ class KmsClient(KmsCodec):
         namespace: str | None = None,
         resend_after: float | None = None,
         coalesce: CoalescePolicy | bool = False,
+        lane: str = "auto",
     ) -> None:
         """``reply_queue`` is the suffix of this client's durable reply queue ``kmsq.reply.<caller>.<suffix>``
         (default: a random one). A client restarted with the same suffix receives replies sent meanwhile.
@@ -104,8 +107,15 @@ class KmsClient(KmsCodec):
         timeout: a message the broker lost (a failover to a replica that had not received it) is sent again,
         and a worker answers a request it already ran with the stored reply. With ``coalesce`` (True for the
         defaults of :class:`tasks.coalesce.CoalescePolicy`), concurrent single requests of one operation, pool
-        and root key go out as one batch message (a lone request is sent at once, as without). Raises KmsError
-        (``invalid``) for a bad namespace or broker URL, (``unavailable``) when the broker cannot be reached."""
+        and root key go out as one batch message (a lone request is sent at once, as without). ``lane`` is the
+        pool queue its requests go to (docs/OPERATIONS.md, "Sharing a pool"): ``auto`` sends batch operations to
+        the bulk lane and single requests, coalesced ones included, to the interactive lane; ``interactive`` or
+        ``bulk`` sends everything there (a caller registered in the bulk lane must say ``bulk``). Raises KmsError
+        (``invalid``) for a bad namespace, broker URL or lane, (``unavailable``) when the broker cannot be
+        reached."""
+        if lane not in CLIENT_LANES:
+            raise KmsError("invalid", f"lane must be one of {', '.join(CLIENT_LANES)}")
+        self.lane = lane
         if namespace is None:
             namespace = os.environ.get("KMSQ_NAMESPACE") or None
         try:
@@ -123,6 +133,7 @@ class KmsClient(KmsCodec):
         self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
         self._unclaimed: dict[str, Reply] = {}
         self._lock = threading.Lock()
+        self._quiet_until: dict[str, float] = {}  # pool -> monotonic time: backing off a rate_limited reply
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -141,29 +152,62 @@ class KmsClient(KmsCodec):
 
     # -- operations: one submit_* per operation of schemas.operations, with its blocking twin ---------------
 
-    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture:
+    def call(
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
+    ) -> RequestFuture:
         """Starts operation ``op`` with the request ``fields`` of its model (a sealed input, such as put_key's
         ``prv``, as its plaintext: it is sealed to the pool's transport key before it leaves this process). The
         pool is ``pool``, or the one the operation's ``pool_from`` field picks, or the default pool. With
         coalescing, a request whose operation has a batch form may travel in a batch with others (a lone one
-        goes at once, alone). Returns the future of its unsealed result fields. Raises KmsError (``invalid``)
-        for fields out of their limits or an unknown pool or operation."""
+        goes at once, alone). ``lane`` overrides the client's choice of lane when that is ``auto``. Returns the
+        future of its unsealed result fields. Raises KmsError (``invalid``) for fields out of their limits or an
+        unknown pool or operation."""
         operation = OPERATIONS.get(op)
         if operation is None:
             raise KmsError("invalid", f"unknown operation {op!r}")
         target = self.route(operation, fields, pool)
+        quiet = self._quiet_for(target)
+        if quiet is not None:
+            return quiet
         batching = operation.batch
         if self.coalescer is None or batching is None or not batching.coalesce:
-            return self._send(operation, fields, target)
+            return self._send(operation, fields, target, lane)
         params = {"op": op, **fields}
         if batching.alone is not None and batching.alone(params):
-            return self._send(operation, fields, target)
+            return self._send(operation, fields, target, lane)
         self.check_params(params)  # refused now, as it would be alone, not later inside a batch
-        return self.coalescer.submit(operation, target, params, lambda: self._send(operation, fields, target))
+        return self.coalescer.submit(operation, target, params, lambda: self._send(operation, fields, target, lane))
 
-    def _send(self, operation: Operation, fields: dict[str, Any], pool: str) -> RequestFuture:
+    def _send(self, operation: Operation, fields: dict[str, Any], pool: str, lane: str | None) -> RequestFuture:
         request_id = uuid.uuid4()
-        return self.submit(self.request_params(operation, fields, pool, request_id), pool, request_id)
+        return self.submit(self.request_params(operation, fields, pool, request_id), pool, request_id, lane=lane)
+
+    def _back_off(self, pool: str, retry_after: float | None) -> None:
+        """Remembers that the caller's quota in ``pool`` refused a request for ``retry_after`` seconds."""
+        until = time.monotonic() + min(retry_after or 1.0, MAX_BACK_OFF_SECONDS)
+        with self._lock:
+            self._quiet_until[pool] = max(until, self._quiet_until.get(pool, 0.0))
+
+    def _quiet_for(self, pool: str) -> RequestFuture | None:
+        """While the caller's quota in ``pool`` refuses requests (a ``rate_limited`` reply said how long), a
+        request of :meth:`call` is refused here, with the wait left, instead of being sent to be refused: a
+        client over its quota backs off. Returns the refused future, or None."""
+        with self._lock:
+            left = self._quiet_until.get(pool, 0.0) - time.monotonic()
+            if left <= 0:
+                self._quiet_until.pop(pool, None)
+                return None
+        refused = RequestFuture("")
+        message = f"over the caller's quota in pool {pool}: retry after {left:.3f} s (not sent)"
+        refused.set_exception(KmsError("rate_limited", message, None, round(left, 3)))
+        return refused
+
+    def lane_for(self, op: str, asked: str | None = None) -> str:
+        """The lane a request of ``op`` goes to: the client's, unless it is ``auto``; then ``asked``, else bulk for
+        a batch operation and interactive for the others."""
+        if self.lane != "auto":
+            return self.lane
+        return asked or ("bulk" if op in BATCH_OPS else "interactive")
 
     def submit_generate_data_key(
         self,
@@ -320,20 +364,25 @@ class KmsClient(KmsCodec):
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def submit(self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None) -> RequestFuture:
-        """Signs and sends one request; returns a future of its unsealed result fields."""
+    def submit(
+        self, params: dict[str, Any], pool: str, request_id: uuid.UUID | None = None, *, lane: str | None = None
+    ) -> RequestFuture:
+        """Signs and sends one request (to :meth:`lane_for`'s lane); returns a future of its unsealed result
+        fields."""
         if pool not in self.fleet.pools:
             raise KmsError("invalid", f"pool {pool!r} is not in the fleet file")
         request, args = self.build_request(params, pool, request_id)
-        return self.submit_raw(request, args)
+        return self.submit_raw(request, args, lane=lane)
 
-    def submit_raw(self, request: Request, args: list[str]) -> RequestFuture:
-        """Sends already signed task arguments for ``request`` and returns the future of its reply."""
+    def submit_raw(self, request: Request, args: list[str], *, lane: str | None = None) -> RequestFuture:
+        """Sends already signed task arguments for ``request`` (to :meth:`lane_for`'s lane) and returns the future
+        of its reply."""
         future, arrived = self._expect(request.request_id, args_digest(args))
-        future.sent = SentMessage(request, args)
+        chosen = self.lane_for(request.params.op, lane)
+        future.sent = SentMessage(request, args, lane=chosen)
         if not arrived:
             try:
-                self.send(request, args)
+                self.send(request, args, chosen)
             except Exception as e:
                 if self.resend_after is None:
                     raise
@@ -360,12 +409,16 @@ class KmsClient(KmsCodec):
             reply_future.set_result(early)
         return self._chain(reply_future, request_id), early is not None
 
-    def send(self, request: Request, args: list[str]) -> None:
-        """Publishes the signed request to its pool's queue."""
-        self.publish(task_name(request.params.op), args, str(request.request_id), request.pool, request.reply_queue)
+    def send(self, request: Request, args: list[str], lane: str = "interactive") -> None:
+        """Publishes the signed request to its pool's queue of ``lane``."""
+        self.publish(task_name(request.params.op), args, str(request.request_id), request.pool, request.reply_queue,
+                     lane)  # fmt: skip
 
-    def publish(self, task: str, args: list[Any], message_id: str, pool: str, reply_to: str) -> None:
-        """Publishes one task message as given (no signing, no checks); also for tests and tools.
+    def publish(
+        self, task: str, args: list[Any], message_id: str, pool: str, reply_to: str, lane: str = "interactive"
+    ) -> None:
+        """Publishes one task message as given (no signing, no checks) to the pool's queue of ``lane``; also for
+        tests and tools.
 
         The message is the one ``Celery.send_task`` would publish (Celery builds and sends it: protocol 2,
         the same headers, properties, routing and publish retry policy), except for a short ``argsrepr``
@@ -386,7 +439,7 @@ class KmsClient(KmsCodec):
             producer = self._publisher[1]
             # On RabbitMQ the pool's quorum queue is declared first (once per channel: kombu remembers it), the
             # broker confirms the publish, and a message that reached no queue is an error, not a silent drop.
-            queue, extra = pool_queue(pool), {}
+            queue, extra = pool_queue(pool, lane), {}
             if self._rabbitmq:
                 known = amqp.queues.get(queue)  # (Celery made the default pool's, with a direct exchange)
                 if known is None or known.exchange.type != "topic":
@@ -412,7 +465,11 @@ class KmsClient(KmsCodec):
             try:
                 result.reply = f.result()
                 result.set_result(self.unseal(result.reply, request_id))
-            except BaseException as e:  # handed to the waiting caller
+            except KmsError as e:  # handed to the waiting caller
+                if e.code == "rate_limited" and result.reply is not None:
+                    self._back_off(result.reply.pool, e.retry_after)
+                result.set_exception(e)
+            except BaseException as e:
                 result.set_exception(e)
 
         def forget_if_cancelled(f: Future[Fields]) -> None:
@@ -446,7 +503,7 @@ class KmsClient(KmsCodec):
                 continue  # not sent yet (coalescing), or another waiter of its batch sent it again just now
             sent.at = time.monotonic()
             try:
-                self.send(sent.request, sent.args)
+                self.send(sent.request, sent.args, sent.lane)
                 log.info("no reply to %s yet: sent it again", future.request_id)
             except Exception as e:  # the broker is failing over: try again at the next step
                 log.warning("could not send %s again (%s)", future.request_id, type(e).__name__)
@@ -605,9 +662,11 @@ class AsyncKmsClient:
         except TimeoutError:
             raise KmsTimeout(getattr(future, "request_id", "")) from None
 
-    async def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> Fields:
+    async def call(
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
+    ) -> Fields:
         """See :meth:`KmsClient.call`."""
-        return await self.run(lambda: self.client.call(op, fields, pool))
+        return await self.run(lambda: self.client.call(op, fields, pool, lane=lane))
 
     generate_data_key = _awaiting(KmsClient.submit_generate_data_key)
     generate_data_key_without_plaintext = _awaiting(KmsClient.submit_generate_data_key_without_plaintext)

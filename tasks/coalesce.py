@@ -91,7 +91,9 @@ _Key = tuple[str, str, tuple[Any, ...]]
 class BatchSender(Protocol):
     """What the coalescer sends batches with (:class:`tasks.client.KmsClient`)."""
 
-    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture: ...
+    def call(
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
+    ) -> RequestFuture: ...
 
 
 class Coalescer:
@@ -253,7 +255,8 @@ class Coalescer:
             group.shared, [item.value for item in group.items], [item.sealed for item in group.items]
         )
         params.pop("op")
-        return self.client.call(group.batching.op, params, key[1])
+        # Single requests waiting for their answers, in one message: interactive work, not a bulk job's.
+        return self.client.call(group.batching.op, params, key[1], lane="interactive")
 
     def _deliver(self, key: _Key, sent: Future[Fields], group: _Group, batch: bool) -> None:
         """Hands each caller its item of the reply, or the error of the whole. An item the batch could not answer

@@ -43,13 +43,17 @@ SEALED_PLACEHOLDER = "sealed"  # stands for a sealed input while parameters are 
 class KmsError(Exception):
     """A request failed. ``code`` is one of ``schemas.wire.ErrorCode``; ``message`` is the worker's text.
 
-    (The worker's own exceptions are ``worker.errors.ServiceError``: this is what a caller gets.)"""
+    (The worker's own exceptions are ``worker.errors.ServiceError``: this is what a caller gets.) For
+    ``rate_limited``, ``retry_after`` is the seconds to wait before the caller's quota takes the request."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, request_id: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after = retry_after
 
 
 class KmsTimeout(KmsError):
@@ -221,8 +225,10 @@ class KmsCodec:
     def unseal(self, reply: Reply, request_id: uuid.UUID) -> Fields:
         """Returns a reply's fields with its sealed secrets opened; raises KmsError for an error reply."""
         if reply.status == "error" or reply.error is not None:
-            code, message = (reply.error.code, reply.error.message) if reply.error else ("internal", "error")
-            raise KmsError(code, message, str(reply.request_id))
+            if reply.error is None:
+                raise KmsError("internal", "error", str(reply.request_id))
+            error = reply.error
+            raise KmsError(error.code, error.message, str(reply.request_id), error.retry_after)
         fields: Fields = dict(reply.result)
         if reply.op == "get_result" and isinstance(fields.get("reply"), str):
             inner = self.verify_envelope(ReplyEnvelope.model_validate_json(fields["reply"]))

@@ -22,6 +22,7 @@ class SentMessage:
     request: Request
     args: list[str]
     at: float = field(default_factory=time.monotonic)
+    lane: str = "interactive"  # the pool queue's lane it went to (schemas.wire.pool_queue)
 
 
 class RequestFuture(Future[Fields]):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.operations import OPS
-from schemas.wire import ERROR_CODES
+from schemas.wire import ERROR_CODES, LANES
 
 log = logging.getLogger("kmsq.worker")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _OPS = frozenset(OPS)
 _OUTCOMES = frozenset({"ok", *ERROR_CODES})
+UNKNOWN_CALLER = "?"  # the caller label of a message that did not authenticate (no registered name is "?")
 
 
 def prepare(directory: Path) -> None:
@@ -67,32 +68,44 @@ class WorkerMetrics:
         from prometheus_client import Counter, Histogram
 
         labels = ("pool", "op")
-        self.requests = Counter("kmsq_requests", "Requests handled, by outcome", (*labels, "outcome"))
+        laned = (*labels, "lane")
+        self.requests = Counter("kmsq_requests", "Requests handled, by lane and outcome", (*laned, "outcome"))
         self.queue_wait = Histogram(
-            "kmsq_request_queue_wait_seconds", "From the request's issued_at to a worker taking it", labels,
+            "kmsq_request_queue_wait_seconds", "From the request's issued_at to a worker taking it", laned,
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.service_time = Histogram(
-            "kmsq_request_service_seconds", "A worker's time on one request (HSM, database, reply)", labels,
+            "kmsq_request_service_seconds", "A worker's time on one request (HSM, database, reply)", laned,
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.retries = Counter("kmsq_retries", "Requests retried after the HSM or database was unavailable", labels)
         self.batch_items = Histogram("kmsq_batch_items", "Items per batch message", labels, buckets=BATCH_BUCKETS)
+        per_caller = ("pool", "lane", "caller")
+        self.caller_requests = Counter("kmsq_caller_requests", "Requests handled per caller, by outcome",
+                                       (*per_caller, "outcome"))  # fmt: skip
+        self.caller_items = Counter("kmsq_caller_items", "Items handled per caller (a single request is one)",
+                                    per_caller)  # fmt: skip
         self.hsm_errors = Counter("kmsq_hsm_errors", "HSM calls that failed as unavailable", ("pool",))
         self.hsm_reopens = Counter("kmsq_hsm_session_reopens", "PKCS#11 sessions reopened or recycled", ("pool",))
         self._seen: dict[str, int] = {}
 
     def handled(self, pool: str, task_name: str, code: str | None, issued_at: datetime | None, items: int | None,
-                started: float, service_seconds: float) -> None:  # fmt: skip
-        """Records one handled request."""
-        op = op_label(task_name)
-        self.requests.labels(pool, op, outcome_label(code)).inc()
-        self.service_time.labels(pool, op).observe(service_seconds)
+                started: float, service_seconds: float, lane: str = "interactive",
+                caller: str | None = None) -> None:  # fmt: skip
+        """Records one handled request, taken from ``lane``, of the authenticated ``caller`` (None: not
+        authenticated, counted as ``?``)."""
+        op, outcome = op_label(task_name), outcome_label(code)
+        lane = lane if lane in LANES else "interactive"
+        self.requests.labels(pool, op, lane, outcome).inc()
+        self.service_time.labels(pool, op, lane).observe(service_seconds)
         if issued_at is not None:
             wait = datetime.now(UTC).timestamp() - (time.monotonic() - started) - issued_at.timestamp()
-            self.queue_wait.labels(pool, op).observe(max(0.0, wait))
+            self.queue_wait.labels(pool, op, lane).observe(max(0.0, wait))
         if items is not None:
             self.batch_items.labels(pool, op).observe(items)
+        who = caller or UNKNOWN_CALLER
+        self.caller_requests.labels(pool, lane, who, outcome).inc()
+        self.caller_items.labels(pool, lane, who).inc(items or 1)
 
     def retried(self, pool: str, task_name: str) -> None:
         """Records a retry."""
@@ -214,39 +227,45 @@ def _age(raw: bytes | None) -> float | None:
     return max(0.0, datetime.now(UTC).timestamp() - issued.timestamp())
 
 
-class QueueGauges:
-    """Collects, at each scrape, the pool queue's depth and the age of its oldest message (read from the broker
-    by the worker's main process)."""
+Sampler = Callable[[], tuple[int, float | None]]
 
-    def __init__(self, pool: str, sample: Callable[[], tuple[int, float | None]]) -> None:
+
+class QueueGauges:
+    """Collects, at each scrape, the depth of each lane's queue the worker serves and the age of its oldest
+    message (read from the broker by the worker's main process)."""
+
+    def __init__(self, pool: str, samples: dict[str, Sampler]) -> None:
         self.pool = pool
-        self.sample = sample
+        self.samples = samples  # lane -> its queue's sampler
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        try:
-            depth, oldest = self.sample()
-        except Exception as e:  # the broker is down: the scrape still answers, without these two
-            log.warning("metrics: cannot read the queue of pool %s (%s)", self.pool, type(e).__name__)
-            return
-        family = GaugeMetricFamily("kmsq_queue_depth", "Messages waiting in the pool's queue", labels=["pool"])
-        family.add_metric([self.pool], depth)
-        yield family
-        if oldest is None and getattr(self.sample, "age_may_be_unknown", False):  # RabbitMQ: unknown, not 0
-            return
+        family = GaugeMetricFamily("kmsq_queue_depth", "Messages waiting in the pool's queue", labels=["pool", "lane"])
         age = GaugeMetricFamily(
             "kmsq_queue_oldest_message_age_seconds",
             "Age of the oldest waiting message (Redis: from its request's issued_at; RabbitMQ: at most this, from "
             "the messages this worker took); 0 when the queue is empty",
-            labels=["pool"],
+            labels=["pool", "lane"],
         )
-        age.add_metric([self.pool], oldest or 0.0)
-        yield age
+        for lane, sample in self.samples.items():
+            try:
+                depth, oldest = sample()
+            except Exception as e:  # the broker is down: the scrape still answers, without these two
+                log.warning("metrics: cannot read the %s queue of pool %s (%s)", lane, self.pool, type(e).__name__)
+                continue
+            family.add_metric([self.pool, lane], depth)
+            if oldest is None and getattr(sample, "age_may_be_unknown", False):  # RabbitMQ: unknown, not 0
+                continue
+            age.add_metric([self.pool, lane], oldest or 0.0)
+        if family.samples:
+            yield family
+        if age.samples:
+            yield age
 
 
 def serve(
-    host: str, port: int, pool: str, health: Callable[[], dict[str, str]], queue: Callable[[], tuple[int, float | None]]
+    host: str, port: int, pool: str, health: Callable[[], dict[str, str]], queues: dict[str, Sampler]
 ) -> ThreadingHTTPServer:
     """Serves ``/metrics`` (every pool process's samples, summed, and the queue gauges) and ``/healthz`` on a
     daemon thread. Returns the server (``shutdown()`` stops it)."""
@@ -255,7 +274,7 @@ def serve(
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(QueueGauges(pool, queue))
+    registry.register(QueueGauges(pool, queues))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -26,7 +26,7 @@ from kombu.transport import TRANSPORT_ALIASES, redis
 from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from schemas.wire import REPLY_QUEUE_PREFIX
+from schemas.wire import QUEUE_PREFIX, REPLY_QUEUE_PREFIX
 
 log = logging.getLogger("kmsq.transport")
 _ENCODINGS = (None, "utf-8", "base64")  # kombu's codecs for a body: none, or base64
@@ -158,6 +158,11 @@ class _Hardened:
             payload, reason = decode_entry(item)
             if payload is None:
                 DROPPED.record(queue, reason)
+            elif queue.startswith(QUEUE_PREFIX) and payload["properties"]["delivery_info"]["routing_key"] != queue:
+                # A pool queue's messages are routed to it by name; the worker reads a message's lane from its
+                # routing key (worker.pipeline: a bulk-lane caller's request refused on the interactive lane), so
+                # one pushed onto a queue it does not name is not what a publisher routed there.
+                DROPPED.record(queue, "names another queue")
             else:
                 self.connection._deliver(payload, queue)
             return True

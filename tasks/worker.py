@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.orm import Session
 
 from schemas.operations import OPS
-from schemas.wire import SENT_AT_HEADER, pool_queue, task_name
+from schemas.wire import LANES, SENT_AT_HEADER, lane_of_queue, pool_queue, task_name
 from tasks import metrics, rabbitmq
 from tasks.app import make_app, reuse_redis_client
 from tasks.transport import DROPPED
@@ -68,15 +68,23 @@ class PoolWorker:
     Celery's signals are process-wide: build one per process (the entry point does).
     """
 
-    def __init__(self, settings: Settings, pool: str) -> None:
+    def __init__(self, settings: Settings, pool: str, lanes: tuple[str, ...] = LANES) -> None:
         self.settings = settings
         self.pool = pool
+        # The queues it serves, interactive first: on Redis it always takes from the first that holds a message
+        # (kombu's "priority" queue order); a worker of one lane serves one queue.
+        self.queues = [pool_queue(pool, lane) for lane in LANES if lane in lanes]
+        if not self.queues:
+            raise ValueError(f"no lane among {', '.join(lanes)} (lanes: {', '.join(LANES)})")
         self.app = make_app(
             settings.effective_broker_url, namespace=settings.namespace,
             reply_queue_ttl_seconds=settings.reply_queue_ttl_seconds,
         )  # fmt: skip
         if is_rabbitmq(settings.effective_broker_url):
-            self.app.conf.task_queues = [rabbitmq.pool_queue_entity(pool_queue(pool))]
+            self.app.conf.task_queues = [rabbitmq.pool_queue_entity(queue) for queue in self.queues]
+        else:
+            self.app.conf.broker_transport_options = {**self.app.conf.broker_transport_options,
+                                                      "queue_order_strategy": "priority"}  # fmt: skip
         self._lock = threading.Lock()
         self._context: WorkerContext | None = None
         self._context_pid: int | None = None
@@ -288,7 +296,8 @@ class PoolWorker:
     def run(self, task: Task, args: tuple[Any, ...]) -> None:
         """Handles one task message: the pipeline's reply published, or a retry with backoff."""
         request = task.request
-        msg = Inbound(task.name, request.reply_to, request.id, args)
+        queue = (request.delivery_info or {}).get("routing_key")
+        msg = Inbound(task.name, request.reply_to, request.id, args, queue if isinstance(queue, str) else None)
         final = request.retries >= MAX_RETRIES
         measured = self._worker_metrics()
         started = time.monotonic()
@@ -310,7 +319,7 @@ class PoolWorker:
             raise task.retry(countdown=1, max_retries=MAX_RETRIES) from None
         if measured is not None:
             measured.handled(ctx.pool, task.name, delivery.code, delivery.issued_at, delivery.items, started,
-                             time.monotonic() - started)  # fmt: skip
+                             time.monotonic() - started, lane_of_queue(msg.queue or ""), delivery.caller)  # fmt: skip
             self._hsm_counts(measured)
         if delivery.queue is not None:  # a refusal nobody is told is in the rejection counter's line instead
             log.info("%s %s -> %s", task.name, delivery.request_id, delivery.code or "ok")

@@ -25,7 +25,9 @@ class Sender:
         self.sent: list[tuple[str, Any, RequestFuture]] = []
         self.lock = threading.Lock()
 
-    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture:
+    def call(
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
+    ) -> RequestFuture:
         assert pool == "alpha"
         future = RequestFuture(f"batch-{len(self.sent)}")
         with self.lock:

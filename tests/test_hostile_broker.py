@@ -26,7 +26,10 @@ from tasks.client import KmsClient
 from tasks.transport import decode_entry
 from tests.conftest import random_pub
 from tests.queue_fixtures import NAMESPACE, Deployment
+from worker import callers
 from worker.config import is_rabbitmq
+from worker.storage.db import transaction
+from worker.storage.models import RequestRecord
 
 ALPHA_QUEUE = pool_queue("alpha")
 ALPHA = namespace_key_prefix(NAMESPACE) + ALPHA_QUEUE  # the Redis list behind it
@@ -101,6 +104,44 @@ def test_entries_that_are_not_messages_do_not_stop_the_pool(
     assert "dropped" in written and "Unrecoverable error" not in written
     assert "Trying to re-establish" not in written and "Traceback" not in written
     assert "not json" not in written and 'kmsq"' not in written and "!!!" not in written
+
+
+def test_a_message_pushed_onto_a_queue_it_does_not_name_is_dropped(
+    deployment: Deployment, raw_redis: Any, tmp_path: Path
+) -> None:
+    """A caller registered in the bulk lane pushes its signed request straight onto the interactive queue, naming
+    the bulk queue in the message (kombu's Redis channel reads the routing key from the entry): it is dropped, not
+    served as bulk work taken from the interactive lane."""
+    name = f"lanes-{uuid.uuid4().hex[:6]}"
+    identity = deployment.register(name)
+    with transaction(deployment.sessions) as db:
+        callers.set_caller_limits(deployment.service.hsm, db, name, "bulk", None, None)
+    log = deployment.workers["alpha"].log
+    offset = log.stat().st_size
+    with deployment.client(identity, lane="bulk") as kms:
+        request, args = kms.build_request({"op": "generate_data_key_without_plaintext", "root_key_id": None,
+                                           "key_spec": "AES-256"}, "alpha")  # fmt: skip
+        future = kms.expect(request.request_id, args)
+        message = kms._app.amqp.create_task_message(
+            str(request.request_id), "kmsq.generate_data_key_without_plaintext", args, {},
+            reply_to=request.reply_queue, ignore_result=True,
+        )  # fmt: skip
+        bulk = pool_queue("alpha", "bulk")
+        body = base64.b64encode(json.dumps(message.body).encode()).decode()
+        entry = json.loads(
+            kombu_entry(body, **message.properties, delivery_info={"exchange": bulk, "routing_key": bulk})
+        )
+        entry["headers"] = message.headers
+        raw_redis.lpush(ALPHA, json.dumps(entry))
+        deadline = time.monotonic() + 10
+        while raw_redis.llen(ALPHA) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # (drops are logged within a second)
+        assert raw_redis.llen(ALPHA) == 0 and not future.done()
+        assert "names another queue" in log.read_text(errors="replace")[offset:]
+        with deployment.sessions() as db:
+            assert db.get(RequestRecord, (name, str(request.request_id))) is None
+        assert kms.generate_data_key_without_plaintext()["encryptedKey"]  # through the bulk lane: served
 
 
 def _publisher(deployment: Deployment) -> Any:

@@ -114,7 +114,9 @@ class Sender:
         self.sent: list[tuple[str, Any]] = []
         self.lock = threading.Lock()
 
-    def call(self, op: str, fields: dict[str, Any], pool: str | None = None) -> RequestFuture:
+    def call(
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
+    ) -> RequestFuture:
         with self.lock:
             self.sent.append((op, fields.get("keys")))
         future = RequestFuture(f"batch-{len(self.sent)}")

@@ -199,7 +199,7 @@ def test_every_error_class_has_a_wire_code() -> None:
     assert len(classes) >= 10
     assert {c.code for c in classes} <= set(ERROR_CODES)
     assert set(ERROR_CODES) == {"unauthenticated", "forbidden", "policy_denied", "expired", "replayed", "invalid",
-                                "conflict", "not_found", "not_exportable", "too_large", "unavailable",
+                                "conflict", "not_found", "not_exportable", "too_large", "rate_limited", "unavailable",
                                 "internal"}  # fmt: skip
 
 

@@ -62,6 +62,18 @@ def caller_disable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> 
     return callers.set_caller_state(hsm, db, str(arguments.get("name")), "disabled")
 
 
+@action("caller.limits")
+def caller_limits(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> callers.CallerInfo:
+    """Sets the lane (``auto`` or ``bulk``) and the quotas (``rate_requests``, ``rate_items``: per second, or None
+    for none) of the caller ``name``."""
+    rates = [arguments.get("rate_requests"), arguments.get("rate_items")]
+    if not all(r is None or (isinstance(r, int | float) and not isinstance(r, bool)) for r in rates):
+        raise InvalidRequest("rate_requests and rate_items must be numbers or null")
+    requests, items = (None if r is None else float(r) for r in rates)
+    return callers.set_caller_limits(hsm, db, str(arguments.get("name")), str(arguments.get("lane", "auto")),
+                                     requests, items)  # fmt: skip
+
+
 @action("root-key.enable")
 def root_key_enable(hsm: KeyStore, db: Session, arguments: Mapping[str, Any]) -> object:
     """Enables the root key ``root_key_id`` again."""

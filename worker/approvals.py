@@ -115,7 +115,8 @@ def narrower(kind: str, before: Fields, after: Fields) -> bool:
         same: tuple[str, ...] = ("name", "signing_key", "signing_key_id", "reply_key")
         return (
             all(old.get(k) == new.get(k) for k in same)
-            and set(new) == set(old)
+            and set(new) - _CALLER_LIMITS == set(old) - _CALLER_LIMITS
+            and _limits_narrower(old, new)
             and _subset(new["allowed_ops"], old["allowed_ops"])
             and _subset(new["root_keys"], old["root_keys"], everything="*")
             and int(new["plaintext"]) <= int(old["plaintext"])
@@ -131,6 +132,18 @@ def narrower(kind: str, before: Fields, after: Fields) -> bool:
         return _rules_tightened(old, new)
     # A version changes only by the quorum (scheduling its destruction), a cancel or time (worker.schedule).
     return False
+
+
+_CALLER_LIMITS = frozenset({"lane", "rate_requests", "rate_items"})  # covered once set (worker.policy_rows)
+
+
+def _limits_narrower(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
+    """True when a caller's new lane and quotas allow it nothing the old did not: a quota set or lowered, never
+    removed or raised; the bulk lane kept once set."""
+    for rate in ("rate_requests", "rate_items"):
+        if rate in old and (rate not in new or float(new[rate]) > float(old[rate])):
+            return False
+    return old.get("lane") != "bulk" or new.get("lane") == "bulk"
 
 
 def _rules_tightened(old: Mapping[str, str], new: Mapping[str, str]) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.files import PUBLIC_IDENTITY_KIND
-from schemas.limits import NAME
+from schemas.limits import CALLER_LANES, DEFAULT_LANE, MAX_RATE_PER_SECOND, MIN_RATE_PER_SECOND, NAME
 from schemas.operations import ALLOWABLE_OPS
 from schemas.wire import WireError, key_id, sealing_public, signing_public
 from worker import audit_log, policy
@@ -37,6 +37,9 @@ class CallerInfo:
     plaintext: bool
     state: str
     created_at: datetime
+    lane: str = DEFAULT_LANE
+    rate_requests: float | None = None  # per second; None: no quota
+    rate_items: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ def _info(row: Caller) -> CallerInfo:
         plaintext=row.plaintext,
         state=row.state,
         created_at=created,
+        lane=row.lane or DEFAULT_LANE,
+        rate_requests=row.rate_requests,
+        rate_items=row.rate_items,
     )
 
 
@@ -136,6 +142,35 @@ def set_caller_state(hsm: KeyStore, db: Session, name: str, state: str) -> Calle
     db.flush()
     audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, f"caller {state[:-1]}", detail=name)
     return _info(row)
+
+
+def set_caller_limits(
+    hsm: KeyStore, db: Session, name: str, lane: str, rate_requests: float | None, rate_items: float | None
+) -> CallerInfo:
+    """Sets a caller's lane (``auto`` or ``bulk``) and quotas (requests and items per second, None for none) and
+    seals its row again (setting or lowering a quota, or moving to the bulk lane, is a restriction one operator
+    makes alone; the rest needs the quorum: worker.approvals). Returns its description. Raises NotFound,
+    InvalidRequest (an unknown lane, a rate out of bounds) or PolicyViolation (the row was changed outside the
+    operator commands)."""
+    if lane not in CALLER_LANES:
+        raise InvalidRequest(f"lane must be one of {', '.join(CALLER_LANES)}")
+    for rate in (rate_requests, rate_items):
+        if rate is not None and not MIN_RATE_PER_SECOND <= rate <= MAX_RATE_PER_SECOND:
+            raise InvalidRequest(f"a quota is {MIN_RATE_PER_SECOND}-{MAX_RATE_PER_SECOND:.0f} per second")
+    row = db.get(Caller, name)
+    if row is None:
+        raise NotFound(f"no caller {name!r}")
+    policy.require(hsm, row)
+    row.lane, row.rate_requests, row.rate_items = lane, rate_requests, rate_items
+    policy.seal(hsm, db, row)
+    db.flush()
+    detail = f"{name}: lane {lane}; requests/s {_rate(rate_requests)}; items/s {_rate(rate_items)}"
+    audit_log.operator_action(hsm, db, audit_log.GLOBAL_CHAIN, "caller limits", detail=detail)
+    return _info(row)
+
+
+def _rate(rate: float | None) -> str:
+    return "unlimited" if rate is None else f"{rate:g}"
 
 
 def authorize(caller: Caller, permission: str | None, plaintext: bool) -> None:

@@ -163,6 +163,18 @@ class Expired(PermanentError):
     default_message = "request expired or not yet valid"
 
 
+class RateLimited(PermanentError):
+    """The caller is over its quota (worker.quotas): nothing of the request was done; ``retry_after`` is the
+    seconds until the quota takes it."""
+
+    code = "rate_limited"
+    default_message = "over the caller's quota"
+
+    def __init__(self, retry_after: float, what: str = "requests") -> None:
+        super().__init__(f"over the caller's {what} per second quota: retry after {retry_after:.3f} s")
+        self.retry_after = retry_after
+
+
 class Replayed(PermanentError):
     """The caller already used this request_id for a different request."""
 

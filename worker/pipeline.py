@@ -45,7 +45,9 @@ from schemas.wire import (
     b64u_length,
     canonical_json,
     from_b64u,
+    lane_of_queue,
     open_private_key,
+    pool_queue,
     reply_signing_input,
     request_signing_input,
     seal_reply_secret,
@@ -55,7 +57,7 @@ from schemas.wire import (
     task_name,
     verify,
 )
-from worker import audit, audit_log, callers, record_stamps, retention, service
+from worker import audit, audit_log, callers, quotas, record_stamps, retention, service
 from worker.audit import UNKNOWN_CALLER
 from worker.config import DEFAULT_REPLY_GRACE_SECONDS
 from worker.errors import (
@@ -63,6 +65,7 @@ from worker.errors import (
     Forbidden,
     InvalidRequest,
     PermanentError,
+    RateLimited,
     Replayed,
     ServiceError,
     TransientError,
@@ -113,6 +116,7 @@ class Inbound:
     reply_to: str | None
     message_id: str | None
     args: Sequence[Any]
+    queue: str | None = None  # the pool queue it came from (its lane), when the broker says
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class Delivery:
     code: str | None  # None for success
     issued_at: datetime | None = None  # the authenticated request's (for the queue-wait metric)
     items: int | None = None  # a batch's items (for the batch-size metric)
+    caller: str | None = None  # the authenticated caller (for the metrics per caller: registered names only)
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,11 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
             with transaction(ctx.sessions) as db:
                 request, body_hash, caller = _authenticate(ctx, db, msg, claim)
                 call = _Call(request, body_hash, digest)
+                _admit(ctx, db, msg, call, caller)
                 return _serve(ctx, db, call, caller)
+        except _Throttled as t:
+            assert call is not None  # only _admit raises it
+            return _throttled(ctx, call, t.error)
         except (_Duplicate, Recorded):  # Recorded: a handler found the record before an effect it cannot undo
             assert call is not None  # only _serve raises them
             stored = _stored_reply(ctx, call)  # another delivery recorded it: its answer stands
@@ -360,6 +369,45 @@ def _uuid_or_nil(text: str | None) -> uuid.UUID:
         return _NIL
 
 
+# -- admission: the caller's lane and quota ---------------------------------------------------------
+
+
+class _Throttled(Exception):
+    """An authenticated request over its caller's quota: nothing of it is done, and nothing is stored."""
+
+    def __init__(self, error: RateLimited) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _admit(ctx: WorkerContext, db: Session, msg: Inbound, call: _Call, caller: Caller) -> None:
+    """Admits an authenticated request to its pool's lane and its caller's quota (worker.quotas): raises _Refusal
+    for a bulk-lane caller's request on the interactive lane, _Throttled when the caller is over its quota."""
+    if caller.lane == "bulk" and msg.queue is not None and lane_of_queue(msg.queue) != "bulk":
+        error = Forbidden(f"this caller's requests go to the bulk lane ({pool_queue(ctx.pool, 'bulk')})")
+        raise _Refusal(error, store=False)
+    quota = quotas.Quota.of(caller)
+    if quota is None:
+        return
+    items = batch_items(call.request.params) or 1
+    refused = quotas.take(ctx.sessions, ctx.pool, caller.name, quota, items, open_transaction=db)
+    if refused is not None:
+        raise _Throttled(RateLimited(refused.retry_after, refused.what))
+
+
+def _throttled(ctx: WorkerContext, call: _Call, error: RateLimited) -> Delivery:
+    """The reply to a request over its quota: the stored reply when another delivery of it was answered (a
+    redelivery is not a new request), else ``rate_limited`` with the wait, counted with the refused messages
+    (worker.audit: a caller far over its quota costs the pool a count, not an audit record per request)."""
+    stored = _stored_reply(ctx, call)
+    if stored is not None:
+        return stored
+    request = call.request
+    ctx.rejections.add(ctx.pool, request.caller, request.params.op, error.code, "over quota", request.request_id)
+    envelope = _envelope(ctx, request.request_id, request.caller, request.params.op, call.digest, error=error)
+    return _delivered(request, envelope, error.code)
+
+
 # -- serving ---------------------------------------------------------------------------------------
 
 
@@ -469,7 +517,8 @@ def _retention(ctx: WorkerContext, request: Request) -> dict[str, Any]:
 def _delivered(request: Request, envelope: dict[str, str], code: str | None) -> Delivery:
     """The delivery of an authenticated request's reply, with what the worker's metrics need."""
     items = batch_items(request.params)
-    return Delivery(request.reply_queue, envelope, str(request.request_id), code, request.issued_at, items)
+    return Delivery(request.reply_queue, envelope, str(request.request_id), code, request.issued_at, items,
+                    request.caller)  # fmt: skip
 
 
 def _stored_reply(ctx: WorkerContext, call: _Call) -> Delivery | None:
@@ -481,7 +530,8 @@ def _stored_reply(ctx: WorkerContext, call: _Call) -> Delivery | None:
         return None
     if record.request_hash != call.body_hash:
         return _error_delivery(ctx, call, Replayed(), store=False)
-    return Delivery(request.reply_queue, json.loads(record.reply), str(request.request_id), record.error_code)
+    return Delivery(request.reply_queue, json.loads(record.reply), str(request.request_id), record.error_code,
+                    caller=request.caller)  # fmt: skip
 
 
 def _root_key_check(ctx: WorkerContext, caller: Caller) -> service.RootKeyCheck:
@@ -518,7 +568,9 @@ def _envelope(
         status="error" if error else "ok",
         result=result or {},
         sealed=sealed or {},
-        error=ErrorBody(code=error.code, message=error.message) if error else None,
+        error=ErrorBody(code=error.code, message=error.message, retry_after=getattr(error, "retry_after", None))
+        if error
+        else None,
         pool=ctx.pool,
         worker_key_id=ctx.fleet.signing_key_id,
         issued_at=ctx.now(),

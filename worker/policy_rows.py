@@ -11,6 +11,7 @@ import hmac
 import struct
 from typing import Protocol
 
+from schemas.limits import DEFAULT_LANE
 from worker.storage.models import Caller, Pool, RootKey, RootKeyVersion, SigningRulesRow
 
 PolicyRow = Caller | RootKey | RootKeyVersion | Pool | SigningRulesRow
@@ -45,6 +46,7 @@ def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
             ("reply_key", row.reply_key), ("allowed_ops", row.allowed_ops), ("root_keys", row.root_keys),
             ("plaintext", int(bool(row.plaintext))), ("state", row.state),
         )  # fmt: skip
+        fields += _caller_limits(row)
     elif isinstance(row, RootKey):
         kind, fields = "root_key", (
             ("id", row.id), ("type", row.type), ("pool", row.pool), ("state", row.state),
@@ -67,6 +69,18 @@ def policy_fields(row: PolicyRow) -> tuple[str, Fields]:
         if row.destroy_wait_days is not None:
             fields += (("destroy_wait_days", row.destroy_wait_days),)
     return kind, tuple((name, str(value)) for name, value in fields)
+
+
+def _caller_limits(row: Caller) -> tuple[tuple[str, object], ...]:
+    """A caller's lane and quotas, covered once set: the rows sealed before they existed keep their MACs."""
+    fields: tuple[tuple[str, object], ...] = ()
+    if row.lane not in (None, DEFAULT_LANE):
+        fields += (("lane", row.lane),)
+    if row.rate_requests is not None:
+        fields += (("rate_requests", repr(float(row.rate_requests))),)
+    if row.rate_items is not None:
+        fields += (("rate_items", repr(float(row.rate_items))),)
+    return fields
 
 
 def encode_fields(kind: str, fields: Fields) -> bytes:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kmsq.commands import caller as caller_commands
 from kmsq.commands import signing_rules
 from kmsq.commands.common import service, settings, so_pin, token_of
 from kmsq.output import console, one_line_errors, print_json, print_table
@@ -158,6 +159,28 @@ def propose_caller_add(
 def propose_caller_enable(name: str, hours: float, operator_key: Path | None, as_json: bool) -> None:
     """Propose enabling a disabled caller again."""
     _propose(operator_key, "caller.enable", {"name": name}, hours, as_json)
+
+
+@propose_caller.command("limits")
+@click.argument("name")
+@caller_commands.limit_options
+@_proposal_options
+def propose_caller_limits(
+    name: str, lane: str | None, requests: float | None, items: float | None, no_requests: bool, no_items: bool,
+    hours: float, operator_key: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Propose a caller's lane and quotas (as `kmsq caller limits`: raising or removing a quota needs this)."""
+    from worker import callers
+    from worker.errors import NotFound
+    from worker.storage.db import transaction
+
+    keys, _ = _reader()
+    with transaction(keys.sessions) as db:
+        current = next((i for i in callers.list_callers(db) if i.name == name), None)
+    if current is None:
+        raise NotFound(f"no caller {name!r}")
+    limits = caller_commands.merged_limits(current, lane, requests, items, no_requests, no_items)
+    _propose(operator_key, "caller.limits", {"name": name, **limits}, hours, as_json)
 
 
 @propose_group.group("root-key")

@@ -14,7 +14,7 @@ import click
 
 from kmsq.commands.common import settings
 from kmsq.output import one_line_errors
-from schemas.wire import pool_queue
+from schemas.wire import LANES, lane_of_queue
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -31,12 +31,25 @@ HEALTH_CACHE_SECONDS = 2.0
               help="Serve Prometheus metrics (/metrics) and /healthz on this port.")  # fmt: skip
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower); they carry no secret.")
+@click.option(
+    "--lane",
+    type=click.Choice(["all", *LANES]),
+    default="all",
+    show_default=True,
+    help="The lanes to serve: all (interactive first) or one (docs/OPERATIONS.md, Sharing a pool).",
+)
+@click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True,
+              help="Lower its CPU priority by this much (a bulk worker beside interactive ones).")  # fmt: skip
 @one_line_errors
 def worker(
-    pool: str | None, concurrency: int, loglevel: str, metrics_port: int | None, metrics_host: str, events: bool
-) -> None:
-    """Run a worker that consumes only the pool's queue kms.<pool>."""
-    run_worker(pool, concurrency, loglevel, metrics_port, metrics_host, events)
+    pool: str | None, concurrency: int, loglevel: str, metrics_port: int | None, metrics_host: str, events: bool,
+    lane: str, nice: int,
+) -> None:  # fmt: skip
+    """Run a worker that consumes only the pool's queues: kms.<pool> (interactive) and kms.<pool>.bulk."""
+    if nice:
+        os.nice(nice)  # before the pool processes fork: they inherit it
+    run_worker(pool, concurrency, loglevel, metrics_port, metrics_host, events,
+               lanes=LANES if lane == "all" else (lane,))  # fmt: skip
 
 
 def run_worker(
@@ -47,8 +60,10 @@ def run_worker(
     metrics_host: str = "127.0.0.1",
     events: bool = False,
     extend: Callable[[Any], None] | None = None,
+    lanes: tuple[str, ...] = LANES,
 ) -> None:
-    """Runs a worker of ``pool`` (default: the configured default pool) until it is stopped. ``extend`` is given
+    """Runs a worker of ``pool`` (default: the configured default pool) and its ``lanes`` until it is stopped.
+    ``extend`` is given
     the :class:`tasks.worker.PoolWorker` before it starts (kmsq bench's baseline adds its no-op task there, in
     its own entry point: ``kmsq worker`` has none). Raises ConfigError when the pool has no fleet key."""
     from sqlalchemy import select
@@ -81,7 +96,7 @@ def run_worker(
         metrics.prepare(config.home / "metrics" / f"{pool}-{os.getpid()}")  # before prometheus_client loads
     from tasks.worker import PoolWorker
 
-    pool_worker = PoolWorker(config, pool)
+    pool_worker = PoolWorker(config, pool, lanes)
     nodename = pool_worker.nodename = f"{pool}.{os.getpid()}@{socket.gethostname()}"
     if extend is not None:
         extend(pool_worker)
@@ -89,12 +104,13 @@ def run_worker(
     if metrics_port is not None:
         from tasks import metrics
 
-        sample = metrics.queue_sampler(config.effective_broker_url, config.namespace, pool_queue(pool))
-        metrics.serve(metrics_host, metrics_port, pool, _health(config), sample)
+        samplers = {lane_of_queue(queue): metrics.queue_sampler(config.effective_broker_url, config.namespace, queue)
+                    for queue in pool_worker.queues}  # fmt: skip
+        metrics.serve(metrics_host, metrics_port, pool, _health(config), samplers)
 
     argv = [
         "worker",
-        "--queues", pool_queue(pool),
+        "--queues", ",".join(pool_worker.queues),
         "--concurrency", str(concurrency),
         "--pool", "prefork",
         "--hostname", nodename,

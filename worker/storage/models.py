@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Integer,
@@ -184,6 +185,24 @@ class Caller(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     policy_mac: Mapped[str | None] = mapped_column(String(64), nullable=True)  # worker.policy
     approval: Mapped[str | None] = mapped_column(Text, nullable=True)  # worker.approvals: the evidence
+    # Sharing a pool (worker.quotas): auto (the client picks: batches bulk) | bulk (every request in the bulk lane)
+    lane: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
+    rate_requests: Mapped[float | None] = mapped_column(Float, nullable=True)  # messages per second, None: no quota
+    rate_items: Mapped[float | None] = mapped_column(Float, nullable=True)  # items per second (a single is one)
+
+
+class RateBucket(Base):
+    """A caller's token buckets in a pool (worker.quotas), shared by every worker of the pool: the tokens left of
+    each quota at ``at`` (epoch seconds), and the nonce of the last take that passed."""
+
+    __tablename__ = "rate_buckets"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    caller: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests: Mapped[float] = mapped_column(Float)
+    items: Mapped[float] = mapped_column(Float)
+    at: Mapped[float] = mapped_column(Float)
+    taken: Mapped[str] = mapped_column(String(32), default="", server_default="")
 
 
 class RequestRecord(Base):
