@@ -165,6 +165,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         403: "the key was generated inside kmsq and is never exported",
         404: "no such key",
         409: "(pub, source) already stored",
+        429: "the gateway's caller is over its quota: retry after Retry-After seconds",
         500: "internal error",
         503: "no worker answered in time",
     }.items()

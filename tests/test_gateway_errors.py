@@ -77,6 +77,15 @@ def test_reply_codes(kms: StandIn, http: TestClient, code: str, status: int) -> 
     assert message == (f"the worker said {code}" if status != 500 else "internal error")
 
 
+def test_rate_limited_is_429_with_retry_after(kms: StandIn, http: TestClient) -> None:
+    kms.outcome = failing(KmsError("rate_limited", "over the caller's requests per second quota", "r-1", 2.2))
+    response = http.post("/key", json=BODY)
+    assert answer(response, 429) == "rate limited: retry later"
+    assert response.headers["Retry-After"] == "3"  # whole seconds, rounded up
+    kms.outcome = failing(KmsError("rate_limited", "over", "r-2", 0.01))
+    assert http.post("/key", json=BODY).headers["Retry-After"] == "1"
+
+
 def test_no_answer_in_time_is_503(kms: StandIn, http: TestClient) -> None:
     assert answer(http.post("/generateDataKey", json={}), 503) == "no worker answered in time"
 

@@ -140,3 +140,30 @@ def test_put_from_large_keys_splits_batches_by_size(
     assert sorted(r["line"] for r in written) == list(range(1, 31)) and len({r["batch"] for r in written}) >= 2
     for item in items[::7]:
         assert client.get_key(item["pub"], "backup")["prv"] == item["prv"]
+
+
+def test_a_job_over_its_callers_quota_backs_off_and_completes(deployment: Deployment, tmp_path: Path) -> None:
+    """A caller allowed 2,000 items a second provisions 6,000 keys in batches of 1,000, four in flight: the batches
+    its quota refuses wait and go again (the same journaled requests), and every key is there once."""
+    from worker import callers
+    from worker.storage.db import transaction
+
+    deployment.register("metered-provisioner")
+    with transaction(deployment.sessions) as db:
+        callers.set_caller_limits(deployment.service.hsm, db, "metered-provisioner", "auto", None, 2000)
+    fleet = deployment.directory / "provision-fleet.json"
+    fleet.write_text(json.dumps(deployment.service.fleet_document()))
+    identity = deployment.directory / "callers" / "metered-provisioner.key.json"
+    env = deployment.env(KMSQ_IDENTITY=str(identity), KMSQ_FLEET=str(fleet))
+    out = tmp_path / "keys.jsonl"
+    started = time.monotonic()
+    done = provision(env, "--count", "6000", "--batch", "1000", "--in-flight", "4", "--out", str(out), "--json")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["keys"] == 6000 and summary["errors"] == 0 and summary["rate_limited"] >= 1
+    assert elapsed >= 2.0  # a bucket of 2,000 and 2,000 a second: 6,000 items need two seconds of refill at least
+    rows = lines(out)
+    assert len(rows) == 6000 and len({r["encryptedKey"] for r in rows}) == 6000
+    journal = [json.loads(line) for line in out.with_name(out.name + ".job").read_text().splitlines()[1:]]
+    assert len(journal) == 6  # one journaled request per batch: a refused batch was sent again as it was

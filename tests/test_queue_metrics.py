@@ -92,6 +92,17 @@ def test_metrics_add_up_over_the_pool_processes(mu: Mu) -> None:
     assert sample(scrape, "kmsq_request_service_seconds_count", pool=POOL) == 42
     assert sample(scrape, "kmsq_request_queue_wait_seconds_count", pool=POOL) == 42
     assert sample(scrape, "kmsq_batch_items_sum", pool=POOL, op="generate_data_keys") == 7
+    # per lane and per caller: the batch came through the bulk lane, the single requests through the interactive one
+    assert sample(scrape, "kmsq_requests_total", pool=POOL, op="generate_data_keys", lane="bulk") == 1
+    assert sample(scrape, "kmsq_requests_total", pool=POOL, lane="interactive") == 41
+    assert (
+        sample(scrape, "kmsq_caller_requests_total", pool=POOL, caller="metered", lane="interactive", outcome="ok")
+        == 40
+    )
+    assert sample(scrape, "kmsq_caller_requests_total", pool=POOL, caller="metered", outcome="not_found") == 1
+    assert sample(scrape, "kmsq_caller_items_total", pool=POOL, caller="metered", lane="bulk") == 7
+    assert sample(scrape, "kmsq_caller_items_total", pool=POOL, caller="metered", lane="interactive") == 41
+    assert sample(scrape, "kmsq_queue_depth", pool=POOL, lane="bulk") == 0
     assert sample(scrape, "kmsq_queue_depth", pool=POOL) == 0
     assert sample(scrape, "kmsq_queue_oldest_message_age_seconds", pool=POOL) == 0
     assert "kmsq_queue_oldest_message_age_seconds" in " ".join(scrape)  # (present, not summed from nothing)
