@@ -8,6 +8,7 @@ E  put_key end to end, single and batched
 F  the replaced system's method: PBKDF2-HMAC-SHA256 (10,000 iterations) + AES-CCM per encryption
 G  the HTTP gateway under 1-256 concurrent clients, coalescing off and on (kmsq.bench_gateway)
 R  rewrap of the stored rows after a rotation; S  how fast a pool sheds messages with bad signatures
+Q  sharing a pool: interactive latency and a provisioning job's rate, with and without lanes; quotas (kmsq.bench_lanes)
 
 B-E run with 1 and with 2 worker processes; C through a coalescing client and G with the most. Every figure
 has its CPU per item by process group. Ratios: C/B, D(1000)/A, E(batched)/F, and the CPU ratios, which the
@@ -55,15 +56,16 @@ class Sizes:
     in_flight: int
     gateway_requests: int = 40  # per G cell
     coalesced_in_flight: int = 64  # C through a coalescing client
+    sharing_seconds: float = 3.0  # each window of Q
 
     @classmethod
     def for_scale(cls, quick: bool) -> Sizes:
         """The CI size (``quick``) or the full size."""
         if quick:
             return cls(raw=200, round_trips=60, batch_keys=200, put_single=30, put_batched=200, pbkdf2=10, in_flight=4,
-                       gateway_requests=40, coalesced_in_flight=16)  # fmt: skip
+                       gateway_requests=40, coalesced_in_flight=16, sharing_seconds=3.0)  # fmt: skip
         return cls(raw=5000, round_trips=2000, batch_keys=20000, put_single=1000, put_batched=10000, pbkdf2=200,
-                   in_flight=8, gateway_requests=3000, coalesced_in_flight=64)  # fmt: skip
+                   in_flight=8, gateway_requests=3000, coalesced_in_flight=64, sharing_seconds=20.0)  # fmt: skip
 
 
 # -- in-process baselines --------------------------------------------------------------------------
@@ -675,6 +677,7 @@ def run_bench(
     import json
 
     from kmsq.bench_gateway import measure_gateway
+    from kmsq.bench_lanes import measure_sharing
     from kmsq.bench_signing import measure_raw_signing, measure_signing
     from tasks.client import KmsClient
     from worker import service
@@ -738,6 +741,9 @@ def run_bench(
                 report["workers"][str(count)] = measured
         finally:
             stop_worker(process)
+    log("Q: sharing the pool: lanes under a provisioning job, and quotas")
+    report["Q_sharing"] = measure_sharing((settings, svc, identity, fleet, root_id, POOL, env), sizes.sharing_seconds,
+                                          out_dir, log)  # fmt: skip
     if other_broker:
         parts = (settings, identity, fleet, root_id, sizes, env, (identity_file, fleet_file), out_dir)
         most = str(max(worker_counts))

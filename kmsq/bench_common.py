@@ -116,15 +116,13 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
     """Prepares ``pool`` and ``caller`` on the configured Redis, Postgres and token (idempotent). Raises
     ConfigError when the broker is the embedded one or the database is SQLite, or when ``caller`` is
     registered with another key than its identity file's."""
-    from schemas.operations import ALLOWABLE_OPS
     from tasks.identity import CallerIdentity, Fleet
-    from worker import callers
     from worker.config import load_settings
     from worker.errors import ConfigError
     from worker.operators import authorize_process
     from worker.runtime import KeyService
     from worker.softhsm import ensure_embedded_token
-    from worker.storage.db import migrate, transaction
+    from worker.storage.db import migrate
 
     settings = load_settings()
     if settings.embedded_broker or settings.database_url.startswith("sqlite"):
@@ -138,8 +136,23 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
     roots = [k for k in svc.list_root_keys() if k.pool == pool and k.state == "enabled" and k.type == "aes-256"]
     root = roots[0] if roots else svc.create_root_key("aes-256", pool)
     svc.ensure_fleet_key(pool)
+    identity_file = register_caller(settings, svc, caller)
+    fleet = Fleet.from_document(svc.fleet_document() | {"default_pool": pool})
+    return MeasuredPool(settings, svc, root.id, CallerIdentity.load(identity_file), identity_file, fleet)
+
+
+def register_caller(settings: Any, svc: Any, caller: str) -> Path:
+    """Makes ``caller``'s identity under ``$KMSQ_HOME/callers`` (unless it exists) and registers it for every
+    operation, with plaintext, on every root key (unless it is), without lane or quotas; returns its identity
+    file. Raises ConfigError when ``caller`` is registered with another key."""
+    from schemas.operations import ALLOWABLE_OPS
+    from tasks.identity import CallerIdentity
+    from worker import callers
+    from worker.errors import ConfigError
+    from worker.storage.db import transaction
+
     directory = settings.home / "callers"
-    identity_file = directory / f"{caller}.key.json"
+    identity_file: Path = directory / f"{caller}.key.json"
     if not identity_file.exists():
         CallerIdentity.generate(caller).write(directory)
     identity = CallerIdentity.load(identity_file)
@@ -150,5 +163,4 @@ def set_up_pool(command: str, pool: str, caller: str) -> MeasuredPool:
             callers.add_caller(svc.hsm, db, caller, public, list(ALLOWABLE_OPS), None, plaintext=True)
         elif known[caller].key_id != identity.key_id:
             raise ConfigError(f"caller {caller!r} is registered with another key than {identity_file}")
-    fleet = Fleet.from_document(svc.fleet_document() | {"default_pool": pool})
-    return MeasuredPool(settings, svc, root.id, identity, identity_file, fleet)
+    return identity_file

@@ -49,6 +49,7 @@ from schemas.wire import (
 )
 from tasks import rabbitmq
 from tasks.app import broker_connection, make_app, reuse_redis_client
+from tasks.backoff import Backoff
 from tasks.coalesce import CoalescePolicy, Coalescer
 from tasks.codec import Fields, KmsCodec, put_keys_fields
 from tasks.codec import KmsError as KmsError  # re-exported: callers catch it from here
@@ -60,7 +61,6 @@ from worker.config import is_rabbitmq
 
 log = logging.getLogger("kmsq.client")
 CLIENT_LANES = ("auto", "interactive", "bulk")
-MAX_BACK_OFF_SECONDS = 60.0  # the longest a rate_limited reply keeps this client from sending to its pool
 MAX_UNCLAIMED = 10_000  # replies kept for take_unclaimed()/expect() when no request of this client waits
 
 
@@ -133,7 +133,7 @@ class KmsClient(KmsCodec):
         self._pending: dict[str, tuple[Future[Reply], str | None]] = {}
         self._unclaimed: dict[str, Reply] = {}
         self._lock = threading.Lock()
-        self._quiet_until: dict[str, float] = {}  # pool -> monotonic time: backing off a rate_limited reply
+        self.backoff = Backoff()  # the pools whose quota refused this caller a moment ago
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -166,13 +166,22 @@ class KmsClient(KmsCodec):
         if operation is None:
             raise KmsError("invalid", f"unknown operation {op!r}")
         target = self.route(operation, fields, pool)
-        quiet = self._quiet_for(target)
-        if quiet is not None:
-            return quiet
+        wait, trying = self.backoff.admit(target)
+        if wait is not None:  # over the caller's quota there a moment ago: refused here (tasks.backoff)
+            refused = RequestFuture("")
+            message = f"over the caller's quota in pool {target}: retry after {wait:.3f} s (not sent)"
+            refused.set_exception(KmsError("rate_limited", message, None, round(wait, 3)))
+            return refused
+        future = self._start(operation, fields, target, lane)
+        if trying:
+            future.add_done_callback(lambda _: self.backoff.tried(target))
+        return future
+
+    def _start(self, operation: Operation, fields: dict[str, Any], target: str, lane: str | None) -> RequestFuture:
         batching = operation.batch
         if self.coalescer is None or batching is None or not batching.coalesce:
             return self._send(operation, fields, target, lane)
-        params = {"op": op, **fields}
+        params = {"op": operation.name, **fields}
         if batching.alone is not None and batching.alone(params):
             return self._send(operation, fields, target, lane)
         self.check_params(params)  # refused now, as it would be alone, not later inside a batch
@@ -181,26 +190,6 @@ class KmsClient(KmsCodec):
     def _send(self, operation: Operation, fields: dict[str, Any], pool: str, lane: str | None) -> RequestFuture:
         request_id = uuid.uuid4()
         return self.submit(self.request_params(operation, fields, pool, request_id), pool, request_id, lane=lane)
-
-    def _back_off(self, pool: str, retry_after: float | None) -> None:
-        """Remembers that the caller's quota in ``pool`` refused a request for ``retry_after`` seconds."""
-        until = time.monotonic() + min(retry_after or 1.0, MAX_BACK_OFF_SECONDS)
-        with self._lock:
-            self._quiet_until[pool] = max(until, self._quiet_until.get(pool, 0.0))
-
-    def _quiet_for(self, pool: str) -> RequestFuture | None:
-        """While the caller's quota in ``pool`` refuses requests (a ``rate_limited`` reply said how long), a
-        request of :meth:`call` is refused here, with the wait left, instead of being sent to be refused: a
-        client over its quota backs off. Returns the refused future, or None."""
-        with self._lock:
-            left = self._quiet_until.get(pool, 0.0) - time.monotonic()
-            if left <= 0:
-                self._quiet_until.pop(pool, None)
-                return None
-        refused = RequestFuture("")
-        message = f"over the caller's quota in pool {pool}: retry after {left:.3f} s (not sent)"
-        refused.set_exception(KmsError("rate_limited", message, None, round(left, 3)))
-        return refused
 
     def lane_for(self, op: str, asked: str | None = None) -> str:
         """The lane a request of ``op`` goes to: the client's, unless it is ``auto``; then ``asked``, else bulk for
@@ -467,7 +456,7 @@ class KmsClient(KmsCodec):
                 result.set_result(self.unseal(result.reply, request_id))
             except KmsError as e:  # handed to the waiting caller
                 if e.code == "rate_limited" and result.reply is not None:
-                    self._back_off(result.reply.pool, e.retry_after)
+                    self.backoff.refused(result.reply.pool, e.retry_after)
                 result.set_exception(e)
             except BaseException as e:
                 result.set_exception(e)

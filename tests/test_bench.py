@@ -96,3 +96,27 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, rabbitmq_url: 
     assert other["figures"]["B_noop_round_trip"]["cpu_ms_per_item"]["rabbitmq"] > 0  # the broker's own CPU
     assert {"B", "C", "D1", "D1000", "G_on_generateDataKey_64"} <= set(other["over_first_broker"])
     assert all(v is not None and v > 0 for v in other["over_first_broker"].values())
+    # Q: sharing the pool. Both deployments measured in the run, each with its idle and loaded interactive latencies
+    # and the job's rate alone and beside them; the quota held (the greedy caller passed about its quota).
+    sharing = report["Q_sharing"]
+    for name in ("shared", "lanes"):
+        lanes = sharing["Q1_lanes"][name]
+        for phase in ("idle", "loaded"):
+            assert lanes[phase]["errors"] == 0
+            assert all(lanes[phase][kind]["count"] > 0 and lanes[phase][kind]["p99_ms"] > 0
+                       for kind in ("generate_data_key", "sign"))  # fmt: skip
+        assert lanes["job_keys_per_s_alone"] > 0 and lanes["job_keys_per_s_with_interactive"] > 0
+        assert set(sharing["summary"][name]) == {"generate_data_key_p99_loaded_over_idle", "sign_p99_loaded_over_idle",
+                                                 "job_with_interactive_over_alone", "meets_targets"}  # fmt: skip
+    quotas = sharing["Q2_quotas"]
+    assert quotas["alone"]["ok"] > 0 and quotas["alone"]["rate_limited"] == 0
+    seconds = report["sizes"]["sharing_seconds"]
+    for mode in ("at_quota", "backs_off", "hammers"):
+        greedy = quotas[mode]["greedy_caller"]
+        # at most a full bucket and the refill over the window pass
+        assert 0 < greedy["ok"] <= quotas["greedy_quota_per_s"] * (1 + 1 / seconds) * 1.05 + 1
+        assert quotas[mode]["bench_caller"]["ok"] > 0 and quotas[mode]["bench_caller"]["rate_limited"] == 0
+    assert (
+        quotas["hammers"]["greedy_caller"]["rate_limited"] > 0
+        and quotas["backs_off"]["greedy_caller"]["rate_limited"] > 0
+    )

@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schemas.messages import ErrorBody, Reply
 from schemas.wire import lane_of_queue, pool_queue
+from tasks.backoff import CAREFUL_SECONDS, Backoff
 from tests.test_approvals import ALICE, BOB, _adopted, _caller, _seal, _verifies
 from worker import quotas
 from worker.approvals import QuorumRequired
 from worker.policy_rows import mac_input, policy_fields
-from worker.storage.models import RateBucket
+from worker.storage.models import RateBucket, RequestRecord
 
 
 class Clock:
@@ -167,3 +168,40 @@ def test_lanes_are_queues_of_the_pool() -> None:
     assert lane_of_queue("kms.alpha.bulk") == "bulk" and lane_of_queue("kms.alpha") == "interactive"
     with pytest.raises(ValueError):
         pool_queue("alpha", "fast")
+
+
+def test_a_client_waits_then_tries_the_quota_one_request_at_a_time() -> None:
+    clock = Clock()
+    backoff = Backoff(clock)
+    assert backoff.admit("p") == (None, False)  # nothing refused yet: everything goes
+    backoff.refused("p", 0.25)
+    wait, trying = backoff.admit("p")
+    assert wait == pytest.approx(0.25) and not trying
+    assert backoff.admit("q") == (None, False)  # another pool is not held back
+    clock.now += 0.25
+    assert backoff.admit("p") == (None, True)  # one request tries the quota...
+    assert backoff.admit("p") == (pytest.approx(0.25), False)  # ...the others wait for its answer
+    backoff.tried("p")
+    assert backoff.admit("p")[0] == pytest.approx(0.25)  # answered: the next one tries a refill later
+    clock.now += 0.25
+    assert backoff.admit("p") == (None, True)
+    backoff.refused("p", 0.1)
+    backoff.tried("p")
+    assert backoff.admit("p")[0] == pytest.approx(0.1)  # refused again: wait again
+    clock.now += 0.1 + CAREFUL_SECONDS
+    assert backoff.admit("p") == (None, False)  # a careful second without a refusal: back to normal
+    assert backoff.admit("p") == (None, False)
+
+
+def test_a_stored_reply_is_found_by_the_take_that_refuses(sessions: sessionmaker[Session]) -> None:
+    """A redelivered request over the quota: the refusal says it was answered (one statement, no second query)."""
+    clock, quota = Clock(), quotas.Quota(requests=1)
+    with sessions.begin() as db:
+        db.add(RequestRecord(caller="c", request_id="r-1", request_hash="h", op="sign", status="ok", reply="{}",
+                             expires_at=datetime.now(UTC)))  # fmt: skip
+    assert quotas.take(sessions, "p", "c", quota, 1, clock, request_id="r-0") is None
+    refused = quotas.take(sessions, "p", "c", quota, 1, clock, request_id="r-1")
+    assert refused is not None and refused.answered
+    again = quotas.take(sessions, "p", "c", quota, 1, clock, request_id="r-2")
+    assert again is not None and not again.answered
+    assert quotas.take(sessions, "p", "d", quota, 1, clock, request_id="r-1") is None  # another caller's id

@@ -209,7 +209,7 @@ def handle(ctx: WorkerContext, msg: Inbound, *, final_attempt: bool = False) -> 
                 return _serve(ctx, db, call, caller)
         except _Throttled as t:
             assert call is not None  # only _admit raises it
-            return _throttled(ctx, call, t.error)
+            return _throttled(ctx, call, t.error, t.answered)
         except (_Duplicate, Recorded):  # Recorded: a handler found the record before an effect it cannot undo
             assert call is not None  # only _serve raises them
             stored = _stored_reply(ctx, call)  # another delivery recorded it: its answer stands
@@ -375,9 +375,10 @@ def _uuid_or_nil(text: str | None) -> uuid.UUID:
 class _Throttled(Exception):
     """An authenticated request over its caller's quota: nothing of it is done, and nothing is stored."""
 
-    def __init__(self, error: RateLimited) -> None:
+    def __init__(self, error: RateLimited, answered: bool) -> None:
         super().__init__(error.message)
         self.error = error
+        self.answered = answered  # a record of the request exists: a redelivery
 
 
 def _admit(ctx: WorkerContext, db: Session, msg: Inbound, call: _Call, caller: Caller) -> None:
@@ -390,16 +391,17 @@ def _admit(ctx: WorkerContext, db: Session, msg: Inbound, call: _Call, caller: C
     if quota is None:
         return
     items = batch_items(call.request.params) or 1
-    refused = quotas.take(ctx.sessions, ctx.pool, caller.name, quota, items, open_transaction=db)
+    refused = quotas.take(ctx.sessions, ctx.pool, caller.name, quota, items, request_id=str(call.request.request_id),
+                          open_transaction=db)  # fmt: skip
     if refused is not None:
-        raise _Throttled(RateLimited(refused.retry_after, refused.what))
+        raise _Throttled(RateLimited(refused.retry_after, refused.what), refused.answered)
 
 
-def _throttled(ctx: WorkerContext, call: _Call, error: RateLimited) -> Delivery:
+def _throttled(ctx: WorkerContext, call: _Call, error: RateLimited, answered: bool) -> Delivery:
     """The reply to a request over its quota: the stored reply when another delivery of it was answered (a
     redelivery is not a new request), else ``rate_limited`` with the wait, counted with the refused messages
     (worker.audit: a caller far over its quota costs the pool a count, not an audit record per request)."""
-    stored = _stored_reply(ctx, call)
+    stored = _stored_reply(ctx, call) if answered else None
     if stored is not None:
         return stored
     request = call.request

@@ -20,14 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Float, Table, and_, bindparam, case, update
+from sqlalchemy import ColumnElement, Connection, Engine, Float, Table, and_, bindparam, case, exists, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Insert, ReturningUpdate
 
 from schemas.limits import MAX_RETRY_AFTER_SECONDS
-from worker.storage.db import transaction
-from worker.storage.models import Caller, RateBucket
+from worker.storage.db import autocommit, transaction
+from worker.storage.models import Caller, RateBucket, RequestRecord
 
 BURST_SECONDS = 1.0  # a bucket holds this many seconds of its rate
 EPSILON = 1e-6  # tokens: a refill of rate * elapsed falls short of a whole token by rounding
@@ -50,10 +50,12 @@ class Quota:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A take that did not pass: the seconds until it would, and which quota refused it."""
+    """A take that did not pass: the seconds until it would, which quota refused it, and whether the request was
+    answered already (its record exists: a redelivery, which gets its stored reply instead)."""
 
     retry_after: float
     what: str  # "requests" or "items"
+    answered: bool = False
 
 
 def capacity(rate: float) -> float:
@@ -69,27 +71,35 @@ def take(
     items: int,
     clock: Callable[[], float] = time.time,
     *,
+    request_id: str = "",
     open_transaction: Session | None = None,
 ) -> Refusal | None:
-    """Takes one request and ``items`` items from ``caller``'s buckets in ``pool``, in a transaction of its own
-    (on SQLite, in ``open_transaction`` when given: SQLite has one writer at a time, and a second transaction
-    would wait for the one the worker holds). Returns None when they were taken, else the :class:`Refusal`
-    (nothing was taken). Raises what the database raises (TransientError when it is down)."""
+    """Takes one request and ``items`` items from ``caller``'s buckets in ``pool``: one statement in a
+    transaction of its own (on SQLite, in ``open_transaction`` when given: SQLite has one writer at a time, and a
+    second transaction would wait for the one the worker holds). Returns None when they were taken, else the
+    :class:`Refusal` (nothing was taken; it says whether ``caller`` has a record of ``request_id``). Raises what the
+    database raises (TransientError when it is down)."""
     rates = (quota.requests or 0.0, quota.items or 0.0)
     costs = (1.0 if quota.requests else 0.0, float(items) if quota.items else 0.0)
     caps = tuple(capacity(r) if r else 0.0 for r in rates)
     nonce = secrets.token_hex(8)
     needs = (min(costs[0], caps[0]), min(costs[1], caps[1]))
-    values: dict[str, Any] = {"b_pool": pool, "b_caller": caller, "now": clock(), "nonce": nonce,
+    values: dict[str, Any] = {"b_pool": pool, "b_caller": caller, "b_request": request_id, "now": clock(),
+              "nonce": nonce,
               "rate_r": rates[0], "rate_i": rates[1], "cost_r": costs[0], "cost_i": costs[1],
               "cap_r": caps[0], "cap_i": caps[1],
               "need_r": needs[0] - EPSILON, "need_i": needs[1] - EPSILON}  # fmt: skip
     created = {"pool": pool, "caller": caller, "requests": caps[0], "items": caps[1], "now": values["now"]}
-    if open_transaction is not None and open_transaction.get_bind().dialect.name == "sqlite":
-        requests, items_left, taken = _take(open_transaction, values, created)
+    bind = sessions.kw.get("bind")
+    if isinstance(bind, Engine) and bind.dialect.name == "sqlite":  # (its BEGIN IMMEDIATE has no autocommit)
+        if open_transaction is not None:
+            requests, items_left, taken, answered = _take(open_transaction, values, created)
+        else:
+            with transaction(sessions) as db:
+                requests, items_left, taken, answered = _take(db, values, created)
     else:
-        with transaction(sessions) as db:
-            requests, items_left, taken = _take(db, values, created)
+        with autocommit(sessions) as connection:
+            requests, items_left, taken, answered = _take(connection, values, created)
     if taken == nonce:
         return None
     waits = [
@@ -97,16 +107,17 @@ def take(
         ((needs[1] - items_left) / rates[1], "items") if rates[1] and items_left < needs[1] - EPSILON else None,
     ]
     wait, what = max((w for w in waits if w is not None), default=(0.001, "requests"))
-    return Refusal(min(max(wait, 0.001), MAX_RETRY_AFTER_SECONDS), what)
+    return Refusal(min(max(wait, 0.001), MAX_RETRY_AFTER_SECONDS), what, answered)
 
 
-def _take(db: Session, values: dict[str, Any], created: dict[str, Any]) -> tuple[float, float, str]:
+def _take(db: Session | Connection, values: dict[str, Any], created: dict[str, Any]) -> tuple[float, float, str, bool]:
     row = db.execute(_take_statement(), values).first()
     if row is None:  # the caller's first request in this pool: full buckets
-        db.execute(_create_statement(db.get_bind().dialect.name), created)
+        dialect = (db.get_bind() if isinstance(db, Session) else db.engine).dialect.name
+        db.execute(_create_statement(dialect), created)
         row = db.execute(_take_statement(), values).first()
     assert row is not None  # the row exists now
-    return float(row[0]), float(row[1]), str(row[2])
+    return float(row[0]), float(row[1]), str(row[2]), bool(row[3])
 
 
 def _least(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -114,15 +125,18 @@ def _least(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
 
 
 @functools.cache
-def _take_statement() -> ReturningUpdate[float, float, str]:
+def _take_statement() -> ReturningUpdate[float, float, str, bool]:
     """The take, built once: both buckets refilled for the time since ``at`` and, if each holds what it needs,
-    their costs taken and the nonce written; the tokens after and the nonce of the last take that passed."""
+    their costs taken and the nonce written; the tokens after, the nonce of the last take that passed, and
+    whether the caller has a record of the request (so that a refusal needs no second round trip)."""
     t = cast(Table, RateBucket.__table__).c
     now = bindparam("now", type_=Float())
     elapsed = case((t.at < now, now - t.at), else_=0.0)
     fill_r = _least(bindparam("cap_r"), t.requests + bindparam("rate_r") * elapsed)
     fill_i = _least(bindparam("cap_i"), t["items"] + bindparam("rate_i") * elapsed)
     passes = and_(fill_r >= bindparam("need_r"), fill_i >= bindparam("need_i"))
+    answered = exists().where(RequestRecord.caller == bindparam("b_caller"),
+                              RequestRecord.request_id == bindparam("b_request"))  # fmt: skip
     return (
         update(RateBucket)
         .where(RateBucket.pool == bindparam("b_pool"), RateBucket.caller == bindparam("b_caller"))
@@ -132,7 +146,7 @@ def _take_statement() -> ReturningUpdate[float, float, str]:
             at=case((t.at < now, now), else_=t.at),
             taken=case((passes, bindparam("nonce")), else_=t.taken),
         )
-        .returning(RateBucket.requests, RateBucket.items, RateBucket.taken)
+        .returning(RateBucket.requests, RateBucket.items, RateBucket.taken, answered)
     )
 
 

@@ -22,6 +22,8 @@ from kmsq.output import console, one_line_errors, print_json
 @click.option("--with-plaintext", is_flag=True, help="Also write each plaintextKey (needs the plaintext permission).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output JSONL (0600).")
 @click.option("--job", "job_id", default=None, help="Job id: give the same one to resume an interrupted run.")
+@click.option("--lane", type=click.Choice(["bulk", "interactive"]), default="bulk", show_default=True,
+              help="The pool queue the batches go to (docs/OPERATIONS.md, Sharing a pool).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bar).")
 @caller_options
 @one_line_errors
@@ -34,6 +36,7 @@ def provision(
     with_plaintext: bool,
     out: Path,
     job_id: str | None,
+    lane: str,
     as_json: bool,
     identity: Path | None,
     fleet: Path | None,
@@ -65,7 +68,7 @@ def provision(
     except prov.ProvisionError as e:
         fail(str(e), EXIT_USAGE)
         return
-    with open_client(identity, fleet, timeout, reply_queue=f"job-{job.job}") as client:
+    with open_client(identity, fleet, timeout, reply_queue=f"job-{job.job}", lane=lane) as client:
         runner = prov.Provisioner(client, job, out, in_flight, items)
         if as_json:
             runner.run()

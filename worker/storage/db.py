@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -120,10 +120,29 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
         with sessions.begin() as db:
             yield db
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
-        bind = sessions.kw.get("bind")
-        said = _unreachable(bind.url, e.orig) if isinstance(bind, Engine) else None
-        raise DatabaseUnavailable(f"database unavailable: {said}" if said else
-                                  f"database unavailable ({type(e.orig).__name__})") from None  # fmt: skip
+        raise _unavailable(sessions.kw.get("bind"), e) from None
+
+
+@contextmanager
+def autocommit(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """Yields a connection of ``sessions``' engine in autocommit mode: each statement is its own transaction, one
+    round trip (for a statement that must not wait for, or hold its rows during, another transaction).
+
+    Connection-level database failures become DatabaseUnavailable."""
+    bind = sessions.kw.get("bind")
+    assert isinstance(bind, Engine)
+    try:
+        with bind.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            yield connection
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+        raise _unavailable(bind, e) from None
+
+
+def _unavailable(bind: object, error: sa_exc.DBAPIError) -> DatabaseUnavailable:
+    """The DatabaseUnavailable of a connection-level failure (its text says why, when the driver's does)."""
+    said = _unreachable(bind.url, error.orig) if isinstance(bind, Engine) else None
+    return DatabaseUnavailable(f"database unavailable: {said}" if said else
+                               f"database unavailable ({type(error.orig).__name__})")  # fmt: skip
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
