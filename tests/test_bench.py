@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from tests.queue_fixtures import Deployment, kmsq_command
 
@@ -96,8 +97,12 @@ def test_bench_quick_reports_every_figure(deployment: Deployment, rabbitmq_url: 
     assert other["figures"]["B_noop_round_trip"]["cpu_ms_per_item"]["rabbitmq"] > 0  # the broker's own CPU
     assert {"B", "C", "D1", "D1000", "G_on_generateDataKey_64"} <= set(other["over_first_broker"])
     assert all(v is not None and v > 0 for v in other["over_first_broker"].values())
-    # Q: sharing the pool. Both deployments measured in the run, each with its idle and loaded interactive latencies
-    # and the job's rate alone and beside them; the quota held (the greedy caller passed about its quota).
+    assert_sharing(report)
+
+
+def assert_sharing(report: dict[str, Any]) -> None:
+    """Q: sharing the pool. Both deployments measured in the run, each with its idle and loaded interactive
+    latencies and the job's rate alone and beside them; the quota held (the greedy caller passed about its quota)."""
     sharing = report["Q_sharing"]
     for name in ("shared", "lanes"):
         lanes = sharing["Q1_lanes"][name]

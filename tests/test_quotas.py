@@ -180,7 +180,8 @@ def test_a_client_waits_then_tries_the_quota_one_request_at_a_time() -> None:
     assert backoff.admit("q") == (None, False)  # another pool is not held back
     clock.now += 0.25
     assert backoff.admit("p") == (None, True)  # one request tries the quota...
-    assert backoff.admit("p") == (pytest.approx(0.25), False)  # ...the others wait for its answer
+    wait, trying = backoff.admit("p")
+    assert wait == pytest.approx(0.25) and not trying  # ...the others wait for its answer
     backoff.tried("p")
     assert backoff.admit("p")[0] == pytest.approx(0.25)  # answered: the next one tries a refill later
     clock.now += 0.25
