@@ -246,6 +246,7 @@ def test_status_shows_workers_queues_root_keys_and_audit_heads(deployment: Deplo
     assert {"alpha", "beta", POOL} <= set(pools)
     assert len(pools[POOL]["workers"]) == 1 and pools[POOL]["workers"][0].startswith(f"{POOL}.")
     assert len(pools["alpha"]["workers"]) == 1 and pools[POOL]["queue_depth"] == 0
+    assert pools[POOL]["bulk_queue_depth"] == 0  # the bulk lane's queue (mu's workers drained the batch there)
     assert [k["id"] for k in pools[POOL]["root_keys"]] == [mu.root]
     seq, _, digest = pools[POOL]["audit_head"].partition(":")
     assert int(seq) >= 1 and len(digest) == 64

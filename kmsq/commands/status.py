@@ -27,8 +27,10 @@ class PoolStatus:
     pool: str
     state: str
     workers: list[str] = field(default_factory=list)  # Celery hostnames that answered the ping
-    queue_depth: int | None = None  # None: the broker could not be read
+    queue_depth: int | None = None  # the interactive lane's (kms.<pool>); None: the broker could not be read
     oldest_message_age_s: float | None = None
+    bulk_queue_depth: int | None = None  # the bulk lane's (kms.<pool>.bulk)
+    bulk_oldest_message_age_s: float | None = None
     root_keys: list[dict[str, Any]] = field(default_factory=list)
     audit_head: str | None = None  # SEQ:HASH of the pool's newest audit record
 
@@ -78,6 +80,10 @@ def status(as_json: bool) -> None:
                 config.effective_broker_url, config.namespace, pool_queue(info.name)
             )()
             entry.oldest_message_age_s = round(age, 3) if age is not None else None
+            entry.bulk_queue_depth, age = queue_sampler(
+                config.effective_broker_url, config.namespace, pool_queue(info.name, "bulk")
+            )()
+            entry.bulk_oldest_message_age_s = round(age, 3) if age is not None else None
         entry.root_keys = [
             {"id": k.id, "type": k.type, "state": k.state, "version": k.version,
              "decrypts": [k.min_decryption_version, k.version], "destroyed": list(k.destroyed_versions),
@@ -98,13 +104,14 @@ def status(as_json: bool) -> None:
         return
     rows = [[p.pool, p.state, len(p.workers), "?" if p.queue_depth is None else p.queue_depth,
              "-" if p.oldest_message_age_s is None else f"{p.oldest_message_age_s:.1f} s",
+             "?" if p.bulk_queue_depth is None else p.bulk_queue_depth,
              ", ".join(f"{k['id']} v{k['version']}" + ("" if k["state"] == "enabled" else f" ({k['state']})")
                        + "".join(f" (v{d['version']} destroyed after {str(d['due'])[:16]})"
                                  for d in k["pending_destruction"])
                        + (f" (rotates after {str(k['next_rotation'])[:16]})" if k["next_rotation"] else "")
                        for k in p.root_keys) or "-",
              (p.audit_head or "-")[:24]] for p in report]  # fmt: skip
-    print_table("pools", ["pool", "state", "workers", "queue", "oldest", "root keys", "audit head"], rows)
+    print_table("pools", ["pool", "state", "workers", "queue", "oldest", "bulk", "root keys", "audit head"], rows)
     console.print(f"callers: {enabled} enabled of {len(caller_list)}; "
                   f"audit head of `*`: {summary['audit_head_global'] or '-'}")  # fmt: skip
     console.print(database.line())
