@@ -153,20 +153,23 @@ class KmsClient(KmsCodec):
     # -- operations: one submit_* per operation of schemas.operations, with its blocking twin ---------------
 
     def call(
-        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
-    ) -> RequestFuture:
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None,
+        backoff: bool = True,
+    ) -> RequestFuture:  # fmt: skip
         """Starts operation ``op`` with the request ``fields`` of its model (a sealed input, such as put_key's
         ``prv``, as its plaintext: it is sealed to the pool's transport key before it leaves this process). The
         pool is ``pool``, or the one the operation's ``pool_from`` field picks, or the default pool. With
         coalescing, a request whose operation has a batch form may travel in a batch with others (a lone one
-        goes at once, alone). ``lane`` overrides the client's choice of lane when that is ``auto``. Returns the
+        goes at once, alone). ``lane`` overrides the client's choice of lane when that is ``auto``. While the pool's
+        quota refused this caller a moment ago the request is refused here (``rate_limited``, tasks.backoff) unless
+        ``backoff`` is False (the coalescer's batches, whose items were admitted one by one). Returns the
         future of its unsealed result fields. Raises KmsError (``invalid``) for fields out of their limits or an
         unknown pool or operation."""
         operation = OPERATIONS.get(op)
         if operation is None:
             raise KmsError("invalid", f"unknown operation {op!r}")
         target = self.route(operation, fields, pool)
-        wait, trying = self.backoff.admit(target)
+        wait, trying = self.backoff.admit(target) if backoff else (None, False)
         if wait is not None:  # over the caller's quota there a moment ago: refused here (tasks.backoff)
             refused = RequestFuture("")
             message = f"over the caller's quota in pool {target}: retry after {wait:.3f} s (not sent)"

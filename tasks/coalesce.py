@@ -92,8 +92,9 @@ class BatchSender(Protocol):
     """What the coalescer sends batches with (:class:`tasks.client.KmsClient`)."""
 
     def call(
-        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
-    ) -> RequestFuture: ...
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None,
+        backoff: bool = True,
+    ) -> RequestFuture: ...  # fmt: skip
 
 
 class Coalescer:
@@ -255,8 +256,9 @@ class Coalescer:
             group.shared, [item.value for item in group.items], [item.sealed for item in group.items]
         )
         params.pop("op")
-        # Single requests waiting for their answers, in one message: interactive work, not a bulk job's.
-        return self.client.call(group.batching.op, params, key[1], lane="interactive")
+        # Single requests waiting for their answers, in one message: interactive work, not a bulk job's; each was
+        # admitted by the client's back-off already (tasks.backoff).
+        return self.client.call(group.batching.op, params, key[1], lane="interactive", backoff=False)
 
     def _deliver(self, key: _Key, sent: Future[Fields], group: _Group, batch: bool) -> None:
         """Hands each caller its item of the reply, or the error of the whole. An item the batch could not answer

@@ -26,9 +26,12 @@ class Sender:
         self.lock = threading.Lock()
 
     def call(
-        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
-    ) -> RequestFuture:
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None,
+        backoff: bool = True,
+    ) -> RequestFuture:  # fmt: skip
         assert pool == "alpha"
+        # coalesced single requests are interactive work, each admitted by the client's back-off already
+        assert lane == "interactive" and backoff is False
         future = RequestFuture(f"batch-{len(self.sent)}")
         with self.lock:
             self.sent.append((op, fields.get("encrypted_keys"), future))

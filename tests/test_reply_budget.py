@@ -115,8 +115,9 @@ class Sender:
         self.lock = threading.Lock()
 
     def call(
-        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None
-    ) -> RequestFuture:
+        self, op: str, fields: dict[str, Any], pool: str | None = None, *, lane: str | None = None,
+        backoff: bool = True,
+    ) -> RequestFuture:  # fmt: skip
         with self.lock:
             self.sent.append((op, fields.get("keys")))
         future = RequestFuture(f"batch-{len(self.sent)}")
