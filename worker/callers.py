@@ -125,6 +125,14 @@ def add_caller(
     return _info(row)
 
 
+def caller_info(db: Session, name: str) -> CallerInfo:
+    """Returns the caller ``name``'s description. Raises NotFound."""
+    row = db.get(Caller, name)
+    if row is None:
+        raise NotFound(f"no caller {name!r}")
+    return _info(row)
+
+
 def list_callers(db: Session) -> list[CallerInfo]:
     """Returns every caller, by name."""
     return [_info(row) for row in db.scalars(select(Caller).order_by(Caller.name))]

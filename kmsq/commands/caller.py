@@ -180,15 +180,11 @@ def caller_limits(
     """Show or set a caller's lane and quotas (docs/OPERATIONS.md, "Sharing a pool"). Setting or lowering a quota,
     or the bulk lane, one operator does alone; raising or removing one needs `kmsq propose caller limits`."""
     from worker import callers
-    from worker.errors import NotFound
     from worker.storage.db import transaction
 
     keys = service()
     with transaction(keys.sessions) as db:
-        current = next((i for i in callers.list_callers(db) if i.name == name), None)
-        if current is None:
-            raise NotFound(f"no caller {name!r}")
-        info = current
+        info = current = callers.caller_info(db, name)
         if any(v is not None for v in (lane, requests, items)) or no_requests or no_items:
             limits = merged_limits(current, lane, requests, items, no_requests, no_items)
             info = callers.set_caller_limits(keys.hsm, db, name, limits["lane"], limits["rate_requests"],

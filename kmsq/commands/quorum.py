@@ -171,14 +171,11 @@ def propose_caller_limits(
 ) -> None:  # fmt: skip
     """Propose a caller's lane and quotas (as `kmsq caller limits`: raising or removing a quota needs this)."""
     from worker import callers
-    from worker.errors import NotFound
     from worker.storage.db import transaction
 
     keys, _ = _reader()
     with transaction(keys.sessions) as db:
-        current = next((i for i in callers.list_callers(db) if i.name == name), None)
-    if current is None:
-        raise NotFound(f"no caller {name!r}")
+        current = callers.caller_info(db, name)
     limits = caller_commands.merged_limits(current, lane, requests, items, no_requests, no_items)
     _propose(operator_key, "caller.limits", {"name": name, **limits}, hours, as_json)
 
