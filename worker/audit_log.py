@@ -31,8 +31,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import exc, insert, select, update
+from sqlalchemy import Table, bindparam, exc, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.keystore import KeyStore
@@ -97,11 +98,30 @@ def checkpoint_verifies(hsm: KeyStore, checkpoint: AuditCheckpoint) -> bool:
     return hmac.compare_digest(expected, checkpoint.mac)
 
 
+# Every audited request appends a record, so its statements are built once, with bound parameters, and run on the
+# session's connection: building and compiling them through the ORM for each request was a third of a single
+# request's CPU in a worker (py-spy, docs/PERFORMANCE.md figure Q).
+_HEADS = cast(Table, AuditHead.__table__)
+_RECORDS = cast(Table, AuditRecord.__table__)
+_LOCK_HEAD = select(_HEADS.c.seq, _HEADS.c.hash).where(_HEADS.c.pool == bindparam("chain")).with_for_update()
+_MOVE_HEAD = (
+    update(_HEADS)
+    .where(_HEADS.c.pool == bindparam("chain"))
+    .values(seq=bindparam("head_seq"), hash=bindparam("head_hash"), updated_at=bindparam("head_at"))
+)
+_INSERT_RECORD = insert(_RECORDS)
+# Postgres: the insert and the head's update in one statement, one database round trip less per audited request.
+_APPEND_ONE_STATEMENT = _MOVE_HEAD.add_cte(
+    insert(_RECORDS).values({column.key: bindparam(f"record_{column.key}") for column in _RECORDS.columns})
+    .cte("appended")
+)  # fmt: skip
+
+
 def _locked_head(db: Session, pool: str) -> tuple[int, str]:
     """The chain's head ``(seq, hash)``, its row locked until the transaction ends (created on the chain's
     first append)."""
-    query = select(AuditHead.seq, AuditHead.hash).where(AuditHead.pool == pool).with_for_update()
-    head = db.execute(query).first()
+    connection = db.connection()
+    head = connection.execute(_LOCK_HEAD, {"chain": pool}).first()
     if head is not None:
         return head.seq, head.hash
     try:
@@ -109,7 +129,7 @@ def _locked_head(db: Session, pool: str) -> tuple[int, str]:
             db.execute(insert(AuditHead).values(pool=pool, seq=0, hash=GENESIS, updated_at=datetime.now(UTC)))
     except exc.IntegrityError:  # another transaction created it first
         pass
-    head = db.execute(query).first()
+    head = connection.execute(_LOCK_HEAD, {"chain": pool}).first()
     assert head is not None
     return head.seq, head.hash
 
@@ -130,6 +150,7 @@ def append(
     """Appends a record to ``pool``'s chain in the open transaction ``db``; call it as the transaction's last
     step (it locks the chain's head until the commit). Returns the record (not attached to ``db``). Raises
     HsmUnavailable or DatabaseUnavailable (transient), like the work it records."""
+    db.flush()  # the transaction's pending changes first (their row locks), the head's lock last
     seq, prev_hash = _locked_head(db, pool)
     record = AuditRecord(
         pool=pool,
@@ -146,17 +167,14 @@ def append(
     )
     record.hash = record_hash(record)
     record.mac = record_mac(hsm, record.hash)
-    # Core statements rather than the ORM's unit of work, and on Postgres the insert and the head's update in
-    # one statement: one database round trip less for every audited request.
-    row = {column.key: getattr(record, column.key) for column in AuditRecord.__table__.columns}
-    move_head = (
-        update(AuditHead).where(AuditHead.pool == pool).values(seq=record.seq, hash=record.hash, updated_at=record.at)
-    )
-    if db.get_bind().dialect.name == "postgresql":
-        db.execute(move_head.add_cte(insert(AuditRecord).values(row).cte("appended")))
+    row = {column.key: getattr(record, column.key) for column in _RECORDS.columns}
+    head = {"chain": pool, "head_seq": record.seq, "head_hash": record.hash, "head_at": record.at}
+    connection = db.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_APPEND_ONE_STATEMENT, head | {f"record_{key}": value for key, value in row.items()})
     else:
-        db.execute(insert(AuditRecord).values(row))
-        db.execute(move_head)
+        connection.execute(_INSERT_RECORD, row)
+        connection.execute(_MOVE_HEAD, head)
     return record
 
 
