@@ -116,7 +116,7 @@ def assert_sharing(report: dict[str, Any]) -> None:
     quotas = sharing["Q2_quotas"]
     assert quotas["alone"]["ok"] > 0 and quotas["alone"]["rate_limited"] == 0
     seconds = report["sizes"]["sharing_seconds"]
-    for mode in ("at_quota", "backs_off", "hammers"):
+    for mode in ("at_quota", "backs_off", "hammers", "at_quota_again", "backs_off_again"):  # bench_lanes.SCHEDULE
         greedy = quotas[mode]["greedy_caller"]
         # at most a full bucket and the refill over the window pass
         assert 0 < greedy["ok"] <= quotas["greedy_quota_per_s"] * (1 + 1 / seconds) * 1.05 + 1
@@ -124,4 +124,6 @@ def assert_sharing(report: dict[str, Any]) -> None:
     assert (
         quotas["hammers"]["greedy_caller"]["rate_limited"] > 0
         and quotas["backs_off"]["greedy_caller"]["rate_limited"] > 0
+        and quotas["backs_off_again"]["greedy_caller"]["rate_limited"] > 0
     )
+    assert quotas["at_quota_windows_apart"] > 0  # the baseline's own spread, measured
